@@ -1,0 +1,20 @@
+"""ComfyUI glue of DiT Cache Bridge: thin nodes over c2c_core."""
+from comfy_api.latest import ComfyExtension
+
+from . import paths
+from .capture import CaptureKVCache
+from .fuse import FuseCaches
+from .projector_nodes import CreateC2CProjector, LoadC2CProjector
+from .sampler import BridgedKSampler
+
+NODES = [LoadC2CProjector, CreateC2CProjector, CaptureKVCache, FuseCaches, BridgedKSampler]
+
+
+class DiTCacheBridge(ComfyExtension):
+    async def get_node_list(self):
+        return list(NODES)
+
+
+def extension() -> DiTCacheBridge:
+    paths.register()
+    return DiTCacheBridge()

@@ -1,0 +1,412 @@
+"""Runtime that attaches a sharer's K/V to a clone of the receiver.
+
+Lifecycle, per sampling run of the bridged clone:
+  OUTER_SAMPLE wrapper  -> ``BridgeRun`` is created (sharer conditioning, positions, projector on
+                           the run's device) and always torn down in ``finally``;
+  APPLY_MODEL wrapper   -> per model call: step and strength are resolved, and the K/V source makes
+                           sure the sharer's K/V for this call's CFG chunks exist (live: the sharer
+                           runs now on the same x and sigma; recorded: replayed);
+  self-attention hook   -> per fused block: sharer K/V are aligned and fused into the receiver's.
+Nothing is written onto the models given to us: the receiver and sharer are cloned, and all state
+lives in this module's objects, referenced from closures (ModelPatcher.clone deep-copies
+model_options, so state objects there return themselves from ``__deepcopy__``).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.patcher_extension
+import comfy.model_patcher
+import comfy.sampler_helpers
+import comfy.samplers
+
+from ..c2c_core import (FusionSchedule, LayerFuser, ModelSignature, TokenGrid, rerotate_keys, resample_tokens,
+                        rope_positions, rope_rotate)
+from . import wan_hooks
+from .errors import BridgeInputError
+
+log = logging.getLogger("dit_cache_bridge")
+
+COND, UNCOND = 0, 1
+_WRAPPER_KEY = "dit_cache_bridge"
+_ids = itertools.count()
+
+
+class _Shared:
+    """Mixin: survive ModelPatcher.clone()'s deepcopy of model_options by reference."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# K/V sources
+# --------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class LiveSharer(_Shared):
+    """A sharer model evaluated in lockstep inside each receiver model call (Capture KV Cache, live)."""
+    model: object
+    positive: list
+    negative: list
+    signature: ModelSignature
+    layers: tuple | None = None          # sharer layers the user allows; None = what the map needs
+    refresh_every: int = 1
+    rope_alignment: str = "auto"         # "auto": re-rotate keys when the two models' RoPE positions differ
+    node: str = "Capture KV Cache"
+
+
+class _CapturedKV:
+    """Sharer K/V of the current refresh window, by sharer layer and CFG chunk kind.
+
+    One sharer call yields (rows, N, H*D) tensors covering several chunk kinds; they are kept whole
+    and handed back whole when the receiver asks for the same kinds in the same order (no copy).
+    """
+
+    def __init__(self):
+        self.batches: dict[int, list] = {}     # layer -> [(k, v, kinds)]
+        self.window: dict[int, int] = {}       # kind -> refresh window of its K/V
+
+    def put(self, layer, k, v, kinds):
+        entries = [e for e in self.batches.get(layer, []) if not set(e[2]) & set(kinds)]
+        entries.append((k, v, tuple(kinds)))
+        self.batches[layer] = entries
+
+    def get(self, layer, kinds):
+        kinds = tuple(kinds)
+        entries = self.batches.get(layer, [])
+        for k, v, have in entries:
+            if have == kinds:
+                return k, v
+        parts_k, parts_v = [], []
+        for kind in kinds:
+            for k, v, have in entries:
+                if kind in have:
+                    rows = k.shape[0] // len(have)
+                    i = have.index(kind)
+                    parts_k.append(k[i * rows:(i + 1) * rows])
+                    parts_v.append(v[i * rows:(i + 1) * rows])
+                    break
+            else:
+                raise KeyError((layer, kind))
+        return torch.cat(parts_k), torch.cat(parts_v)
+
+
+class _SharerDone(Exception):
+    """Raised inside the sharer once its last needed layer is captured: later blocks are skipped."""
+
+
+class LiveSharerRun:
+    """Per-run side of a LiveSharer: conditioning, options and captured K/V."""
+
+    def __init__(self, source: LiveSharer, sharer_patcher, capture_layers, noise, latent_image, denoise_mask, seed,
+                 device):
+        self.source = source
+        self.patcher = sharer_patcher
+        self.capture_layers = sorted(capture_layers)
+        self.last_layer = self.capture_layers[-1] if self.capture_layers else -1
+        self.captured = _CapturedKV()
+        self.forwards = 0
+        self._call_kinds = None
+        _check_sharer_latent(source, latent_image)
+        conds = {"positive": comfy.sampler_helpers.convert_cond(source.positive),
+                 "negative": comfy.sampler_helpers.convert_cond(source.negative)}
+        if latent_image is not None and torch.count_nonzero(latent_image) > 0:
+            latent_image = sharer_patcher.model.process_latent_in(latent_image)
+        self.conds = comfy.samplers.process_conds(sharer_patcher.model, noise, conds, device, latent_image,
+                                                  denoise_mask, seed)
+        self.model_options = comfy.model_patcher.create_model_options_clone(sharer_patcher.model_options)
+        comfy.sampler_helpers.prepare_model_patcher(sharer_patcher, self.conds, self.model_options)
+        self.grid = wan_hooks.token_grid(noise.shape)
+        self.rope = wan_hooks.rope_options(sharer_patcher)
+        self.grid_mode = "nearest"
+
+    def ensure(self, x, t, kinds, window):
+        """Run the sharer for the chunk kinds whose K/V are missing or from an older refresh window."""
+        missing = [kind for kind in dict.fromkeys(kinds) if self.captured.window.get(kind) != window]
+        if not missing:
+            return
+        rows = x.shape[0] // len(kinds)
+        conds = [self.conds["positive" if kind == COND else "negative"] for kind in missing]
+        self._call_kinds = missing
+        try:
+            comfy.samplers.calc_cond_batch(self.patcher.model, conds, x[:rows], t[:rows], self.model_options)
+        finally:
+            self._call_kinds = None
+        for kind in missing:
+            self.captured.window[kind] = window
+
+    def capture(self, layer, q, k, v, heads, transformer_options):
+        if self._call_kinds is None:
+            return k, v
+        if layer in self.capture_layers:
+            kinds = [self._call_kinds[i] for i in transformer_options["cond_or_uncond"]]
+            self.captured.put(layer, k, v, kinds)
+            if layer == self.last_layer:
+                self.forwards += 1
+                raise _SharerDone()
+        return k, v
+
+    def kv(self, layer, kinds):
+        return self.captured.get(layer, kinds)
+
+
+def _check_sharer_latent(source: LiveSharer, latent_image):
+    """An I2V sharer's image latent must match the sampled latent's frames and size."""
+    for input_name, conditioning in (("positive", source.positive), ("negative", source.negative)):
+        for _, extras in conditioning:
+            image = extras.get("concat_latent_image")
+            if image is not None and tuple(image.shape[-3:]) != tuple(latent_image.shape[-3:]):
+                raise BridgeInputError(
+                    source.node, input_name,
+                    f"its image latent is {tuple(image.shape[-3:])} (frames, height, width)",
+                    f"the sampled latent's {tuple(latent_image.shape[-3:])}",
+                    "give the sharer's WanImageToVideo/ChronoEdit node the same width, height and length as "
+                    "the receiver's latent")
+
+
+def _sharer_apply_model(executor, x, *args, **kwargs):
+    """APPLY_MODEL wrapper of the sharer clone: stop the forward once the last needed layer is captured."""
+    try:
+        return executor(x, *args, **kwargs)
+    except _SharerDone:
+        return torch.zeros_like(x)
+
+
+# --------------------------------------------------------------------------------------------
+# The bridge
+# --------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Report(_Shared):
+    """What one bridged run did, for the fusion inspector and the tests."""
+    layers: list = field(default_factory=list)
+    strength: dict = field(default_factory=dict)       # receiver layer -> mean effective strength
+    k_change: dict = field(default_factory=dict)       # receiver layer -> mean relative K change
+    v_change: dict = field(default_factory=dict)
+    sharer_forwards: int = 0
+    model_calls: int = 0
+
+    def to_json(self):
+        return {"layers": self.layers, "strength": self.strength, "k_change": self.k_change,
+                "v_change": self.v_change, "sharer_forwards": self.sharer_forwards, "model_calls": self.model_calls}
+
+
+class Bridge(_Shared):
+    """Fuses one K/V source into a receiver through one projector bundle."""
+
+    def __init__(self, source, bundle, strength: float, schedule: FusionSchedule, receiver_signature: ModelSignature,
+                 on_report=None):
+        self.source = source
+        self.bundle = bundle
+        self.schedule = schedule
+        self.strength = strength
+        self.receiver_signature = receiver_signature
+        self.on_report = on_report
+        self.key = f"{_WRAPPER_KEY}.{next(_ids)}"
+        self.run: BridgeRun | None = None
+        self.last_report: Report | None = None
+        self._banks: dict = {}
+
+    @property
+    def fused_layers(self):
+        return sorted(self.bundle.layer_map.pairs)
+
+    @property
+    def sharer_layers(self):
+        return sorted(set(self.bundle.layer_map.pairs.values()))
+
+    def attach(self, receiver):
+        """A clone of ``receiver`` that fuses this bridge's K/V; ``receiver`` itself is untouched."""
+        patched = receiver.clone()
+        wan_hooks.hook_self_attention(patched, self.fused_layers, self._fuse)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key, self._outer_sample)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key, self._apply_model)
+        if isinstance(self.source, LiveSharer):
+            self._sharer = self.source.model.clone()
+            wan_hooks.hook_self_attention(self._sharer, self.sharer_layers, self._capture)
+            self._sharer.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key,
+                                              _sharer_apply_model)
+            if self._sharer.model is not receiver.model:
+                patched.set_additional_models(self.key, [self._sharer])
+        return patched
+
+    # -- wrappers ---------------------------------------------------------------------------
+    def _outer_sample(self, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
+                      disable_pbar=False, seed=None, *args, **kwargs):
+        guider = executor.class_obj
+        previous = self.run
+        self.run = BridgeRun(self, guider, noise, latent_image, denoise_mask, seed, sigmas)
+        try:
+            return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
+                            *args, **kwargs)
+        finally:
+            run, self.run = self.run, previous
+            self.last_report = run.close()
+            if self.on_report is not None:
+                try:
+                    self.on_report(self.last_report)
+                except Exception:  # a broken UI channel must not fail the sampling run
+                    log.exception("dit_cache_bridge: could not send the fusion report")
+
+    def _apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                     **kwargs):
+        run = self.run
+        if run is not None:
+            run.begin_call(x, t, transformer_options)
+        try:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            if run is not None:
+                run.end_call()
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _capture(self, layer, q, k, v, heads, transformer_options):
+        run = self.run
+        if run is None:
+            return k, v
+        return run.source_run.capture(layer, q, k, v, heads, transformer_options)
+
+    def _fuse(self, layer, q, k, v, heads, transformer_options):
+        run = self.run
+        if run is None or not run.active:
+            return k, v
+        return run.fuse(layer, k, v, heads)
+
+    def bank_for(self, device, dtype):
+        """The projector bank on the run's device and dtype; the user's bank object is never moved."""
+        bank = self.bundle.bank
+        first = next(iter(bank.parameters()), None)
+        if first is None or (first.device == device and first.dtype == dtype):
+            return bank
+        key = (str(device), dtype)
+        if key not in self._banks:
+            self._banks = {key: copy.deepcopy(bank).to(device=device, dtype=dtype).eval()}
+        return self._banks[key]
+
+
+class BridgeRun:
+    """State of one sampling run of a bridged model; created and closed by the OUTER_SAMPLE wrapper."""
+
+    STATS_TOKEN_STRIDE = 16   # measure K/V change on every 16th token: cheap, and enough for a plot
+
+    def __init__(self, bridge: Bridge, guider, noise, latent_image, denoise_mask, seed, sigmas):
+        self.bridge = bridge
+        receiver = guider.model_patcher
+        self.device = receiver.load_device
+        self.sigmas = [float(s) for s in sigmas]
+        self.steps = max(1, len(self.sigmas) - 1)
+        self.grid = wan_hooks.token_grid(noise.shape)
+        self.receiver_rope = wan_hooks.rope_options(receiver)
+        self.theta = wan_hooks.rope_theta(receiver)
+        self.report = Report(layers=bridge.fused_layers)
+        self._strength_sum = {layer: 0.0 for layer in bridge.fused_layers}
+        self._change = {layer: ([], []) for layer in bridge.fused_layers}
+        self._calls = 0
+        self.active = False
+        self.kinds = None
+        self.progress = 0.0
+        self._positions = None
+        source = bridge.source
+        if isinstance(source, LiveSharer):
+            self.source_run = LiveSharerRun(source, bridge._sharer, bridge.sharer_layers, noise.to(self.device),
+                                            latent_image.to(self.device), denoise_mask, seed, self.device)
+        else:
+            self.source_run = source.open_run(self)
+        self.sharer_rope = self.source_run.rope
+        model = receiver.model
+        self.compute_dtype = model.manual_cast_dtype or model.get_dtype()
+        self.fuser = None
+
+    # -- per model call -----------------------------------------------------------------------
+    def step_of(self, sigma: float) -> int:
+        """Index of the sampling step a sigma belongs to (samplers may evaluate between sigmas)."""
+        step = 0
+        for i, s in enumerate(self.sigmas[:-1]):
+            if s >= sigma - 1e-7 * max(1.0, abs(sigma)):
+                step = i
+        return step
+
+    def begin_call(self, x, t, transformer_options):
+        self._calls += 1
+        self.kinds = list(transformer_options.get("cond_or_uncond", [COND]))
+        step = self.step_of(float(t.flatten()[0]))
+        self.progress = step / max(1, self.steps - 1)
+        self.active = self.bridge.schedule.active(self.progress) and self.bridge.strength != 0.0
+        if not self.active:
+            return
+        if self.fuser is None:
+            bridge = self.bridge
+            bank = bridge.bank_for(x.device, self.compute_dtype)
+            self.fuser = LayerFuser(bank, bridge.bundle.layer_map, bridge.schedule, bridge.strength)
+        refresh = self.bridge.source.refresh_every
+        self.source_run.ensure(x, t, self.kinds, step // refresh if refresh > 1 else ("call", self._calls))
+
+    def end_call(self):
+        self.active = False
+        self.kinds = None
+
+    # -- per fused layer ------------------------------------------------------------------------
+    def fuse(self, layer, k, v, heads):
+        bridge = self.bridge
+        sharer_layer = bridge.bundle.layer_map.pairs[layer]
+        sk, sv = self.source_run.kv(sharer_layer, self.kinds)
+        sig = bridge.bundle.sharer
+        sk = sk.reshape(*sk.shape[:2], sig.num_heads, sig.head_dim)
+        sv = sv.reshape(*sv.shape[:2], sig.num_heads, sig.head_dim)
+        sk, sv = self.align(sk, sv)
+        kh = k.reshape(*k.shape[:2], heads, -1)
+        vh = v.reshape(*v.shape[:2], heads, -1)
+        k2 = self.fuser.fuse_layer(layer, "k", sk, kh, self.progress)
+        v2 = self.fuser.fuse_layer(layer, "v", sv, vh, self.progress)
+        self._measure(layer, kh, k2, vh, v2)
+        return k2.reshape(k.shape), v2.reshape(v.shape)
+
+    def align(self, sk, sv):
+        """Bring sharer K/V onto the receiver's token grid and RoPE positions."""
+        src_grid = self.source_run.grid
+        if self.bridge.source.rope_alignment == "auto" and self.sharer_rope != self.receiver_rope:
+            src_pos, dst_pos = self.positions(sk.device, src_grid)
+            if src_grid == self.grid:
+                sk = rerotate_keys(sk, src_pos, dst_pos, theta=self.theta)
+            else:
+                sk = rerotate_keys(sk, src_pos, torch.zeros_like(src_pos), theta=self.theta)
+                sk = resample_tokens(sk, src_grid, self.grid, mode=self.source_run.grid_mode)
+                sk = rope_rotate(sk, dst_pos, theta=self.theta)
+                sv = resample_tokens(sv, src_grid, self.grid, mode=self.source_run.grid_mode)
+                return sk, sv
+        if src_grid != self.grid:
+            sk = resample_tokens(sk, src_grid, self.grid, mode=self.source_run.grid_mode)
+            sv = resample_tokens(sv, src_grid, self.grid, mode=self.source_run.grid_mode)
+        return sk, sv
+
+    def positions(self, device, src_grid):
+        if self._positions is None:
+            self._positions = (
+                rope_positions(src_grid, **self.sharer_rope).to(device),
+                rope_positions(self.grid, **self.receiver_rope).to(device),
+            )
+        return self._positions
+
+    def _measure(self, layer, kh, k2, vh, v2):
+        """Queue the relative K/V change on a token subsample; reduced to floats once, at the end."""
+        self._strength_sum[layer] += self.fuser.strength_at(layer, self.progress)
+        s = self.STATS_TOKEN_STRIDE
+        with torch.no_grad():
+            for before, after, out in ((kh, k2, self._change[layer][0]), (vh, v2, self._change[layer][1])):
+                b = before[:, ::s].float()
+                out.append((after[:, ::s].float() - b).norm() / b.norm().clamp_min(1e-12))
+
+    def close(self) -> Report:
+        r = self.report
+        r.model_calls = self._calls
+        r.sharer_forwards = getattr(self.source_run, "forwards", 0)
+        for layer in r.layers:
+            ks, vs = self._change[layer]
+            r.k_change[layer] = float(torch.stack(ks).mean()) if ks else 0.0
+            r.v_change[layer] = float(torch.stack(vs).mean()) if vs else 0.0
+            r.strength[layer] = self._strength_sum[layer] / len(ks) if ks else 0.0
+        return r

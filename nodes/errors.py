@@ -1,0 +1,17 @@
+"""One error type for everything a user can get wrong in the graph.
+
+ComfyUI shows the exception message in its error dialog, so the message is the interface:
+which node, which input, what was found, what was expected and what to do.
+"""
+from __future__ import annotations
+
+
+class BridgeInputError(ValueError):
+    def __init__(self, node: str, input_name: str, found: str, expected: str, fix: str):
+        self.node, self.input_name = node, input_name
+        super().__init__(f"{node} › {input_name}: {found}; expected {expected}. Fix: {fix}")
+
+
+def check(condition: bool, node: str, input_name: str, found: str, expected: str, fix: str) -> None:
+    if not condition:
+        raise BridgeInputError(node, input_name, found, expected, fix)

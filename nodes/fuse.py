@@ -1,0 +1,114 @@
+"""Fuse Caches: a receiver clone that fuses a K/V source through a projector."""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from ..c2c_core import FusionSchedule, ScheduleError
+from .bridge import Bridge
+from .errors import BridgeInputError, check
+from .projector_nodes import check_projector_fits, model_signature
+from .types import CATEGORY, KVSource, Projector
+
+log = logging.getLogger("dit_cache_bridge")
+RAMPS = ["constant", "linear_up", "linear_down", "cosine_down"]
+
+
+def fusion_inputs():
+    return [
+        io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
+                       tooltip="How much of the projected sharer K/V replaces the receiver's: 0 = receiver alone "
+                               "(bit-identical), 1 = full projector output."),
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the sampling steps at which fusion starts."),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the sampling steps after which fusion stops (the sharer is not run "
+                               "outside the window)."),
+        io.Combo.Input("ramp", options=RAMPS, default="constant", optional=True,
+                       tooltip="Strength over the window: constant, rising, falling, or a cosine fall."),
+        io.String.Input("layer_strengths", default="", optional=True,
+                        tooltip="Optional per-layer strength multipliers, e.g. '0:0.5, 12:1.0, 39:0'. "
+                                "Unlisted layers keep 1.0."),
+    ]
+
+
+class FuseCaches(io.ComfyNode):
+    NODE = "Fuse Caches"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FuseCaches", display_name=cls.NODE, category=CATEGORY,
+            description="Returns a copy of the receiver that fuses the sharer's projected K/V into its "
+                        "self-attention at every step. Use it with the stock KSampler, KSamplerAdvanced or "
+                        "SamplerCustomAdvanced. Chain several Fuse Caches to add more sharers.",
+            inputs=[
+                io.Model.Input("model", tooltip="The receiver model (e.g. Wan2.1). It is cloned, never changed."),
+                KVSource.Input("kv_source", tooltip="From Capture KV Cache."),
+                Projector.Input("projector", tooltip="From Load C2C Projector or Create C2C Projector."),
+            ] + fusion_inputs(),
+            outputs=[io.Model.Output(tooltip="The bridged receiver (a clone).")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, kv_source, projector, strength, start_percent, end_percent, ramp="constant",
+                layer_strengths="") -> io.NodeOutput:
+        patched = bridge_model(cls.NODE, model, kv_source, projector, strength, start_percent, end_percent, ramp,
+                               layer_strengths, report_to=cls.hidden.unique_id if cls.hidden else None)
+        return io.NodeOutput(patched)
+
+
+def parse_layer_strengths(node: str, text: str, layers) -> dict:
+    out = {}
+    for item in filter(None, (p.strip() for p in (text or "").replace(";", ",").split(","))):
+        try:
+            layer, value = item.split(":")
+            layer, value = int(layer), float(value)
+        except ValueError:
+            raise BridgeInputError(node, "layer_strengths", repr(item), "'layer:strength' pairs such as '0:0.5, 3:1'",
+                                   "write each entry as layer index, colon, number") from None
+        check(layer in layers, node, "layer_strengths", f"layer {layer}",
+              f"one of the fused receiver layers {sorted(layers)}", "remove it or fuse that layer in the projector")
+        check(value >= 0.0, node, "layer_strengths", f"strength {value} for layer {layer}", "a value ≥ 0",
+              "use 0 to switch a layer off")
+        out[layer] = value
+    return out
+
+
+def bridge_model(node, model, source, bundle, strength, start_percent, end_percent, ramp="constant",
+                 layer_strengths="", report_to=None):
+    """Validate everything, then return a bridged clone of ``model``."""
+    receiver_sig = model_signature(node, "model", model)
+    check_projector_fits(node, bundle, source.signature, receiver_sig)
+    needed = sorted(set(bundle.layer_map.pairs.values()))
+    if getattr(source, "layers", None) is not None:
+        missing = sorted(set(needed) - set(source.layers))
+        check(not missing, node, "kv_source", f"a capture of sharer layers {list(source.layers)}",
+              f"all sharer layers the projector reads ({needed})",
+              f"add layers {missing} in Capture KV Cache, or set its layers to 'auto'")
+    try:
+        schedule = FusionSchedule(start=start_percent, end=end_percent, ramp=ramp,
+                                  refresh_every=getattr(source, "refresh_every", 1))
+    except ScheduleError as e:
+        raise BridgeInputError(node, "start_percent", f"window {start_percent}–{end_percent}",
+                               "start_percent ≤ end_percent", str(e)) from e
+    per_layer = parse_layer_strengths(node, layer_strengths, set(bundle.layer_map.pairs))
+    if per_layer:
+        bundle = bundle.with_layer_strengths(per_layer)
+    bridge = Bridge(source, bundle, float(strength), schedule, receiver_sig, on_report=_reporter(report_to))
+    return bridge.attach(model)
+
+
+def _reporter(node_id):
+    """Send each run's per-layer report to the frontend's fusion inspector."""
+    if node_id is None:
+        return None
+
+    def send(report):
+        from server import PromptServer
+        if getattr(PromptServer, "instance", None) is not None:
+            PromptServer.instance.send_sync("dit_cache_bridge.report", {"node": str(node_id),
+                                                                        "report": report.to_json()})
+    return send

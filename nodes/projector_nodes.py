@@ -1,0 +1,127 @@
+"""Load C2C Projector and Create C2C Projector: where a C2C_PROJECTOR comes from."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..c2c_core import (BundleError, LayerMap, LayerMapError, ProjectorBank, ProjectorBundle, ProjectorConfigError,
+                        load_bundle, parse_layer_spec)
+from . import paths, wan_hooks
+from .errors import BridgeInputError, check
+from .types import CATEGORY, Projector
+
+PROJECTOR_KINDS = ["identity", "weighted", "gating", "full", "c2c", "auto"]
+MAPPING_KINDS = ["terminal", "identity", "position", "uniform"]
+
+
+class LoadC2CProjector(io.ComfyNode):
+    NODE = "Load C2C Projector"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadC2CProjector", display_name=cls.NODE, category=f"{CATEGORY}/projectors",
+            description="Load a trained projector bundle (.safetensors) from models/c2c_projectors.",
+            inputs=[io.Combo.Input("projector_name", options=paths.projector_files(),
+                                   tooltip="A projector bundle in models/c2c_projectors. Only .safetensors files "
+                                           "are listed; pickled .pt/.ckpt files are never loaded.")],
+            outputs=[Projector.Output(tooltip="Projector bank, layer map and the model pair it was made for.")],
+        )
+
+    @classmethod
+    def execute(cls, projector_name: str) -> io.NodeOutput:
+        try:
+            bundle = load_bundle(paths.projector_path(projector_name))
+        except (BundleError, FileNotFoundError) as e:
+            raise BridgeInputError(cls.NODE, "projector_name", str(e), "a C2C projector bundle",
+                                   "pick a bundle saved by Train C2C Projector, or re-export it as .safetensors") from e
+        return io.NodeOutput(bundle)
+
+
+class CreateC2CProjector(io.ComfyNode):
+    NODE = "Create C2C Projector"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CreateC2CProjector", display_name=cls.NODE, category=f"{CATEGORY}/projectors",
+            description="Training-free projectors (identity, weighted) for same-architecture pairs, or a freshly "
+                        "initialised learnable one to train.",
+            inputs=[
+                io.Model.Input("sharer", tooltip="The model whose K/V are shared (e.g. ChronoEdit)."),
+                io.Model.Input("receiver", tooltip="The model that receives the K/V (e.g. Wan2.1)."),
+                io.Combo.Input("kind", options=PROJECTOR_KINDS, default="identity",
+                               tooltip="identity: sharer K/V replace the receiver's (same architecture only). "
+                                       "weighted: alpha·sharer + (1−alpha)·receiver. gating/full/c2c: learnable, "
+                                       "freshly initialised — train them first. auto: gating for equal shapes, "
+                                       "full otherwise."),
+                io.Combo.Input("mapping", options=MAPPING_KINDS, default="terminal",
+                               tooltip="Which sharer layer feeds which receiver layer. terminal: last layers "
+                                       "aligned (C2C default); identity: layer i to i; position: nearest relative "
+                                       "depth; uniform: evenly spread pairs."),
+                io.String.Input("layers", default="all",
+                                tooltip="Receiver layers to fuse: 'all', ranges like '0-3,7', 'last4', 'first4', "
+                                        "'-1' for the last layer."),
+                io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of the sharer for the 'weighted' projector."),
+                io.Int.Input("hidden_dim", default=0, min=0, max=65536,
+                             tooltip="Hidden width of learnable projectors; 0 picks the receiver's width."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Initialisation seed of learnable projectors."),
+            ],
+            outputs=[Projector.Output()],
+        )
+
+    @classmethod
+    def execute(cls, sharer, receiver, kind, mapping, layers, alpha, hidden_dim, seed) -> io.NodeOutput:
+        sharer_sig = model_signature(cls.NODE, "sharer", sharer)
+        receiver_sig = model_signature(cls.NODE, "receiver", receiver)
+        try:
+            fused = parse_layer_spec(layers, receiver_sig.num_layers)
+        except (LayerMapError, ValueError) as e:
+            raise BridgeInputError(cls.NODE, "layers", repr(layers), "a layer list such as 'all', '0-3,7' or 'last4'",
+                                   str(e)) from e
+        try:
+            layer_map = LayerMap.build(mapping, sharer_sig.num_layers, receiver_sig.num_layers, layers=fused)
+        except LayerMapError as e:
+            raise BridgeInputError(cls.NODE, "mapping", f"'{mapping}' cannot pair {sharer_sig.num_layers} sharer "
+                                   f"with {receiver_sig.num_layers} receiver layers ({e})", "a mapping that fits",
+                                   "use 'terminal' or 'position' for models with different depths") from e
+        hparams = {"alpha": alpha} if kind == "weighted" else {}
+        if kind in ("gating", "full", "c2c", "auto") and hidden_dim:
+            hparams["hidden_dim"] = hidden_dim
+        torch.manual_seed(seed)
+        try:
+            bank = ProjectorBank.build(kind, sharer_sig, receiver_sig, sorted(layer_map.pairs), **hparams)
+        except ProjectorConfigError as e:
+            raise BridgeInputError(cls.NODE, "kind", f"'{kind}' for sharer {_shape(sharer_sig)} and receiver "
+                                   f"{_shape(receiver_sig)} ({e})", "a projector that fits both models",
+                                   "use 'full' or 'c2c' (trained) when heads × head_dim differ") from e
+        bank.eval()
+        bundle = ProjectorBundle(bank=bank, layer_map=layer_map, sharer=sharer_sig, receiver=receiver_sig,
+                                 provenance={"created_by": cls.NODE, "seed": seed}, metadata={})
+        return io.NodeOutput(bundle)
+
+
+def model_signature(node: str, input_name: str, model):
+    """The Wan signature of a MODEL input, or an error saying what the pack supports."""
+    try:
+        return wan_hooks.wan_signature(model)
+    except wan_hooks.NotAWanModel as e:
+        raise BridgeInputError(node, input_name, str(e), "a Wan2.1-architecture model (Wan2.1, ChronoEdit)",
+                               "load a Wan2.1 or ChronoEdit diffusion model with Load Diffusion Model") from e
+
+
+def _shape(sig) -> str:
+    return f"{sig.num_layers} layers × {sig.num_heads} heads × {sig.head_dim}"
+
+
+def check_projector_fits(node: str, bundle, sharer_sig, receiver_sig) -> None:
+    check(bundle.receiver.same_shape(receiver_sig), node, "projector",
+          f"a projector made for a receiver of {_shape(bundle.receiver)}, but the receiver model has "
+          f"{_shape(receiver_sig)}", "the pair the projector was made for",
+          "load the projector trained for this receiver, or create one with Create C2C Projector")
+    check(bundle.sharer.same_shape(sharer_sig), node, "projector",
+          f"a projector made for a sharer of {_shape(bundle.sharer)}, but the sharer model has {_shape(sharer_sig)}",
+          "the pair the projector was made for",
+          "load the projector trained for this sharer, or create one with Create C2C Projector")

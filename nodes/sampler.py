@@ -1,0 +1,56 @@
+"""Bridged KSampler: Capture KV Cache + Fuse Caches + KSampler in one node."""
+from __future__ import annotations
+
+import comfy.samplers
+import nodes as comfy_nodes
+from comfy_api.latest import io
+
+from .capture import make_live_source, sharer_inputs
+from .fuse import bridge_model, fusion_inputs
+from .types import CATEGORY, Projector
+
+
+class BridgedKSampler(io.ComfyNode):
+    NODE = "Bridged KSampler"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BridgedKSampler", display_name=cls.NODE, category=CATEGORY,
+            description="Samples the receiver while the sharer runs in lockstep and its projected K/V are fused "
+                        "into the receiver's self-attention. Same result as Capture KV Cache → Fuse Caches → KSampler.",
+            inputs=[
+                io.Model.Input("receiver", tooltip="The model that samples (e.g. Wan2.1). Never changed."),
+                io.Conditioning.Input("positive", tooltip="The receiver's positive conditioning."),
+                io.Conditioning.Input("negative", tooltip="The receiver's negative conditioning."),
+            ] + sharer_inputs(prefix="sharer_") + [
+                Projector.Input("projector", tooltip="From Load C2C Projector or Create C2C Projector."),
+            ] + fusion_inputs()[:3] + [
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="The random seed used for creating the noise."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The number of denoising steps."),
+                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (both models use their own negative)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="The sampling algorithm."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                               tooltip="How sigmas are spaced over the steps."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Amount of denoising applied."),
+            ] + fusion_inputs()[3:],
+            outputs=[io.Latent.Output(tooltip="The denoised latent.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, receiver, positive, negative, sharer, sharer_positive, sharer_negative, projector, strength,
+                start_percent, end_percent, seed, steps, cfg, sampler_name, scheduler, latent_image, denoise=1.0,
+                ramp="constant", layer_strengths="") -> io.NodeOutput:
+        source = make_live_source(cls.NODE, sharer, sharer_positive, sharer_negative, input_prefix="sharer_")
+        node_id = cls.hidden.unique_id if cls.hidden else None
+        patched = bridge_model(cls.NODE, receiver, source, projector, strength, start_percent, end_percent, ramp,
+                               layer_strengths, report_to=node_id)
+        (latent,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
+                                                negative, latent_image, denoise=denoise)
+        return io.NodeOutput(latent)
