@@ -1,0 +1,153 @@
+"""Apply a projector bank, a layer map, a strength and a schedule to one layer's K or V.
+
+This is the per-layer, per-step path, so it follows design §8: strengths are Python floats, a
+zero strength returns the receiver's tensor object untouched without running the projector, and
+nothing here reads a GPU tensor to make a decision.
+
+Bidirectional fusion (each model both shares and receives) is two independent one-way fusers,
+sharer->receiver and receiver->sharer, each with its own bank; :class:`BidirectionalFuser` only
+holds the pair so runtimes can pass it around as one thing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import FusionError, LayerMapError
+from .mapping import LayerMap
+from .projectors import ProjectorBank
+from .schedule import FusionSchedule
+
+__all__ = ["fuse", "fuse_many", "LayerFuser", "BidirectionalFuser", "FUSE_MODES", "FusionError"]
+
+FUSE_MODES = ("sequence", "sum")
+
+
+def _strength(value: Any, what: str = "strength") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FusionError(
+            f"{what}={value!r} ({type(value).__name__}); expected a finite Python float. A tensor "
+            f"strength would force a GPU read per layer; convert it once with float()."
+        )
+    return float(value)
+
+
+def fuse(projected: Tensor, receiver: Tensor, strength: float, *, inplace: bool = False) -> Tensor:
+    """Blend ``receiver`` toward ``projected`` (same shape): ``receiver + strength * (projected - receiver)``.
+
+    strength 0 returns ``receiver`` itself; strength 1 returns ``projected`` itself. With
+    ``inplace=True`` other strengths overwrite ``receiver`` (saves one K/V-sized allocation when the
+    caller owns it).
+    """
+    s = _strength(strength)
+    if s == 0.0:
+        return receiver
+    if s == 1.0:
+        return projected
+    if projected.shape != receiver.shape:
+        raise FusionError(
+            f"fuse: projected {tuple(projected.shape)} vs receiver {tuple(receiver.shape)}; expected "
+            f"equal shapes (project the sharer into the receiver's space first)."
+        )
+    if inplace:
+        return receiver.lerp_(projected.to(receiver.dtype), s)
+    return torch.lerp(receiver, projected.to(receiver.dtype), s)
+
+
+def fuse_many(receiver_t: Tensor, contributions: Sequence[tuple[Tensor, float]], mode: str = "sequence") -> Tensor:
+    """Fuse several sharers' projected tensors (each (B, N, Ht, Dt)) into one receiver tensor.
+
+    ``sequence``: fuse them one after another (later sharers blend into the already fused result).
+    ``sum``: add the strength-weighted deltas ``s_i * (projected_i - receiver)`` to the receiver
+    once, so the order of sharers does not matter. No contribution with a non-zero strength
+    returns ``receiver_t`` itself.
+    """
+    if mode not in FUSE_MODES:
+        raise FusionError(f"fuse_many mode={mode!r}; expected one of {FUSE_MODES}.")
+    active = [(p, _strength(s, f"strength of contribution {i}")) for i, (p, s) in enumerate(contributions)]
+    active = [(p, s) for p, s in active if s != 0.0]
+    if not active:
+        return receiver_t
+    if mode == "sequence":
+        out = receiver_t
+        for projected, s in active:
+            out = fuse(projected, out, s)
+        return out
+    out = receiver_t
+    for projected, s in active:
+        if projected.shape != receiver_t.shape:
+            raise FusionError(
+                f"fuse_many: a contribution has shape {tuple(projected.shape)}; expected the "
+                f"receiver's {tuple(receiver_t.shape)}."
+            )
+        out = torch.add(out, projected.to(receiver_t.dtype) - receiver_t, alpha=s)
+    return out
+
+
+class LayerFuser:
+    """One-way fusion sharer -> receiver over the layers of a map.
+
+    Effective strength of receiver layer l at progress p:
+    ``strength * layer_map.strength(l) * schedule ramp(p)`` (0 outside the window).
+    """
+
+    def __init__(self, bank: ProjectorBank, layer_map: LayerMap, schedule: FusionSchedule, strength: float):
+        self.bank = bank
+        self.layer_map = layer_map
+        self.schedule = schedule
+        self.strength = _strength(strength)
+        if self.strength < 0:
+            raise FusionError(f"LayerFuser strength={strength}; expected >= 0.")
+        try:
+            layer_map.validate(bank.sharer, bank.receiver)
+        except LayerMapError as exc:
+            raise FusionError(f"LayerFuser: layer map does not fit the projector bank: {exc}") from None
+        missing = [i for i in layer_map.layers if i not in bank.layers]
+        if missing:
+            raise FusionError(
+                f"LayerFuser: the layer map fuses receiver layers {missing} but the projector bank has "
+                f"no projectors for them (bank layers {bank.layers}). Restrict the map to the bank's layers."
+            )
+
+    @property
+    def layers(self) -> list[int]:
+        return self.layer_map.layers
+
+    def sharer_layer(self, layer: int) -> int:
+        return self.layer_map.sharer_layer(layer)
+
+    def strength_at(self, layer: int, progress: float) -> float:
+        return self.schedule.strength_at(progress, self.strength * self.layer_map.strength(layer))
+
+    def fuse_layer(self, layer: int, which: str, sharer_t: Tensor, receiver_t: Tensor, progress: float) -> Tensor:
+        """sharer_t (B, N, Hs, Ds), receiver_t (B, N, Ht, Dt) -> fused (B, N, Ht, Dt).
+
+        Returns ``receiver_t`` itself, without running the projector, where the strength is 0.
+        """
+        if layer not in self.layer_map.pairs:
+            raise FusionError(f"LayerFuser.fuse_layer: receiver layer {layer} is not fused; fused layers are {self.layers}.")
+        s = self.strength_at(layer, progress)
+        if s == 0.0:
+            return receiver_t
+        return fuse(self.bank.project(layer, which, sharer_t, receiver_t), receiver_t, s)
+
+
+@dataclass
+class BidirectionalFuser:
+    """Two one-way fusers: ``forward`` (sharer -> receiver) and ``backward`` (receiver -> sharer)."""
+
+    forward: LayerFuser
+    backward: LayerFuser
+
+    def __post_init__(self) -> None:
+        f, b = self.forward.bank, self.backward.bank
+        if not (f.sharer.same_shape(b.receiver) and f.receiver.same_shape(b.sharer)):
+            raise FusionError(
+                "BidirectionalFuser: the backward bank must map the forward receiver back into the "
+                f"forward sharer; got forward {f.sharer} -> {f.receiver}, backward {b.sharer} -> {b.receiver}."
+            )

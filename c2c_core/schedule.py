@@ -1,0 +1,105 @@
+"""When in the denoising run fusion is on, how strong, and how often the sharer is re-run.
+
+Progress runs from 0.0 (first step) to 1.0 (last step): ``progress = step / (steps - 1)``. Early
+steps set layout and motion, late steps texture, so a user may want the sharer only early
+(``end=0.4``) or fading out (``cosine_down``). Everything here is Python floats: the per-layer
+path must not touch tensors to decide a strength (design §8).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+from .errors import ScheduleError
+
+__all__ = ["FusionSchedule", "RAMPS", "progress_of", "ScheduleError"]
+
+RAMPS = ("constant", "linear_up", "linear_down", "cosine_down")
+
+
+def _unit(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ScheduleError(f"FusionSchedule.{name}={value!r}; expected a number in [0, 1] (fraction of the run).")
+    return float(value)
+
+
+def progress_of(step: int, steps: int) -> float:
+    """Progress in [0, 1] of 0-based ``step`` in a run of ``steps`` (a 1-step run is at 0.0)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ScheduleError(f"steps={steps!r}; expected a positive integer.")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < steps:
+        raise ScheduleError(f"step={step!r}; expected an integer in 0..{steps - 1}.")
+    return 0.0 if steps == 1 else step / (steps - 1)
+
+
+@dataclass(frozen=True)
+class FusionSchedule:
+    """Fusion window [start, end] (inclusive), strength ramp inside it, sharer refresh interval.
+
+    Ramps over the window's local time u in [0, 1]: constant = 1, linear_up = u,
+    linear_down = 1 - u, cosine_down = (1 + cos(pi u)) / 2; a zero-width window uses u = 0.
+    """
+
+    start: float = 0.0
+    end: float = 1.0
+    ramp: str = "constant"
+    refresh_every: int = 1
+
+    def __post_init__(self) -> None:
+        start, end = _unit("start", self.start), _unit("end", self.end)
+        if start > end:
+            raise ScheduleError(
+                f"FusionSchedule window starts at {start} after it ends at {end}; expected start <= end."
+            )
+        if self.ramp not in RAMPS:
+            raise ScheduleError(f"FusionSchedule.ramp={self.ramp!r}; expected one of {RAMPS}.")
+        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
+            raise ScheduleError(
+                f"FusionSchedule.refresh_every={self.refresh_every!r}; expected an integer >= 1 "
+                f"(1 = run the sharer every step, k = reuse its K/V for k-1 steps)."
+            )
+
+    def active(self, progress: float) -> bool:
+        return self.start <= _progress(progress) <= self.end
+
+    def strength_at(self, progress: float, base: float) -> float:
+        """``base`` shaped by the ramp inside the window, 0.0 outside it."""
+        if not self.active(progress):
+            return 0.0
+        width = self.end - self.start
+        u = (progress - self.start) / width if width > 0 else 0.0
+        if self.ramp == "constant":
+            factor = 1.0
+        elif self.ramp == "linear_up":
+            factor = u
+        elif self.ramp == "linear_down":
+            factor = 1.0 - u
+        else:
+            factor = 0.5 * (1.0 + math.cos(math.pi * u))
+        return float(base) * factor
+
+    def refreshes_at(self, step_index: int) -> bool:
+        """True on steps 0, k, 2k, ... where the sharer's K/V must be computed afresh."""
+        if isinstance(step_index, bool) or not isinstance(step_index, int) or step_index < 0:
+            raise ScheduleError(f"step_index={step_index!r}; expected an integer >= 0.")
+        return step_index % self.refresh_every == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "FusionSchedule":
+        unknown = sorted(set(d) - {"start", "end", "ramp", "refresh_every"})
+        if unknown:
+            raise ScheduleError(f"FusionSchedule.from_dict: unknown keys {unknown}.")
+        return cls(**d)
+
+
+def _progress(progress: Any) -> float:
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0:
+        raise ScheduleError(
+            f"progress={progress!r}; expected a number in [0, 1] (step / (steps - 1)); use progress_of()."
+        )
+    return float(progress)
