@@ -25,8 +25,7 @@ import comfy.model_patcher
 import comfy.sampler_helpers
 import comfy.samplers
 
-from ..c2c_core import (FusionSchedule, LayerFuser, ModelSignature, TokenGrid, rerotate_keys, resample_tokens,
-                        rope_positions, rope_rotate)
+from ..c2c_core import FusionSchedule, LayerFuser, ModelSignature, RopeRerotation, align_kv
 from . import wan_hooks
 from .errors import BridgeInputError
 
@@ -112,6 +111,7 @@ class LiveSharerRun:
         self.captured = _CapturedKV()
         self.forwards = 0
         self._call_kinds = None
+        self._started = False
         _check_sharer_latent(source, latent_image)
         conds = {"positive": comfy.sampler_helpers.convert_cond(source.positive),
                  "negative": comfy.sampler_helpers.convert_cond(source.negative)}
@@ -122,7 +122,7 @@ class LiveSharerRun:
         self.model_options = comfy.model_patcher.create_model_options_clone(sharer_patcher.model_options)
         comfy.sampler_helpers.prepare_model_patcher(sharer_patcher, self.conds, self.model_options)
         self.grid = wan_hooks.token_grid(noise.shape)
-        self.rope = wan_hooks.rope_options(sharer_patcher)
+        self.rope = wan_hooks.rope_spec(sharer_patcher)
         self.grid_mode = "nearest"
 
     def ensure(self, x, t, kinds, window):
@@ -132,11 +132,18 @@ class LiveSharerRun:
             return
         rows = x.shape[0] // len(kinds)
         conds = [self.conds["positive" if kind == COND else "negative"] for kind in missing]
+        model = self.patcher.model
+        receiver_patcher = getattr(model, "current_patcher", None)
+        if not self._started:
+            self._started = True
+            self.patcher.pre_run()
+        model.current_patcher = self.patcher
         self._call_kinds = missing
         try:
-            comfy.samplers.calc_cond_batch(self.patcher.model, conds, x[:rows], t[:rows], self.model_options)
+            comfy.samplers.calc_cond_batch(model, conds, x[:rows], t[:rows], self.model_options)
         finally:
             self._call_kinds = None
+            model.current_patcher = receiver_patcher
         for kind in missing:
             self.captured.window[kind] = window
 
@@ -153,6 +160,16 @@ class LiveSharerRun:
 
     def kv(self, layer, kinds):
         return self.captured.get(layer, kinds)
+
+    def close(self):
+        """Release captured K/V and end the sharer's run (ON_CLEANUP callbacks, hooks)."""
+        self.captured = _CapturedKV()
+        if self._started:
+            model = self.patcher.model
+            receiver_patcher = getattr(model, "current_patcher", None)
+            self.patcher.cleanup()
+            if receiver_patcher is not None and receiver_patcher is not self.patcher:
+                model.current_patcher = receiver_patcher
 
 
 def _check_sharer_latent(source: LiveSharer, latent_image):
@@ -300,8 +317,8 @@ class BridgeRun:
         self.sigmas = [float(s) for s in sigmas]
         self.steps = max(1, len(self.sigmas) - 1)
         self.grid = wan_hooks.token_grid(noise.shape)
-        self.receiver_rope = wan_hooks.rope_options(receiver)
-        self.theta = wan_hooks.rope_theta(receiver)
+        self.receiver_rope = wan_hooks.rope_spec(receiver)
+        self._rerotation = None
         self.report = Report(layers=bridge.fused_layers)
         self._strength_sum = {layer: 0.0 for layer in bridge.fused_layers}
         self._change = {layer: ([], []) for layer in bridge.fused_layers}
@@ -309,7 +326,6 @@ class BridgeRun:
         self.active = False
         self.kinds = None
         self.progress = 0.0
-        self._positions = None
         source = bridge.source
         if isinstance(source, LiveSharer):
             self.source_run = LiveSharerRun(source, bridge._sharer, bridge.sharer_layers, noise.to(self.device),
@@ -366,30 +382,15 @@ class BridgeRun:
         return k2.reshape(k.shape), v2.reshape(v.shape)
 
     def align(self, sk, sv):
-        """Bring sharer K/V onto the receiver's token grid and RoPE positions."""
+        """Bring sharer K/V onto the receiver's token grid and RoPE positions (see c2c_core.align)."""
         src_grid = self.source_run.grid
-        if self.bridge.source.rope_alignment == "auto" and self.sharer_rope != self.receiver_rope:
-            src_pos, dst_pos = self.positions(sk.device, src_grid)
-            if src_grid == self.grid:
-                sk = rerotate_keys(sk, src_pos, dst_pos, theta=self.theta)
-            else:
-                sk = rerotate_keys(sk, src_pos, torch.zeros_like(src_pos), theta=self.theta)
-                sk = resample_tokens(sk, src_grid, self.grid, mode=self.source_run.grid_mode)
-                sk = rope_rotate(sk, dst_pos, theta=self.theta)
-                sv = resample_tokens(sv, src_grid, self.grid, mode=self.source_run.grid_mode)
-                return sk, sv
-        if src_grid != self.grid:
-            sk = resample_tokens(sk, src_grid, self.grid, mode=self.source_run.grid_mode)
-            sv = resample_tokens(sv, src_grid, self.grid, mode=self.source_run.grid_mode)
-        return sk, sv
-
-    def positions(self, device, src_grid):
-        if self._positions is None:
-            self._positions = (
-                rope_positions(src_grid, **self.sharer_rope).to(device),
-                rope_positions(self.grid, **self.receiver_rope).to(device),
-            )
-        return self._positions
+        src_rope = self.sharer_rope if self.bridge.source.rope_alignment == "auto" else self.receiver_rope
+        if src_grid == self.grid:
+            if self._rerotation is None:
+                self._rerotation = RopeRerotation(src_rope.positions(src_grid), self.receiver_rope.positions(self.grid),
+                                                  sk.shape[-1], src_rope.theta)
+            return self._rerotation.apply(sk), sv
+        return align_kv(sk, sv, src_grid, self.grid, src_rope, self.receiver_rope, self.source_run.grid_mode)
 
     def _measure(self, layer, kh, k2, vh, v2):
         """Queue the relative K/V change on a token subsample; reduced to floats once, at the end."""
@@ -401,6 +402,7 @@ class BridgeRun:
                 out.append((after[:, ::s].float() - b).norm() / b.norm().clamp_min(1e-12))
 
     def close(self) -> Report:
+        self.source_run.close()
         r = self.report
         r.model_calls = self._calls
         r.sharer_forwards = getattr(self.source_run, "forwards", 0)

@@ -1,6 +1,7 @@
 """Fuse Caches: a receiver clone that fuses a K/V source through a projector."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from comfy_api.latest import io
@@ -96,7 +97,8 @@ def bridge_model(node, model, source, bundle, strength, start_percent, end_perce
                                "start_percent ≤ end_percent", str(e)) from e
     per_layer = parse_layer_strengths(node, layer_strengths, set(bundle.layer_map.pairs))
     if per_layer:
-        bundle = bundle.with_layer_strengths(per_layer)
+        layer_map = dataclasses.replace(bundle.layer_map, strengths={**bundle.layer_map.strengths, **per_layer})
+        bundle = dataclasses.replace(bundle, layer_map=layer_map)
     bridge = Bridge(source, bundle, float(strength), schedule, receiver_sig, on_report=_reporter(report_to))
     return bridge.attach(model)
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import comfy.ldm.wan.model as wan_model
 
-from ..c2c_core import ModelSignature, TokenGrid
+from ..c2c_core import ModelSignature, RopeSpec, TokenGrid
 
 # Wan patchifies latents with (t, h, w) = (1, 2, 2); ComfyUI rounds odd sizes up.
 PATCH_SIZE = (1, 2, 2)
@@ -55,17 +55,10 @@ def token_grid(latent_shape) -> TokenGrid:
                      width=math.ceil(w / PATCH_SIZE[2]))
 
 
-def rope_options(patcher) -> dict:
-    """The model's RoPE position options (ComfyUI's ScaleROPE node), as (scale, shift) per t/h/w axis."""
-    opts = patcher.model_options.get("transformer_options", {}).get("rope_options") or {}
-    return {
-        "scale": (float(opts.get("scale_t", 1.0)), float(opts.get("scale_y", 1.0)), float(opts.get("scale_x", 1.0))),
-        "shift": (float(opts.get("shift_t", 0.0)), float(opts.get("shift_y", 0.0)), float(opts.get("shift_x", 0.0))),
-    }
-
-
-def rope_theta(patcher) -> float:
-    return float(diffusion_model(patcher).rope_embedder.theta)
+def rope_spec(patcher) -> RopeSpec:
+    """How the model places RoPE positions: theta plus ComfyUI's ScaleROPE options, if any."""
+    options = patcher.model_options.get("transformer_options", {}).get("rope_options")
+    return RopeSpec.from_rope_options(options, theta=float(diffusion_model(patcher).rope_embedder.theta))
 
 
 def hook_self_attention(patcher, layers, hook: SelfAttentionHook) -> None:
