@@ -41,8 +41,7 @@ class CaptureKVCache(io.ComfyNode):
 
 def sharer_inputs(prefix: str = ""):
     return [
-        io.Model.Input(f"{prefix}sharer" if prefix else "sharer",
-                       tooltip="The model whose K/V are shared (e.g. ChronoEdit, or another Wan2.1)."),
+        io.Model.Input("sharer", tooltip="The model whose K/V are shared (e.g. ChronoEdit, or another Wan2.1)."),
         io.Conditioning.Input(f"{prefix}positive",
                               tooltip="The sharer's own positive conditioning (for an I2V sharer, from its "
                                       "WanImageToVideo node)."),
@@ -52,7 +51,7 @@ def sharer_inputs(prefix: str = ""):
 
 def make_live_source(node, sharer, positive, negative, layers="auto", refresh_every=1, rope_alignment="auto",
                      input_prefix=""):
-    signature = model_signature(node, f"{input_prefix}sharer" if input_prefix else "sharer", sharer)
+    signature = model_signature(node, "sharer", sharer)
     chosen = None
     if layers.strip().lower() != "auto":
         try:
