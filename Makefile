@@ -1,0 +1,49 @@
+# Developer and CI entry points. Every target is quick the second time (stamp files).
+#   make test    venv + ComfyUI host + tiny models, then the whole pytest suite
+#   make demo    the same setup, then tools/demo.py
+# COMFYUI_PATH=/path/to/ComfyUI uses that ComfyUI instead of installing the pinned 0.3.75 in .host/.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH := torch==2.14.1 torchvision==0.29.1
+MODELS_DIR := .models
+PYTEST_ARGS ?=
+
+ifdef COMFYUI_PATH
+export COMFYUI_PATH
+endif
+
+.PHONY: venv host models test demo clean distclean
+
+venv: $(VENV)/.dcb-venv-stamp
+
+# Rebuilt when the dev (or the pack's) requirements change; torch is installed first and alone so that
+# nothing else can choose its version.
+$(VENV)/.dcb-venv-stamp: requirements-dev.txt $(wildcard requirements.txt)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH)
+	$(PIP) install -r requirements-dev.txt
+	if [ -f requirements.txt ]; then $(PIP) install -r requirements.txt; fi
+	touch $@
+
+host: venv
+	$(PY) tools/install_host.py
+
+models: host
+	$(PY) tools/make_tiny_models.py --out $(MODELS_DIR)
+
+test: venv host models
+	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: venv host models
+	$(PY) tools/demo.py
+
+# Generated artefacts; keeps .venv (minutes to rebuild) and downloads other than the host wheel.
+clean:
+	rm -rf .host .models .build/host out test-artifacts .pytest_cache .hypothesis
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,38 @@
+"""Session fixtures for tests that need a real ComfyUI (see tests/host.py for the harness itself).
+
+- ``comfyui_root`` -> Path: the ComfyUI tree (COMFYUI_PATH, else .host/ComfyUI).
+- ``tiny_models`` -> host.TinyModels: the tiny Wan checkpoints, made into the repo's .models/ if missing.
+- ``comfy`` -> host.ComfyHost: ComfyUI importable and configured for CPU in this process.
+- ``comfy_server`` -> host.ComfyServer: one headless server for the session, with this pack and the
+  test nodes in its custom_nodes folder and the tiny models in its model folders.
+
+Without a ComfyUI host these fixtures skip the test (run ``make host``); with CI set, or with a
+COMFYUI_PATH that is not a ComfyUI tree, they fail it instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import host
+
+
+@pytest.fixture(scope="session")
+def comfyui_root():
+    return host.require_comfyui()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(comfyui_root) -> host.TinyModels:
+    return host.ensure_tiny_models()
+
+
+@pytest.fixture(scope="session")
+def comfy(tiny_models, tmp_path_factory) -> host.ComfyHost:
+    return host.setup_comfy_in_process(tiny_models.root, tmp_path_factory.mktemp("comfy_in_process"))
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tiny_models, tmp_path_factory):
+    with host.ComfyServer(tmp_path_factory.mktemp("comfy_server"), tiny_models.root) as server:
+        yield server
