@@ -225,7 +225,7 @@ class GatingProjector(Projector):
         receiver: ModelSignature,
         *,
         granularity: str = "head",
-        hidden: int = 64,
+        hidden_dim: int = 64,
         gate_init: float = 0.5,
     ):
         _require_same_shape("gating", sharer, receiver)
@@ -233,16 +233,16 @@ class GatingProjector(Projector):
             raise ProjectorConfigError(
                 f"projector 'gating': granularity={granularity!r}; expected one of {GATING_GRANULARITIES}."
             )
-        hidden = _int_hparam("gating", "hidden", hidden, 1)
+        hidden_dim = _int_hparam("gating", "hidden_dim", hidden_dim, 1)
         gate_init = _float_hparam("gating", "gate_init", gate_init, 0.0, 1.0, open_ends=True)
-        super().__init__(sharer, receiver, {"granularity": granularity, "hidden": hidden, "gate_init": gate_init})
+        super().__init__(sharer, receiver, {"granularity": granularity, "hidden_dim": hidden_dim, "gate_init": gate_init})
         heads, dim = receiver.num_heads, receiver.head_dim
         width_in = heads * dim if granularity == "token" else dim
         width_out = dim if granularity == "value" else 1
-        self.in_sharer = nn.Linear(width_in, hidden)
-        self.in_receiver = nn.Linear(width_in, hidden, bias=False)
+        self.in_sharer = nn.Linear(width_in, hidden_dim)
+        self.in_receiver = nn.Linear(width_in, hidden_dim, bias=False)
         self.act = nn.GELU()
-        self.out = nn.Linear(hidden, width_out)
+        self.out = nn.Linear(hidden_dim, width_out)
         with torch.no_grad():
             self.out.weight.zero_()
             self.out.bias.fill_(_logit(gate_init))
@@ -278,15 +278,15 @@ class FullProjector(Projector):
         sharer: ModelSignature,
         receiver: ModelSignature,
         *,
-        hidden: int = 512,
+        hidden_dim: int = 512,
         num_layers: int = 2,
         gate_init: float = 0.5,
     ):
-        hidden = _int_hparam("full", "hidden", hidden, 1)
+        hidden_dim = _int_hparam("full", "hidden_dim", hidden_dim, 1)
         num_layers = _int_hparam("full", "num_layers", num_layers, 1)
         gate_init = _float_hparam("full", "gate_init", gate_init, 0.0, 1.0, open_ends=True)
-        super().__init__(sharer, receiver, {"hidden": hidden, "num_layers": num_layers, "gate_init": gate_init})
-        widths = [sharer.width] + [hidden] * (num_layers - 1) + [receiver.width]
+        super().__init__(sharer, receiver, {"hidden_dim": hidden_dim, "num_layers": num_layers, "gate_init": gate_init})
+        widths = [sharer.width] + [hidden_dim] * (num_layers - 1) + [receiver.width]
         layers: list[nn.Module] = []
         for i in range(num_layers):
             if i:
@@ -321,7 +321,7 @@ class _ResidualFFN(nn.Module):
 class C2CProjector(Projector):
     """The Cache-to-Cache fuser (design §7): ``receiver + gate * weight * proj``.
 
-    Sharer and receiver (flattened heads) feed a Linear to ``hidden``, a residual trunk of
+    Sharer and receiver (flattened heads) feed a Linear to ``hidden_dim``, a residual trunk of
     ``num_layers`` blocks, a final RMSNorm, then two branches: ``proj`` (B, N, Ht, Dt) and a
     per-head dynamic ``weight`` = sigmoid(...) of shape (B, N, Ht, 1). ``gate`` comes from one
     scalar logit: while training a Gumbel-sigmoid sample at temperature ``self.temperature`` (the
@@ -340,24 +340,24 @@ class C2CProjector(Projector):
         sharer: ModelSignature,
         receiver: ModelSignature,
         *,
-        hidden: int = 512,
+        hidden_dim: int = 512,
         num_layers: int = 2,
         gate_init: float = 1.0,
         eps: float = 1e-6,
     ):
-        hidden = _int_hparam("c2c", "hidden", hidden, 1)
+        hidden_dim = _int_hparam("c2c", "hidden_dim", hidden_dim, 1)
         num_layers = _int_hparam("c2c", "num_layers", num_layers, 0)
         gate_init = _float_hparam("c2c", "gate_init", gate_init, -1e4, 1e4)
         eps = _float_hparam("c2c", "eps", eps, 0.0, 1.0, open_ends=True)
         super().__init__(
-            sharer, receiver, {"hidden": hidden, "num_layers": num_layers, "gate_init": gate_init, "eps": eps}
+            sharer, receiver, {"hidden_dim": hidden_dim, "num_layers": num_layers, "gate_init": gate_init, "eps": eps}
         )
-        self.in_sharer = nn.Linear(sharer.width, hidden)
-        self.in_receiver = nn.Linear(receiver.width, hidden, bias=False)
-        self.trunk = nn.ModuleList(_ResidualFFN(hidden, eps) for _ in range(num_layers))
-        self.out_norm = nn.RMSNorm(hidden, eps=eps)
-        self.proj = nn.Linear(hidden, receiver.width)
-        self.head_weight = nn.Linear(hidden, receiver.num_heads)
+        self.in_sharer = nn.Linear(sharer.width, hidden_dim)
+        self.in_receiver = nn.Linear(receiver.width, hidden_dim, bias=False)
+        self.trunk = nn.ModuleList(_ResidualFFN(hidden_dim, eps) for _ in range(num_layers))
+        self.out_norm = nn.RMSNorm(hidden_dim, eps=eps)
+        self.proj = nn.Linear(hidden_dim, receiver.width)
+        self.head_weight = nn.Linear(hidden_dim, receiver.num_heads)
         self.gate_logit = nn.Parameter(torch.tensor(gate_init, dtype=torch.float32))
         self.register_buffer("temperature", torch.tensor(1.0), persistent=False)
         self._gate_key: tuple = ()
