@@ -1,0 +1,167 @@
+// Browser driver for tests/web/test_browser.py: one scenario per run, in a fresh headless Chromium.
+//
+//   node driver.mjs <scenario> <job.json>
+//
+// job.json: {url, chromium, profile, artifacts, workflows: {name: ui_workflow}, ...scenario options}.
+// Prints one JSON line (the scenario's result, or {"error": ...}) as the last line of stdout; the
+// Python test asserts on it. Scenarios only observe and report; assertions live in the test.
+import fs from "node:fs";
+import path from "node:path";
+import { chromium } from "playwright-core";
+
+const [scenario, jobPath] = process.argv.slice(2);
+const job = JSON.parse(fs.readFileSync(jobPath, "utf8"));
+const CHROMIUM_FLAGS = [
+  "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+];
+
+async function openApp(context) {
+  const page = context.pages()[0] ?? await context.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e.stack ?? e.message)));
+  page.on("console", (m) => {
+    if (m.type() === "error" && m.text().includes("dit_cache_bridge")) errors.push(m.text());
+    if (m.type() === "warning" && m.text().includes("dit_cache_bridge")) errors.push(m.text());
+  });
+  await page.goto(job.url);
+  await page.waitForFunction(
+    () => window.app?.graph && window.app.vueAppReady && window.app.extensions?.some((e) => e.name === "dit_cache_bridge"),
+    null, { timeout: 60_000 });
+  // Record the missing-node warning instead of relying on the dialog's markup alone.
+  await page.evaluate(() => {
+    window.__dcbMissing = [];
+    const show = app.showMissingNodesError.bind(app);
+    app.showMissingNodesError = (types) => { window.__dcbMissing.push(types.map((t) => t?.type ?? t)); return show(types); };
+  });
+  return { page, errors };
+}
+
+async function loadWorkflow(page, workflow) {
+  return page.evaluate(async (wf) => {
+    window.__dcbMissing = [];
+    await app.loadGraphData(structuredClone(wf), true, true, null);
+    await new Promise((r) => setTimeout(r, 300));
+    const dialog = [...document.querySelectorAll(".p-dialog")].some((d) => /missing/i.test(d.innerText));
+    const types = app.graph.nodes.map((n) => n.type);
+    const unregistered = types.filter((t) => !LiteGraph.registered_node_types[t]);
+    return { missing: window.__dcbMissing.flat(), dialog, types, unregistered };
+  }, workflow);
+}
+
+const shot = (page, name) => {
+  const file = path.join(job.artifacts, `${name}.png`);
+  return page.screenshot({ path: file }).then(() => file);
+};
+
+/** Bring the node into view at scale 1 and count its inspector's bar pixels (strength, K, V colours). */
+async function inspectNode(page, nodeId) {
+  return page.evaluate((id) => {
+    const node = app.graph.getNodeById(id);
+    if (!node) return null;
+    const canvas = app.canvas;
+    canvas.ds.scale = 1;
+    canvas.ds.offset[0] = 420 - node.pos[0];
+    canvas.ds.offset[1] = 180 - node.pos[1];
+    canvas.setDirty(true, true);
+    canvas.draw(true, true);
+    const report = node.dcbFusionReport ?? null;
+    const ratio = window.devicePixelRatio || 1;
+    const [x0, y0] = canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] + node.size[1] - 112]);
+    const w = Math.round(node.size[0] * ratio), h = Math.round(112 * ratio);
+    const data = canvas.canvas.getContext("2d").getImageData(Math.round(x0 * ratio), Math.round(y0 * ratio), w, h).data;
+    const near = (i, [r, g, b]) => Math.abs(data[i] - r) + Math.abs(data[i + 1] - g) + Math.abs(data[i + 2] - b) < 40;
+    const counts = { strength: 0, k: 0, v: 0 };
+    for (let i = 0; i < data.length; i += 4) {
+      if (near(i, [0xe0, 0xb8, 0x4c])) counts.strength++;
+      else if (near(i, [0x5a, 0xa9, 0xe6])) counts.k++;
+      else if (near(i, [0xe5, 0x73, 0x5c])) counts.v++;
+    }
+    return { id: node.id, type: node.type, color: node.color, bgcolor: node.bgcolor, size: [...node.size], report, barPixels: counts };
+  }, nodeId);
+}
+
+const scenarios = {
+  /** (a) Double-click the canvas, type the query, read the result list; Enter adds the node. */
+  async search(page) {
+    await page.evaluate(() => app.graph.clear());
+    await page.mouse.dblclick(700, 500);
+    const input = page.getByPlaceholder("Search Nodes...");
+    await input.waitFor({ timeout: 10_000 });
+    await input.fill(job.query);
+    const option = page.locator(".p-autocomplete-option", { hasText: job.expect });
+    await option.first().waitFor({ timeout: 10_000 });
+    const options = await page.locator(".p-autocomplete-option").allInnerTexts();
+    const screenshot = await shot(page, "search");
+    await page.keyboard.press("Enter");
+    await page.waitForFunction(() => app.graph.nodes.length > 0, null, { timeout: 10_000 });
+    const added = await page.evaluate(() => app.graph.nodes.map((n) => ({ type: n.type, color: n.color, bgcolor: n.bgcolor })));
+    return { options: options.map((t) => t.replace(/\s+/g, " ").trim()), added, screenshot };
+  },
+
+  /** (b) Load each workflow; report the missing-node warnings it raised. */
+  async load(page) {
+    const results = {};
+    for (const [name, workflow] of Object.entries(job.workflows)) results[name] = await loadWorkflow(page, workflow);
+    results.screenshot = await shot(page, "load");
+    return results;
+  },
+
+  /** (c) Queue the workflow from the UI and wait for the backend's report on the inspected nodes. */
+  async live(page) {
+    const events = [];
+    await page.exposeFunction("__dcbEvent", (e) => events.push(e));
+    await page.evaluate(() => window.comfyAPI.api.api.addEventListener("dit_cache_bridge.report", (e) => window.__dcbEvent(e.detail)));
+    const loaded = await loadWorkflow(page, job.workflows.run);
+    await page.evaluate(() => app.queuePrompt(0, 1));
+    const ids = job.inspect;
+    const reported = await page.waitForFunction(
+      (wanted) => wanted.every((id) => app.graph.getNodeById(id)?.dcbFusionReport),
+      ids, { timeout: job.timeout_ms }).then(() => true, () => false);
+    const nodes = [];
+    for (const id of ids) nodes.push(await inspectNode(page, id));
+    const screenshots = [];
+    for (const id of ids) {
+      await inspectNode(page, id);
+      await page.waitForTimeout(100);
+      screenshots.push(await shot(page, `inspector-live-${id}`));
+    }
+    return { loaded, reported, events, nodes, screenshots };
+  },
+
+  /** (c') The same inspector fed by a synthetic event, dispatched the way the websocket does. */
+  async synthetic(page) {
+    const loaded = await loadWorkflow(page, job.workflows.run);
+    const before = await page.evaluate((ids) => ids.map((id) => [...app.graph.getNodeById(id).size]), job.inspect);
+    const nodes = [];
+    const screenshots = [];
+    for (const [id, payload] of job.events) {
+      await page.evaluate(([nodeId, report]) => {
+        window.comfyAPI.api.api.dispatchCustomEvent("dit_cache_bridge.report", { node: String(nodeId), report });
+      }, [id, payload]);
+      await page.waitForTimeout(100);
+      nodes.push(await inspectNode(page, id));
+      screenshots.push(await shot(page, `inspector-synthetic-${id}`));
+    }
+    return { loaded, before, nodes, screenshots };
+  },
+};
+
+let context;
+let result;
+try {
+  fs.mkdirSync(job.artifacts, { recursive: true });
+  // A fresh profile per run (the test passes an empty folder); playwright adds --headless itself.
+  context = await chromium.launchPersistentContext(job.profile, {
+    executablePath: job.chromium, headless: true, viewport: { width: 1400, height: 900 },
+    args: CHROMIUM_FLAGS.filter((f) => f !== "--headless"),
+  });
+  const { page, errors } = await openApp(context);
+  result = await scenarios[scenario](page);
+  result.pageErrors = errors;
+} catch (error) {
+  result = { error: String(error?.stack ?? error) };
+} finally {
+  await context?.close().catch(() => {});
+}
+console.log(JSON.stringify(result));

@@ -1,0 +1,239 @@
+"""The frontend extension (web/js/dit_cache_bridge.js) in a real headless Chromium against a real ComfyUI.
+
+Each test runs one scenario of ``driver.mjs`` (playwright-core, Debian's /usr/bin/chromium, a fresh
+profile) against the session's ``comfy_server`` and asserts on the JSON it prints. Screenshots go to
+test-artifacts/web/. Needs: ``apt-get install chromium`` and Node.js >= 20; playwright-core is
+installed into tests/web/node_modules from package-lock.json on first use. Without Chromium or Node the
+tests skip, unless CI is set: then they fail.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+
+import host
+
+WEB_TESTS = Path(__file__).resolve().parent
+DRIVER = WEB_TESTS / "driver.mjs"
+ARTIFACTS = host.REPO_ROOT / "test-artifacts" / "web"
+CHROMIUM = Path(os.environ.get("DCB_CHROMIUM", "/usr/bin/chromium"))
+PACK_NODES = ("LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler")
+# Settings for a clean first page: no template browser for a "new user", no minimap over the canvas.
+UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+INSPECTOR_COLOURS = ("strength", "k", "v")
+
+
+def _missing_tool(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"browser test requirement missing under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser_tools() -> None:
+    """Chromium, Node.js and playwright-core, or skip (fail under CI) saying which is missing."""
+    if not CHROMIUM.exists():
+        _missing_tool(f"{CHROMIUM} not found: install it with `apt-get update && apt-get install -y chromium` "
+                      "(see docs/web.md)")
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        _missing_tool("node/npm not found: install Node.js >= 20 (see docs/web.md)")
+    if not (WEB_TESTS / "node_modules" / "playwright-core").is_dir():
+        result = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=WEB_TESTS, capture_output=True,
+                                text=True, timeout=180)
+        if result.returncode != 0:
+            pytest.fail(f"`npm ci` in tests/web failed:\n{result.stdout}\n{result.stderr}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def ui_server(comfy_server, browser_tools):
+    requests.post(f"{comfy_server.url}/settings", json=UI_SETTINGS, timeout=30).raise_for_status()
+    return comfy_server
+
+
+def drive(scenario: str, server, tmp_path: Path, timeout: float = 90, **options) -> dict:
+    """Run one driver scenario; returns its JSON result (fails the test on a driver error)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    job = {"url": server.url, "chromium": str(CHROMIUM), "profile": str(tmp_path / f"profile-{scenario}"),
+           "artifacts": str(ARTIFACTS), **options}
+    job_path = tmp_path / f"job-{scenario}.json"
+    job_path.write_text(json.dumps(job), encoding="utf-8")
+    proc = subprocess.run(["node", str(DRIVER), scenario, str(job_path)], cwd=WEB_TESTS, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        pytest.fail(f"driver '{scenario}' printed no result (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}",
+                    pytrace=False)
+    if "error" in result:
+        pytest.fail(f"driver '{scenario}' failed: {result['error']}\n--- stderr ---\n{proc.stderr}\n"
+                    f"--- server log ---\n{server.log_tail(30)}", pytrace=False)
+    own_errors = [e for e in result.get("pageErrors", []) if "dit_cache_bridge" in e]
+    assert not own_errors, f"the extension raised in the page: {own_errors}"
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# A UI-format workflow, built from the pack's nodes
+# --------------------------------------------------------------------------------------------------
+
+class UIWorkflow:
+    """Just enough of the graph editor's workflow format (version 0.4) to load and queue a graph."""
+
+    def __init__(self):
+        self.nodes: dict[int, dict] = {}
+        self.links: list[list] = []
+
+    def add(self, node_id: int, node_type: str, widgets: list, inputs=(), outputs=(), pos=(0, 0)) -> "UIWorkflow":
+        self.nodes[node_id] = {
+            "id": node_id, "type": node_type, "pos": list(pos), "size": [300, 200], "flags": {},
+            "order": len(self.nodes), "mode": 0,
+            "inputs": [{"name": name, "type": kind, "link": None} for name, kind in inputs],
+            "outputs": [{"name": kind, "type": kind, "links": [], "slot_index": i} for i, kind in enumerate(outputs)],
+            "properties": {"Node name for S&R": node_type}, "widgets_values": list(widgets),
+        }
+        return self
+
+    def link(self, source: int, target: int, input_name: str, slot: int = 0) -> "UIWorkflow":
+        link_id = len(self.links) + 1
+        out = self.nodes[source]["outputs"][slot]
+        (inp,) = [i for i in self.nodes[target]["inputs"] if i["name"] == input_name]
+        inp["link"] = link_id
+        out["links"].append(link_id)
+        self.links.append([link_id, source, slot, target, list(self.nodes[target]["inputs"]).index(inp), out["type"]])
+        return self
+
+    def to_json(self) -> dict:
+        return {"last_node_id": max(self.nodes), "last_link_id": len(self.links), "nodes": list(self.nodes.values()),
+                "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+FUSE, BRIDGED = 7, 11  # node ids of the inspected nodes in pack_workflow()
+
+
+def pack_workflow() -> dict:
+    """All five pack nodes: two tiny Wan models bridged through Fuse Caches → KSampler and Bridged KSampler.
+
+    Load C2C Projector stands alone (the test server has no projector files), so queueing runs
+    both bridged branches and nothing else.
+    """
+    wf = UIWorkflow()
+    wf.add(1, "UNETLoader", [host.T2V_A, "default"], outputs=["MODEL"], pos=(0, 0))
+    wf.add(2, "UNETLoader", [host.T2V_B, "default"], outputs=["MODEL"], pos=(0, 150))
+    wf.add(3, "DCBTestWanConditioning", [1, "fixed", 8, 1], outputs=["CONDITIONING"], pos=(0, 300))
+    wf.add(4, "DCBTestWanConditioning", [2, "fixed", 5, 1], outputs=["CONDITIONING"], pos=(0, 480))
+    wf.add(5, "CreateC2CProjector", ["weighted", "identity", "all", 0.5, 0, 0, "fixed"],
+           inputs=[("sharer", "MODEL"), ("receiver", "MODEL")], outputs=["C2C_PROJECTOR"], pos=(350, 0))
+    wf.add(6, "CaptureKVCache", ["auto", 1, "auto"],
+           inputs=[("sharer", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+           outputs=["C2C_KV_SOURCE"], pos=(350, 280))
+    wf.add(FUSE, "FuseCaches", [1.0, 0.0, 1.0, "constant", ""],
+           inputs=[("model", "MODEL"), ("kv_source", "C2C_KV_SOURCE"), ("projector", "C2C_PROJECTOR")],
+           outputs=["MODEL"], pos=(700, 0))
+    wf.add(8, "EmptyHunyuanLatentVideo", [64, 64, 9, 1], outputs=["LATENT"], pos=(350, 480))
+    wf.add(9, "KSampler", [7, "fixed", 3, 4.0, "euler", "simple", 1.0],
+           inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+           outputs=["LATENT"], pos=(1050, 0))
+    wf.add(10, "SaveLatent", ["web_test/fuse_caches"], inputs=[("samples", "LATENT")], pos=(1400, 0))
+    wf.add(BRIDGED, "BridgedKSampler",
+           [0.6, 0.0, 1.0, 7, "fixed", 3, 4.0, "euler", "simple", 1.0, "linear_down", ""],
+           inputs=[("receiver", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                   ("sharer", "MODEL"), ("sharer_positive", "CONDITIONING"), ("sharer_negative", "CONDITIONING"),
+                   ("projector", "C2C_PROJECTOR"), ("latent_image", "LATENT")],
+           outputs=["LATENT"], pos=(700, 400))
+    wf.add(12, "SaveLatent", ["web_test/bridged_ksampler"], inputs=[("samples", "LATENT")], pos=(1050, 500))
+    wf.add(13, "LoadC2CProjector", [""], outputs=["C2C_PROJECTOR"], pos=(0, 650))
+    (wf.link(2, 5, "sharer").link(1, 5, "receiver")
+       .link(2, 6, "sharer").link(3, 6, "positive").link(4, 6, "negative")
+       .link(1, FUSE, "model").link(6, FUSE, "kv_source").link(5, FUSE, "projector")
+       .link(FUSE, 9, "model").link(3, 9, "positive").link(4, 9, "negative").link(8, 9, "latent_image")
+       .link(9, 10, "samples")
+       .link(1, BRIDGED, "receiver").link(3, BRIDGED, "positive").link(4, BRIDGED, "negative")
+       .link(2, BRIDGED, "sharer").link(3, BRIDGED, "sharer_positive").link(4, BRIDGED, "sharer_negative")
+       .link(5, BRIDGED, "projector").link(8, BRIDGED, "latent_image")
+       .link(BRIDGED, 12, "samples"))
+    return wf.to_json()
+
+
+def shipped_workflows() -> dict[str, dict]:
+    return {path.name: json.loads(path.read_text(encoding="utf-8"))
+            for path in sorted((host.REPO_ROOT / "workflows").glob("*.json"))}
+
+
+def is_stock_node(node_type: str, comfyui: Path) -> bool:
+    """True when ComfyUI's own source names the node type (a stock node that failed to import here)."""
+    pattern = re.compile(rf"""["']{re.escape(node_type)}["']""")
+    roots = [comfyui / "nodes.py", *(comfyui / "comfy_extras").glob("*.py"), *(comfyui / "comfy_api_nodes").rglob("*.py")]
+    return any(pattern.search(p.read_text(encoding="utf-8", errors="replace")) for p in roots if p.is_file())
+
+
+def synthetic_report(layers: int) -> dict:
+    """A report as the backend sends it: JSON object keys are strings."""
+    return {
+        "layers": list(range(layers)),
+        "strength": {str(i): 1.0 - i / (2 * layers) for i in range(layers)},
+        "k_change": {str(i): 0.05 + 0.01 * (i % 7) for i in range(layers)},
+        "v_change": {str(i): 0.02 + 0.015 * (i % 5) for i in range(layers)},
+        "sharer_forwards": 12, "model_calls": 12,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------
+
+def test_fuse_caches_is_found_by_the_node_search_and_gets_the_pack_colours(ui_server, tmp_path):
+    result = drive("search", ui_server, tmp_path, query="Fuse Caches", expect="Fuse Caches")
+    assert any(option.startswith("Fuse Caches") for option in result["options"]), result["options"]
+    (added,) = result["added"]
+    assert added["type"] == "FuseCaches"
+    assert added["color"] and added["bgcolor"], f"pack colours not applied: {added}"
+
+
+def test_workflows_load_without_missing_node_warning(ui_server, tmp_path):
+    workflows = {"pack_workflow": pack_workflow(), **shipped_workflows()}
+    result = drive("load", ui_server, tmp_path, workflows=workflows)
+    pack = result["pack_workflow"]
+    assert pack["missing"] == [] and not pack["dialog"], pack
+    assert set(PACK_NODES) <= set(pack["types"])
+    for name in shipped_workflows():
+        missing = [t for t in result[name]["missing"] if not is_stock_node(t, ui_server.comfyui)]
+        assert missing == [], f"workflows/{name} has node types this server does not know: {missing}"
+
+
+def test_inspector_draws_the_report_of_a_live_run(ui_server, tmp_path):
+    layers = host.TinyModels.spec(host.T2V_A)["num_layers"]
+    result = drive("live", ui_server, tmp_path, timeout=150, timeout_ms=120_000, inspect=[FUSE, BRIDGED],
+                   workflows={"run": pack_workflow()})
+    assert result["loaded"]["missing"] == []
+    assert result["reported"], (f"no dit_cache_bridge.report reached the inspected nodes; events seen: "
+                                f"{result['events']}\n--- server log ---\n{ui_server.log_tail(40)}")
+    for node in result["nodes"]:
+        report = node["report"]
+        assert report["layers"] == list(range(layers)), node
+        assert report["modelCalls"] > 0 and report["sharerForwards"] > 0, node
+        assert all(s > 0 for s in report["strength"]) and all(k > 0 for k in report["k"]), node
+        assert all(node["barPixels"][c] > 0 for c in INSPECTOR_COLOURS), f"inspector not drawn: {node}"
+    assert all(Path(p).is_file() for p in result["screenshots"])
+
+
+def test_inspector_draws_a_synthetic_report_and_ignores_an_empty_one(ui_server, tmp_path):
+    events = [[BRIDGED, {"layers": []}], [FUSE, synthetic_report(40)], [BRIDGED, synthetic_report(3)]]
+    result = drive("synthetic", ui_server, tmp_path, events=events, inspect=[FUSE, BRIDGED],
+                   workflows={"run": pack_workflow()})
+    empty, forty, three = result["nodes"]
+    assert empty["report"] is None and empty["barPixels"] == {"strength": 0, "k": 0, "v": 0}
+    assert empty["size"] == result["before"][1], "an empty report must not resize the node"
+    assert forty["report"]["layers"] == list(range(40)) and forty["report"]["sharerForwards"] == 12
+    assert forty["size"][1] > result["before"][0][1], "the node must grow to hold the chart"
+    assert three["report"]["layers"] == [0, 1, 2]
+    for node in (forty, three):
+        assert all(node["barPixels"][c] > 0 for c in INSPECTOR_COLOURS), f"inspector not drawn: {node}"
+    assert all(Path(p).is_file() for p in result["screenshots"])
