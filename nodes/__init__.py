@@ -4,10 +4,11 @@ from comfy_api.latest import ComfyExtension
 from . import paths
 from .capture import CaptureKVCache
 from .fuse import FuseCaches
+from .kv_cache_nodes import LoadKVCache, SaveKVCache
 from .projector_nodes import CreateC2CProjector, LoadC2CProjector
 from .sampler import BridgedKSampler
 
-NODES = [LoadC2CProjector, CreateC2CProjector, CaptureKVCache, FuseCaches, BridgedKSampler]
+NODES = [LoadC2CProjector, CreateC2CProjector, CaptureKVCache, FuseCaches, BridgedKSampler, SaveKVCache, LoadKVCache]
 
 
 class DiTCacheBridge(ComfyExtension):

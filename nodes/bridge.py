@@ -56,6 +56,7 @@ class LiveSharer(_Shared):
     layers: tuple | None = None          # sharer layers the user allows; None = what the map needs
     refresh_every: int = 1
     rope_alignment: str = "auto"         # "auto": re-rotate keys when the two models' RoPE positions differ
+    grid_alignment: str = "refuse"       # or "nearest"/"trilinear": run the sharer on its own latent grid
     node: str = "Capture KV Cache"
 
 
@@ -112,7 +113,12 @@ class LiveSharerRun:
         self.forwards = 0
         self._call_kinds = None
         self._started = False
-        _check_sharer_latent(source, latent_image)
+        self.grid_mode = source.grid_alignment if source.grid_alignment != "refuse" else "nearest"
+        sharer_shape = _sharer_latent_shape(source, latent_image)
+        if sharer_shape != tuple(latent_image.shape[-3:]):
+            noise = torch.zeros(*noise.shape[:-3], *sharer_shape, dtype=noise.dtype, device=noise.device)
+            latent_image = resample_latent(latent_image, sharer_shape, self.grid_mode)
+        self.latent_shape = sharer_shape
         conds = {"positive": comfy.sampler_helpers.convert_cond(source.positive),
                  "negative": comfy.sampler_helpers.convert_cond(source.negative)}
         if latent_image is not None and torch.count_nonzero(latent_image) > 0:
@@ -121,11 +127,10 @@ class LiveSharerRun:
                                                   denoise_mask, seed)
         self.model_options = comfy.model_patcher.create_model_options_clone(sharer_patcher.model_options)
         comfy.sampler_helpers.prepare_model_patcher(sharer_patcher, self.conds, self.model_options)
-        self.grid = wan_hooks.token_grid(noise.shape)
+        self.grid = wan_hooks.token_grid(self.latent_shape)
         self.rope = wan_hooks.rope_spec(sharer_patcher)
-        self.grid_mode = "nearest"
 
-    def ensure(self, x, t, kinds, window):
+    def ensure(self, x, t, kinds, step, window):
         """Run the sharer for the chunk kinds whose K/V are missing or from an older refresh window."""
         missing = [kind for kind in dict.fromkeys(kinds) if self.captured.window.get(kind) != window]
         if not missing:
@@ -140,7 +145,8 @@ class LiveSharerRun:
         model.current_patcher = self.patcher
         self._call_kinds = missing
         try:
-            comfy.samplers.calc_cond_batch(model, conds, x[:rows], t[:rows], self.model_options)
+            x = resample_latent(x[:rows], self.latent_shape, self.grid_mode)
+            comfy.samplers.calc_cond_batch(model, conds, x, t[:rows], self.model_options)
         finally:
             self._call_kinds = None
             model.current_patcher = receiver_patcher
@@ -172,18 +178,34 @@ class LiveSharerRun:
                 model.current_patcher = receiver_patcher
 
 
-def _check_sharer_latent(source: LiveSharer, latent_image):
-    """An I2V sharer's image latent must match the sampled latent's frames and size."""
+def _sharer_latent_shape(source: LiveSharer, latent_image) -> tuple:
+    """(frames, height, width) the sharer runs on: its image latent's, where its conditioning has one.
+
+    With grid_alignment "refuse" a different size is an error; otherwise the sharer runs on the
+    receiver's latent resampled to that size and its K/V are resampled back to the receiver's grid.
+    """
+    target = tuple(latent_image.shape[-3:])
     for input_name, conditioning in (("positive", source.positive), ("negative", source.negative)):
         for _, extras in conditioning:
             image = extras.get("concat_latent_image")
-            if image is not None and tuple(image.shape[-3:]) != tuple(latent_image.shape[-3:]):
+            if image is None or tuple(image.shape[-3:]) == target:
+                continue
+            if source.grid_alignment == "refuse":
                 raise BridgeInputError(
                     source.node, input_name,
                     f"its image latent is {tuple(image.shape[-3:])} (frames, height, width)",
-                    f"the sampled latent's {tuple(latent_image.shape[-3:])}",
-                    "give the sharer's WanImageToVideo/ChronoEdit node the same width, height and length as "
-                    "the receiver's latent")
+                    f"the sampled latent's {target}",
+                    "give the sharer's WanImageToVideo/ChronoEdit node the same width, height and length as the "
+                    "receiver's latent, or set grid_alignment to 'nearest' or 'trilinear' to resample")
+            return tuple(image.shape[-3:])
+    return target
+
+
+def resample_latent(x, shape, mode):
+    """A video latent (B, C, T, H, W) resampled to (T, H, W) = shape; the same tensor when it fits."""
+    if tuple(x.shape[-3:]) == tuple(shape):
+        return x
+    return torch.nn.functional.interpolate(x, size=tuple(shape), mode=mode)
 
 
 def _sharer_apply_model(executor, x, *args, **kwargs):
@@ -331,7 +353,7 @@ class BridgeRun:
             self.source_run = LiveSharerRun(source, bridge._sharer, bridge.sharer_layers, noise.to(self.device),
                                             latent_image.to(self.device), denoise_mask, seed, self.device)
         else:
-            self.source_run = source.open_run(self)
+            self.source_run = source.open_run(self, guider)
         self.sharer_rope = self.source_run.rope
         model = receiver.model
         self.compute_dtype = model.manual_cast_dtype or model.get_dtype()
@@ -359,7 +381,7 @@ class BridgeRun:
             bank = bridge.bank_for(x.device, self.compute_dtype)
             self.fuser = LayerFuser(bank, bridge.bundle.layer_map, bridge.schedule, bridge.strength)
         refresh = self.bridge.source.refresh_every
-        self.source_run.ensure(x, t, self.kinds, step // refresh if refresh > 1 else ("call", self._calls))
+        self.source_run.ensure(x, t, self.kinds, step, step // refresh if refresh > 1 else ("call", self._calls))
 
     def end_call(self):
         self.active = False
@@ -370,6 +392,7 @@ class BridgeRun:
         bridge = self.bridge
         sharer_layer = bridge.bundle.layer_map.pairs[layer]
         sk, sv = self.source_run.kv(sharer_layer, self.kinds)
+        sk, sv = sk.to(device=k.device, dtype=k.dtype), sv.to(device=v.device, dtype=v.dtype)
         sig = bridge.bundle.sharer
         sk = sk.reshape(*sk.shape[:2], sig.num_heads, sig.head_dim)
         sv = sv.reshape(*sv.shape[:2], sig.num_heads, sig.head_dim)

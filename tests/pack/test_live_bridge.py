@@ -40,7 +40,8 @@ def projector(sharer, receiver, kind="identity", mapping="identity", layers="all
 
 
 def source(sharer, pos, neg, layers="auto", refresh_every=1, rope_alignment="auto"):
-    return pack_nodes().CaptureKVCache.execute(sharer, pos, neg, layers, refresh_every, rope_alignment).args[0]
+    return pack_nodes().CaptureKVCache.execute(sharer, pos, neg, layers=layers, refresh_every=refresh_every,
+                                               rope_alignment=rope_alignment).args[0]
 
 
 def fused(receiver, src, proj, strength=1.0, start=0.0, end=1.0, ramp="constant", layer_strengths=""):

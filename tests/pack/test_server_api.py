@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-PACK_NODES = ("LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler")
+PACK_NODES = ("LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler",
+              "SaveKVCache", "LoadKVCache")
 
 
 def bridge_prompt(strength: float = 1.0, use_bridged_sampler: bool = False) -> dict:
@@ -31,7 +32,8 @@ def bridge_prompt(strength: float = 1.0, use_bridged_sampler: bool = False) -> d
             "sharer_positive": ["3", 0], "sharer_negative": ["4", 0], "projector": ["5", 0], **fusion, **sampling}}
     else:
         graph["7a"] = {"class_type": "CaptureKVCache", "inputs": {
-            "sharer": ["2", 0], "positive": ["3", 0], "negative": ["4", 0], "layers": "auto", "refresh_every": 1,
+            "sharer": ["2", 0], "positive": ["3", 0], "negative": ["4", 0], "mode": "live", "layers": "auto",
+            "refresh_every": 1, "grid_alignment": "refuse",
             "rope_alignment": "auto"}}
         graph["7"] = {"class_type": "FuseCaches", "inputs": {
             "model": ["1", 0], "kv_source": ["7a", 0], "projector": ["5", 0], **fusion}}
