@@ -1,0 +1,149 @@
+"""fuse / fuse_many / LayerFuser: strengths, schedules, bit-exact endpoints, errors."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from c2c_core import BidirectionalFuser, FusionError, FusionSchedule, LayerFuser, LayerMap, ProjectorBank, fuse, fuse_many
+from core_helpers import PROPERTY, dtypes, kv, signature
+
+SIG = signature(layers=4)
+
+
+def pair(dtype=torch.float32, n=3):
+    return kv(1, n, SIG, dtype, 1), kv(1, n, SIG, dtype, 2)
+
+
+@PROPERTY
+@given(dtype=dtypes)
+def test_strength_zero_returns_the_receiver_object_untouched(dtype):
+    p, r = pair(dtype)
+    before = r.clone()
+    out = fuse(p, r, 0.0)
+    assert out is r and torch.equal(r, before)
+
+
+@PROPERTY
+@given(dtype=dtypes)
+def test_strength_one_returns_the_projected_tensor(dtype):
+    p, r = pair(dtype)
+    assert fuse(p, r, 1.0) is p
+
+
+@PROPERTY
+@given(s=st.floats(0.01, 0.99), dtype=dtypes)
+def test_intermediate_strength_lerps(s, dtype):
+    p, r = pair(dtype)
+    out = fuse(p, r, s)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, torch.lerp(r, p, s))
+
+
+def test_inplace_fuse_overwrites_the_receiver():
+    p, r = pair()
+    expected = torch.lerp(r, p, 0.3)
+    out = fuse(p, r, 0.3, inplace=True)
+    assert out is r and torch.equal(r, expected)
+
+
+def test_tensor_strength_is_refused_to_avoid_gpu_reads():
+    p, r = pair()
+    with pytest.raises(FusionError, match="expected a finite Python float.*float\\(\\)"):
+        fuse(p, r, torch.tensor(0.5))
+
+
+def test_fuse_rejects_shape_mismatch():
+    with pytest.raises(FusionError, match="expected equal shapes"):
+        fuse(torch.zeros(1, 3, 2, 8), torch.zeros(1, 4, 2, 8), 0.5)
+
+
+def test_fuse_many_sequence_applies_one_after_another():
+    r, a, b = kv(1, 3, SIG, seed=1), kv(1, 3, SIG, seed=2), kv(1, 3, SIG, seed=3)
+    torch.testing.assert_close(fuse_many(r, [(a, 0.5), (b, 0.25)], "sequence"), torch.lerp(torch.lerp(r, a, 0.5), b, 0.25))
+
+
+def test_fuse_many_sum_adds_weighted_deltas_once_in_any_order():
+    r, a, b = kv(1, 3, SIG, seed=1), kv(1, 3, SIG, seed=2), kv(1, 3, SIG, seed=3)
+    out = fuse_many(r, [(a, 0.5), (b, 0.25)], "sum")
+    torch.testing.assert_close(out, r + 0.5 * (a - r) + 0.25 * (b - r))
+    torch.testing.assert_close(fuse_many(r, [(b, 0.25), (a, 0.5)], "sum"), out)
+
+
+@pytest.mark.parametrize("mode", ["sequence", "sum"])
+def test_fuse_many_with_zero_strengths_returns_the_receiver(mode):
+    r, a = kv(1, 3, SIG, seed=1), kv(1, 3, SIG, seed=2)
+    assert fuse_many(r, [(a, 0.0)], mode) is r and fuse_many(r, [], mode) is r
+
+
+def test_fuse_many_rejects_unknown_mode():
+    with pytest.raises(FusionError, match="mode='mean'"):
+        fuse_many(kv(1, 3, SIG), [], "mean")
+
+
+# -- LayerFuser ----------------------------------------------------------------------------------
+
+
+def fuser(kind="weighted", strength=1.0, schedule=FusionSchedule(), strengths=None, **hparams):
+    layer_map = LayerMap.build("identity", 4, 4, layers=[1, 3], strengths=strengths)
+    bank = ProjectorBank.build(kind, SIG, SIG, layer_map.layers, **hparams).eval()
+    return LayerFuser(bank, layer_map, schedule, strength)
+
+
+def test_layer_fuser_multiplies_strength_layer_strength_and_schedule():
+    f = fuser(strength=0.8, strengths={3: 0.5}, schedule=FusionSchedule(ramp="linear_down"))
+    assert f.strength_at(3, 0.5) == pytest.approx(0.8 * 0.5 * 0.5)
+    assert f.strength_at(1, 0.0) == pytest.approx(0.8)
+
+
+def test_layer_fuser_applies_projector_then_strength():
+    f = fuser(alpha=1.0, strength=0.5)  # weighted alpha=1: projected == sharer
+    s, r = pair()
+    torch.testing.assert_close(f.fuse_layer(1, "k", s, r, 0.3), torch.lerp(r, s, 0.5))
+
+
+def test_layer_fuser_outside_the_window_skips_the_projector():
+    f = fuser(kind="c2c", schedule=FusionSchedule(start=0.5), hidden_dim=4)
+    calls = []
+    f.bank.projector(1, "v").register_forward_hook(lambda *a: calls.append(1))
+    s, r = pair()
+    assert f.fuse_layer(1, "v", s, r, 0.25) is r and not calls
+
+
+def test_layer_fuser_knows_layers_and_sharer_layers():
+    f = fuser()
+    assert f.layers == [1, 3] and f.sharer_layer(3) == 3
+
+
+def test_layer_fuser_rejects_unfused_layer():
+    s, r = pair()
+    with pytest.raises(FusionError, match=r"receiver layer 0 is not fused; fused layers are \[1, 3\]"):
+        fuser().fuse_layer(0, "k", s, r, 0.0)
+
+
+def test_layer_fuser_rejects_a_map_wider_than_the_bank():
+    bank = ProjectorBank.build("identity", SIG, SIG, [1])
+    with pytest.raises(FusionError, match=r"receiver layers \[3\] but the projector bank has no projectors"):
+        LayerFuser(bank, LayerMap.build("identity", 4, 4, layers=[1, 3]), FusionSchedule(), 1.0)
+
+
+def test_layer_fuser_rejects_a_map_for_other_models():
+    bank = ProjectorBank.build("identity", SIG, SIG, [1])
+    with pytest.raises(FusionError, match="layer map does not fit the projector bank"):
+        LayerFuser(bank, LayerMap.build("identity", 5, 5, layers=[1]), FusionSchedule(), 1.0)
+
+
+def test_layer_fuser_rejects_negative_strength():
+    with pytest.raises(FusionError, match="strength=-1.0; expected >= 0"):
+        fuser(strength=-1.0)
+
+
+def test_bidirectional_fuser_holds_two_opposite_fusers():
+    small, big = signature(layers=4, heads=1), signature(layers=4, heads=2)
+    lm = LayerMap.build("identity", 4, 4, layers=[0])
+    fwd = LayerFuser(ProjectorBank.build("full", small, big, [0], hidden_dim=4), lm, FusionSchedule(), 1.0)
+    back = LayerFuser(ProjectorBank.build("full", big, small, [0], hidden_dim=4), lm, FusionSchedule(), 1.0)
+    both = BidirectionalFuser(fwd, back)
+    assert both.forward is fwd and both.backward is back
+    with pytest.raises(FusionError, match="backward bank must map the forward receiver back"):
+        BidirectionalFuser(fwd, fwd)
