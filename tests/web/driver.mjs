@@ -45,7 +45,8 @@ async function loadWorkflow(page, workflow) {
     const dialog = [...document.querySelectorAll(".p-dialog")].some((d) => /missing/i.test(d.innerText));
     const types = app.graph.nodes.map((n) => n.type);
     const unregistered = types.filter((t) => !LiteGraph.registered_node_types[t]);
-    return { missing: window.__dcbMissing.flat(), dialog, types, unregistered };
+    const widgets = Object.fromEntries(app.graph.nodes.map((n) => [n.id, Object.fromEntries((n.widgets ?? []).map((w) => [w.name, w.value]))]));
+    return { missing: window.__dcbMissing.flat(), dialog, types, unregistered, widgets };
   }, workflow);
 }
 

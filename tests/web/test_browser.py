@@ -57,6 +57,11 @@ def ui_server(comfy_server, browser_tools):
     return comfy_server
 
 
+@pytest.fixture(scope="module")
+def workflow(ui_server) -> dict:
+    return pack_workflow(ui_server.object_info())
+
+
 def drive(scenario: str, server, tmp_path: Path, timeout: float = 90, **options) -> dict:
     """Run one driver scenario; returns its JSON result (fails the test on a driver error)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -84,30 +89,65 @@ def drive(scenario: str, server, tmp_path: Path, timeout: float = 90, **options)
 # A UI-format workflow, built from the pack's nodes
 # --------------------------------------------------------------------------------------------------
 
-class UIWorkflow:
-    """Just enough of the graph editor's workflow format (version 0.4) to load and queue a graph."""
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
-    def __init__(self):
+
+class UIWorkflow:
+    """Just enough of the graph editor's workflow format (version 0.4) to load and queue a graph.
+
+    Nodes are described by name (widget values, links by input name); sockets and the order of
+    ``widgets_values`` come from the server's /object_info, the way the frontend lays them out
+    (an INT named seed/noise_seed or marked control_after_generate is followed by its control
+    widget), so the graph keeps loading when a node gains an optional input.
+    """
+
+    def __init__(self, object_info: dict):
+        self.info = object_info
         self.nodes: dict[int, dict] = {}
         self.links: list[list] = []
 
-    def add(self, node_id: int, node_type: str, widgets: list, inputs=(), outputs=(), pos=(0, 0)) -> "UIWorkflow":
+    def _inputs(self, node_type: str):
+        spec = self.info[node_type]
+        for section in ("required", "optional"):
+            for name in spec.get("input_order", {}).get(section, []):
+                kind, options = (spec["input"][section][name] + [{}])[:2]
+                if isinstance(kind, list):  # a combo given as its list of choices
+                    kind, options = "COMBO", {"options": kind, **options}
+                yield name, kind, options, kind in WIDGET_TYPES and not options.get("forceInput")
+
+    def add(self, node_id: int, node_type: str, pos=(0, 0), **widgets) -> "UIWorkflow":
+        sockets, values = [], []
+        for name, kind, options, is_widget in self._inputs(node_type):
+            if not is_widget:
+                sockets.append({"name": name, "type": kind, "link": None})
+                continue
+            if name in widgets:
+                value = widgets.pop(name)
+            elif "default" in options:
+                value = options["default"]
+            else:
+                value = (options.get("options") or [""])[0]
+            values.append(value)
+            if kind == "INT" and options.get("control_after_generate", name in ("seed", "noise_seed")):
+                values.append("fixed")
+        assert not widgets, f"{node_type} has no widgets {sorted(widgets)}"
+        outputs = self.info[node_type]["output"]
         self.nodes[node_id] = {
             "id": node_id, "type": node_type, "pos": list(pos), "size": [300, 200], "flags": {},
-            "order": len(self.nodes), "mode": 0,
-            "inputs": [{"name": name, "type": kind, "link": None} for name, kind in inputs],
+            "order": len(self.nodes), "mode": 0, "inputs": sockets,
             "outputs": [{"name": kind, "type": kind, "links": [], "slot_index": i} for i, kind in enumerate(outputs)],
-            "properties": {"Node name for S&R": node_type}, "widgets_values": list(widgets),
+            "properties": {"Node name for S&R": node_type}, "widgets_values": values,
         }
         return self
 
     def link(self, source: int, target: int, input_name: str, slot: int = 0) -> "UIWorkflow":
         link_id = len(self.links) + 1
         out = self.nodes[source]["outputs"][slot]
-        (inp,) = [i for i in self.nodes[target]["inputs"] if i["name"] == input_name]
-        inp["link"] = link_id
+        inputs = self.nodes[target]["inputs"]
+        (index,) = [i for i, inp in enumerate(inputs) if inp["name"] == input_name]
+        inputs[index]["link"] = link_id
         out["links"].append(link_id)
-        self.links.append([link_id, source, slot, target, list(self.nodes[target]["inputs"]).index(inp), out["type"]])
+        self.links.append([link_id, source, slot, target, index, out["type"]])
         return self
 
     def to_json(self) -> dict:
@@ -118,38 +158,28 @@ class UIWorkflow:
 FUSE, BRIDGED = 7, 11  # node ids of the inspected nodes in pack_workflow()
 
 
-def pack_workflow() -> dict:
+def pack_workflow(object_info: dict) -> dict:
     """All five pack nodes: two tiny Wan models bridged through Fuse Caches → KSampler and Bridged KSampler.
 
     Load C2C Projector stands alone (the test server has no projector files), so queueing runs
     both bridged branches and nothing else.
     """
-    wf = UIWorkflow()
-    wf.add(1, "UNETLoader", [host.T2V_A, "default"], outputs=["MODEL"], pos=(0, 0))
-    wf.add(2, "UNETLoader", [host.T2V_B, "default"], outputs=["MODEL"], pos=(0, 150))
-    wf.add(3, "DCBTestWanConditioning", [1, "fixed", 8, 1], outputs=["CONDITIONING"], pos=(0, 300))
-    wf.add(4, "DCBTestWanConditioning", [2, "fixed", 5, 1], outputs=["CONDITIONING"], pos=(0, 480))
-    wf.add(5, "CreateC2CProjector", ["weighted", "identity", "all", 0.5, 0, 0, "fixed"],
-           inputs=[("sharer", "MODEL"), ("receiver", "MODEL")], outputs=["C2C_PROJECTOR"], pos=(350, 0))
-    wf.add(6, "CaptureKVCache", ["auto", 1, "auto"],
-           inputs=[("sharer", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
-           outputs=["C2C_KV_SOURCE"], pos=(350, 280))
-    wf.add(FUSE, "FuseCaches", [1.0, 0.0, 1.0, "constant", ""],
-           inputs=[("model", "MODEL"), ("kv_source", "C2C_KV_SOURCE"), ("projector", "C2C_PROJECTOR")],
-           outputs=["MODEL"], pos=(700, 0))
-    wf.add(8, "EmptyHunyuanLatentVideo", [64, 64, 9, 1], outputs=["LATENT"], pos=(350, 480))
-    wf.add(9, "KSampler", [7, "fixed", 3, 4.0, "euler", "simple", 1.0],
-           inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
-           outputs=["LATENT"], pos=(1050, 0))
-    wf.add(10, "SaveLatent", ["web_test/fuse_caches"], inputs=[("samples", "LATENT")], pos=(1400, 0))
-    wf.add(BRIDGED, "BridgedKSampler",
-           [0.6, 0.0, 1.0, 7, "fixed", 3, 4.0, "euler", "simple", 1.0, "linear_down", ""],
-           inputs=[("receiver", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                   ("sharer", "MODEL"), ("sharer_positive", "CONDITIONING"), ("sharer_negative", "CONDITIONING"),
-                   ("projector", "C2C_PROJECTOR"), ("latent_image", "LATENT")],
-           outputs=["LATENT"], pos=(700, 400))
-    wf.add(12, "SaveLatent", ["web_test/bridged_ksampler"], inputs=[("samples", "LATENT")], pos=(1050, 500))
-    wf.add(13, "LoadC2CProjector", [""], outputs=["C2C_PROJECTOR"], pos=(0, 650))
+    sampling = dict(seed=7, steps=3, cfg=4.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+    wf = UIWorkflow(object_info)
+    wf.add(1, "UNETLoader", (0, 0), unet_name=host.T2V_A, weight_dtype="default")
+    wf.add(2, "UNETLoader", (0, 150), unet_name=host.T2V_B, weight_dtype="default")
+    wf.add(3, "DCBTestWanConditioning", (0, 300), seed=1, length=8, batch_size=1)
+    wf.add(4, "DCBTestWanConditioning", (0, 480), seed=2, length=5, batch_size=1)
+    wf.add(5, "CreateC2CProjector", (350, 0), kind="weighted", mapping="identity", layers="all", alpha=0.5, seed=0)
+    wf.add(6, "CaptureKVCache", (350, 280), layers="auto", refresh_every=1)
+    wf.add(FUSE, "FuseCaches", (700, 0), strength=1.0, start_percent=0.0, end_percent=1.0, ramp="constant")
+    wf.add(8, "EmptyHunyuanLatentVideo", (350, 480), width=64, height=64, length=9, batch_size=1)
+    wf.add(9, "KSampler", (1050, 0), **sampling)
+    wf.add(10, "SaveLatent", (1400, 0), filename_prefix="web_test/fuse_caches")
+    wf.add(BRIDGED, "BridgedKSampler", (700, 400), strength=0.6, start_percent=0.0, end_percent=1.0,
+           ramp="linear_down", **sampling)
+    wf.add(12, "SaveLatent", (1050, 500), filename_prefix="web_test/bridged_ksampler")
+    wf.add(13, "LoadC2CProjector", (0, 650))
     (wf.link(2, 5, "sharer").link(1, 5, "receiver")
        .link(2, 6, "sharer").link(3, 6, "positive").link(4, 6, "negative")
        .link(1, FUSE, "model").link(6, FUSE, "kv_source").link(5, FUSE, "projector")
@@ -197,21 +227,24 @@ def test_fuse_caches_is_found_by_the_node_search_and_gets_the_pack_colours(ui_se
     assert added["color"] and added["bgcolor"], f"pack colours not applied: {added}"
 
 
-def test_workflows_load_without_missing_node_warning(ui_server, tmp_path):
-    workflows = {"pack_workflow": pack_workflow(), **shipped_workflows()}
+def test_workflows_load_without_missing_node_warning(ui_server, workflow, tmp_path):
+    workflows = {"pack_workflow": workflow, **shipped_workflows()}
     result = drive("load", ui_server, tmp_path, workflows=workflows)
     pack = result["pack_workflow"]
     assert pack["missing"] == [] and not pack["dialog"], pack
     assert set(PACK_NODES) <= set(pack["types"])
+    fuse, sampler, capture = (pack["widgets"][str(i)] for i in (FUSE, 9, 6))
+    assert (fuse["strength"], fuse["ramp"], sampler["steps"], capture["layers"]) == (1.0, "constant", 3, "auto"), \
+        "widget values landed on the wrong widgets"
     for name in shipped_workflows():
         missing = [t for t in result[name]["missing"] if not is_stock_node(t, ui_server.comfyui)]
         assert missing == [], f"workflows/{name} has node types this server does not know: {missing}"
 
 
-def test_inspector_draws_the_report_of_a_live_run(ui_server, tmp_path):
+def test_inspector_draws_the_report_of_a_live_run(ui_server, workflow, tmp_path):
     layers = host.TinyModels.spec(host.T2V_A)["num_layers"]
     result = drive("live", ui_server, tmp_path, timeout=150, timeout_ms=120_000, inspect=[FUSE, BRIDGED],
-                   workflows={"run": pack_workflow()})
+                   workflows={"run": workflow})
     assert result["loaded"]["missing"] == []
     assert result["reported"], (f"no dit_cache_bridge.report reached the inspected nodes; events seen: "
                                 f"{result['events']}\n--- server log ---\n{ui_server.log_tail(40)}")
@@ -224,10 +257,10 @@ def test_inspector_draws_the_report_of_a_live_run(ui_server, tmp_path):
     assert all(Path(p).is_file() for p in result["screenshots"])
 
 
-def test_inspector_draws_a_synthetic_report_and_ignores_an_empty_one(ui_server, tmp_path):
+def test_inspector_draws_a_synthetic_report_and_ignores_an_empty_one(ui_server, workflow, tmp_path):
     events = [[BRIDGED, {"layers": []}], [FUSE, synthetic_report(40)], [BRIDGED, synthetic_report(3)]]
     result = drive("synthetic", ui_server, tmp_path, events=events, inspect=[FUSE, BRIDGED],
-                   workflows={"run": pack_workflow()})
+                   workflows={"run": workflow})
     empty, forty, three = result["nodes"]
     assert empty["report"] is None and empty["barPixels"] == {"strength": 0, "k": 0, "v": 0}
     assert empty["size"] == result["before"][1], "an empty report must not resize the node"
