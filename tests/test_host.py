@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -59,6 +60,86 @@ def sampling_graph(model_file: str, seed: int = 7, steps: int = 3, cfg: float = 
             "denoise": 1.0}},
         "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": f"host_test/{model_file}"}},
     }
+
+
+# --- host lookup and server lifecycle (no real ComfyUI needed) ----------------------------------
+
+FAKE_SERVER = """
+import http.server, sys
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Type", "application/json"); self.end_headers()
+        self.wfile.write(b"{}")
+    def log_message(self, *args):
+        pass
+print("fake ComfyUI listening", flush=True)
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def fake_comfyui(root: Path, main_py: str) -> Path:
+    (root / "comfy").mkdir(parents=True)
+    (root / "main.py").write_text(main_py)
+    return root
+
+
+def test_comfyui_path_prefers_comfyui_path_env(monkeypatch, tmp_path):
+    tree = fake_comfyui(tmp_path / "MyComfy", "")
+    monkeypatch.setenv("COMFYUI_PATH", str(tree))
+    assert host.comfyui_path() == tree.resolve()
+
+
+def test_missing_host_skips_outside_ci(monkeypatch, tmp_path):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(host.install_host, "INSTALLED_COMFYUI", tmp_path / "absent")
+    with pytest.raises(pytest.skip.Exception, match="make host"):
+        host.require_comfyui()
+
+
+def test_missing_host_fails_under_ci(monkeypatch, tmp_path):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setattr(host.install_host, "INSTALLED_COMFYUI", tmp_path / "absent")
+    with pytest.raises(pytest.fail.Exception):
+        host.require_comfyui()
+
+
+def test_comfyui_path_that_is_no_comfyui_tree_fails(monkeypatch, tmp_path):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match="not a ComfyUI tree"):
+        host.require_comfyui()
+
+
+def test_server_that_exits_at_startup_reports_its_log(tmp_path):
+    tree = fake_comfyui(tmp_path / "Comfy", "import sys\nprint('boom: no such node', flush=True)\nsys.exit(3)\n")
+    server = host.ComfyServer(tmp_path / "run", tmp_path / "models", comfyui=tree, install_pack=False)
+    with pytest.raises(RuntimeError, match="boom: no such node"):
+        server.__enter__()
+    assert not server.running
+
+
+def test_server_is_stopped_when_the_with_block_raises(tmp_path):
+    tree = fake_comfyui(tmp_path / "Comfy", FAKE_SERVER)
+    with pytest.raises(ValueError):
+        with host.ComfyServer(tmp_path / "run", tmp_path / "models", comfyui=tree, install_pack=False) as server:
+            pid = server._process.pid
+            assert (server.custom_nodes_dir / "dit_cache_bridge_test_nodes.py").resolve() == host.TEST_NODES_FILE
+            raise ValueError("test body failed")
+    assert not server.running
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_server_folder_links_the_pack_and_names_the_models_root(tmp_path):
+    server = host.ComfyServer(tmp_path / "run", tmp_path / "models", comfyui=tmp_path)
+    yaml_text = server._prepare_folders().read_text()
+    assert (server.custom_nodes_dir / host.PACK_NAME).resolve() == host.REPO_ROOT
+    assert f"base_path: {(tmp_path / 'models').resolve()}" in yaml_text
+    assert "    diffusion_models: diffusion_models" in yaml_text
+    assert f"custom_nodes: {server.custom_nodes_dir}" in yaml_text
 
 
 # --- tools ----------------------------------------------------------------------------------------
