@@ -1,0 +1,303 @@
+"""Bundles: bit-exact round trip for every kind, and every way a stranger's file can be refused."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import c2c_core.bundle as bundle_module
+from c2c_core import (
+    BundleError,
+    BundleNotFoundError,
+    FormatVersionError,
+    InvalidMetadataError,
+    LayerMap,
+    MissingMetadataError,
+    MissingTensorError,
+    NotSafetensorsError,
+    ProjectorBank,
+    ShapeMismatchError,
+    UnexpectedTensorError,
+    UnknownProjectorError,
+    UnsafeFormatError,
+    load_bundle,
+    read_meta,
+    save_bundle,
+    save_tensors_with_meta,
+)
+from core_helpers import kv, signature
+
+SHARER, RECEIVER = signature(layers=3, heads=2, head_dim=4, name="sharer"), signature(layers=4, heads=2, head_dim=4, name="receiver")
+WIDE = signature(layers=4, heads=3, head_dim=4, name="wide")
+
+CASES = {
+    "identity": ("identity", RECEIVER, {}),
+    "weighted": ("weighted", RECEIVER, {"alpha": 0.3}),
+    "weighted-learnable": ("weighted", RECEIVER, {"alpha": 0.3, "learnable": True}),
+    "gating-head": ("gating", RECEIVER, {"granularity": "head", "hidden_dim": 4}),
+    "gating-token": ("gating", RECEIVER, {"granularity": "token", "hidden_dim": 4}),
+    "gating-value": ("gating", RECEIVER, {"granularity": "value", "hidden_dim": 4}),
+    "full": ("full", WIDE, {"hidden_dim": 6}),
+    "c2c-open": ("c2c", WIDE, {"hidden_dim": 6, "num_layers": 2}),
+    "c2c-closed": ("c2c", WIDE, {"hidden_dim": 6, "gate_init": -1.0}),
+}
+
+
+def build(kind="c2c", receiver=WIDE, hparams=None, seed=0):
+    torch.manual_seed(seed)
+    layer_map = LayerMap.build("terminal", SHARER.num_layers, receiver.num_layers)
+    bank = ProjectorBank.build(kind, SHARER, receiver, layer_map.layers, **(hparams if hparams is not None else {"hidden_dim": 6}))
+    with torch.no_grad():  # make every parameter matter (gates start at fixed values)
+        for p in bank.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return bank.eval(), layer_map
+
+
+@pytest.fixture
+def good(tmp_path):
+    bank, layer_map = build()
+    path = tmp_path / "good.safetensors"
+    save_bundle(path, bank, layer_map, {"steps": 10})
+    return path
+
+
+def forward_all(bank, layer_map, receiver):
+    out = []
+    for layer in layer_map.layers:
+        for which in ("k", "v"):
+            s, r = kv(2, 5, SHARER, seed=layer), kv(2, 5, receiver, seed=100 + layer)
+            out.append(bank.project(layer, which, s, r))
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_save_load_forward_is_bit_identical(case, tmp_path):
+    kind, receiver, hparams = CASES[case]
+    bank, layer_map = build(kind, receiver, hparams)
+    path = tmp_path / f"{case}.safetensors"
+    save_bundle(path, bank, layer_map)
+    loaded = load_bundle(path)
+    assert not loaded.bank.training
+    for a, b in zip(forward_all(bank, layer_map, receiver), forward_all(loaded.bank, layer_map, receiver)):
+        assert torch.equal(a, b)
+
+
+def test_load_restores_kind_hparams_map_signatures_and_provenance(good):
+    loaded = load_bundle(good)
+    assert loaded.bank.kind == "c2c" and loaded.bank.hparams["hidden_dim"] == 6
+    assert loaded.layer_map == LayerMap.build("terminal", 3, 4)
+    assert loaded.sharer == SHARER and loaded.receiver == WIDE
+    assert loaded.provenance == {"steps": 10} and loaded.metadata["format_version"] == 1
+
+
+def test_metadata_is_json_under_the_c2c_bundle_key(good):
+    meta = read_meta(good, "c2c_bundle")
+    assert set(meta) == {"format_version", "projector", "sharer", "receiver", "layer_map", "provenance"}
+    assert meta["projector"] == {"kind": "c2c", "hparams": {"hidden_dim": 6, "num_layers": 2, "gate_init": 1.0, "eps": 1e-6}}
+
+
+def test_tensor_names_are_the_bank_state_dict(good):
+    assert set(load_file(good)) == set(build()[0].state_dict())
+
+
+def test_load_keeps_stored_dtype_or_casts_on_request(tmp_path):
+    bank, layer_map = build()
+    path = tmp_path / "half.safetensors"
+    save_bundle(path, bank.to(torch.bfloat16), layer_map)
+    assert {p.dtype for p in load_bundle(path).bank.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_bundle(path, dtype=torch.float32).bank.parameters()} == {torch.float32}
+
+
+def test_loaded_c2c_closed_gate_still_returns_the_receiver(tmp_path):
+    bank, layer_map = build(hparams={"hidden_dim": 6, "gate_init": -1.0})
+    path = tmp_path / "closed.safetensors"
+    save_bundle(path, bank, layer_map)
+    r = kv(1, 3, WIDE, seed=1)
+    assert load_bundle(path).bank.project(3, "k", kv(1, 3, SHARER), r) is r
+
+
+def test_save_tensors_with_meta_roundtrips_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "rec" / "kv.safetensors"
+    save_tensors_with_meta(path, {"k.0": torch.arange(6.0).view(2, 3).t()}, {"grid": [1, 2, 3]}, "c2c_kv")
+    assert read_meta(path, "c2c_kv") == {"grid": [1, 2, 3]}
+    assert torch.equal(load_file(path)["k.0"], torch.arange(6.0).view(2, 3).t())
+    assert [p.name for p in path.parent.iterdir()] == ["kv.safetensors"]
+
+
+# -- refusing files ------------------------------------------------------------------------------
+
+
+def rewrite(src, dst, meta_edit=None, tensors_edit=None, raw_meta=None):
+    """Copy a good bundle to dst with edited metadata and/or tensors (written with plain safetensors)."""
+    tensors = load_file(src)
+    meta = read_meta(src, "c2c_bundle")
+    if meta_edit:
+        meta_edit(meta)
+    if tensors_edit:
+        tensors_edit(tensors)
+    save_file(tensors, dst, metadata={"c2c_bundle": raw_meta if raw_meta is not None else json.dumps(meta)})
+    return dst
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt", ".bin"])
+def test_pickle_suffixes_are_refused(tmp_path, suffix):
+    path = tmp_path / f"bank{suffix}"
+    path.write_bytes(b"anything")
+    with pytest.raises(UnsafeFormatError, match="refused: pickle files can run code.*convert to .safetensors"):
+        load_bundle(path)
+
+
+def test_pickle_bytes_are_refused_whatever_the_name(tmp_path):
+    path = tmp_path / "sneaky.safetensors"
+    path.write_bytes(pickle.dumps({"weights": [1, 2]}))
+    with pytest.raises(UnsafeFormatError, match="starts with pickle bytes"):
+        load_bundle(path)
+
+
+def test_torch_zip_checkpoints_are_refused(tmp_path):
+    path = tmp_path / "zip.safetensors"
+    path.write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    with pytest.raises(UnsafeFormatError, match="zip archive"):
+        load_bundle(path)
+
+
+def test_garbage_is_not_safetensors(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(NotSafetensorsError, match="not a readable safetensors file"):
+        load_bundle(path)
+
+
+def test_truncated_file_is_not_safetensors(good, tmp_path):
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(NotSafetensorsError):
+        load_bundle(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(BundleNotFoundError, match="no such file") as info:
+        load_bundle(tmp_path / "nope.safetensors")
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_safetensors_without_bundle_metadata_is_refused(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, path, metadata={"format": "pt"})
+    with pytest.raises(MissingMetadataError, match=r"no 'c2c_bundle' entry \(found keys: \['format'\]\)"):
+        load_bundle(path)
+
+
+def test_bad_json_metadata_is_refused(good, tmp_path):
+    with pytest.raises(InvalidMetadataError, match="not valid JSON"):
+        load_bundle(rewrite(good, tmp_path / "x.safetensors", raw_meta="{oops"))
+
+
+def test_newer_format_version_asks_to_update(good, tmp_path):
+    path = rewrite(good, tmp_path / "x.safetensors", meta_edit=lambda m: m.update(format_version=2))
+    with pytest.raises(FormatVersionError, match="format version 2 is newer.*update DiT Cache Bridge"):
+        load_bundle(path)
+
+
+def test_unknown_projector_kind_is_both_a_bundle_and_a_projector_error(good, tmp_path):
+    path = rewrite(good, tmp_path / "x.safetensors", meta_edit=lambda m: m["projector"].update(kind="mlp9"))
+    with pytest.raises(UnknownProjectorError, match="'mlp9' is unknown.*known: auto, c2c") as info:
+        load_bundle(path)
+    assert isinstance(info.value, BundleError)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.pop("layer_map"), "lacks 'layer_map'"),
+        (lambda m: m["sharer"].pop("head_dim"), r"missing \['head_dim'\]"),
+        (lambda m: m["projector"]["hparams"].update(hidden_dim=0), "projector settings are invalid.*hidden_dim=0"),
+        (lambda m: m["layer_map"].update(receiver_layers=9), "layer map was built for 9 receiver"),
+        (lambda m: m.update(format_version="1"), "format_version' is '1'; expected a int"),
+    ],
+)
+def test_inconsistent_metadata_is_refused(good, tmp_path, edit, message):
+    with pytest.raises(InvalidMetadataError, match=message):
+        load_bundle(rewrite(good, tmp_path / "x.safetensors", meta_edit=edit))
+
+
+def test_missing_tensor_is_named(good, tmp_path):
+    path = rewrite(good, tmp_path / "x.safetensors", tensors_edit=lambda t: t.pop("v.3.proj.weight"))
+    with pytest.raises(MissingTensorError, match=r"missing tensors \['v.3.proj.weight'\]"):
+        load_bundle(path)
+
+
+def test_unexpected_tensor_is_named(good, tmp_path):
+    path = rewrite(good, tmp_path / "x.safetensors", tensors_edit=lambda t: t.update({"k.0.extra": torch.zeros(1)}))
+    with pytest.raises(UnexpectedTensorError, match=r"unexpected tensors \['k.0.extra'\]"):
+        load_bundle(path)
+
+
+def test_wrong_shape_is_named_with_expected_shape(good, tmp_path):
+    path = rewrite(good, tmp_path / "x.safetensors", tensors_edit=lambda t: t.update({"k.1.proj.weight": torch.zeros(12, 5)}))
+    with pytest.raises(ShapeMismatchError, match=r"'k.1.proj.weight' has shape \[12, 5\]; expected \[12, 6\]"):
+        load_bundle(path)
+
+
+def test_integer_tensor_is_refused(good, tmp_path):
+    path = rewrite(good, tmp_path / "x.safetensors", tensors_edit=lambda t: t.update({"k.1.gate_logit": torch.tensor(1)}))
+    with pytest.raises(ShapeMismatchError, match="'k.1.gate_logit' has dtype I64; expected a float type"):
+        load_bundle(path)
+
+
+def test_validation_happens_before_any_tensor_is_read(good, tmp_path, monkeypatch):
+    path = rewrite(good, tmp_path / "x.safetensors", tensors_edit=lambda t: t.update({"k.1.proj.weight": torch.zeros(12, 5)}))
+    reads = []
+    real_open = bundle_module.safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            handle = self.inner.__enter__()
+            spy = self
+
+            class Handle:
+                def __getattr__(self, name):
+                    return getattr(handle, name)
+
+                def get_tensor(self, name):
+                    reads.append(name)
+                    return handle.get_tensor(name)
+
+            return Handle()
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    monkeypatch.setattr(bundle_module, "safe_open", Spy)
+    with pytest.raises(ShapeMismatchError):
+        load_bundle(path)
+    assert reads == []
+    load_bundle(good)
+    assert reads  # the spy does see reads of a valid file
+
+
+# -- refusing to write ---------------------------------------------------------------------------
+
+
+def test_save_refuses_other_suffixes(tmp_path):
+    bank, layer_map = build()
+    with pytest.raises(BundleError, match="expected a '.safetensors' file name"):
+        save_bundle(tmp_path / "bank.pt", bank, layer_map)
+
+
+def test_save_refuses_a_map_that_does_not_match_the_bank(tmp_path):
+    bank, _ = build()
+    other = LayerMap.build("position", SHARER.num_layers, WIDE.num_layers)
+    with pytest.raises(BundleError, match=r"bank covers receiver layers \[1, 2, 3\] but the layer map fuses \[0, 1, 2, 3\]"):
+        save_bundle(tmp_path / "b.safetensors", bank, other)
+
+
+def test_save_refuses_provenance_that_is_not_json(tmp_path):
+    bank, layer_map = build()
+    with pytest.raises(BundleError, match="not JSON-serialisable"):
+        save_bundle(tmp_path / "b.safetensors", bank, layer_map, {"when": object()})
