@@ -1,0 +1,145 @@
+"""The shipped workflows: they load in the graph editor as saved, their links are well typed, and each
+one, converted to an API prompt with the tiny models substituted, runs on a real ComfyUI server."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import host
+
+workflow_api = host._load_tool("workflow_api")
+
+WORKFLOWS_DIR = host.REPO_ROOT / "workflows"
+WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
+SHIPPED = ("wan21_t2v_with_chronoedit_sharer.json", "chronoedit_with_wan21_i2v_sharer.json")
+TINY = workflow_api.TinySettings(width=64, height=64, length=5, steps=2)
+NODE_KEYS = ("id", "type", "pos", "size", "inputs", "outputs", "widgets_values")
+
+params = pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server) -> dict:
+    return comfy_server.object_info()
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def types_match(a: str, b: str) -> bool:
+    """Socket compatibility as the editor sees it: equal, a wildcard, or a shared member of 'A,B' lists."""
+    if a == "*" or b == "*" or a == b:
+        return True
+    return bool(set(a.split(",")) & set(b.split(",")))
+
+
+def declared_input_type(object_info: dict, node: dict, name: str) -> str:
+    for input_name, spec in workflow_api.declared_inputs(object_info[node["type"]]):
+        if input_name == name:
+            return workflow_api.spec_type(spec)
+    raise AssertionError(f"node {node['id']} ({node['type']}) has an input '{name}' that /object_info does not declare")
+
+
+def test_the_documented_workflows_are_shipped():
+    names = {p.name for p in WORKFLOWS}
+    assert set(SHIPPED) <= names
+
+
+@params
+def test_workflow_is_a_ui_format_graph(path):
+    workflow = load(path)
+    assert workflow["version"] == 0.4
+    for key in ("nodes", "links", "groups", "extra", "last_node_id", "last_link_id"):
+        assert key in workflow, key
+    ids = [node["id"] for node in workflow["nodes"]]
+    assert len(ids) == len(set(ids)), "duplicate node ids"
+    assert workflow["last_node_id"] >= max(ids)
+    assert workflow["last_link_id"] >= max(link[0] for link in workflow["links"])
+    for node in workflow["nodes"]:
+        missing = [key for key in NODE_KEYS if key not in node]
+        assert not missing, f"node {node.get('id')} lacks {missing}"
+
+
+@params
+def test_workflow_is_grouped_and_annotated(path):
+    workflow = load(path)
+    assert len(workflow["groups"]) >= 3
+    notes = [n for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert len(notes) >= 2 and all(n["widgets_values"][0].strip() for n in notes)
+
+
+@params
+def test_workflow_names_real_model_files(path):
+    workflow = load(path)
+    loaders = [n for n in workflow["nodes"] if n["type"] == "UNETLoader"]
+    assert len(loaders) >= 2, "a bridge needs a sharer and a receiver"
+    for node in loaders:
+        name = node["widgets_values"][0]
+        assert not name.startswith("tiny_"), f"{path.name} ships a test model name {name}"
+        assert [m["name"] for m in node["properties"]["models"]] == [name], "download link for the editor"
+
+
+@params
+def test_every_node_type_exists_on_the_server(path, object_info):
+    workflow = load(path)
+    unknown = sorted({n["type"] for n in workflow["nodes"]} - set(object_info) - workflow_api.FRONTEND_ONLY)
+    assert not unknown, f"{path.name}: node types missing from /object_info: {unknown}"
+
+
+@params
+def test_node_slots_match_the_server_declarations(path, object_info):
+    for node in load(path)["nodes"]:
+        if node["type"] in workflow_api.FRONTEND_ONLY:
+            continue
+        info = object_info[node["type"]]
+        assert [o["type"] for o in node["outputs"]] == info["output"], f"node {node['id']} outputs"
+        for slot in node["inputs"]:
+            declared = declared_input_type(object_info, node, workflow_api.input_name(slot))
+            assert types_match(slot["type"], declared), f"node {node['id']} input {slot['name']}"
+
+
+@params
+def test_every_link_type_matches_both_ends(path, object_info):
+    workflow = load(path)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for link in workflow_api.links_of(workflow).values():
+        origin, target = nodes[link.origin_id], nodes[link.target_id]
+        out_slot, in_slot = origin["outputs"][link.origin_slot], target["inputs"][link.target_slot]
+        assert link.id in (out_slot.get("links") or []), f"link {link.id} missing on its origin"
+        assert in_slot.get("link") == link.id, f"link {link.id} missing on its target"
+        target_type = declared_input_type(object_info, target, workflow_api.input_name(in_slot))
+        assert types_match(link.type, target_type), f"link {link.id}: {link.type} into {target_type}"
+        if origin["type"] not in workflow_api.FRONTEND_ONLY:
+            origin_type = object_info[origin["type"]]["output"][link.origin_slot]
+            assert types_match(link.type, origin_type), f"link {link.id}: {origin_type} sent as {link.type}"
+            assert types_match(origin_type, target_type), f"link {link.id}: {origin_type} into {target_type}"
+
+
+@params
+def test_workflow_converts_to_an_api_prompt(path, object_info):
+    api = workflow_api.to_api(load(path), object_info)
+    for node_id, node in api.items():
+        declared = {name for name, _ in workflow_api.declared_inputs(object_info[node["class_type"]])}
+        assert set(node["inputs"]) <= declared, f"node {node_id}: {set(node['inputs']) - declared}"
+        for name, value in node["inputs"].items():
+            if workflow_api.is_link(value):
+                assert value[0] in api, f"node {node_id}.{name} reads node {value[0]}, which is not sent"
+
+
+@params
+def test_workflow_runs_on_tiny_models(path, comfy_server, object_info):
+    api = workflow_api.substitute_tiny(workflow_api.to_api(load(path), object_info), TINY, object_info)
+    saves = workflow_api.nodes_of_type(api, "SaveLatent")
+    assert saves, "the substituted graph saves no latent"
+    entry = comfy_server.run(api, timeout=300)
+
+    import safetensors.torch
+    import torch
+    for node_id in saves:
+        files = comfy_server.output_files(entry, node_id)
+        assert files and all(f.is_file() for f in files), f"SaveLatent {node_id} wrote nothing"
+        latent = safetensors.torch.load_file(str(files[0]))["latent_tensor"]
+        assert latent.shape == (1, 16, 2, 8, 8) and torch.isfinite(latent).all()
