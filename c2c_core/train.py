@@ -133,12 +133,17 @@ def train_bank(
     config: TrainConfig,
     resume: Optional[str] = None,
     progress: Optional[Callable[[int, float], None]] = None,
+    reduce_grads: Optional[Callable[[list[Tensor]], None]] = None,
 ) -> TrainResult:
     """Train ``bank`` with AdamW for ``config.steps`` steps; returns the loss of every step.
 
     ``progress(done, loss)`` is called after each step with the number of completed steps
     (1..steps). ``resume`` is a checkpoint folder (latest checkpoint) or file; the returned losses
     then include the steps done before the interruption. The bank is left in eval mode.
+
+    ``reduce_grads(params)`` is called after each backward pass, before gradient clipping, with
+    the trainable parameters: data-parallel training averages their gradients across processes
+    there, so every process clips and steps identically.
     """
     if bank.layers != layer_map.layers:
         raise TrainError(f"train_bank: bank layers {bank.layers} differ from the layer map's {layer_map.layers}; expected the same.")
@@ -172,6 +177,8 @@ def train_bank(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if reduce_grads is not None:
+                reduce_grads(params)
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
