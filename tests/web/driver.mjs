@@ -28,26 +28,40 @@ async function openApp(context) {
   await page.waitForFunction(
     () => window.app?.graph && window.app.vueAppReady && window.app.extensions?.some((e) => e.name === "dit_cache_bridge"),
     null, { timeout: 60_000 });
-  // Record the missing-node warning instead of relying on the dialog's markup alone.
+  // Record the load warnings where the app raises them, not only through the dialogs' markup.
   await page.evaluate(() => {
-    window.__dcbMissing = [];
-    const show = app.showMissingNodesError.bind(app);
-    app.showMissingNodesError = (types) => { window.__dcbMissing.push(types.map((t) => t?.type ?? t)); return show(types); };
+    window.__dcbWarnings = { nodes: [], models: [] };
+    const showNodes = app.showMissingNodesError.bind(app);
+    app.showMissingNodesError = (types) => {
+      window.__dcbWarnings.nodes.push(...types.map((t) => t?.type ?? t));
+      return showNodes(types);
+    };
+    const showModels = app.showMissingModelsError.bind(app);
+    app.showMissingModelsError = (models, paths) => {
+      window.__dcbWarnings.models.push(...models.map((m) => `${m.directory}/${m.name}`));
+      return showModels(models, paths);
+    };
   });
   return { page, errors };
 }
 
+/** Load a workflow as the app does; report its warnings and open dialogs, then close the dialogs. */
 async function loadWorkflow(page, workflow) {
-  return page.evaluate(async (wf) => {
-    window.__dcbMissing = [];
+  const result = await page.evaluate(async (wf) => {
+    window.__dcbWarnings = { nodes: [], models: [] };
     await app.loadGraphData(structuredClone(wf), true, true, null);
     await new Promise((r) => setTimeout(r, 300));
-    const dialog = [...document.querySelectorAll(".p-dialog")].some((d) => /missing/i.test(d.innerText));
+    const dialogs = [...document.querySelectorAll(".p-dialog")].map((d) => d.innerText.replace(/\s+/g, " ").slice(0, 120));
     const types = app.graph.nodes.map((n) => n.type);
     const unregistered = types.filter((t) => !LiteGraph.registered_node_types[t]);
     const widgets = Object.fromEntries(app.graph.nodes.map((n) => [n.id, Object.fromEntries((n.widgets ?? []).map((w) => [w.name, w.value]))]));
-    return { missing: window.__dcbMissing.flat(), dialog, types, unregistered, widgets };
+    return { missing: window.__dcbWarnings.nodes, missingModels: window.__dcbWarnings.models, dialogs, types, unregistered, widgets };
   }, workflow);
+  for (let i = 0; i < 3 && await page.locator(".p-dialog").count(); i++) {
+    await page.keyboard.press("Escape");
+    await page.waitForTimeout(200);
+  }
+  return result;
 }
 
 const shot = (page, name) => {
@@ -103,8 +117,10 @@ const scenarios = {
   /** (b) Load each workflow; report the missing-node warnings it raised. */
   async load(page) {
     const results = {};
-    for (const [name, workflow] of Object.entries(job.workflows)) results[name] = await loadWorkflow(page, workflow);
-    results.screenshot = await shot(page, "load");
+    for (const [name, workflow] of Object.entries(job.workflows)) {
+      results[name] = await loadWorkflow(page, workflow);
+      if (name === "pack_workflow") results.screenshot = await shot(page, "load");
+    }
     return results;
   },
 

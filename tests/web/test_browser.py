@@ -228,10 +228,14 @@ def test_fuse_caches_is_found_by_the_node_search_and_gets_the_pack_colours(ui_se
 
 
 def test_workflows_load_without_missing_node_warning(ui_server, workflow, tmp_path):
-    workflows = {"pack_workflow": workflow, **shipped_workflows()}
+    control = json.loads(json.dumps(workflow))
+    control["nodes"][0]["type"] = "DCBNoSuchNode"   # proves the check sees a missing node
+    workflows = {"pack_workflow": workflow, "control": control, **shipped_workflows()}
     result = drive("load", ui_server, tmp_path, workflows=workflows)
+    assert result["control"]["missing"] == ["DCBNoSuchNode"], result["control"]
+    assert any("missing node" in d.lower() for d in result["control"]["dialogs"]), result["control"]["dialogs"]
     pack = result["pack_workflow"]
-    assert pack["missing"] == [] and not pack["dialog"], pack
+    assert pack["missing"] == [] and pack["unregistered"] == [] and pack["dialogs"] == [], pack
     assert set(PACK_NODES) <= set(pack["types"])
     fuse, sampler, capture = (pack["widgets"][str(i)] for i in (FUSE, 9, 6))
     assert (fuse["strength"], fuse["ramp"], sampler["steps"], capture["layers"]) == (1.0, "constant", 3, "auto"), \
@@ -239,6 +243,8 @@ def test_workflows_load_without_missing_node_warning(ui_server, workflow, tmp_pa
     for name in shipped_workflows():
         missing = [t for t in result[name]["missing"] if not is_stock_node(t, ui_server.comfyui)]
         assert missing == [], f"workflows/{name} has node types this server does not know: {missing}"
+        # Missing model files (the real 14B models) are expected here; a missing-node dialog is not.
+        assert not any("missing node" in d.lower() for d in result[name]["dialogs"]), result[name]["dialogs"]
 
 
 def test_inspector_draws_the_report_of_a_live_run(ui_server, workflow, tmp_path):
