@@ -6,6 +6,7 @@ ComfyUI or diffusers, so every piece can be tested without a host. Start with do
 """
 
 from .align import (
+    RESAMPLE_MODES,
     RopeRerotation,
     RopeSpec,
     align_kv,
@@ -48,14 +49,23 @@ from .errors import (
     UnknownProjectorError,
     UnsafeFormatError,
 )
-from .fusion import BidirectionalFuser, LayerFuser, fuse, fuse_many
+from .fusion import FUSE_MODES, BidirectionalFuser, LayerFuser, fuse, fuse_many
 from .kv import KVCache, LayerKV, ModelSignature, TokenGrid, from_heads, to_heads
-from .mapping import LayerMap, parse_layer_spec
-from .projectors import PROJECTORS, Projector, ProjectorBank, build_projector, register_projector
-from .schedule import FusionSchedule, progress_of
-from .train import TrainConfig, TrainResult, distill_loss, kv_loss, train_bank, velocity_loss
+from .mapping import LAYER_MAP_KINDS, LayerMap, parse_layer_spec
+from .projectors import (
+    GATING_GRANULARITIES,
+    PROJECTORS,
+    Projector,
+    ProjectorBank,
+    build_projector,
+    known_kinds,
+    register_projector,
+)
+from .schedule import RAMPS, FusionSchedule, progress_of
+from .train import DECAYS, LOSS_KINDS, TrainConfig, TrainResult, distill_loss, kv_loss, train_bank, velocity_loss
 
 __all__ = [
+    "RESAMPLE_MODES",
     "RopeRerotation",
     "RopeSpec",
     "align_kv",
@@ -93,6 +103,7 @@ __all__ = [
     "UnexpectedTensorError",
     "UnknownProjectorError",
     "UnsafeFormatError",
+    "FUSE_MODES",
     "BidirectionalFuser",
     "LayerFuser",
     "fuse",
@@ -103,15 +114,21 @@ __all__ = [
     "TokenGrid",
     "from_heads",
     "to_heads",
+    "LAYER_MAP_KINDS",
     "LayerMap",
     "parse_layer_spec",
+    "GATING_GRANULARITIES",
     "PROJECTORS",
     "Projector",
     "ProjectorBank",
     "build_projector",
+    "known_kinds",
     "register_projector",
+    "RAMPS",
     "FusionSchedule",
     "progress_of",
+    "DECAYS",
+    "LOSS_KINDS",
     "TrainConfig",
     "TrainResult",
     "distill_loss",

@@ -86,7 +86,15 @@ def save_tensors_with_meta(path: str | os.PathLike, tensors: Mapping[str, Tensor
     if path.suffix != ".safetensors":
         raise BundleError(f"refusing to write {path}: expected a '.safetensors' file name.")
     metadata = {key: _json(dict(meta), path, f"metadata {key!r}")}
-    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    cpu, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        # safetensors refuses tensors that share memory (views of one capture, tied weights): copy those
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        cpu[name] = t
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -214,7 +222,8 @@ def _field(path: Path, meta: Mapping, name: str, kind: type) -> Any:
         raise InvalidMetadataError(f"{path}: bundle metadata lacks {name!r}; expected keys format_version, projector, sharer, receiver, layer_map.")
     value = meta[name]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise InvalidMetadataError(f"{path}: bundle metadata {name!r} is {value!r}; expected a {kind.__name__}.")
+        expected = {int: "an integer", dict: "a JSON object"}.get(kind, kind.__name__)
+        raise InvalidMetadataError(f"{path}: bundle metadata {name!r} is {value!r}; expected {expected}.")
     return value
 
 

@@ -423,9 +423,10 @@ class C2CProjector(Projector):
     # -- math ----------------------------------------------------------------------------------
 
     def _gumbel_gate(self) -> Tensor:
-        logit = self.gate_logit
+        """Gumbel-sigmoid sample of the gate, in float32 (bf16 cannot hold 1 - 1e-6)."""
+        logit = self.gate_logit.float()
         u = torch.rand_like(logit).clamp_(1e-6, 1.0 - 1e-6)
-        return torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / self.temperature)
+        return torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / self.temperature.float())
 
     def _forward(self, sharer: Tensor, receiver: Tensor) -> Tensor:
         if not self.training and not self.gate_open:
@@ -495,13 +496,14 @@ class ProjectorBank(nn.Module):
         **hparams,
     ):
         super().__init__()
-        layer_list = sorted(set(layers))
-        bad = [i for i in layer_list if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < receiver.num_layers]
-        if bad or not layer_list:
+        requested = list(layers)
+        bad = [i for i in requested if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < receiver.num_layers]
+        if bad or not requested:
             raise ProjectorConfigError(
-                f"ProjectorBank layers {list(layers) if not layer_list else bad} are invalid; expected "
+                f"ProjectorBank layers {bad or requested} are invalid; expected "
                 f"a non-empty set of receiver layer indices in 0..{receiver.num_layers - 1}."
             )
+        layer_list = sorted(set(requested))
         concrete = resolve_kind(kind, sharer, receiver)
         self.kind = concrete
         self.sharer = sharer

@@ -118,6 +118,14 @@ def test_loaded_c2c_closed_gate_still_returns_the_receiver(tmp_path):
     assert load_bundle(path).bank.project(3, "k", kv(1, 3, SHARER), r) is r
 
 
+def test_save_tensors_with_meta_accepts_views_of_one_tensor(tmp_path):
+    whole = torch.arange(12.0).view(2, 6)
+    path = tmp_path / "views.safetensors"
+    save_tensors_with_meta(path, {"a": whole[0], "b": whole[1], "all": whole}, {}, "c2c_kv")
+    loaded = load_file(path)
+    assert torch.equal(loaded["b"], whole[1]) and torch.equal(loaded["all"], whole)
+
+
 def test_save_tensors_with_meta_roundtrips_and_leaves_no_temp_files(tmp_path):
     path = tmp_path / "rec" / "kv.safetensors"
     save_tensors_with_meta(path, {"k.0": torch.arange(6.0).view(2, 3).t()}, {"grid": [1, 2, 3]}, "c2c_kv")
@@ -215,7 +223,7 @@ def test_unknown_projector_kind_is_both_a_bundle_and_a_projector_error(good, tmp
         (lambda m: m["sharer"].pop("head_dim"), r"missing \['head_dim'\]"),
         (lambda m: m["projector"]["hparams"].update(hidden_dim=0), "projector settings are invalid.*hidden_dim=0"),
         (lambda m: m["layer_map"].update(receiver_layers=9), "layer map was built for 9 receiver"),
-        (lambda m: m.update(format_version="1"), "format_version' is '1'; expected a int"),
+        (lambda m: m.update(format_version="1"), "format_version' is '1'; expected an integer"),
     ],
 )
 def test_inconsistent_metadata_is_refused(good, tmp_path, edit, message):

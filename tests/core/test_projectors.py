@@ -299,3 +299,4 @@ def test_forward_rejects_flat_inputs():
     sig = signature()
     with pytest.raises(KVShapeError, match="expected 4-D"):
         make("identity", sig, sig)(torch.zeros(1, 4, 16), torch.zeros(1, 4, 16))
+
