@@ -52,7 +52,7 @@ def browser_tools() -> None:
 
 
 @pytest.fixture(scope="module")
-def ui_server(comfy_server, browser_tools):
+def ui_server(browser_tools, comfy_server):
     requests.post(f"{comfy_server.url}/settings", json=UI_SETTINGS, timeout=30).raise_for_status()
     return comfy_server
 
@@ -173,13 +173,13 @@ def pack_workflow(object_info: dict) -> dict:
     wf.add(5, "CreateC2CProjector", (350, 0), kind="weighted", mapping="identity", layers="all", alpha=0.5, seed=0)
     wf.add(6, "CaptureKVCache", (350, 280), layers="auto", refresh_every=1)
     wf.add(FUSE, "FuseCaches", (700, 0), strength=1.0, start_percent=0.0, end_percent=1.0, ramp="constant")
-    wf.add(8, "EmptyHunyuanLatentVideo", (350, 480), width=64, height=64, length=9, batch_size=1)
+    wf.add(8, "EmptyHunyuanLatentVideo", (0, 660), width=64, height=64, length=9, batch_size=1)
     wf.add(9, "KSampler", (1050, 0), **sampling)
     wf.add(10, "SaveLatent", (1400, 0), filename_prefix="web_test/fuse_caches")
     wf.add(BRIDGED, "BridgedKSampler", (700, 400), strength=0.6, start_percent=0.0, end_percent=1.0,
            ramp="linear_down", **sampling)
     wf.add(12, "SaveLatent", (1050, 500), filename_prefix="web_test/bridged_ksampler")
-    wf.add(13, "LoadC2CProjector", (0, 650))
+    wf.add(13, "LoadC2CProjector", (0, 860))
     (wf.link(2, 5, "sharer").link(1, 5, "receiver")
        .link(2, 6, "sharer").link(3, 6, "positive").link(4, 6, "negative")
        .link(1, FUSE, "model").link(6, FUSE, "kv_source").link(5, FUSE, "projector")
