@@ -216,3 +216,18 @@ def test_layer_spec_errors_say_what_is_accepted(text, message):
 def test_layer_spec_of_listed_indices_returns_them_sorted(n, data):
     chosen = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=6))
     assert parse_layer_spec(",".join(map(str, chosen)), n) == sorted(set(chosen))
+
+
+@PROPERTY
+@given(n=st.sampled_from([30, 40]), data=st.data())
+def test_identity_maps_equal_depths_one_to_one(n, data):
+    chosen = data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=5))
+    assert LayerMap.build("identity", n, n, layers=chosen).pairs == {i: i for i in sorted(chosen)}
+
+
+@PROPERTY
+@given(sr=st.sampled_from(LAYER_COUNTS), data=st.data())
+def test_custom_keeps_any_in_range_pairs(sr, data):
+    s, r = sr
+    custom = data.draw(st.dictionaries(st.integers(0, r - 1), st.integers(0, s - 1), min_size=1, max_size=6))
+    assert LayerMap.build("custom", s, r, custom=custom).pairs == dict(sorted(custom.items()))

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from c2c_core import KVShapeError, MissingLayerError, ModelSignature, ProjectorBank, ProjectorConfigError, UnknownProjectorError, build_projector
+from c2c_core import KVShapeError, LayerMap, MissingLayerError, ProjectorBank, ProjectorConfigError, UnknownProjectorError, build_projector
 from c2c_core.projectors import PROJECTORS, C2CProjector, GatingProjector, register_projector
 from core_helpers import PROPERTY, dtypes, kv, signature
 
@@ -300,3 +300,25 @@ def test_forward_rejects_flat_inputs():
     with pytest.raises(KVShapeError, match="expected 4-D"):
         make("identity", sig, sig)(torch.zeros(1, 4, 16), torch.zeros(1, 4, 16))
 
+
+
+@PROPERTY
+@given(
+    counts=st.sampled_from([(30, 40), (40, 30), (40, 40)]),
+    kind=st.sampled_from(SAME_SHAPE_KINDS),
+    mapping=st.sampled_from(["terminal", "position", "uniform"]),
+    dtype=dtypes,
+    data=st.data(),
+)
+def test_banks_over_wan_depths_project_every_fused_layer(counts, kind, mapping, dtype, data):
+    s_layers, r_layers = counts
+    sharer, receiver = signature(layers=s_layers), signature(layers=r_layers)
+    full_map = LayerMap.build(mapping, s_layers, r_layers)
+    chosen = data.draw(st.sets(st.sampled_from(full_map.layers), min_size=1, max_size=3))
+    layer_map = LayerMap.build(mapping, s_layers, r_layers, layers=chosen)
+    bank = ProjectorBank.build(kind, sharer, receiver, layer_map.layers, **SMALL.get(kind, {})).eval()
+    for layer in layer_map.layers:
+        assert 0 <= layer_map.sharer_layer(layer) < s_layers
+        for which in ("k", "v"):
+            out = bank.project(layer, which, kv(1, 3, sharer, dtype, 1), kv(1, 3, receiver, dtype, 2))
+            assert out.shape == (1, 3, 2, 8) and out.dtype == dtype
