@@ -15,7 +15,7 @@ groups are dropped, muted nodes are left out and bypassed nodes pass their input
 models become the tiny seeded Wan checkpoints of ``tools/make_tiny_models.py``, text encoding becomes
 seeded stand-in conditioning, the image branch (LoadImage, CLIP vision, VAE, WanImageToVideo) becomes
 stand-in image conditioning on a small empty latent, decoding and saving images becomes SaveLatent,
-and samplers run a few steps. The stand-in nodes are the test nodes in ``tests/comfy_test_nodes.py``,
+samplers run a few steps, and layer lists (written for 40 layers) become "all". The stand-in nodes are the test nodes in ``tests/comfy_test_nodes.py``,
 so the server must have them installed (``tests/host.py``'s ComfyServer does).
 
     python tools/workflow_api.py WORKFLOW.json --server http://127.0.0.1:8188 [--tiny] > prompt.json
@@ -215,6 +215,7 @@ class TinySettings:
     length: int = 5                 # video frames; 5 -> 2 latent frames
     steps: int = 2
     text_tokens: int = 8
+    layers: str = "all"             # layer lists of 40-layer models mean nothing for the 2-layer tiny ones
     receiver_t2v: str = "tiny_wan_t2v_a.safetensors"   # the first Wan T2V model of the graph
     second_t2v: str = "tiny_wan_t2v_b.safetensors"     # any further Wan T2V model
     i2v: str = "tiny_wan_i2v.safetensors"               # ChronoEdit and Wan I2V models
@@ -278,8 +279,12 @@ def substitute_tiny(api: dict, settings: TinySettings = TinySettings(), object_i
                             "inputs": {"samples": inputs["samples"],
                                        "filename_prefix": f"{settings.save_prefix}/{node_id}"}}
             dropped_outputs.add(node_id)
-        if kind in SAMPLERS_WITH_STEPS and isinstance(inputs.get("steps"), int):
-            api[node_id]["inputs"]["steps"] = settings.steps
+        elif kind == "CreateC2CProjector" or (kind == "CaptureKVCache" and inputs.get("layers") != "auto"):
+            inputs["layers"] = settings.layers
+        if kind in SAMPLERS_WITH_STEPS and "steps" in inputs:
+            api[node_id]["inputs"]["steps"] = settings.steps     # a literal, also where a primitive fed it
+        if kind in ("FuseCaches", "BridgedKSampler") and inputs.get("layer_strengths"):
+            inputs["layer_strengths"] = ""
 
     for node in api.values():
         for name, value in node["inputs"].items():
@@ -331,9 +336,11 @@ def _drop_unread_feeders(api: dict) -> None:
             del api[node_id]
 
 
-def keep_needed(api: dict, object_info: dict) -> dict:
-    """Only the output nodes and what they depend on (what the server would execute)."""
-    needed, todo = set(), [i for i, n in api.items() if object_info.get(n["class_type"], {}).get("output_node")]
+def keep_needed(api: dict, object_info: dict, outputs=None) -> dict:
+    """Only the output nodes (or the given ones) and what they depend on: what the server would execute."""
+    if outputs is None:
+        outputs = [i for i, n in api.items() if object_info.get(n["class_type"], {}).get("output_node")]
+    needed, todo = set(), list(outputs)
     while todo:
         node_id = todo.pop()
         if node_id in needed or node_id not in api:
@@ -341,6 +348,20 @@ def keep_needed(api: dict, object_info: dict) -> dict:
         needed.add(node_id)
         todo.extend(v[0] for v in api[node_id]["inputs"].values() if is_link(v))
     return {i: n for i, n in api.items() if i in needed}
+
+
+def depends_on(api: dict, node_id: str, ancestor: str) -> bool:
+    """Whether ``node_id`` reads ``ancestor``'s output, directly or through other nodes."""
+    seen, todo = set(), [node_id]
+    while todo:
+        current = todo.pop()
+        if current == ancestor:
+            return True
+        if current in seen or current not in api:
+            continue
+        seen.add(current)
+        todo.extend(v[0] for v in api[current]["inputs"].values() if is_link(v))
+    return False
 
 
 def nodes_of_type(api: dict, class_type: str) -> list[str]:

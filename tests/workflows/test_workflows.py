@@ -13,7 +13,9 @@ workflow_api = host._load_tool("workflow_api")
 
 WORKFLOWS_DIR = host.REPO_ROOT / "workflows"
 WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
-SHIPPED = ("wan21_t2v_with_chronoedit_sharer.json", "chronoedit_with_wan21_i2v_sharer.json")
+SHIPPED = ("wan21_t2v_with_chronoedit_sharer.json", "chronoedit_with_wan21_i2v_sharer.json",
+           "wan21_chronoedit_recorded_low_vram.json")
+RECORDED = WORKFLOWS_DIR / "wan21_chronoedit_recorded_low_vram.json"
 TINY = workflow_api.TinySettings(width=64, height=64, length=5, steps=2)
 NODE_KEYS = ("id", "type", "pos", "size", "inputs", "outputs", "widgets_values")
 
@@ -143,3 +145,39 @@ def test_workflow_runs_on_tiny_models(path, comfy_server, object_info):
         assert files and all(f.is_file() for f in files), f"SaveLatent {node_id} wrote nothing"
         latent = safetensors.torch.load_file(str(files[0]))["latent_tensor"]
         assert latent.shape == (1, 16, 2, 8, 8) and torch.isfinite(latent).all()
+
+
+def saved_latent(server, entry, node_id):
+    import safetensors.torch
+
+    (path,) = server.output_files(entry, node_id)
+    return safetensors.torch.load_file(str(path))["latent_tensor"]
+
+
+def test_recorded_workflow_later_runs_replay_the_saved_recording(comfy_server, object_info):
+    """Run 1 records, saves and samples; unmuting the 'later runs' group replays the file, same result."""
+    import torch
+
+    workflow = load(RECORDED)
+    first = workflow_api.substitute_tiny(workflow_api.to_api(workflow, object_info), TINY, object_info)
+    (capture,) = workflow_api.nodes_of_type(first, "CaptureKVCache")
+    assert first[capture]["inputs"]["mode"] == "recorded"
+    (save_kv,) = workflow_api.nodes_of_type(first, "SaveKVCache")
+    (first_out,) = workflow_api.nodes_of_type(first, "SaveLatent")
+    entry = comfy_server.run(first, timeout=300)
+    (saved,) = entry["outputs"][save_kv]["kv_cache"]
+
+    muted = [node for node in workflow["nodes"] if node.get("mode") == workflow_api.MODE_MUTED]
+    assert "LoadKVCache" in {node["type"] for node in muted}
+    for node in muted:
+        node["mode"] = 0
+    later = workflow_api.substitute_tiny(workflow_api.to_api(workflow, object_info), TINY, object_info)
+    (load_kv,) = workflow_api.nodes_of_type(later, "LoadKVCache")
+    later[load_kv]["inputs"]["kv_cache"] = saved["filename"]
+    (later_out,) = [i for i in workflow_api.nodes_of_type(later, "SaveLatent")
+                    if workflow_api.depends_on(later, i, load_kv)]
+    later = workflow_api.keep_needed(later, object_info, outputs=[later_out])
+    assert not workflow_api.nodes_of_type(later, "CaptureKVCache"), "later runs must not sample the sharer"
+    replayed = saved_latent(comfy_server, comfy_server.run(later, timeout=300), later_out)
+
+    assert torch.equal(replayed, saved_latent(comfy_server, entry, first_out))
