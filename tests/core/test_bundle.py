@@ -266,7 +266,6 @@ def test_validation_happens_before_any_tensor_is_read(good, tmp_path, monkeypatc
 
         def __enter__(self):
             handle = self.inner.__enter__()
-            spy = self
 
             class Handle:
                 def __getattr__(self, name):

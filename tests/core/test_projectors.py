@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from c2c_core import KVShapeError, LayerMap, MissingLayerError, ProjectorBank, ProjectorConfigError, UnknownProjectorError, build_projector
-from c2c_core.projectors import PROJECTORS, C2CProjector, GatingProjector, register_projector
+from c2c_core.projectors import PROJECTORS, C2CProjector, register_projector
 from core_helpers import PROPERTY, dtypes, kv, signature
 
 SAME_SHAPE_KINDS = ("identity", "weighted", "gating", "full", "c2c", "auto")
