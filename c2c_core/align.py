@@ -163,8 +163,8 @@ def rope_rotate(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
 class RopeRerotation:
     """Precomputed rotation from one position set to another, reused across layers and steps.
 
-    Built once per run (positions are small, on the CPU); ``apply`` then costs one fused
-    multiply-add per element and never reads the GPU. Identical positions make it a no-op that
+    Built once per run (positions are small, on the CPU); ``apply`` then costs two multiplies
+    and an add per element, uploads its table once per device, and never reads the GPU. Identical positions make it a no-op that
     returns the key object itself.
     """
 
