@@ -7,8 +7,10 @@ from .fuse import FuseCaches
 from .kv_cache_nodes import LoadKVCache, SaveKVCache
 from .projector_nodes import CreateC2CProjector, LoadC2CProjector
 from .sampler import BridgedKSampler
+from .train_nodes import SaveC2CTrainingSample, TrainC2CProjector
 
 NODES = [LoadC2CProjector, CreateC2CProjector, CaptureKVCache, FuseCaches, BridgedKSampler, SaveKVCache, LoadKVCache]
+NODES += [SaveC2CTrainingSample, TrainC2CProjector]
 
 
 class DiTCacheBridge(ComfyExtension):

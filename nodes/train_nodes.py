@@ -1,0 +1,217 @@
+"""Save C2C Training Sample and Train C2C Projector: collect data in a workflow, then train a projector on it.
+
+Both nodes are thin: files, folders and messages here; the sample format and the training loop in
+``training.py`` (shared with tools/train_projector.py).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..c2c_core import C2CError, ResumeError
+from . import paths, training
+from .errors import BridgeInputError, check
+from .projector_nodes import check_projector_fits, model_signature
+from .types import CATEGORY, Projector
+
+TRAIN_CATEGORY = f"{CATEGORY}/training"
+_CONFIG_INPUTS = {"lr": "learning_rate", "decay": "schedule", "warmup_steps": "warmup_steps", "steps": "steps",
+                  "seed": "seed", "checkpoint_every": "checkpoint_every", "loss": "loss"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def samples_root() -> Path:
+    """``<output>/c2c_training``: where sample folders, checkpoints and loss plots go."""
+    return Path(folder_paths.get_output_directory()) / training.SAMPLES_SUBFOLDER
+
+
+def _checked_name(node: str, input_name: str, value: str, what: str) -> str:
+    name = value.strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    check(bool(_NAME.match(name)) and ".." not in name, node, input_name, repr(value),
+          f"a {what}: letters, digits, '_', '-' or '.', no slashes",
+          f"rename it, e.g. 'wan_chronoedit'")
+    return name
+
+
+class SaveC2CTrainingSample(io.ComfyNode):
+    NODE = "Save C2C Training Sample"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SaveC2CTrainingSample", display_name=cls.NODE, category=TRAIN_CATEGORY,
+            description="Stores one training example for Train C2C Projector: a clean video latent plus the "
+                        "receiver's and the sharer's conditioning, as .safetensors files (tensors and JSON, "
+                        "nothing pickled) in output/c2c_training/<folder>/. One file per latent of the batch.",
+            inputs=[
+                io.Latent.Input("latent", tooltip="The clean video latent to learn from (e.g. VAE Encode of a "
+                                                  "reference video). Training adds noise itself."),
+                io.Conditioning.Input("positive", tooltip="The receiver's positive conditioning for this latent."),
+                io.Conditioning.Input("negative", tooltip="The receiver's negative conditioning (trained on a "
+                                                          "share of the steps, since the bridge also fuses the "
+                                                          "negative pass of CFG)."),
+                io.Conditioning.Input("sharer_positive", tooltip="The sharer's positive conditioning (for an I2V / "
+                                                                 "ChronoEdit sharer: from its WanImageToVideo node, "
+                                                                 "with the same width, height and length as the "
+                                                                 "latent)."),
+                io.Conditioning.Input("sharer_negative", tooltip="The sharer's negative conditioning."),
+                io.String.Input("folder", default="c2c_samples",
+                                tooltip="Sample folder under output/c2c_training/. Train C2C Projector's 'dataset' "
+                                        "input takes the same name. Files are numbered, never overwritten."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, latent, positive, negative, sharer_positive, sharer_negative, folder) -> io.NodeOutput:
+        name = _checked_name(cls.NODE, "folder", folder, "folder name")
+        samples = latent["samples"]
+        check(samples.dim() == 5, cls.NODE, "latent", f"a latent of shape {tuple(samples.shape)}",
+              "a video latent (batch, 16, frames, height, width)", "encode a video or use an empty Wan video latent")
+        for input_name, conditioning in (("positive", positive), ("negative", negative),
+                                         ("sharer_positive", sharer_positive), ("sharer_negative", sharer_negative)):
+            check(len(conditioning) == 1, cls.NODE, input_name, f"{len(conditioning)} conditioning entries",
+                  "exactly one", "do not combine or area-split conditioning you save for training")
+        _check_image_latent(cls.NODE, samples, sharer_positive, "sharer_positive")
+        _check_image_latent(cls.NODE, samples, sharer_negative, "sharer_negative")
+        written = training.save_training_samples(samples_root() / name, samples, {
+            "receiver_positive": positive, "receiver_negative": negative,
+            "sharer_positive": sharer_positive, "sharer_negative": sharer_negative})
+        return io.NodeOutput(ui={"text": [f"{len(written)} sample(s) → output/{training.SAMPLES_SUBFOLDER}/{name}/"
+                                          f"{written[-1].name}"]})
+
+
+def _check_image_latent(node, samples, conditioning, input_name):
+    for _, extras in conditioning:
+        image = extras.get("concat_latent_image")
+        if image is not None:
+            check(tuple(image.shape[-3:]) == tuple(samples.shape[-3:]), node, input_name,
+                  f"an image latent of {tuple(image.shape[-3:])} (frames, height, width)",
+                  f"the latent's {tuple(samples.shape[-3:])}",
+                  "give the sharer's WanImageToVideo node the latent's width, height and length")
+
+
+class TrainC2CProjector(io.ComfyNode):
+    NODE = "Train C2C Projector"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TrainC2CProjector", display_name=cls.NODE, category=TRAIN_CATEGORY,
+            description="Trains a learnable projector (gating, full or c2c) for a sharer → receiver pair on the "
+                        "samples saved by Save C2C Training Sample. Both models stay frozen and unchanged; only "
+                        "the projector learns. Saves the result in models/c2c_projectors/ and checkpoints in "
+                        "output/c2c_training/checkpoints/; queueing the same node again resumes.",
+            inputs=[
+                io.Model.Input("sharer", tooltip="The model whose K/V are shared (e.g. ChronoEdit). Frozen."),
+                io.Model.Input("receiver", tooltip="The model that receives the K/V (e.g. Wan2.1). Frozen."),
+                Projector.Input("projector", tooltip="The projector to train: Create C2C Projector with kind c2c, "
+                                                     "full or gating for this pair (or a trained one to continue "
+                                                     "from). It is copied, not changed."),
+                io.String.Input("dataset", default="c2c_samples",
+                                tooltip="Folder under output/c2c_training/ written by Save C2C Training Sample."),
+                io.Combo.Input("loss", options=list(training.LOSSES), default="distill",
+                               tooltip="distill: match the sharer's own prediction (learns what the sharer knows). "
+                                       "velocity: the flow-matching loss of the bridged receiver against the clean "
+                                       "latent (noise − x0). kv: make the projected K/V match the sharer's cache "
+                                       "(cheap warm start; equal attention shapes only)."),
+                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimizer steps."),
+                io.Int.Input("batch_size", default=1, min=1, max=256,
+                             tooltip="Samples per step (per process under torchrun)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
+                               tooltip="AdamW peak learning rate (C2C uses 1e-4)."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=1_000_000,
+                             tooltip="Linear learning-rate warm-up steps; must be below steps."),
+                io.Combo.Input("schedule", options=list(training.SCHEDULES), default="cosine",
+                               tooltip="Learning-rate decay after warm-up."),
+                io.Int.Input("checkpoint_every", default=100, min=0, max=1_000_000,
+                             tooltip="Write a checkpoint every N steps (0: only at the end). An interrupted run "
+                                     "loses at most the steps since the last one."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed of sample order, noise and timesteps. Same seed and settings, same "
+                                     "weights."),
+                io.String.Input("output_name", default="c2c_projector",
+                                tooltip="Bundle name in models/c2c_projectors/ (.safetensors is added); also names "
+                                        "the checkpoint folder and the loss plot."),
+                io.Boolean.Input("resume", default=True, optional=True,
+                                 tooltip="On: continue from the last checkpoint of output_name (same settings "
+                                         "required). Off: delete that run's checkpoints and start over."),
+                io.Float.Input("negative_share", default=0.1, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Fraction of examples trained with the negative conditionings (the bridge "
+                                       "also fuses CFG's negative pass)."),
+            ],
+            outputs=[Projector.Output(display_name="projector", tooltip="The trained projector, ready for Fuse "
+                                                                         "Caches or Bridged KSampler."),
+                     io.Image.Output(display_name="loss_plot", tooltip="The loss curve.")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, sharer, receiver, projector, dataset, loss, steps, batch_size, learning_rate, warmup_steps,
+                schedule, checkpoint_every, seed, output_name, resume=True, negative_share=0.1) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.utils
+
+        node = cls.NODE
+        sharer_sig = model_signature(node, "sharer", sharer)
+        receiver_sig = model_signature(node, "receiver", receiver)
+        check_projector_fits(node, projector, sharer_sig, receiver_sig)
+        check(any(True for _ in projector.bank.parameters()), node, "projector",
+              f"a '{projector.bank.kind}' projector, which has nothing to learn", "a learnable projector",
+              "set Create C2C Projector's kind to c2c, full or gating")
+        check(loss != "kv" or (sharer_sig.num_heads, sharer_sig.head_dim) == (receiver_sig.num_heads,
+                                                                              receiver_sig.head_dim),
+              node, "loss", "'kv' for models of different attention widths", "models with equal heads × head_dim",
+              "use 'distill' or 'velocity' for this pair")
+        check(warmup_steps < steps, node, "warmup_steps", str(warmup_steps), f"fewer than steps ({steps})",
+              "lower warmup_steps or raise steps")
+        data_name = _checked_name(node, "dataset", dataset, "folder name")
+        out_name = _checked_name(node, "output_name", output_name, "file name")
+        try:
+            data = training.TrainingSet.open(samples_root() / data_name)
+        except training.TrainingDataError as e:
+            raise BridgeInputError(node, "dataset", str(e), "a folder of samples written by Save C2C Training "
+                                   "Sample", f"save samples into output/{training.SAMPLES_SUBFOLDER}/{data_name}/ "
+                                   "first, or pick the folder you saved them to") from e
+        settings = training.TrainSettings(loss=loss, steps=steps, batch_size=batch_size, lr=learning_rate,
+                                          warmup_steps=warmup_steps, schedule=schedule,
+                                          checkpoint_every=checkpoint_every, seed=seed, negative_share=negative_share)
+        bar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id if cls.hidden else None)
+
+        def progress(done, total, value):
+            bar.update_absolute(done, total)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        folder = samples_root() / "checkpoints" / out_name
+        try:
+            outcome = training.train_projector(
+                sharer, receiver, projector, data, settings, checkpoint_dir=folder, resume=resume,
+                output_path=Path(projector_folder()) / f"{out_name}.safetensors",
+                plot_path=samples_root() / f"{out_name}_loss.png", progress=progress)
+        except training.TrainingDataError as e:
+            raise BridgeInputError(node, "dataset", str(e), "samples that fit both models",
+                                   "re-save the samples with Save C2C Training Sample for this pair") from e
+        except ResumeError as e:    # a checkpoint made with other settings
+            raise BridgeInputError(node, "resume", str(e), "settings that match the checkpoint being resumed",
+                                   "use the settings of the interrupted run, switch resume off, or pick a new "
+                                   "output_name") from e
+        except C2CError as e:       # TrainConfig names the field it refused
+            field = re.search(r"TrainConfig\.(\w+)", str(e))
+            input_name = _CONFIG_INPUTS.get(field.group(1), "steps") if field else "projector"
+            raise BridgeInputError(node, input_name, str(e), "a valid training setting", "change that input") from e
+        return io.NodeOutput(outcome.bundle, outcome.plot)
+
+
+def projector_folder() -> str:
+    """The first registered models/c2c_projectors folder (created when missing)."""
+    folder = folder_paths.get_folder_paths(paths.FOLDER)[0]
+    os.makedirs(folder, exist_ok=True)
+    return folder
