@@ -1,0 +1,142 @@
+"""Save C2C Training Sample and Train C2C Projector as a workflow runs them (inside torch.inference_mode)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("comfy")
+
+
+def run_node(node, **inputs):
+    """Execute a V3 node the way ComfyUI's executor does: under inference_mode."""
+    with torch.inference_mode():
+        return node.execute(**inputs)
+
+
+@pytest.fixture(scope="module")
+def conds():
+    from comfy_test_nodes import wan_conditioning
+    return {"positive": wan_conditioning(1), "negative": wan_conditioning(2, length=5),
+            "sharer_positive": wan_conditioning(3), "sharer_negative": wan_conditioning(4, length=5)}
+
+
+@pytest.fixture(scope="module")
+def dataset_name(pack, conds, comfy):
+    name = "tiny_pair"
+    shutil.rmtree(comfy.output_dir / "c2c_training" / name, ignore_errors=True)
+    for seed in range(3):
+        latent = {"samples": torch.randn(2, 16, 3, 8, 8, generator=torch.Generator().manual_seed(seed))}
+        run_node(pack.SaveC2CTrainingSample, latent=latent, folder=name, **conds)
+    return name
+
+
+def train_inputs(**overrides):
+    inputs = dict(dataset="tiny_pair", loss="distill", steps=4, batch_size=2, learning_rate=1e-3, warmup_steps=0,
+                  schedule="cosine", checkpoint_every=2, seed=0, output_name="tiny_pair_c2c", resume=True,
+                  negative_share=0.1)
+    return inputs | overrides
+
+
+def test_save_node_writes_one_file_per_latent(pack, dataset_name, comfy):
+    files = sorted((comfy.output_dir / "c2c_training" / dataset_name).iterdir())
+    assert [f.name for f in files] == [f"sample_{i:05d}.safetensors" for i in range(1, 7)]
+
+
+def test_train_node_returns_a_projector_fuse_caches_uses_and_a_loss_plot(pack, helpers, models, conds,
+                                                                         dataset_name, comfy):
+    from bridge_helpers import ksample
+    a, b = models["a"], models["b"]
+    projector = helpers.make_projector(pack, b, a, "c2c")
+    shutil.rmtree(comfy.output_dir / "c2c_training" / "checkpoints" / "tiny_pair_c2c", ignore_errors=True)
+    trained, plot = run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector,
+                             **train_inputs()).args
+    assert plot.dim() == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3 and 0.0 <= float(plot.min())
+    assert (comfy.output_dir / "c2c_training" / "tiny_pair_c2c_loss.png").is_file()
+    assert trained.provenance["steps"] == 4 and not trained.bank.training
+    loaded = pack.LoadC2CProjector.execute("tiny_pair_c2c.safetensors").args[0]
+    assert all(torch.equal(v, trained.bank.state_dict()[k]) for k, v in loaded.bank.state_dict().items())
+
+    src = pack.CaptureKVCache.execute(sharer=b, positive=conds["sharer_positive"], negative=conds["sharer_negative"]).args[0]
+    fused = pack.FuseCaches.execute(model=a, kv_source=src, projector=trained, strength=1.0, start_percent=0.0,
+                                    end_percent=1.0).args[0]
+    out = ksample(fused, conds["positive"], conds["negative"])
+    assert torch.isfinite(out).all() and not torch.equal(out, ksample(a, conds["positive"], conds["negative"]))
+
+    # queued again: resumes at the final checkpoint and returns the same weights without training
+    again, _ = run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector, **train_inputs()).args
+    assert all(torch.equal(v, trained.bank.state_dict()[k]) for k, v in again.bank.state_dict().items())
+    assert again.provenance["final_loss"] == trained.provenance["final_loss"]
+
+
+def test_train_node_leaves_its_input_projector_untouched(pack, helpers, models, dataset_name):
+    a, b = models["a"], models["b"]
+    projector = helpers.make_projector(pack, b, a, "full")
+    before = {k: v.clone() for k, v in projector.bank.state_dict().items()}
+    trained, _ = run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector,
+                          **train_inputs(output_name="tiny_pair_full", resume=False, steps=2)).args
+    assert all(torch.equal(before[k], v) for k, v in projector.bank.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in trained.bank.state_dict().items())
+
+
+# --- bad input: each names the node, the input and the fix -------------------------------------
+def test_empty_or_missing_dataset_folder_is_refused(pack, helpers, models, comfy):
+    a, b = models["a"], models["b"]
+    (comfy.output_dir / "c2c_training" / "empty").mkdir(parents=True, exist_ok=True)
+    projector = helpers.make_projector(pack, b, a, "c2c")
+    for name, found in (("empty", "holds no .safetensors samples"), ("nowhere", "does not exist")):
+        with pytest.raises(ValueError, match=rf"Train C2C Projector › dataset: .*{found}.*Fix: save samples into "
+                                             rf"output/c2c_training/{name}/"):
+            run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector, **train_inputs(dataset=name))
+
+
+def test_projector_for_another_pair_is_refused(pack, helpers, models, dataset_name):
+    a, b, wide = models["a"], models["b"], models["wide"]
+    projector = helpers.make_projector(pack, wide, a, "full", mapping="terminal")
+    with pytest.raises(ValueError, match=r"Train C2C Projector › projector: a projector made for a sharer of 3 layers "
+                                         r"× 4 heads × 128, but the sharer model has 2 layers.*Fix: load the projector"):
+        run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector, **train_inputs())
+
+
+def test_projector_with_nothing_to_learn_is_refused(pack, helpers, models, dataset_name):
+    a, b = models["a"], models["b"]
+    projector = helpers.make_projector(pack, b, a, "identity")
+    with pytest.raises(ValueError, match=r"Train C2C Projector › projector: a 'identity' projector, which has nothing "
+                                         r"to learn.*Fix: set Create C2C Projector's kind to c2c, full or gating"):
+        run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector, **train_inputs())
+
+
+def test_kv_loss_between_different_widths_is_refused(pack, helpers, models, dataset_name):
+    a, wide = models["a"], models["wide"]
+    projector = helpers.make_projector(pack, wide, a, "full", mapping="terminal")
+    with pytest.raises(ValueError, match=r"Train C2C Projector › loss: 'kv' for models of different attention widths"):
+        run_node(pack.TrainC2CProjector, sharer=wide, receiver=a, projector=projector, **train_inputs(loss="kv"))
+
+
+def test_bad_names_and_settings_are_refused(pack, helpers, models, dataset_name, conds):
+    a, b = models["a"], models["b"]
+    projector = helpers.make_projector(pack, b, a, "c2c")
+    with pytest.raises(ValueError, match=r"Train C2C Projector › output_name: '../evil'"):
+        run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector,
+                 **train_inputs(output_name="../evil"))
+    with pytest.raises(ValueError, match=r"Train C2C Projector › warmup_steps: 4; expected fewer than steps \(4\)"):
+        run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector, **train_inputs(warmup_steps=4))
+    with pytest.raises(ValueError, match=r"Save C2C Training Sample › folder: 'a/b'"):
+        run_node(pack.SaveC2CTrainingSample, latent={"samples": torch.zeros(1, 16, 3, 8, 8)}, folder="a/b", **conds)
+
+
+def test_sample_with_mismatched_image_latent_is_refused(pack, conds):
+    from comfy_test_nodes import i2v_conditioning
+    wrong = i2v_conditioning(conds["sharer_positive"], torch.zeros(1, 16, 5, 8, 8))
+    with pytest.raises(ValueError, match=r"Save C2C Training Sample › sharer_positive: an image latent of \(5, 8, 8\)"):
+        run_node(pack.SaveC2CTrainingSample, latent={"samples": torch.zeros(1, 16, 3, 8, 8)}, folder="x",
+                 **(conds | {"sharer_positive": wrong}))
+
+
+def test_every_input_has_a_tooltip_and_the_training_category(pack):
+    for node in (pack.SaveC2CTrainingSample, pack.TrainC2CProjector):
+        schema = node.define_schema()
+        assert schema.category == "DiT Cache Bridge/training"
+        assert all(i.tooltip for i in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
