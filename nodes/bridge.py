@@ -58,6 +58,7 @@ class LiveSharer(_Shared):
     rope_alignment: str = "auto"         # "auto": re-rotate keys when the two models' RoPE positions differ
     grid_alignment: str = "refuse"       # or "nearest"/"trilinear": run the sharer on its own latent grid
     node: str = "Capture KV Cache"
+    cond_inputs: tuple = ("positive", "negative")   # input names, for error messages
 
 
 class _CapturedKV:
@@ -185,18 +186,20 @@ def _sharer_latent_shape(source: LiveSharer, latent_image) -> tuple:
     receiver's latent resampled to that size and its K/V are resampled back to the receiver's grid.
     """
     target = tuple(latent_image.shape[-3:])
-    for input_name, conditioning in (("positive", source.positive), ("negative", source.negative)):
+    for input_name, conditioning in zip(source.cond_inputs, (source.positive, source.negative)):
         for _, extras in conditioning:
             image = extras.get("concat_latent_image")
             if image is None or tuple(image.shape[-3:]) == target:
                 continue
             if source.grid_alignment == "refuse":
+                where = ("set grid_alignment to 'nearest' or 'trilinear' to resample" if source.node == "Capture KV Cache"
+                         else "use Capture KV Cache with grid_alignment 'nearest' or 'trilinear' + Fuse Caches to resample")
                 raise BridgeInputError(
                     source.node, input_name,
                     f"its image latent is {tuple(image.shape[-3:])} (frames, height, width)",
                     f"the sampled latent's {target}",
                     "give the sharer's WanImageToVideo/ChronoEdit node the same width, height and length as the "
-                    "receiver's latent, or set grid_alignment to 'nearest' or 'trilinear' to resample")
+                    f"receiver's latent, or {where}")
             return tuple(image.shape[-3:])
     return target
 
@@ -238,7 +241,8 @@ class Bridge(_Shared):
     """Fuses one K/V source into a receiver through one projector bundle."""
 
     def __init__(self, source, bundle, strength: float, schedule: FusionSchedule, receiver_signature: ModelSignature,
-                 on_report=None):
+                 on_report=None, node: str = "Fuse Caches"):
+        self.node = node
         self.source = source
         self.bundle = bundle
         self.schedule = schedule

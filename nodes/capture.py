@@ -98,7 +98,7 @@ def sharer_inputs(prefix: str = ""):
 
 
 def make_live_source(node, sharer, positive, negative, layers="auto", refresh_every=1, rope_alignment="auto",
-                     grid_alignment="refuse", projector=None):
+                     grid_alignment="refuse", projector=None, cond_inputs=("positive", "negative")):
     signature = model_signature(node, "sharer", sharer)
     chosen = None
     if layers.strip().lower() != "auto":
@@ -112,4 +112,4 @@ def make_live_source(node, sharer, positive, negative, layers="auto", refresh_ev
         chosen = tuple(sorted(set(projector.layer_map.pairs.values())))
     return LiveSharer(model=sharer, positive=positive, negative=negative, signature=signature, layers=chosen,
                       refresh_every=int(refresh_every), rope_alignment=rope_alignment,
-                      grid_alignment=grid_alignment, node=node)
+                      grid_alignment=grid_alignment, node=node, cond_inputs=cond_inputs)

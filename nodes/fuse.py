@@ -79,9 +79,9 @@ def parse_layer_strengths(node: str, text: str, layers) -> dict:
 
 
 def bridge_model(node, model, source, bundle, strength, start_percent, end_percent, ramp="constant",
-                 layer_strengths="", report_to=None):
+                 layer_strengths="", report_to=None, model_input="model"):
     """Validate everything, then return a bridged clone of ``model``."""
-    receiver_sig = model_signature(node, "model", model)
+    receiver_sig = model_signature(node, model_input, model)
     check_projector_fits(node, bundle, source.signature, receiver_sig)
     needed = sorted(set(bundle.layer_map.pairs.values()))
     if getattr(source, "layers", None) is not None:
@@ -99,7 +99,7 @@ def bridge_model(node, model, source, bundle, strength, start_percent, end_perce
     if per_layer:
         layer_map = dataclasses.replace(bundle.layer_map, strengths={**bundle.layer_map.strengths, **per_layer})
         bundle = dataclasses.replace(bundle, layer_map=layer_map)
-    bridge = Bridge(source, bundle, float(strength), schedule, receiver_sig, on_report=_reporter(report_to))
+    bridge = Bridge(source, bundle, float(strength), schedule, receiver_sig, on_report=_reporter(report_to), node=node)
     return bridge.attach(model)
 
 

@@ -34,7 +34,7 @@ class LoadC2CProjector(io.ComfyNode):
             bundle = load_bundle(paths.projector_path(projector_name))
         except (BundleError, FileNotFoundError) as e:
             raise BridgeInputError(cls.NODE, "projector_name", str(e), "a C2C projector bundle",
-                                   "pick a bundle saved by Train C2C Projector, or re-export it as .safetensors") from e
+                                   "pick a bundle saved by DiT Cache Bridge (Create/Train C2C Projector or tools/train_projector.py), or re-export it as .safetensors") from e
         return io.NodeOutput(bundle)
 
 

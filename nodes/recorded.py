@@ -120,6 +120,7 @@ class RecordedRun:
     def __init__(self, source: RecordedSource, run, guider):
         rec = source.recording
         self.source = source
+        node = run.bridge.node
         self.recording = rec
         self.rope = rec.rope
         self.grid = rec.grid
@@ -130,17 +131,17 @@ class RecordedRun:
         if len(rec.sigmas) != len(run.sigmas) or any(abs(a - b) > 1e-4 * max(1.0, abs(a))
                                                      for a, b in zip(rec.sigmas, run.sigmas)):
             raise BridgeInputError(
-                source.node, "kv_source", f"a recording over {len(rec.sigmas) - 1} steps with sigmas "
+                node, "kv_source", f"a recording over {len(rec.sigmas) - 1} steps with sigmas "
                 f"{_short(rec.sigmas)}", f"the receiver's {len(run.sigmas) - 1} steps with sigmas {_short(run.sigmas)}",
                 "record with the same steps, scheduler and denoise as the receiver's sampler, and give both models "
                 "the same ModelSamplingSD3 shift")
         if rec.grid != run.grid and source.grid_alignment == "refuse":
             raise BridgeInputError(
-                source.node, "kv_source", f"a recording on a {rec.grid.frames}×{rec.grid.height}×{rec.grid.width} "
+                node, "kv_source", f"a recording on a {rec.grid.frames}×{rec.grid.height}×{rec.grid.width} "
                 f"token grid", f"the receiver's {run.grid.frames}×{run.grid.height}×{run.grid.width}",
                 "record with the receiver's latent size and length, or set grid_alignment to 'nearest'/'trilinear'")
         if guider.cfg != 1.0 and 1 not in rec.kinds:
-            raise BridgeInputError(source.node, "kv_source", "a recording made with cfg 1 (no negative pass)",
+            raise BridgeInputError(node, "kv_source", "a recording made with cfg 1 (no negative pass)",
                                    "a recording with the negative pass the receiver's CFG needs",
                                    "record with cfg > 1, like the receiver's sampler")
 

@@ -47,10 +47,11 @@ class BridgedKSampler(io.ComfyNode):
     def execute(cls, receiver, positive, negative, sharer, sharer_positive, sharer_negative, projector, strength,
                 start_percent, end_percent, seed, steps, cfg, sampler_name, scheduler, latent_image, denoise=1.0,
                 ramp="constant", layer_strengths="") -> io.NodeOutput:
-        source = make_live_source(cls.NODE, sharer, sharer_positive, sharer_negative)
+        source = make_live_source(cls.NODE, sharer, sharer_positive, sharer_negative,
+                                  cond_inputs=("sharer_positive", "sharer_negative"))
         node_id = cls.hidden.unique_id if cls.hidden else None
         patched = bridge_model(cls.NODE, receiver, source, projector, strength, start_percent, end_percent, ramp,
-                               layer_strengths, report_to=node_id)
+                               layer_strengths, report_to=node_id, model_input="receiver")
         (latent,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
                                                 negative, latent_image, denoise=denoise)
         return io.NodeOutput(latent)

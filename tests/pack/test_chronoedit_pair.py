@@ -212,7 +212,7 @@ def test_save_and_load_kv_cache_replay_identically(models, conds):
 def test_replay_into_a_run_with_other_sigmas_is_refused(models, conds):
     a, b = models["a"], models["b"]
     src = record(b, conds["sharer_pos"], conds["sharer_neg"])
-    with pytest.raises(ValueError, match=r"Capture KV Cache › kv_source: a recording over 4 steps.*expected the "
+    with pytest.raises(ValueError, match=r"Fuse Caches › kv_source: a recording over 4 steps.*expected the "
                                          r"receiver's 6 steps.*record with the same steps"):
         sample(fused(a, src, projector(b, a, "weighted")), conds["pos"], conds["neg"], steps=6)
 

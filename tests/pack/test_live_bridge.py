@@ -270,3 +270,19 @@ def test_layer_strengths_scale_single_layers(models, conds):
     ksample(half, conds["pos"], conds["neg"])
     report = bridge_of(half).last_report
     assert report.strength == {0: 1.0, 1: 0.5}
+
+
+def test_bridged_ksampler_errors_name_its_own_inputs(models, conds):
+    from comfy_test_nodes import i2v_conditioning
+    a, i2v = models["a"], models["i2v"]
+    wrong = i2v_conditioning(conds["sharer_pos"], torch.zeros(1, 16, 5, 8, 8))
+    proj = projector(i2v, a)
+    with pytest.raises(ValueError, match=r"Bridged KSampler › sharer_positive: its image latent is \(5, 8, 8\).*"
+                                         r"use Capture KV Cache with grid_alignment"):
+        pack_nodes().BridgedKSampler.execute(a, conds["pos"], conds["neg"], i2v, wrong, conds["sharer_neg"], proj,
+                                             1.0, 0.0, 1.0, 1, 2, 4.0, "euler", "simple", empty_latent())
+    with pytest.raises(ValueError, match=r"Bridged KSampler › receiver: a projector made for a receiver|"
+                                         r"Bridged KSampler › projector: a projector made for a receiver"):
+        pack_nodes().BridgedKSampler.execute(models["wide"], conds["pos"], conds["neg"], i2v, conds["sharer_pos"],
+                                             conds["sharer_neg"], proj, 1.0, 0.0, 1.0, 1, 2, 4.0, "euler", "simple",
+                                             empty_latent())
