@@ -182,7 +182,9 @@ class ServerEvents:
             try:
                 message = self.ws.recv()
             except self._timeout_error:
-                self.server._check_alive()
+                if not self.server.running:
+                    raise DemoError(f"the ComfyUI server stopped; see {self.server.log_path}:\n"
+                                    f"{self.server.log_tail()}") from None
                 continue
             if isinstance(message, bytes):       # preview images
                 continue
@@ -235,7 +237,7 @@ def comparison_png(runs: list[Run], path: Path, settings: DemoSettings, title: s
     """
     import numpy as np
     import torch
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     rgb = {run.key: preview_rgb(run.latent) for run in runs}
     stacked = torch.stack(list(rgb.values()))
@@ -300,8 +302,7 @@ def layers_png(report: dict, path: Path, title: str) -> None:
     layers = [int(layer) for layer in report["layers"]]
 
     def per_layer(key):
-        values = report.get(key) or {}
-        return [float(values.get(str(layer), values.get(layer, 0.0))) for layer in layers]
+        return [_layer_value(report, key, layer) for layer in layers]
 
     x = list(range(len(layers)))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.5 * len(layers) + 4), 6), sharex=True)
@@ -411,8 +412,8 @@ def report_text(runs, facts, report, stats, settings, models, startup, server_di
                   "receiver model calls",
               "  layer  strength  K change  V change"]
     for layer in report["layers"]:
-        value = lambda key: float((report.get(key) or {}).get(str(layer), 0.0))  # noqa: E731
-        lines.append(f"  {layer:>5}  {value('strength'):8.3f}  {value('k_change'):8.4f}  {value('v_change'):8.4f}")
+        strength, k, v = (_layer_value(report, key, layer) for key in ("strength", "k_change", "v_change"))
+        lines.append(f"  {layer:>5}  {strength:8.3f}  {k:8.4f}  {v:8.4f}")
     lines += ["",
               f"bridged vs receiver alone, preview RGB: mean |difference| {stats['mean_abs_diff']:.4g}, "
               f"max {stats['max_abs_diff']:.4g}",
@@ -424,6 +425,12 @@ def report_text(runs, facts, report, stats, settings, models, startup, server_di
               "",
               f"total demo wall time {total:.1f} s"]
     return "\n".join(lines) + "\n"
+
+
+def _layer_value(report: dict, key: str, layer) -> float:
+    """A per-layer value of the report; JSON turned the layer keys into strings."""
+    values = report.get(key) or {}
+    return float(values.get(str(layer), values.get(layer, 0.0)))
 
 
 def main(argv=None) -> int:
