@@ -36,6 +36,15 @@ _WRAPPER_KEY = "dit_cache_bridge"
 _ids = itertools.count()
 
 
+def step_of(sigmas: list, sigma: float) -> int:
+    """Index of the sampling step a sigma belongs to (samplers may evaluate between two sigmas)."""
+    step = 0
+    for i, s in enumerate(sigmas[:-1]):
+        if s >= sigma - 1e-7 * max(1.0, abs(sigma)):
+            step = i
+    return step
+
+
 class _Shared:
     """Mixin: survive ModelPatcher.clone()'s deepcopy of model_options by reference."""
 
@@ -364,18 +373,10 @@ class BridgeRun:
         self.fuser = None
 
     # -- per model call -----------------------------------------------------------------------
-    def step_of(self, sigma: float) -> int:
-        """Index of the sampling step a sigma belongs to (samplers may evaluate between sigmas)."""
-        step = 0
-        for i, s in enumerate(self.sigmas[:-1]):
-            if s >= sigma - 1e-7 * max(1.0, abs(sigma)):
-                step = i
-        return step
-
     def begin_call(self, x, t, transformer_options):
         self._calls += 1
         self.kinds = list(transformer_options.get("cond_or_uncond", [COND]))
-        step = self.step_of(float(t.flatten()[0]))
+        step = step_of(self.sigmas, float(t.flatten()[0]))
         self.progress = step / max(1, self.steps - 1)
         self.active = self.bridge.schedule.active(self.progress) and self.bridge.strength != 0.0
         if not self.active:

@@ -16,6 +16,7 @@ import nodes as comfy_nodes
 
 from ..c2c_core.recording import DiskStore, KVRecording, RamStore
 from . import memory, wan_hooks
+from .bridge import step_of
 from .errors import BridgeInputError
 
 COND = 0
@@ -45,8 +46,7 @@ class _Recorder:
 
     def apply_model(self, executor, x, t, *args, **kwargs):
         transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
-        sigma = float(t.flatten()[0])
-        self.step = max([i for i, s in enumerate(self.sigmas[:-1]) if s >= sigma - 1e-7 * max(1.0, sigma)] or [0])
+        self.step = step_of(self.sigmas, float(t.flatten()[0]))
         self.kinds = list(transformer_options.get("cond_or_uncond", [COND]))
         self.forwards += 1
         try:
