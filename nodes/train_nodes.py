@@ -65,7 +65,9 @@ class SaveC2CTrainingSample(io.ComfyNode):
                                 tooltip="Sample folder under output/c2c_training/. Train C2C Projector's 'dataset' "
                                         "input takes the same name. Files are numbered, never overwritten."),
             ],
-            outputs=[],
+            outputs=[io.String.Output(display_name="folder",
+                                      tooltip="The folder name, for Train C2C Projector's dataset input: linking "
+                                              "it makes training wait until this sample is saved.")],
             is_output_node=True,
         )
 
@@ -84,8 +86,8 @@ class SaveC2CTrainingSample(io.ComfyNode):
         written = training.save_training_samples(samples_root() / name, samples, {
             "receiver_positive": positive, "receiver_negative": negative,
             "sharer_positive": sharer_positive, "sharer_negative": sharer_negative})
-        return io.NodeOutput(ui={"text": [f"{len(written)} sample(s) → output/{training.SAMPLES_SUBFOLDER}/{name}/"
-                                          f"{written[-1].name}"]})
+        return io.NodeOutput(name, ui={"text": [f"{len(written)} sample(s) → output/{training.SAMPLES_SUBFOLDER}/"
+                                                f"{name}/{written[-1].name}"]})
 
 
 def _check_image_latent(node, samples, conditioning, input_name):

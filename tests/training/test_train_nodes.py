@@ -16,6 +16,15 @@ def run_node(node, **inputs):
         return node.execute(**inputs)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def remove_bundles_afterwards(pack):
+    """The node writes into the models root shared with other tests; leave nothing behind."""
+    from dit_cache_bridge.nodes import train_nodes
+    yield
+    for path in Path(train_nodes.projector_folder()).glob("tiny_pair_*.safetensors"):
+        path.unlink()
+
+
 @pytest.fixture(scope="module")
 def conds():
     from comfy_test_nodes import wan_conditioning
@@ -29,7 +38,8 @@ def dataset_name(pack, conds, comfy):
     shutil.rmtree(comfy.output_dir / "c2c_training" / name, ignore_errors=True)
     for seed in range(3):
         latent = {"samples": torch.randn(2, 16, 3, 8, 8, generator=torch.Generator().manual_seed(seed))}
-        run_node(pack.SaveC2CTrainingSample, latent=latent, folder=name, **conds)
+        (folder,) = run_node(pack.SaveC2CTrainingSample, latent=latent, folder=name, **conds).args
+        assert folder == name
     return name
 
 
