@@ -118,6 +118,7 @@ class KVRecording:
     kinds: tuple = (0,)
     storage_dtype: str = "bf16"
     store: object = field(default_factory=RamStore)
+    seed: int | None = None          # the noise seed the sharer was sampled with
 
     def put(self, step: int, kind: int, layer: int, k: Tensor, v: Tensor) -> None:
         tensors = {}
@@ -150,7 +151,8 @@ class KVRecording:
     def meta(self) -> dict:
         return {"format_version": RECORDING_VERSION, "signature": self.signature.to_dict(),
                 "grid": self.grid.to_dict(), "rope": self.rope.to_dict(), "sigmas": list(self.sigmas),
-                "layers": list(self.layers), "kinds": list(self.kinds), "storage_dtype": self.storage_dtype}
+                "layers": list(self.layers), "kinds": list(self.kinds), "storage_dtype": self.storage_dtype,
+                "seed": self.seed}
 
 
 def save_recording(path: str | os.PathLike, recording: KVRecording) -> None:
@@ -176,7 +178,8 @@ def load_recording(path: str | os.PathLike) -> KVRecording:
         return KVRecording(signature=ModelSignature.from_dict(meta["signature"]), grid=TokenGrid.from_dict(meta["grid"]),
                            rope=RopeSpec.from_dict(meta["rope"]), sigmas=[float(s) for s in meta["sigmas"]],
                            layers=tuple(int(i) for i in meta["layers"]), kinds=tuple(int(i) for i in meta["kinds"]),
-                           storage_dtype=meta["storage_dtype"], store=DiskStore(files=[Path(path)]))
+                           storage_dtype=meta["storage_dtype"], store=DiskStore(files=[Path(path)]),
+                           seed=None if meta.get("seed") is None else int(meta["seed"]))
     except BundleError:
         raise
     except (KeyError, TypeError, ValueError) as e:

@@ -349,6 +349,7 @@ class BridgeRun:
         self.bridge = bridge
         receiver = guider.model_patcher
         self.device = receiver.load_device
+        self.seed = seed
         self.sigmas = [float(s) for s in sigmas]
         self.steps = max(1, len(self.sigmas) - 1)
         self.grid = wan_hooks.token_grid(noise.shape)

@@ -40,6 +40,7 @@ class _Recorder:
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         self.sigmas = [float(s) for s in sigmas]
         self.recording.sigmas = list(self.sigmas)
+        self.recording.seed = args[3] if len(args) > 3 else kwargs.get("seed")
         guider = executor.class_obj
         self.recording.kinds = (0,) if guider.cfg == 1.0 else (0, 1)
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -140,6 +141,10 @@ class RecordedRun:
                 node, "kv_source", f"a recording on a {rec.grid.frames}×{rec.grid.height}×{rec.grid.width} "
                 f"token grid", f"the receiver's {run.grid.frames}×{run.grid.height}×{run.grid.width}",
                 "record with the receiver's latent size and length, or set grid_alignment to 'nearest'/'trilinear'")
+        if rec.seed is not None and run.seed is not None and int(rec.seed) != int(run.seed):
+            raise BridgeInputError(
+                node, "kv_source", f"a recording sampled with seed {rec.seed}", f"the receiver's seed {run.seed}",
+                "give the receiver's sampler and the recording the same seed (set both to 'fixed'), or record again")
         if guider.cfg != 1.0 and 1 not in rec.kinds:
             raise BridgeInputError(node, "kv_source", "a recording made with cfg 1 (no negative pass)",
                                    "a recording with the negative pass the receiver's CFG needs",

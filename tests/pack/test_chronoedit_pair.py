@@ -217,6 +217,14 @@ def test_replay_into_a_run_with_other_sigmas_is_refused(models, conds):
         sample(fused(a, src, projector(b, a, "weighted")), conds["pos"], conds["neg"], steps=6)
 
 
+def test_replay_with_another_seed_is_refused(models, conds):
+    a, b = models["a"], models["b"]
+    src = record(b, conds["sharer_pos"], conds["sharer_neg"], seed=3)
+    with pytest.raises(ValueError, match=r"Fuse Caches › kv_source: a recording sampled with seed 3; expected the "
+                                         r"receiver's seed 4.*same seed"):
+        sample(fused(a, src, projector(b, a, "weighted")), conds["pos"], conds["neg"], seed=4)
+
+
 def test_replay_of_a_cfg_one_recording_into_cfg_sampling_is_refused(models, conds):
     a, b = models["a"], models["b"]
     src = record(b, conds["sharer_pos"], conds["sharer_neg"], cfg=1.0)

@@ -286,3 +286,22 @@ def test_bridged_ksampler_errors_name_its_own_inputs(models, conds):
         pack_nodes().BridgedKSampler.execute(models["wide"], conds["pos"], conds["neg"], i2v, conds["sharer_pos"],
                                              conds["sharer_neg"], proj, 1.0, 0.0, 1.0, 1, 2, 4.0, "euler", "simple",
                                              empty_latent())
+
+
+def test_chained_fuse_caches_add_a_second_sharer(models, conds):
+    """Two Fuse Caches in a row fuse two sharers in sequence; each keeps its own wrappers and report."""
+    a, b, wide = models["a"], models["b"], models["wide"]
+    stock = ksample(a, conds["pos"], conds["neg"])
+    first = fused(a, source(b, conds["sharer_pos"], conds["sharer_neg"]), projector(b, a, "weighted"), 1.0)
+    both = fused(first, source(wide, conds["sharer_pos"], conds["sharer_neg"]),
+                 projector(wide, a, "full", "terminal"), 1.0)
+    only_first = ksample(first, conds["pos"], conds["neg"])
+    out = ksample(both, conds["pos"], conds["neg"])
+    assert not torch.equal(out, only_first) and not torch.equal(out, stock)
+    keys = [k for k in both.wrappers["outer_sample"] if k.startswith("dit_cache_bridge")]
+    assert len(keys) == 2
+    reports = [both.wrappers["outer_sample"][k][0].__self__.last_report for k in keys]
+    assert all(r.sharer_forwards == r.model_calls > 0 for r in reports)
+    zero = fused(fused(a, source(b, conds["sharer_pos"], conds["sharer_neg"]), projector(b, a, "weighted"), 0.0),
+                 source(wide, conds["sharer_pos"], conds["sharer_neg"]), projector(wide, a, "full", "terminal"), 0.0)
+    assert torch.equal(ksample(zero, conds["pos"], conds["neg"]), stock)
