@@ -58,6 +58,7 @@ from .projectors import (
     Projector,
     ProjectorBank,
     build_projector,
+    static_gate,
     known_kinds,
     register_projector,
 )
@@ -122,6 +123,7 @@ __all__ = [
     "Projector",
     "ProjectorBank",
     "build_projector",
+    "static_gate",
     "known_kinds",
     "register_projector",
     "RAMPS",

@@ -31,6 +31,7 @@ __all__ = [
     "PROJECTORS",
     "register_projector",
     "build_projector",
+    "static_gate",
     "resolve_kind",
     "known_kinds",
     "ProjectorBank",
@@ -556,3 +557,22 @@ class ProjectorBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, sharer={self.sharer.name or self.sharer}, receiver={self.receiver.name or self.receiver}, layers={self.layers}"
+
+
+def static_gate(projector: Projector) -> float | None:
+    """The part of a projector's gate that does not depend on the data, for reports and plots.
+
+    identity 1; weighted its alpha; full the mean sigmoid of its per-head gate; c2c its inference
+    gate (1 open, 0 closed). ``gating`` computes its gate from the inputs: None.
+    """
+    with torch.no_grad():
+        if isinstance(projector, IdentityProjector):
+            return 1.0
+        if isinstance(projector, WeightedProjector):
+            logit = getattr(projector, "alpha_logit", None)
+            return float(torch.sigmoid(logit)) if logit is not None else float(projector.alpha)
+        if isinstance(projector, C2CProjector):
+            return 1.0 if projector.gate_open else 0.0
+        if isinstance(projector, FullProjector):
+            return float(torch.sigmoid(projector.gate_logit.float()).mean())
+    return None

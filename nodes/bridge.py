@@ -25,7 +25,7 @@ import comfy.model_patcher
 import comfy.sampler_helpers
 import comfy.samplers
 
-from ..c2c_core import FusionSchedule, LayerFuser, ModelSignature, RopeRerotation, align_kv
+from ..c2c_core import FusionSchedule, LayerFuser, ModelSignature, RopeRerotation, align_kv, static_gate
 from . import wan_hooks
 from .errors import BridgeInputError
 
@@ -238,12 +238,13 @@ class Report(_Shared):
     strength: dict = field(default_factory=dict)       # receiver layer -> mean effective strength
     k_change: dict = field(default_factory=dict)       # receiver layer -> mean relative K change
     v_change: dict = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)           # receiver layer -> {"k": g, "v": g} (data-independent part)
     sharer_forwards: int = 0
     model_calls: int = 0
 
     def to_json(self):
         return {"layers": self.layers, "strength": self.strength, "k_change": self.k_change,
-                "v_change": self.v_change, "sharer_forwards": self.sharer_forwards, "model_calls": self.model_calls}
+                "v_change": self.v_change, "gate": self.gate, "sharer_forwards": self.sharer_forwards, "model_calls": self.model_calls}
 
 
 class Bridge(_Shared):
@@ -440,4 +441,6 @@ class BridgeRun:
             r.k_change[layer] = float(torch.stack(ks).mean()) if ks else 0.0
             r.v_change[layer] = float(torch.stack(vs).mean()) if vs else 0.0
             r.strength[layer] = self._strength_sum[layer] / len(ks) if ks else 0.0
+            bank = self.bridge.bundle.bank
+            r.gate[layer] = {which: static_gate(bank.projector(layer, which)) for which in ("k", "v")}
         return r

@@ -293,7 +293,7 @@ def _font(size: int):
 
 
 def layers_png(report: dict, path: Path, title: str) -> None:
-    """Two panels over receiver layers: effective fusion strength, and relative change of K and V."""
+    """Two panels over receiver layers: fusion strength and projector gate, and relative change of K and V."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,8 +306,15 @@ def layers_png(report: dict, path: Path, title: str) -> None:
 
     x = list(range(len(layers)))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.5 * len(layers) + 4), 6), sharex=True)
-    top.bar(x, per_layer("strength"), color="#c0504d")
-    top.set_ylabel("fusion strength\n(mean over steps)")
+    top.bar(x, per_layer("strength"), color="#c0504d", label="strength (mean over steps)")
+    gates = [(i, g) for i, layer in zip(x, layers)
+             for g in [(report.get("gate") or {}).get(str(layer), (report.get("gate") or {}).get(layer))] if g]
+    for which, marker in (("k", "v"), ("v", "^")):
+        points = [(i, g[which]) for i, g in gates if g.get(which) is not None]
+        if points:
+            top.scatter(*zip(*points), marker=marker, color="black", zorder=3, label=f"projector gate ({which.upper()})")
+    top.set_ylabel("strength and gate")
+    top.legend(loc="lower right", fontsize=8)
     top.set_title(title)
     width = 0.4
     bottom.bar([i - width / 2 for i in x], per_layer("k_change"), width, label="K", color="#4f81bd")

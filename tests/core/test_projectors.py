@@ -322,3 +322,17 @@ def test_banks_over_wan_depths_project_every_fused_layer(counts, kind, mapping, 
         for which in ("k", "v"):
             out = bank.project(layer, which, kv(1, 3, sharer, dtype, 1), kv(1, 3, receiver, dtype, 2))
             assert out.shape == (1, 3, 2, 8) and out.dtype == dtype
+
+
+def test_static_gate_reports_the_data_independent_gate():
+    from c2c_core import ModelSignature, build_projector, static_gate
+    sig = ModelSignature(num_layers=2, num_heads=2, head_dim=8)
+    wide = ModelSignature(num_layers=2, num_heads=4, head_dim=8)
+    assert static_gate(build_projector("identity", sig, sig)) == 1.0
+    assert static_gate(build_projector("weighted", sig, sig, alpha=0.25)) == 0.25
+    c2c = build_projector("c2c", sig, sig, hidden_dim=16)
+    assert static_gate(c2c) == 1.0
+    c2c.set_gate_logit(-1.0)
+    assert static_gate(c2c) == 0.0
+    assert 0.0 < static_gate(build_projector("full", wide, sig, hidden_dim=16)) < 1.0
+    assert static_gate(build_projector("gating", sig, sig, granularity="head")) is None

@@ -89,6 +89,7 @@ def test_different_sharer_changes_output_deterministically(models, conds):
     assert torch.equal(first, second)
     report = bridge_of(patched).last_report
     assert all(report.k_change[layer] > 0 for layer in report.layers)
+    assert report.gate == {layer: {"k": 0.5, "v": 0.5} for layer in report.layers}   # weighted, alpha 0.5
 
 
 def test_no_patch_leaks_after_a_bridged_run(models, conds):
