@@ -80,11 +80,22 @@ class _CapturedKV:
     def __init__(self):
         self.batches: dict[int, list] = {}     # layer -> [(k, v, kinds)]
         self.window: dict[int, int] = {}       # kind -> refresh window of its K/V
+        self.peak_bytes = 0
 
     def put(self, layer, k, v, kinds):
         entries = [e for e in self.batches.get(layer, []) if not set(e[2]) & set(kinds)]
         entries.append((k, v, tuple(kinds)))
         self.batches[layer] = entries
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+
+    def clear(self):
+        self.batches, self.window = {}, {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of K/V held (tensor sizes; they are the model's own tensors, referenced, not copied)."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for entries in self.batches.values() for k, v, _ in entries)
 
     def get(self, layer, kinds):
         kinds = tuple(kinds)
@@ -145,6 +156,8 @@ class LiveSharerRun:
         missing = [kind for kind in dict.fromkeys(kinds) if self.captured.window.get(kind) != window]
         if not missing:
             return
+        if self.source.refresh_every == 1:
+            self.captured.clear()           # lockstep: only this call's K/V are ever needed
         rows = x.shape[0] // len(kinds)
         conds = [self.conds["positive" if kind == COND else "negative"] for kind in missing]
         model = self.patcher.model
@@ -179,6 +192,7 @@ class LiveSharerRun:
 
     def close(self):
         """Release captured K/V and end the sharer's run (ON_CLEANUP callbacks, hooks)."""
+        self.peak_bytes = self.captured.peak_bytes
         self.captured = _CapturedKV()
         if self._started:
             model = self.patcher.model
@@ -241,10 +255,12 @@ class Report(_Shared):
     gate: dict = field(default_factory=dict)           # receiver layer -> {"k": g, "v": g} (data-independent part)
     sharer_forwards: int = 0
     model_calls: int = 0
+    peak_kv_bytes: int = 0          # most sharer K/V held at once (live mode)
 
     def to_json(self):
         return {"layers": self.layers, "strength": self.strength, "k_change": self.k_change,
-                "v_change": self.v_change, "gate": self.gate, "sharer_forwards": self.sharer_forwards, "model_calls": self.model_calls}
+                "v_change": self.v_change, "gate": self.gate, "sharer_forwards": self.sharer_forwards, "model_calls": self.model_calls,
+                "peak_kv_bytes": self.peak_kv_bytes}
 
 
 class Bridge(_Shared):
@@ -436,6 +452,7 @@ class BridgeRun:
         r = self.report
         r.model_calls = self._calls
         r.sharer_forwards = getattr(self.source_run, "forwards", 0)
+        r.peak_kv_bytes = getattr(self.source_run, "peak_bytes", 0)
         for layer in r.layers:
             ks, vs = self._change[layer]
             r.k_change[layer] = float(torch.stack(ks).mean()) if ks else 0.0
