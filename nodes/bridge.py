@@ -1,6 +1,6 @@
 """Runtime that attaches a sharer's K/V to a clone of the receiver.
 
-Lifecycle, per sampling run of the bridged clone:
+Lifecycle, per sampling run of the bridged clone (K/V sources: nodes/live.py and nodes/recorded.py):
   OUTER_SAMPLE wrapper  -> ``BridgeRun`` is created (sharer conditioning, positions, projector on
                            the run's device) and always torn down in ``finally``;
   APPLY_MODEL wrapper   -> per model call: step and strength are resolved, and the K/V source makes
@@ -21,17 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 import comfy.patcher_extension
-import comfy.model_patcher
-import comfy.sampler_helpers
-import comfy.samplers
 
 from ..c2c_core import FusionSchedule, LayerFuser, ModelSignature, RopeRerotation, align_kv, static_gate
 from . import wan_hooks
-from .errors import BridgeInputError
+from .live import COND, Shared
 
 log = logging.getLogger("dit_cache_bridge")
 
-COND, UNCOND = 0, 1
 _WRAPPER_KEY = "dit_cache_bridge"
 _ids = itertools.count()
 
@@ -45,208 +41,11 @@ def step_of(sigmas: list, sigma: float) -> int:
     return step
 
 
-class _Shared:
-    """Mixin: survive ModelPatcher.clone()'s deepcopy of model_options by reference."""
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-# --------------------------------------------------------------------------------------------
-# K/V sources
-# --------------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class LiveSharer(_Shared):
-    """A sharer model evaluated in lockstep inside each receiver model call (Capture KV Cache, live)."""
-    model: object
-    positive: list
-    negative: list
-    signature: ModelSignature
-    layers: tuple | None = None          # sharer layers the user allows; None = what the map needs
-    refresh_every: int = 1
-    rope_alignment: str = "auto"         # "auto": re-rotate keys when the two models' RoPE positions differ
-    grid_alignment: str = "refuse"       # or "nearest"/"trilinear": run the sharer on its own latent grid
-    node: str = "Capture KV Cache"
-    cond_inputs: tuple = ("positive", "negative")   # input names, for error messages
-
-
-class _CapturedKV:
-    """Sharer K/V of the current refresh window, by sharer layer and CFG chunk kind.
-
-    One sharer call yields (rows, N, H*D) tensors covering several chunk kinds; they are kept whole
-    and handed back whole when the receiver asks for the same kinds in the same order (no copy).
-    """
-
-    def __init__(self):
-        self.batches: dict[int, list] = {}     # layer -> [(k, v, kinds)]
-        self.window: dict[int, int] = {}       # kind -> refresh window of its K/V
-        self.peak_bytes = 0
-
-    def put(self, layer, k, v, kinds):
-        entries = [e for e in self.batches.get(layer, []) if not set(e[2]) & set(kinds)]
-        entries.append((k, v, tuple(kinds)))
-        self.batches[layer] = entries
-        self.peak_bytes = max(self.peak_bytes, self.nbytes)
-
-    def clear(self):
-        self.batches, self.window = {}, {}
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of K/V held (tensor sizes; they are the model's own tensors, referenced, not copied)."""
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for entries in self.batches.values() for k, v, _ in entries)
-
-    def get(self, layer, kinds):
-        kinds = tuple(kinds)
-        entries = self.batches.get(layer, [])
-        for k, v, have in entries:
-            if have == kinds:
-                return k, v
-        parts_k, parts_v = [], []
-        for kind in kinds:
-            for k, v, have in entries:
-                if kind in have:
-                    rows = k.shape[0] // len(have)
-                    i = have.index(kind)
-                    parts_k.append(k[i * rows:(i + 1) * rows])
-                    parts_v.append(v[i * rows:(i + 1) * rows])
-                    break
-            else:
-                raise KeyError((layer, kind))
-        return torch.cat(parts_k), torch.cat(parts_v)
-
-
-class _SharerDone(Exception):
-    """Raised inside the sharer once its last needed layer is captured: later blocks are skipped."""
-
-
-class LiveSharerRun:
-    """Per-run side of a LiveSharer: conditioning, options and captured K/V."""
-
-    def __init__(self, source: LiveSharer, sharer_patcher, capture_layers, noise, latent_image, denoise_mask, seed,
-                 device):
-        self.source = source
-        self.patcher = sharer_patcher
-        self.capture_layers = sorted(capture_layers)
-        self.last_layer = self.capture_layers[-1] if self.capture_layers else -1
-        self.captured = _CapturedKV()
-        self.forwards = 0
-        self._call_kinds = None
-        self._started = False
-        self.grid_mode = source.grid_alignment if source.grid_alignment != "refuse" else "nearest"
-        sharer_shape = _sharer_latent_shape(source, latent_image)
-        if sharer_shape != tuple(latent_image.shape[-3:]):
-            noise = torch.zeros(*noise.shape[:-3], *sharer_shape, dtype=noise.dtype, device=noise.device)
-            latent_image = resample_latent(latent_image, sharer_shape, self.grid_mode)
-        self.latent_shape = sharer_shape
-        conds = {"positive": comfy.sampler_helpers.convert_cond(source.positive),
-                 "negative": comfy.sampler_helpers.convert_cond(source.negative)}
-        if latent_image is not None and torch.count_nonzero(latent_image) > 0:
-            latent_image = sharer_patcher.model.process_latent_in(latent_image)
-        self.conds = comfy.samplers.process_conds(sharer_patcher.model, noise, conds, device, latent_image,
-                                                  denoise_mask, seed)
-        self.model_options = comfy.model_patcher.create_model_options_clone(sharer_patcher.model_options)
-        comfy.sampler_helpers.prepare_model_patcher(sharer_patcher, self.conds, self.model_options)
-        self.grid = wan_hooks.token_grid(self.latent_shape)
-        self.rope = wan_hooks.rope_spec(sharer_patcher)
-
-    def ensure(self, x, t, kinds, step, window):
-        """Run the sharer for the chunk kinds whose K/V are missing or from an older refresh window."""
-        missing = [kind for kind in dict.fromkeys(kinds) if self.captured.window.get(kind) != window]
-        if not missing:
-            return
-        if self.source.refresh_every == 1:
-            self.captured.clear()           # lockstep: only this call's K/V are ever needed
-        rows = x.shape[0] // len(kinds)
-        conds = [self.conds["positive" if kind == COND else "negative"] for kind in missing]
-        model = self.patcher.model
-        receiver_patcher = getattr(model, "current_patcher", None)
-        if not self._started:
-            self._started = True
-            self.patcher.pre_run()
-        model.current_patcher = self.patcher
-        self._call_kinds = missing
-        try:
-            x = resample_latent(x[:rows], self.latent_shape, self.grid_mode)
-            comfy.samplers.calc_cond_batch(model, conds, x, t[:rows], self.model_options)
-        finally:
-            self._call_kinds = None
-            model.current_patcher = receiver_patcher
-        for kind in missing:
-            self.captured.window[kind] = window
-
-    def capture(self, layer, q, k, v, heads, transformer_options):
-        if self._call_kinds is None:
-            return k, v
-        if layer in self.capture_layers:
-            kinds = [self._call_kinds[i] for i in transformer_options["cond_or_uncond"]]
-            self.captured.put(layer, k, v, kinds)
-            if layer == self.last_layer:
-                self.forwards += 1
-                raise _SharerDone()
-        return k, v
-
-    def kv(self, layer, kinds):
-        return self.captured.get(layer, kinds)
-
-    def close(self):
-        """Release captured K/V and end the sharer's run (ON_CLEANUP callbacks, hooks)."""
-        self.peak_bytes = self.captured.peak_bytes
-        self.captured = _CapturedKV()
-        if self._started:
-            model = self.patcher.model
-            receiver_patcher = getattr(model, "current_patcher", None)
-            self.patcher.cleanup()
-            if receiver_patcher is not None and receiver_patcher is not self.patcher:
-                model.current_patcher = receiver_patcher
-
-
-def _sharer_latent_shape(source: LiveSharer, latent_image) -> tuple:
-    """(frames, height, width) the sharer runs on: its image latent's, where its conditioning has one.
-
-    With grid_alignment "refuse" a different size is an error; otherwise the sharer runs on the
-    receiver's latent resampled to that size and its K/V are resampled back to the receiver's grid.
-    """
-    target = tuple(latent_image.shape[-3:])
-    for input_name, conditioning in zip(source.cond_inputs, (source.positive, source.negative)):
-        for _, extras in conditioning:
-            image = extras.get("concat_latent_image")
-            if image is None or tuple(image.shape[-3:]) == target:
-                continue
-            if source.grid_alignment == "refuse":
-                where = ("set grid_alignment to 'nearest' or 'trilinear' to resample" if source.node == "Capture KV Cache"
-                         else "use Capture KV Cache with grid_alignment 'nearest' or 'trilinear' + Fuse Caches to resample")
-                raise BridgeInputError(
-                    source.node, input_name,
-                    f"its image latent is {tuple(image.shape[-3:])} (frames, height, width)",
-                    f"the sampled latent's {target}",
-                    "give the sharer's WanImageToVideo/ChronoEdit node the same width, height and length as the "
-                    f"receiver's latent, or {where}")
-            return tuple(image.shape[-3:])
-    return target
-
-
-def resample_latent(x, shape, mode):
-    """A video latent (B, C, T, H, W) resampled to (T, H, W) = shape; the same tensor when it fits."""
-    if tuple(x.shape[-3:]) == tuple(shape):
-        return x
-    return torch.nn.functional.interpolate(x, size=tuple(shape), mode=mode)
-
-
-def _sharer_apply_model(executor, x, *args, **kwargs):
-    """APPLY_MODEL wrapper of the sharer clone: stop the forward once the last needed layer is captured."""
-    try:
-        return executor(x, *args, **kwargs)
-    except _SharerDone:
-        return torch.zeros_like(x)
-
-
 # --------------------------------------------------------------------------------------------
 # The bridge
 # --------------------------------------------------------------------------------------------
 @dataclass(eq=False)
-class Report(_Shared):
+class Report(Shared):
     """What one bridged run did, for the fusion inspector and the tests."""
     layers: list = field(default_factory=list)
     strength: dict = field(default_factory=dict)       # receiver layer -> mean effective strength
@@ -263,7 +62,7 @@ class Report(_Shared):
                 "peak_kv_bytes": self.peak_kv_bytes}
 
 
-class Bridge(_Shared):
+class Bridge(Shared):
     """Fuses one K/V source into a receiver through one projector bundle."""
 
     def __init__(self, source, bundle, strength: float, schedule: FusionSchedule, receiver_signature: ModelSignature,
@@ -276,6 +75,7 @@ class Bridge(_Shared):
         self.receiver_signature = receiver_signature
         self.on_report = on_report
         self.key = f"{_WRAPPER_KEY}.{next(_ids)}"
+        self.sharer_patcher = None      # set by a live source when attached
         self.run: BridgeRun | None = None
         self.last_report: Report | None = None
         self._banks: dict = {}
@@ -294,13 +94,7 @@ class Bridge(_Shared):
         wan_hooks.hook_self_attention(patched, self.fused_layers, self._fuse)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key, self._outer_sample)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key, self._apply_model)
-        if isinstance(self.source, LiveSharer):
-            self._sharer = self.source.model.clone()
-            wan_hooks.hook_self_attention(self._sharer, self.sharer_layers, self._capture)
-            self._sharer.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key,
-                                              _sharer_apply_model)
-            if self._sharer.model is not receiver.model:
-                patched.set_additional_models(self.key, [self._sharer])
+        self.source.attach(self, patched, receiver)
         return patched
 
     # -- wrappers ---------------------------------------------------------------------------
@@ -333,7 +127,7 @@ class Bridge(_Shared):
                 run.end_call()
 
     # -- hooks ------------------------------------------------------------------------------
-    def _capture(self, layer, q, k, v, heads, transformer_options):
+    def capture(self, layer, q, k, v, heads, transformer_options):
         run = self.run
         if run is None:
             return k, v
@@ -379,12 +173,7 @@ class BridgeRun:
         self.active = False
         self.kinds = None
         self.progress = 0.0
-        source = bridge.source
-        if isinstance(source, LiveSharer):
-            self.source_run = LiveSharerRun(source, bridge._sharer, bridge.sharer_layers, noise.to(self.device),
-                                            latent_image.to(self.device), denoise_mask, seed, self.device)
-        else:
-            self.source_run = source.open_run(self, guider)
+        self.source_run = bridge.source.open_run(self, guider, noise, latent_image, denoise_mask, seed)
         self.sharer_rope = self.source_run.rope
         model = receiver.model
         self.compute_dtype = model.manual_cast_dtype or model.get_dtype()

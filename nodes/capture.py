@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..c2c_core import LayerMapError, parse_layer_spec
 from ..c2c_core.recording import STORAGE_DTYPES
 from . import recorded
-from .bridge import LiveSharer
+from .live import LiveSharer
 from .errors import BridgeInputError
 from .projector_nodes import check_projector_fits, model_signature
 from .types import CATEGORY, KVSource, Projector

@@ -111,7 +111,10 @@ class RecordedSource:
     def __deepcopy__(self, memo):
         return self
 
-    def open_run(self, run, guider):
+    def attach(self, bridge, patched, receiver):
+        """Nothing to load: the recording replaces the sharer."""
+
+    def open_run(self, run, guider, noise, latent_image, denoise_mask, seed):
         return RecordedRun(self, run, guider)
 
 
