@@ -67,8 +67,7 @@ def plot(runs: list[dict], methods: list[str], path: Path) -> None:
         for i, m in enumerate(methods):
             ax.scatter([i] * len(runs), [r[metric][m] for r in runs], color="black", s=8, zorder=3)
         ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels([m.replace(" (trained)", "\n(trained)").replace(" alone", "\nalone") for m in methods],
-                           fontsize=8)
+        ax.set_xticklabels([m.replace(" (trained)", "").replace(" ", "\n") for m in methods], fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
         if metric == "mse":
@@ -150,17 +149,24 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (about a minute)")
     p.add_argument("--out", type=Path, default=HERE / "out", help="per-seed artefacts (not committed)")
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite RESULTS.md and the plot from <out>/runs.json without training anything")
     args = p.parse_args(argv)
-    started = time.monotonic()
-    seeds = list(range(args.seeds))
-    if args.workers > 1 and len(seeds) > 1:
-        import multiprocessing
-        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs = list(pool.map(worker, seeds, [args.quick] * len(seeds), [str(args.out)] * len(seeds)))
+    if args.report_only:
+        saved = json.loads((args.out / "runs.json").read_text())
+        runs, wall, args.quick, args.seeds = saved["runs"], saved["wall_seconds"], saved["quick"], len(saved["runs"])
     else:
-        runs = [worker(s, args.quick, str(args.out)) for s in seeds]
-    wall = time.monotonic() - started
-    (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
+        started = time.monotonic()
+        seeds = list(range(args.seeds))
+        if args.workers > 1 and len(seeds) > 1:
+            import multiprocessing
+            with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                runs = list(pool.map(worker, seeds, [args.quick] * len(seeds), [str(args.out)] * len(seeds)))
+        else:
+            runs = [worker(s, args.quick, str(args.out)) for s in seeds]
+        wall = time.monotonic() - started
+        (args.out / "runs.json").write_text(json.dumps({"wall_seconds": wall, "quick": args.quick, "runs": runs},
+                                                        indent=1))
     methods = list(BASELINES) + [m for m in runs[0]["mse"] if m not in BASELINES]
     plot(runs, methods, args.results.with_name("results.png"))
     args.results.write_text(report(runs, args, wall), encoding="utf-8")
