@@ -157,6 +157,16 @@ class TrainC2CProjector(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, dataset=None, **kwargs):
+        """New or changed sample files make the node run again (ComfyUI reuses its result otherwise)."""
+        if not isinstance(dataset, str) or not _NAME.match(dataset.strip()) or ".." in dataset:
+            return dataset
+        folder = samples_root() / dataset.strip()
+        if not folder.is_dir():
+            return dataset
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")))
+
+    @classmethod
     def execute(cls, sharer, receiver, projector, dataset, loss, steps, batch_size, learning_rate, warmup_steps,
                 schedule, checkpoint_every, seed, output_name, resume=True, negative_share=0.1) -> io.NodeOutput:
         import comfy.model_management

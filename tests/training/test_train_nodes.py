@@ -81,6 +81,16 @@ def test_train_node_returns_a_projector_fuse_caches_uses_and_a_loss_plot(pack, h
     assert again.provenance["final_loss"] == trained.provenance["final_loss"]
 
 
+def test_new_samples_change_the_train_node_fingerprint(pack, conds, comfy):
+    name = "fingerprint_set"
+    shutil.rmtree(comfy.output_dir / "c2c_training" / name, ignore_errors=True)
+    run_node(pack.SaveC2CTrainingSample, latent={"samples": torch.zeros(1, 16, 3, 8, 8)}, folder=name, **conds)
+    before = pack.TrainC2CProjector.fingerprint_inputs(dataset=name, steps=4)
+    assert before == pack.TrainC2CProjector.fingerprint_inputs(dataset=name, steps=4)
+    run_node(pack.SaveC2CTrainingSample, latent={"samples": torch.zeros(1, 16, 3, 8, 8)}, folder=name, **conds)
+    assert pack.TrainC2CProjector.fingerprint_inputs(dataset=name, steps=4) != before
+
+
 def test_train_node_leaves_its_input_projector_untouched(pack, helpers, models, dataset_name):
     a, b = models["a"], models["b"]
     projector = helpers.make_projector(pack, b, a, "full")
