@@ -35,7 +35,7 @@ def _checked_name(node: str, input_name: str, value: str, what: str) -> str:
         name = name[: -len(".safetensors")]
     check(bool(_NAME.match(name)) and ".." not in name, node, input_name, repr(value),
           f"a {what}: letters, digits, '_', '-' or '.', no slashes",
-          f"rename it, e.g. 'wan_chronoedit'")
+          "rename it, e.g. 'wan_chronoedit'")
     return name
 
 
