@@ -5,7 +5,7 @@ import pytest
 import torch
 
 PACK_NODES = ("LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler",
-              "SaveKVCache", "LoadKVCache")
+              "SaveKVCache", "LoadKVCache", "SaveC2CTrainingSample", "TrainC2CProjector")
 
 
 def bridge_prompt(strength: float = 1.0, use_bridged_sampler: bool = False) -> dict:

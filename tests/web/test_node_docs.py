@@ -8,7 +8,8 @@ import requests
 
 import host
 
-PACK_NODES = ("LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler")
+PACK_NODES = ("LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler",
+              "SaveKVCache", "LoadKVCache", "SaveC2CTrainingSample", "TrainC2CProjector")
 DOCS = host.REPO_ROOT / "web" / "docs"
 
 
