@@ -76,6 +76,12 @@ def _json(value: Any, path: Path, what: str) -> str:
         raise BundleError(f"{path}: cannot write {what}: it is not JSON-serialisable ({exc}); use str/int/float/list/dict.") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_tensors_with_meta(path: str | os.PathLike, tensors: Mapping[str, Tensor], meta: Mapping, key: str) -> None:
     """Write ``tensors`` (moved to CPU, made contiguous) and ``meta`` as JSON under metadata ``key``.
 
@@ -100,6 +106,7 @@ def save_tensors_with_meta(path: str | os.PathLike, tensors: Mapping[str, Tensor
     os.close(fd)
     try:
         save_file(cpu, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

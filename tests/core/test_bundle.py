@@ -308,3 +308,15 @@ def test_save_refuses_provenance_that_is_not_json(tmp_path):
     bank, layer_map = build()
     with pytest.raises(BundleError, match="not JSON-serialisable"):
         save_bundle(tmp_path / "b.safetensors", bank, layer_map, {"when": object()})
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+    import torch
+    from c2c_core import save_tensors_with_meta
+    path = tmp_path / "x.safetensors"
+    save_tensors_with_meta(path, {"t": torch.zeros(2)}, {"a": 1}, "meta")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
