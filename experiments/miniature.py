@@ -57,6 +57,11 @@ class Settings:
     merge_ratios: tuple = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 
     @classmethod
+    def demo(cls) -> "Settings":
+        """What ``make demo`` trains once (tools/make_demo_assets.py): seed 0's models and c2c projector."""
+        return cls(kinds=("c2c",))
+
+    @classmethod
     def quick(cls) -> "Settings":
         """A smoke-test size (about a minute): the pipeline runs, the numbers mean little."""
         return cls(train_videos=64, val_videos=8, test_videos=16, base_steps=20, projector_steps=10, sample_steps=3,
@@ -263,6 +268,58 @@ def first_frame_psnr(nodes, model, positive, negative, videos, seed, steps, peak
 
 
 # ------------------------------------------------------------------------------------------------
+# Steps shared by the experiment (run_seed) and the demo's assets (make_demo_assets)
+# ------------------------------------------------------------------------------------------------
+def train_pair(training, videos, classes, texts, settings: Settings, seed: int, receiver_path: Path,
+               sharer_path: Path, log=print):
+    """Train the tiny receiver and sharer from their seeded tiny checkpoints, save them, reload them.
+
+    Returns (receiver, sharer, final loss by role): fresh patchers of the saved files (what a user
+    would load with UNETLoader), with the ModelSamplingSD3 shift of the experiment.
+    """
+    import comfy.sd
+
+    receiver = with_shift(comfy.sd.load_diffusion_model(str(tiny_model_path("tiny_wan_t2v_a"))))
+    sharer = with_shift(comfy.sd.load_diffusion_model(str(tiny_model_path("tiny_wan_i2v"))))
+    torch.manual_seed(seed)
+    final_loss = {}
+    for role, patcher, path in (("receiver", receiver, receiver_path), ("sharer", sharer, sharer_path)):
+        losses = train_base(training, patcher, videos, classes, texts, role, settings, seed, log)
+        final_loss[role] = sum(losses[-50:]) / len(losses[-50:])
+        save_model(patcher, path)
+    receiver = with_shift(comfy.sd.load_diffusion_model(str(receiver_path)))
+    sharer = with_shift(comfy.sd.load_diffusion_model(str(sharer_path)))
+    return receiver, sharer, final_loss
+
+
+def save_samples(training, receiver, videos, classes, texts, folder: Path):
+    """The projector's training data as the pack's sample files (emptied first); returns the TrainingSet."""
+    folder = Path(folder)
+    if folder.exists():
+        for p in folder.iterdir():
+            p.unlink()
+    latents = receiver.model.process_latent_out(videos)
+    for start in range(0, videos.shape[0], 64):
+        sl = slice(start, start + 64)
+        training.save_training_samples(folder, latents[sl], conditionings(latents[sl], classes[sl], texts))
+    return training.TrainingSet.open(folder)
+
+
+def train_and_save_projector(training, sharer, receiver, fresh, dataset, settings: Settings, seed: int, path: Path):
+    """Train ``fresh`` (a projector bundle) with the pack's trainer, velocity loss; save it to ``path``."""
+    from dit_cache_bridge.c2c_core import save_bundle
+
+    train_settings = training.TrainSettings(loss="velocity", steps=settings.projector_steps,
+                                            batch_size=settings.projector_batch, lr=settings.projector_lr,
+                                            warmup_steps=min(20, settings.projector_steps // 5),
+                                            checkpoint_every=0, seed=seed, negative_share=0.0)
+    outcome = training.train_projector(sharer, receiver, fresh, dataset, train_settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_bundle(path, outcome.bundle.bank, outcome.bundle.layer_map, outcome.bundle.provenance)
+    return outcome.bundle
+
+
+# ------------------------------------------------------------------------------------------------
 # One seed, end to end
 # ------------------------------------------------------------------------------------------------
 @dataclass
@@ -279,7 +336,6 @@ class SeedResult:
 def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedResult:
     torch.set_num_threads(1)
     training, nodes = setup()
-    import comfy.sd
 
     result = SeedResult(seed)
     clock = time.monotonic()
@@ -291,30 +347,14 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
     peak = float(test_v.max() - test_v.min())
 
     # 1. base models
-    receiver = with_shift(comfy.sd.load_diffusion_model(str(tiny_model_path("tiny_wan_t2v_a"))))
-    sharer = with_shift(comfy.sd.load_diffusion_model(str(tiny_model_path("tiny_wan_i2v"))))
-    torch.manual_seed(seed)
-    for role, patcher in (("receiver", receiver), ("sharer", sharer)):
-        losses = train_base(training, patcher, train_v, train_c, texts, role, settings, seed, log)
-        result.base_loss[role] = sum(losses[-50:]) / len(losses[-50:])
-        save_model(patcher, out_dir / f"{role}.safetensors")
+    receiver, sharer, result.base_loss = train_pair(training, train_v, train_c, texts, settings, seed,
+                                                    out_dir / "receiver.safetensors", out_dir / "sharer.safetensors",
+                                                    log)
     result.seconds["base models"] = time.monotonic() - clock
-
-    # fresh patchers of the trained weights: what a user would load
-    receiver = with_shift(comfy.sd.load_diffusion_model(str(out_dir / "receiver.safetensors")))
-    sharer = with_shift(comfy.sd.load_diffusion_model(str(out_dir / "sharer.safetensors")))
 
     # 2. training samples for the projectors (the pack's sample files)
     clock = time.monotonic()
-    folder = out_dir / "samples"
-    if folder.exists():
-        for p in folder.iterdir():
-            p.unlink()
-    latents = receiver.model.process_latent_out(train_v)
-    for start in range(0, train_v.shape[0], 64):
-        sl = slice(start, start + 64)
-        training.save_training_samples(folder, latents[sl], conditionings(latents[sl], train_c[sl], texts))
-    dataset = training.TrainingSet.open(folder)
+    dataset = save_samples(training, receiver, train_v, train_c, texts, out_dir / "samples")
 
     def projector(kind, **hp):
         mapping = "identity"
@@ -353,17 +393,10 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
     for kind in settings.kinds:
         clock = time.monotonic()
         fresh = projector(kind, hidden_dim=settings.projector_hidden)
-        train_settings = training.TrainSettings(loss="velocity", steps=settings.projector_steps,
-                                                batch_size=settings.projector_batch, lr=settings.projector_lr,
-                                                warmup_steps=min(20, settings.projector_steps // 5),
-                                                checkpoint_every=0, seed=seed, negative_share=0.0)
-        outcome = training.train_projector(sharer, receiver, fresh, dataset, train_settings)
-        trained[kind] = outcome.bundle
-        from dit_cache_bridge.c2c_core import save_bundle
-        save_bundle(out_dir / f"projector_{kind}.safetensors", outcome.bundle.bank, outcome.bundle.layer_map,
-                    outcome.bundle.provenance)
+        trained[kind] = train_and_save_projector(training, sharer, receiver, fresh, dataset, settings, seed,
+                                                 out_dir / f"projector_{kind}.safetensors")
         name = f"{kind} projector (trained)"
-        result.mse[name], result.mse_curve[name] = evaluate(outcome.bundle, test_v, test_c)
+        result.mse[name], result.mse_curve[name] = evaluate(trained[kind], test_v, test_c)
         result.seconds[f"train {kind}"] = time.monotonic() - clock
         log(f"  seed {seed}: {name} MSE {result.mse[name]:.4f} "
             f"(receiver {result.mse['receiver alone']:.4f}, sharer {result.mse['sharer alone']:.4f})")
@@ -395,3 +428,49 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
     (out_dir / "result.json").write_text(json.dumps(result.__dict__, indent=1, default=str))
     return result
 
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo's embedded default: the pair and a c2c projector of one seed (tools/make_demo_assets.py)
+# ------------------------------------------------------------------------------------------------
+DEMO_FILES = {"receiver": "demo_wan_t2v_receiver.safetensors", "sharer": "demo_wan_i2v_sharer.safetensors",
+              "projector": "demo_c2c_projector.safetensors"}
+
+
+def demo_test_videos(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out videos of ``seed`` (the experiment's test split): (videos (count, 16, 3, 8, 8), classes)."""
+    return make_videos(count, 1000 * seed + 3)
+
+
+def make_demo_assets(out_dir: Path, settings: Settings, seed: int = 0, threads: int = 2, log=print) -> dict:
+    """Train the tiny pair and a c2c projector exactly as ``run_seed(seed)`` does; no evaluation.
+
+    Writes ``DEMO_FILES`` (UNETLoader-loadable diffusion models and a projector bundle) into
+    ``out_dir``; the training-sample folder is deleted afterwards. Returns the paths by role and the
+    wall time and final base-model losses.
+    """
+    import shutil
+
+    torch.set_num_threads(threads)
+    training, nodes = setup()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {role: out_dir / name for role, name in DEMO_FILES.items()}
+    clock = time.monotonic()
+    texts = text_embeddings(0)
+    train_v, train_c = make_videos(settings.train_videos, 1000 * seed + 1)
+    receiver, sharer, base_loss = train_pair(training, train_v, train_c, texts, settings, seed, paths["receiver"],
+                                             paths["sharer"], log)
+    seconds = {"base models": time.monotonic() - clock}
+    clock = time.monotonic()
+    folder = out_dir / "samples"
+    dataset = save_samples(training, receiver, train_v, train_c, texts, folder)
+    with torch.inference_mode(False):
+        torch.manual_seed(seed)
+        fresh = nodes.CreateC2CProjector.execute(sharer, receiver, "c2c", "identity", "all", 0.5,
+                                                 settings.projector_hidden, seed).args[0]
+    log(f"  c2c projector: {settings.projector_steps} steps ...")
+    train_and_save_projector(training, sharer, receiver, fresh, dataset, settings, seed, paths["projector"])
+    shutil.rmtree(folder)
+    seconds["c2c projector"] = time.monotonic() - clock
+    return {"paths": paths, "seconds": seconds, "base_loss": base_loss}

@@ -117,3 +117,65 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DCBTestWanConditioning": "Test: Wan conditioning from seed",
     "DCBTestWanImageConditioning": "Test: Wan image conditioning",
 }
+
+
+# --------------------------------------------------------------------------------------------------
+# `make demo` with the trained tiny pair: the miniature experiment's held-out videos as graph inputs
+# --------------------------------------------------------------------------------------------------
+
+def _miniature():
+    """experiments/miniature.py (its data functions import torch only), under a private module name."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "_dcb_experiments_miniature"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "experiments" / "miniature.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def demo_moving_squares(indices: list[int]) -> tuple[torch.Tensor, list, list]:
+    """(start latent, positive, negative) of the experiment's held-out videos ``indices``, built by its own code.
+
+    start latent: (N, 16, 3, 8, 8) in VAE latent space, the first frame then zeros (the sharer's image);
+    positive: the direction's stand-in text embedding per video; negative: the shared negative one.
+    """
+    import comfy.latent_formats
+
+    mini = _miniature()
+    videos, classes = mini.demo_test_videos(mini.Settings().test_videos)
+    videos, classes = videos[indices], classes[indices]
+    latents = comfy.latent_formats.Wan21().process_out(videos)
+    conds = mini.conditionings(latents, classes, mini.text_embeddings(0))
+    start = conds["sharer_positive"][0][1]["concat_latent_image"]
+    return start, conds["receiver_positive"], conds["receiver_negative"]
+
+
+class DCBDemoMovingSquares:
+    """The demo's inputs for the trained tiny pair: a start latent and the text conditioning of test videos."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "videos": ("STRING", {"default": "0,1,2", "tooltip": "Comma-separated indices into the miniature "
+                                                                "experiment's 64 held-out test videos (seed 0)."}),
+        }}
+
+    RETURN_TYPES = ("LATENT", "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("start_latent", "positive", "negative")
+    FUNCTION = "make"
+    CATEGORY = "_for_testing/dit_cache_bridge"
+
+    def make(self, videos):
+        indices = [int(v) for v in videos.split(",") if v.strip()]
+        start, positive, negative = demo_moving_squares(indices)
+        return ({"samples": start}, positive, negative)
+
+
+NODE_CLASS_MAPPINGS["DCBDemoMovingSquares"] = DCBDemoMovingSquares
+NODE_DISPLAY_NAME_MAPPINGS["DCBDemoMovingSquares"] = "Test: demo moving squares (miniature test videos)"

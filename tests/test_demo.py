@@ -1,4 +1,5 @@
-"""`make demo` as the tests run it: the demo's main function, fast settings, a temporary output folder."""
+"""`make demo` as the tests run it (`--no-train` with nothing made): the untrained fallback, fast settings,
+a temporary output folder. The trained default is tested in test_demo_assets.py."""
 from __future__ import annotations
 
 import pytest
@@ -55,3 +56,9 @@ def test_report_names_the_runs_timings_and_files(demo_result):
     text = demo_result.report.read_text(encoding="utf-8")
     for needle in ("receiver alone", "sharer alone", "bridged", "comparison.png", "layers.png", " s "):
         assert needle in text, needle
+
+
+def test_report_says_the_fallback_is_untrained(demo_result):
+    text = demo_result.report.read_text(encoding="utf-8")
+    assert "UNTRAINED" in text and "--no-train" in text and "weighted" in text
+    assert demo_result.psnr is None and "truth" not in demo_result.row_boxes
