@@ -162,7 +162,7 @@ class DCBDemoMovingSquares:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "videos": ("STRING", {"default": "0,1,2", "tooltip": "Comma-separated indices into the miniature "
+            "videos": ("STRING", {"default": "1,10,12,14", "tooltip": "Comma-separated indices into the miniature "
                                                                 "experiment's 64 held-out test videos (seed 0)."}),
         }}
 

@@ -1,8 +1,10 @@
 """``make demo``: the shipped Wan2.1 + ChronoEdit workflow, run three ways on tiny models, as pictures.
 
 Starts a headless ComfyUI with this pack installed (``tests/host.py``'s ComfyServer), converts
-``workflows/wan21_t2v_with_chronoedit_sharer.json`` to an API prompt with the tiny seeded models
-substituted for the 14B ones (``tools/workflow_api.py``), and queues it over HTTP three times:
+``workflows/wan21_t2v_with_chronoedit_sharer.json`` to an API prompt with tiny models substituted for
+the 14B ones (``tools/workflow_api.py``), swaps in the embedded default (the miniature experiment's
+trained tiny pair, its trained c2c projector and the conditioning they were trained with; made once by
+``tools/make_demo_assets.py``, see ``use_trained_default``), and queues it over HTTP three times:
 
     receiver alone   Fuse Caches strength 0 (bit-identical to plain sampling)
     sharer alone     the sharer sampled by the stock KSampler with its own conditioning
@@ -11,11 +13,14 @@ substituted for the 14B ones (``tools/workflow_api.py``), and queues it over HTT
 It listens on the server's websocket for the ``dit_cache_bridge.report`` event that a bridged run
 sends when it ends, and writes to ``out/demo/``:
 
-    comparison.png   one row per run, one column per latent frame (Wan's latent->RGB preview colours)
+    comparison.png   ground truth, then one row per run; columns: latent frames of each test video
     layers.png       per receiver layer: fusion strength and the measured change of K and V
-    report.txt       timings, model sizes, the fusion report and where everything is
+    report.txt       timings, models, first-frame PSNR against the truth, the fusion report, the files
 
-    python tools/demo.py [--out DIR] [--fast] [--steps N] [--size WxH] [--frames N]
+With ``--no-train`` and no trained default made, it runs the untrained tiny models and the weighted
+projector instead, and says so.
+
+    python tools/demo.py [--out DIR] [--no-train] [--videos 1,10,12,14] [--steps N] [--fast] [--size WxH] [--frames N]
 """
 from __future__ import annotations
 
@@ -105,7 +110,7 @@ class DemoResult:
 # models and the training-free weighted projector below.
 # --------------------------------------------------------------------------------------------------
 FALLBACK_PROJECTOR = {"kind": "weighted", "mapping": "identity", "layers": "all", "alpha": 0.5}
-DEMO_VIDEOS = (0, 1, 2)       # held-out test videos of the experiment's seed 0 (one per column group)
+DEMO_VIDEOS = (1, 10, 12, 14)  # held-out test videos (seed 0), picked for visible squares; 0-15 score alike
 
 
 @dataclass(frozen=True)
