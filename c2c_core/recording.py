@@ -71,25 +71,37 @@ class RamStore:
 
 
 class DiskStore:
-    """Recorded tensors spilled to safetensors files; reads open the file lazily, tensor by tensor."""
+    """Recorded tensors spilled to safetensors files, one per step; reads open them lazily.
+
+    While recording, the current step's tensors are held in memory and written once, when the next
+    step begins (or on the first read), so memory holds about one step and every file is written once.
+    """
 
     def __init__(self, folder: str | os.PathLike | None = None, files: list[Path] | None = None):
         self.folder = Path(folder) if folder is not None else None
         self.index: dict[str, Path] = {}
+        self._step: int | None = None
+        self._pending: dict[str, Tensor] = {}
         for path in files or []:
             _, entries = read_header(path)
             self.index.update({name: Path(path) for name in entries})
 
     def put(self, step: int, tensors: dict[str, Tensor]) -> None:
-        path = self.folder / f"step_{step:05d}.safetensors"
-        existing = {}
-        if path.exists():
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                existing = {n: f.get_tensor(n) for n in f.keys()}
-        save_tensors_with_meta(path, {**existing, **tensors}, {"step": step}, RECORDING_KEY + "_part")
-        self.index.update({name: path for name in tensors})
+        if step != self._step:
+            self.flush()
+            self._step = step
+        self._pending.update({k: v.to("cpu") for k, v in tensors.items()})
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        path = self.folder / f"step_{self._step:05d}.safetensors"
+        save_tensors_with_meta(path, self._pending, {"step": self._step}, RECORDING_KEY + "_part")
+        self.index.update({name: path for name in self._pending})
+        self._pending = {}
 
     def get(self, names) -> dict[str, Tensor]:
+        self.flush()
         out, by_file = {}, {}
         for n in names:
             if n in self.index:
@@ -100,10 +112,12 @@ class DiskStore:
         return out
 
     def all(self) -> dict[str, Tensor]:
+        self.flush()
         return self.get(list(self.index))
 
     @property
     def nbytes(self) -> int:
+        self.flush()
         return sum(p.stat().st_size for p in set(self.index.values()))
 
 
@@ -126,9 +140,6 @@ class KVRecording:
             for suffix, stored in encode(t, self.storage_dtype).items():
                 tensors[_name(step, kind, layer, which) + suffix] = stored
         self.store.put(step, tensors)
-
-    def has(self, step: int, kind: int, layer: int) -> bool:
-        return bool(self.store.get([_name(step, kind, layer, "k")]))
 
     def get(self, step: int, kind: int, layer: int) -> tuple[Tensor, Tensor]:
         out = []

@@ -48,7 +48,7 @@ def step_of(sigmas: list, sigma: float) -> int:
 class Report(Shared):
     """What one bridged run did, for the fusion inspector and the tests."""
     layers: list = field(default_factory=list)
-    strength: dict = field(default_factory=dict)       # receiver layer -> mean effective strength
+    strength: dict = field(default_factory=dict)       # receiver layer -> mean strength over fusing calls
     k_change: dict = field(default_factory=dict)       # receiver layer -> mean relative K change
     v_change: dict = field(default_factory=dict)
     gate: dict = field(default_factory=dict)           # receiver layer -> {"k": g, "v": g} (data-independent part)
@@ -170,6 +170,8 @@ class BridgeRun:
         self._strength_sum = {layer: 0.0 for layer in bridge.fused_layers}
         self._change = {layer: ([], []) for layer in bridge.fused_layers}
         self._calls = 0
+        self._active_calls = 0
+        self.strengths = {}
         self.active = False
         self.kinds = None
         self.progress = 0.0
@@ -181,17 +183,22 @@ class BridgeRun:
 
     # -- per model call -----------------------------------------------------------------------
     def begin_call(self, x, t, transformer_options):
+        """Resolve this call's step and per-layer strengths; fetch sharer K/V only if a layer fuses."""
         self._calls += 1
         self.kinds = list(transformer_options.get("cond_or_uncond", [COND]))
         step = step_of(self.sigmas, float(t.flatten()[0]))
         self.progress = step / max(1, self.steps - 1)
-        self.active = self.bridge.schedule.active(self.progress) and self.bridge.strength != 0.0
-        if not self.active:
-            return
         if self.fuser is None:
             bridge = self.bridge
             bank = bridge.bank_for(x.device, self.compute_dtype)
             self.fuser = LayerFuser(bank, bridge.bundle.layer_map, bridge.schedule, bridge.strength)
+        self.strengths = {layer: self.fuser.strength_at(layer, self.progress) for layer in self.report.layers}
+        self.active = any(s != 0.0 for s in self.strengths.values())
+        if not self.active:
+            return
+        self._active_calls += 1
+        for layer, strength in self.strengths.items():
+            self._strength_sum[layer] += strength
         refresh = self.bridge.source.refresh_every
         self.source_run.ensure(x, t, self.kinds, step, step // refresh if refresh > 1 else ("call", self._calls))
 
@@ -201,6 +208,8 @@ class BridgeRun:
 
     # -- per fused layer ------------------------------------------------------------------------
     def fuse(self, layer, k, v, heads):
+        if self.strengths[layer] == 0.0:
+            return k, v                     # switched off for this step: no sharer K/V, no alignment
         bridge = self.bridge
         sharer_layer = bridge.bundle.layer_map.pairs[layer]
         sk, sv = self.source_run.kv(sharer_layer, self.kinds)
@@ -229,7 +238,6 @@ class BridgeRun:
 
     def _measure(self, layer, kh, k2, vh, v2):
         """Queue the relative K/V change on a token subsample; reduced to floats once, at the end."""
-        self._strength_sum[layer] += self.fuser.strength_at(layer, self.progress)
         s = self.STATS_TOKEN_STRIDE
         with torch.no_grad():
             for before, after, out in ((kh, k2, self._change[layer][0]), (vh, v2, self._change[layer][1])):
@@ -246,7 +254,7 @@ class BridgeRun:
             ks, vs = self._change[layer]
             r.k_change[layer] = float(torch.stack(ks).mean()) if ks else 0.0
             r.v_change[layer] = float(torch.stack(vs).mean()) if vs else 0.0
-            r.strength[layer] = self._strength_sum[layer] / len(ks) if ks else 0.0
+            r.strength[layer] = self._strength_sum[layer] / self._active_calls if self._active_calls else 0.0
             bank = self.bridge.bundle.bank
             r.gate[layer] = {which: static_gate(bank.projector(layer, which)) for which in ("k", "v")}
         return r

@@ -267,6 +267,7 @@ def test_layer_strengths_scale_single_layers(models, conds):
     src = source(b, conds["sharer_pos"], conds["sharer_neg"])
     off = fused(a, src, proj, 1.0, layer_strengths="0:0, 1:0")
     assert torch.equal(ksample(off, conds["pos"], conds["neg"]), ksample(a, conds["pos"], conds["neg"]))
+    assert bridge_of(off).last_report.sharer_forwards == 0      # every layer off: the sharer never runs
     half = fused(a, src, proj, 1.0, layer_strengths="1:0.5")
     ksample(half, conds["pos"], conds["neg"])
     report = bridge_of(half).last_report
