@@ -1,13 +1,13 @@
 """ComfyUI glue of DiT Cache Bridge: thin nodes over c2c_core."""
 from comfy_api.latest import ComfyExtension
 
-from . import paths
+from ..c2c_comfy import paths
 from .capture import CaptureKVCache
 from .fuse import FuseCaches
-from .kv_cache_nodes import LoadKVCache, SaveKVCache
-from .projector_nodes import CreateC2CProjector, LoadC2CProjector
+from .kv_cache import LoadKVCache, SaveKVCache
+from .projector import CreateC2CProjector, LoadC2CProjector
 from .sampler import BridgedKSampler
-from .train_nodes import SaveC2CTrainingSample, TrainC2CProjector
+from .train import SaveC2CTrainingSample, TrainC2CProjector
 
 NODES = [LoadC2CProjector, CreateC2CProjector, CaptureKVCache, FuseCaches, BridgedKSampler, SaveKVCache, LoadKVCache]
 NODES += [SaveC2CTrainingSample, TrainC2CProjector]

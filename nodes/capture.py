@@ -6,10 +6,10 @@ from comfy_api.latest import io
 
 from ..c2c_core import LayerMapError, parse_layer_spec
 from ..c2c_core.recording import STORAGE_DTYPES
-from . import recorded
-from .live import LiveSharer
-from .errors import BridgeInputError
-from .projector_nodes import check_projector_fits, model_signature
+from ..c2c_comfy import recorded
+from ..c2c_comfy.live import LiveSharer
+from ..c2c_comfy.errors import BridgeInputError
+from .projector import check_projector_fits, model_signature
 from .types import CATEGORY, KVSource, Projector
 
 GRID_ALIGNMENTS = ["refuse", "nearest", "trilinear"]

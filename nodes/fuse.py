@@ -7,9 +7,9 @@ import logging
 from comfy_api.latest import io
 
 from ..c2c_core import FusionSchedule, ScheduleError
-from .bridge import Bridge
-from .errors import BridgeInputError, check
-from .projector_nodes import check_projector_fits, model_signature
+from ..c2c_comfy.bridge import Bridge
+from ..c2c_comfy.errors import BridgeInputError, check
+from .projector import check_projector_fits, model_signature
 from .types import CATEGORY, KVSource, Projector
 
 log = logging.getLogger("dit_cache_bridge")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a C2C projector for a Wan sharer -> receiver pair from the command line.
 
-Same implementation as the Train C2C Projector node (``nodes/training.py: train_projector``); data
+Same implementation as the Train C2C Projector node (``c2c_comfy/training.py: train_projector``); data
 are folders written by Save C2C Training Sample (or by a script using ``save_training_samples``).
 
     python tools/train_projector.py --sharer chronoedit_14B_fp16.safetensors \\
@@ -112,7 +112,7 @@ def import_pack():
         module = importlib.util.module_from_spec(spec)
         sys.modules[PACK_NAME] = module
         spec.loader.exec_module(module)
-    return importlib.import_module(f"{PACK_NAME}.nodes.training"), importlib.import_module(f"{PACK_NAME}.nodes")
+    return importlib.import_module(f"{PACK_NAME}.c2c_comfy.training"), importlib.import_module(f"{PACK_NAME}.nodes")
 
 
 def load_models(args):
@@ -137,9 +137,9 @@ def make_projector(args, nodes, sharer, receiver):
 
     if args.projector is not None:
         bundle = load_bundle(args.projector)
-        nodes.projector_nodes.check_projector_fits("train_projector.py", bundle,
-                                                   nodes.wan_hooks.wan_signature(sharer),
-                                                   nodes.wan_hooks.wan_signature(receiver))
+        compat = importlib.import_module(f"{PACK_NAME}.c2c_comfy.compat")
+        nodes.projector.check_projector_fits("train_projector.py", bundle, compat.wan_signature(sharer),
+                                             compat.wan_signature(receiver))
         return bundle
     return nodes.CreateC2CProjector.execute(sharer, receiver, args.kind, args.mapping, args.layers, 0.5,
                                             args.hidden_dim, args.init_seed).args[0]

@@ -29,7 +29,7 @@ def pack(comfy):
 
 @pytest.fixture(scope="session")
 def training(pack):
-    return importlib.import_module("dit_cache_bridge.nodes.training")
+    return importlib.import_module("dit_cache_bridge.c2c_comfy.training")
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ def run_node(node, **inputs):
 @pytest.fixture(scope="module", autouse=True)
 def remove_bundles_afterwards(pack):
     """The node writes into the models root shared with other tests; leave nothing behind."""
-    from dit_cache_bridge.nodes import train_nodes
+    from dit_cache_bridge.nodes import train as train_nodes
     yield
     for path in Path(train_nodes.projector_folder()).glob("tiny_pair_*.safetensors"):
         path.unlink()

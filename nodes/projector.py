@@ -6,8 +6,8 @@ from comfy_api.latest import io
 
 from ..c2c_core import (BundleError, LayerMap, LayerMapError, ProjectorBank, ProjectorBundle, ProjectorConfigError,
                         load_bundle, parse_layer_spec)
-from . import paths, wan_hooks
-from .errors import BridgeInputError, check
+from ..c2c_comfy import compat, paths
+from ..c2c_comfy.errors import BridgeInputError, check
 from .types import CATEGORY, Projector
 
 PROJECTOR_KINDS = ["identity", "weighted", "gating", "full", "c2c", "auto"]
@@ -106,8 +106,8 @@ class CreateC2CProjector(io.ComfyNode):
 def model_signature(node: str, input_name: str, model):
     """The Wan signature of a MODEL input, or an error saying what the pack supports."""
     try:
-        return wan_hooks.wan_signature(model)
-    except wan_hooks.NotAWanModel as e:
+        return compat.wan_signature(model)
+    except compat.NotAWanModel as e:
         raise BridgeInputError(node, input_name, str(e), "a Wan2.1-architecture model (Wan2.1, ChronoEdit)",
                                "load a Wan2.1 or ChronoEdit diffusion model with Load Diffusion Model") from e
 

@@ -1,6 +1,6 @@
 """Runtime that attaches a sharer's K/V to a clone of the receiver.
 
-Lifecycle, per sampling run of the bridged clone (K/V sources: nodes/live.py and nodes/recorded.py):
+Lifecycle, per sampling run of the bridged clone (K/V sources: c2c_comfy/live.py and c2c_comfy/recorded.py):
   OUTER_SAMPLE wrapper  -> ``BridgeRun`` is created (sharer conditioning, positions, projector on
                            the run's device) and always torn down in ``finally``;
   APPLY_MODEL wrapper   -> per model call: step and strength are resolved, and the K/V source makes
@@ -23,7 +23,7 @@ import torch
 import comfy.patcher_extension
 
 from ..c2c_core import FusionSchedule, LayerFuser, ModelSignature, RopeRerotation, align_kv, static_gate
-from . import wan_hooks
+from . import compat
 from .live import COND, Shared
 
 log = logging.getLogger("dit_cache_bridge")
@@ -91,7 +91,7 @@ class Bridge(Shared):
     def attach(self, receiver):
         """A clone of ``receiver`` that fuses this bridge's K/V; ``receiver`` itself is untouched."""
         patched = receiver.clone()
-        wan_hooks.hook_self_attention(patched, self.fused_layers, self._fuse)
+        compat.hook_self_attention(patched, self.fused_layers, self._fuse)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key, self._outer_sample)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key, self._apply_model)
         self.source.attach(self, patched, receiver)
@@ -163,8 +163,8 @@ class BridgeRun:
         self.seed = seed
         self.sigmas = [float(s) for s in sigmas]
         self.steps = max(1, len(self.sigmas) - 1)
-        self.grid = wan_hooks.token_grid(noise.shape)
-        self.receiver_rope = wan_hooks.rope_spec(receiver)
+        self.grid = compat.token_grid(noise.shape)
+        self.receiver_rope = compat.rope_spec(receiver)
         self._rerotation = None
         self.report = Report(layers=bridge.fused_layers)
         self._strength_sum = {layer: 0.0 for layer in bridge.fused_layers}

@@ -8,8 +8,8 @@ from comfy_api.latest import io
 
 from ..c2c_core import BundleError
 from ..c2c_core.recording import load_recording, save_recording
-from .errors import BridgeInputError, check
-from .recorded import RecordedSource
+from ..c2c_comfy.errors import BridgeInputError, check
+from ..c2c_comfy.recorded import RecordedSource
 from .types import CATEGORY, KVSource
 
 SUBFOLDER = "kv_cache"

@@ -15,7 +15,7 @@ import comfy.patcher_extension
 import nodes as comfy_nodes
 
 from ..c2c_core.recording import DiskStore, KVRecording, RamStore
-from . import memory, wan_hooks
+from . import compat, memory
 from .bridge import step_of
 from .errors import BridgeInputError
 
@@ -74,13 +74,13 @@ def record(node, sharer, positive, negative, layers, latent_image, seed, steps, 
         raise BridgeInputError(node, "latent_image", "nothing connected", "the latent the receiver will sample",
                                "connect the same empty latent (size and length) you give the receiver's KSampler")
     store = RamStore() if storage == "ram" else DiskStore(tempfile.mkdtemp(prefix="c2c_kv_", dir=_temp_dir()))
-    recording = KVRecording(signature=signature, grid=wan_hooks.token_grid(latent_image["samples"].shape),
-                            rope=wan_hooks.rope_spec(sharer), sigmas=[], layers=tuple(layers),
+    recording = KVRecording(signature=signature, grid=compat.token_grid(latent_image["samples"].shape),
+                            rope=compat.rope_spec(sharer), sigmas=[], layers=tuple(layers),
                             storage_dtype=storage_dtype, store=store)
     recorder = _Recorder(recording)
     key = f"dit_cache_bridge.record.{next(_ids)}"
     clone = sharer.clone()
-    wan_hooks.hook_self_attention(clone, layers, recorder.capture)
+    compat.hook_self_attention(clone, layers, recorder.capture)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, recorder.outer_sample)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, recorder.apply_model)
     try:

@@ -20,7 +20,7 @@ One training forward (:class:`TrainingPair`):
   3. the receiver runs with grad; its hook fuses the projected sharer K/V into its own through a
      c2c_core ``LayerFuser`` at strength 1, so gradients reach the projector bank and nothing else.
 
-Models are never changed: both are cloned, hooks live on the clones (``wan_hooks``), the clones
+Models are never changed: both are cloned, hooks live on the clones (``compat``), the clones
 are what ComfyUI loads. The base weights' ``requires_grad`` flags are switched off for the run and
 restored afterwards. ComfyUI executes nodes under ``torch.inference_mode``, so a model loaded by a
 node holds *inference tensors*, which autograd may not save for backward; for such a receiver the
@@ -54,7 +54,7 @@ from ..c2c_core import (FusionSchedule, LayerFuser, LayerMap, ProjectorBank, Pro
 from ..c2c_core.bundle import read_header, read_meta
 from ..c2c_core.checkpoint import find_checkpoint
 from ..c2c_core.errors import C2CError
-from . import wan_hooks
+from . import compat
 
 log = logging.getLogger("dit_cache_bridge")
 
@@ -448,16 +448,16 @@ class TrainingPair:
     """
 
     def __init__(self, sharer, receiver, bank: ProjectorBank, layer_map: LayerMap, strength: float = 1.0):
-        self.sharer_signature = wan_hooks.wan_signature(sharer)
-        self.receiver_signature = wan_hooks.wan_signature(receiver)
+        self.sharer_signature = compat.wan_signature(sharer)
+        self.receiver_signature = compat.wan_signature(receiver)
         self.bank, self.layer_map = bank, layer_map
         self.fuser = LayerFuser(bank, layer_map, FusionSchedule(), strength)
         self.fused_layers = list(layer_map.layers)
         self.sharer_layers = sorted(set(layer_map.pairs.values()))
         self.receiver = receiver.clone()
         self.sharer = sharer.clone()
-        wan_hooks.hook_self_attention(self.receiver, self.fused_layers, self._receiver_hook)
-        wan_hooks.hook_self_attention(self.sharer, self.sharer_layers, self._sharer_hook)
+        compat.hook_self_attention(self.receiver, self.fused_layers, self._receiver_hook)
+        compat.hook_self_attention(self.sharer, self.sharer_layers, self._sharer_hook)
         if _has_inference_weights(self.receiver):
             for name, module in self.receiver.model.named_modules():
                 if hasattr(module, "weight_function"):
@@ -466,8 +466,8 @@ class TrainingPair:
                             self.receiver.add_weight_wrapper(f"{name}.{attr}", _fresh_weight)
         self.device = self.receiver.load_device
         self.model_sampling = self.receiver.get_model_object("model_sampling")
-        self.sharer_rope = wan_hooks.rope_spec(self.sharer)
-        self.receiver_rope = wan_hooks.rope_spec(self.receiver)
+        self.sharer_rope = compat.rope_spec(self.sharer)
+        self.receiver_rope = compat.rope_spec(self.receiver)
         self._rerotations: dict = {}
         self._mode = None            # "capture" | "fuse" | "observe" while a forward runs
         self._captured: dict = {}    # sharer layer -> (k, v) as (B, N, H, D), keys on the receiver's positions
@@ -539,7 +539,7 @@ class TrainingPair:
         wrappers.setdefault(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})[_WRAPPER_KEY] = [keep_raw]
         options.update(wrappers=wrappers, cond_or_uncond=list(batch.cond_or_uncond), sigmas=batch.sigma,
                        uuids=[None] * len(batch.cond_or_uncond))
-        self._grid = wan_hooks.token_grid(batch.x0.shape)
+        self._grid = compat.token_grid(batch.x0.shape)
         try:
             patcher.model.apply_model(batch.x_t, batch.sigma, **conds, transformer_options=options)
         except _StopForward:

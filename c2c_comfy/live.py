@@ -19,7 +19,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from ..c2c_core import ModelSignature
-from . import wan_hooks
+from . import compat
 from .errors import BridgeInputError
 
 COND, UNCOND = 0, 1
@@ -49,7 +49,7 @@ class LiveSharer(Shared):
     def attach(self, bridge, patched, receiver):
         """Clone the sharer with capture hooks; ComfyUI loads it with the receiver (additional model)."""
         sharer = self.model.clone()
-        wan_hooks.hook_self_attention(sharer, bridge.sharer_layers, bridge.capture)
+        compat.hook_self_attention(sharer, bridge.sharer_layers, bridge.capture)
         sharer.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, bridge.key, _sharer_apply_model)
         if sharer.model is not receiver.model:
             patched.set_additional_models(bridge.key, [sharer])
@@ -138,8 +138,8 @@ class LiveSharerRun:
                                                   denoise_mask, seed)
         self.model_options = comfy.model_patcher.create_model_options_clone(sharer_patcher.model_options)
         comfy.sampler_helpers.prepare_model_patcher(sharer_patcher, self.conds, self.model_options)
-        self.grid = wan_hooks.token_grid(self.latent_shape)
-        self.rope = wan_hooks.rope_spec(sharer_patcher)
+        self.grid = compat.token_grid(self.latent_shape)
+        self.rope = compat.rope_spec(sharer_patcher)
 
     def ensure(self, x, t, kinds, step, window):
         """Run the sharer for the chunk kinds whose K/V are missing or from an older refresh window."""

@@ -13,9 +13,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..c2c_core import C2CError, ResumeError
-from . import paths, training
-from .errors import BridgeInputError, check
-from .projector_nodes import check_projector_fits, model_signature
+from ..c2c_comfy import paths, training
+from ..c2c_comfy.errors import BridgeInputError, check
+from .projector import check_projector_fits, model_signature
 from .types import CATEGORY, Projector
 
 TRAIN_CATEGORY = f"{CATEGORY}/training"
