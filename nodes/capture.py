@@ -21,7 +21,7 @@ class CaptureKVCache(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="CaptureKVCache", display_name=cls.NODE, category=CATEGORY,
+            node_id="DiTCacheBridge_CaptureKVCache", display_name=cls.NODE, category=CATEGORY,
             description="The sharer model and its own conditioning. live: its self-attention K/V are captured at "
                         "every model call of the receiver (same latent, same sigma). recorded: the sharer is "
                         "sampled here, alone, and its K/V recorded for replay, so only one model is resident.",

@@ -40,7 +40,7 @@ class FuseCaches(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FuseCaches", display_name=cls.NODE, category=CATEGORY,
+            node_id="DiTCacheBridge_FuseCaches", display_name=cls.NODE, category=CATEGORY,
             description="Returns a copy of the receiver that fuses the sharer's projected K/V into its "
                         "self-attention at every step. Use it with the stock KSampler, KSamplerAdvanced or "
                         "SamplerCustomAdvanced. Chain several Fuse Caches to add more sharers.",

@@ -32,7 +32,7 @@ class SaveKVCache(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="SaveKVCache", display_name=cls.NODE, category=f"{CATEGORY}/recorded",
+            node_id="DiTCacheBridge_SaveKVCache", display_name=cls.NODE, category=f"{CATEGORY}/recorded",
             description="Write a recorded K/V cache to output/kv_cache/ as one .safetensors file with metadata.",
             inputs=[KVSource.Input("kv_source", tooltip="From Capture KV Cache in recorded mode."),
                     io.String.Input("filename_prefix", default="kv_cache",
@@ -58,7 +58,7 @@ class LoadKVCache(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="LoadKVCache", display_name=cls.NODE, category=f"{CATEGORY}/recorded",
+            node_id="DiTCacheBridge_LoadKVCache", display_name=cls.NODE, category=f"{CATEGORY}/recorded",
             description="Load a K/V recording saved by Save KV Cache; tensors are read step by step during replay.",
             inputs=[io.Combo.Input("kv_cache", options=recording_files(),
                                    tooltip="A recording in output/kv_cache/ (.safetensors only)."),

@@ -20,7 +20,7 @@ class LoadC2CProjector(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="LoadC2CProjector", display_name=cls.NODE, category=f"{CATEGORY}/projectors",
+            node_id="DiTCacheBridge_LoadC2CProjector", display_name=cls.NODE, category=f"{CATEGORY}/projectors",
             description="Load a trained projector bundle (.safetensors) from models/c2c_projectors.",
             inputs=[io.Combo.Input("projector_name", options=paths.projector_files(),
                                    tooltip="A projector bundle in models/c2c_projectors. Only .safetensors files "
@@ -44,7 +44,7 @@ class CreateC2CProjector(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="CreateC2CProjector", display_name=cls.NODE, category=f"{CATEGORY}/projectors",
+            node_id="DiTCacheBridge_CreateC2CProjector", display_name=cls.NODE, category=f"{CATEGORY}/projectors",
             description="Training-free projectors (identity, weighted) for same-architecture pairs, or a freshly "
                         "initialised learnable one to train.",
             inputs=[

@@ -16,7 +16,7 @@ class BridgedKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="BridgedKSampler", display_name=cls.NODE, category=CATEGORY,
+            node_id="DiTCacheBridge_BridgedKSampler", display_name=cls.NODE, category=CATEGORY,
             description="Samples the receiver while the sharer runs in lockstep and its projected K/V are fused "
                         "into the receiver's self-attention. Same result as Capture KV Cache → Fuse Caches → KSampler.",
             inputs=[

@@ -45,7 +45,7 @@ class SaveC2CTrainingSample(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="SaveC2CTrainingSample", display_name=cls.NODE, category=TRAIN_CATEGORY,
+            node_id="DiTCacheBridge_SaveC2CTrainingSample", display_name=cls.NODE, category=TRAIN_CATEGORY,
             description="Stores one training example for Train C2C Projector: a clean video latent plus the "
                         "receiver's and the sharer's conditioning, as .safetensors files (tensors and JSON, "
                         "nothing pickled) in output/c2c_training/<folder>/. One file per latent of the batch.",
@@ -106,7 +106,7 @@ class TrainC2CProjector(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="TrainC2CProjector", display_name=cls.NODE, category=TRAIN_CATEGORY,
+            node_id="DiTCacheBridge_TrainC2CProjector", display_name=cls.NODE, category=TRAIN_CATEGORY,
             description="Trains a learnable projector (gating, full or c2c) for a sharer → receiver pair on the "
                         "samples saved by Save C2C Training Sample. Both models stay frozen and unchanged; only "
                         "the projector learns. Saves the result in models/c2c_projectors/ and checkpoints in "

@@ -154,11 +154,11 @@ def trained_default(models_root: Path, generate: bool, log=print) -> TrainedDefa
 def use_default_projector(api: dict, trained: TrainedDefault | None) -> str:
     """Point every projector of the prompt at the demo's default; returns a one-line description."""
     if trained is None:
-        for node_id in workflow_api.nodes_of_type(api, "CreateC2CProjector"):
+        for node_id in workflow_api.nodes_of_type(api, "DiTCacheBridge_CreateC2CProjector"):
             api[node_id]["inputs"].update(FALLBACK_PROJECTOR)
         return "Create C2C Projector, " + ", ".join(f"{k} {v}" for k, v in FALLBACK_PROJECTOR.items())
-    for node_id in workflow_api.nodes_of_type(api, "CreateC2CProjector"):
-        api[node_id] = {"class_type": "LoadC2CProjector", "_meta": {"title": "Load C2C Projector (demo default)"},
+    for node_id in workflow_api.nodes_of_type(api, "DiTCacheBridge_CreateC2CProjector"):
+        api[node_id] = {"class_type": "DiTCacheBridge_LoadC2CProjector", "_meta": {"title": "Load C2C Projector (demo default)"},
                         "inputs": {"projector_name": trained.projector}}
     return f"Load C2C Projector {trained.projector} (c2c, trained by tools/make_demo_assets.py)"
 
@@ -200,7 +200,7 @@ def demo_prompts(workflow: dict, object_info: dict, settings: DemoSettings,
         width=settings.width, height=settings.height, length=settings.length, steps=settings.steps,
         save_prefix="dit_cache_bridge_demo"), object_info)
 
-    (fuse_id,) = workflow_api.nodes_of_type(tiny, "FuseCaches")
+    (fuse_id,) = workflow_api.nodes_of_type(tiny, "DiTCacheBridge_FuseCaches")
     capture_id = tiny[fuse_id]["inputs"]["kv_source"][0]
     (sampler_id,) = [i for i in workflow_api.nodes_of_type(tiny, "KSampler")
                      if tiny[i]["inputs"]["model"] == [fuse_id, 0]]

@@ -226,7 +226,7 @@ class TinySettings:
 FEEDERS = frozenset({"CLIPLoader", "DualCLIPLoader", "LoadImage", "CLIPVisionLoader", "CLIPVisionEncode", "VAELoader",
                      "ImageScaleToMaxDimension", "ImageScale", "ImageScaleBy"})
 DECODERS = frozenset({"VAEDecode", "VAEDecodeTiled"})
-SAMPLERS_WITH_STEPS = frozenset({"KSampler", "BridgedKSampler", "CaptureKVCache"})
+SAMPLERS_WITH_STEPS = frozenset({"KSampler", "DiTCacheBridge_BridgedKSampler", "DiTCacheBridge_CaptureKVCache"})
 LATENT_SOURCES = frozenset({"EmptyHunyuanLatentVideo"})
 
 
@@ -279,11 +279,11 @@ def substitute_tiny(api: dict, settings: TinySettings = TinySettings(), object_i
                             "inputs": {"samples": inputs["samples"],
                                        "filename_prefix": f"{settings.save_prefix}/{node_id}"}}
             dropped_outputs.add(node_id)
-        elif kind == "CreateC2CProjector" or (kind == "CaptureKVCache" and inputs.get("layers") != "auto"):
+        elif kind == "DiTCacheBridge_CreateC2CProjector" or (kind == "DiTCacheBridge_CaptureKVCache" and inputs.get("layers") != "auto"):
             inputs["layers"] = settings.layers
         if kind in SAMPLERS_WITH_STEPS and "steps" in inputs:
             api[node_id]["inputs"]["steps"] = settings.steps     # a literal, also where a primitive fed it
-        if kind in ("FuseCaches", "BridgedKSampler") and inputs.get("layer_strengths"):
+        if kind in ("DiTCacheBridge_FuseCaches", "DiTCacheBridge_BridgedKSampler") and inputs.get("layer_strengths"):
             inputs["layer_strengths"] = ""
 
     for node in api.values():

@@ -29,8 +29,8 @@ def test_shipped_workflow_collects_only_until_training_is_unmuted(comfy_server):
     workflow = json.loads(WORKFLOW.read_text(encoding="utf-8"))
     api = workflow_api.to_api(workflow, comfy_server.object_info())
     kinds = {node["class_type"] for node in api.values()}
-    assert "SaveC2CTrainingSample" in kinds
-    assert not kinds & {"TrainC2CProjector", "CreateC2CProjector", "FuseCaches"}
+    assert "DiTCacheBridge_SaveC2CTrainingSample" in kinds
+    assert not kinds & {"DiTCacheBridge_TrainC2CProjector", "DiTCacheBridge_CreateC2CProjector", "DiTCacheBridge_FuseCaches"}
 
 
 def test_unmuted_workflow_saves_a_sample_trains_and_samples_with_the_projector(comfy_server, bundle_path, pack):
@@ -40,9 +40,9 @@ def test_unmuted_workflow_saves_a_sample_trains_and_samples_with_the_projector(c
         node["mode"] = 0
     object_info = comfy_server.object_info()
     api = workflow_api.substitute_tiny(workflow_api.to_api(workflow, object_info), TINY, object_info)
-    (train,) = workflow_api.nodes_of_type(api, "TrainC2CProjector")
+    (train,) = workflow_api.nodes_of_type(api, "DiTCacheBridge_TrainC2CProjector")
     api[train]["inputs"].update(steps=3, warmup_steps=0, checkpoint_every=0, output_name=OUTPUT_NAME, resume=False)
-    (save,) = workflow_api.nodes_of_type(api, "SaveC2CTrainingSample")
+    (save,) = workflow_api.nodes_of_type(api, "DiTCacheBridge_SaveC2CTrainingSample")
     assert api[train]["inputs"]["dataset"] == [save, 0], "training must wait for the sample"
     entry = comfy_server.run(api, timeout=300)
     assert bundle_path.is_file()

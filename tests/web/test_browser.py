@@ -24,7 +24,7 @@ WEB_TESTS = Path(__file__).resolve().parent
 DRIVER = WEB_TESTS / "driver.mjs"
 ARTIFACTS = host.REPO_ROOT / "test-artifacts" / "web"
 CHROMIUM = Path(os.environ.get("DCB_CHROMIUM", "/usr/bin/chromium"))
-PACK_NODES = ("LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler")
+PACK_NODES = ("DiTCacheBridge_LoadC2CProjector", "DiTCacheBridge_CreateC2CProjector", "DiTCacheBridge_CaptureKVCache", "DiTCacheBridge_FuseCaches", "DiTCacheBridge_BridgedKSampler")
 # Settings for a clean first page: no template browser for a "new user", no minimap over the canvas.
 UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
 INSPECTOR_COLOURS = ("strength", "k", "v")
@@ -170,16 +170,16 @@ def pack_workflow(object_info: dict) -> dict:
     wf.add(2, "UNETLoader", (0, 150), unet_name=host.T2V_B, weight_dtype="default")
     wf.add(3, "DCBTestWanConditioning", (0, 300), seed=1, length=8, batch_size=1)
     wf.add(4, "DCBTestWanConditioning", (0, 480), seed=2, length=5, batch_size=1)
-    wf.add(5, "CreateC2CProjector", (350, 0), kind="weighted", mapping="identity", layers="all", alpha=0.5, seed=0)
-    wf.add(6, "CaptureKVCache", (350, 280), layers="auto", refresh_every=1)
-    wf.add(FUSE, "FuseCaches", (700, 0), strength=1.0, start_percent=0.0, end_percent=1.0, ramp="constant")
+    wf.add(5, "DiTCacheBridge_CreateC2CProjector", (350, 0), kind="weighted", mapping="identity", layers="all", alpha=0.5, seed=0)
+    wf.add(6, "DiTCacheBridge_CaptureKVCache", (350, 280), layers="auto", refresh_every=1)
+    wf.add(FUSE, "DiTCacheBridge_FuseCaches", (700, 0), strength=1.0, start_percent=0.0, end_percent=1.0, ramp="constant")
     wf.add(8, "EmptyHunyuanLatentVideo", (0, 660), width=64, height=64, length=9, batch_size=1)
     wf.add(9, "KSampler", (1050, 0), **sampling)
     wf.add(10, "SaveLatent", (1400, 0), filename_prefix="web_test/fuse_caches")
-    wf.add(BRIDGED, "BridgedKSampler", (700, 400), strength=0.6, start_percent=0.0, end_percent=1.0,
+    wf.add(BRIDGED, "DiTCacheBridge_BridgedKSampler", (700, 400), strength=0.6, start_percent=0.0, end_percent=1.0,
            ramp="linear_down", **sampling)
     wf.add(12, "SaveLatent", (1050, 500), filename_prefix="web_test/bridged_ksampler")
-    wf.add(13, "LoadC2CProjector", (0, 860))
+    wf.add(13, "DiTCacheBridge_LoadC2CProjector", (0, 860))
     (wf.link(2, 5, "sharer").link(1, 5, "receiver")
        .link(2, 6, "sharer").link(3, 6, "positive").link(4, 6, "negative")
        .link(1, FUSE, "model").link(6, FUSE, "kv_source").link(5, FUSE, "projector")
@@ -223,7 +223,7 @@ def test_fuse_caches_is_found_by_the_node_search_and_gets_the_pack_colours(ui_se
     result = drive("search", ui_server, tmp_path, query="Fuse Caches", expect="Fuse Caches")
     assert any(option.startswith("Fuse Caches") for option in result["options"]), result["options"]
     (added,) = result["added"]
-    assert added["type"] == "FuseCaches"
+    assert added["type"] == "DiTCacheBridge_FuseCaches"
     assert added["color"] and added["bgcolor"], f"pack colours not applied: {added}"
 
 

@@ -8,8 +8,9 @@ import requests
 
 import host
 
-PACK_NODES = ("LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler",
-              "SaveKVCache", "LoadKVCache", "SaveC2CTrainingSample", "TrainC2CProjector")
+PACK_NODES = tuple("DiTCacheBridge_" + name for name in (
+    "LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler",
+    "SaveKVCache", "LoadKVCache", "SaveC2CTrainingSample", "TrainC2CProjector"))
 DOCS = host.REPO_ROOT / "web" / "docs"
 
 

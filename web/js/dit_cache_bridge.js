@@ -14,10 +14,12 @@ import { api } from "../../../scripts/api.js";
 const EXTENSION = "dit_cache_bridge";
 export const REPORT_EVENT = "dit_cache_bridge.report";
 
-// Node ids (and future node ids) by role; a node belongs to the pack when its id starts with one.
+// Every node id of the pack starts with PREFIX (ComfyUI asks custom nodes to prefix their ids);
+// the rest of the id says the node's role.
+export const PREFIX = "DiTCacheBridge_";
 const ROLES = {
-  projector: ["LoadC2C", "CreateC2C", "TrainC2CProjector", "SaveC2CTrainingSample"],
-  source: ["CaptureKVCache", "SaveKVCache", "LoadKVCache"],
+  projector: ["LoadC2CProjector", "CreateC2CProjector", "TrainC2CProjector", "SaveC2CTrainingSample"],
+  source: ["CaptureKVCache", "RecordKVCache", "SaveKVCache", "LoadKVCache"],
   fusion: ["FuseCaches", "BridgedKSampler"],
 };
 // One hue family (teal) so the pack reads as one; shades tell the roles apart.
@@ -27,12 +29,12 @@ export const COLOURS = {
   source: { color: "#1b4744", bgcolor: "#285f5a" },
   fusion: { color: "#1c4a3a", bgcolor: "#2a6350" },
 };
-const INSPECTED = ROLES.fusion;
 
 export function roleOf(nodeId) {
-  if (typeof nodeId !== "string") return null;
-  for (const [role, prefixes] of Object.entries(ROLES)) {
-    if (prefixes.some((prefix) => nodeId.startsWith(prefix))) return role;
+  if (typeof nodeId !== "string" || !nodeId.startsWith(PREFIX)) return null;
+  const name = nodeId.slice(PREFIX.length);
+  for (const [role, names] of Object.entries(ROLES)) {
+    if (names.includes(name)) return role;
   }
   return null;
 }
@@ -85,7 +87,7 @@ function onReport(event) {
   const detail = event?.detail;
   if (!detail || detail.node == null) return;
   const node = nodeForExecutionId(detail.node);
-  if (!node || !INSPECTED.some((prefix) => node.comfyClass?.startsWith(prefix))) return;
+  if (!node || roleOf(node.comfyClass) !== "fusion") return;
   const report = normaliseReport(detail.report);
   node.dcbFusionReport = report; // read by the inspector (and the browser test)
   if (report) {
@@ -205,7 +207,7 @@ app.registerExtension({
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (INSPECTED.some((prefix) => nodeData?.name?.startsWith(prefix))) installInspector(nodeType);
+    if (roleOf(nodeData?.name) === "fusion") installInspector(nodeType);
   },
 
   nodeCreated(node) {
