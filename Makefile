@@ -1,7 +1,8 @@
 # Developer and CI entry points. Every target is quick the second time (stamp files).
-#   make test    venv + ComfyUI host + tiny models, then the whole pytest suite
-#   make demo    the same setup, then tools/demo.py
-# COMFYUI_PATH=/path/to/ComfyUI uses that ComfyUI instead of installing the pinned 0.3.75 in .host/.
+#   make test    venv + ComfyUI hosts + tiny models, then the whole pytest suite once per host: the pinned
+#                0.3.75 in .host/ComfyUI and every ../shared/hosts/comfyui-<version>.tar.gz (.host/ComfyUI-<version>)
+#   make demo    the same setup, then tools/demo.py (on the pinned host)
+# COMFYUI_PATH=/path/to/ComfyUI uses that ComfyUI alone instead of the hosts in .host/.
 
 PYTHON ?= python3
 VENV := .venv
@@ -34,8 +35,13 @@ host: venv
 models: host
 	$(PY) tools/make_tiny_models.py --out $(MODELS_DIR)
 
+# One pytest run per host (COMFYUI_PATH names it); every host runs even when one fails, the exit status says if any did.
 test: venv host models
-	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	@trees="$$($(PY) tools/install_host.py --trees)"; test -n "$$trees" || { echo "no ComfyUI host: run make host"; exit 1; }; \
+	status=0; for tree in $$trees; do \
+	    echo "=== pytest against ComfyUI at $$tree"; \
+	    COMFYUI_PATH=$$tree $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) || status=1; \
+	done; exit $$status
 
 demo: venv host models
 	$(PY) tools/demo.py

@@ -179,10 +179,12 @@ _in_process: ComfyHost | None = None
 
 
 def _prepend_comfyui(path: Path) -> None:
-    entry = str(path)
-    while entry in sys.path:
-        sys.path.remove(entry)
-    sys.path.insert(0, entry)
+    """ComfyUI's tree, then its site folder (packages it pins at other versions), ahead of everything."""
+    entries = install_host.host_paths(path)
+    for entry in entries:
+        while entry in sys.path:
+            sys.path.remove(entry)
+    sys.path[:0] = entries
     loaded = sys.modules.get("nodes")
     if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() != path / "nodes.py":
         raise RuntimeError(
@@ -368,7 +370,11 @@ class ComfyServer:
     def start(self) -> None:
         yaml_path = self._prepare_folders()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("PYTHONPATH", None)  # the server's sys.path starts with ComfyUI's folder, never this repo
+        # The server's sys.path starts with ComfyUI's folder, never this repo; then the host's site folder.
+        env.pop("PYTHONPATH", None)
+        site = install_host.host_paths(self.comfyui)[1:]
+        if site:
+            env["PYTHONPATH"] = os.pathsep.join(site)
         for attempt in range(3):
             self.port = free_port()
             self.url = f"http://127.0.0.1:{self.port}"

@@ -144,12 +144,59 @@ def test_server_folder_links_the_pack_and_names_the_models_root(tmp_path):
 
 # --- tools ----------------------------------------------------------------------------------------
 
-def test_host_requirements_leave_out_the_torch_family_and_the_template_media(comfyui_root):
+def test_host_requirements_leave_out_the_venvs_torch_and_the_template_media(comfyui_root):
     kept, dropped = host.install_host.filtered_requirements(comfyui_root / "requirements.txt", with_templates=False)
     names = {host.install_host.requirement_name(line) for line in kept}
-    assert {"torch", "torchvision", "torchaudio", "comfyui-workflow-templates"} <= set(dropped)
-    assert not names & {"torch", "torchvision", "torchaudio", "comfyui-workflow-templates"}
-    assert {"comfyui-frontend-package", "transformers", "safetensors", "aiohttp"} <= names
+    assert {"torch", "torchvision", "comfyui-workflow-templates"} <= set(dropped)
+    assert not names & {"torch", "torchvision", "comfyui-workflow-templates"}
+    assert {"torchaudio", "comfyui-frontend-package", "transformers", "safetensors", "aiohttp"} <= names
+
+
+def test_host_sees_the_frontend_and_torch_it_was_installed_with(comfy):
+    """An extra host's own pins (site folder) shadow the venv's; torch stays the venv's."""
+    from importlib import metadata
+
+    import torch as venv_torch
+
+    pins = {host.install_host.requirement_name(line): line.split("==", 1)[1]
+            for line in (comfy.path / "requirements.txt").read_text().splitlines() if "==" in line}
+    assert metadata.version("comfyui-frontend-package") == pins["comfyui-frontend-package"]
+    assert Path(venv_torch.__file__).resolve().is_relative_to(Path(sys.prefix).resolve())
+
+
+def test_split_requirements_adds_missing_and_isolates_other_versions():
+    missing, other = host.install_host.split_requirements(
+        ["torch", "no-such-package-dcb==1.0", f"torch=={host.install_host.installed_version('torch')}", "torch==0.0.1", "pytest>=1",
+         'no-such-package-dcb-2; python_version < "3"'])
+    assert missing == ["no-such-package-dcb==1.0"]
+    assert other == ["torch==0.0.1"]
+
+
+def test_extra_hosts_are_found_by_tarball_name_and_unpacked_whole(tmp_path, monkeypatch):
+    import tarfile
+
+    source = fake_comfyui(tmp_path / "comfy-9.1.0", "")
+    (source / "comfyui_version.py").write_text('__version__ = "9.1.0"\n')
+    with tarfile.open(tmp_path / "comfyui-9.1.0.tar.gz", "w:gz") as tf:
+        tf.add(source, arcname="comfy-9.1.0")
+    (tmp_path / "comfyui-latest.tar.gz").write_bytes(b"")           # no version in the name: ignored
+    assert host.install_host.extra_tarballs(tmp_path) == {"9.1.0": tmp_path / "comfyui-9.1.0.tar.gz"}
+    assert host.install_host.extra_tarballs(tmp_path / "absent") == {}
+    monkeypatch.setattr(host.install_host, "HOST_DIR", tmp_path / "hostdir")
+    monkeypatch.setattr(host.install_host, "REPO_ROOT", tmp_path)
+    tree = tmp_path / "hostdir" / "ComfyUI-9.1.0"
+    host.install_host.extract_tarball(tmp_path / "comfyui-9.1.0.tar.gz", tree)
+    assert host.install_host.comfyui_version(tree) == "9.1.0" and host.install_host.is_comfyui_tree(tree)
+    assert host.install_host.host_paths(tree) == [str(tree)]
+    (tree / host.install_host.SITE_FOLDER).mkdir()
+    assert host.install_host.host_paths(tree) == [str(tree), str(tree / host.install_host.SITE_FOLDER)]
+    assert [p.name for p in (tmp_path / "hostdir").iterdir()] == ["ComfyUI-9.1.0"]   # no partial folder left
+
+
+def test_trees_to_test_is_comfyui_path_alone_when_set(monkeypatch, tmp_path):
+    tree = fake_comfyui(tmp_path / "MyComfy", "")
+    monkeypatch.setenv("COMFYUI_PATH", str(tree))
+    assert host.install_host.trees_to_test() == [tree.resolve()]
 
 
 def test_tiny_model_maker_is_deterministic(tiny_models, tmp_path):

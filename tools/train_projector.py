@@ -89,12 +89,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def setup_comfyui(cpu: bool, local_rank: int):
     """Put ComfyUI first on sys.path and configure it before comfy.model_management is imported."""
     sys.path.insert(0, str(REPO_ROOT / "tools"))
-    from install_host import comfyui_path
+    from install_host import comfyui_path, host_paths
 
-    root = str(comfyui_path())
-    if root in sys.path:
-        sys.path.remove(root)
-    sys.path.insert(0, root)
+    entries = host_paths(comfyui_path())     # the tree, then its site folder if it has one
+    for entry in entries:
+        while entry in sys.path:
+            sys.path.remove(entry)
+    sys.path[:0] = entries
     import torch
     import comfy.cli_args
 
