@@ -1,0 +1,15 @@
+"""c2c_diffusers: the DiT Cache Bridge for diffusers pipelines (Wan2.1, Wan2.2, ChronoEdit).
+
+Imports diffusers and c2c_core, never ComfyUI; diffusers is an optional extra
+(``pip install dit-cache-bridge[diffusers]``). Two-line attach::
+
+    bridge = Bridge(load_bundle("projector.safetensors"), LiveSharer(chronoedit.transformer, inputs))
+    bridge.attach(wan_pipe)          # ... wan_pipe(...) now fuses; bridge.detach() undoes it
+
+See docs/diffusers.md.
+"""
+from .bridge import COND, UNCOND, Bridge
+from .errors import BridgeSetupError
+from .live import LiveSharer, SharerInputs
+
+__all__ = ["Bridge", "BridgeSetupError", "COND", "LiveSharer", "SharerInputs", "UNCOND"]

@@ -1,0 +1,232 @@
+"""Attach a sharer's K/V (live or recorded) to a diffusers receiver transformer, and detach it bit-for-bit.
+
+Lifecycle, per sampling run (one pipeline call):
+  ``CallHook`` (pre_forward)   -> per model call: the CFG branch, step and noise percent are resolved,
+                                  ``FusionRun.begin_call`` sets per-layer strengths and, when a layer
+                                  fuses, the K/V source makes sure the sharer's K/V for this branch exist
+                                  (live: the sharer runs now on the same latent and timestep);
+  ``SelfAttentionTap``         -> per fused block: ``FusionRun.fuse`` aligns, projects and blends.
+A run opens at the first call (or with :meth:`Bridge.session`) and closes when the session ends, when
+sampling starts over (the timestep goes up), or at :meth:`Bridge.detach`; its report is ``last_report``.
+
+CFG branches come from ``transformer.cache_context("cond"/"uncond")`` (WanPipeline). Pipelines that
+call the transformer without a cache context (WanImageToVideoPipeline, ChronoEditPipeline in
+diffusers 0.42) get the documented fallback: within one timestep the first call is "cond", the second
+"uncond" — the order every diffusers Wan pipeline uses. The step index comes from the context, else
+from the timestep (a new value is a new step). The noise percent of a call (windows) follows ComfyUI's
+convention for flow models, sigma = shift·(1−p) / (1 + (shift−1)·(1−p)), with the scheduler's shift,
+so a window means the same steps in both hosts.
+
+Nothing is written onto the models beyond diffusers' own extension points (``set_processor``, the
+``HookRegistry``); ``detach`` gives back the original processors and removes the hook.
+"""
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+
+import torch
+
+from c2c_core import FusionSchedule
+from c2c_core.runtime import BankCache, FusionRun, percent_of
+
+from . import models
+from .errors import BridgeSetupError
+from .hooks import add_taps, register_call_hook, remove_call_hook, remove_taps
+
+__all__ = ["Bridge", "CallInfo", "COND", "UNCOND", "flow_sigma"]
+
+COND, UNCOND = "cond", "uncond"
+_ids = itertools.count()
+
+
+def flow_sigma(percent: float, shift: float) -> float:
+    """Sigma at ``percent`` through a flow model's schedule (ComfyUI's ``percent_to_sigma`` for Wan)."""
+    if percent <= 0.0:
+        return 1.0
+    if percent >= 1.0:
+        return 0.0
+    x = 1.0 - percent
+    return shift * x / (1.0 + (shift - 1.0) * x)
+
+
+def scheduler_shift(scheduler) -> float:
+    """The flow shift a diffusers scheduler applies (FlowMatchEuler: shift, UniPC/DPM: flow_shift)."""
+    config = getattr(scheduler, "config", {}) or {}
+    for name in ("shift", "flow_shift"):
+        value = config.get(name) if hasattr(config, "get") else None
+        if isinstance(value, (int, float)) and value > 0:
+            return float(value)
+    return 1.0
+
+
+class CallInfo:
+    """One receiver call as the K/V source sees it."""
+
+    __slots__ = ("latent", "timestep", "branch", "step")
+
+    def __init__(self, latent, timestep, branch, step):
+        self.latent, self.timestep, self.branch, self.step = latent, timestep, branch, step
+
+
+class Bridge:
+    """Fuses one K/V source into one receiver (or a Wan2.2 pair of experts) through one projector bundle.
+
+    bundle: a ``c2c_core.ProjectorBundle`` (``load_bundle(path)``) whose receiver signature matches the
+        receiver transformer. source: a ``LiveSharer`` or ``RecordedSharer``. strength, schedule,
+        layer_strengths, rope_alignment: as in ``c2c_core.runtime.FusionRun``. scheduler: the receiver pipeline's
+        scheduler (its shift places windows; without one, shift 1).
+    """
+
+    def __init__(self, bundle, source, strength: float = 1.0, schedule: FusionSchedule = FusionSchedule(),
+                 layer_strengths=None, rope_alignment: str = "auto", scheduler=None):
+        if rope_alignment not in ("auto", "off"):
+            raise BridgeSetupError(f"rope_alignment={rope_alignment!r}; expected 'auto' or 'off'.")
+        self.bundle = bundle
+        self.source = source
+        self.strength = float(strength)
+        self.schedule = schedule
+        self.layer_strengths = layer_strengths
+        self.rope_alignment = rope_alignment
+        self.scheduler = scheduler
+        self.key = f"dit_cache_bridge.{next(_ids)}"
+        self.receivers: list = []
+        self.banks = BankCache(bundle.bank)
+        self.run: FusionRun | None = None
+        self.source_run = None
+        self.last_report = None
+        self.in_sharer = False          # set by a live source while the sharer runs (it may be the receiver)
+        self._call = None
+        self._last = None               # (timestep value, calls seen at it) for the step/branch fallback
+        self._step = -1
+        self._session = False
+
+    @property
+    def fused_layers(self) -> list:
+        return sorted(self.bundle.layer_map.pairs)
+
+    @property
+    def sharer_layers(self) -> list:
+        return sorted(set(self.bundle.layer_map.pairs.values()))
+
+    # -- attach / detach ----------------------------------------------------------------------------
+    def attach(self, receiver, scheduler=None) -> "Bridge":
+        """Attach to a transformer, or to a pipeline's ``transformer`` (and ``transformer_2``, Wan2.2).
+
+        Call it after ``enable_model_cpu_offload()`` (which removes and re-adds accelerate's hooks) and
+        ``detach()`` before calling that again; see docs/diffusers.md.
+        """
+        transformers = [receiver]
+        if hasattr(receiver, "components"):
+            scheduler = scheduler or getattr(receiver, "scheduler", None)
+            transformers = [t for t in (getattr(receiver, "transformer", None), getattr(receiver, "transformer_2", None))
+                            if t is not None]
+        self.scheduler = scheduler or self.scheduler
+        for transformer in transformers:
+            found = models.signature(transformer)
+            if not found.same_shape(self.bundle.receiver):
+                raise BridgeSetupError(
+                    f"receiver {type(transformer).__name__} has {found.num_layers} layers × {found.num_heads} heads × "
+                    f"{found.head_dim}; the projector bundle was made for {self.bundle.receiver.num_layers} × "
+                    f"{self.bundle.receiver.num_heads} × {self.bundle.receiver.head_dim}. Use a bundle for this model.")
+            if any(t is transformer for t in self.receivers):
+                raise BridgeSetupError(f"this bridge is already attached to that {type(transformer).__name__}.")
+        for transformer in transformers:
+            add_taps(transformer, self.fused_layers, self.key, self._fuse)
+            register_call_hook(transformer, self.key, self)
+            self.receivers.append(transformer)
+        self.source.attach(self)
+        return self
+
+    def detach(self) -> None:
+        """Close the open run and give back the receivers' original processors and forward."""
+        self.close_run()
+        for transformer in self.receivers:
+            remove_call_hook(transformer, self.key)
+            remove_taps(transformer, self.key)
+        self.receivers = []
+        self.source.detach(self)
+
+    @contextmanager
+    def session(self):
+        """One sampling run: opened at the first call inside, closed (``last_report`` set) at exit."""
+        self.close_run()
+        self._session = True
+        try:
+            yield self
+        finally:
+            self._session = False
+            self.close_run()
+
+    def close_run(self):
+        run, source_run = self.run, self.source_run
+        self.run = self.source_run = None
+        self._call, self._last, self._step = None, None, -1
+        if run is None:
+            return self.last_report
+        forwards, peak = (source_run.close() if source_run is not None else (0, 0))
+        self.last_report = run.close(sharer_forwards=forwards, peak_kv_bytes=peak)
+        return self.last_report
+
+    # -- per model call (CallHook listener) ----------------------------------------------------------
+    def begin_call(self, module, args, kwargs, context):
+        self._call = None
+        if self.in_sharer:
+            return args, kwargs
+        latent = args[0] if args else kwargs["hidden_states"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        value = float(timestep.flatten()[0])
+        if self.run is not None and not self._session and self._last is not None and value > self._last[0]:
+            self.close_run()            # sampling started over: a new run
+        if self.run is None:
+            self._open_run(module, latent)
+        branch, step = self._branch_and_step(value, context)
+        sigma = context.sigma if context is not None and context.sigma is not None else value / self._train_steps()
+        shift = scheduler_shift(self.scheduler)
+        percent = percent_of(sigma, lambda p: flow_sigma(p, shift), snap=(self.schedule.start, self.schedule.end))
+        if self.run.begin_call(percent):
+            self._call = CallInfo(latent, timestep, branch, step)
+            self.source_run.ensure(self._call)
+        return args, kwargs
+
+    def end_call(self):
+        self._call = None
+
+    def _train_steps(self) -> float:
+        config = getattr(self.scheduler, "config", None)
+        return float(config.get("num_train_timesteps", 1000)) if config is not None else 1000.0
+
+    def _branch_and_step(self, value, context):
+        if self._last is None or self._last[0] != value:
+            self._last = (value, 0)
+            self._step += 1
+        else:
+            self._last = (value, self._last[1] + 1)
+        if context is not None and context.step_index is not None:
+            self._step = int(context.step_index)
+        if context is not None and context.name in (COND, UNCOND):
+            return context.name, self._step
+        return (COND if self._last[1] % 2 == 0 else UNCOND), self._step
+
+    def _open_run(self, receiver, latent):
+        shape = tuple(latent.shape)
+        self.source_run = self.source.open_run(self, shape)
+        self.run = FusionRun(
+            self.bundle, self.schedule, self.strength, self.layer_strengths,
+            sharer_rope=self.source_run.rope, receiver_rope=models.rope_spec(receiver, shape),
+            sharer_grid=self.source_run.grid, receiver_grid=models.token_grid(receiver, shape),
+            rope_alignment=self.rope_alignment, grid_mode=self.source_run.grid_mode, device=latent.device,
+            dtype=latent.dtype, banks=self.banks)
+
+    # -- per fused layer (SelfAttentionTap hook) -----------------------------------------------------
+    def _fuse(self, layer, k, v):
+        call, run = self._call, self.run
+        if call is None or self.in_sharer or run.strength(layer) == 0.0:
+            return k, v
+        sk, sv = self.source_run.kv(run.sharer_layer(layer), call)
+        return run.fuse(layer, k, v, sk, sv)
+
+
+def latent_part(latent: torch.Tensor, transformer) -> torch.Tensor:
+    """The noisy latent channels of a transformer input (I2V inputs carry 20 condition channels after them)."""
+    return latent[:, : transformer.config.out_channels]

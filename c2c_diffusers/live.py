@@ -1,0 +1,195 @@
+"""Live K/V source: the sharer transformer runs in lockstep inside each receiver call.
+
+The sharer sees the receiver's noisy latent and timestep (Wan is a flow model: the same timestep is
+the same noise level for both), plus its own conditioning (:class:`SharerInputs`) for the call's CFG
+branch. Its forward stops right after the last layer the projector reads. With a schedule's
+``refresh_every = k`` the sharer's K/V of a branch are reused for k−1 steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import models
+from .bridge import COND, UNCOND
+from .errors import BridgeSetupError
+from .hooks import add_taps, remove_taps
+
+__all__ = ["SharerInputs", "LiveSharer"]
+
+GRID_ALIGNMENTS = ("refuse", "nearest", "trilinear")
+
+
+@dataclass
+class SharerInputs:
+    """What the sharer needs beside the latent and timestep it shares with the receiver.
+
+    prompt_embeds / negative_prompt_embeds: its text embeddings (B or 1, L, text_dim) for the "cond" and
+    "uncond" branches. image_embeds: ``encoder_hidden_states_image`` (Wan I2V, ChronoEdit). condition:
+    the (B or 1, 20, T, H, W) mask + image latent an I2V/ChronoEdit transformer takes after the noisy
+    latent's channels (what its pipeline's ``prepare_latents`` returns as ``condition``).
+    """
+
+    prompt_embeds: Tensor
+    negative_prompt_embeds: Optional[Tensor] = None
+    image_embeds: Optional[Tensor] = None
+    condition: Optional[Tensor] = None
+
+
+class _SharerDone(Exception):
+    """Raised inside the sharer once its last needed layer is captured: later blocks are skipped."""
+
+
+def _batch(t: Optional[Tensor], rows: int, device, dtype) -> Optional[Tensor]:
+    if t is None:
+        return None
+    t = t.to(device=device, dtype=dtype)
+    return t.expand(rows, *t.shape[1:]) if t.shape[0] == 1 and rows > 1 else t
+
+
+class LiveSharer:
+    """A sharer transformer evaluated in lockstep inside each receiver call."""
+
+    def __init__(self, transformer, inputs: SharerInputs, grid_alignment: str = "refuse"):
+        if grid_alignment not in GRID_ALIGNMENTS:
+            raise BridgeSetupError(f"grid_alignment={grid_alignment!r}; expected one of {GRID_ALIGNMENTS}.")
+        self.transformer = transformer
+        self.inputs = inputs
+        self.grid_alignment = grid_alignment
+        self.signature = models.signature(transformer)
+        in_channels, out_channels = transformer.config.in_channels, transformer.config.out_channels
+        extra = 0 if inputs.condition is None else inputs.condition.shape[1]
+        if out_channels + extra != in_channels:
+            raise BridgeSetupError(
+                f"sharer {type(transformer).__name__} takes {in_channels} input channels; the latent has "
+                f"{out_channels} and SharerInputs.condition adds {extra}. "
+                + ("Pass the condition (mask + image latent) its pipeline's prepare_latents returns."
+                   if extra == 0 else "Drop SharerInputs.condition for a text-to-video sharer."))
+        self._key = None
+
+    def attach(self, bridge) -> None:
+        if not self.signature.same_shape(bridge.bundle.sharer):
+            s = bridge.bundle.sharer
+            raise BridgeSetupError(
+                f"sharer {type(self.transformer).__name__} has {self.signature.num_layers} layers × "
+                f"{self.signature.num_heads} heads × {self.signature.head_dim}; the projector bundle was made for "
+                f"{s.num_layers} × {s.num_heads} × {s.head_dim}. Use a bundle for this sharer.")
+        if self._key is not None:
+            raise BridgeSetupError("this LiveSharer is already attached to a bridge; make one per bridge.")
+        self._key = bridge.key + ".sharer"
+        self._run = None
+        add_taps(self.transformer, bridge.sharer_layers, self._key, self._capture)
+
+    def detach(self, bridge) -> None:
+        if self._key is not None:
+            remove_taps(self.transformer, self._key)
+            self._key = None
+
+    def open_run(self, bridge, receiver_shape) -> "_LiveRun":
+        self._run = _LiveRun(self, bridge, receiver_shape)
+        return self._run
+
+    def _capture(self, layer, k, v):
+        run = self._run
+        if run is not None and run.capturing:
+            return run.capture(layer, k, v)
+        return k, v
+
+
+class _LiveRun:
+    """Per-run side of a LiveSharer: the sharer's grid and positions, and the captured K/V."""
+
+    def __init__(self, source: LiveSharer, bridge, receiver_shape):
+        self.source, self.bridge = source, bridge
+        self.transformer = source.transformer
+        self.layers = bridge.sharer_layers
+        self.refresh = bridge.schedule.refresh_every
+        shape = tuple(receiver_shape[-3:])
+        if source.inputs.condition is not None:
+            shape = tuple(source.inputs.condition.shape[-3:])
+            if shape != tuple(receiver_shape[-3:]) and source.grid_alignment == "refuse":
+                raise BridgeSetupError(
+                    f"the sharer's condition latent is {shape} (frames, height, width) but the receiver samples "
+                    f"{tuple(receiver_shape[-3:])}; expected equal. Give both pipelines the same num_frames, height "
+                    f"and width, or use LiveSharer(grid_alignment='nearest' or 'trilinear') to resample.")
+        self.shape = shape
+        self.grid_mode = "nearest" if source.grid_alignment == "refuse" else source.grid_alignment
+        self.grid = models.token_grid(self.transformer, shape)
+        self.rope = models.rope_spec(self.transformer, shape)
+        self.captured: dict = {}          # branch -> {layer: (k, v)}
+        self.window: dict = {}            # branch -> refresh window of its K/V
+        self.capturing = False
+        self._into = None
+        self.forwards = 0
+        self.peak_bytes = 0
+        self._calls = 0
+
+    def ensure(self, call) -> None:
+        self._calls += 1
+        window = call.step // self.refresh if self.refresh > 1 else ("call", self._calls)
+        if self.window.get(call.branch) == window:
+            return
+        if self.refresh == 1:
+            self.captured.clear()        # lockstep: only this call's K/V are ever needed
+            self.window.clear()
+        self.captured[call.branch] = self._into = {}
+        self._run_sharer(call)
+        self.window[call.branch] = window
+        held = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                   for layers in self.captured.values() for k, v in layers.values())
+        self.peak_bytes = max(self.peak_bytes, held)
+
+    def _run_sharer(self, call) -> None:
+        t, inputs = self.transformer, self.source.inputs
+        param = next(t.parameters())
+        dtype = param.dtype
+        device = call.latent.device
+        x = call.latent[:, : t.config.out_channels]
+        rows = x.shape[0]
+        if tuple(x.shape[-3:]) != self.shape:
+            x = torch.nn.functional.interpolate(x.float(), size=self.shape, mode=self.grid_mode)
+        x = x.to(dtype)
+        condition = _batch(inputs.condition, rows, device, dtype)
+        if condition is not None:
+            x = torch.cat([x, condition], dim=1)
+        embeds = inputs.prompt_embeds if call.branch == COND else inputs.negative_prompt_embeds
+        if embeds is None:
+            raise BridgeSetupError(
+                f"the receiver runs an '{UNCOND}' (negative) branch but SharerInputs.negative_prompt_embeds is None; "
+                f"pass the sharer's negative prompt embeddings, or sample the receiver with guidance_scale 1.")
+        kwargs = dict(hidden_states=x, timestep=call.timestep, encoder_hidden_states=_batch(embeds, rows, device, dtype),
+                      return_dict=False)
+        if inputs.image_embeds is not None:
+            kwargs["encoder_hidden_states_image"] = _batch(inputs.image_embeds, rows, device, dtype)
+        self.bridge.in_sharer = True
+        self.capturing = True
+        try:
+            t(**kwargs)
+        except _SharerDone:
+            pass
+        finally:
+            self.capturing = False
+            self.bridge.in_sharer = False
+        self.forwards += 1
+        missing = [layer for layer in self.layers if layer not in self._into]
+        if missing:
+            raise BridgeSetupError(f"the sharer's forward never reached self-attention of layers {missing}; expected "
+                                   f"a Wan-family transformer that runs every block.")
+
+    def capture(self, layer, k, v):
+        if layer in self.layers:
+            self._into[layer] = (k, v)
+            if layer == self.layers[-1]:
+                raise _SharerDone()
+        return k, v
+
+    def kv(self, layer, call):
+        return self.captured[call.branch][layer]
+
+    def close(self):
+        self.captured, self.window = {}, {}
+        self.source._run = None
+        return self.forwards, self.peak_bytes
