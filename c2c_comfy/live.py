@@ -45,6 +45,7 @@ class LiveSharer(Shared):
     grid_alignment: str = "refuse"       # or "nearest"/"trilinear": run the sharer on its own latent grid
     node: str = "Capture KV Cache"
     cond_inputs: tuple = ("positive", "negative")   # input names, for error messages
+    streaming: bool = False              # lockstep: stream sharer K/V block by block (c2c_comfy/lockstep.py)
 
     def attach(self, bridge, patched, receiver):
         """Clone the sharer with capture hooks; ComfyUI loads it with the receiver (additional model)."""
@@ -56,6 +57,10 @@ class LiveSharer(Shared):
         bridge.sharer_patcher = sharer
 
     def open_run(self, run, guider, noise, latent_image, denoise_mask, seed):
+        if self.streaming and self.refresh_every == 1:
+            from .lockstep import open_lockstep_run
+            return open_lockstep_run(self, run, run.bridge.sharer_patcher, run.bridge.sharer_layers,
+                                     noise.to(run.device), latent_image.to(run.device), denoise_mask, seed, run.device)
         return LiveSharerRun(self, run.bridge.sharer_patcher, run.bridge.sharer_layers, noise.to(run.device),
                              latent_image.to(run.device), denoise_mask, seed, run.device)
 
