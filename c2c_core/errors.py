@@ -98,3 +98,22 @@ class UnexpectedTensorError(BundleError):
 
 class ShapeMismatchError(BundleError):
     """A tensor in the file has a different shape (or a non-float dtype) than the bank expects."""
+
+
+class NonFiniteWeightsError(BundleError):
+    """A file's weights hold NaN/Inf or magnitudes no projector uses; they would turn a picture black."""
+
+
+class FileChangedError(BundleError):
+    """A file was replaced, truncated or removed after its header was read; its tensors are refused."""
+
+
+def quote(value, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so a stranger's 5 MB string never fills a message."""
+    try:
+        text = repr(value)
+    except ValueError:            # an int too long for repr (str->int digit limit)
+        text = f"<{type(value).__name__} too large to show>"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"

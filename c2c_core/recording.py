@@ -1,5 +1,11 @@
 """K/V recordings: a sharer's self-attention K/V over a whole sampling run, for replay.
 
+Loading (:func:`load_recording`) raises only the BundleError family from ``c2c_core.errors``
+(InvalidMetadataError, MissingTensorError, UnexpectedTensorError, ShapeMismatchError, ...; a missing
+file is also a FileNotFoundError): metadata and every tensor's name, shape and dtype are checked
+against each other before the recording is handed out, so a damaged file fails at Load KV Cache,
+not on KSampler.
+
 Recorded (low-VRAM) mode samples the sharer alone first, keeping the chosen layers' K/V per step
 and CFG chunk kind, then replays them into the receiver's run, so only one model is resident at a
 time. Entries are ``(step, kind, layer) -> (k, v)`` with k, v shaped (B, N, H*D) as the attention
@@ -8,18 +14,23 @@ time), in fp32/fp16/bf16 or fp8 (e4m3, with a per-tensor scale so large values s
 """
 from __future__ import annotations
 
+import math
 import os
+import re
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from .align import RopeSpec
-from .bundle import read_header, save_tensors_with_meta
-from .errors import BundleError, FormatVersionError, InvalidMetadataError, MissingMetadataError
+from .bundle import _parse_meta, _short_path, save_tensors_with_meta, snapshot, stream_tensors_with_meta
+from .errors import (C2CError, FormatVersionError, InvalidMetadataError, MissingMetadataError, MissingTensorError,
+                     ShapeMismatchError, UnexpectedTensorError, quote)
 from .kv import ModelSignature, TokenGrid
 
 RECORDING_KEY = "c2c_kv_recording"
@@ -50,6 +61,13 @@ def decode(stored: Mapping[str, Tensor]) -> Tensor:
     return t
 
 
+class MissingStepError(MissingTensorError, KeyError):
+    """Replay asked for a (step, kind, layer) the recording does not hold (also a KeyError)."""
+
+    def __str__(self):
+        return self.args[0] if self.args else ""
+
+
 class RamStore:
     """Recorded tensors kept in (CPU or device) memory."""
 
@@ -65,6 +83,12 @@ class RamStore:
     def all(self) -> dict[str, Tensor]:
         return dict(self.tensors)
 
+    def sources(self) -> dict:
+        return dict(self.tensors)
+
+    def close(self) -> None:
+        self.tensors = {}
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -75,16 +99,28 @@ class DiskStore:
 
     While recording, the current step's tensors are held in memory and written once, when the next
     step begins (or on the first read), so memory holds about one step and every file is written once.
+    A store made by :meth:`temporary` owns its folder and deletes it when closed, when it is garbage
+    collected (ComfyUI dropped the cached recording) or at interpreter exit.
     """
 
     def __init__(self, folder: str | os.PathLike | None = None, files: list[Path] | None = None):
         self.folder = Path(folder) if folder is not None else None
-        self.index: dict[str, Path] = {}
+        self.index: dict[str, tuple] = {}
         self._step: int | None = None
         self._pending: dict[str, Tensor] = {}
+        self._cleanup = None
         for path in files or []:
-            _, entries = read_header(path)
-            self.index.update({name: Path(path) for name in entries})
+            self.add(snapshot(path))
+
+    @classmethod
+    def temporary(cls, parent: str | os.PathLike, prefix: str = "c2c_kv_") -> "DiskStore":
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        store = cls(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        store._cleanup = weakref.finalize(store, shutil.rmtree, str(store.folder), ignore_errors=True)
+        return store
+
+    def add(self, snap) -> None:
+        self.index.update({name: (snap, name) for name in snap.entries})
 
     def put(self, step: int, tensors: dict[str, Tensor]) -> None:
         if step != self._step:
@@ -97,7 +133,7 @@ class DiskStore:
             return
         path = self.folder / f"step_{self._step:05d}.safetensors"
         save_tensors_with_meta(path, self._pending, {"step": self._step}, RECORDING_KEY + "_part")
-        self.index.update({name: path for name in self._pending})
+        self.add(snapshot(path))
         self._pending = {}
 
     def get(self, names) -> dict[str, Tensor]:
@@ -105,20 +141,31 @@ class DiskStore:
         out, by_file = {}, {}
         for n in names:
             if n in self.index:
-                by_file.setdefault(self.index[n], []).append(n)
-        for path, group in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                out.update({n: f.get_tensor(n) for n in group})
+                snap, name = self.index[n]
+                by_file.setdefault(id(snap), (snap, []))[1].append(name)
+        for snap, group in by_file.values():
+            out.update(snap.read(group))
         return out
 
     def all(self) -> dict[str, Tensor]:
         self.flush()
         return self.get(list(self.index))
 
+    def sources(self) -> dict:
+        """name -> (Snapshot, name): what a streaming save copies from disk to disk."""
+        self.flush()
+        return dict(self.index)
+
+    def close(self) -> None:
+        """Delete the folder now (temporary stores); reads fail afterwards."""
+        self._pending = {}
+        if self._cleanup is not None:
+            self._cleanup()
+
     @property
     def nbytes(self) -> int:
         self.flush()
-        return sum(p.stat().st_size for p in set(self.index.values()))
+        return sum(s.entries[n].end - s.entries[n].begin for s, n in self.index.values())
 
 
 @dataclass(eq=False)
@@ -147,7 +194,10 @@ class KVRecording:
             base = _name(step, kind, layer, which)
             stored = self.store.get([base, base + ".scale"])
             if base not in stored:
-                raise KeyError((step, kind, layer))
+                raise MissingStepError(
+                    f"the K/V recording holds no step {step} of layer {layer} ({'negative' if kind else 'positive'} "
+                    f"pass); expected every step the receiver's sampler evaluates. Record with the receiver's "
+                    f"sampler, scheduler and steps.")
             out.append(decode({s[len(base):]: t for s, t in stored.items()}))
         return out[0], out[1]
 
@@ -159,6 +209,10 @@ class KVRecording:
     def nbytes(self) -> int:
         return self.store.nbytes
 
+    def close(self) -> None:
+        """Release the store (a temporary disk store deletes its folder)."""
+        self.store.close()
+
     def meta(self) -> dict:
         return {"format_version": RECORDING_VERSION, "signature": self.signature.to_dict(),
                 "grid": self.grid.to_dict(), "rope": self.rope.to_dict(), "sigmas": list(self.sigmas),
@@ -166,33 +220,165 @@ class KVRecording:
                 "seed": self.seed}
 
 
-def save_recording(path: str | os.PathLike, recording: KVRecording) -> None:
-    """One .safetensors file: every recorded tensor plus the recording's metadata."""
-    save_tensors_with_meta(path, recording.store.all(), recording.meta(), RECORDING_KEY)
+def save_recording(path: str | os.PathLike, recording: KVRecording, overwrite: bool = False) -> None:
+    """One .safetensors file: every recorded tensor plus the recording's metadata.
+
+    Streams tensor by tensor (a disk recording is copied disk to disk, never read into memory), to a
+    temp file that is renamed into place; raises FileExistsError rather than replace a file.
+    """
+    stream_tensors_with_meta(path, recording.store.sources(), recording.meta(), RECORDING_KEY, overwrite=overwrite)
+
+
+#: bounds a stranger's header must respect before anything is built from it
+MAX_STEPS = 10000
+MAX_TOKENS = 2**24
+MAX_SIGNATURE = {"num_layers": 1024, "num_heads": 1024, "head_dim": 4096}
+_TENSOR_NAME = re.compile(r"^s(\d{1,6})\.c(\d)\.l(\d{1,5})\.([kv])(\.scale)?$")
+_STORED_DTYPE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "fp8_e4m3fn": "F8_E4M3"}
+
+
+class _Checker:
+    """One message style for recording metadata: file, field, what was found, what was expected."""
+
+    def __init__(self, path):
+        self.where = _short_path(path)
+
+    def fail(self, name, value, expected):
+        raise InvalidMetadataError(f"{self.where}: recording metadata {name} is {quote(value, 80)}; expected "
+                                   f"{expected}. The file is damaged or not from Save KV Cache; record it again.")
+
+    def int_(self, name, value, lo, hi):
+        if type(value) is not int or not lo <= value <= hi:
+            self.fail(name, value, f"an integer in {lo}..{hi}")
+        return value
+
+    def number(self, name, value, lo=-math.inf, hi=math.inf, positive=False):
+        if type(value) not in (int, float) or not math.isfinite(value) or not lo <= value <= hi or (positive and value <= 0):
+            self.fail(name, value, f"a finite number{' > 0' if positive else ''}"
+                                   f"{f' in [{lo}, {hi}]' if math.isfinite(lo) or math.isfinite(hi) else ''}")
+        return float(value)
+
+    def obj(self, meta, name, kind=dict):
+        if name not in meta:
+            self.fail(name, "missing", "present")
+        value = meta[name]
+        if not isinstance(value, kind):
+            self.fail(name, value, f"a JSON {'object' if kind is dict else 'list'}")
+        return value
+
+    def triple(self, name, value, positive):
+        if not isinstance(value, list) or len(value) != 3:
+            self.fail(name, value, "a list of three numbers (t, y, x)")
+        return tuple(self.number(f"{name}[{i}]", v, positive=positive) for i, v in enumerate(value))
+
+
+def _parse_recording_meta(path, meta: Mapping) -> KVRecording:
+    c = _Checker(path)
+    version = c.obj(meta, "format_version", int)
+    if type(version) is int and version > RECORDING_VERSION:
+        raise FormatVersionError(f"{c.where}: recording format {quote(version, 40)} is newer than this version understands "
+                                 f"({RECORDING_VERSION}); update DiT Cache Bridge.")
+    c.int_("format_version", version, 1, RECORDING_VERSION)
+    dtype = meta.get("storage_dtype")
+    if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:
+        c.fail("storage_dtype", dtype, f"one of {sorted(STORAGE_DTYPES)}")
+    sig = c.obj(meta, "signature")
+    values = {f: c.int_(f"signature.{f}", sig.get(f), 1, hi) for f, hi in MAX_SIGNATURE.items()}
+    name = sig.get("name", "")
+    if not isinstance(name, str) or len(name) > 256:
+        c.fail("signature.name", name, "a short string")
+    grid_d = c.obj(meta, "grid")
+    grid = TokenGrid(**{f: c.int_(f"grid.{f}", grid_d.get(f), 1, MAX_TOKENS) for f in ("frames", "height", "width")})
+    if grid.numel > MAX_TOKENS:
+        c.fail("grid", grid.shape, f"at most {MAX_TOKENS} tokens")
+    rope_d = c.obj(meta, "rope")
+    rope = RopeSpec(theta=c.number("rope.theta", rope_d.get("theta", 10000.0), positive=True),
+                    scale=c.triple("rope.scale", rope_d.get("scale", [1.0, 1.0, 1.0]), positive=True),
+                    shift=c.triple("rope.shift", rope_d.get("shift", [0.0, 0.0, 0.0]), positive=False))
+    sigmas = c.obj(meta, "sigmas", list)
+    if not 2 <= len(sigmas) <= MAX_STEPS + 1:
+        c.fail("sigmas", f"a list of {len(sigmas)}", f"2..{MAX_STEPS + 1} noise levels")
+    sigmas = [c.number(f"sigmas[{i}]", s, lo=0.0) for i, s in enumerate(sigmas)]
+    layers = c.obj(meta, "layers", list)
+    if not layers or len(set(map(repr, layers))) != len(layers):
+        c.fail("layers", layers, "a non-empty list of distinct layer indices")
+    layers = tuple(c.int_("layers[]", i, 0, values["num_layers"] - 1) for i in layers)
+    kinds = c.obj(meta, "kinds", list)
+    if not kinds or len(kinds) > 2 or len(set(map(repr, kinds))) != len(kinds):
+        c.fail("kinds", kinds, "[0] or [0, 1] (positive, and negative pass)")
+    kinds = tuple(c.int_("kinds[]", k, 0, 1) for k in kinds)
+    seed = meta.get("seed")
+    if seed is not None:
+        c.int_("seed", seed, -2**63, 2**64 - 1)
+    return KVRecording(signature=ModelSignature(name=name, **values), grid=grid, rope=rope, sigmas=sigmas,
+                       layers=layers, kinds=kinds, storage_dtype=dtype, seed=seed)
+
+
+def _check_recording_tensors(path, rec: KVRecording, entries: Mapping) -> None:
+    """Every tensor is a known (step, kind, layer) with the right shape and dtype, and every kind and
+    layer holds the same steps (step 0 included) with both K and V."""
+    where = _short_path(path)
+    width, tokens = rec.signature.width, rec.grid.numel
+    fp8 = rec.storage_dtype.startswith("fp8")
+    stored = _STORED_DTYPE[rec.storage_dtype]
+    steps_of: dict[tuple, set] = {(kind, layer, w): set() for kind in rec.kinds for layer in rec.layers for w in "kv"}
+    batch = None
+    for name, (shape, dtype) in entries.items():
+        m = _TENSOR_NAME.match(name)
+        if not m:
+            raise UnexpectedTensorError(f"{where}: tensor {quote(name, 80)} is not a recorded K/V name "
+                                        f"(s<step>.c<kind>.l<layer>.k|v); the file is not from Save KV Cache.")
+        step, kind, layer, which, scale = int(m[1]), int(m[2]), int(m[3]), m[4], m[5]
+        if step >= rec.steps or kind not in rec.kinds or layer not in rec.layers:
+            raise UnexpectedTensorError(f"{where}: tensor {quote(name, 80)} is outside the metadata's {rec.steps} "
+                                        f"steps, passes {list(rec.kinds)} and layers {quote(list(rec.layers), 80)}.")
+        if scale:
+            if not fp8 or tuple(shape) != (1,) or dtype != "F32":
+                raise ShapeMismatchError(f"{where}: tensor {name!r} is a {dtype} {list(shape)} scale; expected a F32 [1] "
+                                         f"scale only next to fp8 tensors.")
+            continue
+        if dtype != stored or len(shape) != 3 or shape[1] != tokens or shape[2] != width or shape[0] < 1:
+            raise ShapeMismatchError(
+                f"{where}: tensor {name!r} is {dtype} {quote(list(shape), 60)}; expected {stored} (batch, {tokens}, {width}) "
+                f"for the metadata's {rec.grid.frames}×{rec.grid.height}×{rec.grid.width} grid and "
+                f"{rec.signature.num_heads}×{rec.signature.head_dim} heads. Record it again.")
+        if batch is not None and shape[0] != batch:
+            raise ShapeMismatchError(f"{where}: tensor {name!r} has batch {shape[0]}; the others have {batch}.")
+        batch = shape[0]
+        if fp8 and name + ".scale" not in entries:
+            raise MissingTensorError(f"{where}: fp8 tensor {name!r} has no '.scale' next to it; record it again.")
+        steps_of[(kind, layer, which)].add(step)
+    reference = steps_of[(rec.kinds[0], rec.layers[0], "k")]
+    for key, steps in steps_of.items():
+        if 0 not in steps or steps != reference:
+            kind, layer, which = key
+            missing = sorted((reference | {0}) - steps)[:5]
+            raise MissingTensorError(
+                f"{where}: the recording has no {which.upper()} of layer {layer} ({'negative' if kind else 'positive'} "
+                f"pass) for steps {missing}; expected the same steps for every layer and pass. The file is "
+                f"incomplete; record it again.")
 
 
 def load_recording(path: str | os.PathLike) -> KVRecording:
-    """Open a saved recording; tensors stay on disk and are read step by step during replay."""
-    metadata, _ = read_header(path)
-    if RECORDING_KEY not in metadata:
-        raise MissingMetadataError(f"{path}: no '{RECORDING_KEY}' metadata; this is not a K/V recording saved by "
-                                   f"Save KV Cache. Pick a file written by Save KV Cache.")
-    import json
+    """Open a saved recording; tensors stay on disk and are read step by step during replay.
+
+    Metadata and tensors come from one version of the file: if it is replaced after loading, reads
+    raise FileChangedError instead of mixing two recordings.
+    """
+    snap = snapshot(path)
+    if RECORDING_KEY not in snap.metadata:
+        raise MissingMetadataError(f"{_short_path(path)}: no '{RECORDING_KEY}' metadata; this is not a K/V recording "
+                                   f"saved by Save KV Cache. Pick a file written by Save KV Cache.")
+    meta = _parse_meta(Path(path), snap.metadata, RECORDING_KEY)
     try:
-        meta = json.loads(metadata[RECORDING_KEY])
-        version = int(meta["format_version"])
-        if version > RECORDING_VERSION:
-            raise FormatVersionError(f"{path}: recording format {version} is newer than this version understands "
-                                     f"({RECORDING_VERSION}); update DiT Cache Bridge.")
-        if meta["storage_dtype"] not in STORAGE_DTYPES:
-            raise InvalidMetadataError(f"{path}: storage dtype {meta['storage_dtype']!r} is not supported here.")
-        return KVRecording(signature=ModelSignature.from_dict(meta["signature"]), grid=TokenGrid.from_dict(meta["grid"]),
-                           rope=RopeSpec.from_dict(meta["rope"]), sigmas=[float(s) for s in meta["sigmas"]],
-                           layers=tuple(int(i) for i in meta["layers"]), kinds=tuple(int(i) for i in meta["kinds"]),
-                           storage_dtype=meta["storage_dtype"], store=DiskStore(files=[Path(path)]),
-                           seed=None if meta.get("seed") is None else int(meta["seed"]))
-    except BundleError:
-        raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise InvalidMetadataError(f"{path}: recording metadata is malformed ({e}); re-record it with "
-                                   f"Capture KV Cache in recorded mode.") from e
+        rec = _parse_recording_meta(path, meta)
+    except C2CError as e:
+        if isinstance(e, (InvalidMetadataError, FormatVersionError)):
+            raise
+        raise InvalidMetadataError(f"{_short_path(path)}: recording metadata is malformed ({quote(str(e), 200)}); "
+                                   f"record it again.") from None
+    _check_recording_tensors(path, rec, snap.header())
+    store = DiskStore()
+    store.add(snap)
+    rec.store = store
+    return rec

@@ -258,29 +258,13 @@ def test_integer_tensor_is_refused(good, tmp_path):
 def test_validation_happens_before_any_tensor_is_read(good, tmp_path, monkeypatch):
     path = rewrite(good, tmp_path / "x.safetensors", tensors_edit=lambda t: t.update({"k.1.proj.weight": torch.zeros(12, 5)}))
     reads = []
-    real_open = bundle_module.safe_open
+    real_read = bundle_module.Snapshot.read
 
-    class Spy:
-        def __init__(self, *args, **kwargs):
-            self.inner = real_open(*args, **kwargs)
+    def spy(self, names, *args, **kwargs):
+        reads.extend(names)
+        return real_read(self, names, *args, **kwargs)
 
-        def __enter__(self):
-            handle = self.inner.__enter__()
-
-            class Handle:
-                def __getattr__(self, name):
-                    return getattr(handle, name)
-
-                def get_tensor(self, name):
-                    reads.append(name)
-                    return handle.get_tensor(name)
-
-            return Handle()
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-    monkeypatch.setattr(bundle_module, "safe_open", Spy)
+    monkeypatch.setattr(bundle_module.Snapshot, "read", spy)
     with pytest.raises(ShapeMismatchError):
         load_bundle(path)
     assert reads == []
