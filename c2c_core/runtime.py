@@ -1,0 +1,263 @@
+"""The host-free fusion runtime: one sampling run's worth of turning sharer K/V into fused receiver K/V.
+
+Every host (ComfyUI's bridge, the diffusers bridge, projector training) fuses through
+:class:`FusionRun`; hosts differ only in how they find the attention hook point and how they name
+CFG branches. One run is created per sampling run::
+
+    run = FusionRun(bundle, schedule, strength, sharer_rope=..., receiver_rope=...,
+                    sharer_grid=..., receiver_grid=..., device=..., dtype=...)
+    for each model call:
+        if run.begin_call(percent):             # percent through the noise schedule, a Python float
+            for each fused layer: k, v = run.fuse(layer, k, v, sk, sv)   # (B, N, H, D) each
+    report = run.close()
+
+Design §8 holds here: strengths are Python floats decided before any tensor is touched, RoPE
+re-rotation tables are built once per run (not per layer or call), statistics stay on the device
+until :meth:`FusionRun.close`, and nothing in the per-layer path reads a GPU tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .align import RopeRerotation, RopeSpec, resample_tokens
+from .errors import KVShapeError
+from .fusion import LayerFuser, fuse
+from .kv import TokenGrid
+from .projectors import ProjectorBank, static_gate
+from .schedule import FusionSchedule
+
+__all__ = ["FusionRun", "RunReport", "BankCache", "step_index", "percent_of"]
+
+
+def step_index(schedule: Sequence[float], value: float) -> int:
+    """Index of the step a sigma (or timestep) belongs to in a descending ``schedule`` of step boundaries.
+
+    ``schedule`` holds the values at which steps start plus the final one (n + 1 entries for n
+    steps, as ComfyUI's ``sigmas`` or a diffusers scheduler's timesteps with an end value).
+    Samplers may evaluate between two boundaries; such a value belongs to the step it lies in. A
+    value equal to a boundary belongs to the step starting there.
+    """
+    step = 0
+    for i, s in enumerate(list(schedule)[:-1]):
+        if float(s) >= value - 1e-7 * max(1.0, abs(value)):
+            step = i
+    return step
+
+
+def percent_of(value: float, to_value: Callable[[float], float], snap: Sequence[float] = (), tol: float = 1e-12) -> float:
+    """Percent p in [0, 1] with ``to_value(p) == value``, for a decreasing ``to_value`` (percent -> sigma).
+
+    Hosts give their own conversion (ComfyUI: ``model_sampling.percent_to_sigma``), so windows follow
+    the host's convention and split samplers or partial denoise line up with its core nodes. The
+    inverse is found by bisection in Python floats. Each percent in ``snap`` (a window's start and
+    end) whose own value equals ``value`` is returned exactly, so a step that sits on a window edge
+    is inside it, as a comparison in sigma space would say.
+    """
+    value = float(value)
+    for p in snap:
+        if float(to_value(p)) == value:
+            return float(p)
+    lo, hi = 0.0, 1.0
+    if value >= float(to_value(lo)):
+        return 0.0
+    if value <= float(to_value(hi)):
+        return 1.0
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        if float(to_value(mid)) > value:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+class BankCache:
+    """The projector bank on a run's device and dtype; the user's bank object is never moved.
+
+    Kept by the host across runs (one placed copy at a time), so a second run on the same device
+    reuses it instead of copying the bank again.
+    """
+
+    def __init__(self, bank: ProjectorBank):
+        self.bank = bank
+        self._placed: dict = {}
+
+    def on(self, device, dtype) -> ProjectorBank:
+        first = next(iter(self.bank.parameters()), None)
+        if device is None or first is None or (first.device == torch.device(device) and first.dtype == dtype):
+            return self.bank
+        key = (str(device), dtype)
+        if key not in self._placed:
+            self._placed = {key: copy.deepcopy(self.bank).to(device=device, dtype=dtype).eval()}
+        return self._placed[key]
+
+
+@dataclass
+class RunReport:
+    """What one fused sampling run did, for the fusion inspector and the tests."""
+
+    layers: list = field(default_factory=list)
+    strength: dict = field(default_factory=dict)      # receiver layer -> mean strength over fusing calls
+    k_change: dict = field(default_factory=dict)      # receiver layer -> mean relative K change (token subsample)
+    v_change: dict = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)          # receiver layer -> {"k": g, "v": g} (data-independent part)
+    sharer_forwards: int = 0
+    model_calls: int = 0
+    peak_kv_bytes: int = 0                            # most sharer K/V held at once (live sources)
+    nonfinite_layers: list = field(default_factory=list)   # layers whose fused K/V held inf/nan
+
+    def to_json(self) -> dict:
+        return {"layers": self.layers, "strength": self.strength, "k_change": self.k_change,
+                "v_change": self.v_change, "gate": self.gate, "sharer_forwards": self.sharer_forwards,
+                "model_calls": self.model_calls, "peak_kv_bytes": self.peak_kv_bytes,
+                "nonfinite_layers": self.nonfinite_layers}
+
+
+class FusionRun:
+    """One sampling run's fusion state: per-call strengths, alignment, projection, statistics.
+
+    bundle: a ProjectorBundle (bank, layer_map, sharer/receiver signatures).
+    strength: the user's global strength; ``layer_strengths`` overrides the layer map's per-layer
+        factors ({receiver layer: factor}); the effective strength of a layer in a call is
+        ``schedule.strength_at(percent, strength * factor)``.
+    sharer_rope / receiver_rope, sharer_grid / receiver_grid: where the two models' tokens sit. With
+        ``rope_alignment="auto"`` sharer keys are re-rotated to the receiver's positions; ``"off"``
+        treats the sharer's keys as if made at the receiver's positions. Different grids are
+        resampled (``grid_mode`` nearest or trilinear) with keys un-rotated first.
+    device, dtype: where the receiver computes; the projector bank is placed there (``banks``
+        caches the placed copy across runs).
+    """
+
+    STATS_TOKEN_STRIDE = 16   # measure K/V change on every 16th token: cheap, and enough for a plot
+
+    def __init__(self, bundle, schedule: FusionSchedule, strength: float,
+                 layer_strengths: Optional[Mapping[int, float]] = None, *,
+                 sharer_rope: RopeSpec = RopeSpec(), receiver_rope: RopeSpec = RopeSpec(),
+                 sharer_grid: TokenGrid, receiver_grid: TokenGrid, rope_alignment: str = "auto",
+                 grid_mode: str = "nearest", device=None, dtype=None, banks: Optional[BankCache] = None):
+        self.bundle = bundle
+        self.schedule = schedule
+        self.layer_map = bundle.layer_map
+        self.layers = sorted(self.layer_map.pairs)
+        overrides = dict(layer_strengths or {})
+        self._base = {layer: float(strength) * overrides.get(layer, self.layer_map.strength(layer))
+                      for layer in self.layers}
+        self.sharer_rope, self.receiver_rope = sharer_rope, receiver_rope
+        self.sharer_grid, self.receiver_grid = sharer_grid, receiver_grid
+        self.rope_alignment = rope_alignment
+        self.grid_mode = grid_mode
+        banks = banks if banks is not None else BankCache(bundle.bank)
+        self.bank = banks.on(device, dtype)
+        LayerFuser(self.bank, self.layer_map, schedule, float(strength))   # validates map against bank
+        self._align = None
+        self._strengths = {layer: 0.0 for layer in self.layers}
+        self.active = False
+        self.percent = 0.0
+        self._calls = 0
+        self._active_calls = 0
+        self._strength_sum = {layer: 0.0 for layer in self.layers}
+        self._change: dict = {layer: [None, None, 0] for layer in self.layers}   # k sum, v sum, count
+
+    # -- per model call ---------------------------------------------------------------------------
+    def begin_call(self, percent: float) -> bool:
+        """Set this call's per-layer strengths at ``percent`` through the noise schedule.
+
+        Returns True when any layer fuses in this call (the host fetches sharer K/V only then).
+        """
+        self._calls += 1
+        self.percent = float(percent)
+        self._strengths = {layer: self.schedule.strength_at(self.percent, base) for layer, base in self._base.items()}
+        self.active = any(s != 0.0 for s in self._strengths.values())
+        if self.active:
+            self._active_calls += 1
+            for layer, s in self._strengths.items():
+                self._strength_sum[layer] += s
+        return self.active
+
+    @property
+    def calls(self) -> int:
+        """Model calls begun so far in this run."""
+        return self._calls
+
+    def strength(self, layer: int) -> float:
+        """This call's strength of receiver ``layer`` (a Python float; 0.0 outside the window)."""
+        return self._strengths.get(layer, 0.0)
+
+    def sharer_layer(self, layer: int) -> int:
+        return self.layer_map.pairs[layer]
+
+    # -- per fused layer --------------------------------------------------------------------------
+    def fuse(self, layer: int, k: Tensor, v: Tensor, sk: Tensor, sv: Tensor) -> tuple[Tensor, Tensor]:
+        """Fuse sharer ``sk, sv`` (B, N_s, Hs, Ds) into receiver ``k, v`` (B, N, Ht, Dt); returns (k', v').
+
+        Sharer tensors are cast to the receiver's device and dtype, brought onto its grid and RoPE
+        positions, projected and blended at this call's strength. Strength 0 returns ``k, v``
+        themselves without touching the sharer's.
+        """
+        s = self._strengths[layer]
+        if s == 0.0:
+            return k, v
+        sk = sk.to(device=k.device, dtype=k.dtype)
+        sv = sv.to(device=v.device, dtype=v.dtype)
+        if self._align is None:
+            self._align = self._build_alignment()
+        sk, sv = self._align(sk, sv)
+        k2 = fuse(self.bank.project(layer, "k", sk, k), k, s)
+        v2 = fuse(self.bank.project(layer, "v", sv, v), v, s)
+        self._measure(layer, k, k2, v, v2)
+        return k2, v2
+
+    def _build_alignment(self):
+        """The run's alignment, with its RoPE tables built once (design §8: nothing rebuilt per layer or call)."""
+        src_rope = self.sharer_rope if self.rope_alignment == "auto" else self.receiver_rope
+        dst_rope = self.receiver_rope
+        if src_rope.theta != dst_rope.theta:
+            raise KVShapeError(f"FusionRun: RoPE theta {src_rope.theta} vs {dst_rope.theta}; expected equal (Wan uses 10000).")
+        head_dim = self.bundle.sharer.head_dim
+        src, dst = self.sharer_grid, self.receiver_grid
+        if src == dst:
+            rerotation = RopeRerotation(src_rope.positions(src), dst_rope.positions(dst), head_dim, src_rope.theta)
+            return lambda sk, sv: (rerotation.apply(sk), sv)
+        src_pos, dst_pos = src_rope.positions(src), dst_rope.positions(dst)
+        unrotate = RopeRerotation(src_pos, torch.zeros_like(src_pos), head_dim, src_rope.theta)
+        rotate = RopeRerotation(torch.zeros_like(dst_pos), dst_pos, head_dim, dst_rope.theta)
+        mode = self.grid_mode
+
+        def align(sk, sv):
+            # rotated keys must not be interpolated (phases would mix): un-rotate, resample, rotate
+            plain = resample_tokens(unrotate.apply(sk), src, dst, mode)
+            return rotate.apply(plain), resample_tokens(sv, src, dst, mode)
+        return align
+
+    def _measure(self, layer, k, k2, v, v2):
+        """Accumulate the relative K/V change on a token subsample, on the device (read once, in close)."""
+        s = self.STATS_TOKEN_STRIDE
+        entry = self._change[layer]
+        with torch.no_grad():
+            for i, (before, after) in enumerate(((k, k2), (v, v2))):
+                b = before[:, ::s].float()
+                ratio = (after[:, ::s].float() - b).norm() / b.norm().clamp_min(1e-12)
+                entry[i] = ratio if entry[i] is None else entry[i] + ratio
+        entry[2] += 1
+
+    # -- end of run -------------------------------------------------------------------------------
+    def close(self, sharer_forwards: int = 0, peak_kv_bytes: int = 0) -> RunReport:
+        """The run's report; the only place device tensors are read back."""
+        r = RunReport(layers=list(self.layers), model_calls=self._calls, sharer_forwards=int(sharer_forwards),
+                      peak_kv_bytes=int(peak_kv_bytes))
+        for layer in self.layers:
+            k_sum, v_sum, n = self._change[layer]
+            r.k_change[layer] = float(k_sum) / n if n else 0.0
+            r.v_change[layer] = float(v_sum) / n if n else 0.0
+            r.strength[layer] = self._strength_sum[layer] / self._active_calls if self._active_calls else 0.0
+            r.gate[layer] = {which: static_gate(self.bundle.bank.projector(layer, which)) for which in ("k", "v")}
+            if not (math.isfinite(r.k_change[layer]) and math.isfinite(r.v_change[layer])):
+                r.nonfinite_layers.append(layer)
+        return r
