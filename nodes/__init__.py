@@ -6,10 +6,12 @@ from .capture import CaptureKVCache
 from .fuse import FuseCaches
 from .kv_cache import LoadKVCache, SaveKVCache
 from .projector import CreateC2CProjector, LoadC2CProjector
+from .record import RecordKVCache
 from .sampler import BridgedKSampler
 from .train import SaveC2CTrainingSample, TrainC2CProjector
 
-NODES = [LoadC2CProjector, CreateC2CProjector, CaptureKVCache, FuseCaches, BridgedKSampler, SaveKVCache, LoadKVCache]
+NODES = [LoadC2CProjector, CreateC2CProjector, CaptureKVCache, FuseCaches, BridgedKSampler, RecordKVCache, SaveKVCache,
+         LoadKVCache]
 NODES += [SaveC2CTrainingSample, TrainC2CProjector]
 
 

@@ -34,7 +34,7 @@ class SaveKVCache(io.ComfyNode):
         return io.Schema(
             node_id="DiTCacheBridge_SaveKVCache", display_name=cls.NODE, category=f"{CATEGORY}/recorded",
             description="Write a recorded K/V cache to output/kv_cache/ as one .safetensors file with metadata.",
-            inputs=[KVSource.Input("kv_source", tooltip="From Capture KV Cache in recorded mode."),
+            inputs=[KVSource.Input("kv_source", tooltip="From Record KV Cache."),
                     io.String.Input("filename_prefix", default="kv_cache",
                                     tooltip="File name prefix; a counter and .safetensors are appended.")],
             outputs=[KVSource.Output(tooltip="The same recording, to fuse right away.")],
@@ -44,8 +44,10 @@ class SaveKVCache(io.ComfyNode):
     @classmethod
     def execute(cls, kv_source, filename_prefix) -> io.NodeOutput:
         check(isinstance(kv_source, RecordedSource), cls.NODE, "kv_source", "a live K/V source",
-              "a recording", "set Capture KV Cache's mode to 'recorded'")
+              "a recording", "feed it from Record KV Cache (Capture KV Cache is live)")
         full, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, recordings_folder())
+        while os.path.exists(os.path.join(full, f"{name}_{counter:05}.safetensors")):
+            counter += 1        # ComfyUI's counter only sees names ending in '_'; never write over a recording
         file = f"{name}_{counter:05}.safetensors"
         save_recording(os.path.join(full, file), kv_source.recording)
         return io.NodeOutput(kv_source, ui={"kv_cache": [{"filename": file, "subfolder": os.path.join(SUBFOLDER, subfolder),

@@ -66,8 +66,9 @@ class CreateC2CProjector(io.ComfyNode):
                                tooltip="Share of the sharer for the 'weighted' projector."),
                 io.Int.Input("hidden_dim", default=0, min=0, max=65536,
                              tooltip="Hidden width of learnable projectors; 0 picks the receiver's width."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Initialisation seed of learnable projectors."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Initialisation seed of learnable projectors (not a noise seed: fixed, "
+                                     "so the projector is not re-created on every run)."),
             ],
             outputs=[Projector.Output()],
         )

@@ -1,4 +1,4 @@
-"""Bridged KSampler: Capture KV Cache + Fuse Caches + KSampler in one node."""
+"""Bridged KSampler: Capture KV Cache + Fuse Caches + KSampler in one node (KSampler's inputs first, in its order)."""
 from __future__ import annotations
 
 import comfy.samplers
@@ -21,24 +21,23 @@ class BridgedKSampler(io.ComfyNode):
                         "into the receiver's self-attention. Same result as Capture KV Cache → Fuse Caches → KSampler.",
             inputs=[
                 io.Model.Input("receiver", tooltip="The model that samples (e.g. Wan2.1). Never changed."),
-                io.Conditioning.Input("positive", tooltip="The receiver's positive conditioning."),
-                io.Conditioning.Input("negative", tooltip="The receiver's negative conditioning."),
-            ] + sharer_inputs(prefix="sharer_") + [
-                Projector.Input("projector", tooltip="From Load C2C Projector or Create C2C Projector."),
-            ] + fusion_inputs()[:3] + [
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="The random seed used for creating the noise."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The number of denoising steps."),
-                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (both models use their own negative)."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
                                tooltip="The sampling algorithm."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
                                tooltip="How sigmas are spaced over the steps."),
+                io.Conditioning.Input("positive", tooltip="The receiver's positive conditioning."),
+                io.Conditioning.Input("negative", tooltip="The receiver's negative conditioning."),
                 io.Latent.Input("latent_image", tooltip="The latent to denoise."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Amount of denoising applied."),
-            ] + fusion_inputs()[3:],
+            ] + sharer_inputs(prefix="sharer_") + [
+                Projector.Input("projector", tooltip="From Load C2C Projector or Create C2C Projector."),
+            ] + fusion_inputs(),
             outputs=[io.Latent.Output(tooltip="The denoised latent.")],
             hidden=[io.Hidden.unique_id],
         )

@@ -125,7 +125,8 @@ def widget_values(node: dict, node_info: dict) -> dict:
         out[name] = values[i]
         i += 1
         options = spec_options(spec)
-        seed_like = spec_type(spec) == "INT" and (options.get("control_after_generate") or name in SEED_NAMES)
+        control = options.get("control_after_generate")
+        seed_like = spec_type(spec) == "INT" and (control is True or (control is None and name in SEED_NAMES))
         if seed_like and i < len(values) and values[i] in CONTROL_AFTER_GENERATE:
             i += 1
         for flag, button in UPLOAD_WIDGETS.items():
@@ -226,7 +227,8 @@ class TinySettings:
 FEEDERS = frozenset({"CLIPLoader", "DualCLIPLoader", "LoadImage", "CLIPVisionLoader", "CLIPVisionEncode", "VAELoader",
                      "ImageScaleToMaxDimension", "ImageScale", "ImageScaleBy"})
 DECODERS = frozenset({"VAEDecode", "VAEDecodeTiled"})
-SAMPLERS_WITH_STEPS = frozenset({"KSampler", "DiTCacheBridge_BridgedKSampler", "DiTCacheBridge_CaptureKVCache"})
+SAMPLERS_WITH_STEPS = frozenset({"KSampler", "DiTCacheBridge_BridgedKSampler", "DiTCacheBridge_RecordKVCache"})
+LAYERED_SOURCES = frozenset({"DiTCacheBridge_CaptureKVCache", "DiTCacheBridge_RecordKVCache"})
 LATENT_SOURCES = frozenset({"EmptyHunyuanLatentVideo"})
 
 
@@ -279,7 +281,7 @@ def substitute_tiny(api: dict, settings: TinySettings = TinySettings(), object_i
                             "inputs": {"samples": inputs["samples"],
                                        "filename_prefix": f"{settings.save_prefix}/{node_id}"}}
             dropped_outputs.add(node_id)
-        elif kind == "DiTCacheBridge_CreateC2CProjector" or (kind == "DiTCacheBridge_CaptureKVCache" and inputs.get("layers") != "auto"):
+        elif kind == "DiTCacheBridge_CreateC2CProjector" or (kind in LAYERED_SOURCES and inputs.get("layers") != "auto"):
             inputs["layers"] = settings.layers
         if kind in SAMPLERS_WITH_STEPS and "steps" in inputs:
             api[node_id]["inputs"]["steps"] = settings.steps     # a literal, also where a primitive fed it

@@ -66,8 +66,8 @@ SAMPLING = dict(seed=3, steps=4, cfg=4.0, sampler_name="euler", scheduler="simpl
 
 def record(sharer, pos, neg, layers="all", storage_dtype="fp32", storage="ram", latent=None, **overrides):
     settings = SAMPLING | overrides
-    return capture(sharer, pos, neg, mode="recorded", layers=layers, latent_image=latent or empty_latent(),
-                   storage_dtype=storage_dtype, storage=storage, **settings)
+    return pack_nodes().RecordKVCache.execute(sharer, pos, neg, latent or empty_latent(), layers=layers,
+                                              storage_dtype=storage_dtype, storage=storage, **settings).args[0]
 
 
 def sample(model, pos, neg, **overrides):
@@ -176,7 +176,7 @@ def test_storage_dtypes_trade_memory_for_precision(models, conds):
 
 def test_only_one_model_is_resident_in_recorded_mode(models, conds):
     import comfy.patcher_extension
-    from dit_cache_bridge.nodes import memory
+    from dit_cache_bridge.c2c_comfy import memory
     a, b = models["a"], models["b"]
     proj = projector(b, a, "weighted")
     seen = {}
@@ -232,9 +232,16 @@ def test_replay_of_a_cfg_one_recording_into_cfg_sampling_is_refused(models, cond
         sample(fused(a, src, projector(b, a, "weighted")), conds["pos"], conds["neg"])
 
 
-def test_recording_without_latent_is_refused(models, conds):
-    with pytest.raises(ValueError, match=r"Capture KV Cache › latent_image: nothing connected"):
-        capture(models["b"], conds["sharer_pos"], conds["sharer_neg"], mode="recorded")
+def test_recording_on_a_latent_of_another_grid_than_the_sharers_image_is_refused_before_sampling(models, conds):
+    with pytest.raises(ValueError, match=r"Record KV Cache › positive: an image latent of \(2, 6, 6\).*"
+                                         r"expected latent_image's \(3, 8, 8\)"):
+        record(models["i2v"], conds["i2v_small_pos"], conds["i2v_small_neg"])
+
+
+def test_capture_refuses_positive_and_negative_image_latents_of_two_grids(models, conds):
+    with pytest.raises(ValueError, match=r"Capture KV Cache › negative: an image latent of \(2, 6, 6\).*"
+                                         r"expected the \(3, 8, 8\) of positive"):
+        capture(models["i2v"], conds["i2v_pos"], conds["i2v_small_neg"])
 
 
 def test_load_kv_cache_refuses_a_file_that_is_not_a_recording(models, tmp_path):

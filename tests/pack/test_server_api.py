@@ -6,7 +6,7 @@ import torch
 
 PACK_NODES = tuple("DiTCacheBridge_" + name for name in (
     "LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler",
-    "SaveKVCache", "LoadKVCache", "SaveC2CTrainingSample", "TrainC2CProjector"))
+    "RecordKVCache", "SaveKVCache", "LoadKVCache", "SaveC2CTrainingSample", "TrainC2CProjector"))
 
 
 def bridge_prompt(strength: float = 1.0, use_bridged_sampler: bool = False) -> dict:

@@ -160,8 +160,8 @@ def test_recorded_workflow_later_runs_replay_the_saved_recording(comfy_server, o
 
     workflow = load(RECORDED)
     first = workflow_api.substitute_tiny(workflow_api.to_api(workflow, object_info), TINY, object_info)
-    (capture,) = workflow_api.nodes_of_type(first, "DiTCacheBridge_CaptureKVCache")
-    assert first[capture]["inputs"]["mode"] == "recorded"
+    assert len(workflow_api.nodes_of_type(first, "DiTCacheBridge_RecordKVCache")) == 1
+    assert not workflow_api.nodes_of_type(first, "DiTCacheBridge_CaptureKVCache")
     (save_kv,) = workflow_api.nodes_of_type(first, "DiTCacheBridge_SaveKVCache")
     (first_out,) = workflow_api.nodes_of_type(first, "SaveLatent")
     entry = comfy_server.run(first, timeout=300)
@@ -177,7 +177,7 @@ def test_recorded_workflow_later_runs_replay_the_saved_recording(comfy_server, o
     (later_out,) = [i for i in workflow_api.nodes_of_type(later, "SaveLatent")
                     if workflow_api.depends_on(later, i, load_kv)]
     later = workflow_api.keep_needed(later, object_info, outputs=[later_out])
-    assert not workflow_api.nodes_of_type(later, "DiTCacheBridge_CaptureKVCache"), "later runs must not sample the sharer"
+    assert not workflow_api.nodes_of_type(later, "DiTCacheBridge_RecordKVCache"), "later runs must not sample the sharer"
     replayed = saved_latent(comfy_server, comfy_server.run(later, timeout=300), later_out)
 
     assert torch.equal(replayed, saved_latent(comfy_server, entry, first_out))
