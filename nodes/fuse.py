@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..c2c_core import FusionSchedule, ScheduleError
 from ..c2c_comfy.bridge import Bridge
 from ..c2c_comfy.errors import BridgeInputError, check
-from .projector import check_projector_fits, model_signature
+from .projector import check_projector_fits, model_signature, untrained_warning
 from .types import CATEGORY, KVSource, Projector
 
 log = logging.getLogger("dit_cache_bridge")
@@ -20,7 +20,8 @@ def fusion_inputs():
     return [
         io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
                        tooltip="How much of the projected sharer K/V replaces the receiver's: 0 = receiver alone "
-                               "(bit-identical), 1 = full projector output."),
+                               "(bit-identical), 1 = full projector output; above 1 extrapolates past the "
+                               "projector output (receiver + strength × (projected − receiver)), for experiments."),
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                        tooltip="Fraction of the sampling steps at which fusion starts."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -95,22 +96,25 @@ def bridge_model(node, model, source, bundle, strength, start_percent, end_perce
     except ScheduleError as e:
         raise BridgeInputError(node, "start_percent", f"window {start_percent}–{end_percent}",
                                "start_percent ≤ end_percent", str(e)) from e
+    warnings = [w for w in (untrained_warning(bundle),) if w]
+    for warning in warnings:
+        log.warning("%s: %s", node, warning)
     per_layer = parse_layer_strengths(node, layer_strengths, set(bundle.layer_map.pairs))
     if per_layer:
         layer_map = dataclasses.replace(bundle.layer_map, strengths={**bundle.layer_map.strengths, **per_layer})
         bundle = dataclasses.replace(bundle, layer_map=layer_map)
-    bridge = Bridge(source, bundle, float(strength), schedule, receiver_sig, on_report=_reporter(report_to), node=node)
+    bridge = Bridge(source, bundle, float(strength), schedule, receiver_sig, on_report=_reporter(report_to, warnings), node=node)
     return bridge.attach(model)
 
 
-def _reporter(node_id):
-    """Send each run's per-layer report to the frontend's fusion inspector."""
+def _reporter(node_id, warnings=()):
+    """Send each run's per-layer report (and what the user should know about it) to the fusion inspector."""
     if node_id is None:
         return None
 
     def send(report):
         from server import PromptServer
         if getattr(PromptServer, "instance", None) is not None:
-            PromptServer.instance.send_sync("dit_cache_bridge.report", {"node": str(node_id),
-                                                                        "report": report.to_json()})
+            PromptServer.instance.send_sync("dit_cache_bridge.report", {"node": str(node_id), "report": {
+                **report.to_json(), "warnings": list(warnings)}})
     return send

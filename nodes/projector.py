@@ -100,8 +100,18 @@ class CreateC2CProjector(io.ComfyNode):
                                    "use 'full' or 'c2c' (trained) when heads × head_dim differ") from e
         bank.eval()
         bundle = ProjectorBundle(bank=bank, layer_map=layer_map, sharer=sharer_sig, receiver=receiver_sig,
-                                 provenance={"created_by": cls.NODE, "seed": seed}, metadata={})
+                                 provenance={"created_by": cls.NODE, "seed": seed,
+                                             "trained": bank.kind in ("identity", "weighted")}, metadata={})
         return io.NodeOutput(bundle)
+
+
+def untrained_warning(bundle) -> str | None:
+    """A learnable projector straight from Create C2C Projector has random weights: it fuses noise, not knowledge."""
+    if bundle.provenance.get("trained") is not False:
+        return None
+    return (f"untrained '{bundle.bank.kind}' projector (random initial weights from {CreateC2CProjector.NODE}): "
+            "it changes the output without carrying the sharer's knowledge. Train it with Train C2C Projector "
+            "and load the result with Load C2C Projector, or use kind 'identity'/'weighted' (training-free).")
 
 
 def model_signature(node: str, input_name: str, model):
