@@ -180,6 +180,9 @@ class KVRecording:
     storage_dtype: str = "bf16"
     store: object = field(default_factory=RamStore)
     seed: int | None = None          # the noise seed the sharer was sampled with
+    # sigma of each recorded model evaluation (samplers such as heun evaluate more than once per step);
+    # tensors are then keyed by evaluation index in the s<index> slot. None: one evaluation per step.
+    evaluations: list | None = None
 
     def put(self, step: int, kind: int, layer: int, k: Tensor, v: Tensor) -> None:
         tensors = {}
@@ -206,6 +209,11 @@ class KVRecording:
         return max(1, len(self.sigmas) - 1)
 
     @property
+    def slots(self) -> int:
+        """Number of recorded model evaluations (the s<index> slots of the tensor names)."""
+        return len(self.evaluations) if self.evaluations is not None else self.steps
+
+    @property
     def nbytes(self) -> int:
         return self.store.nbytes
 
@@ -217,7 +225,7 @@ class KVRecording:
         return {"format_version": RECORDING_VERSION, "signature": self.signature.to_dict(),
                 "grid": self.grid.to_dict(), "rope": self.rope.to_dict(), "sigmas": list(self.sigmas),
                 "layers": list(self.layers), "kinds": list(self.kinds), "storage_dtype": self.storage_dtype,
-                "seed": self.seed}
+                "seed": self.seed, **({} if self.evaluations is None else {"evaluations": list(self.evaluations)})}
 
 
 def save_recording(path: str | os.PathLike, recording: KVRecording, overwrite: bool = False) -> None:
@@ -253,6 +261,8 @@ class _Checker:
         return value
 
     def number(self, name, value, lo=-math.inf, hi=math.inf, positive=False):
+        if type(value) is int and abs(value) > 2**53:
+            value = math.inf
         if type(value) not in (int, float) or not math.isfinite(value) or not lo <= value <= hi or (positive and value <= 0):
             self.fail(name, value, f"a finite number{' > 0' if positive else ''}"
                                    f"{f' in [{lo}, {hi}]' if math.isfinite(lo) or math.isfinite(hi) else ''}")
@@ -310,13 +320,18 @@ def _parse_recording_meta(path, meta: Mapping) -> KVRecording:
     seed = meta.get("seed")
     if seed is not None:
         c.int_("seed", seed, -2**63, 2**64 - 1)
+    evaluations = meta.get("evaluations")
+    if evaluations is not None:
+        if not isinstance(evaluations, list) or not 1 <= len(evaluations) <= 4 * MAX_STEPS:
+            c.fail("evaluations", evaluations, f"a list of 1..{4 * MAX_STEPS} noise levels (one per model evaluation)")
+        evaluations = [c.number(f"evaluations[{i}]", s, lo=0.0) for i, s in enumerate(evaluations)]
     return KVRecording(signature=ModelSignature(name=name, **values), grid=grid, rope=rope, sigmas=sigmas,
-                       layers=layers, kinds=kinds, storage_dtype=dtype, seed=seed)
+                       layers=layers, kinds=kinds, storage_dtype=dtype, seed=seed, evaluations=evaluations)
 
 
 def _check_recording_tensors(path, rec: KVRecording, entries: Mapping) -> None:
     """Every tensor is a known (step, kind, layer) with the right shape and dtype, and every kind and
-    layer holds the same steps (step 0 included) with both K and V."""
+    layer holds K and V of every step (the stock samplers evaluate the model once or more per step)."""
     where = _short_path(path)
     width, tokens = rec.signature.width, rec.grid.numel
     fp8 = rec.storage_dtype.startswith("fp8")
@@ -329,8 +344,8 @@ def _check_recording_tensors(path, rec: KVRecording, entries: Mapping) -> None:
             raise UnexpectedTensorError(f"{where}: tensor {quote(name, 80)} is not a recorded K/V name "
                                         f"(s<step>.c<kind>.l<layer>.k|v); the file is not from Save KV Cache.")
         step, kind, layer, which, scale = int(m[1]), int(m[2]), int(m[3]), m[4], m[5]
-        if step >= rec.steps or kind not in rec.kinds or layer not in rec.layers:
-            raise UnexpectedTensorError(f"{where}: tensor {quote(name, 80)} is outside the metadata's {rec.steps} "
+        if step >= rec.slots or kind not in rec.kinds or layer not in rec.layers:
+            raise UnexpectedTensorError(f"{where}: tensor {quote(name, 80)} is outside the metadata's {rec.slots} "
                                         f"steps, passes {list(rec.kinds)} and layers {quote(list(rec.layers), 80)}.")
         if scale:
             if not fp8 or tuple(shape) != (1,) or dtype != "F32":
@@ -348,15 +363,13 @@ def _check_recording_tensors(path, rec: KVRecording, entries: Mapping) -> None:
         if fp8 and name + ".scale" not in entries:
             raise MissingTensorError(f"{where}: fp8 tensor {name!r} has no '.scale' next to it; record it again.")
         steps_of[(kind, layer, which)].add(step)
-    reference = steps_of[(rec.kinds[0], rec.layers[0], "k")]
-    for key, steps in steps_of.items():
-        if 0 not in steps or steps != reference:
-            kind, layer, which = key
-            missing = sorted((reference | {0}) - steps)[:5]
+    every = set(range(rec.slots))
+    for (kind, layer, which), steps in steps_of.items():
+        if steps != every:
             raise MissingTensorError(
                 f"{where}: the recording has no {which.upper()} of layer {layer} ({'negative' if kind else 'positive'} "
-                f"pass) for steps {missing}; expected the same steps for every layer and pass. The file is "
-                f"incomplete; record it again.")
+                f"pass) for steps {sorted(every - steps)[:5]}; expected all {rec.slots} steps of its sigmas for every "
+                f"layer and pass. The file is incomplete; record it again.")
 
 
 def load_recording(path: str | os.PathLike) -> KVRecording:
