@@ -1,0 +1,137 @@
+"""ComfyUI and diffusers agree: the same tiny weights, converted, and the same projector bundle.
+
+The ComfyUI side is the real host in-process (the ``comfy`` fixture) with this pack's bridge; the
+diffusers side is c2c_diffusers on weights converted by c2c_diffusers.convert. fp32 throughout.
+"""
+import importlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+from c2c_core import FusionSchedule, LayerMap, ModelSignature, ProjectorBank, load_bundle, save_bundle
+from c2c_diffusers import Bridge, LiveSharer, SharerInputs, convert
+from c2c_diffusers.hooks import add_taps, remove_taps
+
+pytestmark = pytest.mark.usefixtures("comfy")
+
+TEXT = 512
+
+
+def comfy_keys(patcher, x, t, context, **extra):
+    """K after RoPE of every block as ComfyUI's attention override sees it (B, N, H*D)."""
+    from bridge_helpers import pack_nodes
+    pack_nodes()
+    compat = importlib.import_module("dit_cache_bridge.c2c_comfy.compat")
+    clone, got = patcher.clone(), {}
+    layers = list(range(len(patcher.model.diffusion_model.blocks)))
+
+    def grab(layer, q, k, v, heads, transformer_options):
+        got[layer] = k.clone()
+        return k, v
+    compat.hook_self_attention(clone, layers, grab)
+    with torch.no_grad():
+        clone.model.diffusion_model(x, t, context, transformer_options=clone.model_options["transformer_options"], **extra)
+    return got
+
+
+def diffusers_keys(transformer, **inputs):
+    got = {}
+
+    def grab(layer, k, v):
+        got[layer] = k.flatten(2).clone()
+        return k, v
+    add_taps(transformer, range(len(transformer.blocks)), "test.grab", grab)
+    try:
+        with torch.no_grad():
+            transformer(**inputs, return_dict=False)
+    finally:
+        remove_taps(transformer, "test.grab")
+    return got
+
+
+@pytest.mark.parametrize("name", ["tiny_wan_t2v_a", "tiny_wan_i2v"])
+def test_converted_weights_round_trip_exactly(tiny_models, name):
+    weights = load_file(tiny_models.path(name))
+    back = convert.to_comfy(convert.from_comfy(weights).state_dict())
+    assert sorted(back) == sorted(weights)
+    assert all(torch.equal(back[k], weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("name", ["tiny_wan_t2v_a", "tiny_wan_i2v"])
+def test_keys_after_rope_agree_per_layer(tiny_models, name):
+    from bridge_helpers import load_model
+    patcher = load_model(tiny_models.path(name))
+    transformer = convert.from_comfy(load_file(tiny_models.path(name)))
+    i2v = transformer.config.in_channels == 36
+    x = torch.randn(1, transformer.config.in_channels, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    context = tiny.embeds(20, tokens=TEXT if i2v else 12)
+    t = torch.tensor([640.0])
+    extra = {"clip_fea": tiny.embeds(21, tokens=6, dim=1280)} if i2v else {}
+    theirs = comfy_keys(patcher, x, t, context, **extra)
+    ours = diffusers_keys(transformer, hidden_states=x, timestep=t, encoder_hidden_states=context,
+                          encoder_hidden_states_image=extra.get("clip_fea"))
+    assert sorted(theirs) == sorted(ours) == [0, 1]
+    for layer in ours:
+        err = (ours[layer] - theirs[layer]).abs().max() / theirs[layer].abs().max()
+        print(f"{name} layer {layer}: K relative difference {err:.2e}")
+        assert err <= 1e-5, f"layer {layer}: relative difference {err:.2e}"
+
+
+def test_a_bundle_fused_in_diffusers_gives_the_comfy_bridged_latents(tiny_models, tmp_path):
+    """Same receiver/sharer weights, conditioning, noise, sigmas, Euler + CFG 4; a seeded 'full' projector."""
+    import comfy.sample
+    import comfy.samplers
+    from bridge_helpers import empty_latent, ksample, load_model, pack_nodes
+    from comfy_test_nodes import wan_conditioning
+
+    sig = ModelSignature(2, 2, 128)
+    layer_map = LayerMap.build("identity", 2, 2)
+    bank = ProjectorBank.build("full", sig, sig, layer_map.layers, hidden_dim=64)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in bank.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    path = tmp_path / "full.safetensors"
+    save_bundle(path, bank, layer_map)
+
+    conds = {name: wan_conditioning(seed, length) for name, seed, length in
+             (("pos", 1, 8), ("neg", 2, 5), ("sharer_pos", 3, 8), ("sharer_neg", 4, 5))}
+    steps, cfg, seed, strength = 4, 4.0, 7, 0.7
+
+    receiver = load_model(tiny_models.path("tiny_wan_t2v_a"))
+    sharer = load_model(tiny_models.path("tiny_wan_t2v_b"))
+    nodes = pack_nodes()
+    comfy_bundle = importlib.import_module("dit_cache_bridge.c2c_core").load_bundle(path)
+    source = nodes.CaptureKVCache.execute(sharer, conds["sharer_pos"], conds["sharer_neg"], layers="auto",
+                                          refresh_every=1, rope_alignment="auto").args[0]
+    fused = nodes.FuseCaches.execute(receiver, source, comfy_bundle, strength, 0.0, 1.0, "constant", "").args[0]
+    theirs = ksample(fused, conds["pos"], conds["neg"], cfg=cfg, seed=seed, steps=steps)
+
+    sampling = receiver.get_model_object("model_sampling")
+    sigmas = [float(s) for s in comfy.samplers.calculate_sigmas(sampling, "simple", steps)]
+    x = comfy.sample.prepare_noise(empty_latent()["samples"], seed) * sigmas[0]
+
+    wan = convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_a")))
+    inputs = SharerInputs(conds["sharer_pos"][0][0], conds["sharer_neg"][0][0])
+    bridge = Bridge(load_bundle(path), LiveSharer(convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_b"))), inputs),
+                    strength=strength, schedule=FusionSchedule()).attach(wan)
+    with torch.no_grad(), bridge.session():
+        for i in range(steps):
+            t = torch.tensor([sigmas[i] * 1000.0])
+            velocity = {}
+            for branch, cond in (("cond", conds["pos"]), ("uncond", conds["neg"])):
+                with wan.cache_context(branch, step_index=i, sigma=sigmas[i]):
+                    velocity[branch] = wan(hidden_states=x, timestep=t, encoder_hidden_states=cond[0][0],
+                                           return_dict=False)[0]
+            v = velocity["uncond"] + cfg * (velocity["cond"] - velocity["uncond"])
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+    bridge.detach()
+    ours = receiver.model.process_latent_out(x)
+    plain = ksample(receiver, conds["pos"], conds["neg"], cfg=cfg, seed=seed, steps=steps)
+    assert (theirs - plain).abs().max() > 1e-3, "the projector must change the output for this test to mean anything"
+    assert bridge.last_report.sharer_forwards == 2 * steps
+    err = (ours - theirs).abs().max() / theirs.abs().max()
+    print(f"latents relative difference {err:.2e}, fusion moved them by {(theirs - plain).abs().max():.3f}")
+    assert err <= 1e-5, f"relative difference {err:.2e}"
