@@ -6,9 +6,14 @@ which node, which input, what was found, what was expected and what to do.
 from __future__ import annotations
 
 
+#: what a message quotes of a user's or a file's text (a 5 MB string must not reach the UI and /history)
+MAX_FOUND = 1500
+
+
 class BridgeInputError(ValueError):
     def __init__(self, node: str, input_name: str, found: str, expected: str, fix: str):
         self.node, self.input_name = node, input_name
+        found = found if len(found) <= MAX_FOUND else f"{found[:MAX_FOUND]}… ({len(found)} characters)"
         super().__init__(f"{node} › {input_name}: {found}; expected {expected}. Fix: {fix}")
 
 

@@ -4,11 +4,15 @@
 ``step_000100.state.safetensors`` holds what resuming needs: AdamW state tensors, the torch RNG
 states as uint8 tensors, and JSON metadata (step, config, LR schedule, loss history). Nothing is
 pickled, so a checkpoint folder shared by someone else is as safe to resume as a bundle is to
-load. The state file is written last, so its presence means the pair is complete.
+load. The state file is written last, so its presence means the pair is complete. Both files
+are written to a temp file in the folder and renamed into place (a kill leaves the previous
+checkpoint intact and no loadable half file); only the last ``keep_last`` pairs are kept, and temp
+files of killed writers are removed before each save.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -16,12 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .bundle import load_bundle, load_tensors, read_header, read_meta, save_bundle, save_tensors_with_meta
+from .bundle import (load_bundle, load_tensors, read_header, read_meta, remove_stale_temp_files, save_bundle,
+                     save_tensors_with_meta)
 from .errors import BundleError, ResumeError
 from .mapping import LayerMap
 from .projectors import ProjectorBank
 
-__all__ = ["TRAINER_STATE_KEY", "STATE_FORMAT_VERSION", "Checkpoint", "save_checkpoint", "find_checkpoint", "load_checkpoint"]
+__all__ = ["TRAINER_STATE_KEY", "STATE_FORMAT_VERSION", "Checkpoint", "save_checkpoint", "find_checkpoint", "load_checkpoint",
+           "prune_checkpoints"]
 
 TRAINER_STATE_KEY = "c2c_trainer_state"
 STATE_FORMAT_VERSION = 1
@@ -42,9 +48,13 @@ def save_checkpoint(
     losses: list[float],
     config,
     schedule: dict,
+    keep_last: int = 3,
 ) -> Path:
-    """Write the bundle and trainer state for ``step`` completed steps; returns the bundle path."""
+    """Write the bundle and trainer state for ``step`` completed steps; returns the bundle path.
+
+    Afterwards only the ``keep_last`` newest checkpoints stay in ``directory`` (0 keeps all)."""
     directory = Path(directory)
+    remove_stale_temp_files(directory, max_depth=1)
     bundle_path, state_path = _paths(directory, step)
     provenance = {
         "tool": "DiT Cache Bridge c2c_core.train",
@@ -78,7 +88,24 @@ def save_checkpoint(
         "param_groups": [{k: v for k, v in g.items() if k != "params"} | {"num_params": len(g["params"])} for g in opt["param_groups"]],
     }
     save_tensors_with_meta(state_path, tensors, meta, TRAINER_STATE_KEY)
+    if keep_last:
+        prune_checkpoints(directory, keep_last)
     return bundle_path
+
+
+def prune_checkpoints(directory: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` newest complete checkpoints (state file first, so a pair is never
+    left looking complete without its bundle); returns the deleted paths."""
+    directory = Path(directory)
+    found = sorted(int(m.group(1)) for p in directory.iterdir() if (m := _STATE_NAME.match(p.name)))
+    removed = []
+    for step in found[:-keep_last] if keep_last > 0 else []:
+        bundle_path, state_path = _paths(directory, step)
+        for path in (state_path, bundle_path):
+            if path.exists():
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def find_checkpoint(resume: str | Path) -> Path:
@@ -181,6 +208,9 @@ def load_checkpoint(
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     losses = meta.get("losses") or []
+    if not isinstance(losses, list) or not all(type(x) in (int, float) and math.isfinite(x) for x in losses):
+        raise ResumeError(f"{state_path}: the saved losses hold a non-finite or non-numeric value; the run it comes "
+                          f"from diverged. Resume from an earlier checkpoint or start a new run.")
     if len(losses) != step:
         raise ResumeError(f"{state_path}: {len(losses)} recorded losses for step {step}; the file is inconsistent.")
     return Checkpoint(step=step, losses=[float(x) for x in losses], bundle_path=bundle_path, meta=meta)

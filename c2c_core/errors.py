@@ -117,3 +117,9 @@ def quote(value, limit: int = 120) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def cut(text: str, limit: int = 600) -> str:
+    """``text`` cut to ``limit`` characters with a note of the full length (messages stay readable)."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"

@@ -1,4 +1,9 @@
-"""Save KV Cache and Load KV Cache: persist a recording so one sharer run feeds many receiver runs."""
+"""Save KV Cache and Load KV Cache: persist a recording so one sharer run feeds many receiver runs.
+
+Saves never replace a file (the counter advances past every existing ``prefix_NNNNN``), stream disk
+recordings from disk to disk and go through a temp file renamed into place. Load KV Cache's cache
+key includes the file's identity, so a replaced file is read again, never mixed with the old one.
+"""
 from __future__ import annotations
 
 import os
@@ -7,7 +12,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..c2c_core import BundleError
+from ..c2c_core.errors import cut, quote
 from ..c2c_core.recording import load_recording, save_recording
+from ..c2c_comfy import files
 from ..c2c_comfy.errors import BridgeInputError, check
 from ..c2c_comfy.recorded import RecordedSource
 from .types import CATEGORY, KVSource
@@ -19,11 +26,12 @@ def recordings_folder() -> str:
     return os.path.join(folder_paths.get_output_directory(), SUBFOLDER)
 
 
+GRID_ALIGNMENTS = ["refuse", "nearest", "trilinear"]
+
+
 def recording_files() -> list[str]:
-    folder = recordings_folder()
-    if not os.path.isdir(folder):
-        return []
-    return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    """Recordings in output/kv_cache/, sub-folders included (Save KV Cache's prefix may name one)."""
+    return files.listed(recordings_folder())
 
 
 class SaveKVCache(io.ComfyNode):
@@ -45,13 +53,11 @@ class SaveKVCache(io.ComfyNode):
     def execute(cls, kv_source, filename_prefix) -> io.NodeOutput:
         check(isinstance(kv_source, RecordedSource), cls.NODE, "kv_source", "a live K/V source",
               "a recording", "feed it from Record KV Cache (Capture KV Cache is live)")
-        full, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, recordings_folder())
-        while os.path.exists(os.path.join(full, f"{name}_{counter:05}.safetensors")):
-            counter += 1        # ComfyUI's counter only sees names ending in '_'; never write over a recording
-        file = f"{name}_{counter:05}.safetensors"
-        save_recording(os.path.join(full, file), kv_source.recording)
-        return io.NodeOutput(kv_source, ui={"kv_cache": [{"filename": file, "subfolder": os.path.join(SUBFOLDER, subfolder),
-                                                          "type": "output"}]})
+        subfolder, name = files.checked_prefix(cls.NODE, "filename_prefix", filename_prefix)
+        folder = os.path.join(recordings_folder(), subfolder)
+        path = files.save_numbered(folder, name, lambda p: save_recording(p, kv_source.recording))
+        return io.NodeOutput(kv_source, ui={"kv_cache": [{"filename": path.name, "type": "output",
+                                                          "subfolder": "/".join(filter(None, (SUBFOLDER, subfolder)))}]})
 
 
 class LoadKVCache(io.ComfyNode):
@@ -66,18 +72,30 @@ class LoadKVCache(io.ComfyNode):
                                    tooltip="A recording in output/kv_cache/ (.safetensors only)."),
                     io.Int.Input("refresh_every", default=1, min=1, max=1000,
                                  tooltip="Reuse each replayed step's K/V for k steps."),
-                    io.Combo.Input("grid_alignment", options=["refuse", "nearest", "trilinear"], default="refuse",
+                    io.Combo.Input("grid_alignment", options=GRID_ALIGNMENTS, default="refuse",
                                    tooltip="What to do when the receiver's latent grid differs from the recording's.")],
             outputs=[KVSource.Output(tooltip="A K/V source for Fuse Caches.")],
         )
 
     @classmethod
+    def fingerprint_inputs(cls, kv_cache, **kwargs):
+        """Re-run when the file under the name changes (replaced, rewritten, removed)."""
+        path = files.inside(recordings_folder(), kv_cache)
+        return files.fingerprint(path) if path else "invalid"
+
+    @classmethod
     def execute(cls, kv_cache, refresh_every=1, grid_alignment="refuse") -> io.NodeOutput:
-        path = os.path.join(recordings_folder(), os.path.relpath(os.path.join("/", kv_cache), "/"))
+        check(grid_alignment in GRID_ALIGNMENTS, cls.NODE, "grid_alignment", quote(grid_alignment, 60),
+              f"one of {GRID_ALIGNMENTS}", "pick a value from the list")
+        check(type(refresh_every) is int and 1 <= refresh_every <= 1000, cls.NODE, "refresh_every",
+              quote(refresh_every, 60), "an integer from 1 to 1000", "1 replays every step; k reuses a step k times")
+        path = files.inside(recordings_folder(), kv_cache)
+        check(path is not None, cls.NODE, "kv_cache", f"the name {quote(kv_cache, 80)}",
+              "a recording inside output/kv_cache/", "pick a file from the list")
         try:
             recording = load_recording(path)
         except (BundleError, FileNotFoundError) as e:
-            raise BridgeInputError(cls.NODE, "kv_cache", str(e), "a recording saved by Save KV Cache",
+            raise BridgeInputError(cls.NODE, "kv_cache", cut(str(e)), "a recording saved by Save KV Cache",
                                    "pick another file, or record again") from e
         return io.NodeOutput(RecordedSource(recording, recording.signature, recording.layers, int(refresh_every),
                                             "auto", grid_alignment, cls.NODE))

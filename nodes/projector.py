@@ -1,11 +1,14 @@
 """Load C2C Projector and Create C2C Projector: where a C2C_PROJECTOR comes from."""
 from __future__ import annotations
 
+import math
+
 import torch
 from comfy_api.latest import io
 
 from ..c2c_core import (BundleError, LayerMap, LayerMapError, ProjectorBank, ProjectorBundle, ProjectorConfigError,
                         load_bundle, parse_layer_spec)
+from ..c2c_core.errors import cut, quote
 from ..c2c_comfy import compat, paths
 from ..c2c_comfy.errors import BridgeInputError, check
 from .types import CATEGORY, Projector
@@ -29,11 +32,18 @@ class LoadC2CProjector(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, projector_name, **kwargs):
+        """Re-run when the bundle under the name changes (replaced, re-trained, removed)."""
+        return paths.projector_fingerprint(projector_name)
+
+    @classmethod
     def execute(cls, projector_name: str) -> io.NodeOutput:
+        check(isinstance(projector_name, str), cls.NODE, "projector_name", quote(projector_name, 60),
+              "a file name from the list", "pick a bundle from the list")
         try:
             bundle = load_bundle(paths.projector_path(projector_name))
         except (BundleError, FileNotFoundError) as e:
-            raise BridgeInputError(cls.NODE, "projector_name", str(e), "a C2C projector bundle",
+            raise BridgeInputError(cls.NODE, "projector_name", cut(str(e)), "a C2C projector bundle",
                                    "pick a bundle saved by DiT Cache Bridge (Create/Train C2C Projector or tools/train_projector.py), or re-export it as .safetensors") from e
         return io.NodeOutput(bundle)
 
@@ -75,12 +85,13 @@ class CreateC2CProjector(io.ComfyNode):
 
     @classmethod
     def execute(cls, sharer, receiver, kind, mapping, layers, alpha, hidden_dim, seed) -> io.NodeOutput:
+        _check_create_inputs(cls.NODE, kind, mapping, layers, alpha, hidden_dim, seed)
         sharer_sig = model_signature(cls.NODE, "sharer", sharer)
         receiver_sig = model_signature(cls.NODE, "receiver", receiver)
         try:
             fused = parse_layer_spec(layers, receiver_sig.num_layers)
         except (LayerMapError, ValueError) as e:
-            raise BridgeInputError(cls.NODE, "layers", repr(layers), "a layer list such as 'all', '0-3,7' or 'last4'",
+            raise BridgeInputError(cls.NODE, "layers", quote(layers), "a layer list such as 'all', '0-3,7' or 'last4'",
                                    str(e)) from e
         try:
             layer_map = LayerMap.build(mapping, sharer_sig.num_layers, receiver_sig.num_layers, layers=fused)
@@ -103,6 +114,21 @@ class CreateC2CProjector(io.ComfyNode):
                                  provenance={"created_by": cls.NODE, "seed": seed,
                                              "trained": bank.kind in ("identity", "weighted")}, metadata={})
         return io.NodeOutput(bundle)
+
+
+def _check_create_inputs(node, kind, mapping, layers, alpha, hidden_dim, seed) -> None:
+    """ComfyUI checks neither V3 combo values in API prompts nor numbers that arrive through links."""
+    check(kind in PROJECTOR_KINDS, node, "kind", quote(kind, 60), f"one of {PROJECTOR_KINDS}", "pick a kind from the list")
+    check(mapping in MAPPING_KINDS, node, "mapping", quote(mapping, 60), f"one of {MAPPING_KINDS}",
+          "pick a mapping from the list")
+    check(isinstance(layers, str) and len(layers) <= 200, node, "layers", quote(layers, 60),
+          "a layer list such as 'all', '0-3,7' or 'last4'", "type a layer list")
+    check(type(alpha) in (int, float) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0, node, "alpha", quote(alpha, 40),
+          "a number from 0 to 1", "0.5 mixes sharer and receiver equally")
+    check(type(hidden_dim) is int and 0 <= hidden_dim <= 65536, node, "hidden_dim", quote(hidden_dim, 40),
+          "an integer from 0 to 65536", "0 picks the receiver's width")
+    check(type(seed) is int and 0 <= seed < 2**64, node, "seed", quote(seed, 40), "an integer from 0 to 2^64-1",
+          "any fixed number, e.g. 0")
 
 
 def untrained_warning(bundle) -> str | None:

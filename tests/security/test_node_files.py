@@ -1,0 +1,202 @@
+"""The file nodes inside a real (in-process) ComfyUI: saves never overwrite, loads never go stale,
+temp recordings never outlive their run, and prompt values the UI would not produce are refused by
+the node that owns them."""
+from __future__ import annotations
+
+import gc
+import hashlib
+import math
+import os
+
+import pytest
+import torch
+
+from bridge_helpers import empty_latent, load_model, pack_nodes
+
+pytestmark = pytest.mark.usefixtures("comfy")
+
+SAMPLING = dict(seed=3, steps=2, cfg=4.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    import host
+    return load_model(tiny_models.path(host.T2V_A))
+
+
+@pytest.fixture(scope="module")
+def conds():
+    from comfy_test_nodes import wan_conditioning
+    return wan_conditioning(1), wan_conditioning(2, length=5)
+
+
+def record(model, conds, storage="ram", seed=3, layers="0"):
+    pos, neg = conds
+    return pack_nodes().RecordKVCache.execute(model, pos, neg, empty_latent(), layers=layers, storage_dtype="bf16",
+                                              storage=storage, **(SAMPLING | {"seed": seed})).args[0]
+
+
+def save(source, prefix):
+    (entry,) = pack_nodes().SaveKVCache.execute(source, prefix).ui["kv_cache"]
+    return entry
+
+
+def _folder():
+    return pack_nodes().kv_cache.recordings_folder()
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def c2c_temp_folders():
+    import folder_paths
+    temp = folder_paths.get_temp_directory()
+    return sorted(f for f in os.listdir(temp) if f.startswith("c2c_kv_")) if os.path.isdir(temp) else []
+
+
+# -- saves never overwrite ------------------------------------------------------------------------------
+
+def test_saving_twice_with_one_prefix_writes_two_files_and_keeps_the_first(model, conds):
+    first = save(record(model, conds, seed=3), "twice/rec")
+    path = os.path.join(_folder(), "twice", first["filename"])
+    before = digest(path)
+    second = save(record(model, conds, seed=4), "twice/rec")
+    assert first["filename"] == "rec_00001.safetensors" and second["filename"] == "rec_00002.safetensors"
+    assert digest(path) == before
+
+
+def test_a_recording_saved_under_a_subfolder_is_listed_by_load_kv_cache(model, conds):
+    entry = save(record(model, conds), "sub/deeper/rec")
+    assert f"sub/deeper/{entry['filename']}" in pack_nodes().kv_cache.recording_files()
+
+
+@pytest.mark.parametrize("prefix", ["", "   ", "a\x00b", "x" * 300, "../escape", "/abs/path", "a/../../b", "c:\\x"])
+def test_save_kv_cache_refuses_a_prefix_that_is_no_file_name(model, conds, prefix):
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    source = record(model, conds)
+    with pytest.raises(BridgeInputError, match=r"Save KV Cache › filename_prefix: the prefix") as info:
+        save(source, prefix)
+    assert len(str(info.value)) < 600
+
+
+# -- loads never go stale --------------------------------------------------------------------------------
+
+def test_load_kv_cache_fingerprint_changes_when_the_file_is_replaced(model, conds):
+    nodes = pack_nodes()
+    entry = save(record(model, conds, seed=3), "stale/rec")
+    name = f"stale/{entry['filename']}"
+    before = nodes.LoadKVCache.fingerprint_inputs(kv_cache=name)
+    other = save(record(model, conds, seed=4), "stale/other")
+    os.replace(os.path.join(_folder(), "stale", other["filename"]), os.path.join(_folder(), name))
+    assert nodes.LoadKVCache.fingerprint_inputs(kv_cache=name) != before
+    assert nodes.LoadKVCache.execute(name).args[0].recording.seed == 4
+
+
+def test_a_loaded_recording_refuses_to_read_a_file_replaced_under_it(model, conds):
+    from dit_cache_bridge.c2c_core.errors import FileChangedError
+    nodes = pack_nodes()
+    entry = save(record(model, conds, seed=3), "swap/rec")
+    name = f"swap/{entry['filename']}"
+    loaded = nodes.LoadKVCache.execute(name).args[0].recording
+    other = save(record(model, conds, seed=4), "swap/other")
+    os.replace(os.path.join(_folder(), "swap", other["filename"]), os.path.join(_folder(), name))
+    with pytest.raises(FileChangedError, match="changed after its header was read"):
+        loaded.get(0, 0, 0)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_deleted_or_truncated_recording_fails_on_load_kv_cache(model, conds, damage):
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    entry = save(record(model, conds), f"{damage}/rec")
+    path = os.path.join(_folder(), damage, entry["filename"])
+    if damage == "delete":
+        os.remove(path)
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(BridgeInputError, match=r"Load KV Cache › kv_cache: "):
+        pack_nodes().LoadKVCache.execute(f"{damage}/{entry['filename']}")
+
+
+def test_load_kv_cache_refuses_names_outside_its_folder():
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    for name in ("../../etc/passwd", "/etc/passwd", "a\x00b"):
+        with pytest.raises(BridgeInputError, match=r"Load KV Cache › kv_cache: the name"):
+            pack_nodes().LoadKVCache.execute(name)
+
+
+def test_load_c2c_projector_fingerprint_follows_the_file(tmp_path):
+    import folder_paths
+    from dit_cache_bridge.c2c_core import LayerMap, ModelSignature, ProjectorBank, save_bundle
+    folder_paths.add_model_folder_path("c2c_projectors", str(tmp_path))
+    sig = ModelSignature(2, 2, 4)
+    layer_map = LayerMap.build("identity", 2, 2)
+    path = tmp_path / "fp_test.safetensors"
+    save_bundle(path, ProjectorBank.build("weighted", sig, sig, layer_map.layers, alpha=0.2), layer_map)
+    node = pack_nodes().LoadC2CProjector
+    before = node.fingerprint_inputs(projector_name="fp_test.safetensors")
+    save_bundle(path, ProjectorBank.build("weighted", sig, sig, layer_map.layers, alpha=0.7), layer_map)
+    assert node.fingerprint_inputs(projector_name="fp_test.safetensors") != before
+    os.remove(path)
+    assert node.fingerprint_inputs(projector_name="fp_test.safetensors") == "missing"
+
+
+# -- temp recordings never outlive their run -----------------------------------------------------------
+
+def test_a_disk_recording_deletes_its_temp_folder_when_dropped(model, conds):
+    before = set(c2c_temp_folders())
+    source = record(model, conds, storage="disk")
+    made = set(c2c_temp_folders()) - before
+    assert len(made) == 1
+    del source
+    gc.collect()
+    assert set(c2c_temp_folders()) == before
+
+
+def test_an_interrupted_disk_recording_leaves_no_temp_folder(model, conds):
+    import comfy.model_management as mm
+    before = set(c2c_temp_folders())
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            record(model, conds, storage="disk")
+    finally:
+        mm.interrupt_current_processing(False)
+    gc.collect()
+    assert set(c2c_temp_folders()) == before
+
+
+def test_save_kv_cache_streams_a_disk_recording_without_reading_it_into_memory(model, conds, monkeypatch):
+    from dit_cache_bridge.c2c_core import recording as recording_module
+    source = record(model, conds, storage="disk", layers="all")
+    reads = []
+    monkeypatch.setattr(recording_module.DiskStore, "get", lambda self, names: reads.append(names) or {})
+    entry = save(source, "stream/rec")
+    assert reads == []
+    monkeypatch.undo()
+    loaded = pack_nodes().LoadKVCache.execute(f"stream/{entry['filename']}").args[0].recording
+    for step in range(2):
+        k, v = loaded.get(step, 0, 1)
+        k0, v0 = source.recording.get(step, 0, 1)
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+# -- values the UI would not produce -------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("kind", "banana"), ("kind", ["c2c"]), ("mapping", "banana"),
+                                         ("alpha", math.nan), ("alpha", 5.0), ("hidden_dim", -5), ("seed", -1)])
+def test_create_c2c_projector_names_the_input_that_is_wrong(model, field, value):
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    inputs = dict(kind="weighted", mapping="identity", layers="all", alpha=0.5, hidden_dim=0, seed=0) | {field: value}
+    with pytest.raises(BridgeInputError, match=rf"Create C2C Projector › {field}: "):
+        pack_nodes().CreateC2CProjector.execute(model, model, **inputs)
+
+
+@pytest.mark.parametrize("field,value", [("grid_alignment", "banana"), ("refresh_every", 0), ("refresh_every", -3)])
+def test_load_kv_cache_names_the_input_that_is_wrong(model, conds, field, value):
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    entry = save(record(model, conds), "combo/rec")
+    inputs = dict(kv_cache=f"combo/{entry['filename']}", refresh_every=1, grid_alignment="refuse") | {field: value}
+    with pytest.raises(BridgeInputError, match=rf"Load KV Cache › {field}: "):
+        pack_nodes().LoadKVCache.execute(**inputs)
