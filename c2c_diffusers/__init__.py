@@ -11,5 +11,6 @@ See docs/diffusers.md.
 from .bridge import COND, UNCOND, Bridge
 from .errors import BridgeSetupError
 from .live import LiveSharer, SharerInputs
+from .recorded import KVRecorder, RecordedSharer
 
-__all__ = ["Bridge", "BridgeSetupError", "COND", "LiveSharer", "SharerInputs", "UNCOND"]
+__all__ = ["Bridge", "BridgeSetupError", "COND", "KVRecorder", "LiveSharer", "RecordedSharer", "SharerInputs", "UNCOND"]

@@ -25,8 +25,6 @@ from __future__ import annotations
 import itertools
 from contextlib import contextmanager
 
-import torch
-
 from c2c_core import FusionSchedule
 from c2c_core.runtime import BankCache, FusionRun, percent_of
 
@@ -34,7 +32,7 @@ from . import models
 from .errors import BridgeSetupError
 from .hooks import add_taps, register_call_hook, remove_call_hook, remove_taps
 
-__all__ = ["Bridge", "CallInfo", "COND", "UNCOND", "flow_sigma"]
+__all__ = ["Bridge", "CallClock", "CallInfo", "COND", "UNCOND", "flow_sigma"]
 
 COND, UNCOND = "cond", "uncond"
 _ids = itertools.count()
@@ -58,6 +56,44 @@ def scheduler_shift(scheduler) -> float:
         if isinstance(value, (int, float)) and value > 0:
             return float(value)
     return 1.0
+
+
+class CallClock:
+    """CFG branch and step of each transformer call: from the pipeline's cache context, else by call order.
+
+    A new timestep value is a new step; within one timestep the first call is "cond", the second
+    "uncond" (the fallback for pipelines without ``cache_context``). A context's name and step_index win.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.last = None            # (timestep value, calls seen at it)
+        self.step = -1
+
+    def restarted(self, value: float) -> bool:
+        """True when the timestep went up: sampling started over."""
+        return self.last is not None and value > self.last[0]
+
+    def tick(self, value: float, context) -> tuple[str, int]:
+        if self.last is None or self.last[0] != value:
+            self.last = (value, 0)
+            self.step += 1
+        else:
+            self.last = (value, self.last[1] + 1)
+        if context is not None and context.step_index is not None:
+            self.step = int(context.step_index)
+        if context is not None and context.name in (COND, UNCOND):
+            return context.name, self.step
+        return (COND if self.last[1] % 2 == 0 else UNCOND), self.step
+
+
+def call_inputs(args, kwargs):
+    """(hidden_states, timestep, timestep as a float) of a Wan transformer call."""
+    latent = args[0] if args else kwargs["hidden_states"]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    return latent, timestep, float(timestep.flatten()[0])
 
 
 class CallInfo:
@@ -97,8 +133,7 @@ class Bridge:
         self.last_report = None
         self.in_sharer = False          # set by a live source while the sharer runs (it may be the receiver)
         self._call = None
-        self._last = None               # (timestep value, calls seen at it) for the step/branch fallback
-        self._step = -1
+        self._clock = CallClock()
         self._session = False
 
     @property
@@ -161,7 +196,8 @@ class Bridge:
     def close_run(self):
         run, source_run = self.run, self.source_run
         self.run = self.source_run = None
-        self._call, self._last, self._step = None, None, -1
+        self._call = None
+        self._clock.reset()
         if run is None:
             return self.last_report
         forwards, peak = (source_run.close() if source_run is not None else (0, 0))
@@ -173,14 +209,12 @@ class Bridge:
         self._call = None
         if self.in_sharer:
             return args, kwargs
-        latent = args[0] if args else kwargs["hidden_states"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        value = float(timestep.flatten()[0])
-        if self.run is not None and not self._session and self._last is not None and value > self._last[0]:
+        latent, timestep, value = call_inputs(args, kwargs)
+        if self.run is not None and not self._session and self._clock.restarted(value):
             self.close_run()            # sampling started over: a new run
         if self.run is None:
             self._open_run(module, latent)
-        branch, step = self._branch_and_step(value, context)
+        branch, step = self._clock.tick(value, context)
         sigma = context.sigma if context is not None and context.sigma is not None else value / self._train_steps()
         shift = scheduler_shift(self.scheduler)
         percent = percent_of(sigma, lambda p: flow_sigma(p, shift), snap=(self.schedule.start, self.schedule.end))
@@ -195,18 +229,6 @@ class Bridge:
     def _train_steps(self) -> float:
         config = getattr(self.scheduler, "config", None)
         return float(config.get("num_train_timesteps", 1000)) if config is not None else 1000.0
-
-    def _branch_and_step(self, value, context):
-        if self._last is None or self._last[0] != value:
-            self._last = (value, 0)
-            self._step += 1
-        else:
-            self._last = (value, self._last[1] + 1)
-        if context is not None and context.step_index is not None:
-            self._step = int(context.step_index)
-        if context is not None and context.name in (COND, UNCOND):
-            return context.name, self._step
-        return (COND if self._last[1] % 2 == 0 else UNCOND), self._step
 
     def _open_run(self, receiver, latent):
         shape = tuple(latent.shape)
@@ -226,7 +248,3 @@ class Bridge:
         sk, sv = self.source_run.kv(run.sharer_layer(layer), call)
         return run.fuse(layer, k, v, sk, sv)
 
-
-def latent_part(latent: torch.Tensor, transformer) -> torch.Tensor:
-    """The noisy latent channels of a transformer input (I2V inputs carry 20 condition channels after them)."""
-    return latent[:, : transformer.config.out_channels]

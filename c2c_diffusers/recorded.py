@@ -1,0 +1,136 @@
+"""Recorded (low-VRAM) K/V source: record the sharer's K/V over its own sampling run, replay them later.
+
+:class:`KVRecorder` taps the sharer transformer while its pipeline samples alone and fills the same
+``c2c_core.recording.KVRecording`` the ComfyUI nodes write (``save_recording`` / ``load_recording``
+move it between hosts). :class:`RecordedSharer` replays one into a receiver: the receiver's step and
+CFG branch pick the recorded K/V, so only one model has to be resident at a time.
+"""
+from __future__ import annotations
+
+from c2c_core.recording import KVRecording, RamStore
+
+from . import models
+from .bridge import CallClock, call_inputs
+from .errors import BridgeSetupError
+from .hooks import add_taps, register_call_hook, remove_call_hook, remove_taps
+
+__all__ = ["KVRecorder", "RecordedSharer", "KIND"]
+
+KIND = {"cond": 0, "uncond": 1}       # the kinds ComfyUI's recordings use (0 positive, 1 negative)
+
+
+class KVRecorder:
+    """Record ``layers`` of ``transformer`` while its pipeline samples: ``with KVRecorder(...) as rec: pipe(...)``.
+
+    storage_dtype: fp32, fp16, bf16 or fp8_e4m3fn; store: a c2c_core.recording RamStore (default) or
+    DiskStore(folder). ``rec.recording`` is the KVRecording once the block exits.
+    """
+
+    def __init__(self, transformer, layers, storage_dtype: str = "bf16", store=None, seed=None):
+        self.transformer = transformer
+        self.layers = tuple(sorted(set(layers)))
+        self.storage_dtype = storage_dtype
+        self.store = store if store is not None else RamStore()
+        self.seed = seed
+        self.recording: KVRecording | None = None
+        self._key = f"dit_cache_bridge.recorder.{id(self)}"
+        self._clock = CallClock()
+        self._sigmas: list = []
+        self._kinds: set = set()
+        self._now = None
+
+    def __enter__(self) -> "KVRecorder":
+        add_taps(self.transformer, self.layers, self._key, self._capture)
+        register_call_hook(self.transformer, self._key, self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        remove_call_hook(self.transformer, self._key)
+        remove_taps(self.transformer, self._key)
+        if self.recording is not None:
+            self.recording.sigmas = self._sigmas + [0.0]
+            self.recording.kinds = tuple(sorted(self._kinds))
+
+    def begin_call(self, module, args, kwargs, context):
+        latent, _, value = call_inputs(args, kwargs)
+        branch, step = self._clock.tick(value, context)
+        if self.recording is None:
+            shape = tuple(latent.shape)
+            self.recording = KVRecording(signature=models.signature(module), grid=models.token_grid(module, shape),
+                                         rope=models.rope_spec(module, shape), sigmas=[], layers=self.layers,
+                                         storage_dtype=self.storage_dtype, store=self.store, seed=self.seed)
+        if step == len(self._sigmas):
+            sigma = context.sigma if context is not None and context.sigma is not None else value / 1000.0
+            self._sigmas.append(float(sigma))
+        self._now = (step, KIND[branch])
+        self._kinds.add(KIND[branch])
+        return args, kwargs
+
+    def end_call(self):
+        self._now = None
+
+    def _capture(self, layer, k, v):
+        if self._now is not None:
+            step, kind = self._now
+            self.recording.put(step, kind, layer, k.flatten(2), v.flatten(2))
+        return k, v
+
+
+class RecordedSharer:
+    """Replays a KVRecording into a bridge; the receiver's step and branch select the recorded K/V."""
+
+    def __init__(self, recording: KVRecording, grid_alignment: str = "refuse"):
+        self.recording = recording
+        self.grid_alignment = grid_alignment
+
+    def attach(self, bridge) -> None:
+        rec = self.recording
+        if not rec.signature.same_shape(bridge.bundle.sharer):
+            s = bridge.bundle.sharer
+            raise BridgeSetupError(
+                f"the K/V recording was made from a model with {rec.signature.num_layers} layers × "
+                f"{rec.signature.num_heads} heads × {rec.signature.head_dim}; the projector bundle's sharer has "
+                f"{s.num_layers} × {s.num_heads} × {s.head_dim}. Record the sharer the bundle was made for.")
+        missing = sorted(set(bridge.sharer_layers) - set(rec.layers))
+        if missing:
+            raise BridgeSetupError(f"the K/V recording holds sharer layers {list(rec.layers)}; the projector reads "
+                                   f"{missing} too. Record with layers={bridge.sharer_layers}.")
+
+    def detach(self, bridge) -> None:
+        pass
+
+    def open_run(self, bridge, receiver_shape) -> "_ReplayRun":
+        return _ReplayRun(self, bridge, receiver_shape)
+
+
+class _ReplayRun:
+    def __init__(self, source: RecordedSharer, bridge, receiver_shape):
+        rec = source.recording
+        self.recording = rec
+        self.grid, self.rope = rec.grid, rec.rope
+        self.grid_mode = "nearest" if source.grid_alignment == "refuse" else source.grid_alignment
+        receiver_grid = models.token_grid(bridge.receivers[0], receiver_shape)
+        if rec.grid != receiver_grid and source.grid_alignment == "refuse":
+            raise BridgeSetupError(
+                f"the K/V recording's token grid is {rec.grid.shape} (frames, height, width) but the receiver samples "
+                f"{receiver_grid.shape}; expected equal. Record at the receiver's size, or use "
+                f"RecordedSharer(recording, grid_alignment='nearest' or 'trilinear').")
+
+    def ensure(self, call) -> None:
+        rec = self.recording
+        if call.step >= rec.steps:
+            raise BridgeSetupError(f"the receiver is at step {call.step + 1} but the K/V recording holds {rec.steps} "
+                                   f"steps; record with the receiver's num_inference_steps.")
+        if KIND[call.branch] not in rec.kinds:
+            raise BridgeSetupError(f"the receiver runs a '{call.branch}' branch the K/V recording does not hold "
+                                   f"(it was sampled without classifier-free guidance); record with the receiver's "
+                                   f"guidance_scale.")
+
+    def kv(self, layer, call):
+        k, v = self.recording.get(call.step, KIND[call.branch], layer)
+        heads = self.recording.signature.num_heads
+        return k.unflatten(-1, (heads, -1)), v.unflatten(-1, (heads, -1))
+
+    def close(self):
+        return 0, 0
+

@@ -1,0 +1,78 @@
+"""Refresh every k steps, recorded mode, Wan2.2's two experts and CPU offload with accelerate."""
+import pytest
+import torch
+
+import tiny
+from c2c_core import FusionSchedule
+from c2c_core.recording import DiskStore, load_recording, save_recording
+from c2c_diffusers import Bridge, BridgeSetupError, KVRecorder, LiveSharer, RecordedSharer, SharerInputs
+
+
+def twin_inputs():
+    return SharerInputs(tiny.embeds(10), tiny.embeds(11))
+
+
+@pytest.mark.parametrize("refresh, forwards", [(1, 8), (2, 4), (3, 4)])
+def test_refresh_every_k_steps_reuses_the_sharers_kv(refresh, forwards):
+    pipe = tiny.wan_pipe(tiny.wan(1))
+    bridge = Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs()),
+                    schedule=FusionSchedule(refresh_every=refresh)).attach(pipe)
+    out = tiny.run_pipe(pipe, steps=4)
+    bridge.detach()
+    assert bridge.last_report.sharer_forwards == forwards     # cond and uncond per refreshed step
+    assert bridge.last_report.model_calls == 8 and torch.isfinite(out).all()
+
+
+def test_fusion_window_runs_the_sharer_only_inside_it():
+    pipe = tiny.wan_pipe(tiny.wan(1))
+    bridge = Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs()),
+                    schedule=FusionSchedule(start=0.0, end=0.5)).attach(pipe)
+    tiny.run_pipe(pipe, steps=4)
+    bridge.detach()
+    assert 0 < bridge.last_report.sharer_forwards < 8
+
+
+def test_recorded_twin_replays_bit_identically_from_ram_and_disk(tmp_path):
+    pipe = tiny.wan_pipe(tiny.wan(1))
+    plain = tiny.run_pipe(pipe, steps=3)
+    sharer = tiny.wan_pipe(tiny.wan(1))
+    with KVRecorder(sharer.transformer, layers=[0, 1], storage_dtype="fp32") as recorder:
+        tiny.run_pipe(sharer, steps=3)
+    recording = recorder.recording
+    assert recording.steps == 3 and recording.kinds == (0, 1) and recording.sigmas[-1] == 0.0
+    save_recording(tmp_path / "rec.safetensors", recording)
+    for rec in (recording, load_recording(tmp_path / "rec.safetensors")):
+        bridge = Bridge(tiny.bundle("identity"), RecordedSharer(rec)).attach(pipe)
+        assert torch.equal(tiny.run_pipe(pipe, steps=3), plain)
+        bridge.detach()
+        assert bridge.last_report.strength == {0: 1.0, 1: 1.0}
+    other = tiny.wan_pipe(tiny.wan(2))
+    with KVRecorder(other.transformer, layers=[0, 1], store=DiskStore(tmp_path / "steps")) as recorder:
+        tiny.run_pipe(other, steps=3)
+    bridge = Bridge(tiny.bundle("identity"), RecordedSharer(recorder.recording), strength=0.5).attach(pipe)
+    assert (tiny.run_pipe(pipe, steps=3) - plain).abs().max() > 1e-3
+    bridge.detach()
+
+
+def test_a_recording_shorter_than_the_run_is_refused():
+    sharer = tiny.wan_pipe(tiny.wan(1))
+    with KVRecorder(sharer.transformer, layers=[0, 1]) as recorder:
+        tiny.run_pipe(sharer, steps=2)
+    pipe = tiny.wan_pipe(tiny.wan(1))
+    bridge = Bridge(tiny.bundle("identity"), RecordedSharer(recorder.recording)).attach(pipe)
+    with pytest.raises(BridgeSetupError, match="at step 3 but the K/V recording holds 2 steps"):
+        tiny.run_pipe(pipe, steps=3)
+    bridge.detach()
+
+
+def test_wan22_two_experts_both_fuse_and_detach():
+    high, low = tiny.wan(1), tiny.wan(4)
+    pipe = tiny.wan_pipe(high, low, boundary_ratio=0.5)
+    plain = tiny.run_pipe(pipe, steps=4)
+    bridge = Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs())).attach(pipe)
+    assert bridge.receivers == [high, low]
+    fused = tiny.run_pipe(pipe, steps=4)
+    bridge.detach()
+    assert bridge.last_report.model_calls == 8 and bridge.last_report.sharer_forwards == 8
+    assert not torch.equal(fused, plain)
+    assert torch.equal(tiny.run_pipe(pipe, steps=4), plain)
