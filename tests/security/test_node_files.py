@@ -21,6 +21,7 @@ SAMPLING = dict(seed=3, steps=2, cfg=4.0, sampler_name="euler", scheduler="simpl
 @pytest.fixture(scope="module")
 def model(tiny_models):
     import host
+    pack_nodes()                    # imports the pack as dit_cache_bridge
     return load_model(tiny_models.path(host.T2V_A))
 
 
@@ -200,3 +201,18 @@ def test_load_kv_cache_names_the_input_that_is_wrong(model, conds, field, value)
     inputs = dict(kv_cache=f"combo/{entry['filename']}", refresh_every=1, grid_alignment="refuse") | {field: value}
     with pytest.raises(BridgeInputError, match=rf"Load KV Cache › {field}: "):
         pack_nodes().LoadKVCache.execute(**inputs)
+
+
+# -- never a silent black latent -----------------------------------------------------------------------
+
+def test_non_finite_fused_kv_stop_the_run_with_the_layer_named(model, conds):
+    from bridge_helpers import ksample
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    nodes = pack_nodes()
+    bundle = nodes.CreateC2CProjector.execute(model, model, "full", "identity", "all", 0.5, 8, 0).args[0]
+    with torch.no_grad():
+        next(bundle.bank.projector(1, "k").parameters()).fill_(float("nan"))
+    source = nodes.CaptureKVCache.execute(model, *conds).args[0]
+    fused = nodes.FuseCaches.execute(model, source, bundle, 1.0, 0.0, 1.0).args[0]
+    with pytest.raises(BridgeInputError, match=r"› strength: the fused K/V of receiver layers \[[0-9, ]*1\] held NaN or Inf"):
+        ksample(fused, *conds, steps=2)

@@ -1,0 +1,64 @@
+"""Run health without host syncs: non-finite fused K/V are noted on the device and read once.
+
+A NaN in one fused layer turns the whole picture black, yet checking each layer with ``.item()``
+would stall the GPU every layer of every step (design §8). :class:`FiniteWatch` keeps one device
+flag per layer, updated with a min/max reduction (NaN and Inf survive it; no temporary the size
+of the tensor), and is read back once, when the run closes. :func:`strict_json` makes reports safe
+for browsers, whose JSON has no NaN or Infinity.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["FiniteWatch", "strict_json", "nonfinite_hint"]
+
+
+class FiniteWatch:
+    """Per-layer "every value so far was finite" flags, kept as device tensors until :meth:`bad_layers`."""
+
+    def __init__(self):
+        self._flags: dict[int, Tensor] = {}
+
+    def observe(self, layer: int, *tensors: Tensor) -> None:
+        with torch.no_grad():
+            for t in tensors:
+                if t.numel() == 0 or not t.is_floating_point():
+                    continue
+                lo, hi = torch.aminmax(t)
+                ok = torch.isfinite(lo) & torch.isfinite(hi)
+                prev = self._flags.get(layer)
+                self._flags[layer] = ok if prev is None else prev & ok
+
+    def bad_layers(self) -> list[int]:
+        """Layers that saw NaN or Inf; the one host read of the run."""
+        if not self._flags:
+            return []
+        layers = sorted(self._flags)
+        flags = torch.stack([self._flags[i].to("cpu") for i in layers]).tolist()
+        return [layer for layer, ok in zip(layers, flags) if not ok]
+
+    def reset(self) -> None:
+        self._flags = {}
+
+
+def nonfinite_hint(layers: list[int]) -> str:
+    """What a user can do about NaN/Inf in the fused K/V of ``layers``."""
+    shown = layers[:8] + (["…"] if len(layers) > 8 else [])
+    return (f"the fused K/V of receiver layers {shown} held NaN or Inf values, so the sampled latent is "
+            f"garbage (black). Likely causes: a strength or layer strength far above 1, a projector whose "
+            f"training diverged, a recording with NaN K/V, or fp16 overflow. Lower the strength, use another "
+            f"projector or recording, or run the models in bf16/fp32")
+
+
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None (``json.dumps(allow_nan=False)`` then works)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
