@@ -6,11 +6,13 @@ Imports diffusers and c2c_core, never ComfyUI; diffusers is an optional extra
     bridge = Bridge(load_bundle("projector.safetensors"), LiveSharer(chronoedit.transformer, inputs))
     bridge.attach(wan_pipe)          # ... wan_pipe(...) now fuses; bridge.detach() undoes it
 
+Or the one-call API: ``WanChronoEditBridge(BridgeConfig(...), wan_pipe, chronoedit_pipe).generate_with_fusion(...)``.
 See docs/diffusers.md.
 """
+from .api import BridgeConfig, WanChronoEditBridge
 from .bridge import COND, UNCOND, Bridge
 from .errors import BridgeSetupError
 from .live import LiveSharer, SharerInputs
 from .recorded import KVRecorder, RecordedSharer
 
-__all__ = ["Bridge", "BridgeSetupError", "COND", "KVRecorder", "LiveSharer", "RecordedSharer", "SharerInputs", "UNCOND"]
+__all__ = ["Bridge", "BridgeConfig", "BridgeSetupError", "COND", "KVRecorder", "LiveSharer", "RecordedSharer", "SharerInputs", "UNCOND", "WanChronoEditBridge"]

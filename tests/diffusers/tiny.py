@@ -84,3 +84,26 @@ def bundle(kind: str = "identity", layers=(0, 1), sharer_layers: int = 2, receiv
             for p in bank.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return ProjectorBundle(bank=bank, layer_map=layer_map, sharer=sharer, receiver=receiver)
+
+
+def clip_vision():
+    """A tiny CLIP vision tower (hidden 1280 like ViT-H, 2 layers, 32 px, 16 px patches -> 5 tokens) and its processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=1280, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=16)).eval()
+    return model, CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def chronoedit_pipe(transformer=None):
+    from diffusers import ChronoEditPipeline
+    encoder, processor = clip_vision()
+    return ChronoEditPipeline(tokenizer=None, text_encoder=None, image_encoder=encoder, image_processor=processor,
+                              transformer=transformer if transformer is not None else chronoedit(),
+                              vae=vae(), scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+
+
+def image(seed: int = 0):
+    import numpy as np
+    from PIL import Image
+    return Image.fromarray((np.random.RandomState(seed).rand(HEIGHT, WIDTH, 3) * 255).astype("uint8"))
