@@ -1,18 +1,37 @@
-"""The one module that knows ComfyUI's Wan internals.
+"""The one module that touches ComfyUI internals.
 
-Everything else in the pack talks to Wan models through these functions. They rely only on
-what ComfyUI documents as patch points (``patches_replace["dit"][("double_block", i)]``,
-``transformer_options["optimized_attention_override"]``, ``rope_options``) and read, never
-write, the model's modules. If ComfyUI changes Wan's internals, this is the file to update.
+Everything else in the pack reaches ComfyUI's Wan modules, model management, sampler and cond helpers
+and ComfyUI's own ``nodes.py`` through the functions here; only the public API (``comfy_api.latest``,
+``folder_paths``, ``ModelPatcher.clone``/``add_wrapper_with_key``, ``comfy.patcher_extension``,
+``server.PromptServer``) is used directly elsewhere. Hosts differ, so what a host offers is detected
+by trying it (a tiny call, a signature, an attribute), never by its version number; the version is
+read only to name the host in messages. When ComfyUI changes an internal, this is the file to update.
+
+Hook points (documented patch points, read, never written onto the shared model):
+``patches_replace["dit"][("double_block", i)]``, ``transformer_options["optimized_attention_override"]``
+and ``transformer_options["rope_options"]``.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import logging
 import math
+import sys
+from pathlib import Path
 from typing import Callable
 
+import torch
+
 import comfy.ldm.wan.model as wan_model
+import comfy.model_management as model_management
+import comfy.model_patcher
+import comfy.sampler_helpers
+import comfy.samplers
 
 from ..c2c_core import ModelSignature, RopeSpec, TokenGrid
+
+log = logging.getLogger("dit_cache_bridge")
 
 # Wan patchifies latents with (t, h, w) = (1, 2, 2); ComfyUI rounds odd sizes up.
 PATCH_SIZE = (1, 2, 2)
@@ -25,6 +44,70 @@ class NotAWanModel(TypeError):
     """Raised when a MODEL input is not a Wan2.1-architecture diffusion model."""
 
 
+class HostFeatureMissing(RuntimeError):
+    """The running ComfyUI lacks something the pack needs; the message names the host and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The host and what it offers (feature detection)
+# ------------------------------------------------------------------------------------------------
+def host_version() -> str:
+    """ComfyUI's version string, for messages only ('unknown' when the tree does not say)."""
+    module = sys.modules.get("comfyui_version")
+    if module is None:
+        try:
+            import comfyui_version as module
+        except ImportError:
+            return "unknown"
+    return str(getattr(module, "__version__", "unknown"))
+
+
+def _attention_override_works() -> bool:
+    """Call Wan's attention function once on tiny tensors with a probe override: is the override used?"""
+    called = []
+
+    def probe(func, *args, **kwargs):
+        called.append(True)
+        return args[0]
+
+    q = torch.zeros(1, 2, 4)
+    try:
+        wan_model.optimized_attention(q, q, q, 1, transformer_options={"optimized_attention_override": probe})
+    except Exception:  # noqa: BLE001  (a host without the hook may fail in any way on the probe's tiny call)
+        return False
+    return bool(called)
+
+
+ATTENTION_OVERRIDE = _attention_override_works()
+MISSING_HOOK = (
+    f"ComfyUI {host_version()} does not honour transformer_options['optimized_attention_override'] in Wan's "
+    "attention, the hook DiT Cache Bridge reads and fuses self-attention K/V through; its nodes cannot run on "
+    "this host. Fix: update ComfyUI (the hook is in every release the pack supports, see the README)."
+)
+if not ATTENTION_OVERRIDE:
+    log.warning("DiT Cache Bridge: %s", MISSING_HOOK)
+
+
+def require_attention_hook() -> None:
+    if not ATTENTION_OVERRIDE:
+        raise HostFeatureMissing(MISSING_HOOK)
+
+
+def _accepts(function, parameter: str) -> bool:
+    try:
+        return parameter in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# Wan places RoPE positions from transformer_options["rope_options"] (ComfyUI's ScaleROPE node) only
+# where its rope_encode takes transformer_options; elsewhere the options are ignored by the host.
+WAN_HONOURS_ROPE_OPTIONS = _accepts(wan_model.WanModel.rope_encode, "transformer_options")
+
+
+# ------------------------------------------------------------------------------------------------
+# Wan models
+# ------------------------------------------------------------------------------------------------
 def diffusion_model(patcher):
     return patcher.model.diffusion_model
 
@@ -56,8 +139,10 @@ def token_grid(latent_shape) -> TokenGrid:
 
 
 def rope_spec(patcher) -> RopeSpec:
-    """How the model places RoPE positions: theta plus ComfyUI's ScaleROPE options, if any."""
-    options = patcher.model_options.get("transformer_options", {}).get("rope_options")
+    """How the model places RoPE positions: theta plus ComfyUI's ScaleROPE options where Wan honours them."""
+    options = None
+    if WAN_HONOURS_ROPE_OPTIONS:
+        options = patcher.model_options.get("transformer_options", {}).get("rope_options")
     return RopeSpec.from_rope_options(options, theta=float(diffusion_model(patcher).rope_embedder.theta))
 
 
@@ -68,8 +153,9 @@ def hook_self_attention(patcher, layers, hook: SelfAttentionHook) -> None:
     transformer_options holding an attention override. The first attention call of a Wan block
     whose q and k have the same token count is its self-attention (cross-attention follows and
     attends to text/image tokens). An override or block patch installed earlier (another pack, or
-    a second bridge) is chained, not replaced.
+    a second bridge) is chained, not replaced. Raises HostFeatureMissing on a host without the hook.
     """
+    require_attention_hook()
     existing = patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     for layer in layers:
         previous_patch = existing.get(("double_block", layer))
@@ -99,3 +185,175 @@ def _self_attention_override(layer: int, hook: SelfAttentionHook, chained):
             return chained(func, q, k, v, *args, heads=heads, transformer_options=transformer_options, **kwargs)
         return func(q, k, v, *args, heads=heads, transformer_options=transformer_options, **kwargs)
     return override
+
+
+# ------------------------------------------------------------------------------------------------
+# Model management and the patcher a model runs under
+# ------------------------------------------------------------------------------------------------
+def load_models_gpu(patchers) -> None:
+    model_management.load_models_gpu(list(patchers))
+
+
+def loaded_models() -> list:
+    """ComfyUI's list of loaded models (LoadedModel entries; the list itself, to unload from)."""
+    return model_management.current_loaded_models
+
+
+def throw_if_interrupted() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed Cancel (as the samplers do)."""
+    model_management.throw_exception_if_processing_interrupted()
+
+
+@contextlib.contextmanager
+def running_under(model, patcher):
+    """``model.current_patcher`` set to ``patcher`` for the block (a sharer run inside a receiver call)."""
+    previous = getattr(model, "current_patcher", None)
+    model.current_patcher = patcher
+    try:
+        yield patcher
+    finally:
+        model.current_patcher = previous
+
+
+def prepare_state(patcher, timestep, model_options: dict) -> None:
+    """Run the patcher's ON_PREPARE_STATE callbacks for this step, as calc_cond_batch does on this host."""
+    if _PREPARE_STATE_TAKES_OPTIONS:
+        patcher.prepare_state(timestep, model_options)
+    else:
+        patcher.prepare_state(timestep)
+
+
+_PREPARE_STATE_TAKES_OPTIONS = _accepts(comfy.model_patcher.ModelPatcher.prepare_state, "model_options")
+
+
+def current_patcher(model):
+    return getattr(model, "current_patcher", None)
+
+
+def model_options_clone(model_options: dict) -> dict:
+    return comfy.model_patcher.create_model_options_clone(model_options)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampler and cond helpers
+# ------------------------------------------------------------------------------------------------
+def sampler_names() -> list:
+    return comfy.samplers.KSampler.SAMPLERS
+
+
+def scheduler_names() -> list:
+    return comfy.samplers.KSampler.SCHEDULERS
+
+
+def convert_cond(conditioning):
+    return comfy.sampler_helpers.convert_cond(conditioning)
+
+
+def process_conds(model, noise, conds, device, latent_image, denoise_mask, seed):
+    return comfy.samplers.process_conds(model, noise, conds, device, latent_image, denoise_mask, seed)
+
+
+def prepare_model_patcher(patcher, conds, model_options) -> None:
+    comfy.sampler_helpers.prepare_model_patcher(patcher, conds, model_options)
+
+
+def calc_cond_batch(model, conds, x, timestep, model_options):
+    return comfy.samplers.calc_cond_batch(model, conds, x, timestep, model_options)
+
+
+def get_area_and_mult(cond, x, timestep):
+    return comfy.samplers.get_area_and_mult(cond, x, timestep)
+
+
+def can_concat_cond(a, b) -> bool:
+    return comfy.samplers.can_concat_cond(a, b)
+
+
+def encode_model_conds(patcher, conditioning, x0: torch.Tensor, prompt_type: str, device) -> list:
+    """CONDITIONING -> the model's encoded conds for latent x0, as sampling encodes them (empty start latent)."""
+    return comfy.samplers.encode_model_conds(patcher.model.extra_conds, convert_cond(conditioning), x0, device,
+                                             prompt_type, latent_image=torch.zeros_like(x0), denoise_mask=None,
+                                             seed=None)
+
+
+def cond_cat(conds: list) -> dict:
+    return comfy.samplers.cond_cat(conds)
+
+
+def clip_vision_output(penultimate_hidden_states: torch.Tensor):
+    """A CLIP-vision output object holding only what Wan reads."""
+    import comfy.clip_vision
+
+    output = comfy.clip_vision.Output()
+    output.penultimate_hidden_states = penultimate_hidden_states
+    return output
+
+
+def progress_bar(total: int, node_id=None):
+    import comfy.utils
+
+    return comfy.utils.ProgressBar(total, node_id=node_id)
+
+
+def comfy_nodes():
+    """ComfyUI's own ``nodes.py`` module (this pack's ``nodes/`` package has the same name).
+
+    ComfyUI imports its ``nodes`` before it loads custom nodes, so the module in sys.modules is
+    ComfyUI's; it is checked, never guessed, because a wrong sys.path order would find the pack's.
+    """
+    import importlib
+
+    module = sys.modules.get("nodes") or importlib.import_module("nodes")
+    if Path(getattr(module, "__file__", "") or "").name != "nodes.py" or not hasattr(module, "common_ksampler"):
+        raise ImportError(f"'nodes' is {getattr(module, '__file__', module)!r}, not ComfyUI's nodes.py: ComfyUI's "
+                          "folder must come first on sys.path (start ComfyUI with its main.py)")
+    return module
+
+
+def common_ksampler(*args, **kwargs):
+    return comfy_nodes().common_ksampler(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def training_mode():
+    """ComfyUI's training switch on for the block where the host has one (``model_management.in_training``:
+    differentiable RoPE and linear paths instead of inference kernels); yields whether it had one."""
+    if not hasattr(model_management, "in_training"):
+        yield False
+        return
+    previous = model_management.in_training
+    model_management.in_training = True
+    try:
+        yield True
+    finally:
+        model_management.in_training = previous
+
+
+def check_rope_gradient(device=None) -> None:
+    """One tiny backward through the RoPE function Wan calls; HostFeatureMissing when it has no gradient.
+
+    Run it inside :func:`training_mode` (and with grad enabled): some hosts route RoPE through a
+    kernel without an autograd formula unless their training switch is on.
+    """
+    apply_rope1 = getattr(wan_model, "apply_rope1", None)
+    if apply_rope1 is None:
+        return
+    x = torch.randn(1, 2, 1, 4, device=device, requires_grad=True)
+    freqs = torch.randn(1, 2, 1, 2, 2, 2, device=device)
+    try:
+        apply_rope1(x, freqs).sum().backward()
+        ok = x.grad is not None
+        reason = "no gradient reached its input"
+    except RuntimeError as e:
+        ok, reason = False, str(e).splitlines()[0]
+    if not ok:
+        switch = ("even with comfy.model_management.in_training on" if hasattr(model_management, "in_training")
+                  else "and this host has no training switch (comfy.model_management.in_training)")
+        raise HostFeatureMissing(
+            f"ComfyUI {host_version()}: Wan's RoPE ({getattr(apply_rope1, '__module__', '?')}.apply_rope1) has no "
+            f"gradient {switch} ({reason}); projector training backpropagates through it. Fix: run training on a "
+            "ComfyUI whose RoPE is differentiable in training mode (see the README's supported hosts), or train "
+            "with tools/train_projector.py against such a ComfyUI (COMFYUI_PATH).")

@@ -31,6 +31,7 @@ skip that copy.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -43,17 +44,14 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-import comfy.model_management
 import comfy.patcher_extension
-import comfy.sampler_helpers
-import comfy.samplers
 
 from ..c2c_core import (FusionSchedule, LayerFuser, LayerMap, ProjectorBank, ProjectorBundle, RopeRerotation,
                         TrainConfig, distill_loss, kv_loss, save_bundle, save_tensors_with_meta,
                         train_bank, velocity_loss)
 from ..c2c_core.bundle import read_header, read_meta
 from ..c2c_core.checkpoint import find_checkpoint
-from ..c2c_core.errors import C2CError
+from ..c2c_core.errors import C2CError, TrainError
 from . import compat
 
 log = logging.getLogger("dit_cache_bridge")
@@ -252,7 +250,6 @@ class TrainingSet:
 
     def __getitem__(self, index: int) -> TrainingSample:
         from safetensors import safe_open
-        import comfy.clip_vision
 
         path, meta = self.paths[index], self.metas[index]
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -267,9 +264,7 @@ class TrainingSet:
                                    for key, n in entry["tensor_lists"].items()})
                     extras.update(entry["values"])
                     if entry["clip_vision_output"]:
-                        output = comfy.clip_vision.Output()
-                        output.penultimate_hidden_states = get(f"{prefix}.clip_vision_output")
-                        extras["clip_vision_output"] = output
+                        extras["clip_vision_output"] = compat.clip_vision_output(get(f"{prefix}.clip_vision_output"))
                     items.append([get(f"{prefix}.cross_attn") if entry["cross_attn"] else None, extras])
                 conditioning[role] = items
             return TrainingSample(path, get("latent"), conditioning)
@@ -315,15 +310,14 @@ class TrainBatch:
 def encode_conditioning(patcher, conditioning, x0: torch.Tensor, prompt_type: str, device) -> dict:
     """CONDITIONING -> the model's COND objects for latent x0 (the sampler's own encoding path).
 
-    Uses ``comfy.samplers.encode_model_conds`` with the model's ``extra_conds``, so an I2V model gets
-    its concat (mask + image latent) and CLIP-vision features exactly as in sampling. The latent
-    being denoised starts empty, as in text/image-to-video sampling.
+    Uses the sampler's own cond encoding with the model's ``extra_conds``, so an I2V model gets its
+    concat (mask + image latent) and CLIP-vision features exactly as in sampling. The latent being
+    denoised starts empty, as in text/image-to-video sampling.
     """
-    converted = comfy.sampler_helpers.convert_cond(conditioning)
-    if len(converted) != 1:
-        raise TrainingDataError(f"{prompt_type} conditioning has {len(converted)} entries; expected 1")
-    [entry] = comfy.samplers.encode_model_conds(patcher.model.extra_conds, converted, x0, device, prompt_type,
-                                                latent_image=torch.zeros_like(x0), denoise_mask=None, seed=None)
+    encoded = compat.encode_model_conds(patcher, conditioning, x0, prompt_type, device)
+    if len(encoded) != 1:
+        raise TrainingDataError(f"{prompt_type} conditioning has {len(encoded)} entries; expected 1")
+    [entry] = encoded
     return {k: c.process_cond(batch_size=x0.shape[0], area=None) for k, c in entry["model_conds"].items()}
 
 
@@ -343,7 +337,7 @@ def collate(items: list[dict]) -> list[TrainBatch]:
             groups.append([item])
     batches = []
     for group in groups:
-        conds = {side: comfy.samplers.cond_cat([g[side] for g in group]) for side in ("receiver", "sharer")}
+        conds = {side: compat.cond_cat([g[side] for g in group]) for side in ("receiver", "sharer")}
         batches.append(TrainBatch(torch.cat([g["x0"] for g in group]), torch.cat([g["noise"] for g in group]),
                                   torch.cat([g["sigma"] for g in group]), conds["receiver"], conds["sharer"],
                                   [g["kind"] for g in group]))
@@ -482,7 +476,7 @@ class TrainingPair:
     def session(self):
         """Load both clones the ComfyUI way, freeze the base weights, end the run cleanly."""
         patchers = [self.receiver] + ([self.sharer] if self.sharer.model is not self.receiver.model else [])
-        comfy.model_management.load_models_gpu(patchers)
+        compat.load_models_gpu(patchers)
         with _frozen(*(p.model for p in patchers)):
             for p in patchers:
                 p.pre_run()
@@ -665,26 +659,19 @@ class DataParallel:
 # The loop shared by the node and the CLI
 # ------------------------------------------------------------------------------------------------
 @dataclass
-class TrainSettings:
-    """What a user chooses; validated by c2c_core's TrainConfig."""
-    loss: str = "distill"
-    steps: int = 500
+class TrainSettings(TrainConfig):
+    """c2c_core's TrainConfig (optimisation, checkpoints, the checks) plus what feeding the pair needs:
+    latents per step and the share of steps that train on the negative prompts."""
     batch_size: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    checkpoint_every: int = 100
-    seed: int = 0
     negative_share: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
 
-    def config(self, checkpoint_dir) -> TrainConfig:
-        return TrainConfig(steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
-                           decay=self.schedule, grad_clip=self.grad_clip,
-                           checkpoint_every=self.checkpoint_every if checkpoint_dir else 0,
-                           checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, seed=self.seed,
-                           loss=self.loss)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise TrainError(f"TrainConfig.batch_size={self.batch_size!r}; expected an integer >= 1.")
+        if isinstance(self.negative_share, bool) or not isinstance(self.negative_share, (int, float)) \
+                or not 0.0 <= self.negative_share <= 1.0:
+            raise TrainError(f"TrainConfig.negative_share={self.negative_share!r}; expected a number in [0, 1].")
 
 
 @dataclass
@@ -730,15 +717,20 @@ def train_projector(sharer, receiver, projector: ProjectorBundle, dataset: Train
                     progress: Optional[Callable[[int, int, float], None]] = None) -> TrainOutcome:
     """Train a copy of ``projector``'s bank for the pair on ``dataset``; the input bundle is not changed.
 
-    Checkpoints go to ``checkpoint_dir`` every ``settings.checkpoint_every`` steps (rank 0 only);
+    Checkpoints go to ``checkpoint_dir`` (default ``settings.checkpoint_dir``) every
+    ``settings.checkpoint_every`` steps (rank 0 only);
     with ``resume`` a run continues from the latest checkpoint there (same settings required).
     ``progress(done, total, loss)`` runs after every step (raise from it to stop: the checkpoints
     stay). Under torchrun every rank calls this with the same arguments; each trains on its own share
     of the batches, gradients are averaged, rank 0 writes files. Returns the trained bundle (CPU,
     eval mode), the loss of every step, and where files went.
+
+    Runs in ComfyUI's training mode where the host has one (its RoPE kernel may have no gradient
+    otherwise) and raises ``compat.HostFeatureMissing`` at once on a host whose RoPE cannot be trained through.
     """
     parallel = DataParallel.current()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), compat.training_mode():
+        compat.check_rope_gradient(receiver.load_device)     # fail in a second, not after the first forward
         bank = trainable_copy(projector)
         pair_device = receiver.load_device
         bank.to(pair_device)
@@ -748,7 +740,10 @@ def train_projector(sharer, receiver, projector: ProjectorBundle, dataset: Train
         batches = SampleBatches(dataset, pair, settings.batch_size, settings.seed, settings.negative_share,
                                 parallel.rank, parallel.world)
         writer = parallel.rank == 0
-        config = settings.config(checkpoint_dir if writer else None)
+        checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else settings.checkpoint_dir
+        keeps = writer and checkpoint_dir is not None
+        config = dataclasses.replace(settings, checkpoint_dir=str(checkpoint_dir) if keeps else None,
+                                     checkpoint_every=settings.checkpoint_every if keeps else 0)
         resume_from = None
         if checkpoint_dir is not None:
             if not resume and writer:

@@ -13,14 +13,15 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..c2c_core import C2CError, ResumeError
-from ..c2c_comfy import paths, training
+from ..c2c_comfy import compat, paths, training
 from ..c2c_comfy.errors import BridgeInputError, check
 from .projector import check_projector_fits, model_signature
 from .types import CATEGORY, Projector
 
 TRAIN_CATEGORY = f"{CATEGORY}/training"
 _CONFIG_INPUTS = {"lr": "learning_rate", "decay": "schedule", "warmup_steps": "warmup_steps", "steps": "steps",
-                  "seed": "seed", "checkpoint_every": "checkpoint_every", "loss": "loss"}
+                  "seed": "seed", "checkpoint_every": "checkpoint_every", "loss": "loss", "batch_size": "batch_size",
+                  "negative_share": "negative_share"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -169,9 +170,6 @@ class TrainC2CProjector(io.ComfyNode):
     @classmethod
     def execute(cls, sharer, receiver, projector, dataset, loss, steps, batch_size, learning_rate, warmup_steps,
                 schedule, checkpoint_every, seed, output_name, resume=True, negative_share=0.1) -> io.NodeOutput:
-        import comfy.model_management
-        import comfy.utils
-
         node = cls.NODE
         sharer_sig = model_signature(node, "sharer", sharer)
         receiver_sig = model_signature(node, "receiver", receiver)
@@ -193,19 +191,20 @@ class TrainC2CProjector(io.ComfyNode):
             raise BridgeInputError(node, "dataset", str(e), "a folder of samples written by Save C2C Training "
                                    "Sample", f"save samples into output/{training.SAMPLES_SUBFOLDER}/{data_name}/ "
                                    "first, or pick the folder you saved them to") from e
-        settings = training.TrainSettings(loss=loss, steps=steps, batch_size=batch_size, lr=learning_rate,
-                                          warmup_steps=warmup_steps, schedule=schedule,
-                                          checkpoint_every=checkpoint_every, seed=seed, negative_share=negative_share)
-        bar = comfy.utils.ProgressBar(steps, node_id=cls.hidden.unique_id if cls.hidden else None)
+        folder = samples_root() / "checkpoints" / out_name
+        bar = compat.progress_bar(steps, node_id=cls.hidden.unique_id if cls.hidden else None)
 
         def progress(done, total, value):
             bar.update_absolute(done, total)
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            compat.throw_if_interrupted()
 
-        folder = samples_root() / "checkpoints" / out_name
         try:
+            settings = training.TrainSettings(loss=loss, steps=steps, batch_size=batch_size, lr=learning_rate,
+                                              warmup_steps=warmup_steps, decay=schedule,
+                                              checkpoint_every=checkpoint_every, checkpoint_dir=folder, seed=seed,
+                                              negative_share=negative_share)
             outcome = training.train_projector(
-                sharer, receiver, projector, data, settings, checkpoint_dir=folder, resume=resume,
+                sharer, receiver, projector, data, settings, resume=resume,
                 output_path=Path(projector_folder()) / f"{out_name}.safetensors",
                 plot_path=samples_root() / f"{out_name}_loss.png", progress=progress)
         except training.TrainingDataError as e:

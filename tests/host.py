@@ -32,7 +32,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 # One module, whether imported as ``host`` (tests/ is on sys.path) or as ``tests.host``: the in-process
 # setup below is process-wide state and must not exist twice.
@@ -157,6 +156,35 @@ def write_extra_model_paths(yaml_path: Path, models_root: Path, custom_nodes: Pa
         lines.append(f"    custom_nodes: {Path(custom_nodes).resolve()}")
     yaml_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return yaml_path
+
+
+def edited_copy(tree: Path, dest: Path, edits: dict) -> Path:
+    """A copy of a ComfyUI tree made of symlinks, except ``main.py`` and the files in ``edits``
+    (``{"comfy/x.py": text -> text}``), which are rewritten, and the folders above them.
+
+    ``main.py`` is a real file so that the server's sys.path starts at the copy (Python resolves a
+    symlinked script to its target's folder); ``__pycache__`` folders are not linked, so compiled
+    edited files never land in the original tree.
+    """
+    edits = {"main.py": lambda text: text, **edits}
+    dest.mkdir(parents=True)
+
+    def fill(src: Path, dst: Path, rel: tuple) -> None:
+        below = {Path(r).parts[len(rel)] for r in edits if Path(r).parts[:len(rel)] == rel}
+        for child in src.iterdir():
+            if child.name == "__pycache__":
+                continue
+            if child.name not in below:
+                (dst / child.name).symlink_to(child, target_is_directory=child.is_dir())
+            elif child.is_dir():
+                (dst / child.name).mkdir()
+                fill(child, dst / child.name, rel + (child.name,))
+            else:
+                edit = edits["/".join(rel + (child.name,))]
+                (dst / child.name).write_text(edit(child.read_text(encoding="utf-8")), encoding="utf-8")
+
+    fill(Path(tree), Path(dest), ())
+    return Path(dest)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -184,8 +184,9 @@ def main(argv=None) -> int:
         sharer, receiver = load_models(args)
         projector = make_projector(args, nodes, sharer, receiver)
         settings = training.TrainSettings(loss=args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                          warmup_steps=args.warmup, schedule=args.schedule,
-                                          checkpoint_every=args.checkpoint_every, seed=args.seed,
+                                          warmup_steps=args.warmup, decay=args.schedule,
+                                          checkpoint_every=args.checkpoint_every,
+                                          checkpoint_dir=args.checkpoint_dir, seed=args.seed,
                                           negative_share=args.negative_share, weight_decay=args.weight_decay,
                                           grad_clip=args.grad_clip)
         say(f"[train_projector] {projector.bank.kind} projector, layers {projector.layer_map.pairs} "
@@ -200,8 +201,7 @@ def main(argv=None) -> int:
                 rate = (time.monotonic() - started) / (done - first_step[0] + 1)
                 say(f"[train_projector] step {done}/{total} loss {loss:.5f} ({rate:.2f} s/step)", flush=True)
 
-        outcome = training.train_projector(sharer, receiver, projector, dataset, settings,
-                                           checkpoint_dir=args.checkpoint_dir, resume=not args.restart,
+        outcome = training.train_projector(sharer, receiver, projector, dataset, settings, resume=not args.restart,
                                            output_path=args.out, plot_path=args.plot, progress=progress)
         digest = weights_digest(outcome.bundle.bank)
         if world > 1:

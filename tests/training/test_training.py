@@ -108,7 +108,8 @@ def test_kill_and_resume_gives_bit_identical_weights(training, pack, helpers, mo
     a, b = models["a"], models["b"]
     projector = helpers.make_projector(pack, b, a, "c2c")
     settings = training.TrainSettings(loss="velocity", steps=7, batch_size=2, lr=1e-3, warmup_steps=2,
-                                      checkpoint_every=2, seed=5, negative_share=0.5)
+                                      checkpoint_every=2, checkpoint_dir=tmp_path / "whole", seed=5,
+                                      negative_share=0.5)
     whole = training.train_projector(b, a, projector, t2v_set, settings, checkpoint_dir=tmp_path / "whole")
 
     def kill_at_step_5(done, total, loss):
@@ -130,9 +131,9 @@ def test_resume_off_starts_over_and_other_settings_are_refused(training, pack, h
     from dit_cache_bridge.c2c_core import ResumeError
     a, b = models["a"], models["b"]
     projector = helpers.make_projector(pack, b, a, "c2c")
-    settings = training.TrainSettings(loss="velocity", steps=2, batch_size=1, checkpoint_every=1)
+    settings = training.TrainSettings(loss="velocity", steps=2, batch_size=1, checkpoint_every=1, checkpoint_dir=tmp_path)
     training.train_projector(b, a, projector, t2v_set, settings, checkpoint_dir=tmp_path)
-    longer = training.TrainSettings(loss="velocity", steps=3, batch_size=1, checkpoint_every=1)
+    longer = training.TrainSettings(loss="velocity", steps=3, batch_size=1, checkpoint_every=1, checkpoint_dir=tmp_path)
     with pytest.raises(ResumeError, match="different training config"):
         training.train_projector(b, a, projector, t2v_set, longer, checkpoint_dir=tmp_path)
     fresh = training.train_projector(b, a, projector, t2v_set, longer, checkpoint_dir=tmp_path, resume=False)
