@@ -16,7 +16,7 @@ ifdef COMFYUI_PATH
 export COMFYUI_PATH
 endif
 
-.PHONY: venv host models test demo clean distclean
+.PHONY: venv host models browser test demo clean distclean
 
 venv: $(VENV)/.dcb-venv-stamp
 
@@ -35,8 +35,14 @@ host: venv
 models: host
 	$(PY) tools/make_tiny_models.py --out $(MODELS_DIR)
 
+# The browser tests (tests/web) drive Debian's Chromium; installed here when missing (needs root), else a clear stop.
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$DCB_SKIP_BROWSER_TESTS" = 1 ] || \
+	    (apt-get update -qq && apt-get install -y -qq chromium) || \
+	    { echo "make test needs Chromium: apt-get update && apt-get install -y chromium (or DCB_SKIP_BROWSER_TESTS=1)"; exit 1; }
+
 # One pytest run per host (COMFYUI_PATH names it); every host runs even when one fails, the exit status says if any did.
-test: venv host models
+test: venv host models browser
 	@trees="$$($(PY) tools/install_host.py --trees)"; test -n "$$trees" || { echo "no ComfyUI host: run make host"; exit 1; }; \
 	status=0; for tree in $$trees; do \
 	    echo "=== pytest against ComfyUI at $$tree"; \

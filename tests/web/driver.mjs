@@ -69,31 +69,84 @@ const shot = (page, name) => {
   return page.screenshot({ path: file }).then(() => file);
 };
 
-/** Bring the node into view at scale 1 and count its inspector's bar pixels (strength, K, V colours). */
+/** Switch the renderer: "vue" = "Nodes 2.0" (Comfy.VueNodes.Enabled), "canvas" = the classic LiteGraph canvas. */
+async function useRenderer(page, renderer) {
+  const vue = renderer === "vue";
+  await page.evaluate(async (on) => {
+    const settings = window.app.extensionManager?.setting;
+    if (!settings?.set) throw new Error("this frontend has no settings store");
+    await settings.set("Comfy.VueNodes.Enabled", on);
+  }, vue);
+  await page.waitForTimeout(300);
+  // Announcement toasts and banners about the renderer are not part of what is tested: close them.
+  for (const selector of [".p-toast-close-button", "[aria-label='Close']"]) {
+    for (const button of await page.locator(selector).all()) await button.click({ timeout: 1000 }).catch(() => {});
+  }
+  return page.evaluate(() => document.querySelectorAll("[data-node-id]").length);
+}
+
+/**
+ * Bring the node into view at scale 1 and read its inspector widget: the bar pixels it drew (strength,
+ * K, V colours), where it is on screen, and which other nodes' bounds it meets (in graph units).
+ */
 async function inspectNode(page, nodeId) {
+  await page.evaluate((id) => {
+    const node = app.graph.getNodeById(id);
+    const ds = app.canvas.ds;
+    ds.scale = 1;
+    ds.offset[0] = 420 - node.pos[0];
+    ds.offset[1] = 120 - node.pos[1];
+    app.canvas.setDirty(true, true);
+    app.canvas.draw?.(true, true);
+  }, nodeId);
+  await page.waitForTimeout(400);
   return page.evaluate((id) => {
     const node = app.graph.getNodeById(id);
     if (!node) return null;
-    const canvas = app.canvas;
-    canvas.ds.scale = 1;
-    canvas.ds.offset[0] = 420 - node.pos[0];
-    canvas.ds.offset[1] = 180 - node.pos[1];
-    canvas.setDirty(true, true);
-    canvas.draw(true, true);
-    const report = node.dcbFusionReport ?? null;
-    const ratio = window.devicePixelRatio || 1;
-    const [x0, y0] = canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] + node.size[1] - 112]);
-    const w = Math.round(node.size[0] * ratio), h = Math.round(112 * ratio);
-    const data = canvas.canvas.getContext("2d").getImageData(Math.round(x0 * ratio), Math.round(y0 * ratio), w, h).data;
-    const near = (i, [r, g, b]) => Math.abs(data[i] - r) + Math.abs(data[i + 1] - g) + Math.abs(data[i + 2] - b) < 40;
-    const counts = { strength: 0, k: 0, v: 0 };
-    for (let i = 0; i < data.length; i += 4) {
-      if (near(i, [0xe0, 0xb8, 0x4c])) counts.strength++;
-      else if (near(i, [0x5a, 0xa9, 0xe6])) counts.k++;
-      else if (near(i, [0xe5, 0x73, 0x5c])) counts.v++;
+    const widget = (node.widgets ?? []).find((w) => w.name === "fusion_inspector");
+    const canvas = widget?.element?.querySelector("canvas");
+    const result = { id: node.id, type: node.type, color: node.color, bgcolor: node.bgcolor, size: [...node.size],
+                     report: node.dcbFusionReport ?? null, widget: Boolean(widget), barPixels: { strength: 0, k: 0, v: 0 },
+                     warningPixels: 0, visible: false, overlaps: [] };
+    if (!canvas) return result;
+    const rect = canvas.getBoundingClientRect();
+    const style = getComputedStyle(widget.element);
+    result.visible = canvas.isConnected && rect.width > 20 && rect.height > 20 && style.display !== "none"
+      && style.visibility !== "hidden";
+    result.rect = [rect.left, rect.top, rect.width, rect.height];
+    if (canvas.width && canvas.height) {
+      const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+      const near = (i, [r, g, b]) => Math.abs(data[i] - r) + Math.abs(data[i + 1] - g) + Math.abs(data[i + 2] - b) < 40;
+      for (let i = 0; i < data.length; i += 4) {
+        if (near(i, [0xe0, 0xb8, 0x4c])) result.barPixels.strength++;
+        else if (near(i, [0x5a, 0xa9, 0xe6])) result.barPixels.k++;
+        else if (near(i, [0xe5, 0x73, 0x5c])) result.barPixels.v++;
+        else if (near(i, [0xff, 0x9f, 0x43])) result.warningPixels++;
+      }
     }
-    return { id: node.id, type: node.type, color: node.color, bgcolor: node.bgcolor, size: [...node.size], report, barPixels: counts };
+    // The inspector's screen rectangle in graph units, against every other node's bounds.
+    const origin = app.canvas.canvas.getBoundingClientRect();
+    const ds = app.canvas.ds;
+    const toGraph = (x, y) => [(x - origin.left) / ds.scale - ds.offset[0], (y - origin.top) / ds.scale - ds.offset[1]];
+    const [gx0, gy0] = toGraph(rect.left, rect.top);
+    const [gx1, gy1] = toGraph(rect.right, rect.bottom);
+    result.graphRect = [gx0, gy0, gx1 - gx0, gy1 - gy0];
+    for (const other of app.graph.nodes) {
+      if (other === node) continue;
+      const b = other.getBounding?.() ?? [other.pos[0], other.pos[1] - 30, other.size[0], other.size[1] + 30];
+      if (b[0] < gx1 && gx0 < b[0] + b[2] && b[1] < gy1 && gy0 < b[1] + b[3]) result.overlaps.push(other.id);
+    }
+    return result;
   }, nodeId);
+}
+
+/** What the workflow would save for these nodes: size and widgets_values. */
+function savedNodes(page, ids) {
+  return page.evaluate((wanted) => {
+    const saved = app.graph.serialize();
+    return Object.fromEntries(saved.nodes.filter((n) => wanted.includes(n.id))
+      .map((n) => [n.id, { size: [...n.size], widgets_values: n.widgets_values }]));
+  }, ids);
 }
 
 const scenarios = {
@@ -129,7 +182,9 @@ const scenarios = {
     const events = [];
     await page.exposeFunction("__dcbEvent", (e) => events.push(e));
     await page.evaluate(() => window.comfyAPI.api.api.addEventListener("dit_cache_bridge.report", (e) => window.__dcbEvent(e.detail)));
+    const vueNodes = await useRenderer(page, job.renderer);
     const loaded = await loadWorkflow(page, job.workflows.run);
+    const savedBefore = await savedNodes(page, job.inspect);
     await page.evaluate(() => app.queuePrompt(0, 1));
     const ids = job.inspect;
     const reported = await page.waitForFunction(
@@ -140,14 +195,15 @@ const scenarios = {
     const screenshots = [];
     for (const id of ids) {
       await inspectNode(page, id);
-      await page.waitForTimeout(100);
-      screenshots.push(await shot(page, `inspector-live-${id}`));
+      screenshots.push(await shot(page, `inspector-live-${job.renderer}-${id}`));
     }
-    return { loaded, reported, events, nodes, screenshots };
+    const savedAfter = await savedNodes(page, ids);
+    return { renderer: job.renderer, vueNodes, loaded, reported, events, nodes, screenshots, savedBefore, savedAfter };
   },
 
   /** (c') The same inspector fed by a synthetic event, dispatched the way the websocket does. */
   async synthetic(page) {
+    const vueNodes = await useRenderer(page, job.renderer);
     const loaded = await loadWorkflow(page, job.workflows.run);
     const before = await page.evaluate((ids) => ids.map((id) => [...app.graph.getNodeById(id).size]), job.inspect);
     const nodes = [];
@@ -156,11 +212,27 @@ const scenarios = {
       await page.evaluate(([nodeId, report]) => {
         window.comfyAPI.api.api.dispatchCustomEvent("dit_cache_bridge.report", { node: String(nodeId), report });
       }, [id, payload]);
-      await page.waitForTimeout(100);
       nodes.push(await inspectNode(page, id));
-      screenshots.push(await shot(page, `inspector-synthetic-${id}`));
+      screenshots.push(await shot(page, `inspector-synthetic-${job.renderer}-${id}-${nodes.length}`));
     }
-    return { loaded, before, nodes, screenshots };
+    return { renderer: job.renderer, vueNodes, loaded, before, nodes, screenshots };
+  },
+
+  /** (d) Each shipped workflow as saved: every fusion node's inspector is on screen and meets no other node. */
+  async layout(page) {
+    const vueNodes = await useRenderer(page, job.renderer);
+    const results = {};
+    for (const [name, workflow] of Object.entries(job.workflows)) {
+      await loadWorkflow(page, workflow);
+      const ids = await page.evaluate(() => app.graph.nodes
+        .filter((n) => ["DiTCacheBridge_FuseCaches", "DiTCacheBridge_BridgedKSampler"].includes(n.type)).map((n) => n.id));
+      results[name] = [];
+      for (const id of ids) {
+        results[name].push(await inspectNode(page, id));
+        await shot(page, `layout-${job.renderer}-${name.replace(/\.json$/, "")}-${id}`);
+      }
+    }
+    return { renderer: job.renderer, vueNodes, results };
   },
 };
 
@@ -170,7 +242,7 @@ try {
   fs.mkdirSync(job.artifacts, { recursive: true });
   // A fresh profile per run (the test passes an empty folder); playwright adds --headless itself.
   context = await chromium.launchPersistentContext(job.profile, {
-    executablePath: job.chromium, headless: true, viewport: { width: 1400, height: 900 },
+    executablePath: job.chromium, headless: true, viewport: { width: 1400, height: 1100 },
     args: CHROMIUM_FLAGS.filter((f) => f !== "--headless"),
   });
   const { page, errors } = await openApp(context);

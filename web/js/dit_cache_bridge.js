@@ -4,8 +4,11 @@
 //   1. A pack colour scheme: every node of the pack gets the pack's colours when it is created
 //      (colours a workflow saved for a node win, since LiteGraph applies them afterwards).
 //   2. The fusion inspector: after each bridged sampling run the backend sends
-//      `dit_cache_bridge.report` {node, report}; the FuseCaches / BridgedKSampler node it names
-//      keeps the report and draws a per-layer bar chart below its widgets (classic canvas renderer).
+//      `dit_cache_bridge.report` {node, report}; the Fuse Caches / Bridged KSampler node it names
+//      keeps the report and draws a per-layer bar chart in a DOM widget below its other widgets.
+//      A DOM widget shows on both renderers (the LiteGraph canvas and the "Nodes 2.0" Vue nodes,
+//      which never call onDrawForeground); its height is reserved from the start, so a report
+//      never grows the node over its neighbours, and it saves nothing into the workflow.
 //
 // Plain ES module, loaded by ComfyUI from WEB_DIRECTORY; no build step.
 import { app } from "../../../scripts/app.js";
@@ -68,6 +71,7 @@ export function normaliseReport(report) {
     v: layers.map((l) => Math.max(0, perLayer(report.v_change, l))),
     sharerForwards: Math.max(0, Math.round(finite(report.sharer_forwards))),
     modelCalls: Math.max(0, Math.round(finite(report.model_calls))),
+    warnings: (Array.isArray(report.warnings) ? report.warnings : []).filter((w) => typeof w === "string").slice(0, 4),
   };
 }
 
@@ -88,22 +92,17 @@ function onReport(event) {
   if (!detail || detail.node == null) return;
   const node = nodeForExecutionId(detail.node);
   if (!node || roleOf(node.comfyClass) !== "fusion") return;
-  const report = normaliseReport(detail.report);
-  node.dcbFusionReport = report; // read by the inspector (and the browser test)
-  if (report) {
-    const min = node.computeSize();
-    if (node.size[0] < min[0] || node.size[1] < min[1]) {
-      node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1], min[1])]);
-    }
-  }
+  node.dcbFusionReport = normaliseReport(detail.report); // read by the inspector (and the browser test)
+  node.dcbInspector?.render();
   node.setDirtyCanvas?.(true, true);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Inspector drawing
 // ---------------------------------------------------------------------------------------------
-const CHART = { height: 112, minWidth: 260, pad: 8, text: 11 };
-const BAR = { strength: "#e0b84c", k: "#5aa9e6", v: "#e5735c" };
+const CHART = { height: 112, minWidth: 300, pad: 8, text: 11 };
+export const INSPECTOR_WIDGET = "fusion_inspector";
+const BAR = { strength: "#e0b84c", k: "#5aa9e6", v: "#e5735c", warning: "#ff9f43" };
 
 function fmt(x) {
   return x >= 10 ? x.toFixed(0) : x >= 1 ? x.toFixed(2) : x.toPrecision(2);
@@ -121,10 +120,11 @@ export function drawInspector(ctx, report, x, y, w, h) {
   ctx.font = `${text}px sans-serif`;
   ctx.textBaseline = "top";
 
-  // Line 1: what the run did.
-  ctx.fillStyle = "#ddd";
+  // Line 1: what the run did, or what the user must know about it (e.g. an untrained projector).
   ctx.textAlign = "left";
-  ctx.fillText(
+  const warning = report.warnings?.[0];
+  ctx.fillStyle = warning ? BAR.warning : "#ddd";
+  ctx.fillText(warning ? `⚠ ${warning}` :
     `fused ${n} layer${n === 1 ? "" : "s"} · sharer ${report.sharerForwards} fwd / ${report.modelCalls} model calls`,
     x + pad, y + 4, w - 2 * pad);
 
@@ -172,31 +172,74 @@ export function drawInspector(ctx, report, x, y, w, h) {
   ctx.restore();
 }
 
-function installInspector(nodeType) {
-  const computeSize = nodeType.prototype.computeSize;
-  nodeType.prototype.computeSize = function (out) {
-    const size = computeSize.call(this, out);
-    if (this.dcbFusionReport) {
-      size[0] = Math.max(size[0], CHART.minWidth);
-      size[1] += CHART.height;
+/** Text shown before the first run, so the reserved space says what it is for. */
+function drawPlaceholder(ctx, x, y, w, h) {
+  ctx.save();
+  ctx.fillStyle = "rgba(0, 0, 0, 0.18)";
+  ctx.fillRect(x, y, w, h);
+  ctx.fillStyle = "#999";
+  ctx.font = `${CHART.text}px sans-serif`;
+  ctx.textAlign = "center";
+  ctx.textBaseline = "middle";
+  ctx.fillText("fusion inspector: per-layer strength and K/V change", x + w / 2, y + h / 2 - 8, w - 8);
+  ctx.fillText("appear here after a run", x + w / 2, y + h / 2 + 8, w - 8);
+  ctx.restore();
+}
+
+/**
+ * The inspector of one node: a <canvas> in a DOM widget of fixed height, added last so the node's
+ * saved widgets_values keep their positions; it serialises nothing.
+ */
+function addInspector(node) {
+  if (typeof node.addDOMWidget !== "function") {
+    console.info(`${EXTENSION}: this frontend has no DOM widgets; the fusion inspector is not shown`);
+    return;
+  }
+  const element = document.createElement("div");
+  element.className = "dcb-inspector";
+  element.style.cssText = `width:100%;height:${CHART.height}px;min-height:${CHART.height}px;` +
+    `max-height:${CHART.height}px;box-sizing:border-box;overflow:hidden;pointer-events:none;`;
+  const canvas = document.createElement("canvas");
+  canvas.style.cssText = "display:block;width:100%;height:100%;";
+  element.appendChild(canvas);
+
+  const render = () => {
+    const w = canvas.clientWidth, h = canvas.clientHeight;
+    if (!w || !h) return;
+    const ratio = Math.min(4, window.devicePixelRatio || 1);
+    if (canvas.width !== Math.round(w * ratio) || canvas.height !== Math.round(h * ratio)) {
+      canvas.width = Math.round(w * ratio);
+      canvas.height = Math.round(h * ratio);
     }
-    return size;
-  };
-  const onDrawForeground = nodeType.prototype.onDrawForeground;
-  nodeType.prototype.onDrawForeground = function (ctx, ...rest) {
-    const result = onDrawForeground?.call(this, ctx, ...rest);
-    const report = this.dcbFusionReport;
-    if (report && !this.flags?.collapsed) {
-      try {
-        const { pad } = CHART;
-        drawInspector(ctx, report, pad, this.size[1] - CHART.height + 4, this.size[0] - 2 * pad, CHART.height - 8);
-      } catch (error) {
-        console.warn(`${EXTENSION}: could not draw the fusion report`, error);
-        this.dcbFusionReport = null;
-      }
+    const ctx = canvas.getContext("2d");
+    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+    ctx.clearRect(0, 0, w, h);
+    const report = node.dcbFusionReport;
+    element.title = report?.warnings?.join("\n") ?? "";
+    try {
+      report ? drawInspector(ctx, report, 0, 0, w, h) : drawPlaceholder(ctx, 0, 0, w, h);
+    } catch (error) {
+      console.warn(`${EXTENSION}: could not draw the fusion report`, error);
+      node.dcbFusionReport = null;
     }
-    return result;
   };
+  const widget = node.addDOMWidget(INSPECTOR_WIDGET, "dcb_inspector", element, {
+    serialize: false,
+    hideOnZoom: false,
+    getMinHeight: () => CHART.height,
+    getMaxHeight: () => CHART.height,
+    getValue: () => "",
+    setValue: () => {},
+  });
+  widget.serialize = false; // keeps it out of widgets_values (LiteGraph) as well as the prompt
+  if (typeof ResizeObserver === "function") new ResizeObserver(render).observe(canvas);
+  node.dcbInspector = { widget, element, render };
+  // Room for the chart from the start (a workflow's saved size, applied after this, wins).
+  const min = node.computeSize?.();
+  if (min && Array.isArray(node.size)) {
+    node.setSize?.([Math.max(node.size[0], min[0], CHART.minWidth), Math.max(node.size[1], min[1])]);
+  }
+  requestAnimationFrame(render);
 }
 
 app.registerExtension({
@@ -206,14 +249,11 @@ app.registerExtension({
     api.addEventListener(REPORT_EVENT, onReport);
   },
 
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (roleOf(nodeData?.name) === "fusion") installInspector(nodeType);
-  },
-
   nodeCreated(node) {
     const role = roleOf(node.comfyClass);
     if (!role) return;
     node.color ??= COLOURS[role].color;
     node.bgcolor ??= COLOURS[role].bgcolor;
+    if (role === "fusion") addInspector(node);
   },
 });
