@@ -1,5 +1,202 @@
-"""Ask ComfyUI's memory manager to let go of one model (recorded mode keeps one model resident)."""
+"""Memory a bridged run adds, estimated before sampling and handed to ComfyUI's memory manager.
+
+ComfyUI decides how much of a model to load (fully, or partially with ``--lowvram`` style weight
+streaming) from its own estimate of the sampling run's activations. A bridged run adds to that:
+the sharer's activations while its forward is alive next to the receiver's, the sharer K/V held
+for fusion, and the projector bank on the device. ``reserve`` adds a PREPARE_SAMPLING wrapper to the
+bridged clone that reserves those bytes while ComfyUI loads the models for the run, so it offloads
+enough instead of running out of memory mid-step. ``check_recording_fits`` refuses a recording that
+cannot fit in the free RAM or disk before the sharer runs.
+
+All sizes are arithmetic on shapes (docs/memory.md has the formulas and the Wan2.1-14B numbers).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+
 import comfy.model_management as mm
+import comfy.patcher_extension
+
+from ..c2c_core.recording import STORAGE_DTYPES
+from . import compat
+from .errors import BridgeInputError
+
+log = logging.getLogger("dit_cache_bridge")
+GB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class BridgeMemory:
+    """Extra device bytes of one bridged run, by cause."""
+    sharer_activations: int = 0     # the sharer's forward alive beside the receiver's (lockstep), or its excess
+    captured_kv: int = 0            # sharer K/V held at peak
+    projector_bank: int = 0         # the bank's parameters on the device
+    recording_buffers: int = 0      # replayed K/V of one layer moved to the device
+
+    @property
+    def total(self) -> int:
+        return self.sharer_activations + self.captured_kv + self.projector_bank + self.recording_buffers
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name.replace('_', ' ')} {gb(value)}" for name, value in vars(self).items() if value)
+        return f"{gb(self.total)} ({parts or 'nothing'})"
+
+
+def gb(nbytes: float) -> str:
+    """A size in GB (MB or KB when smaller), two decimals, as messages and the docs print it."""
+    for unit, scale in (("GB", GB), ("MB", 1024 ** 2)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 1024:.2f} KB"
+
+
+def kv_layer_bytes(tokens: int, heads: int, head_dim: int, chunks: int, itemsize: int) -> int:
+    """K + V of one layer for ``chunks`` CFG chunks of ``tokens`` tokens."""
+    return 2 * chunks * tokens * heads * head_dim * itemsize
+
+
+def bank_bytes(bank, itemsize: int) -> int:
+    """The projector bank's parameters in the run's compute dtype."""
+    return sum(p.numel() for p in bank.parameters()) * itemsize
+
+
+def live_estimate(*, tokens: int, chunks: int, sharer_heads: int, sharer_head_dim: int, sharer_layers: int,
+                  itemsize: int, bank: int, streaming: bool, sharer_activations: int,
+                  receiver_activations: int) -> BridgeMemory:
+    """Live mode. Lockstep: the sharer's forward is suspended inside its block while the receiver runs, so
+    its activations add to the receiver's, and one sharer layer of K/V is held. Buffered: the sharer runs
+    first (only the excess of its activations over the receiver's counts) and every captured layer is held.
+    """
+    layer = kv_layer_bytes(tokens, sharer_heads, sharer_head_dim, chunks, itemsize)
+    if streaming:
+        return BridgeMemory(sharer_activations=sharer_activations, captured_kv=layer, projector_bank=bank)
+    return BridgeMemory(sharer_activations=max(0, sharer_activations - receiver_activations),
+                        captured_kv=sharer_layers * layer, projector_bank=bank)
+
+
+def replay_estimate(*, tokens: int, chunks: int, sharer_heads: int, sharer_head_dim: int, itemsize: int,
+                    bank: int) -> BridgeMemory:
+    """Recorded mode, replay: the recording stays in RAM or on disk; one layer at a time comes to the device."""
+    return BridgeMemory(projector_bank=bank,
+                        recording_buffers=kv_layer_bytes(tokens, sharer_heads, sharer_head_dim, chunks, itemsize))
+
+
+def recording_bytes(*, steps: int, chunks: int, layers: int, tokens: int, heads: int, head_dim: int,
+                    storage_dtype: str) -> int:
+    """Size of a recording: every step × CFG chunk × layer × (K + V); fp8 adds one scale per tensor."""
+    itemsize = _itemsize(storage_dtype)
+    scales = 2 * 4 if storage_dtype.startswith("fp8") else 0
+    return steps * chunks * layers * (kv_layer_bytes(tokens, heads, head_dim, 1, itemsize) + scales)
+
+
+def _itemsize(storage_dtype: str) -> int:
+    if storage_dtype in STORAGE_DTYPES:
+        return STORAGE_DTYPES[storage_dtype].itemsize
+    return 1 if storage_dtype.startswith("fp8") else 2
+
+
+def free_ram() -> int:
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def free_disk(folder) -> int:
+    return int(shutil.disk_usage(folder).free)
+
+
+def check_recording_fits(node: str, nbytes: int, storage: str, folder=None, *, layers_input: str = "layers",
+                         available: int | None = None) -> None:
+    """Refuse a recording larger than the free RAM (storage 'ram') or the free disk of ``folder`` ('disk').
+
+    Half of what is free is the limit: ComfyUI, the models and the receiver's run need the rest. Above a
+    quarter a warning is logged.
+    """
+    where = "RAM" if storage == "ram" else f"disk space in {folder}"
+    if available is None:
+        available = free_ram() if storage == "ram" else free_disk(folder)
+    if nbytes > available // 2:
+        fix = (f"record fewer layers ('{layers_input}': connect the projector so 'auto' records only what it reads, "
+               "or list them), use storage_dtype fp8 or bf16, fewer steps or a smaller latent")
+        if storage == "ram":
+            fix += ", or storage 'disk'"
+        raise BridgeInputError(node, layers_input, f"a recording of {gb(nbytes)}",
+                               f"at most half the free {where} ({gb(available)} free)", fix)
+    if nbytes > available // 4:
+        log.warning("dit_cache_bridge: %s records %s, over a quarter of the free %s (%s)", node, gb(nbytes), where,
+                    gb(available))
+
+
+def activation_bytes(patcher, noise_shape, chunks: int) -> int:
+    """ComfyUI's own activation estimate of one model call of ``chunks`` CFG chunks."""
+    return int(patcher.model.memory_required([noise_shape[0] * chunks] + list(noise_shape[1:])))
+
+
+def reserve(patched, key: str, estimate) -> None:
+    """Reserve ``estimate(receiver_patcher, noise_shape, conds)`` (a BridgeMemory) while ComfyUI loads models for a run.
+
+    A PREPARE_SAMPLING wrapper on the bridged clone raises ComfyUI's reserved memory by the estimate for
+    the duration of ``prepare_sampling`` only, so ``load_models_gpu`` frees and partially loads as if the
+    receiver itself needed those bytes. The previous value is always restored.
+    """
+    def prepare_sampling(executor, model, noise_shape, conds, *args, **kwargs):
+        extra = estimate(model, noise_shape, conds)
+        log.info("dit_cache_bridge: the bridged run needs %s more device memory", extra.describe())
+        with reserved(extra.total):
+            return executor(model, noise_shape, conds, *args, **kwargs)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, key, prepare_sampling)
+
+
+class reserved:
+    """Context: ComfyUI's reserved device memory raised by ``nbytes`` (restored on exit)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = int(nbytes)
+
+    def __enter__(self):
+        mm.EXTRA_RESERVED_VRAM += self.nbytes
+        return self
+
+    def __exit__(self, *exc):
+        mm.EXTRA_RESERVED_VRAM -= self.nbytes
+
+
+def chunks_of(conds) -> int:
+    """CFG chunks one model call can carry: 2 when there is a negative (batched CFG), else 1.
+
+    prepare_sampling does not see the cfg scale, so cfg 1 with a negative connected counts 2 (an overestimate).
+    """
+    return 2 if conds.get("negative") else 1
+
+
+def live_reservation(bridge, source):
+    """The estimate function ``reserve`` calls for a live source attached to ``bridge``."""
+    def estimate(receiver, noise_shape, conds):
+        sig, chunks = bridge.bundle.sharer, chunks_of(conds)
+        streaming = getattr(source, "streaming", False) and source.refresh_every == 1
+        return live_estimate(tokens=compat.token_grid(noise_shape).numel, chunks=chunks, sharer_heads=sig.num_heads,
+                             sharer_head_dim=sig.head_dim, sharer_layers=len(bridge.sharer_layers),
+                             itemsize=_compute_itemsize(bridge.sharer_patcher),
+                             bank=bank_bytes(bridge.bundle.bank, _compute_itemsize(receiver)), streaming=streaming,
+                             sharer_activations=activation_bytes(bridge.sharer_patcher, noise_shape, chunks),
+                             receiver_activations=activation_bytes(receiver, noise_shape, chunks))
+    return estimate
+
+
+def replay_reservation(bridge, source):
+    """The estimate function ``reserve`` calls for a recorded source (replayed K/V in the receiver's dtype)."""
+    def estimate(receiver, noise_shape, conds):
+        sig, itemsize = bridge.bundle.sharer, _compute_itemsize(receiver)
+        return replay_estimate(tokens=compat.token_grid(noise_shape).numel, chunks=chunks_of(conds),
+                               sharer_heads=sig.num_heads, sharer_head_dim=sig.head_dim, itemsize=itemsize,
+                               bank=bank_bytes(bridge.bundle.bank, itemsize))
+    return estimate
+
+
+def _compute_itemsize(patcher) -> int:
+    model = patcher.model
+    return (model.manual_cast_dtype or model.get_dtype()).itemsize
 
 
 def release(patcher) -> int:

@@ -37,12 +37,15 @@ def _strength(value: Any, what: str = "strength") -> float:
     return float(value)
 
 
-def fuse(projected: Tensor, receiver: Tensor, strength: float, *, inplace: bool = False) -> Tensor:
+def fuse(projected: Tensor, receiver: Tensor, strength: float, *, inplace: bool = False,
+         protect: Sequence[Tensor] = ()) -> Tensor:
     """Blend ``receiver`` toward ``projected`` (same shape): ``receiver + strength * (projected - receiver)``.
 
     strength 0 returns ``receiver`` itself; strength 1 returns ``projected`` itself. With
-    ``inplace=True`` other strengths overwrite ``receiver`` (saves one K/V-sized allocation when the
-    caller owns it).
+    ``inplace=True`` the blend is written into ``projected`` (the projector's fresh output, handed over
+    by the caller) instead of a new K/V-sized tensor, unless ``projected`` shares memory with
+    ``receiver`` or with a tensor in ``protect`` (an identity projector returns the sharer's own K),
+    or autograd records the call. Same lerp kernel either way: bit-identical results.
     """
     s = _strength(strength)
     if s == 0.0:
@@ -54,9 +57,18 @@ def fuse(projected: Tensor, receiver: Tensor, strength: float, *, inplace: bool 
             f"fuse: projected {tuple(projected.shape)} vs receiver {tuple(receiver.shape)}; expected "
             f"equal shapes (project the sharer into the receiver's space first)."
         )
-    if inplace:
-        return receiver.lerp_(projected.to(receiver.dtype), s)
-    return torch.lerp(receiver, projected.to(receiver.dtype), s)
+    projected = projected.to(receiver.dtype)
+    if inplace and projected.is_contiguous() and _owned(projected, (receiver, *protect)):
+        return torch.lerp(receiver, projected, s, out=projected)
+    return torch.lerp(receiver, projected, s)
+
+
+def _owned(t: Tensor, others: Sequence[Tensor]) -> bool:
+    """True when ``t`` may be overwritten: no storage shared with ``others``, no autograd recording."""
+    if torch.is_grad_enabled() and (t.requires_grad or any(o.requires_grad for o in others)):
+        return False
+    ptr = t.untyped_storage().data_ptr()
+    return all(o.untyped_storage().data_ptr() != ptr for o in others)
 
 
 def fuse_many(receiver_t: Tensor, contributions: Sequence[tuple[Tensor, float]], mode: str = "sequence") -> Tensor:
@@ -134,7 +146,8 @@ class LayerFuser:
         s = self.strength_at(layer, progress)
         if s == 0.0:
             return receiver_t
-        return fuse(self.bank.project(layer, which, sharer_t, receiver_t), receiver_t, s)
+        projected = self.bank.project(layer, which, sharer_t, receiver_t)
+        return fuse(projected, receiver_t, s, inplace=True, protect=(sharer_t,))
 
 
 @dataclass

@@ -40,11 +40,32 @@ def test_intermediate_strength_lerps(s, dtype):
     torch.testing.assert_close(out, torch.lerp(r, p, s))
 
 
-def test_inplace_fuse_overwrites_the_receiver():
+def test_inplace_fuse_writes_into_the_projected_buffer_bit_for_bit():
     p, r = pair()
-    expected = torch.lerp(r, p, 0.3)
+    r_before, expected = r.clone(), torch.lerp(r, p, 0.3)
     out = fuse(p, r, 0.3, inplace=True)
-    assert out is r and torch.equal(r, expected)
+    assert out is p and torch.equal(out, expected) and torch.equal(r, r_before)
+
+
+def test_inplace_fuse_never_overwrites_the_receiver_or_a_protected_tensor():
+    p, r = pair()
+    p_before = p.clone()
+    assert fuse(p, r, 0.3, inplace=True, protect=(p.view(-1),)) is not p and torch.equal(p, p_before)
+    assert fuse(r.view(r.shape), r, 0.3, inplace=True) is not r
+    p.requires_grad_(True)
+    assert fuse(p, r, 0.3, inplace=True) is not p
+
+
+@pytest.mark.parametrize("kind, hparams", [("identity", {}), ("weighted", {"alpha": 0.3}), ("gating", {}),
+                                           ("full", {"hidden_dim": 4}), ("c2c", {"hidden_dim": 4})])
+def test_layer_fuser_fast_path_equals_the_simple_path_and_leaves_inputs_untouched(kind, hparams):
+    f = fuser(kind=kind, strength=0.7, **hparams)
+    s, r = pair()
+    s_before, r_before = s.clone(), r.clone()
+    with torch.no_grad():
+        simple = torch.lerp(r, f.bank.project(1, "k", s, r).to(r.dtype), 0.7)
+        fast = f.fuse_layer(1, "k", s, r, 0.5)
+    assert torch.equal(fast, simple) and torch.equal(s, s_before) and torch.equal(r, r_before)
 
 
 def test_tensor_strength_is_refused_to_avoid_gpu_reads():

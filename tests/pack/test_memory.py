@@ -1,0 +1,121 @@
+"""Memory ComfyUI can see (c2c_comfy/memory.py): the arithmetic, the reservation during model loading,
+and the refusal of a recording that cannot fit — checked with numbers, the last two on the real host."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bridge_helpers import ksample, load_model, pack_nodes
+
+pytestmark = pytest.mark.usefixtures("comfy")
+
+GB = 1024 ** 3
+TOKENS_480P_81F = 21 * 30 * 52      # Wan2.1 480p (832x480), 81 frames: 21 latent frames, 60x104 latent, 2x2 patches
+
+
+def memory():
+    pack_nodes()
+    from dit_cache_bridge.c2c_comfy import memory as m
+    return m
+
+
+def test_one_layer_of_14b_kv_at_480p_81_frames_with_batched_cfg_is_1_25_gb():
+    per_layer = memory().kv_layer_bytes(TOKENS_480P_81F, heads=40, head_dim=128, chunks=2, itemsize=2)
+    assert per_layer == 2 * 2 * 32760 * 5120 * 2 == 1_341_849_600
+
+
+def test_lockstep_holds_one_layer_where_buffered_holds_every_fused_layer():
+    m = memory()
+    common = dict(tokens=TOKENS_480P_81F, chunks=2, sharer_heads=40, sharer_head_dim=128, sharer_layers=40,
+                  itemsize=2, bank=0, sharer_activations=10 * GB, receiver_activations=10 * GB)
+    lockstep, buffered = m.live_estimate(streaming=True, **common), m.live_estimate(streaming=False, **common)
+    assert lockstep.captured_kv == 1_341_849_600 and lockstep.sharer_activations == 10 * GB
+    assert buffered.captured_kv == 40 * 1_341_849_600 and buffered.sharer_activations == 0
+    assert round(buffered.captured_kv / GB, 1) == 50.0
+
+
+def test_recording_every_14b_layer_over_20_steps_is_a_terabyte_and_is_refused():
+    m = memory()
+    size = m.recording_bytes(steps=20, chunks=2, layers=40, tokens=TOKENS_480P_81F, heads=40, head_dim=128,
+                             storage_dtype="bf16")
+    assert size == 20 * 40 * 1_341_849_600
+    assert 999 < size / GB < 1000
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    with pytest.raises(BridgeInputError) as e:
+        m.check_recording_fits("Record KV Cache", size, "ram", available=64 * GB)
+    text = str(e.value)
+    assert "Record KV Cache" in text and "layers" in text and "999.76 GB" in text and "64.00 GB free" in text
+    m.check_recording_fits("Record KV Cache", 10 * GB, "ram", available=64 * GB)
+
+
+def test_fp8_recording_is_a_quarter_of_fp32_plus_scales():
+    m = memory()
+    args = dict(steps=2, chunks=2, layers=3, tokens=48, heads=2, head_dim=128)
+    fp32 = m.recording_bytes(storage_dtype="fp32", **args)
+    assert m.recording_bytes(storage_dtype="fp8_e4m3fn", **args) == fp32 // 4 + 2 * 2 * 3 * 2 * 4
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    import host
+    return {"a": load_model(tiny_models.path(host.T2V_A)), "b": load_model(tiny_models.path(host.T2V_B))}
+
+
+@pytest.fixture(scope="module")
+def conds():
+    from comfy_test_nodes import wan_conditioning
+    return {"pos": wan_conditioning(1), "neg": wan_conditioning(2, length=5)}
+
+
+def bridged(models, conds, streaming):
+    nodes = pack_nodes()
+    a, b = models["a"], models["b"]
+    proj = nodes.CreateC2CProjector.execute(b, a, "weighted", "identity", "all", alpha=0.5, hidden_dim=0,
+                                            seed=0).args[0]
+    from dit_cache_bridge.c2c_comfy import compat
+    from dit_cache_bridge.c2c_comfy.live import LiveSharer
+    src = LiveSharer(model=b, positive=conds["pos"], negative=conds["neg"], signature=compat.wan_signature(b),
+                     streaming=streaming)
+    return nodes.FuseCaches.execute(a, src, proj, 1.0, 0.0, 1.0, "constant", "").args[0], proj
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_models_are_loaded_with_the_bridged_runs_extra_memory_reserved(models, conds, monkeypatch, streaming):
+    import comfy.model_management as mm
+    patched, proj = bridged(models, conds, streaming)
+    seen = []
+    real = mm.load_models_gpu
+
+    def spy(*args, **kwargs):
+        seen.append(mm.extra_reserved_memory())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(mm, "load_models_gpu", spy)
+    before = mm.extra_reserved_memory()
+    ksample(patched, conds["pos"], conds["neg"])
+    assert mm.extra_reserved_memory() == before
+
+    layer = 2 * 2 * 48 * 256 * 4                                    # K + V, 2 chunks, 48 tokens, 2 x 128, fp32
+    bank = sum(p.numel() for p in proj.bank.parameters()) * 4
+    activations = int(models["b"].model.memory_required([2, 16, 3, 8, 8]))
+    expected = (activations + layer if streaming else 2 * layer) + bank    # the twins' activations are equal
+    assert seen == [before + expected]
+
+
+def test_recording_too_large_for_free_ram_is_refused_before_the_sharer_runs(models, conds, monkeypatch):
+    pack_nodes()
+    from dit_cache_bridge.c2c_comfy import memory as m
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    monkeypatch.setattr(m, "free_ram", lambda: 100_000)             # this machine, pretending to be nearly full
+    b = models["b"]
+    calls = []
+    real = b.model.apply_model
+    monkeypatch.setattr(b.model, "apply_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    latent = {"samples": torch.zeros(1, 16, 3, 8, 8)}
+    from dit_cache_bridge.c2c_comfy import compat, recorded
+    with pytest.raises(BridgeInputError) as e:
+        recorded.record("Record KV Cache", b, conds["pos"], conds["neg"], (0, 1), latent, 0, 4, 4.0, "euler", "simple",
+                        1.0, "bf16", "ram", compat.wan_signature(b))
+    size = 4 * 2 * 2 * (2 * 48 * 256 * 2)                            # steps, chunks, layers, K+V bf16: 768 KB
+    assert "a recording of 768.00 KB" in str(e.value) and size == 768 * 1024
+    assert "Record KV Cache" in str(e.value) and "97.66 KB free" in str(e.value)
+    assert calls == []
