@@ -1,6 +1,6 @@
 """Projector bundles: one ``.safetensors`` file with the bank's tensors and JSON metadata.
 
-Files come from strangers (design §8), so loading is strict and staged: refuse pickle formats by
+Files come from strangers (shared projectors are downloads), so loading is strict and staged: refuse pickle formats by
 name and by magic bytes, read only the safetensors header, validate the metadata and every
 tensor's name, shape and dtype against a bank built on the meta device (no memory), and only then
 read tensors. Nothing is ever unpickled.

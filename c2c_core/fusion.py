@@ -1,6 +1,6 @@
 """Apply a projector bank, a layer map, a strength and a schedule to one layer's K or V.
 
-This is the per-layer, per-step path, so it follows design §8: strengths are Python floats, a
+This is the per-layer, per-step path, so it stays cheap: strengths are Python floats, a
 zero strength returns the receiver's tensor object untouched without running the projector, and
 nothing here reads a GPU tensor to make a decision.
 

@@ -1,7 +1,7 @@
 """Run health without host syncs: non-finite fused K/V are noted on the device and read once.
 
 A NaN in one fused layer turns the whole picture black, yet checking each layer with ``.item()``
-would stall the GPU every layer of every step (design §8). :class:`FiniteWatch` keeps one device
+would stall the GPU every layer of every step. :class:`FiniteWatch` keeps one device
 flag per layer, updated with a min/max reduction (NaN and Inf survive it; no temporary the size
 of the tensor), and is read back once, when the run closes. :func:`strict_json` makes reports safe
 for browsers, whose JSON has no NaN or Infinity.

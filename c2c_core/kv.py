@@ -155,7 +155,7 @@ class LayerKV:
 class KVCache:
     """Captured K/V of some layers of one model for one token grid.
 
-    Holds exactly the layers it was given (design §8: memory is what the fused layers need).
+    Holds exactly the layers it was given (memory is what the fused layers need, no more).
     Validates on construction so that a wrong capture fails where it was made, not deep in fusion.
     """
 

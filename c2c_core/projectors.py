@@ -11,7 +11,7 @@ the global fusion strength is applied afterwards by :mod:`.fusion`.
 
 Where the C2C recipe says "concatenate sharer and receiver, then Linear", the learned kinds use two
 Linears whose outputs are added: the same function, without allocating the (B, N, Ws + Wt) concat
-(design §8). Their state-dict names are ``in_sharer.*`` and ``in_receiver.*``.
+(memory the hot path cannot spare). Their state-dict names are ``in_sharer.*`` and ``in_receiver.*``.
 """
 
 from __future__ import annotations
@@ -320,7 +320,7 @@ class _ResidualFFN(nn.Module):
 
 @register_projector("c2c")
 class C2CProjector(Projector):
-    """The Cache-to-Cache fuser (design §7): ``receiver + gate * weight * proj``.
+    """The Cache-to-Cache fuser (Fu et al., C2C): ``receiver + gate * weight * proj``.
 
     Sharer and receiver (flattened heads) feed a Linear to ``hidden_dim``, a residual trunk of
     ``num_layers`` blocks, a final RMSNorm, then two branches: ``proj`` (B, N, Ht, Dt) and a
@@ -329,7 +329,7 @@ class C2CProjector(Projector):
     trainer anneals it via :meth:`set_temperature`), at inference the hard gate ``logit > 0``.
 
     A closed gate returns the ``receiver`` object itself, untouched, without computing anything.
-    The open/closed decision must not read the GPU per call (design §8), so it is a cached Python
+    The open/closed decision must not read the GPU per call (a host sync every layer), so it is a cached Python
     bool, refreshed when the logit is set (:meth:`set_gate_logit`), loaded (``load_state_dict``),
     converted to another dtype, on ``train()``/``eval()``, and whenever the parameter's autograd
     version counter moved (optimizer steps). Writes through ``.data`` bypass all of these; use

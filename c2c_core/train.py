@@ -1,6 +1,6 @@
 """Projector training loop over caller-supplied callables (no ComfyUI, no dataset format).
 
-As in C2C (design §7), both models stay frozen and only the bank learns, with the receiver's own
+As in Cache-to-Cache (C2C), both models stay frozen and only the bank learns, with the receiver's own
 objective. The caller supplies ``batches(step) -> batch`` (deterministic in ``step``) and
 ``loss_fn(bank, batch) -> scalar tensor``; the builders below make the usual loss functions.
 The caller keeps the DiTs frozen (``requires_grad_(False)``) so no gradient is spent on them.
