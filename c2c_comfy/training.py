@@ -46,8 +46,8 @@ import torch.distributed as dist
 
 import comfy.patcher_extension
 
-from ..c2c_core import (FusionSchedule, LayerFuser, LayerMap, ProjectorBank, ProjectorBundle, RopeRerotation,
-                        TrainConfig, distill_loss, kv_loss, save_bundle, save_tensors_with_meta,
+from ..c2c_core import (LOSS_KINDS, FusionSchedule, LayerFuser, LayerMap, ProjectorBank, ProjectorBundle,
+                        RopeRerotation, TrainConfig, distill_loss, kv_loss, save_bundle, save_tensors_with_meta,
                         train_bank, velocity_loss)
 from ..c2c_core.bundle import read_header, read_meta
 from ..c2c_core.checkpoint import find_checkpoint
@@ -56,8 +56,6 @@ from . import compat
 
 log = logging.getLogger("dit_cache_bridge")
 
-LOSSES = ("velocity", "distill", "kv")
-SCHEDULES = ("cosine", "linear", "constant")
 
 SAMPLES_SUBFOLDER = "c2c_training"
 SAMPLE_KEY = "c2c_training_sample"
@@ -608,7 +606,7 @@ def make_loss(pair: TrainingPair, kind: str) -> Callable:
         def per_batch(bank, b):
             return kv_loss(bank, pair.kv_triples(b))
     else:
-        raise ValueError(f"loss {kind!r}; expected one of {LOSSES}")
+        raise ValueError(f"loss {kind!r}; expected one of {LOSS_KINDS}")
 
     def loss_fn(bank, batches: list[TrainBatch]):
         total = sum(b.x0.shape[0] for b in batches)
