@@ -12,7 +12,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from ..c2c_core import C2CError, ResumeError
+from ..c2c_core import DECAYS, LOSS_KINDS, C2CError, ResumeError
 from ..c2c_comfy import compat, paths, training
 from ..c2c_comfy.errors import BridgeInputError, check
 from .projector import check_projector_fits, model_signature
@@ -120,7 +120,7 @@ class TrainC2CProjector(io.ComfyNode):
                                                      "from). It is copied, not changed."),
                 io.String.Input("dataset", default="c2c_samples",
                                 tooltip="Folder under output/c2c_training/ written by Save C2C Training Sample."),
-                io.Combo.Input("loss", options=list(training.LOSSES), default="distill",
+                io.Combo.Input("loss", options=list(LOSS_KINDS), default="distill",
                                tooltip="distill: match the sharer's own prediction (learns what the sharer knows). "
                                        "velocity: the flow-matching loss of the bridged receiver against the clean "
                                        "latent (noise − x0). kv: make the projected K/V match the sharer's cache "
@@ -132,7 +132,7 @@ class TrainC2CProjector(io.ComfyNode):
                                tooltip="AdamW peak learning rate (C2C uses 1e-4)."),
                 io.Int.Input("warmup_steps", default=0, min=0, max=1_000_000,
                              tooltip="Linear learning-rate warm-up steps; must be below steps."),
-                io.Combo.Input("schedule", options=list(training.SCHEDULES), default="cosine",
+                io.Combo.Input("schedule", options=list(DECAYS), default="cosine",
                                tooltip="Learning-rate decay after warm-up."),
                 io.Int.Input("checkpoint_every", default=100, min=0, max=1_000_000,
                              tooltip="Write a checkpoint every N steps (0: only at the end). An interrupted run "
