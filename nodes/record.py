@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..c2c_core.recording import STORAGE_DTYPES
 from ..c2c_comfy import recorded
 from ..c2c_comfy.errors import check
+from ..c2c_comfy.validate import check_combos
 from .capture import GRID_ALIGNMENTS, capture_layers, sharer_inputs
 from .projector import model_signature
 from .types import CATEGORY, KVSource, Projector
@@ -65,6 +66,7 @@ class RecordKVCache(io.ComfyNode):
     def execute(cls, sharer, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise=1.0, layers="auto", storage_dtype="bf16", storage="ram", refresh_every=1,
                 rope_alignment="auto", grid_alignment="refuse", projector=None) -> io.NodeOutput:
+        check_combos(cls, locals())
         signature = model_signature(cls.NODE, "sharer", sharer)
         chosen = capture_layers(cls.NODE, signature, layers, projector)
         if chosen is None:
@@ -76,14 +78,14 @@ class RecordKVCache(io.ComfyNode):
                                                      rope_alignment, grid_alignment, cls.NODE))
 
 
-def check_image_latents(node: str, conditionings: dict, latent_image) -> None:
-    """The sharer's image latent (I2V conditioning) must have the sampled latent's grid, else Wan fails mid-run."""
+def check_image_latents(node: str, conditionings: dict, latent_image,
+                        fix: str = "give the sharer's WanImageToVideo/ChronoEdit node the width, height and length "
+                                   "of the latent you record on") -> None:
+    """The sharer's image latent (I2V conditioning) must have the sampled latent's grid; checked before any model loads."""
     target = tuple(latent_image["samples"].shape[-3:])
     for input_name, conditioning in conditionings.items():
         for _, extras in conditioning:
             image = extras.get("concat_latent_image")
             found = None if image is None else tuple(image.shape[-3:])
             check(found is None or found == target, node, input_name,
-                  f"an image latent of {found} (frames, height, width)", f"latent_image's {target}",
-                  "give the sharer's WanImageToVideo/ChronoEdit node the width, height and length of the latent "
-                  "you record on")
+                  f"its image latent is {found} (frames, height, width)", f"the sampled latent's {target}", fix)

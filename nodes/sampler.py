@@ -5,8 +5,10 @@ import comfy.samplers
 import nodes as comfy_nodes
 from comfy_api.latest import io
 
+from ..c2c_comfy.validate import check_combos
 from .capture import make_live_source, sharer_inputs
 from .fuse import bridge_model, fusion_inputs
+from .record import check_image_latents
 from .types import CATEGORY, Projector
 
 
@@ -46,6 +48,11 @@ class BridgedKSampler(io.ComfyNode):
     def execute(cls, receiver, positive, negative, sharer, sharer_positive, sharer_negative, projector, strength,
                 start_percent, end_percent, seed, steps, cfg, sampler_name, scheduler, latent_image, denoise=1.0,
                 ramp="constant", layer_strengths="") -> io.NodeOutput:
+        check_combos(cls, locals())
+        check_image_latents(cls.NODE, {"sharer_positive": sharer_positive, "sharer_negative": sharer_negative},
+                            latent_image, fix="give the sharer's WanImageToVideo/ChronoEdit node the receiver latent's "
+                            "width, height and length, or use Capture KV Cache with grid_alignment 'nearest' or "
+                            "'trilinear' + Fuse Caches to resample")
         source = make_live_source(cls.NODE, sharer, sharer_positive, sharer_negative,
                                   cond_inputs=("sharer_positive", "sharer_negative"))
         node_id = cls.hidden.unique_id if cls.hidden else None

@@ -216,3 +216,39 @@ def test_non_finite_fused_kv_stop_the_run_with_the_layer_named(model, conds):
     fused = nodes.FuseCaches.execute(model, source, bundle, 1.0, 0.0, 1.0).args[0]
     with pytest.raises(BridgeInputError, match=r"› strength: the fused K/V of receiver layers \[[0-9, ]*1\] held NaN or Inf"):
         ksample(fused, *conds, steps=2)
+
+
+# -- every combo is checked by its node (ComfyUI skips V3 combos in API prompts) ------------------------
+
+COMBO_CASES = [
+    ("RecordKVCache", "storage", dict(storage="banana")),
+    ("RecordKVCache", "storage_dtype", dict(storage_dtype="fp64")),
+    ("RecordKVCache", "sampler_name", dict(sampler_name="banana")),
+    ("RecordKVCache", "scheduler", dict(scheduler=["simple"])),
+    ("RecordKVCache", "rope_alignment", dict(rope_alignment="banana")),
+    ("RecordKVCache", "grid_alignment", dict(grid_alignment="banana")),
+    ("CaptureKVCache", "rope_alignment", dict(rope_alignment="banana")),
+    ("CaptureKVCache", "grid_alignment", dict(grid_alignment=7)),
+    ("BridgedKSampler", "sampler_name", dict(sampler_name="banana")),
+    ("BridgedKSampler", "scheduler", dict(scheduler="banana")),
+    ("BridgedKSampler", "ramp", dict(ramp="banana")),
+    ("FuseCaches", "ramp", dict(ramp="banana")),
+    ("TrainC2CProjector", "loss", dict(loss="banana")),
+    ("TrainC2CProjector", "schedule", dict(schedule="banana")),
+]
+
+GOOD = {"RecordKVCache": dict(sampler_name="euler", scheduler="simple"),
+        "BridgedKSampler": dict(sampler_name="euler", scheduler="simple"),
+        "TrainC2CProjector": dict(loss="distill", schedule="cosine")}
+
+
+@pytest.mark.parametrize("node,field,bad", COMBO_CASES, ids=[f"{n}-{f}" for n, f, _ in COMBO_CASES])
+def test_a_combo_value_outside_its_list_is_refused_by_its_node(node, field, bad):
+    import inspect
+    cls = getattr(pack_nodes(), node)
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    params = [p for p in inspect.signature(cls.execute).parameters.values()]
+    inputs = {p.name: (None if p.default is inspect.Parameter.empty else p.default) for p in params}
+    inputs |= GOOD.get(node, {}) | bad
+    with pytest.raises(BridgeInputError, match=rf"{cls.NODE} › {field}: "):
+        cls.execute(**inputs)
