@@ -60,6 +60,18 @@ def save_numbered(folder: str | os.PathLike, name: str, write, suffix: str = ".s
     raise FileExistsError(f"{folder}: no free file name for {name!r} after {tries} tries")
 
 
+def save_unique(path: str | os.PathLike, write) -> Path:
+    """``write(path)`` if nothing is there yet, else ``write`` to ``<stem>_NNNNN<suffix>`` next to it; returns
+    the path written. ``write`` must raise FileExistsError rather than replace a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write(path)
+        return path
+    except FileExistsError:
+        return save_numbered(path.parent, path.stem, write, path.suffix)
+
+
 def fingerprint(path) -> str:
     """A file's identity for a loader's cache key: changes when the file is replaced, rewritten or removed."""
     try:

@@ -52,7 +52,7 @@ from ..c2c_core import (LOSS_KINDS, FusionSchedule, LayerFuser, LayerMap, Projec
 from ..c2c_core.bundle import read_header, read_meta
 from ..c2c_core.checkpoint import find_checkpoint
 from ..c2c_core.errors import C2CError, TrainError
-from . import compat
+from . import compat, files
 
 log = logging.getLogger("dit_cache_bridge")
 
@@ -771,10 +771,9 @@ def train_projector(sharer, receiver, projector: ProjectorBundle, dataset: Train
                              receiver=projector.receiver, provenance=provenance, metadata={})
     outcome = TrainOutcome(bundle, result.losses, result.last_checkpoint, len(result.losses) - ran[0])
     if writer and output_path is not None:
-        output_path = Path(output_path)
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        save_bundle(output_path, bank, projector.layer_map, provenance)
-        outcome.output_path = output_path
+        # never replaces a bundle already there (an earlier run's, or one the user put there): name_00001 etc.
+        outcome.output_path = files.save_unique(
+            output_path, lambda p: save_bundle(p, bank, projector.layer_map, provenance, overwrite=False))
     outcome.plot = loss_plot(result.losses, f"{settings.loss} loss, {bank.kind} projector")
     if writer and plot_path is not None:
         plot_path = Path(plot_path)
