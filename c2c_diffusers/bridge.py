@@ -96,6 +96,20 @@ def call_inputs(args, kwargs):
     return latent, timestep, float(timestep.flatten()[0])
 
 
+@contextmanager
+def _offload_lifted(pipeline, transformers):
+    """Take a pipeline's model CPU offload hooks off for the block and put them back after it."""
+    device = getattr(pipeline, "_offload_device", None)
+    if pipeline is None or device is None or not any(hasattr(t, "_hf_hook") for t in transformers):
+        yield
+        return
+    pipeline.remove_all_hooks()
+    try:
+        yield
+    finally:
+        pipeline.enable_model_cpu_offload(device=device)
+
+
 class CallInfo:
     """One receiver call as the K/V source sees it."""
 
@@ -127,6 +141,7 @@ class Bridge:
         self.scheduler = scheduler
         self.key = f"dit_cache_bridge.{next(_ids)}"
         self.receivers: list = []
+        self.pipeline = None
         self.banks = BankCache(bundle.bank)
         self.run: FusionRun | None = None
         self.source_run = None
@@ -148,14 +163,23 @@ class Bridge:
     def attach(self, receiver, scheduler=None) -> "Bridge":
         """Attach to a transformer, or to a pipeline's ``transformer`` (and ``transformer_2``, Wan2.2).
 
-        Call it after ``enable_model_cpu_offload()`` (which removes and re-adds accelerate's hooks) and
-        ``detach()`` before calling that again; see docs/diffusers.md.
+        CPU offload: diffusers removes and re-adds accelerate's hooks after every pipeline call, which
+        keeps a hook registered *before* them and drops one registered after. Attached to a pipeline
+        whose model CPU offload is on, the bridge therefore takes the offload hooks off, attaches and
+        puts them back (and the same on detach). A bare transformer with accelerate hooks is refused.
         """
         transformers = [receiver]
+        self.pipeline = None
         if hasattr(receiver, "components"):
+            self.pipeline = receiver
             scheduler = scheduler or getattr(receiver, "scheduler", None)
             transformers = [t for t in (getattr(receiver, "transformer", None), getattr(receiver, "transformer_2", None))
                             if t is not None]
+        elif hasattr(receiver, "_hf_hook"):
+            raise BridgeSetupError(
+                f"{type(receiver).__name__} carries accelerate hooks (enable_model_cpu_offload was called); diffusers "
+                f"re-creates them after each pipeline call and would drop the bridge. Attach to the pipeline instead "
+                f"(bridge.attach(pipe)), or attach before calling pipe.enable_model_cpu_offload().")
         self.scheduler = scheduler or self.scheduler
         for transformer in transformers:
             found = models.signature(transformer)
@@ -166,19 +190,21 @@ class Bridge:
                     f"{self.bundle.receiver.num_heads} × {self.bundle.receiver.head_dim}. Use a bundle for this model.")
             if any(t is transformer for t in self.receivers):
                 raise BridgeSetupError(f"this bridge is already attached to that {type(transformer).__name__}.")
-        for transformer in transformers:
-            add_taps(transformer, self.fused_layers, self.key, self._fuse)
-            register_call_hook(transformer, self.key, self)
-            self.receivers.append(transformer)
         self.source.attach(self)
+        with _offload_lifted(self.pipeline, transformers):
+            for transformer in transformers:
+                add_taps(transformer, self.fused_layers, self.key, self._fuse)
+                register_call_hook(transformer, self.key, self)
+                self.receivers.append(transformer)
         return self
 
     def detach(self) -> None:
         """Close the open run and give back the receivers' original processors and forward."""
         self.close_run()
-        for transformer in self.receivers:
-            remove_call_hook(transformer, self.key)
-            remove_taps(transformer, self.key)
+        with _offload_lifted(self.pipeline, self.receivers):
+            for transformer in self.receivers:
+                remove_call_hook(transformer, self.key)
+                remove_taps(transformer, self.key)
         self.receivers = []
         self.source.detach(self)
 

@@ -121,7 +121,8 @@ class CallHook(ModelHook):
 
     def __init__(self, listener):
         super().__init__()
-        self.listener = listener
+        self.listener = listener          # None once detached while another wrapper sat on top (inert)
+        self.installed = None             # the forward the registry installed
         self.state = StateManager(_NoState)
 
     def context(self):
@@ -132,10 +133,13 @@ class CallHook(ModelHook):
             return None
 
     def pre_forward(self, module, *args, **kwargs):
+        if self.listener is None:
+            return args, kwargs
         return self.listener.begin_call(module, args, kwargs, self.context())
 
     def post_forward(self, module, output):
-        self.listener.end_call()
+        if self.listener is not None:
+            self.listener.end_call()
         return output
 
     def reset_state(self, module):
@@ -147,11 +151,22 @@ def register_call_hook(transformer, key: str, listener) -> CallHook:
     hook = CallHook(listener)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.register_hook(hook, key)
+    hook.installed = transformer.forward
     return hook
 
 
 def remove_call_hook(transformer, key: str) -> None:
+    """Remove the hook; if a wrapper outside the HookRegistry (accelerate's) now sits on top of it, leave it inert.
+
+    ``HookRegistry.remove_hook`` would put back the forward it wrapped and so drop that outer wrapper
+    (e.g. CPU offload); an inert hook only passes calls through.
+    """
     registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is not None and key in registry.hooks:
-        registry.remove_hook(key, recurse=False)
-        registry.invalidate_child_registries_cache()
+    if registry is None or key not in registry.hooks:
+        return
+    hook = registry.hooks[key]
+    if list(registry.hooks)[-1] == key and transformer.forward is not hook.installed:
+        hook.listener = None
+        return
+    registry.remove_hook(key, recurse=False)
+    registry.invalidate_child_registries_cache()

@@ -76,3 +76,48 @@ def test_wan22_two_experts_both_fuse_and_detach():
     assert bridge.last_report.model_calls == 8 and bridge.last_report.sharer_forwards == 8
     assert not torch.equal(fused, plain)
     assert torch.equal(tiny.run_pipe(pipe, steps=4), plain)
+
+
+@pytest.fixture
+def offload_calls(monkeypatch):
+    """Counts accelerate's CpuOffload pre_forward calls on the receiver (the real hook still runs)."""
+    from accelerate.hooks import CpuOffload
+    calls = []
+    real = CpuOffload.pre_forward
+
+    def spy(self, module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return real(self, module, *args, **kwargs)
+    monkeypatch.setattr(CpuOffload, "pre_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("offload_first", [True, False])
+def test_model_cpu_offload_keeps_both_the_bridge_and_accelerate_in_either_order(offload_calls, offload_first):
+    pipe = tiny.wan_pipe(tiny.wan(1))
+    plain = tiny.run_pipe(pipe, steps=2)
+    bridge = Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs()))
+    if offload_first:
+        pipe.enable_model_cpu_offload(device="cpu")
+        bridge.attach(pipe)
+    else:
+        bridge.attach(pipe)
+        pipe.enable_model_cpu_offload(device="cpu")
+    for _ in range(2):          # diffusers re-creates accelerate's hooks after every call: the bridge must survive
+        offload_calls.clear()
+        with bridge.session():
+            fused = tiny.run_pipe(pipe, steps=2)
+        assert bridge.last_report.model_calls == 4 and bridge.last_report.sharer_forwards == 4
+        assert offload_calls.count("WanTransformer3DModel") == 4
+        assert not torch.equal(fused, plain)
+    bridge.detach()
+    offload_calls.clear()
+    assert torch.equal(tiny.run_pipe(pipe, steps=2), plain)
+    assert offload_calls.count("WanTransformer3DModel") == 4
+
+
+def test_a_bare_transformer_with_offload_hooks_is_refused():
+    pipe = tiny.wan_pipe(tiny.wan(1))
+    pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(BridgeSetupError, match=r"carries accelerate hooks .* Attach to the pipeline instead"):
+        Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs())).attach(pipe.transformer)
