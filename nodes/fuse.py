@@ -47,7 +47,8 @@ class FuseCaches(io.ComfyNode):
                         "SamplerCustomAdvanced. Chain several Fuse Caches to add more sharers.",
             inputs=[
                 io.Model.Input("model", tooltip="The receiver model (e.g. Wan2.1). It is cloned, never changed."),
-                KVSource.Input("kv_source", tooltip="From Capture KV Cache."),
+                KVSource.Input("kv_source", tooltip="From Capture KV Cache (live), or Record KV Cache / Load KV "
+                                                    "Cache (recorded)."),
                 Projector.Input("projector", tooltip="From Load C2C Projector or Create C2C Projector."),
             ] + fusion_inputs(),
             outputs=[io.Model.Output(tooltip="The bridged receiver (a clone).")],

@@ -1,11 +1,10 @@
 """Record KV Cache: sample the sharer alone and record its K/V, so only one model is resident at a time."""
 from __future__ import annotations
 
-import comfy.samplers
 from comfy_api.latest import io
 
 from ..c2c_core.recording import STORAGE_DTYPES
-from ..c2c_comfy import recorded
+from ..c2c_comfy import compat, recorded
 from ..c2c_comfy.errors import check
 from ..c2c_comfy.validate import check_combos
 from .capture import GRID_ALIGNMENTS, capture_layers, sharer_inputs
@@ -33,9 +32,9 @@ class RecordKVCache(io.ComfyNode):
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="CFG of the recording run; > 1 also records the negative pass the "
                                        "receiver's CFG needs. Use the receiver's cfg."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                io.Combo.Input("sampler_name", options=compat.sampler_names(),
                                tooltip="The receiver's sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                io.Combo.Input("scheduler", options=compat.scheduler_names(),
                                tooltip="The receiver's scheduler."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="The receiver's denoise."),

@@ -1,10 +1,9 @@
 """Bridged KSampler: Capture KV Cache + Fuse Caches + KSampler in one node (KSampler's inputs first, in its order)."""
 from __future__ import annotations
 
-import comfy.samplers
-import nodes as comfy_nodes
 from comfy_api.latest import io
 
+from ..c2c_comfy import compat
 from ..c2c_comfy.validate import check_combos
 from .capture import make_live_source, sharer_inputs
 from .fuse import bridge_model, fusion_inputs
@@ -28,9 +27,9 @@ class BridgedKSampler(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The number of denoising steps."),
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (both models use their own negative)."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                io.Combo.Input("sampler_name", options=compat.sampler_names(),
                                tooltip="The sampling algorithm."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS,
+                io.Combo.Input("scheduler", options=compat.scheduler_names(),
                                tooltip="How sigmas are spaced over the steps."),
                 io.Conditioning.Input("positive", tooltip="The receiver's positive conditioning."),
                 io.Conditioning.Input("negative", tooltip="The receiver's negative conditioning."),
@@ -58,6 +57,6 @@ class BridgedKSampler(io.ComfyNode):
         node_id = cls.hidden.unique_id if cls.hidden else None
         patched = bridge_model(cls.NODE, receiver, source, projector, strength, start_percent, end_percent, ramp,
                                layer_strengths, report_to=node_id, model_input="receiver")
-        (latent,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
+        (latent,) = compat.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
                                                 negative, latent_image, denoise=denoise)
         return io.NodeOutput(latent)

@@ -233,8 +233,8 @@ def test_replay_of_a_cfg_one_recording_into_cfg_sampling_is_refused(models, cond
 
 
 def test_recording_on_a_latent_of_another_grid_than_the_sharers_image_is_refused_before_sampling(models, conds):
-    with pytest.raises(ValueError, match=r"Record KV Cache › positive: an image latent of \(2, 6, 6\).*"
-                                         r"expected latent_image's \(3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"Record KV Cache › positive: its image latent is \(2, 6, 6\).*"
+                                         r"expected the sampled latent's \(3, 8, 8\)"):
         record(models["i2v"], conds["i2v_small_pos"], conds["i2v_small_neg"])
 
 
