@@ -107,3 +107,15 @@ def image(seed: int = 0):
     import numpy as np
     from PIL import Image
     return Image.fromarray((np.random.RandomState(seed).rand(HEIGHT, WIDTH, 3) * 255).astype("uint8"))
+
+
+def wan_i2v_pipe(transformer=None):
+    from diffusers import WanImageToVideoPipeline
+    encoder, processor = clip_vision()
+    return WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae(),
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), image_processor=processor,
+                                   image_encoder=encoder,
+                                   transformer=transformer if transformer is not None else wan(3, **I2V_WAN))
+
+
+I2V_WAN = dict(in_channels=36, image_dim=1280, added_kv_proj_dim=256)
