@@ -194,9 +194,26 @@ def load_models_gpu(patchers) -> None:
     model_management.load_models_gpu(list(patchers))
 
 
-def loaded_models() -> list:
-    """ComfyUI's list of loaded models (LoadedModel entries; the list itself, to unload from)."""
-    return model_management.current_loaded_models
+def unload(patcher) -> int:
+    """Unload every loaded copy of ``patcher``'s model from ComfyUI's loaded list; returns how many."""
+    loaded_list = model_management.current_loaded_models
+    released = 0
+    for i in range(len(loaded_list) - 1, -1, -1):
+        loaded = loaded_list[i]
+        if loaded.model is not None and loaded.model.model is patcher.model:
+            loaded.model_unload()
+            loaded_list.pop(i)
+            released += 1
+    return released
+
+
+def is_loaded(patcher) -> bool:
+    return any(m.model is patcher.model for m in model_management.loaded_models())
+
+
+def reserve_device_memory(nbytes: int) -> None:
+    """Raise (or, negative, lower) the device memory ComfyUI keeps free when it loads models."""
+    model_management.EXTRA_RESERVED_VRAM += int(nbytes)
 
 
 def throw_if_interrupted() -> None:
@@ -227,7 +244,12 @@ _PREPARE_STATE_TAKES_OPTIONS = _accepts(comfy.model_patcher.ModelPatcher.prepare
 
 
 def current_patcher(model):
+    """The ModelPatcher a model's forward runs under now (``BaseModel.current_patcher``), or None."""
     return getattr(model, "current_patcher", None)
+
+
+def set_current_patcher(model, patcher) -> None:
+    model.current_patcher = patcher
 
 
 def model_options_clone(model_options: dict) -> dict:

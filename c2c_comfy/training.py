@@ -472,10 +472,13 @@ class TrainingPair:
 
     @contextlib.contextmanager
     def session(self):
-        """Load both clones the ComfyUI way, freeze the base weights, end the run cleanly."""
+        """Load both clones the ComfyUI way, freeze the base weights, end the run cleanly.
+
+        Forwards run in ComfyUI's training mode where the host has one (differentiable RoPE).
+        """
         patchers = [self.receiver] + ([self.sharer] if self.sharer.model is not self.receiver.model else [])
         compat.load_models_gpu(patchers)
-        with _frozen(*(p.model for p in patchers)):
+        with _frozen(*(p.model for p in patchers)), compat.training_mode():
             for p in patchers:
                 p.pre_run()
             try:
@@ -727,8 +730,9 @@ def train_projector(sharer, receiver, projector: ProjectorBundle, dataset: Train
     otherwise) and raises ``compat.HostFeatureMissing`` at once on a host whose RoPE cannot be trained through.
     """
     parallel = DataParallel.current()
-    with torch.inference_mode(False), torch.enable_grad(), compat.training_mode():
-        compat.check_rope_gradient(receiver.load_device)     # fail in a second, not after the first forward
+    with torch.inference_mode(False), torch.enable_grad():
+        with compat.training_mode():
+            compat.check_rope_gradient(receiver.load_device)     # fail in a second, not after the first forward
         bank = trainable_copy(projector)
         pair_device = receiver.load_device
         bank.to(pair_device)
