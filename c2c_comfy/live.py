@@ -13,10 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-import comfy.model_patcher
 import comfy.patcher_extension
-import comfy.sampler_helpers
-import comfy.samplers
 
 from ..c2c_core import ModelSignature
 from . import compat
@@ -135,14 +132,14 @@ class LiveSharerRun:
             noise = torch.zeros(*noise.shape[:-3], *sharer_shape, dtype=noise.dtype, device=noise.device)
             latent_image = resample_latent(latent_image, sharer_shape, self.grid_mode)
         self.latent_shape = sharer_shape
-        conds = {"positive": comfy.sampler_helpers.convert_cond(source.positive),
-                 "negative": comfy.sampler_helpers.convert_cond(source.negative)}
+        conds = {"positive": compat.convert_cond(source.positive),
+                 "negative": compat.convert_cond(source.negative)}
         if latent_image is not None and torch.count_nonzero(latent_image) > 0:
             latent_image = sharer_patcher.model.process_latent_in(latent_image)
-        self.conds = comfy.samplers.process_conds(sharer_patcher.model, noise, conds, device, latent_image,
-                                                  denoise_mask, seed)
-        self.model_options = comfy.model_patcher.create_model_options_clone(sharer_patcher.model_options)
-        comfy.sampler_helpers.prepare_model_patcher(sharer_patcher, self.conds, self.model_options)
+        self.conds = compat.process_conds(sharer_patcher.model, noise, conds, device, latent_image, denoise_mask,
+                                          seed)
+        self.model_options = compat.model_options_clone(sharer_patcher.model_options)
+        compat.prepare_model_patcher(sharer_patcher, self.conds, self.model_options)
         self.grid = compat.token_grid(self.latent_shape)
         self.rope = compat.rope_spec(sharer_patcher)
 
@@ -156,18 +153,18 @@ class LiveSharerRun:
         rows = x.shape[0] // len(kinds)
         conds = [self.conds["positive" if kind == COND else "negative"] for kind in missing]
         model = self.patcher.model
-        receiver_patcher = getattr(model, "current_patcher", None)
+        receiver_patcher = compat.current_patcher(model)
         if not self._started:
             self._started = True
             self.patcher.pre_run()
-        model.current_patcher = self.patcher
+        compat.set_current_patcher(model, self.patcher)
         self._call_kinds = missing
         try:
             x = resample_latent(x[:rows], self.latent_shape, self.grid_mode)
-            comfy.samplers.calc_cond_batch(model, conds, x, t[:rows], self.model_options)
+            compat.calc_cond_batch(model, conds, x, t[:rows], self.model_options)
         finally:
             self._call_kinds = None
-            model.current_patcher = receiver_patcher
+            compat.set_current_patcher(model, receiver_patcher)
         for kind in missing:
             self.captured.window[kind] = window
 
@@ -191,10 +188,10 @@ class LiveSharerRun:
         self.captured = _CapturedKV()
         if self._started:
             model = self.patcher.model
-            receiver_patcher = getattr(model, "current_patcher", None)
+            receiver_patcher = compat.current_patcher(model)
             self.patcher.cleanup()
             if receiver_patcher is not None and receiver_patcher is not self.patcher:
-                model.current_patcher = receiver_patcher
+                compat.set_current_patcher(model, receiver_patcher)
 
 
 def _sharer_latent_shape(source: LiveSharer, latent_image) -> tuple:

@@ -25,6 +25,7 @@ from greenlet import greenlet, getcurrent
 
 import comfy.patcher_extension
 
+from . import compat
 from .live import LiveSharerRun, _SharerDone
 
 _DEFER_KEY = "dit_cache_bridge.lockstep"
@@ -95,8 +96,8 @@ class LockstepSharerRun(LiveSharerRun):
 
     def _resume(self, forward: _Forward) -> None:
         model = self.patcher.model
-        receiver_patcher = getattr(model, "current_patcher", None)
-        model.current_patcher = self.patcher
+        receiver_patcher = compat.current_patcher(model)
+        compat.set_current_patcher(model, self.patcher)
         if not forward.coroutine:                       # not started yet: one more sharer forward
             self.forwards += 1
         forward.coroutine.parent = getcurrent()
@@ -105,7 +106,7 @@ class LockstepSharerRun(LiveSharerRun):
             forward.coroutine.switch()
         finally:
             self._running = None
-            model.current_patcher = receiver_patcher
+            compat.set_current_patcher(model, receiver_patcher)
 
     # -- inside the sharer's coroutine ------------------------------------------------------------
     def capture(self, layer, q, k, v, heads, transformer_options):

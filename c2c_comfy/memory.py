@@ -16,7 +16,6 @@ import logging
 import shutil
 from dataclasses import dataclass
 
-import comfy.model_management as mm
 import comfy.patcher_extension
 
 from ..c2c_core.recording import STORAGE_DTYPES
@@ -155,11 +154,11 @@ class reserved:
         self.nbytes = int(nbytes)
 
     def __enter__(self):
-        mm.EXTRA_RESERVED_VRAM += self.nbytes
+        compat.reserve_device_memory(self.nbytes)
         return self
 
     def __exit__(self, *exc):
-        mm.EXTRA_RESERVED_VRAM -= self.nbytes
+        compat.reserve_device_memory(-self.nbytes)
 
 
 def chunks_of(conds) -> int:
@@ -201,15 +200,8 @@ def _compute_itemsize(patcher) -> int:
 
 def release(patcher) -> int:
     """Unload every loaded copy of ``patcher``'s model; returns how many were unloaded."""
-    released = 0
-    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
-        loaded = mm.current_loaded_models[i]
-        if loaded.model is not None and loaded.model.model is patcher.model:
-            loaded.model_unload()
-            mm.current_loaded_models.pop(i)
-            released += 1
-    return released
+    return compat.unload(patcher)
 
 
 def is_loaded(patcher) -> bool:
-    return any(m.model is patcher.model for m in mm.loaded_models())
+    return compat.is_loaded(patcher)

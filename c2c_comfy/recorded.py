@@ -12,7 +12,6 @@ import tempfile
 from dataclasses import dataclass
 
 import comfy.patcher_extension
-import nodes as comfy_nodes
 
 from ..c2c_core.recording import DiskStore, KVRecording, RamStore
 from . import compat, memory
@@ -84,7 +83,7 @@ def record(node, sharer, positive, negative, layers, latent_image, seed, steps, 
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, recorder.outer_sample)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, recorder.apply_model)
     try:
-        comfy_nodes.common_ksampler(clone, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+        compat.common_ksampler(clone, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                     latent_image, denoise=denoise)
     finally:
         memory.release(clone)
