@@ -120,6 +120,9 @@ def widget_values(node: dict, node_info: dict) -> dict:
     out, i = {}, 0
     for name, spec in widgets:
         if i >= len(values):
+            if "default" in spec_options(spec):     # a widget newer hosts added after the saved ones: its default
+                out[name] = spec_options(spec)["default"]
+                continue
             raise WorkflowError(f"node {node['id']} ({node['type']}): no widget value for '{name}' "
                                 f"(widgets_values has {len(values)}: {values!r})")
         out[name] = values[i]
