@@ -100,3 +100,13 @@ def test_missing_negative_embeddings_name_the_fix():
         tiny.run_pipe(pipe)
     bridge.detach()
     assert not any(isinstance(b.attn1.processor, SelfAttentionTap) for b in pipe.transformer.blocks)
+
+
+def test_the_receiver_can_be_its_own_sharer(inputs):
+    receiver = tiny.wan(1)
+    plain = forward(receiver, *inputs)
+    bridge = Bridge(tiny.bundle("identity"), LiveSharer(receiver, SharerInputs(inputs[2]))).attach(receiver)
+    assert torch.equal(forward(receiver, *inputs), plain)
+    bridge.detach()
+    assert bridge.last_report.sharer_forwards == 1
+    assert not any(isinstance(b.attn1.processor, SelfAttentionTap) for b in receiver.blocks)
