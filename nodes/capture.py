@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..c2c_core import LayerMapError, parse_layer_spec
 from ..c2c_comfy.live import LiveSharer
 from ..c2c_comfy.errors import BridgeInputError
-from ..c2c_comfy.validate import check_combos
+from ..c2c_comfy.validate import check_inputs
 from .projector import check_projector_fits, model_signature
 from .types import CATEGORY, KVSource, Projector
 
@@ -46,7 +46,7 @@ class CaptureKVCache(io.ComfyNode):
     @classmethod
     def execute(cls, sharer, positive, negative, layers="auto", refresh_every=1, rope_alignment="auto",
                 grid_alignment="refuse", projector=None) -> io.NodeOutput:
-        check_combos(cls, locals())
+        check_inputs(cls, locals())
         check_same_image_grid(cls.NODE, {"positive": positive, "negative": negative})
         return io.NodeOutput(make_live_source(cls.NODE, sharer, positive, negative, layers, refresh_every,
                                               rope_alignment, grid_alignment, projector))

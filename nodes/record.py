@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..c2c_core.recording import STORAGE_DTYPES
 from ..c2c_comfy import compat, recorded
 from ..c2c_comfy.errors import check
-from ..c2c_comfy.validate import check_combos
+from ..c2c_comfy.validate import check_inputs
 from .capture import GRID_ALIGNMENTS, capture_layers, sharer_inputs
 from .projector import model_signature
 from .types import CATEGORY, KVSource, Projector
@@ -65,7 +65,7 @@ class RecordKVCache(io.ComfyNode):
     def execute(cls, sharer, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise=1.0, layers="auto", storage_dtype="bf16", storage="ram", refresh_every=1,
                 rope_alignment="auto", grid_alignment="refuse", projector=None) -> io.NodeOutput:
-        check_combos(cls, locals())
+        check_inputs(cls, locals())
         signature = model_signature(cls.NODE, "sharer", sharer)
         chosen = capture_layers(cls.NODE, signature, layers, projector)
         if chosen is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..c2c_comfy import compat
-from ..c2c_comfy.validate import check_combos
+from ..c2c_comfy.validate import check_inputs
 from .capture import make_live_source, sharer_inputs
 from .fuse import bridge_model, fusion_inputs
 from .record import check_image_latents
@@ -47,7 +47,7 @@ class BridgedKSampler(io.ComfyNode):
     def execute(cls, receiver, positive, negative, sharer, sharer_positive, sharer_negative, projector, strength,
                 start_percent, end_percent, seed, steps, cfg, sampler_name, scheduler, latent_image, denoise=1.0,
                 ramp="constant", layer_strengths="") -> io.NodeOutput:
-        check_combos(cls, locals())
+        check_inputs(cls, locals())
         check_image_latents(cls.NODE, {"sharer_positive": sharer_positive, "sharer_negative": sharer_negative},
                             latent_image, fix="give the sharer's WanImageToVideo/ChronoEdit node the receiver latent's "
                             "width, height and length, or use Capture KV Cache with grid_alignment 'nearest' or "

@@ -15,7 +15,7 @@ from comfy_api.latest import io
 from ..c2c_core import DECAYS, LOSS_KINDS, C2CError, ResumeError
 from ..c2c_comfy import compat, paths, training
 from ..c2c_comfy.errors import BridgeInputError, check
-from ..c2c_comfy.validate import check_combos
+from ..c2c_comfy.validate import check_inputs
 from .projector import check_projector_fits, model_signature
 from .types import CATEGORY, Projector
 
@@ -171,7 +171,7 @@ class TrainC2CProjector(io.ComfyNode):
     @classmethod
     def execute(cls, sharer, receiver, projector, dataset, loss, steps, batch_size, learning_rate, warmup_steps,
                 schedule, checkpoint_every, seed, output_name, resume=True, negative_share=0.1) -> io.NodeOutput:
-        check_combos(cls, locals())
+        check_inputs(cls, locals())
         node = cls.NODE
         sharer_sig = model_signature(node, "sharer", sharer)
         receiver_sig = model_signature(node, "receiver", receiver)

@@ -237,18 +237,43 @@ COMBO_CASES = [
     ("TrainC2CProjector", "schedule", dict(schedule="banana")),
 ]
 
-GOOD = {"RecordKVCache": dict(sampler_name="euler", scheduler="simple"),
-        "BridgedKSampler": dict(sampler_name="euler", scheduler="simple"),
-        "TrainC2CProjector": dict(loss="distill", schedule="cosine")}
+def schema_defaults(cls) -> dict:
+    """A value for every input: combos and numbers from the schema's defaults, sockets None."""
+    from comfy_api.latest import io
+    values = {}
+    for spec in cls.define_schema().inputs:
+        if isinstance(spec, io.Combo.Input):
+            values[spec.id] = spec.default if spec.default is not None else spec.options[0]
+        elif isinstance(spec, (io.Int.Input, io.Float.Input)):
+            values[spec.id] = spec.default if spec.default is not None else (spec.min or 0)
+        elif isinstance(spec, io.String.Input):
+            values[spec.id] = spec.default or ""
+        else:
+            values[spec.id] = None
+    return values
 
 
 @pytest.mark.parametrize("node,field,bad", COMBO_CASES, ids=[f"{n}-{f}" for n, f, _ in COMBO_CASES])
 def test_a_combo_value_outside_its_list_is_refused_by_its_node(node, field, bad):
-    import inspect
     cls = getattr(pack_nodes(), node)
     from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
-    params = [p for p in inspect.signature(cls.execute).parameters.values()]
-    inputs = {p.name: (None if p.default is inspect.Parameter.empty else p.default) for p in params}
-    inputs |= GOOD.get(node, {}) | bad
     with pytest.raises(BridgeInputError, match=rf"{cls.NODE} › {field}: "):
-        cls.execute(**inputs)
+        cls.execute(**(schema_defaults(cls) | bad))
+
+
+NUMBER_CASES = [
+    ("FuseCaches", "strength", 1e6), ("FuseCaches", "strength", math.nan), ("FuseCaches", "end_percent", 5.0),
+    ("FuseCaches", "end_percent", math.nan), ("CaptureKVCache", "refresh_every", 0),
+    ("CaptureKVCache", "refresh_every", -3), ("RecordKVCache", "denoise", math.nan), ("RecordKVCache", "steps", 0),
+    ("BridgedKSampler", "strength", math.inf), ("BridgedKSampler", "cfg", -1.0),
+    ("TrainC2CProjector", "steps", 0), ("TrainC2CProjector", "batch_size", 0),
+    ("TrainC2CProjector", "learning_rate", math.nan),
+]
+
+
+@pytest.mark.parametrize("node,field,bad", NUMBER_CASES, ids=[f"{n}-{f}-{v}" for n, f, v in NUMBER_CASES])
+def test_a_number_from_a_link_outside_its_range_names_its_own_input(node, field, bad):
+    cls = getattr(pack_nodes(), node)
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    with pytest.raises(BridgeInputError, match=rf"{cls.NODE} › {field}: "):
+        cls.execute(**(schema_defaults(cls) | {field: bad}))
