@@ -262,7 +262,7 @@ def check_inspector_shown(node: dict) -> None:
 @RENDERERS
 def test_inspector_draws_the_report_of_a_live_run(ui_server, workflow, tmp_path, renderer):
     layers = host.TinyModels.spec(host.T2V_A)["num_layers"]
-    result = drive("live", ui_server, tmp_path, timeout=150, timeout_ms=120_000, inspect=[FUSE, BRIDGED],
+    result = drive("live", ui_server, tmp_path, timeout=330, timeout_ms=240_000, inspect=[FUSE, BRIDGED],
                    workflows={"run": workflow}, renderer=renderer)
     assert (result["vueNodes"] > 0) == (renderer == "vue"), result["vueNodes"]
     assert result["loaded"]["missing"] == []
