@@ -49,19 +49,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ScaleROPE scale_t of the sharer, as in its workflow (ChronoEdit: 7)")
     g = p.add_argument_group("projector (a bundle to continue from, or a fresh one)")
     g.add_argument("--projector", type=Path, default=None, help="start from this bundle instead of a fresh projector")
-    g.add_argument("--kind", default="c2c", choices=["gating", "full", "c2c", "auto"], help="fresh projector kind")
-    g.add_argument("--mapping", default="terminal", choices=["terminal", "identity", "position", "uniform"],
-                   help="layer map of a fresh projector")
+    g.add_argument("--kind", default="c2c", help="fresh projector kind: a learnable one of Create C2C Projector's")
+    g.add_argument("--mapping", default="terminal", help="layer map of a fresh projector (Create C2C Projector's)")
     g.add_argument("--layers", default="all", help="receiver layers to fuse, e.g. 'all', 'last8', '0-3,7'")
     g.add_argument("--hidden-dim", type=int, default=0, help="hidden width (0: the receiver's width)")
     g.add_argument("--init-seed", type=int, default=0, help="initialisation seed of a fresh projector")
     g = p.add_argument_group("training")
-    g.add_argument("--loss", default="distill", choices=["velocity", "distill", "kv"])
+    g.add_argument("--loss", default="distill", help="c2c_core's LOSS_KINDS: velocity, distill or kv")
     g.add_argument("--steps", type=int, default=500)
     g.add_argument("--batch-size", type=int, default=1, help="samples per step and process")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
-    g.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    g.add_argument("--schedule", default="cosine", help="learning-rate decay, c2c_core's DECAYS")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--negative-share", type=float, default=0.1, help="fraction of examples with negative conds")
@@ -181,14 +180,22 @@ def main(argv=None) -> int:
         if not args.resume and not args.restart and training.has_checkpoint(args.checkpoint_dir):
             raise SystemExit(f"{args.checkpoint_dir} holds checkpoints of an earlier run; pass --resume to continue "
                              f"it or --restart to delete them and start over.")
-        sharer, receiver = load_models(args)
-        projector = make_projector(args, nodes, sharer, receiver)
-        settings = training.TrainSettings(loss=args.loss, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                          warmup_steps=args.warmup, decay=args.schedule,
-                                          checkpoint_every=args.checkpoint_every,
-                                          checkpoint_dir=args.checkpoint_dir, seed=args.seed,
-                                          negative_share=args.negative_share, weight_decay=args.weight_decay,
-                                          grad_clip=args.grad_clip)
+        refused = (importlib.import_module(f"{PACK_NAME}.c2c_core").C2CError,
+                   importlib.import_module(f"{PACK_NAME}.c2c_comfy.errors").BridgeInputError)
+        try:        # the pack's own lists and checks (c2c_core, Create C2C Projector), before any model loads
+            settings = training.TrainSettings(loss=args.loss, steps=args.steps, batch_size=args.batch_size,
+                                              lr=args.lr, warmup_steps=args.warmup, decay=args.schedule,
+                                              checkpoint_every=args.checkpoint_every,
+                                              checkpoint_dir=args.checkpoint_dir, seed=args.seed,
+                                              negative_share=args.negative_share, weight_decay=args.weight_decay,
+                                              grad_clip=args.grad_clip)
+            sharer, receiver = load_models(args)
+            projector = make_projector(args, nodes, sharer, receiver)
+        except refused as e:
+            raise SystemExit(f"train_projector.py: {e}") from None
+        if not any(True for _ in projector.bank.parameters()):
+            raise SystemExit(f"--kind {projector.bank.kind}: this projector has nothing to learn; use c2c, full, "
+                             "gating or auto")
         say(f"[train_projector] {projector.bank.kind} projector, layers {projector.layer_map.pairs} "
             f"(receiver: sharer), {len(dataset)} samples, {world} process(es), loss {args.loss}")
         started = time.monotonic()
