@@ -1,11 +1,24 @@
-"""Speed of a bridged sampling run against its floor (one receiver forward + one sharer forward per call).
+"""A bridged run against its floor, memory against the number of fused layers, and projector cost.
 
-Run: .venv/bin/python benchmarks/bench_bridge.py [--tokens-frames 5 --size 32 --steps 6 --repeats 3]
-CPU, tiny random-weight Wan models (dim 512 / 3 layers for both sides); ratios, side by side, same run.
+One command, ratios side by side in one process (results and caveats: BENCHMARKS.md):
+
+    .venv/bin/python benchmarks/bench_bridge.py                      # CPU, issue-10 config
+    python benchmarks/bench_bridge.py --shape wan1.3b --device cuda  # the same runs at Wan2.1-1.3B shape
+
+Both models are random-weight Wan2.1 models at the chosen shape, written once as safetensors and
+loaded with ComfyUI's own loader; every run is the stock KSampler code path on a Fuse Caches clone
+(the real runtime: c2c_comfy). Runs of different kinds alternate within each repeat, so machine
+load drifts over all of them alike; the median of the repeats is reported.
+
+Ratios (issue 10): lockstep live ÷ (receiver alone + sharer alone) per projector type; refresh every
+4 steps, replay of a recording ÷ receiver alone; recording ÷ sharer alone. Then peak captured K/V and
+time per step against the number of fused layers per mode (a PNG), the projector cost per type as a
+fraction of one transformer block, and whether Wan2.1-14B fits an 80 GB card, by arithmetic.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -13,57 +26,339 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tools"), str(ROOT)]
+
+SHAPES = {
+    # issue 10's CPU config: dim 1024 (8 heads), 8 layers, ffn 4096, latent 16x4x32x32 (1,024 tokens)
+    "cpu": dict(dim=1024, ffn=4096, layers=8, latent=(16, 4, 32, 32), dtype="fp32"),
+    # Wan2.1-T2V-1.3B: dim 1536 (12 heads), 30 layers, ffn 8960; 480p 81 frames = 21x60x104 latent (32,760 tokens)
+    "wan1.3b": dict(dim=1536, ffn=8960, layers=30, latent=(16, 21, 60, 104), dtype="bf16", record_layers=8),
+    # a seconds-long check that the script runs
+    "smoke": dict(dim=256, ffn=512, layers=2, latent=(16, 2, 8, 8), dtype="fp32"),
+}
+WAN14B = dict(dim=5120, ffn=13824, layers=40)
+GB = 1024 ** 3
+
+
+# -- host and models ----------------------------------------------------------------------------
+def setup_host(device: str, tmp: Path):
+    """ComfyUI in this process: the tests' CPU setup, or the same folders with ComfyUI's own device choice."""
+    import host
+    if device == "cpu":
+        return host.setup_comfy_in_process(tmp / "models", tmp)
+    host._prepend_comfyui(host.comfyui_path())
+    import importlib
+    importlib.import_module("comfy.model_management")          # picks the GPU (no --cpu)
+    importlib.import_module("nodes")
+    import folder_paths
+    for name in ("input", "output", "temp", "user"):
+        (tmp / name).mkdir(parents=True, exist_ok=True)
+        getattr(folder_paths, f"set_{name}_directory")(str(tmp / name))
+    host._in_process = host.ComfyHost(host.comfyui_path(), tmp / "models", tmp / "input", tmp / "output",
+                                      tmp / "temp", tmp / "user")
+    return host._in_process
+
+
+def write_wan(path: Path, dim: int, ffn: int, layers: int, seed: int, dtype: str) -> Path:
+    """A random-weight Wan2.1 T2V model at this shape, in ComfyUI's key layout (the tiny models' init)."""
+    import torch
+    from safetensors.torch import save_file
+    import comfy.ldm.wan.model
+    import comfy.ops
+    import make_tiny_models as mtm
+    model = comfy.ldm.wan.model.WanModel(
+        model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=dim, ffn_dim=ffn, freq_dim=256,
+        text_dim=mtm.TEXT_DIM, out_dim=mtm.OUT_DIM, num_heads=dim // mtm.HEAD_DIM, num_layers=layers,
+        qk_norm=True, cross_attn_norm=True, eps=1e-6, device=torch.device("cpu"), dtype=torch.float32,
+        operations=comfy.ops.disable_weight_init)
+    mtm.initialise(model, seed)
+    target = torch.bfloat16 if dtype == "bf16" else torch.float32
+    save_file({k: v.detach().to(target).contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def wan_params(dim: int, ffn: int, layers: int) -> int:
+    """Parameters of a Wan2.1 T2V model at this shape (built on the meta device: nothing allocated)."""
+    import torch
+    import comfy.ldm.wan.model
+    import comfy.ops
+    model = comfy.ldm.wan.model.WanModel(
+        model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=dim, ffn_dim=ffn, freq_dim=256, text_dim=4096,
+        out_dim=16, num_heads=dim // 128, num_layers=layers, qk_norm=True, cross_attn_norm=True, eps=1e-6,
+        device=torch.device("meta"), dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- the bench ----------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, args, tmp: Path):
+        import torch
+        from bridge_helpers import load_model, pack_nodes
+        from comfy_test_nodes import wan_conditioning
+        self.torch, self.args, self.shape = torch, args, SHAPES[args.shape]
+        self.nodes = pack_nodes()
+        s = self.shape
+        print(f"writing two random {args.shape} Wan models ({s['dim']} dim, {s['layers']} layers) ...", flush=True)
+        shape = (s["dim"], s["ffn"], s["layers"])
+        self.receiver = load_model(write_wan(tmp / "receiver.safetensors", *shape, 1, s["dtype"]))
+        self.sharer = load_model(write_wan(tmp / "sharer.safetensors", *shape, 2, s["dtype"]))
+        self.pos, self.neg = wan_conditioning(1), wan_conditioning(2)          # equal lengths: batched CFG
+        self.sharer_pos, self.sharer_neg = wan_conditioning(3), wan_conditioning(4)
+        self.latent = {"samples": torch.zeros(1, *s["latent"])}
+        self.tokens = s["latent"][1] * (s["latent"][2] // 2) * (s["latent"][3] // 2)
+        self.cuda = args.device == "cuda"
+
+    def projector(self, kind, layers="all"):
+        return self.nodes.CreateC2CProjector.execute(self.sharer, self.receiver, kind, "identity", layers, alpha=0.5,
+                                                     hidden_dim=0, seed=0).args[0]
+
+    def live(self, proj, streaming=True, refresh=1):
+        from dit_cache_bridge.c2c_comfy import compat
+        from dit_cache_bridge.c2c_comfy.live import LiveSharer
+        src = LiveSharer(model=self.sharer, positive=self.sharer_pos, negative=self.sharer_neg,
+                         signature=compat.wan_signature(self.sharer), refresh_every=refresh, streaming=streaming)
+        return self.fuse(src, proj)
+
+    def fuse(self, src, proj):
+        return self.nodes.FuseCaches.execute(self.receiver, src, proj, 1.0, 0.0, 1.0, "constant", "").args[0]
+
+    def record(self, cfg, layers, steps):
+        from dit_cache_bridge.c2c_comfy import compat, recorded
+        sig = compat.wan_signature(self.sharer)
+        rec = recorded.record("Record KV Cache", self.sharer, self.sharer_pos, self.sharer_neg, tuple(layers),
+                              self.latent, 7, steps, cfg, "euler", "simple", 1.0, "bf16", "ram", sig)
+        return recorded.RecordedSource(rec, sig, tuple(layers), 1, "auto", "refuse", "Record KV Cache")
+
+    def sample(self, model, cfg, steps):
+        from bridge_helpers import ksample
+        return ksample(model, self.pos, self.neg, cfg=cfg, steps=steps, latent=self.latent)
+
+    def timed(self, fn):
+        """(seconds, peak device bytes or None) of one call."""
+        torch = self.torch
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, (torch.cuda.max_memory_allocated() if self.cuda else None)
+
+
+def report_of(patched):
+    wrappers = patched.wrappers["outer_sample"]
+    key = next(k for k in wrappers if k.startswith("dit_cache_bridge"))
+    return wrappers[key][0].__self__.last_report
+
+
+def ratios(b: Bench, cfg: float, steps: int, repeats: int) -> dict:
+    """Median seconds of each run kind, alternating kinds within every repeat."""
+    projectors = {kind: b.projector(kind) for kind in ("weighted", "gating", "c2c")}
+    recorded = b.shape.get("record_layers", b.shape["layers"])      # a 1.3B recording of all 30 layers is 120 GB
+    replayed = b.projector("weighted", f"0-{recorded - 1}")
+    runs = {
+        "receiver alone": lambda: b.sample(b.receiver, cfg, steps),
+        "sharer alone": lambda: b.sample(b.sharer, cfg, steps),
+        "lockstep, weighted": lambda: b.sample(b.live(projectors["weighted"]), cfg, steps),
+        "lockstep, gating": lambda: b.sample(b.live(projectors["gating"]), cfg, steps),
+        "lockstep, c2c": lambda: b.sample(b.live(projectors["c2c"]), cfg, steps),
+        "buffered live, weighted": lambda: b.sample(b.live(projectors["weighted"], streaming=False), cfg, steps),
+        "refresh every 4, weighted": lambda: b.sample(b.live(projectors["weighted"], refresh=4), cfg, steps),
+    }
+    recording = {}
+
+    def record():
+        recording["src"] = b.record(cfg, list(range(recorded)), steps)
+    runs[f"recording ({recorded} layers, bf16, RAM)"] = record
+    runs["replay, weighted"] = lambda: b.sample(b.fuse(recording["src"], replayed), cfg, steps)
+    times = {name: [] for name in runs}
+    peaks = {name: [] for name in runs}
+    for r in range(repeats):
+        for name, fn in runs.items():
+            seconds, peak = b.timed(fn)
+            times[name].append(seconds)
+            peaks[name].append(peak)
+            print(f"  cfg {cfg:g} repeat {r + 1}/{repeats}: {name}: {seconds:.2f} s", flush=True)
+        recording.pop("src", None)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    peak = {name: (max(p) if p[0] is not None else None) for name, p in peaks.items()}
+    return {"seconds": med, "all": times, "peak_bytes": peak}
+
+
+def sweep(b: Bench, cfg: float, steps: int) -> dict:
+    """Time per step and peak extra memory against the number of fused layers (the first n), per mode."""
+    from dit_cache_bridge.c2c_comfy import memory
+    counts = sorted({1, 2, b.shape["layers"] // 2, b.shape["layers"]})
+    out = {"fused_layers": counts, "modes": {}}
+    itemsize = 2 if b.shape["dtype"] == "bf16" else 4
+    layer = memory.kv_layer_bytes(b.tokens, b.shape["dim"] // 128, 128, 2 if cfg != 1 else 1, itemsize)
+    for mode in ("buffered live", "lockstep", "refresh every 4", "replay"):
+        out["modes"][mode] = {"seconds_per_step": [], "captured_kv_bytes": [], "bank_bytes": []}
+    for n in counts:
+        proj = b.projector("weighted", f"0-{n - 1}")
+        bank = memory.bank_bytes(proj.bank, itemsize)
+        rec = b.record(cfg, list(range(n)), steps)
+        for mode, model in (("buffered live", b.live(proj, streaming=False)), ("lockstep", b.live(proj)),
+                            ("refresh every 4", b.live(proj, refresh=4)), ("replay", b.fuse(rec, proj))):
+            seconds, _ = b.timed(lambda: b.sample(model, cfg, steps))
+            kv = report_of(model).peak_kv_bytes if mode != "replay" else layer
+            row = out["modes"][mode]
+            row["seconds_per_step"].append(seconds / steps)
+            row["captured_kv_bytes"].append(kv)
+            row["bank_bytes"].append(bank)
+            print(f"  {n} fused layers, {mode}: {seconds / steps:.2f} s/step, captured K/V {memory.gb(kv)}", flush=True)
+    return out
+
+
+def projector_cost(b: Bench, repeats: int) -> dict:
+    """Seconds of one layer's K and V projection per type ÷ seconds of one transformer block (forward ÷ layers)."""
+    torch = b.torch
+    from dit_cache_bridge.c2c_core import ProjectorBank
+    from dit_cache_bridge.c2c_comfy import compat
+    dm = b.receiver.model.diffusion_model
+    device = b.receiver.load_device
+    dtype = b.receiver.model.get_dtype()
+    import comfy.model_management as mm
+    mm.load_models_gpu([b.receiver])
+    x = torch.randn(2, *b.shape["latent"], device=device, dtype=dtype)
+    t = torch.full((2,), 500.0, device=device, dtype=dtype)
+    ctx = torch.cat([b.pos[0][0], b.neg[0][0]]).to(device=device, dtype=dtype)
+
+    def median(fn):
+        fn()
+        return statistics.median(b.timed(fn)[0] for _ in range(repeats))
+    with torch.no_grad():
+        block = median(lambda: dm(x, t, ctx)) / b.shape["layers"]
+        sig = compat.wan_signature(b.receiver)
+        sk = torch.randn(2, b.tokens, sig.num_heads, sig.head_dim, device=device, dtype=dtype)
+        rk = torch.randn_like(sk)
+        out = {"block_seconds": block, "fraction_of_block": {}}
+        for kind in ("identity", "weighted", "gating", "full", "c2c"):
+            bank = ProjectorBank.build(kind, sig, sig, [0]).eval().to(device=device, dtype=dtype)
+            seconds = median(lambda: (bank.project(0, "k", sk, rk), bank.project(0, "v", sk, rk)))
+            out["fraction_of_block"][kind] = seconds / block
+    return out
+
+
+def fits_14b(card_gb: float = 80.0) -> dict:
+    """Wan2.1-14B pair at 480p 81 frames, batched CFG, bf16: device bytes per mode, by arithmetic."""
+    from dit_cache_bridge.c2c_comfy import memory
+    from dit_cache_bridge.c2c_core import ProjectorBank
+    from dit_cache_bridge.c2c_core import ModelSignature
+    tokens = 21 * 30 * 52
+    weights = wan_params(**WAN14B) * 2
+    # ComfyUI's own activation estimate for Wan with flash/pytorch attention: area x dtype x 0.01 MB x factor 1.0
+    activations = 2 * 21 * 60 * 104 * 2 * 0.01 * 1024 * 1024
+    layer = memory.kv_layer_bytes(tokens, 40, 128, 2, 2)
+    sig = ModelSignature(num_layers=40, num_heads=40, head_dim=128, name="wan14b")
+    import torch
+    with torch.device("meta"):
+        c2c = ProjectorBank.build("c2c", sig, sig, list(range(40)))
+    bank = memory.bank_bytes(c2c, 2)
+    rows = {
+        "receiver alone": weights + activations,
+        "buffered live, 40 layers": 2 * weights + activations + 40 * layer + bank,
+        "lockstep live, 40 layers": 2 * weights + 2 * activations + layer + bank,
+        "recorded: recording (sharer alone)": weights + activations,
+        "recorded: replay (receiver alone)": weights + activations + layer + bank,
+    }
+    recording = memory.recording_bytes(steps=20, chunks=2, layers=40, tokens=tokens, heads=40, head_dim=128,
+                                       storage_dtype="bf16")
+    return {"card_gb": card_gb, "weights_gb": weights / GB, "activations_gb": activations / GB,
+            "kv_layer_gb": layer / GB, "c2c_bank_gb": bank / GB, "recording_40_layers_20_steps_gb": recording / GB,
+            "modes_gb": {k: v / GB for k, v in rows.items()},
+            "fits": {k: v / GB <= card_gb for k, v in rows.items()}}
+
+
+def plot(sweep_out: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    n = sweep_out["fused_layers"]
+    for mode, row in sweep_out["modes"].items():
+        ax1.plot(n, row["seconds_per_step"], marker="o", label=mode)
+        ax2.plot(n, [(kv + bank) / 1024 ** 2 for kv, bank in zip(row["captured_kv_bytes"], row["bank_bytes"])],
+                 marker="o", label=mode)
+    ax1.set(xlabel="fused layers", ylabel="seconds per step", title="time per step")
+    ax2.set(xlabel="fused layers", ylabel="MB", title="peak extra memory (captured K/V + projector bank)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(result: dict) -> str:
+    med = result["seconds"]
+    rec, shr = med["receiver alone"], med["sharer alone"]
+    lines = ["| run | seconds (median) | ÷ receiver alone | ÷ sharer alone | ÷ (receiver + sharer) |",
+             "|---|---|---|---|---|"]
+    for name, s in med.items():
+        peak = result["peak_bytes"][name]
+        lines.append(f"| {name} | {s:.2f}{'' if peak is None else f' ({peak / GB:.1f} GB peak)'} | {s / rec:.2f} | "
+                     f"{s / shr:.2f} | {s / (rec + shr):.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--frames", type=int, default=5)
-    ap.add_argument("--size", type=int, default=32, help="latent height and width")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cfg", type=float, nargs="+", default=[4.0, 1.0], help="4 = batched CFG, 1 = no negative pass")
+    ap.add_argument("--sweep-steps", type=int, default=2, help="steps of each run in the fused-layers sweep")
+    ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--latent", type=int, nargs=4, metavar=("C", "T", "H", "W"),
+                    help="override the shape's latent (e.g. 16 2 16 16 on a loaded CPU)")
     args = ap.parse_args()
-
-    import host
-    models = host.ensure_tiny_models()
-    host.setup_comfy_in_process(models.root, Path(tempfile.mkdtemp()))
+    if args.latent:
+        SHAPES[args.shape] = {**SHAPES[args.shape], "latent": tuple(args.latent)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="c2c_bench_"))
+    setup_host(args.device, tmp)
     import torch
-    from bridge_helpers import ksample, load_model, pack_nodes
-    from comfy_test_nodes import wan_conditioning
-    nodes = pack_nodes()
-    torch.set_num_threads(2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    b = Bench(args, tmp)
+    started = time.perf_counter()
+    results = {"shape": args.shape, "latent": list(b.shape["latent"]),
+               "device": torch.cuda.get_device_name() if b.cuda else "cpu",
+               "tokens": b.tokens, "steps": args.steps, "repeats": args.repeats, "ratios": {}}
+    for cfg in args.cfg:
+        results["ratios"][str(cfg)] = ratios(b, cfg, args.steps, args.repeats)
+    results["sweep"] = sweep(b, args.cfg[0], args.sweep_steps)
+    results["projector_cost"] = projector_cost(b, max(3, args.repeats))
+    results["wan14b_80gb"] = fits_14b()
+    results["wall_seconds"] = time.perf_counter() - started
+    (args.out / "bench_bridge.json").write_text(json.dumps(results, indent=1))
+    plot(results["sweep"], args.out / "bench_bridge.png",
+         f"{args.shape} shape on {results['device']}, cfg {args.cfg[0]:g}, {args.sweep_steps} steps per run")
 
-    receiver = load_model(models.path(host.T2V_WIDE))
-    sharer = load_model(models.path(host.T2V_WIDE))
-    pos, neg = wan_conditioning(1), wan_conditioning(2, length=5)
-    latent = {"samples": torch.zeros(1, 16, args.frames, args.size, args.size)}
-
-    def bridged(kind, layers, refresh=1):
-        proj = nodes.CreateC2CProjector.execute(sharer, receiver, kind, "identity", layers, 0.5, 0, 0).args[0]
-        src = nodes.CaptureKVCache.execute(sharer, pos, neg, refresh_every=refresh).args[0]
-        return nodes.FuseCaches.execute(receiver, src, proj, 1.0, 0.0, 1.0).args[0]
-
-    runs = {
-        "receiver alone": receiver,
-        "sharer alone": sharer,
-        "bridged, weighted, all layers": bridged("weighted", "all"),
-        "bridged, weighted, first layer (sharer stops after it)": bridged("weighted", "0"),
-        "bridged, weighted, all layers, refresh every 3": bridged("weighted", "all", refresh=3),
-    }
-    times = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, model in runs.items():
-            start = time.perf_counter()
-            ksample(model, pos, neg, cfg=4.0, steps=args.steps, latent=latent)
-            times[name].append(time.perf_counter() - start)
-    med = {name: statistics.median(t) for name, t in times.items()}
-    floor = med["receiver alone"] + med["sharer alone"]
-    tokens = args.frames * (args.size // 2) ** 2
-    print(f"{tokens} tokens, {args.steps} steps, cfg 4 (2 model calls per step), median of {args.repeats}")
-    print(f"| run | seconds | ÷ receiver alone | ÷ (receiver + sharer) |")
-    print(f"|---|---|---|---|")
-    for name, t in med.items():
-        print(f"| {name} | {t:.2f} | {t / med['receiver alone']:.2f} | {t / floor:.2f} |")
+    print(f"\n{args.shape} shape, latent {b.shape['latent']}, {b.tokens} tokens, {args.steps} euler steps, "
+          f"median of {args.repeats}, on {results['device']} ({results['wall_seconds']:.0f} s)")
+    for cfg, result in results["ratios"].items():
+        print(f"\ncfg {cfg} ({'batched cond + uncond' if float(cfg) != 1 else 'one chunk per call'})\n")
+        print(table(result))
+    sw = results["sweep"]
+    print(f"\nfused layers {sw['fused_layers']}: captured K/V at peak (MB)")
+    for mode, row in sw["modes"].items():
+        print(f"  {mode}: {[round(kv / 1024 ** 2, 2) for kv in row['captured_kv_bytes']]}, "
+              f"s/step {[round(s, 2) for s in row['seconds_per_step']]}")
+    pc = results["projector_cost"]
+    print(f"\nprojector K+V cost as a fraction of one block ({pc['block_seconds'] * 1e3:.1f} ms): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in pc["fraction_of_block"].items()))
+    w = results["wan14b_80gb"]
+    print(f"\nWan2.1-14B pair, 480p 81 frames, batched CFG, bf16 (arithmetic): weights {w['weights_gb']:.1f} GB "
+          f"per model, activations {w['activations_gb']:.1f} GB, K/V {w['kv_layer_gb']:.2f} GB per layer, c2c bank "
+          f"{w['c2c_bank_gb']:.2f} GB")
+    for mode, gbs in w["modes_gb"].items():
+        print(f"  {mode}: {gbs:.1f} GB -> {'fits' if w['fits'][mode] else 'does not fit'} on {w['card_gb']:.0f} GB")
+    print(f"\nwrote {args.out / 'bench_bridge.json'} and {args.out / 'bench_bridge.png'}")
 
 
 if __name__ == "__main__":
