@@ -151,6 +151,15 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Restore weights into ``bank``, AdamW state into ``optimizer`` and the torch RNG states."""
     state_path = find_checkpoint(resume)
+    try:
+        return _load_checkpoint(state_path, bank, layer_map, optimizer, config)
+    except ResumeError:
+        raise
+    except BundleError as e:    # damaged or foreign files (NaN in metadata, bad weights): a resume problem
+        raise ResumeError(f"{state_path}: the checkpoint cannot be resumed: {e}") from None
+
+
+def _load_checkpoint(state_path: Path, bank, layer_map, optimizer, config) -> Checkpoint:
     meta = read_meta(state_path, TRAINER_STATE_KEY)
     _, entries = read_header(state_path)
     if meta.get("format_version") != STATE_FORMAT_VERSION:

@@ -284,3 +284,30 @@ def test_every_tensor_dtype_of_the_format_reads_back_exactly(tmp_path):
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         assert sorted(f.keys()) == sorted(tensors)
+
+
+def test_a_checkpoint_with_a_nan_loss_is_refused_when_resuming_not_when_saving(tmp_path):
+    from c2c_core import ResumeError, TrainConfig, train_bank
+    sig = ModelSignature(2, 2, 4)
+    layer_map = LayerMap.build("identity", 2, 2)
+    config = TrainConfig(steps=2, checkpoint_every=1, checkpoint_dir=str(tmp_path), warmup_steps=0)
+
+    def run(resume=None):
+        bank = ProjectorBank.build("full", sig, sig, layer_map.layers, hidden_dim=4)
+        return train_bank(bank, layer_map, lambda step: torch.randn(1, 3, 2, 4),
+                          lambda b, x: (b.project(0, "k", x, x) ** 2).mean(), config, resume=resume)
+
+    run()
+    state = tmp_path / "step_000002.state.safetensors"
+    rewrite_recording_meta_key(state, "c2c_trainer_state", lambda t: t.replace('"losses": [', '"losses": [NaN, '))
+    with pytest.raises(ResumeError, match="cannot be resumed.*not valid JSON"):
+        run(resume=str(tmp_path))
+
+
+def rewrite_recording_meta_key(path, key, edit):
+    data = open(path, "rb").read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"][key] = edit(header["__metadata__"][key])
+    raw = json.dumps(header).encode()
+    open(path, "wb").write(struct.pack("<Q", len(raw)) + raw + data[8 + n:])

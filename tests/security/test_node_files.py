@@ -277,3 +277,13 @@ def test_a_number_from_a_link_outside_its_range_names_its_own_input(node, field,
     from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
     with pytest.raises(BridgeInputError, match=rf"{cls.NODE} › {field}: "):
         cls.execute(**(schema_defaults(cls) | {field: bad}))
+
+
+@pytest.mark.parametrize("text", ["0:1e30", "1:nan", "0:-1"])
+def test_layer_strengths_out_of_range_are_refused(model, conds, text):
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    nodes = pack_nodes()
+    bundle = nodes.CreateC2CProjector.execute(model, model, "weighted", "identity", "all", 0.5, 0, 0).args[0]
+    source = nodes.CaptureKVCache.execute(model, *conds).args[0]
+    with pytest.raises(BridgeInputError, match=r"Fuse Caches › layer_strengths: strength"):
+        nodes.FuseCaches.execute(model, source, bundle, 1.0, 0.0, 1.0, layer_strengths=text)
