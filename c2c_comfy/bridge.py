@@ -2,29 +2,34 @@
 
 Lifecycle, per sampling run of the bridged clone (K/V sources: c2c_comfy/live.py and c2c_comfy/recorded.py):
   OUTER_SAMPLE wrapper  -> ``BridgeRun`` is created (sharer conditioning, positions, projector on
-                           the run's device) and always torn down in ``finally``;
-  APPLY_MODEL wrapper   -> per model call: step and strength are resolved, and the K/V source makes
-                           sure the sharer's K/V for this call's CFG chunks exist (live: the sharer
-                           runs now on the same x and sigma; recorded: replayed);
-  self-attention hook   -> per fused block: sharer K/V are aligned and fused into the receiver's.
+                           the run's device, the guider's conds mapped to roles by uuid) and always
+                           torn down in ``finally``;
+  CALC_COND_BATCH       -> per model evaluation (a sampler may evaluate several times per step):
+                           its index and sigma, for per-evaluation replay; the latent's shape is checked;
+  APPLY_MODEL wrapper   -> per model call: roles of its CFG chunks, sigma percent and strengths are
+                           resolved, and the K/V source makes sure the sharer's K/V for those roles exist
+                           (live: the sharer runs now on the same x and sigma; recorded: replayed);
+  self-attention hook   -> per fused block: sharer K/V are aligned and fused into the receiver's
+                           (c2c_core.runtime.FusionRun).
+Fusion windows are sigma percent, as ComfyUI's ControlNet, hooks and EasyCache count them
+(``model_sampling.percent_to_sigma``), so split samplers and partial denoise line up with core nodes.
 Nothing is written onto the models given to us: the receiver and sharer are cloned, and all state
 lives in this module's objects, referenced from closures (ModelPatcher.clone deep-copies
 model_options, so state objects there return themselves from ``__deepcopy__``).
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
-from dataclasses import dataclass, field
-
-import torch
 
 import comfy.patcher_extension
 
-from ..c2c_core import FusionSchedule, LayerFuser, ModelSignature, RopeRerotation, align_kv, static_gate
+from ..c2c_core import FusionSchedule, ModelSignature, health
+from ..c2c_core.runtime import BankCache, FusionRun, RunReport, percent_of, step_index
 from . import compat
-from .live import COND, Shared
+from .branches import call_roles, role_map
+from .errors import BridgeInputError
+from .live import Shared
 
 log = logging.getLogger("dit_cache_bridge")
 
@@ -32,42 +37,16 @@ _WRAPPER_KEY = "dit_cache_bridge"
 _ids = itertools.count()
 
 
-def step_of(sigmas: list, sigma: float) -> int:
-    """Index of the sampling step a sigma belongs to (samplers may evaluate between two sigmas)."""
-    step = 0
-    for i, s in enumerate(sigmas[:-1]):
-        if s >= sigma - 1e-7 * max(1.0, abs(sigma)):
-            step = i
-    return step
-
-
-# --------------------------------------------------------------------------------------------
-# The bridge
-# --------------------------------------------------------------------------------------------
-@dataclass(eq=False)
-class Report(Shared):
-    """What one bridged run did, for the fusion inspector and the tests."""
-    layers: list = field(default_factory=list)
-    strength: dict = field(default_factory=dict)       # receiver layer -> mean strength over fusing calls
-    k_change: dict = field(default_factory=dict)       # receiver layer -> mean relative K change
-    v_change: dict = field(default_factory=dict)
-    gate: dict = field(default_factory=dict)           # receiver layer -> {"k": g, "v": g} (data-independent part)
-    sharer_forwards: int = 0
-    model_calls: int = 0
-    peak_kv_bytes: int = 0          # most sharer K/V held at once (live mode)
-
-    def to_json(self):
-        return {"layers": self.layers, "strength": self.strength, "k_change": self.k_change,
-                "v_change": self.v_change, "gate": self.gate, "sharer_forwards": self.sharer_forwards, "model_calls": self.model_calls,
-                "peak_kv_bytes": self.peak_kv_bytes}
+Report = RunReport      # what one bridged run did (c2c_core.runtime.RunReport), for the inspector and tests
 
 
 class Bridge(Shared):
     """Fuses one K/V source into a receiver through one projector bundle."""
 
     def __init__(self, source, bundle, strength: float, schedule: FusionSchedule, receiver_signature: ModelSignature,
-                 on_report=None, node: str = "Fuse Caches"):
+                 on_report=None, node: str = "Fuse Caches", model_input: str = "model"):
         self.node = node
+        self.model_input = model_input      # the node's input the receiver came in through (for errors)
         self.source = source
         self.bundle = bundle
         self.schedule = schedule
@@ -78,7 +57,7 @@ class Bridge(Shared):
         self.sharer_patcher = None      # set by a live source when attached
         self.run: BridgeRun | None = None
         self.last_report: Report | None = None
-        self._banks: dict = {}
+        self.banks = BankCache(bundle.bank)     # the projector bank placed on the run's device, kept across runs
 
     @property
     def fused_layers(self):
@@ -93,6 +72,8 @@ class Bridge(Shared):
         patched = receiver.clone()
         compat.hook_self_attention(patched, self.fused_layers, self._fuse)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, self.key, self._outer_sample)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, self.key,
+                                     self._calc_cond_batch)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key, self._apply_model)
         self.source.attach(self, patched, receiver)
         return patched
@@ -104,8 +85,8 @@ class Bridge(Shared):
         previous = self.run
         self.run = BridgeRun(self, guider, noise, latent_image, denoise_mask, seed, sigmas)
         try:
-            return executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
-                            *args, **kwargs)
+            out = executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
+                           *args, **kwargs)
         finally:
             run, self.run = self.run, previous
             self.last_report = run.close()
@@ -114,6 +95,16 @@ class Bridge(Shared):
                     self.on_report(self.last_report)
                 except Exception:  # a broken UI channel must not fail the sampling run
                     log.exception("dit_cache_bridge: could not send the fusion report")
+        if self.last_report.nonfinite_layers:    # read once per run (c2c_core.health): never a silent black latent
+            raise BridgeInputError(self.node, "strength", health.nonfinite_hint(self.last_report.nonfinite_layers),
+                                   "finite fused K/V", "see the likely causes above")
+        return out
+
+    def _calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        run = self.run
+        if run is not None:
+            run.begin_evaluation(x_in, timestep)
+        return executor(model, conds, x_in, timestep, model_options)
 
     def _apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                      **kwargs):
@@ -139,22 +130,13 @@ class Bridge(Shared):
             return k, v
         return run.fuse(layer, k, v, heads)
 
-    def bank_for(self, device, dtype):
-        """The projector bank on the run's device and dtype; the user's bank object is never moved."""
-        bank = self.bundle.bank
-        first = next(iter(bank.parameters()), None)
-        if first is None or (first.device == device and first.dtype == dtype):
-            return bank
-        key = (str(device), dtype)
-        if key not in self._banks:
-            self._banks = {key: copy.deepcopy(bank).to(device=device, dtype=dtype).eval()}
-        return self._banks[key]
-
 
 class BridgeRun:
-    """State of one sampling run of a bridged model; created and closed by the OUTER_SAMPLE wrapper."""
+    """State of one sampling run of a bridged model; created and closed by the OUTER_SAMPLE wrapper.
 
-    STATS_TOKEN_STRIDE = 16   # measure K/V change on every 16th token: cheap, and enough for a plot
+    The host-free part (strengths, alignment, projection, statistics) is a ``c2c_core.runtime.FusionRun``;
+    this class adds what only ComfyUI knows: the run's sigmas, the K/V source and the CFG chunks.
+    """
 
     def __init__(self, bridge: Bridge, guider, noise, latent_image, denoise_mask, seed, sigmas):
         self.bridge = bridge
@@ -163,44 +145,68 @@ class BridgeRun:
         self.seed = seed
         self.sigmas = [float(s) for s in sigmas]
         self.steps = max(1, len(self.sigmas) - 1)
+        self.noise_shape = tuple(noise.shape)
         self.grid = compat.token_grid(noise.shape)
         self.receiver_rope = compat.rope_spec(receiver)
-        self._rerotation = None
-        self.report = Report(layers=bridge.fused_layers)
-        self._strength_sum = {layer: 0.0 for layer in bridge.fused_layers}
-        self._change = {layer: ([], []) for layer in bridge.fused_layers}
-        self._calls = 0
-        self._active_calls = 0
-        self.strengths = {}
-        self.active = False
+        self.guider = guider
+        self.roles = role_map(guider, bridge.node, bridge.model_input)
+        self._percent_to_sigma = receiver.get_model_object("model_sampling").percent_to_sigma
+        self._percents: dict = {}
+        self.evaluation = -1            # index of the current model evaluation (several per step for heun …)
+        self.sigma = None
         self.kinds = None
-        self.progress = 0.0
+        self.active = False
         self.source_run = bridge.source.open_run(self, guider, noise, latent_image, denoise_mask, seed)
         self.sharer_rope = self.source_run.rope
         model = receiver.model
-        self.compute_dtype = model.manual_cast_dtype or model.get_dtype()
-        self.fuser = None
+        self.fusion = FusionRun(bridge.bundle, bridge.schedule, bridge.strength, sharer_rope=self.sharer_rope,
+                                receiver_rope=self.receiver_rope, sharer_grid=self.source_run.grid,
+                                receiver_grid=self.grid, rope_alignment=bridge.source.rope_alignment,
+                                grid_mode=self.source_run.grid_mode, device=self.device,
+                                dtype=model.manual_cast_dtype or model.get_dtype(), banks=bridge.banks)
 
-    # -- per model call -----------------------------------------------------------------------
+    def percent(self, sigma: float) -> float:
+        """Sigma percent of ``sigma`` (ComfyUI's convention), computed once per distinct sigma."""
+        p = self._percents.get(sigma)
+        if p is None:
+            schedule = self.bridge.schedule
+            p = self._percents[sigma] = percent_of(sigma, self._percent_to_sigma, (schedule.start, schedule.end))
+        return p
+
+    # -- per model evaluation and call ----------------------------------------------------------
+    def begin_evaluation(self, x_in, timestep):
+        """One model evaluation (all CFG chunks at one sigma); checks the latent is the sampled one."""
+        if tuple(x_in.shape) != self.noise_shape:
+            raise BridgeInputError(
+                self.bridge.node, self.bridge.model_input, f"a model evaluation on a latent of shape "
+                f"{tuple(x_in.shape)}", f"the sampled latent's {self.noise_shape}",
+                "remove context windows (context options) from the bridged model: the bridge fuses K/V of the "
+                "whole latent")
+        self.evaluation += 1
+        self.sigma = float(timestep.flatten()[0])
+        begin = getattr(self.source_run, "begin_evaluation", None)
+        if begin is not None:
+            begin(self.evaluation, self.sigma)
+
     def begin_call(self, x, t, transformer_options):
-        """Resolve this call's step and per-layer strengths; fetch sharer K/V only if a layer fuses."""
-        self._calls += 1
-        self.kinds = list(transformer_options.get("cond_or_uncond", [COND]))
-        step = step_of(self.sigmas, float(t.flatten()[0]))
-        self.progress = step / max(1, self.steps - 1)
-        if self.fuser is None:
-            bridge = self.bridge
-            bank = bridge.bank_for(x.device, self.compute_dtype)
-            self.fuser = LayerFuser(bank, bridge.bundle.layer_map, bridge.schedule, bridge.strength)
-        self.strengths = {layer: self.fuser.strength_at(layer, self.progress) for layer in self.report.layers}
-        self.active = any(s != 0.0 for s in self.strengths.values())
+        """Resolve this call's chunk roles and per-layer strengths; fetch sharer K/V only if a layer fuses."""
+        bridge = self.bridge
+        self.kinds = call_roles(transformer_options, self.roles, bridge.node, bridge.model_input)
+        batch = self.noise_shape[0]
+        if x.shape[0] != len(self.kinds) * batch or tuple(x.shape[1:]) != self.noise_shape[1:]:
+            raise BridgeInputError(
+                bridge.node, bridge.model_input, f"a model call on {len(self.kinds)} chunk(s) of shape "
+                f"{(x.shape[0] // max(1, len(self.kinds)),) + tuple(x.shape[1:])}",
+                f"whole-latent chunks of the sampled latent's shape {self.noise_shape}",
+                "remove area or mask conditioning (ConditioningSetArea/Mask) from the receiver's prompts: the bridge "
+                "fuses K/V of the whole latent")
+        sigma = float(t.flatten()[0])
+        step = step_index(self.sigmas, sigma)
+        self.active = self.fusion.begin_call(self.percent(sigma))
         if not self.active:
             return
-        self._active_calls += 1
-        for layer, strength in self.strengths.items():
-            self._strength_sum[layer] += strength
-        refresh = self.bridge.source.refresh_every
-        self.source_run.ensure(x, t, self.kinds, step, step // refresh if refresh > 1 else ("call", self._calls))
+        refresh = bridge.source.refresh_every
+        self.source_run.ensure(x, t, self.kinds, step, step // refresh if refresh > 1 else ("call", self.fusion.calls))
 
     def end_call(self):
         self.active = False
@@ -208,53 +214,27 @@ class BridgeRun:
 
     # -- per fused layer ------------------------------------------------------------------------
     def fuse(self, layer, k, v, heads):
-        if self.strengths[layer] == 0.0:
+        """k, v (B, N, H*D) as the attention override hands them over -> fused (same layout)."""
+        if self.fusion.strength(layer) == 0.0:
             return k, v                     # switched off for this step: no sharer K/V, no alignment
-        bridge = self.bridge
-        sharer_layer = bridge.bundle.layer_map.pairs[layer]
-        sk, sv = self.source_run.kv(sharer_layer, self.kinds)
-        sk, sv = sk.to(device=k.device, dtype=k.dtype), sv.to(device=v.device, dtype=v.dtype)
-        sig = bridge.bundle.sharer
+        if k.shape[1] != self.grid.numel:
+            bridge = self.bridge
+            raise BridgeInputError(
+                bridge.node, bridge.model_input, f"self-attention over {k.shape[1]} tokens in layer {layer}",
+                f"the {self.grid.numel} tokens of the sampled latent ({self.grid.frames}×{self.grid.height}×"
+                f"{self.grid.width})", "remove conditioning that adds tokens to the receiver's attention (reference "
+                "latents, extra frames) or fuse a model without it")
+        sig = self.bridge.bundle.sharer
+        if getattr(self.source_run, "receives", False):
+            self.source_run.receive(layer, k, v)   # bidirectional lockstep: the sharer's next blocks read them
+        sk, sv = self.source_run.kv(self.fusion.sharer_layer(layer), self.kinds)
         sk = sk.reshape(*sk.shape[:2], sig.num_heads, sig.head_dim)
         sv = sv.reshape(*sv.shape[:2], sig.num_heads, sig.head_dim)
-        sk, sv = self.align(sk, sv)
-        kh = k.reshape(*k.shape[:2], heads, -1)
-        vh = v.reshape(*v.shape[:2], heads, -1)
-        k2 = self.fuser.fuse_layer(layer, "k", sk, kh, self.progress)
-        v2 = self.fuser.fuse_layer(layer, "v", sv, vh, self.progress)
-        self._measure(layer, kh, k2, vh, v2)
+        k2, v2 = self.fusion.fuse(layer, k.reshape(*k.shape[:2], heads, -1), v.reshape(*v.shape[:2], heads, -1), sk, sv)
         return k2.reshape(k.shape), v2.reshape(v.shape)
 
-    def align(self, sk, sv):
-        """Bring sharer K/V onto the receiver's token grid and RoPE positions (see c2c_core.align)."""
-        src_grid = self.source_run.grid
-        src_rope = self.sharer_rope if self.bridge.source.rope_alignment == "auto" else self.receiver_rope
-        if src_grid == self.grid:
-            if self._rerotation is None:
-                self._rerotation = RopeRerotation(src_rope.positions(src_grid), self.receiver_rope.positions(self.grid),
-                                                  sk.shape[-1], src_rope.theta)
-            return self._rerotation.apply(sk), sv
-        return align_kv(sk, sv, src_grid, self.grid, src_rope, self.receiver_rope, self.source_run.grid_mode)
-
-    def _measure(self, layer, kh, k2, vh, v2):
-        """Queue the relative K/V change on a token subsample; reduced to floats once, at the end."""
-        s = self.STATS_TOKEN_STRIDE
-        with torch.no_grad():
-            for before, after, out in ((kh, k2, self._change[layer][0]), (vh, v2, self._change[layer][1])):
-                b = before[:, ::s].float()
-                out.append((after[:, ::s].float() - b).norm() / b.norm().clamp_min(1e-12))
-
-    def close(self) -> Report:
+    def close(self) -> RunReport:
         self.source_run.close()
-        r = self.report
-        r.model_calls = self._calls
-        r.sharer_forwards = getattr(self.source_run, "forwards", 0)
-        r.peak_kv_bytes = getattr(self.source_run, "peak_bytes", 0)
-        for layer in r.layers:
-            ks, vs = self._change[layer]
-            r.k_change[layer] = float(torch.stack(ks).mean()) if ks else 0.0
-            r.v_change[layer] = float(torch.stack(vs).mean()) if vs else 0.0
-            r.strength[layer] = self._strength_sum[layer] / self._active_calls if self._active_calls else 0.0
-            bank = self.bridge.bundle.bank
-            r.gate[layer] = {which: static_gate(bank.projector(layer, which)) for which in ("k", "v")}
-        return r
+        return self.fusion.close(sharer_forwards=getattr(self.source_run, "forwards", 0),
+                                 peak_kv_bytes=getattr(self.source_run, "peak_bytes", 0),
+                                 copied_kv_bytes=getattr(self.source_run, "copied_bytes", 0))

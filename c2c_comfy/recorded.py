@@ -1,34 +1,43 @@
 """Recorded (low-VRAM) mode: sample the sharer alone while recording K/V, then replay them.
 
 ``record`` runs the stock KSampler code path on a clone of the sharer whose self-attention hooks
-copy the chosen layers' K/V into a ``KVRecording`` (per step and CFG chunk kind), then asks
-ComfyUI to unload the sharer. ``RecordedSource`` replays that recording into a bridged receiver;
-a recording that does not fit the run (sigmas, grid, CFG) fails before the first step.
+copy the chosen layers' K/V into a ``KVRecording``, per model *evaluation* (a sampler such as heun
+evaluates the model twice per step; each evaluation's sigma is recorded too) and per role
+(``branches.POSITIVE``/``NEGATIVE``), then asks ComfyUI to unload the sharer. ``RecordedSource``
+replays that recording into a bridged receiver, evaluation by evaluation: a recording that does not
+fit the run (sigmas, grid, seed, CFG, batch size) fails before the first step, and a sampler that
+evaluates at other sigmas than the recording's fails at the first evaluation that differs.
 """
 from __future__ import annotations
 
 import itertools
-import tempfile
 from dataclasses import dataclass
 
 import comfy.patcher_extension
 
+import torch
+
 from ..c2c_core.recording import DiskStore, KVRecording, RamStore
 from . import compat, memory
-from .bridge import step_of
+from .branches import NEGATIVE, ROLE_NAMES, call_roles, role_map
 from .errors import BridgeInputError
 
-COND = 0
 _ids = itertools.count()
+SIGMA_RTOL = 1e-4      # recorded and replayed sigmas agree to this (float32 schedules, JSON round trip)
+
+
+def _same_sigma(a: float, b: float) -> bool:
+    return abs(a - b) <= SIGMA_RTOL * max(1.0, abs(a))
 
 
 class _Recorder:
-    """Hooks of the sharer clone during recording: which step and chunk kinds each call is."""
+    """Hooks of the sharer clone during recording: which evaluation and roles each call is."""
 
-    def __init__(self, recording: KVRecording):
+    def __init__(self, recording: KVRecording, node: str):
         self.recording = recording
-        self.sigmas = None
-        self.step = 0
+        self.node = node
+        self.roles = {}
+        self.evaluation = -1
         self.kinds = None
         self.seen = set()
         self.forwards = 0
@@ -37,17 +46,20 @@ class _Recorder:
         return self
 
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-        self.sigmas = [float(s) for s in sigmas]
-        self.recording.sigmas = list(self.sigmas)
+        self.recording.sigmas = [float(s) for s in sigmas]
+        self.recording.evaluations = []
         self.recording.seed = args[3] if len(args) > 3 else kwargs.get("seed")
-        guider = executor.class_obj
-        self.recording.kinds = (0,) if guider.cfg == 1.0 else (0, 1)
+        self.roles = role_map(executor.class_obj, self.node, "sharer")
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+    def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        self.evaluation += 1
+        self.recording.evaluations.append(float(timestep.flatten()[0]))
+        return executor(model, conds, x_in, timestep, model_options)
 
     def apply_model(self, executor, x, t, *args, **kwargs):
         transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
-        self.step = step_of(self.sigmas, float(t.flatten()[0]))
-        self.kinds = list(transformer_options.get("cond_or_uncond", [COND]))
+        self.kinds = call_roles(transformer_options, self.roles, self.node, "sharer")
         self.forwards += 1
         try:
             return executor(x, t, *args, **kwargs)
@@ -59,10 +71,11 @@ class _Recorder:
             return k, v
         rows = k.shape[0] // len(self.kinds)
         for i, kind in enumerate(self.kinds):
-            key = (self.step, kind, layer)
-            if key not in self.seen:        # samplers with several evaluations per step keep the first
+            key = (self.evaluation, kind, layer)
+            if key not in self.seen:
                 self.seen.add(key)
-                self.recording.put(self.step, kind, layer, k[i * rows:(i + 1) * rows], v[i * rows:(i + 1) * rows])
+                self.recording.put(self.evaluation, kind, layer, k[i * rows:(i + 1) * rows],
+                                   v[i * rows:(i + 1) * rows])
         return k, v
 
 
@@ -72,21 +85,30 @@ def record(node, sharer, positive, negative, layers, latent_image, seed, steps, 
     if latent_image is None:
         raise BridgeInputError(node, "latent_image", "nothing connected", "the latent the receiver will sample",
                                "connect the same empty latent (size and length) you give the receiver's KSampler")
-    store = RamStore() if storage == "ram" else DiskStore(tempfile.mkdtemp(prefix="c2c_kv_", dir=_temp_dir()))
+    size = memory.recording_bytes(steps=steps, chunks=1 if cfg == 1.0 else 2, layers=len(layers),
+                                  tokens=compat.token_grid(latent_image["samples"].shape).numel,
+                                  heads=signature.num_heads, head_dim=signature.head_dim, storage_dtype=storage_dtype)
+    memory.check_recording_fits(node, size, storage, _temp_dir())
+    store = RamStore() if storage == "ram" else DiskStore.temporary(_temp_dir())   # deleted when dropped
     recording = KVRecording(signature=signature, grid=compat.token_grid(latent_image["samples"].shape),
                             rope=compat.rope_spec(sharer), sigmas=[], layers=tuple(layers),
                             storage_dtype=storage_dtype, store=store)
-    recorder = _Recorder(recording)
+    recorder = _Recorder(recording, node)
     key = f"dit_cache_bridge.record.{next(_ids)}"
     clone = sharer.clone()
     compat.hook_self_attention(clone, layers, recorder.capture)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, recorder.outer_sample)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, recorder.calc_cond_batch)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, recorder.apply_model)
     try:
         compat.common_ksampler(clone, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                     latent_image, denoise=denoise)
+    except BaseException:
+        recording.close()           # an interrupted or failed recording leaves no temp folder behind
+        raise
     finally:
         memory.release(clone)
+    recording.kinds = tuple(sorted({kind for _, kind, _ in recorder.seen})) or (0,)
     recording.forwards = recorder.forwards
     return recording
 
@@ -111,28 +133,38 @@ class RecordedSource:
         return self
 
     def attach(self, bridge, patched, receiver):
-        """Nothing to load: the recording replaces the sharer."""
+        """Nothing to load: the recording replaces the sharer; ComfyUI reserves room for the replay."""
+        memory.reserve(patched, f"{bridge.key}.memory", memory.replay_reservation(bridge, self))
 
     def open_run(self, run, guider, noise, latent_image, denoise_mask, seed):
         return RecordedRun(self, run, guider)
 
 
 class RecordedRun:
-    """Per-run replay: checks the recording fits, then serves K/V of the current step."""
+    """Per-run replay: checks the recording fits, then serves K/V of the current model evaluation.
+
+    Evaluations are counted by the bridge (one per ``calc_cond_batch``); the receiver's e-th evaluation
+    replays the recording's e-th, after checking both are at the same sigma. With ``refresh_every`` k,
+    the evaluation at which a k-step window began is replayed for the whole window, as live mode runs
+    the sharer there.
+    """
 
     def __init__(self, source: RecordedSource, run, guider):
         rec = source.recording
         self.source = source
-        node = run.bridge.node
+        self.run = run
+        self.node = node = run.bridge.node
         self.recording = rec
         self.rope = rec.rope
         self.grid = rec.grid
         self.grid_mode = source.grid_alignment if source.grid_alignment != "refuse" else "nearest"
         self.forwards = 0
         self._current = {}
-        self._step = None
-        if len(rec.sigmas) != len(run.sigmas) or any(abs(a - b) > 1e-4 * max(1.0, abs(a))
-                                                     for a, b in zip(rec.sigmas, run.sigmas)):
+        self._loaded = None
+        self._window = None
+        self._replayed = None
+        self.evaluations = list(rec.evaluations) if rec.evaluations is not None else list(rec.sigmas[:-1])
+        if len(rec.sigmas) != len(run.sigmas) or any(not _same_sigma(a, b) for a, b in zip(rec.sigmas, run.sigmas)):
             raise BridgeInputError(
                 node, "kv_source", f"a recording over {len(rec.sigmas) - 1} steps with sigmas "
                 f"{_short(rec.sigmas)}", f"the receiver's {len(run.sigmas) - 1} steps with sigmas {_short(run.sigmas)}",
@@ -147,16 +179,39 @@ class RecordedRun:
             raise BridgeInputError(
                 node, "kv_source", f"a recording sampled with seed {rec.seed}", f"the receiver's seed {run.seed}",
                 "give the receiver's sampler and the recording the same seed (set both to 'fixed'), or record again")
-        if guider.cfg != 1.0 and 1 not in rec.kinds:
+        if NEGATIVE not in rec.kinds and NEGATIVE in run.roles.values() and getattr(guider, "cfg", 1.0) != 1.0:
             raise BridgeInputError(node, "kv_source", "a recording made with cfg 1 (no negative pass)",
                                    "a recording with the negative pass the receiver's CFG needs",
                                    "record with cfg > 1, like the receiver's sampler")
+        rows = self._recorded_batch()
+        if rows != run.noise_shape[0]:
+            raise BridgeInputError(
+                node, "kv_source", f"a recording of a latent batch of {rows}",
+                f"the receiver's latent batch of {run.noise_shape[0]}",
+                "record with the receiver's latent (the same Empty Latent batch_size), or record again")
+
+    def _recorded_batch(self) -> int:
+        k, _ = self.recording.get(0, self.recording.kinds[0], self.recording.layers[0])
+        return int(k.shape[0])
+
+    def begin_evaluation(self, index: int, sigma: float):
+        """Check the receiver's ``index``-th model evaluation has a recorded counterpart at its sigma."""
+        if index >= len(self.evaluations) or not _same_sigma(self.evaluations[index], sigma):
+            found = (f"a recording of {len(self.evaluations)} model evaluations" if index >= len(self.evaluations)
+                     else f"a recording whose model evaluation {index} is at sigma {self.evaluations[index]:.4g}")
+            raise BridgeInputError(
+                self.node, "kv_source", found, f"the receiver's sampler evaluating the model at sigma {sigma:.4g} "
+                f"(evaluation {index})", "record with the receiver's sampler_name (samplers such as heun or dpm_2 "
+                "evaluate the model more than once per step), steps, scheduler and denoise")
 
     def ensure(self, x, t, kinds, step, window):
-        refresh = self.source.refresh_every
-        step = (step // refresh) * refresh if refresh > 1 else step
-        if self._step != step:
-            self._step, self._current = step, {}
+        evaluation = self.run.evaluation
+        if self.source.refresh_every > 1:
+            if self._window != window:
+                self._window, self._replayed = window, evaluation
+            evaluation = self._replayed
+        if self._loaded != evaluation:
+            self._loaded, self._current = evaluation, {}
             self.forwards += 1
 
     def capture(self, *args):
@@ -165,8 +220,13 @@ class RecordedRun:
     def kv(self, layer, kinds):
         key = (layer, tuple(kinds))
         if key not in self._current:
-            import torch
-            parts = [self.recording.get(self._step, kind, layer) for kind in kinds]
+            for kind in dict.fromkeys(kinds):
+                if kind not in self.recording.kinds:
+                    raise BridgeInputError(
+                        self.node, "kv_source", f"a recording without the sharer's {ROLE_NAMES[kind]} pass",
+                        f"the {ROLE_NAMES[kind]} pass the receiver's guider evaluates",
+                        "record with cfg > 1 so both passes are recorded")
+            parts = [self.recording.get(self._loaded, kind, layer) for kind in kinds]
             k = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
             v = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
             self._current[key] = (k, v)

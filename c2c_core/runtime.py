@@ -29,6 +29,7 @@ from torch import Tensor
 from .align import RopeRerotation, RopeSpec, resample_tokens
 from .errors import KVShapeError
 from .fusion import LayerFuser, fuse
+from .health import FiniteWatch, strict_json
 from .kv import TokenGrid
 from .projectors import ProjectorBank, static_gate
 from .schedule import FusionSchedule
@@ -57,12 +58,13 @@ def percent_of(value: float, to_value: Callable[[float], float], snap: Sequence[
     Hosts give their own conversion (ComfyUI: ``model_sampling.percent_to_sigma``), so windows follow
     the host's convention and split samplers or partial denoise line up with its core nodes. The
     inverse is found by bisection in Python floats. Each percent in ``snap`` (a window's start and
-    end) whose own value equals ``value`` is returned exactly, so a step that sits on a window edge
-    is inside it, as a comparison in sigma space would say.
+    end) whose own value equals ``value`` up to float32 rounding (samplers hold sigmas in float32)
+    is returned exactly, so a step that sits on a window edge is inside it, as ComfyUI's own
+    comparison of a float32 sigma against ``percent_to_sigma`` says.
     """
     value = float(value)
     for p in snap:
-        if float(to_value(p)) == value:
+        if abs(float(to_value(p)) - value) <= 1e-6 * max(1.0, abs(value)):
             return float(p)
     lo, hi = 0.0, 1.0
     if value >= float(to_value(lo)):
@@ -111,13 +113,16 @@ class RunReport:
     sharer_forwards: int = 0
     model_calls: int = 0
     peak_kv_bytes: int = 0                            # most sharer K/V held at once (live sources)
+    copied_kv_bytes: int = 0                          # sharer K/V copied to match the receiver's chunks
     nonfinite_layers: list = field(default_factory=list)   # layers whose fused K/V held inf/nan
 
     def to_json(self) -> dict:
-        return {"layers": self.layers, "strength": self.strength, "k_change": self.k_change,
+        """Strict JSON (NaN/Inf become null): browsers' JSON.parse refuses NaN."""
+        return strict_json({"layers": self.layers, "strength": self.strength, "k_change": self.k_change,
                 "v_change": self.v_change, "gate": self.gate, "sharer_forwards": self.sharer_forwards,
                 "model_calls": self.model_calls, "peak_kv_bytes": self.peak_kv_bytes,
-                "nonfinite_layers": self.nonfinite_layers}
+                "copied_kv_bytes": self.copied_kv_bytes,
+                "nonfinite_layers": self.nonfinite_layers})
 
 
 class FusionRun:
@@ -163,6 +168,7 @@ class FusionRun:
         self._calls = 0
         self._active_calls = 0
         self._strength_sum = {layer: 0.0 for layer in self.layers}
+        self._finite = FiniteWatch()           # NaN/Inf in fused K/V: device flags, read once in close()
         self._change: dict = {layer: [None, None, 0] for layer in self.layers}   # k sum, v sum, count
 
     # -- per model call ---------------------------------------------------------------------------
@@ -212,10 +218,11 @@ class FusionRun:
         k2 = fuse(self.bank.project(layer, "k", sk, k), k, s)
         v2 = fuse(self.bank.project(layer, "v", sv, v), v, s)
         self._measure(layer, k, k2, v, v2)
+        self._finite.observe(layer, k2, v2)
         return k2, v2
 
     def _build_alignment(self):
-        """The run's alignment, with its RoPE tables built once (design §8: nothing rebuilt per layer or call)."""
+        """The run's alignment, with its RoPE tables built once (nothing is rebuilt per layer or call)."""
         src_rope = self.sharer_rope if self.rope_alignment == "auto" else self.receiver_rope
         dst_rope = self.receiver_rope
         if src_rope.theta != dst_rope.theta:
@@ -248,10 +255,10 @@ class FusionRun:
         entry[2] += 1
 
     # -- end of run -------------------------------------------------------------------------------
-    def close(self, sharer_forwards: int = 0, peak_kv_bytes: int = 0) -> RunReport:
+    def close(self, sharer_forwards: int = 0, peak_kv_bytes: int = 0, copied_kv_bytes: int = 0) -> RunReport:
         """The run's report; the only place device tensors are read back."""
         r = RunReport(layers=list(self.layers), model_calls=self._calls, sharer_forwards=int(sharer_forwards),
-                      peak_kv_bytes=int(peak_kv_bytes))
+                      peak_kv_bytes=int(peak_kv_bytes), copied_kv_bytes=int(copied_kv_bytes))
         for layer in self.layers:
             k_sum, v_sum, n = self._change[layer]
             r.k_change[layer] = float(k_sum) / n if n else 0.0
@@ -260,4 +267,5 @@ class FusionRun:
             r.gate[layer] = {which: static_gate(self.bundle.bank.projector(layer, which)) for which in ("k", "v")}
             if not (math.isfinite(r.k_change[layer]) and math.isfinite(r.v_change[layer])):
                 r.nonfinite_layers.append(layer)
+        r.nonfinite_layers = sorted(set(r.nonfinite_layers) | set(self._finite.bad_layers()))
         return r

@@ -1,9 +1,12 @@
 """When in the denoising run fusion is on, how strong, and how often the sharer is re-run.
 
-Progress runs from 0.0 (first step) to 1.0 (last step): ``progress = step / (steps - 1)``. Early
+Progress runs from 0.0 to 1.0 through the denoising run. The runtime (``runtime.FusionRun``) passes
+the host's own convention: ComfyUI's sigma percent (``runtime.percent_of`` over
+``model_sampling.percent_to_sigma``, as ControlNet counts it); ``progress_of(step, steps)`` is the
+plain step fraction for callers without a noise schedule. Early
 steps set layout and motion, late steps texture, so a user may want the sharer only early
 (``end=0.4``) or fading out (``cosine_down``). Everything here is Python floats: the per-layer
-path must not touch tensors to decide a strength (design §8).
+path must not touch tensors to decide a strength (a GPU read would stall every layer).
 """
 
 from __future__ import annotations

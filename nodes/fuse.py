@@ -23,10 +23,12 @@ def fusion_inputs():
                                "(bit-identical), 1 = full projector output; above 1 extrapolates past the "
                                "projector output (receiver + strength × (projected − receiver)), for experiments."),
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="Fraction of the sampling steps at which fusion starts."),
+                       tooltip="Where fusion starts, in percent of the noise schedule (sigma percent, as "
+                               "ControlNet and hooks count it): 0 = the first step of a full run."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="Fraction of the sampling steps after which fusion stops (the sharer is not run "
-                               "outside the window)."),
+                       tooltip="Where fusion stops, in percent of the noise schedule (sigma percent, inclusive); "
+                               "the sharer is not run outside the window. Split samplers (KSamplerAdvanced) and "
+                               "partial denoise see the same window as one full run."),
         io.Combo.Input("ramp", options=RAMPS, default="constant", optional=True,
                        tooltip="Strength over the window: constant, rising, falling, or a cosine fall."),
         io.String.Input("layer_strengths", default="", optional=True,
@@ -104,7 +106,8 @@ def bridge_model(node, model, source, bundle, strength, start_percent, end_perce
     if per_layer:
         layer_map = dataclasses.replace(bundle.layer_map, strengths={**bundle.layer_map.strengths, **per_layer})
         bundle = dataclasses.replace(bundle, layer_map=layer_map)
-    bridge = Bridge(source, bundle, float(strength), schedule, receiver_sig, on_report=_reporter(report_to, warnings), node=node)
+    bridge = Bridge(source, bundle, float(strength), schedule, receiver_sig, on_report=_reporter(report_to, warnings), node=node,
+                    model_input=model_input)
     return bridge.attach(model)
 
 
