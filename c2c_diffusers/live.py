@@ -167,7 +167,8 @@ class _LiveRun:
         self.bridge.in_sharer = True
         self.capturing = True
         try:
-            t(**kwargs)
+            with torch.no_grad():        # the sharer is never trained through: no graph for its forward
+                t(**kwargs)
         except _SharerDone:
             pass
         finally:
