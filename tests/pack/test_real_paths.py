@@ -372,3 +372,30 @@ def test_context_windows_on_the_receiver_are_refused(models, conds):
     with pytest.raises(ValueError, match=r"Fuse Caches › model: a model evaluation on a latent of shape "
                                          r"\(1, 16, 2, 8, 8\).*Fix: remove context windows"):
         sample(windowed, conds["pos"], conds["neg"])
+
+
+def test_the_noisy_latent_reaches_a_sharer_on_another_grid_by_nearest(tiny_models, models, conds, monkeypatch):
+    """Interpolating the noisy latent would lower its variance below sigma²: every value the sharer sees
+    is one of the receiver's latent values (nearest), while its K/V may still be resampled trilinearly."""
+    import host
+    from comfy_test_nodes import clip_vision_features, i2v_conditioning
+    pack_nodes()
+    import dit_cache_bridge.c2c_comfy.live as live
+    a, i2v = models["a"], load_model(tiny_models.path(host.I2V))
+    small = torch.randn(1, 16, 2, 6, 6, generator=torch.Generator().manual_seed(6))
+    pos = i2v_conditioning(conds["pos"], small, clip_vision_features(3))
+    neg = i2v_conditioning(conds["neg"], small, clip_vision_features(3))
+    seen = []
+    real = live.resample_latent
+
+    def spy(x, shape, mode):
+        out = real(x, shape, mode)
+        if mode == "nearest" and x.shape[-3:] != out.shape[-3:]:
+            seen.append(bool(torch.isin(out, x).all()))
+        elif x.shape[-3:] != out.shape[-3:] and torch.count_nonzero(x):
+            seen.append(False)                      # a noisy latent interpolated
+        return out
+    monkeypatch.setattr(live, "resample_latent", spy)
+    out = sample(fused(a, capture(i2v, pos, neg, grid_alignment="trilinear"), projector(i2v, a, "weighted")),
+                 conds["pos"], conds["neg"])
+    assert torch.isfinite(out).all() and len(seen) == STEPS and all(seen)
