@@ -11,16 +11,23 @@ device and dtype), so what is trained is what runs.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from c2c_core.bundle import load_tensors, read_header, read_meta, save_tensors_with_meta
+
 from .errors import BridgeSetupError
 from .live import LiveSharer, SharerInputs
 
-__all__ = ["TrainingBatch", "bridged_velocity"]
+__all__ = ["TrainingBatch", "bridged_velocity", "save_training_sample", "TrainingSet", "sample_batches"]
+
+SAMPLE_KEY = "c2c_diffusers_training_sample"
+SAMPLE_VERSION = 1
 
 
 @dataclass
@@ -57,9 +64,78 @@ def bridged_velocity(bridge, receiver):
         bridge.source.inputs = batch.sharer
         timestep = torch.full((x_t.shape[0],), batch.sigma * 1000.0, device=x_t.device)
         with bridge.session(), receiver.cache_context("cond", sigma=float(batch.sigma)):
+            image = batch.receiver_image_embeds
             velocity = receiver(hidden_states=hidden.to(receiver.dtype), timestep=timestep,
-                                encoder_hidden_states=batch.prompt_embeds,
-                                encoder_hidden_states_image=batch.receiver_image_embeds, return_dict=False)[0]
+                                encoder_hidden_states=batch.prompt_embeds.to(receiver.dtype),
+                                encoder_hidden_states_image=None if image is None else image.to(receiver.dtype),
+                                return_dict=False)[0]
         return velocity, batch.noise - batch.x0
 
     return predict
+
+
+# ------------------------------------------------------------------------------------------------
+# Sample files: one .safetensors per clean latent with both models' conditioning; nothing pickled
+# ------------------------------------------------------------------------------------------------
+def save_training_sample(path, x0: Tensor, prompt_embeds: Tensor, sharer: SharerInputs,
+                         receiver_condition: Optional[Tensor] = None,
+                         receiver_image_embeds: Optional[Tensor] = None) -> Path:
+    """Write one training sample: the clean latent x0 (1, 16, T, H, W, as the pipeline's latents are) and the
+    conditioning of both models (the sharer's "cond" branch)."""
+    tensors = {"x0": x0, "prompt_embeds": prompt_embeds, "sharer_prompt_embeds": sharer.prompt_embeds}
+    optional = {"receiver_condition": receiver_condition, "receiver_image_embeds": receiver_image_embeds,
+                "sharer_image_embeds": sharer.image_embeds, "sharer_condition": sharer.condition}
+    tensors.update({k: v for k, v in optional.items() if v is not None})
+    if x0.dim() != 5 or x0.shape[0] != 1:
+        raise BridgeSetupError(f"x0 has shape {tuple(x0.shape)}; expected one video latent (1, C, T, H, W).")
+    save_tensors_with_meta(path, {k: v.float() for k, v in tensors.items()},
+                           {"format_version": SAMPLE_VERSION, "tensors": sorted(tensors)}, SAMPLE_KEY)
+    return Path(path)
+
+
+class TrainingSet:
+    """The sample files of a folder, validated from their headers; tensors are read per step."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.paths = sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []
+        if not self.paths:
+            raise BridgeSetupError(f"{self.folder}: no .safetensors training samples; expected files written by "
+                                   f"c2c_diffusers.training.save_training_sample.")
+        for path in self.paths:
+            meta = read_meta(path, SAMPLE_KEY)
+            _, entries = read_header(path)
+            if meta.get("format_version") != SAMPLE_VERSION or sorted(entries) != sorted(meta.get("tensors", [])):
+                raise BridgeSetupError(f"{path}: not a version-{SAMPLE_VERSION} training sample with the tensors its "
+                                       f"metadata lists; re-write it with save_training_sample.")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int, device="cpu") -> dict:
+        path = self.paths[index]
+        _, entries = read_header(path)
+        return load_tensors(path, list(entries), device=device)
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def sample_batches(dataset: TrainingSet, seed: int = 0, device="cpu", sigma_range=(0.05, 0.95)):
+    """``batches(step) -> TrainingBatch``, deterministic in (seed, step): sample, noise and sigma are drawn
+    from a generator seeded by both, so a resumed run sees the same batches."""
+    lo, hi = sigma_range
+
+    def batches(step: int) -> TrainingBatch:
+        g = torch.Generator().manual_seed(_seed(seed, step))
+        index = int(torch.randint(len(dataset), (1,), generator=g))
+        t = dataset.load(index, device)
+        noise = torch.randn(t["x0"].shape, generator=g).to(device)
+        sigma = lo + (hi - lo) * float(torch.rand((), generator=g))
+        sharer = SharerInputs(t["sharer_prompt_embeds"], image_embeds=t.get("sharer_image_embeds"),
+                              condition=t.get("sharer_condition"))
+        return TrainingBatch(x0=t["x0"], noise=noise, sigma=sigma, prompt_embeds=t["prompt_embeds"], sharer=sharer,
+                             receiver_condition=t.get("receiver_condition"),
+                             receiver_image_embeds=t.get("receiver_image_embeds"))
+    return batches

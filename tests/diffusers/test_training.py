@@ -53,3 +53,30 @@ def test_training_needs_a_live_sharer():
     with pytest.raises(BridgeSetupError, match="training needs a LiveSharer"):
         bridged_velocity(bridge, receiver)
     bridge.detach()
+
+
+def test_cli_trains_from_sample_files_and_writes_a_loadable_bundle(tiny_models, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from c2c_diffusers.training import TrainingSet, save_training_sample
+    for i in range(2):
+        save_training_sample(tmp_path / "data" / f"s{i}.safetensors", tiny.latent(30 + i), tiny.embeds(40 + i),
+                             SharerInputs(tiny.embeds(50 + i)))
+    assert len(TrainingSet(tmp_path / "data")) == 2
+    out = subprocess.run(
+        [sys.executable, "tools/train_projector_diffusers.py", "--receiver", str(tiny_models.path("tiny_wan_t2v_a")),
+         "--sharer", str(tiny_models.path("tiny_wan_t2v_b")), "--dataset", str(tmp_path / "data"), "--kind", "full",
+         "--hidden-dim", "16", "--steps", "4", "--lr", "1e-3", "--device", "cpu", "--out", str(tmp_path / "p.safetensors")],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "step 4/4 loss" in out.stdout and "wrote" in out.stdout
+    bundle = load_bundle(tmp_path / "p.safetensors")
+    assert bundle.bank.kind == "full" and bundle.provenance["steps"] == 4 and bundle.layer_map.layers == [0, 1]
+
+
+def test_a_folder_without_samples_is_refused(tmp_path):
+    from c2c_diffusers.training import TrainingSet
+    with pytest.raises(BridgeSetupError, match="no .safetensors training samples"):
+        TrainingSet(tmp_path)
