@@ -15,9 +15,18 @@ K/V as in buffered mode, and the bridged output is bit-identical.
 
 A layer map that reads sharer layers out of order (a custom map) cannot stream: such runs keep the
 call's captured layers until the end of the call, like buffered mode.
+
+Bidirectional fusion (``BidirectionalSharer``) is only possible in lockstep: when the sharer's block m
+runs, the receiver waits inside its block l with its own K/V computed, so a second projector bank
+(receiver -> sharer) can fuse them into the sharer's self-attention. The receiver is handed the
+sharer's own K/V of block m (before that fusion); the sharer's *later* blocks, and so the K/V the
+receiver reads from them, carry what the sharer received. The sharer's prediction is discarded, so
+bidirectional fusion changes the output only through those later sharer layers.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +34,10 @@ from greenlet import greenlet, getcurrent
 
 import comfy.patcher_extension
 
+from ..c2c_core import FusionSchedule, LayerFuser, RopeRerotation
 from . import compat
-from .live import LiveSharerRun, _SharerDone
+from .errors import BridgeInputError
+from .live import LiveSharer, LiveSharerRun, _SharerDone
 
 _DEFER_KEY = "dit_cache_bridge.lockstep"
 
@@ -48,11 +59,14 @@ class LockstepSharerRun(LiveSharerRun):
     """A ``LiveSharerRun`` whose sharer forwards are streamed layer by layer into the receiver's."""
 
     def __init__(self, source, sharer_patcher, capture_layers, noise, latent_image, denoise_mask, seed, device,
-                 layer_pairs: dict):
+                 layer_pairs: dict, backward=None):
         super().__init__(source, sharer_patcher, capture_layers, noise, latent_image, denoise_mask, seed, device)
         self.streams = is_monotone(layer_pairs)
+        self.backward: _BackwardRun | None = backward
+        self.receives = backward is not None      # the bridge offers the receiver's K/V before asking for the sharer's
         self._pending: list[_Forward] = []
         self._running: _Forward | None = None
+        self._receiver_kinds = ()
         wrappers = self.model_options["transformer_options"].setdefault("wrappers", {})
         wrappers.setdefault(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {})[_DEFER_KEY] = [self._defer]
 
@@ -60,6 +74,9 @@ class LockstepSharerRun(LiveSharerRun):
     def ensure(self, x, t, kinds, step, window):
         """Queue the sharer's model calls for this receiver call; none of them runs yet."""
         self._stop_pending()
+        self._receiver_kinds = tuple(kinds)
+        if self.backward is not None:
+            self.backward.offered = {}
         super().ensure(x, t, kinds, step, window)
 
     def _defer(self, executor, x, t, *args, **kwargs):
@@ -91,6 +108,10 @@ class LockstepSharerRun(LiveSharerRun):
                 self._resume(forward)
         return self.captured.get(layer, kinds)
 
+    def receive(self, layer, k, v):
+        """Bidirectional: the receiver's K/V (B, N, H*D) of ``layer`` for the sharer's blocks that read it."""
+        self.backward.offer(layer, k, v, self._receiver_kinds)
+
     def _has(self, layer, kind) -> bool:
         return any(kind in have for _, _, have in self.captured.batches.get(layer, ()))
 
@@ -117,6 +138,8 @@ class LockstepSharerRun(LiveSharerRun):
         if layer == self.last_layer:
             raise _SharerDone()                         # nothing later is read: end this sharer forward
         forward.coroutine.parent.switch()               # hand the layer over; resumed when more is needed
+        if self.backward is not None:
+            return self.backward.fuse(layer, k, v, forward.kinds)
         return k, v
 
     # -- end ----------------------------------------------------------------------------------------
@@ -134,7 +157,122 @@ class LockstepSharerRun(LiveSharerRun):
 
 
 def open_lockstep_run(source, bridge_run, sharer_patcher, capture_layers, noise, latent_image, denoise_mask, seed,
-                      device):
+                      device, backward=None):
     return LockstepSharerRun(source, sharer_patcher, capture_layers, noise, latent_image, denoise_mask, seed, device,
-                             dict(bridge_run.bridge.bundle.layer_map.pairs))
+                             dict(bridge_run.bridge.bundle.layer_map.pairs), backward)
 
+
+@dataclass(eq=False)
+class BidirectionalSharer(LiveSharer):
+    """A lockstep sharer that also receives: ``backward`` projects the receiver's K/V into the sharer's.
+
+    ``backward`` is a projector bundle from the receiver (its sharer side) to this sharer (its receiver
+    side), e.g. Create C2C Projector with the two models swapped; its layer map pairs each sharer layer
+    with the receiver layer it reads. It fuses at ``backward_strength`` in every model call in which the
+    forward fusion of that receiver layer is on (the forward window and per-layer strengths gate it).
+    """
+    backward: object = None
+    backward_strength: float = 1.0
+
+    def open_run(self, run, guider, noise, latent_image, denoise_mask, seed):
+        if self.refresh_every != 1:
+            raise BridgeInputError(self.node, "refresh_every", f"{self.refresh_every} with bidirectional fusion",
+                                   "1", "bidirectional fusion runs the two models block by block in every call; "
+                                   "set refresh_every to 1 or fuse one way")
+        backward = _BackwardRun(self, compat.rope_spec(guider.model_patcher), compat.token_grid(noise.shape))
+        sharer_run = open_lockstep_run(self, run, run.bridge.sharer_patcher, run.bridge.sharer_layers,
+                                       noise.to(run.device), latent_image.to(run.device), denoise_mask, seed,
+                                       run.device, backward)
+        backward.attach(sharer_run)
+        return sharer_run
+
+
+class _BackwardRun:
+    """Per-run receiver -> sharer fusion: the offered receiver K/V, aligned and projected into the sharer's."""
+
+    def __init__(self, source: BidirectionalSharer, receiver_rope, receiver_grid):
+        bundle = source.backward
+        self.node = source.node
+        self.pairs = dict(bundle.layer_map.pairs)        # sharer layer -> receiver layer it reads
+        self.last_reader = {}                             # receiver layer -> the last sharer layer reading it
+        for sharer_layer, receiver_layer in sorted(self.pairs.items()):
+            self.last_reader[receiver_layer] = sharer_layer
+        self.bundle = bundle
+        self.strength = float(source.backward_strength)
+        self.receiver_rope, self.receiver_grid = receiver_rope, receiver_grid
+        self.offered: dict = {}
+        self.fuser = None
+        self.rerotation = None
+
+    def attach(self, sharer_run: LockstepSharerRun):
+        if sharer_run.grid != self.receiver_grid:
+            raise BridgeInputError(
+                self.node, "backward", f"a sharer on a {sharer_run.grid.shape} token grid",
+                f"the receiver's {self.receiver_grid.shape}", "bidirectional fusion needs both models on the same "
+                "latent grid: give the sharer's conditioning the receiver's latent size, or fuse one way")
+        self.rerotation = RopeRerotation(self.receiver_rope.positions(self.receiver_grid),
+                                         sharer_run.rope.positions(sharer_run.grid), self.bundle.sharer.head_dim,
+                                         self.receiver_rope.theta)
+
+    def offer(self, layer, k, v, kinds):
+        """Keep the receiver's K/V of ``layer`` until the last sharer block that reads it has used them."""
+        if layer in self.last_reader:
+            self.offered[layer] = (k, v, tuple(kinds))
+
+    def fuse(self, layer, k, v, kinds):
+        """Sharer block ``layer``'s k, v (B, N, H*D) for chunk ``kinds`` -> with the receiver's fused in."""
+        if self.strength == 0.0 or layer not in self.pairs or self.pairs[layer] not in self.offered:
+            return k, v
+        source = self.pairs[layer]
+        rk, rv, have = self.offered[source]
+        if self.last_reader[source] == layer:
+            del self.offered[source]
+        rows = rk.shape[0] // len(have)
+        index = [have.index(kind) for kind in kinds]
+        if index != list(range(len(have))):
+            rk = torch.cat([rk[i * rows:(i + 1) * rows] for i in index])
+            rv = torch.cat([rv[i * rows:(i + 1) * rows] for i in index])
+        if self.fuser is None:
+            bank = self.bundle.bank
+            first = next(iter(bank.parameters()), None)
+            if first is not None and (first.device != k.device or first.dtype != k.dtype):
+                bank = copy.deepcopy(bank).to(device=k.device, dtype=k.dtype).eval()
+            self.fuser = LayerFuser(bank, self.bundle.layer_map, FusionSchedule(), self.strength)
+        src, dst = self.bundle.sharer, self.bundle.receiver
+        rk = self.rerotation.apply(rk.to(k.dtype).reshape(*rk.shape[:2], src.num_heads, src.head_dim))
+        rv = rv.to(v.dtype).reshape(*rv.shape[:2], src.num_heads, src.head_dim)
+        kh = k.reshape(*k.shape[:2], dst.num_heads, dst.head_dim)
+        vh = v.reshape(*v.shape[:2], dst.num_heads, dst.head_dim)
+        k2 = self.fuser.fuse_layer(layer, "k", rk, kh, 0.0)
+        v2 = self.fuser.fuse_layer(layer, "v", rv, vh, 0.0)
+        return k2.reshape(k.shape), v2.reshape(v.shape)
+
+
+
+DIRECTIONS = ("sharer_to_receiver", "bidirectional")
+
+
+def with_direction(node: str, source, direction: str, backward, backward_strength: float, receiver_signature):
+    """The K/V source for a fusion ``direction``: unchanged one way, a ``BidirectionalSharer`` both ways."""
+    if direction == DIRECTIONS[0]:
+        return source
+    if direction not in DIRECTIONS:
+        raise BridgeInputError(node, "direction", repr(direction), f"one of {list(DIRECTIONS)}", "pick one from the list")
+    if not isinstance(source, LiveSharer):
+        raise BridgeInputError(node, "direction", "bidirectional with a recorded K/V source",
+                               "a live sharer (Capture KV Cache)", "the sharer can only receive while it runs: use "
+                               "Capture KV Cache, or set direction to sharer_to_receiver")
+    if backward is None:
+        raise BridgeInputError(node, "backward_projector", "nothing connected", "a projector from the receiver to the "
+                               "sharer", "connect Create C2C Projector with sharer = the receiver model and receiver = "
+                               "the sharer model (or a trained one from Load C2C Projector)")
+    if not (backward.sharer.same_shape(receiver_signature) and backward.receiver.same_shape(source.signature)):
+        raise BridgeInputError(node, "backward_projector", f"a projector from {backward.sharer} to {backward.receiver}",
+                               f"one from the receiver ({receiver_signature}) to the sharer ({source.signature})",
+                               "create it with the two models swapped (sharer = the receiver model)")
+    if source.refresh_every != 1:
+        raise BridgeInputError(node, "direction", f"bidirectional with refresh_every {source.refresh_every}",
+                               "refresh_every 1", "bidirectional fusion runs both models block by block in every "
+                               "model call: set refresh_every to 1 in Capture KV Cache, or fuse one way")
+    fields = {f.name: getattr(source, f.name) for f in dataclasses.fields(LiveSharer)}
+    return BidirectionalSharer(**fields, backward=backward, backward_strength=float(backward_strength))

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from ..c2c_core import FusionSchedule, ScheduleError
 from ..c2c_comfy.bridge import Bridge
 from ..c2c_comfy.errors import BridgeInputError, check
+from ..c2c_comfy.lockstep import DIRECTIONS, with_direction
 from .projector import check_projector_fits, model_signature, untrained_warning
 from .types import CATEGORY, KVSource, Projector
 
@@ -34,6 +35,16 @@ def fusion_inputs():
         io.String.Input("layer_strengths", default="", optional=True,
                         tooltip="Optional per-layer strength multipliers, e.g. '0:0.5, 12:1.0, 39:0'. "
                                 "Unlisted layers keep 1.0."),
+        io.Combo.Input("direction", options=list(DIRECTIONS), default=DIRECTIONS[0], optional=True,
+                       tooltip="sharer_to_receiver: the receiver reads the sharer's K/V. bidirectional (live only): "
+                               "the sharer also reads the receiver's K/V of the same block through "
+                               "backward_projector, so the sharer's later layers carry what it received."),
+        Projector.Input("backward_projector", optional=True,
+                        tooltip="bidirectional: a projector from the receiver to the sharer (Create C2C Projector "
+                                "with the two models swapped, or a trained one)."),
+        io.Float.Input("backward_strength", default=1.0, min=0.0, max=2.0, step=0.01, optional=True,
+                       tooltip="bidirectional: strength of the receiver -> sharer fusion (0 = the sharer stays "
+                               "itself: the same as sharer_to_receiver)."),
     ]
 
 
@@ -59,9 +70,12 @@ class FuseCaches(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, kv_source, projector, strength, start_percent, end_percent, ramp="constant",
-                layer_strengths="") -> io.NodeOutput:
+                layer_strengths="", direction=DIRECTIONS[0], backward_projector=None,
+                backward_strength=1.0) -> io.NodeOutput:
         patched = bridge_model(cls.NODE, model, kv_source, projector, strength, start_percent, end_percent, ramp,
-                               layer_strengths, report_to=cls.hidden.unique_id if cls.hidden else None)
+                               layer_strengths, report_to=cls.hidden.unique_id if cls.hidden else None,
+                               direction=direction, backward_projector=backward_projector,
+                               backward_strength=backward_strength)
         return io.NodeOutput(patched)
 
 
@@ -83,9 +97,11 @@ def parse_layer_strengths(node: str, text: str, layers) -> dict:
 
 
 def bridge_model(node, model, source, bundle, strength, start_percent, end_percent, ramp="constant",
-                 layer_strengths="", report_to=None, model_input="model"):
+                 layer_strengths="", report_to=None, model_input="model", direction=DIRECTIONS[0],
+                 backward_projector=None, backward_strength=1.0):
     """Validate everything, then return a bridged clone of ``model``."""
     receiver_sig = model_signature(node, model_input, model)
+    source = with_direction(node, source, direction, backward_projector, backward_strength, receiver_sig)
     check_projector_fits(node, bundle, source.signature, receiver_sig)
     needed = sorted(set(bundle.layer_map.pairs.values()))
     if getattr(source, "layers", None) is not None:

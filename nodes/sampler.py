@@ -46,7 +46,8 @@ class BridgedKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, receiver, positive, negative, sharer, sharer_positive, sharer_negative, projector, strength,
                 start_percent, end_percent, seed, steps, cfg, sampler_name, scheduler, latent_image, denoise=1.0,
-                ramp="constant", layer_strengths="") -> io.NodeOutput:
+                ramp="constant", layer_strengths="", direction="sharer_to_receiver", backward_projector=None,
+                backward_strength=1.0) -> io.NodeOutput:
         check_inputs(cls, locals())
         check_image_latents(cls.NODE, {"sharer_positive": sharer_positive, "sharer_negative": sharer_negative},
                             latent_image, fix="give the sharer's WanImageToVideo/ChronoEdit node the receiver latent's "
@@ -56,7 +57,8 @@ class BridgedKSampler(io.ComfyNode):
                                   cond_inputs=("sharer_positive", "sharer_negative"))
         node_id = cls.hidden.unique_id if cls.hidden else None
         patched = bridge_model(cls.NODE, receiver, source, projector, strength, start_percent, end_percent, ramp,
-                               layer_strengths, report_to=node_id, model_input="receiver")
+                               layer_strengths, report_to=node_id, model_input="receiver", direction=direction,
+                               backward_projector=backward_projector, backward_strength=backward_strength)
         (latent,) = compat.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
                                                 negative, latent_image, denoise=denoise)
         return io.NodeOutput(latent)

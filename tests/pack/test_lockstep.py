@@ -31,6 +31,7 @@ def conds():
 
 
 def live_source(sharer, pos, neg, streaming, refresh_every=1):
+    pack_nodes()
     from dit_cache_bridge.c2c_comfy import compat
     from dit_cache_bridge.c2c_comfy.live import LiveSharer
     return LiveSharer(model=sharer, positive=pos, negative=neg, signature=compat.wan_signature(sharer),
@@ -159,3 +160,82 @@ def test_a_map_that_reads_sharer_layers_out_of_order_does_not_stream():
     assert is_monotone({0: 0, 1: 1, 2: 1, 3: 2})
     assert not is_monotone({0: 1, 1: 0})
 
+
+
+# -- bidirectional fusion ------------------------------------------------------------------------
+def bidirectional_source(sharer, receiver, pos, neg, kind="weighted", backward_strength=1.0, refresh_every=1):
+    pack_nodes()
+    from dit_cache_bridge.c2c_comfy import compat
+    from dit_cache_bridge.c2c_comfy.lockstep import BidirectionalSharer
+    return BidirectionalSharer(model=sharer, positive=pos, negative=neg, signature=compat.wan_signature(sharer),
+                               refresh_every=refresh_every, backward=projector(receiver, sharer, kind),
+                               backward_strength=backward_strength)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_bidirectional_identity_twins_are_bit_identical_to_stock(models, conds, cfg):
+    a, twin = models["a"], models["a_again"]
+    stock = ksample(a, conds["pos"], conds["neg"], cfg=cfg)
+    src = bidirectional_source(twin, a, conds["pos"], conds["neg"], kind="identity")
+    assert torch.equal(ksample(fused(a, src, projector(twin, a, "identity")), conds["pos"], conds["neg"], cfg=cfg),
+                       stock)
+
+
+def test_bidirectional_strength_zero_both_ways_is_stock(models, conds):
+    a, b = models["a"], models["b"]
+    src = bidirectional_source(b, a, conds["sharer_pos"], conds["sharer_neg"], backward_strength=0.0)
+    assert torch.equal(ksample(fused(a, src, projector(b, a), strength=0.0), conds["pos"], conds["neg"]),
+                       ksample(a, conds["pos"], conds["neg"]))
+
+
+def test_bidirectional_with_backward_strength_zero_equals_one_way_lockstep(models, conds):
+    a, b = models["a"], models["b"]
+    one_way = fused(a, live_source(b, conds["sharer_pos"], conds["sharer_neg"], streaming=True), projector(b, a))
+    both = fused(a, bidirectional_source(b, a, conds["sharer_pos"], conds["sharer_neg"], backward_strength=0.0),
+                 projector(b, a))
+    assert torch.equal(ksample(both, conds["pos"], conds["neg"]), ksample(one_way, conds["pos"], conds["neg"]))
+
+
+def test_bidirectional_fusion_changes_the_receiver_through_later_sharer_layers(models, conds):
+    """Sharer layer 0 receives the receiver's layer 0; its layer 1, which the receiver reads, then differs."""
+    a, b = models["a"], models["b"]
+    one_way = ksample(fused(a, live_source(b, conds["sharer_pos"], conds["sharer_neg"], streaming=True),
+                            projector(b, a)), conds["pos"], conds["neg"])
+    runs = [ksample(fused(a, bidirectional_source(b, a, conds["sharer_pos"], conds["sharer_neg"]), projector(b, a)),
+                    conds["pos"], conds["neg"]) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], one_way)
+    only_layer_0 = ksample(fused(a, bidirectional_source(b, a, conds["sharer_pos"], conds["sharer_neg"]),
+                                 projector(b, a, layers="0")), conds["pos"], conds["neg"])
+    layer_0_one_way = ksample(fused(a, live_source(b, conds["sharer_pos"], conds["sharer_neg"], streaming=True),
+                                    projector(b, a, layers="0")), conds["pos"], conds["neg"])
+    assert torch.equal(only_layer_0, layer_0_one_way)     # nothing after layer 0 is read: no effect
+
+
+def test_bidirectional_with_refresh_every_k_is_refused(models, conds):
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    a, b = models["a"], models["b"]
+    src = bidirectional_source(b, a, conds["sharer_pos"], conds["sharer_neg"], refresh_every=2)
+    with pytest.raises(BridgeInputError, match="refresh_every"):
+        ksample(fused(a, src, projector(b, a)), conds["pos"], conds["neg"])
+
+
+def test_fuse_caches_direction_bidirectional_equals_the_bidirectional_sharer(models, conds):
+    a, b = models["a"], models["b"]
+    direct = fused(a, bidirectional_source(b, a, conds["sharer_pos"], conds["sharer_neg"], backward_strength=0.7),
+                   projector(b, a))
+    node = pack_nodes().FuseCaches.execute(a, live_source(b, conds["sharer_pos"], conds["sharer_neg"], True),
+                                           projector(b, a), 1.0, 0.0, 1.0, "constant", "", direction="bidirectional",
+                                           backward_projector=projector(a, b), backward_strength=0.7).args[0]
+    assert torch.equal(ksample(node, conds["pos"], conds["neg"]), ksample(direct, conds["pos"], conds["neg"]))
+
+
+def test_bidirectional_without_a_fitting_backward_projector_is_refused(models, conds):
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    a, wide = models["a"], models["wide"]
+    node = pack_nodes().FuseCaches
+    src = live_source(wide, conds["sharer_pos"], conds["sharer_neg"], True)
+    forward = projector(wide, a, "full", "terminal")
+    with pytest.raises(BridgeInputError, match=r"Fuse Caches › backward_projector: nothing connected"):
+        node.execute(a, src, forward, 1.0, 0.0, 1.0, direction="bidirectional")
+    with pytest.raises(BridgeInputError, match=r"Fuse Caches › backward_projector: a projector from .* swapped"):
+        node.execute(a, src, forward, 1.0, 0.0, 1.0, direction="bidirectional", backward_projector=forward)
