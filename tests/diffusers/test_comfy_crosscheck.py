@@ -79,13 +79,7 @@ def test_keys_after_rope_agree_per_layer(tiny_models, name):
         assert err <= 1e-5, f"layer {layer}: relative difference {err:.2e}"
 
 
-def test_a_bundle_fused_in_diffusers_gives_the_comfy_bridged_latents(tiny_models, tmp_path):
-    """Same receiver/sharer weights, conditioning, noise, sigmas, Euler + CFG 4; a seeded 'full' projector."""
-    import comfy.sample
-    import comfy.samplers
-    from bridge_helpers import empty_latent, ksample, load_model, pack_nodes
-    from comfy_test_nodes import wan_conditioning
-
+def seeded_bundle(tiny_models, path):
     sig = ModelSignature(2, 2, 128)
     layer_map = LayerMap.build("identity", 2, 2)
     bank = ProjectorBank.build("full", sig, sig, layer_map.layers, hidden_dim=64)
@@ -93,8 +87,43 @@ def test_a_bundle_fused_in_diffusers_gives_the_comfy_bridged_latents(tiny_models
         g = torch.Generator().manual_seed(3)
         for p in bank.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    path = tmp_path / "full.safetensors"
     save_bundle(path, bank, layer_map)
+
+
+def diffusers_trained_bundle(tiny_models, path):
+    """A 'full' projector trained for a few steps through the diffusers bridge (c2c_diffusers.training)."""
+    from c2c_core import TrainConfig, train_bank, velocity_loss
+    from c2c_core.bundle import ProjectorBundle
+    from c2c_diffusers.training import TrainingBatch, bridged_velocity
+
+    sig = ModelSignature(2, 2, 128)
+    layer_map = LayerMap.build("identity", 2, 2)
+    bank = ProjectorBank.build("full", sig, sig, layer_map.layers, hidden_dim=64)
+    receiver = convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_a"))).requires_grad_(False)
+    sharer = convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_b"))).requires_grad_(False)
+    bundle = ProjectorBundle(bank=bank, layer_map=layer_map, sharer=sig, receiver=sig)
+    bridge = Bridge(bundle, LiveSharer(sharer, SharerInputs(tiny.embeds(3)))).attach(receiver)
+
+    def batches(step):
+        g = torch.Generator().manual_seed(step)
+        return TrainingBatch(x0=torch.randn(1, 16, 3, 8, 8, generator=g), noise=torch.randn(1, 16, 3, 8, 8, generator=g),
+                             sigma=0.5, prompt_embeds=tiny.embeds(1), sharer=SharerInputs(tiny.embeds(3)))
+    train_bank(bank, layer_map, batches, velocity_loss(bridged_velocity(bridge, receiver)), TrainConfig(steps=3, lr=1e-2))
+    bridge.detach()
+    save_bundle(path, bank, layer_map, provenance={"trainer": "c2c_diffusers"})
+
+
+@pytest.mark.parametrize("make_bundle", [seeded_bundle, diffusers_trained_bundle])
+def test_a_bundle_fused_in_diffusers_gives_the_comfy_bridged_latents(tiny_models, tmp_path, make_bundle):
+    """Same receiver/sharer weights, conditioning, noise, sigmas, Euler + CFG 4; the same projector file in both
+    hosts (seeded, or trained through the diffusers bridge)."""
+    import comfy.sample
+    import comfy.samplers
+    from bridge_helpers import empty_latent, ksample, load_model, pack_nodes
+    from comfy_test_nodes import wan_conditioning
+
+    path = tmp_path / "full.safetensors"
+    make_bundle(tiny_models, path)
 
     conds = {name: wan_conditioning(seed, length) for name, seed, length in
              (("pos", 1, 8), ("neg", 2, 5), ("sharer_pos", 3, 8), ("sharer_neg", 4, 5))}
