@@ -215,8 +215,8 @@ class FusionRun:
         if self._align is None:
             self._align = self._build_alignment()
         sk, sv = self._align(sk, sv)
-        k2 = fuse(self.bank.project(layer, "k", sk, k), k, s)
-        v2 = fuse(self.bank.project(layer, "v", sv, v), v, s)
+        k2 = fuse(self.bank.project(layer, "k", sk, k), k, s, inplace=True, protect=(sk,))   # into the projector's
+        v2 = fuse(self.bank.project(layer, "v", sv, v), v, s, inplace=True, protect=(sv,))   # output, not a new K/V
         self._measure(layer, k, k2, v, v2)
         self._finite.observe(layer, k2, v2)
         return k2, v2
