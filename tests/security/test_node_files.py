@@ -287,3 +287,72 @@ def test_layer_strengths_out_of_range_are_refused(model, conds, text):
     source = nodes.CaptureKVCache.execute(model, *conds).args[0]
     with pytest.raises(BridgeInputError, match=r"Fuse Caches › layer_strengths: strength"):
         nodes.FuseCaches.execute(model, source, bundle, 1.0, 0.0, 1.0, layer_strengths=text)
+
+
+# -- interrupting training ---------------------------------------------------------------------------
+
+def test_an_interrupted_training_run_leaves_complete_checkpoints_and_resumes_to_the_same_result(model, conds):
+    import shutil
+    import threading
+    import time
+    from pathlib import Path
+
+    import comfy.model_management as mm
+    nodes = pack_nodes()
+    from dit_cache_bridge.c2c_core import load_bundle
+    from dit_cache_bridge.nodes import train as train_nodes
+    pos, neg = conds
+    name = "security_interrupt"
+    root = train_nodes.samples_root()
+    shutil.rmtree(root / name, ignore_errors=True)
+    latent = {"samples": torch.randn(2, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))}
+    with torch.inference_mode():
+        nodes.SaveC2CTrainingSample.execute(latent=latent, positive=pos, negative=neg, sharer_positive=pos,
+                                            sharer_negative=neg, folder=name)
+    projector = nodes.CreateC2CProjector.execute(model, model, "full", "identity", "all", 0.5, 8, 0).args[0]
+    inputs = dict(sharer=model, receiver=model, projector=projector, dataset=name, loss="distill", steps=6,
+                  batch_size=1, learning_rate=1e-3, warmup_steps=0, schedule="cosine", checkpoint_every=1, seed=0,
+                  resume=True, negative_share=0.0)
+    checkpoints = root / "checkpoints"
+    written = []
+    try:
+        for out_name in ("security_whole", "security_cut"):
+            shutil.rmtree(checkpoints / out_name, ignore_errors=True)
+        with torch.inference_mode():
+            whole = nodes.TrainC2CProjector.execute(**inputs, output_name="security_whole").args[0]
+        cut = checkpoints / "security_cut"
+        stop = threading.Event()
+
+        def interrupt_after_first_checkpoint():     # what POST /interrupt does, once a checkpoint exists
+            while not stop.is_set():
+                if (cut / "step_000001.state.safetensors").exists():
+                    mm.interrupt_current_processing(True)
+                    return
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=interrupt_after_first_checkpoint)
+        watcher.start()
+        try:
+            with pytest.raises(mm.InterruptProcessingException), torch.inference_mode():
+                nodes.TrainC2CProjector.execute(**inputs, output_name="security_cut")
+        finally:
+            stop.set()
+            watcher.join()
+            mm.interrupt_current_processing(False)
+        left = sorted(cut.iterdir())
+        assert not [p for p in left if p.suffix == ".tmp"]
+        states = [p for p in left if p.name.endswith(".state.safetensors")]
+        assert states and len(states) < inputs["steps"]
+        for state in states:                           # every checkpoint left is complete
+            load_bundle(state.with_name(state.name.replace(".state", "")))
+        with torch.inference_mode():
+            resumed = nodes.TrainC2CProjector.execute(**inputs, output_name="security_cut").args[0]
+        assert all(torch.equal(v, whole.bank.state_dict()[k]) for k, v in resumed.bank.state_dict().items())
+    finally:
+        folder = Path(train_nodes.projector_folder())
+        written = list(folder.glob("security_*.safetensors"))
+        for path in written:
+            path.unlink()
+        for out_name in ("security_whole", "security_cut"):
+            shutil.rmtree(checkpoints / out_name, ignore_errors=True)
+        shutil.rmtree(root / name, ignore_errors=True)
