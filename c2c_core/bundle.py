@@ -626,11 +626,7 @@ def _expected_tensors(path: Path, plan: _Plan) -> dict[str, tuple[int, ...]]:
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise InvalidMetadataError(f"{_short_path(path)}: the bundle's projector settings cannot be built "
                                    f"({quote(str(exc), 200)}); the file is damaged.") from None
-    layers = plan.layer_map.layers
-    if len(layers) * 2 * len(shapes) != len(plan.snapshot.entries):
-        _check_tensors(path, {f"{w}.{layers[0]}.{n}": s for w in ("k", "v") for n, s in shapes.items()},
-                       {n: e for n, e in plan.entries.items() if n.startswith((f"k.{layers[0]}.", f"v.{layers[0]}."))})
-    return {f"{w}.{i}.{n}": s for w in ("k", "v") for i in layers for n, s in shapes.items()}
+    return {f"{w}.{i}.{n}": s for w in ("k", "v") for i in plan.layer_map.layers for n, s in shapes.items()}
 
 
 def _check_tensors(path: Path, expected: Mapping[str, tuple], entries: Mapping[str, tuple]) -> None:
