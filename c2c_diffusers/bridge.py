@@ -61,39 +61,50 @@ def scheduler_shift(scheduler) -> float:
 class CallClock:
     """CFG branch and step of each transformer call: from the pipeline's cache context, else by call order.
 
-    A new timestep value is a new step; within one timestep the first call is "cond", the second
-    "uncond" (the fallback for pipelines without ``cache_context``). A context's name and step_index win.
+    A context's ``step_index`` and name win (WanPipeline gives both; then the timestep is never read back
+    from the device). Otherwise a new timestep value is a new step, and within one step the first call is
+    "cond", the second "uncond" — the fallback for pipelines without ``cache_context``.
     """
 
     def __init__(self):
         self.reset()
 
     def reset(self):
-        self.last = None            # (timestep value, calls seen at it)
-        self.step = -1
+        self.step, self.calls, self.value = -1, 0, None
 
-    def restarted(self, value: float) -> bool:
-        """True when the timestep went up: sampling started over."""
-        return self.last is not None and value > self.last[0]
+    @staticmethod
+    def needs_timestep(context) -> bool:
+        return context is None or context.step_index is None or context.sigma is None
 
-    def tick(self, value: float, context) -> tuple[str, int]:
-        if self.last is None or self.last[0] != value:
-            self.last = (value, 0)
-            self.step += 1
-        else:
-            self.last = (value, self.last[1] + 1)
+    def restarted(self, value, context) -> bool:
+        """True when sampling started over (the step index or the timestep went back)."""
         if context is not None and context.step_index is not None:
-            self.step = int(context.step_index)
+            return 0 <= context.step_index < self.step
+        return self.value is not None and value > self.value
+
+    def tick(self, value, context) -> tuple[str, int]:
+        if context is not None and context.step_index is not None:
+            new_step = int(context.step_index) != self.step
+            step = int(context.step_index)
+        else:
+            new_step = value != self.value
+            step = self.step + 1 if new_step else self.step
+        self.calls = 0 if new_step else self.calls + 1
+        self.step, self.value = step, value
         if context is not None and context.name in (COND, UNCOND):
-            return context.name, self.step
-        return (COND if self.last[1] % 2 == 0 else UNCOND), self.step
+            return context.name, step
+        return (COND if self.calls % 2 == 0 else UNCOND), step
 
 
-def call_inputs(args, kwargs):
-    """(hidden_states, timestep, timestep as a float) of a Wan transformer call."""
+def call_inputs(args, kwargs, context=None):
+    """(hidden_states, timestep, timestep as a float or None) of a Wan transformer call.
+
+    The float is read back only when the cache context lacks the step index or sigma.
+    """
     latent = args[0] if args else kwargs["hidden_states"]
     timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-    return latent, timestep, float(timestep.flatten()[0])
+    value = float(timestep.flatten()[0]) if CallClock.needs_timestep(context) else None
+    return latent, timestep, value
 
 
 @contextmanager
@@ -235,8 +246,8 @@ class Bridge:
         self._call = None
         if self.in_sharer:
             return args, kwargs
-        latent, timestep, value = call_inputs(args, kwargs)
-        if self.run is not None and not self._session and self._clock.restarted(value):
+        latent, timestep, value = call_inputs(args, kwargs, context)
+        if self.run is not None and not self._session and self._clock.restarted(value, context):
             self.close_run()            # sampling started over: a new run
         if self.run is None:
             self._open_run(module, latent)

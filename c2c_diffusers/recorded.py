@@ -52,7 +52,7 @@ class KVRecorder:
             self.recording.kinds = tuple(sorted(self._kinds))
 
     def begin_call(self, module, args, kwargs, context):
-        latent, _, value = call_inputs(args, kwargs)
+        latent, _, value = call_inputs(args, kwargs, context)
         branch, step = self._clock.tick(value, context)
         if self.recording is None:
             shape = tuple(latent.shape)
