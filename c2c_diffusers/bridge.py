@@ -202,11 +202,15 @@ class Bridge:
             if any(t is transformer for t in self.receivers):
                 raise BridgeSetupError(f"this bridge is already attached to that {type(transformer).__name__}.")
         self.source.attach(self)
-        with _offload_lifted(self.pipeline, transformers):
-            for transformer in transformers:
-                add_taps(transformer, self.fused_layers, self.key, self._fuse)
-                register_call_hook(transformer, self.key, self)
-                self.receivers.append(transformer)
+        try:
+            with _offload_lifted(self.pipeline, transformers):
+                for transformer in transformers:
+                    self.receivers.append(transformer)
+                    add_taps(transformer, self.fused_layers, self.key, self._fuse)
+                    register_call_hook(transformer, self.key, self)
+        except BaseException:
+            self.detach()           # nothing half-attached stays behind
+            raise
         return self
 
     def detach(self) -> None:

@@ -110,3 +110,31 @@ def test_the_receiver_can_be_its_own_sharer(inputs):
     bridge.detach()
     assert bridge.last_report.sharer_forwards == 1
     assert not any(isinstance(b.attn1.processor, SelfAttentionTap) for b in receiver.blocks)
+
+
+def test_a_processor_that_never_dispatches_is_refused_and_nothing_stays_attached(inputs):
+    class OwnAttention:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            return hidden_states
+
+    receiver = tiny.wan(1)
+    receiver.blocks[1].attn1.set_processor(OwnAttention())
+    first = receiver.blocks[0].attn1.processor
+    sharer = tiny.wan(2)
+    with pytest.raises(BridgeSetupError, match="block 1: self-attention processor OwnAttention does not call"):
+        Bridge(tiny.bundle("identity"), LiveSharer(sharer, SharerInputs(inputs[2]))).attach(receiver)
+    assert receiver.blocks[0].attn1.processor is first
+    assert not getattr(receiver, "_diffusers_hook", None) or not receiver._diffusers_hook.hooks
+    assert not any(isinstance(b.attn1.processor, SelfAttentionTap) for b in sharer.blocks)
+
+
+def test_each_pipeline_call_is_one_run_without_a_session():
+    pipe = tiny.wan_pipe(tiny.wan(1))
+    bridge = Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), SharerInputs(tiny.embeds(10), tiny.embeds(11))))
+    bridge.attach(pipe)
+    tiny.run_pipe(pipe, steps=2)
+    assert bridge.last_report is None               # the run stays open until sampling starts over
+    tiny.run_pipe(pipe, steps=3)
+    assert bridge.last_report.model_calls == 4      # the first run, closed when the second began
+    bridge.detach()
+    assert bridge.last_report.model_calls == 6
