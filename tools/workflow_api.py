@@ -32,7 +32,9 @@ from pathlib import Path
 
 # Node types that exist only in the graph editor: never sent to the server.
 FRONTEND_ONLY = frozenset({"Note", "MarkdownNote", "Reroute", "PrimitiveNode"})
-WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
+# A combo whose chosen option brings further widgets (V3 io.DynamicCombo, e.g. SaveVideo's format on newer hosts).
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO})
 # Values of the frontend's extra widgets that are saved in widgets_values but are no backend input.
 CONTROL_AFTER_GENERATE = frozenset({"fixed", "increment", "decrement", "randomize"})
 UPLOAD_WIDGETS = {"image_upload": "image", "video_upload": "video", "audio_upload": "audio"}
@@ -95,41 +97,63 @@ def spec_options(spec) -> dict:
     return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
 
 
-def declared_inputs(node_info: dict) -> list[tuple[str, list]]:
-    """(name, spec) of a node class's inputs in declaration order: required, then optional."""
-    order = node_info.get("input_order") or {}
+def _inputs_of(spec_dict: dict, order: dict | None = None) -> list[tuple[str, list, bool]]:
+    """(name, spec, optional) of an input dict ``{"required": {...}, "optional": {...}}`` in order."""
+    order = order or {}
     out = []
     for section in ("required", "optional"):
-        specs = node_info.get("input", {}).get(section, {}) or {}
-        for name in order.get(section, list(specs)):
-            out.append((name, specs[name]))
+        specs = spec_dict.get(section, {}) or {}
+        out += [(name, specs[name], section == "optional") for name in order.get(section, list(specs))]
     return out
+
+
+def declared_inputs(node_info: dict) -> list[tuple[str, list]]:
+    """(name, spec) of a node class's inputs in declaration order: required, then optional."""
+    return [(name, spec) for name, spec, _ in _inputs_of(node_info.get("input", {}), node_info.get("input_order"))]
 
 
 def is_widget(spec) -> bool:
     return spec_type(spec) in WIDGET_TYPES and not spec_options(spec).get("forceInput")
 
 
+def _selected_option_inputs(name: str, spec, value) -> list[tuple[str, list, bool]]:
+    """A dynamic combo's widgets for the chosen option, named ``<combo>.<input>`` as the server nests them."""
+    for option in spec_options(spec).get("options", []):
+        if option.get("key") == value:
+            return [(f"{name}.{n}", s, o) for n, s, o in _inputs_of(option.get("inputs") or {})]
+    return []
+
+
 def widget_values(node: dict, node_info: dict) -> dict:
-    """Map a node's ``widgets_values`` to its input names, as the frontend does when it queues."""
+    """Map a node's ``widgets_values`` to its input names, as the frontend does when it queues.
+
+    Works across hosts: a widget a newer host added after the saved ones takes its declared default (or,
+    optional, is left out), and a dynamic combo's chosen option brings its own widgets next in line.
+    """
     values = node.get("widgets_values")
-    widgets = [(name, spec) for name, spec in declared_inputs(node_info) if is_widget(spec)]
+    widgets = [w for w in _inputs_of(node_info.get("input", {}), node_info.get("input_order")) if is_widget(w[1])]
     if isinstance(values, dict):  # some nodes save widgets by name
-        return {name: values[name] for name, _ in widgets if name in values}
+        return {name: values[name] for name, _, _ in widgets if name in values}
     values = list(values or [])
     out, i = {}, 0
-    for name, spec in widgets:
+    while widgets:
+        name, spec, optional = widgets.pop(0)
         if i >= len(values):
-            if "default" in spec_options(spec):     # a widget newer hosts added after the saved ones: its default
+            if "default" in spec_options(spec):
                 out[name] = spec_options(spec)["default"]
+                continue
+            if optional:
                 continue
             raise WorkflowError(f"node {node['id']} ({node['type']}): no widget value for '{name}' "
                                 f"(widgets_values has {len(values)}: {values!r})")
         out[name] = values[i]
         i += 1
+        if spec_type(spec) == DYNAMIC_COMBO:
+            widgets[:0] = [w for w in _selected_option_inputs(name, spec, out[name]) if is_widget(w[1])]
         options = spec_options(spec)
-        control = options.get("control_after_generate")
-        seed_like = spec_type(spec) == "INT" and (control is True or (control is None and name in SEED_NAMES))
+        control = options.get("control_after_generate")   # True, or (newer hosts) the default mode's name
+        seed_like = spec_type(spec) == "INT" and (control is True or control in CONTROL_AFTER_GENERATE
+                                                  or (control is None and name in SEED_NAMES))
         if seed_like and i < len(values) and values[i] in CONTROL_AFTER_GENERATE:
             i += 1
         for flag, button in UPLOAD_WIDGETS.items():
