@@ -23,6 +23,11 @@ from .branches import NEGATIVE, ROLE_NAMES, call_roles, role_map
 from .errors import BridgeInputError
 
 _ids = itertools.count()
+# Model evaluations per step of ComfyUI's samplers that evaluate more than once (the recording keeps each
+# one); only sizes the memory check before recording. Adaptive samplers (dpm_adaptive) are not bounded.
+EVALUATIONS_PER_STEP = {"heun": 2, "heunpp2": 3, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestral": 2,
+                        "dpmpp_2s_ancestral_cfg_pp": 2, "dpmpp_sde": 2, "dpmpp_sde_gpu": 2, "seeds_2": 2,
+                        "seeds_3": 3, "sa_solver_pece": 2}
 SIGMA_RTOL = 1e-4      # recorded and replayed sigmas agree to this (float32 schedules, JSON round trip)
 
 
@@ -85,7 +90,8 @@ def record(node, sharer, positive, negative, layers, latent_image, seed, steps, 
     if latent_image is None:
         raise BridgeInputError(node, "latent_image", "nothing connected", "the latent the receiver will sample",
                                "connect the same empty latent (size and length) you give the receiver's KSampler")
-    size = memory.recording_bytes(steps=steps, chunks=1 if cfg == 1.0 else 2, layers=len(layers),
+    evaluations = steps * EVALUATIONS_PER_STEP.get(sampler_name, 1)
+    size = memory.recording_bytes(steps=evaluations, chunks=1 if cfg == 1.0 else 2, layers=len(layers),
                                   tokens=compat.token_grid(latent_image["samples"].shape).numel,
                                   heads=signature.num_heads, head_dim=signature.head_dim, storage_dtype=storage_dtype)
     memory.check_recording_fits(node, size, storage, _temp_dir())

@@ -75,10 +75,11 @@ def sample(model, pos, neg, cfg=4.0, batch=1, sampler="euler", steps=STEPS, seed
 def custom_sample(guider, sampler="euler", steps=STEPS, seed=7):
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler as custom
-    sigmas = custom.BasicScheduler.execute(guider.model_patcher, "simple", steps, 1.0).args[0]
-    noise = custom.RandomNoise.execute(seed).args[0]
-    return custom.SamplerCustomAdvanced.execute(noise, guider, comfy.samplers.sampler_object(sampler), sigmas,
-                                                latent()).args[0]["samples"]
+    import host
+    sigmas = host.run_node(custom.BasicScheduler, guider.model_patcher, "simple", steps, 1.0)[0]
+    noise = host.run_node(custom.RandomNoise, seed)[0]
+    return host.run_node(custom.SamplerCustomAdvanced, noise, guider, comfy.samplers.sampler_object(sampler), sigmas,
+                                                latent())[0]["samples"]
 
 
 # --- the stock contracts on batched CFG, CFG 1, batch 2 ---------------------------------------------
@@ -160,8 +161,9 @@ def test_sharer_texts_that_cannot_batch_still_fuse_the_right_roles(models, conds
 # --- guiders whose branches are not (positive, negative) in list order --------------------------------
 def dual_cfg(model, cond1, cond2, negative, cfg_conds=4.0, cfg_cond2_negative=2.0):
     import comfy_extras.nodes_custom_sampler as custom
-    return custom.DualCFGGuider.execute(model, cond1, cond2, negative, cfg_conds, cfg_cond2_negative,
-                                        "regular").args[0]
+    import host
+    return host.run_node(custom.DualCFGGuider, model, cond1, cond2, negative, cfg_conds, cfg_cond2_negative,
+                                        "regular")[0]
 
 
 def perp_neg(model, positive, negative, empty, cfg=4.0, neg_scale=1.0):
@@ -321,6 +323,11 @@ def test_two_evaluation_samplers_replay_equals_live(models, conds, sampler):
     assert report(patched).model_calls > STEPS                   # more than one evaluation per step
     rec = record(twin, conds["pos"], conds["neg"], sampler=sampler)
     assert len(rec.recording.evaluations) == report(patched).model_calls
+    # the memory check before recording counts every evaluation: one per step would be too low
+    from dit_cache_bridge.c2c_comfy import memory, recorded
+    size = dict(chunks=2, layers=2, tokens=48, heads=2, head_dim=128, storage_dtype="fp32")
+    assert memory.recording_bytes(steps=STEPS, **size) < rec.recording.nbytes
+    assert rec.recording.nbytes <= memory.recording_bytes(steps=STEPS * recorded.EVALUATIONS_PER_STEP[sampler], **size)
     replayed = sample(fused(a, rec, proj), conds["pos"], conds["neg"], sampler=sampler)
     assert torch.equal(live, stock) and torch.equal(replayed, live)
 
