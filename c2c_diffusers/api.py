@@ -170,7 +170,7 @@ class WanChronoEditBridge:
             self.last_report = bridge.last_report
 
     def _record(self, image, common, inputs: SharerInputs, common_generator):
-        """Sample the sharer alone with the run's settings (and the same noise) and record the K/V the projector reads."""
+        """Sample the sharer alone with the run's settings, noise and the receiver's scheduler; record what the projector reads."""
         layers = sorted(set(self.bundle.layer_map.pairs.values()))
         folder = self.config.record_folder
         store = DiskStore(folder) if folder else RamStore()
@@ -178,8 +178,13 @@ class WanChronoEditBridge:
                       negative_prompt_embeds=inputs.negative_prompt_embeds, output_type="latent",
                       generator=_same_noise(common_generator))
         kwargs.update(self._image_kwargs(self.sharer, image, None))
-        with KVRecorder(self.sharer.transformer, layers, storage_dtype=self.config.storage_dtype, store=store) as rec:
-            self.sharer(**kwargs)
+        own = self.sharer.scheduler          # replay needs the receiver's noise schedule: sample with its scheduler
+        self.sharer.scheduler = type(self.receiver.scheduler).from_config(self.receiver.scheduler.config)
+        try:
+            with KVRecorder(self.sharer.transformer, layers, storage_dtype=self.config.storage_dtype, store=store) as rec:
+                self.sharer(**kwargs)
+        finally:
+            self.sharer.scheduler = own
         self.last_recording = rec.recording
         return rec.recording
 

@@ -124,10 +124,10 @@ def _offload_lifted(pipeline, transformers):
 class CallInfo:
     """One receiver call as the K/V source sees it."""
 
-    __slots__ = ("latent", "timestep", "branch", "step")
+    __slots__ = ("latent", "timestep", "branch", "step", "sigma")
 
-    def __init__(self, latent, timestep, branch, step):
-        self.latent, self.timestep, self.branch, self.step = latent, timestep, branch, step
+    def __init__(self, latent, timestep, branch, step, sigma):
+        self.latent, self.timestep, self.branch, self.step, self.sigma = latent, timestep, branch, step, sigma
 
 
 class Bridge:
@@ -260,7 +260,7 @@ class Bridge:
         shift = scheduler_shift(self.scheduler)
         percent = percent_of(sigma, lambda p: flow_sigma(p, shift), snap=(self.schedule.start, self.schedule.end))
         if self.run.begin_call(percent):
-            self._call = CallInfo(latent, timestep, branch, step)
+            self._call = CallInfo(latent, timestep, branch, step, float(sigma))
             self.source_run.ensure(self._call)
         return args, kwargs
 

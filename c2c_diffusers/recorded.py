@@ -17,6 +17,7 @@ from .hooks import add_taps, register_call_hook, remove_call_hook, remove_taps
 __all__ = ["KVRecorder", "RecordedSharer", "KIND"]
 
 KIND = {"cond": 0, "uncond": 1}       # the kinds ComfyUI's recordings use (0 positive, 1 negative)
+SIGMA_RTOL = 1e-4                      # recorded and replayed sigmas agree to this (as ComfyUI's replay checks)
 
 
 class KVRecorder:
@@ -91,6 +92,11 @@ class RecordedSharer:
                 f"the K/V recording was made from a model with {rec.signature.num_layers} layers × "
                 f"{rec.signature.num_heads} heads × {rec.signature.head_dim}; the projector bundle's sharer has "
                 f"{s.num_layers} × {s.num_heads} × {s.head_dim}. Record the sharer the bundle was made for.")
+        if rec.evaluations is not None and len(rec.evaluations) != rec.steps:
+            raise BridgeSetupError(
+                f"the K/V recording holds {len(rec.evaluations)} model evaluations over {rec.steps} steps (a sampler "
+                f"that evaluates more than once per step, e.g. ComfyUI's heun); diffusers' Wan schedulers evaluate "
+                f"once per step. Record with a one-evaluation sampler (euler, uni_pc).")
         missing = sorted(set(bridge.sharer_layers) - set(rec.layers))
         if missing:
             raise BridgeSetupError(f"the K/V recording holds sharer layers {list(rec.layers)}; the projector reads "
@@ -121,6 +127,12 @@ class _ReplayRun:
         if call.step >= rec.steps:
             raise BridgeSetupError(f"the receiver is at step {call.step + 1} but the K/V recording holds {rec.steps} "
                                    f"steps; record with the receiver's num_inference_steps.")
+        recorded = rec.sigmas[call.step]
+        if abs(recorded - call.sigma) > SIGMA_RTOL * max(1.0, abs(recorded)):
+            raise BridgeSetupError(
+                f"the receiver's step {call.step + 1} is at sigma {call.sigma:.6g} but the K/V recording's is at "
+                f"{recorded:.6g}; expected the same noise schedule. Record with the receiver's scheduler, shift and "
+                f"num_inference_steps.")
         if KIND[call.branch] not in rec.kinds:
             raise BridgeSetupError(f"the receiver runs a '{call.branch}' branch the K/V recording does not hold "
                                    f"(it was sampled without classifier-free guidance); record with the receiver's "

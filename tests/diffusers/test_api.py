@@ -54,8 +54,14 @@ def test_recorded_mode_samples_the_sharer_first_then_replays(pipes, tmp_path):
     save_bundle(tmp_path / "p.safetensors", ProjectorBank.build("weighted", sig, sig, [1]), layer_map)
     config = BridgeConfig(projector=str(tmp_path / "p.safetensors"), mode="recorded", storage_dtype="fp32",
                           record_folder=str(tmp_path / "rec"))
+    own = chrono.scheduler
+    chrono.scheduler = type(own).from_config(own.config, shift=3.0)     # recorded with the receiver's scheduler anyway
     bridge = WanChronoEditBridge(config, wan, chrono)
-    fused = bridge.generate_with_fusion(tiny.image(), **call_args()).frames
+    try:
+        fused = bridge.generate_with_fusion(tiny.image(), **call_args()).frames
+    finally:
+        restored, chrono.scheduler = chrono.scheduler, own
+    assert restored.config.shift == 3.0, "the sharer pipeline gets its own scheduler back"
     assert bridge.last_report.sharer_forwards == 0 and bridge.last_report.layers == [1]
     assert bridge.last_recording.steps == STEPS and bridge.last_recording.layers == (1,)
     assert (fused - plain(wan)).abs().max() > 1e-3

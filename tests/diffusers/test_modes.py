@@ -60,7 +60,7 @@ def test_a_recording_shorter_than_the_run_is_refused():
         tiny.run_pipe(sharer, steps=2)
     pipe = tiny.wan_pipe(tiny.wan(1))
     bridge = Bridge(tiny.bundle("identity"), RecordedSharer(recorder.recording)).attach(pipe)
-    with pytest.raises(BridgeSetupError, match="at step 3 but the K/V recording holds 2 steps"):
+    with pytest.raises(BridgeSetupError, match="K/V recording.*Record with the receiver's .*num_inference_steps"):
         tiny.run_pipe(pipe, steps=3)
     bridge.detach()
 
@@ -121,3 +121,15 @@ def test_a_bare_transformer_with_offload_hooks_is_refused():
     pipe.enable_model_cpu_offload(device="cpu")
     with pytest.raises(BridgeSetupError, match=r"carries accelerate hooks .* Attach to the pipeline instead"):
         Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs())).attach(pipe.transformer)
+
+
+def test_a_recording_from_another_noise_schedule_is_refused():
+    sharer = tiny.wan_pipe(tiny.wan(1))
+    with KVRecorder(sharer.transformer, layers=[0, 1]) as recorder:
+        tiny.run_pipe(sharer, steps=3)
+    pipe = tiny.wan_pipe(tiny.wan(1))
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=3.0)
+    bridge = Bridge(tiny.bundle("identity"), RecordedSharer(recorder.recording)).attach(pipe)
+    with pytest.raises(BridgeSetupError, match=r"step 2 is at sigma .* but the K/V recording's is at"):
+        tiny.run_pipe(pipe, steps=3)
+    bridge.detach()
