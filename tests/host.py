@@ -265,6 +265,25 @@ def setup_comfy_in_process(models_root: Path, tmp_dir: Path) -> ComfyHost:
     return _in_process
 
 
+def core_node(module: str, name: str):
+    """A ComfyUI node class from ``comfy_extras`` (or ``nodes``), or skip the test on a host that lacks it."""
+    import importlib
+
+    import pytest
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"this ComfyUI has no {module}.{name}")
+
+
+def run_node(cls, *args) -> tuple:
+    """A node's outputs as a tuple, whether the host made it a V3 node (``execute``) or a V1 node (``FUNCTION``)."""
+    if hasattr(cls, "define_schema"):
+        return tuple(cls.execute(*args).args)
+    return tuple(getattr(cls(), cls.FUNCTION)(*args))
+
+
 def load_builtin_extra_nodes() -> None:
     """Register comfy_extras' nodes (ModelSamplingSD3, EmptyHunyuanLatentVideo …) in nodes.NODE_CLASS_MAPPINGS."""
     import asyncio

@@ -39,8 +39,9 @@ def conds():
 
 
 def scale_rope(model, scale_t=7.0):
-    from comfy_extras.nodes_rope import ScaleROPE
-    return ScaleROPE.execute(model, 1.0, 0.0, 1.0, 0.0, scale_t, 0.0).args[0]
+    import host
+    ScaleROPE = host.core_node("comfy_extras.nodes_rope", "ScaleROPE")
+    return host.run_node(ScaleROPE, model, 1.0, 0.0, 1.0, 0.0, scale_t, 0.0)[0]
 
 
 def projector(sharer, receiver, kind="identity", mapping="identity", layers="all"):

@@ -145,6 +145,7 @@ def test_bridged_ksampler_equals_fuse_caches_plus_stock_ksampler(models, conds):
 def test_fused_model_works_with_ksampler_advanced_and_sampler_custom_advanced(models, conds):
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler as custom
+    import host
     import nodes
     a, b = models["a"], models["b"]
     patched = fused(a, source(b, conds["sharer_pos"], conds["sharer_neg"]), projector(b, a, "weighted"), 1.0)
@@ -152,11 +153,11 @@ def test_fused_model_works_with_ksampler_advanced_and_sampler_custom_advanced(mo
     (adv,) = nodes.KSamplerAdvanced().sample(patched, "enable", 5, 4, 4.0, "euler", "simple", conds["pos"],
                                              conds["neg"], empty_latent(), 0, 10000, "disable")
     assert torch.equal(adv["samples"], reference)
-    guider = custom.CFGGuider.execute(patched, conds["pos"], conds["neg"], 4.0).args[0]
+    guider = host.run_node(custom.CFGGuider, patched, conds["pos"], conds["neg"], 4.0)[0]
     sampler = comfy.samplers.sampler_object("euler")
-    sigmas = custom.BasicScheduler.execute(patched, "simple", 4, 1.0).args[0]
-    noise = custom.RandomNoise.execute(5).args[0]
-    out = custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, empty_latent()).args[0]
+    sigmas = host.run_node(custom.BasicScheduler, patched, "simple", 4, 1.0)[0]
+    noise = host.run_node(custom.RandomNoise, 5)[0]
+    out = host.run_node(custom.SamplerCustomAdvanced, noise, guider, sampler, sigmas, empty_latent())[0]
     assert torch.equal(out["samples"], reference)
 
 

@@ -79,7 +79,7 @@ def custom_sample(guider, sampler="euler", steps=STEPS, seed=7):
     sigmas = host.run_node(custom.BasicScheduler, guider.model_patcher, "simple", steps, 1.0)[0]
     noise = host.run_node(custom.RandomNoise, seed)[0]
     return host.run_node(custom.SamplerCustomAdvanced, noise, guider, comfy.samplers.sampler_object(sampler), sigmas,
-                                                latent())[0]["samples"]
+                         latent())[0]["samples"]
 
 
 # --- the stock contracts on batched CFG, CFG 1, batch 2 ---------------------------------------------
@@ -163,7 +163,7 @@ def dual_cfg(model, cond1, cond2, negative, cfg_conds=4.0, cfg_cond2_negative=2.
     import comfy_extras.nodes_custom_sampler as custom
     import host
     return host.run_node(custom.DualCFGGuider, model, cond1, cond2, negative, cfg_conds, cfg_cond2_negative,
-                                        "regular")[0]
+                         "regular")[0]
 
 
 def perp_neg(model, positive, negative, empty, cfg=4.0, neg_scale=1.0):
