@@ -225,6 +225,12 @@ _TEMP_NAME = re.compile(r"^.+\.safetensors\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":             # os.kill(pid, 0) would terminate the process on Windows
+        try:
+            import psutil           # ComfyUI depends on it
+        except ImportError:
+            return True             # cannot tell: keep the file
+        return psutil.pid_exists(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
