@@ -7,6 +7,7 @@ CFG branch pick the recorded K/V, so only one model has to be resident at a time
 """
 from __future__ import annotations
 
+from c2c_core import RopeSpec, TokenGrid
 from c2c_core.recording import KVRecording, RamStore
 
 from . import models
@@ -113,10 +114,11 @@ class _ReplayRun:
     def __init__(self, source: RecordedSharer, bridge, receiver_shape):
         rec = source.recording
         self.recording = rec
-        self.grid, self.rope = rec.grid, rec.rope
+        # plain values, so a recording made by another copy of c2c_core (the ComfyUI pack's) compares equal
+        self.grid, self.rope = TokenGrid(*rec.grid.shape), RopeSpec.from_dict(rec.rope.to_dict())
         self.grid_mode = "nearest" if source.grid_alignment == "refuse" else source.grid_alignment
         receiver_grid = models.token_grid(bridge.receivers[0], receiver_shape)
-        if rec.grid != receiver_grid and source.grid_alignment == "refuse":
+        if self.grid != receiver_grid and source.grid_alignment == "refuse":
             raise BridgeSetupError(
                 f"the K/V recording's token grid is {rec.grid.shape} (frames, height, width) but the receiver samples "
                 f"{receiver_grid.shape}; expected equal. Record at the receiver's size, or use "

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import tiny
 from c2c_core import FusionSchedule, LayerMap, ModelSignature, ProjectorBank, load_bundle, save_bundle
-from c2c_diffusers import Bridge, LiveSharer, SharerInputs, convert
+from c2c_core.recording import load_recording
+from c2c_diffusers import Bridge, LiveSharer, RecordedSharer, SharerInputs, convert
 from c2c_diffusers.hooks import add_taps, remove_taps
 
 pytestmark = pytest.mark.usefixtures("comfy")
@@ -146,16 +147,7 @@ def test_a_bundle_fused_in_diffusers_gives_the_comfy_bridged_latents(tiny_models
     inputs = SharerInputs(conds["sharer_pos"][0][0], conds["sharer_neg"][0][0])
     bridge = Bridge(load_bundle(path), LiveSharer(convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_b"))), inputs),
                     strength=strength, schedule=FusionSchedule()).attach(wan)
-    with torch.no_grad(), bridge.session():
-        for i in range(steps):
-            t = torch.tensor([sigmas[i] * 1000.0])
-            velocity = {}
-            for branch, cond in (("cond", conds["pos"]), ("uncond", conds["neg"])):
-                with wan.cache_context(branch, step_index=i, sigma=sigmas[i]):
-                    velocity[branch] = wan(hidden_states=x, timestep=t, encoder_hidden_states=cond[0][0],
-                                           return_dict=False)[0]
-            v = velocity["uncond"] + cfg * (velocity["cond"] - velocity["uncond"])
-            x = x + (sigmas[i + 1] - sigmas[i]) * v
+    x = euler_cfg(wan, x, sigmas, conds, cfg, bridge)
     bridge.detach()
     ours = receiver.model.process_latent_out(x)
     plain = ksample(receiver, conds["pos"], conds["neg"], cfg=cfg, seed=seed, steps=steps)
@@ -163,4 +155,57 @@ def test_a_bundle_fused_in_diffusers_gives_the_comfy_bridged_latents(tiny_models
     assert bridge.last_report.sharer_forwards == 2 * steps
     err = (ours - theirs).abs().max() / theirs.abs().max()
     print(f"latents relative difference {err:.2e}, fusion moved them by {(theirs - plain).abs().max():.3f}")
+    assert err <= 1e-5, f"relative difference {err:.2e}"
+
+
+def euler_cfg(wan, x, sigmas, conds, cfg, bridge):
+    """ComfyUI's euler + CFG on a diffusers transformer, with the cache context WanPipeline would give."""
+    with torch.no_grad(), bridge.session():
+        for i in range(len(sigmas) - 1):
+            t = torch.tensor([sigmas[i] * 1000.0])
+            velocity = {}
+            for branch, cond in (("cond", conds["pos"]), ("uncond", conds["neg"])):
+                with wan.cache_context(branch, step_index=i, sigma=sigmas[i]):
+                    velocity[branch] = wan(hidden_states=x, timestep=t, encoder_hidden_states=cond[0][0],
+                                           return_dict=False)[0]
+            x = x + (sigmas[i + 1] - sigmas[i]) * (velocity["uncond"] + cfg * (velocity["cond"] - velocity["uncond"]))
+    return x
+
+
+def test_a_comfy_recording_replayed_in_diffusers_gives_the_comfy_recorded_latents(tiny_models, tmp_path):
+    """Record KV Cache in ComfyUI -> the recording file -> RecordedSharer in diffusers; same bundle, same sampling."""
+    import comfy.sample
+    import comfy.samplers
+    from bridge_helpers import empty_latent, ksample, load_model, pack_nodes
+    from comfy_test_nodes import wan_conditioning
+
+    bundle_path = tmp_path / "full.safetensors"
+    seeded_bundle(tiny_models, bundle_path)
+    conds = {name: wan_conditioning(seed, length) for name, seed, length in
+             (("pos", 1, 8), ("neg", 2, 5), ("sharer_pos", 3, 8), ("sharer_neg", 4, 5))}
+    steps, cfg, seed, strength = 4, 4.0, 7, 0.7
+    receiver = load_model(tiny_models.path("tiny_wan_t2v_a"))
+    nodes = pack_nodes()
+    pack_core = importlib.import_module("dit_cache_bridge.c2c_core")
+    source = nodes.RecordKVCache.execute(load_model(tiny_models.path("tiny_wan_t2v_b")), conds["sharer_pos"],
+                                         conds["sharer_neg"], empty_latent(), seed, steps, cfg, "euler", "simple", 1.0,
+                                         layers="all", storage_dtype="fp32").args[0]
+    fused = nodes.FuseCaches.execute(receiver, source, pack_core.load_bundle(bundle_path), strength, 0.0, 1.0,
+                                     "constant", "").args[0]
+    theirs = ksample(fused, conds["pos"], conds["neg"], cfg=cfg, seed=seed, steps=steps)
+    importlib.import_module("dit_cache_bridge.c2c_core.recording").save_recording(tmp_path / "rec.safetensors",
+                                                                                  source.recording)
+
+    sigmas = [float(s) for s in comfy.samplers.calculate_sigmas(receiver.get_model_object("model_sampling"), "simple", steps)]
+    x = comfy.sample.prepare_noise(empty_latent()["samples"], seed) * sigmas[0]
+    wan = convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_a")))
+    bridge = Bridge(load_bundle(bundle_path), RecordedSharer(load_recording(tmp_path / "rec.safetensors")),
+                    strength=strength).attach(wan)
+    ours = receiver.model.process_latent_out(euler_cfg(wan, x, sigmas, conds, cfg, bridge))
+    bridge.detach()
+    plain = ksample(receiver, conds["pos"], conds["neg"], cfg=cfg, seed=seed, steps=steps)
+    assert (theirs - plain).abs().max() > 1e-3
+    assert bridge.last_report.model_calls == 2 * steps and bridge.last_report.sharer_forwards == 0
+    err = (ours - theirs).abs().max() / theirs.abs().max()
+    print(f"recorded: latents relative difference {err:.2e}")
     assert err <= 1e-5, f"relative difference {err:.2e}"
