@@ -7,7 +7,8 @@
   test nodes in its custom_nodes folder and the tiny models in its model folders.
 
 Without a ComfyUI host these fixtures skip the test (run ``make host``); with CI set, or with a
-COMFYUI_PATH that is not a ComfyUI tree, they fail it instead.
+COMFYUI_PATH that is not a ComfyUI tree, they fail it instead. The report header names the host, since
+``make test`` runs the suite once per host.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from __future__ import annotations
 import pytest
 
 import host
+
+
+def pytest_report_header(config):
+    try:
+        tree = host.comfyui_path()
+    except host.HostNotInstalled as exc:
+        return f"ComfyUI host: none ({exc})"
+    return f"ComfyUI host: {host.install_host.comfyui_version(tree)} at {tree}"
 
 
 @pytest.fixture(scope="session")
