@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 from comfy_api.latest import io
 
@@ -10,6 +11,7 @@ from ..c2c_core import FusionSchedule, ScheduleError
 from ..c2c_comfy.bridge import Bridge
 from ..c2c_comfy.errors import BridgeInputError, check
 from ..c2c_comfy.lockstep import DIRECTIONS, with_direction
+from ..c2c_comfy.validate import check_inputs
 from .projector import check_projector_fits, model_signature, untrained_warning
 from .types import CATEGORY, KVSource, Projector
 
@@ -72,6 +74,7 @@ class FuseCaches(io.ComfyNode):
     def execute(cls, model, kv_source, projector, strength, start_percent, end_percent, ramp="constant",
                 layer_strengths="", direction=DIRECTIONS[0], backward_projector=None,
                 backward_strength=1.0) -> io.NodeOutput:
+        check_inputs(cls, locals())
         patched = bridge_model(cls.NODE, model, kv_source, projector, strength, start_percent, end_percent, ramp,
                                layer_strengths, report_to=cls.hidden.unique_id if cls.hidden else None,
                                direction=direction, backward_projector=backward_projector,
@@ -90,8 +93,8 @@ def parse_layer_strengths(node: str, text: str, layers) -> dict:
                                    "write each entry as layer index, colon, number") from None
         check(layer in layers, node, "layer_strengths", f"layer {layer}",
               f"one of the fused receiver layers {sorted(layers)}", "remove it or fuse that layer in the projector")
-        check(value >= 0.0, node, "layer_strengths", f"strength {value} for layer {layer}", "a value ≥ 0",
-              "use 0 to switch a layer off")
+        check(math.isfinite(value) and 0.0 <= value <= 2.0, node, "layer_strengths",
+              f"strength {value} for layer {layer}", "a value from 0 to 2 (as strength)", "use 0 to switch a layer off")
         out[layer] = value
     return out
 
