@@ -26,7 +26,7 @@ import comfy.patcher_extension
 
 from ..c2c_core import FusionSchedule, ModelSignature, health
 from ..c2c_core.runtime import BankCache, FusionRun, RunReport, percent_of, step_index
-from . import compat
+from . import compat, memory
 from .branches import call_roles, role_map
 from .errors import BridgeInputError
 from .live import Shared
@@ -76,6 +76,7 @@ class Bridge(Shared):
                                      self._calc_cond_batch)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key, self._apply_model)
         self.source.attach(self, patched, receiver)
+        memory.register_bank(self, patched, receiver)
         return patched
 
     # -- wrappers ---------------------------------------------------------------------------

@@ -12,13 +12,16 @@ All sizes are arithmetic on shapes (docs/memory.md has the formulas and the Wan2
 """
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from dataclasses import dataclass
 
+import comfy.model_patcher
 import comfy.patcher_extension
 
 from ..c2c_core.recording import STORAGE_DTYPES
+from ..c2c_core.runtime import BankCache
 from . import compat
 from .errors import BridgeInputError
 
@@ -169,6 +172,22 @@ def chunks_of(conds) -> int:
     return 2 if conds.get("negative") else 1
 
 
+def register_bank(bridge, patched, receiver):
+    """The projector bank as a model ComfyUI manages: loaded to the device with the receiver, counted, offloaded.
+
+    A copy of the bank in the receiver's compute dtype goes into a ModelPatcher registered as an additional
+    model of the bridged clone; the bridge's runtime then uses that module where ComfyUI put it (no copy of
+    its own on the device, nothing kept outside ComfyUI's memory manager). Returns the patcher.
+    """
+    model = receiver.model
+    bank = copy.deepcopy(bridge.bundle.bank).to(dtype=model.manual_cast_dtype or model.get_dtype()).eval()
+    patcher = comfy.model_patcher.ModelPatcher(bank, load_device=receiver.load_device,
+                                               offload_device=receiver.offload_device)
+    patched.set_additional_models(f"{bridge.key}.projector", [patcher])
+    bridge.banks = BankCache(bank)
+    return patcher
+
+
 def live_reservation(bridge, source):
     """The estimate function ``reserve`` calls for a live source attached to ``bridge``."""
     def estimate(receiver, noise_shape, conds):
@@ -177,7 +196,7 @@ def live_reservation(bridge, source):
         return live_estimate(tokens=compat.token_grid(noise_shape).numel, chunks=chunks, sharer_heads=sig.num_heads,
                              sharer_head_dim=sig.head_dim, sharer_layers=len(bridge.sharer_layers),
                              itemsize=_compute_itemsize(bridge.sharer_patcher),
-                             bank=bank_bytes(bridge.bundle.bank, _compute_itemsize(receiver)), streaming=streaming,
+                             bank=0, streaming=streaming,     # the bank is a model ComfyUI loads and counts
                              sharer_activations=activation_bytes(bridge.sharer_patcher, noise_shape, chunks),
                              receiver_activations=activation_bytes(receiver, noise_shape, chunks))
     return estimate
@@ -189,7 +208,7 @@ def replay_reservation(bridge, source):
         sig, itemsize = bridge.bundle.sharer, _compute_itemsize(receiver)
         return replay_estimate(tokens=compat.token_grid(noise_shape).numel, chunks=chunks_of(conds),
                                sharer_heads=sig.num_heads, sharer_head_dim=sig.head_dim, itemsize=itemsize,
-                               bank=bank_bytes(bridge.bundle.bank, itemsize))
+                               bank=0)                           # counted by ComfyUI (register_bank)
     return estimate
 
 

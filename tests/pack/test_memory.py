@@ -95,10 +95,30 @@ def test_models_are_loaded_with_the_bridged_runs_extra_memory_reserved(models, c
     assert mm.extra_reserved_memory() == before
 
     layer = 2 * 2 * 48 * 256 * 4                                    # K + V, 2 chunks, 48 tokens, 2 x 128, fp32
-    bank = sum(p.numel() for p in proj.bank.parameters()) * 4
     activations = int(models["b"].model.memory_required([2, 16, 3, 8, 8]))
-    expected = (activations + layer if streaming else 2 * layer) + bank    # the twins' activations are equal
-    assert seen == [before + expected]
+    expected = activations + layer if streaming else 2 * layer      # the twins' activations are equal
+    assert seen == [before + expected]                              # the bank is a model ComfyUI counts itself
+
+
+def test_the_projector_bank_is_a_model_comfyui_loads_with_the_run(models, conds, monkeypatch):
+    import comfy.model_management as mm
+    patched, proj = bridged(models, conds, streaming=True)
+    wrappers = patched.wrappers["outer_sample"]
+    bridge = wrappers[next(k for k in wrappers if k.startswith("dit_cache_bridge"))][0].__self__
+    bank_module = bridge.banks.bank
+    assert bank_module is not proj.bank
+    loaded = []
+    real = mm.load_models_gpu
+
+    def spy(models_to_load, *args, **kwargs):
+        loaded.extend(m.model for m in models_to_load)
+        return real(models_to_load, *args, **kwargs)
+    monkeypatch.setattr(mm, "load_models_gpu", spy)
+    out = ksample(patched, conds["pos"], conds["neg"])
+    assert any(m is bank_module for m in loaded)
+    assert bridge.banks.on(torch.device("cpu"), torch.float32) is bank_module     # used in place, not copied
+    stock = ksample(models["a"], conds["pos"], conds["neg"])
+    assert not torch.equal(out, stock)
 
 
 def test_recording_too_large_for_free_ram_is_refused_before_the_sharer_runs(models, conds, monkeypatch):
