@@ -50,21 +50,39 @@ def token_grid(transformer, latent_shape) -> TokenGrid:
 
 
 def rope_positions_of(transformer, latent_shape) -> torch.Tensor:
-    """(N, 3) integer (t, y, x) positions the model's RoPE uses for this latent, read from its tables."""
+    """(N, 3) integer (t, y, x) positions the model's RoPE uses for this latent, read from its tables.
+
+    Per axis, the slowest rotary pair (whose angle never wraps) gives a first estimate; the integer
+    position near it that best reproduces all of the axis' pairs is taken, so tables kept in bf16 (a
+    transformer cast with ``.to(torch.bfloat16)``) are read right too. The whole table is then checked
+    against Wan's RoPE at those positions.
+    """
+    grid = token_grid(transformer, latent_shape)
     probe = torch.empty((1, 1, *latent_shape[-3:]), device="meta")
     cos, sin = transformer.rope(probe)
     head_dim = cos.shape[-1]
-    cos = cos.reshape(-1, head_dim)[:, 0::2].detach().to("cpu", torch.float64)
-    sin = sin.reshape(-1, head_dim)[:, 1::2].detach().to("cpu", torch.float64)
+    table_dtype = cos.dtype
+    cos = cos.reshape(*grid.shape, head_dim)[..., 0::2].detach().to("cpu", torch.float64)
+    sin = sin.reshape(*grid.shape, head_dim)[..., 1::2].detach().to("cpu", torch.float64)
     omega, axis = rope_frequencies(head_dim)
-    positions = []
+    lines = []
     for a in range(3):
-        pair = int((axis == a).nonzero()[-1])    # the slowest pair of the axis: its angle never wraps
-        angle = torch.atan2(sin[:, pair], cos[:, pair])
-        positions.append(torch.round(angle / omega[pair]))
-    positions = torch.stack(positions, dim=-1)
+        pairs = (axis == a).nonzero().flatten()
+        index = [0, 0, 0]
+        index[a] = slice(None)
+        c, s_ = cos[tuple(index)][:, pairs], sin[tuple(index)][:, pairs]          # (L, pairs of this axis)
+        slow = int(pairs[-1] - pairs[0])
+        rough = torch.round(torch.atan2(s_[:, slow], c[:, slow]) / omega[pairs[-1]])
+        candidates = rough[:, None] + torch.arange(-16, 17, dtype=torch.float64)    # (L, 33)
+        angle = candidates[..., None] * omega[pairs]                                 # (L, 33, pairs)
+        err = ((torch.cos(angle) - c[:, None]) ** 2 + (torch.sin(angle) - s_[:, None]) ** 2).sum(-1)
+        lines.append(candidates.gather(1, err.argmin(1, keepdim=True)).flatten())
+    t, y, x = torch.meshgrid(*lines, indexing="ij")
+    positions = torch.stack([t, y, x], dim=-1).reshape(-1, 3)
     expected = positions[:, axis] * omega
-    if not (torch.allclose(torch.cos(expected), cos, atol=1e-5) and torch.allclose(torch.sin(expected), sin, atol=1e-5)):
+    tol = max(1e-5, 8 * torch.finfo(table_dtype).eps)
+    if not (torch.allclose(torch.cos(expected), cos.reshape(-1, head_dim // 2), atol=tol)
+            and torch.allclose(torch.sin(expected), sin.reshape(-1, head_dim // 2), atol=tol)):
         raise BridgeSetupError(
             f"{type(transformer).__name__}.rope does not produce Wan's RoPE (theta 10000, axes "
             f"{wan_rope_axes(head_dim)}); the bridge cannot re-rotate its keys. Use a Wan-family transformer.")

@@ -96,3 +96,10 @@ def test_a_sharer_on_another_grid_is_refused_unless_resampling_is_asked_for(pair
     bridge.detach()
     assert out.shape == inputs["hidden_states"][:, :16].shape and torch.isfinite(out).all()
     assert bridge.last_report.k_change[1] > 0
+
+
+def test_positions_are_read_from_bf16_tables_at_480p_81_frames():
+    """A transformer cast with .to(bfloat16) keeps its RoPE tables in bf16: positions up to 51 still read exactly."""
+    shape = (1, 16, 21, 60, 104)          # 480 × 832, 81 frames
+    assert models.rope_spec(tiny.wan(3).to(torch.bfloat16), shape) == RopeSpec()
+    assert models.rope_spec(tiny.chronoedit(3).to(torch.bfloat16), (1, 16, 2, 60, 104)) == RopeSpec(scale=(7.0, 1.0, 1.0))

@@ -133,3 +133,17 @@ def test_a_recording_from_another_noise_schedule_is_refused():
     with pytest.raises(BridgeSetupError, match=r"step 2 is at sigma .* but the K/V recording's is at"):
         tiny.run_pipe(pipe, steps=3)
     bridge.detach()
+
+
+def test_bf16_models_fuse_with_a_bf16_copy_of_the_bank_and_the_twin_stays_bit_identical():
+    pipe = tiny.wan_pipe(tiny.wan(1).to(torch.bfloat16))
+    plain = tiny.run_pipe(pipe, steps=2)
+    twin = Bridge(tiny.bundle("identity"), LiveSharer(tiny.wan(1).to(torch.bfloat16), twin_inputs())).attach(pipe)
+    assert torch.equal(tiny.run_pipe(pipe, steps=2), plain)
+    twin.detach()
+    bundle = tiny.bundle("full", seed=1, hidden_dim=16)
+    bridge = Bridge(bundle, LiveSharer(tiny.wan(2).to(torch.bfloat16), twin_inputs())).attach(pipe)
+    fused = tiny.run_pipe(pipe, steps=2)
+    bridge.detach()
+    assert torch.isfinite(fused).all() and not torch.equal(fused, plain)
+    assert all(p.dtype == torch.float32 for p in bundle.bank.parameters()), "the user's bank is never cast"
