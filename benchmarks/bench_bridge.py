@@ -277,13 +277,15 @@ def plot(sweep_out: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     n = sweep_out["fused_layers"]
-    for mode, row in sweep_out["modes"].items():
-        ax1.plot(n, row["seconds_per_step"], marker="o", label=mode)
+    styles = ("o-", "s--", "^:", "D-.")
+    for style, (mode, row) in zip(styles, sweep_out["modes"].items()):
+        ax1.plot(n, row["seconds_per_step"], style, label=mode, alpha=0.8)
         ax2.plot(n, [(kv + bank) / 1024 ** 2 for kv, bank in zip(row["captured_kv_bytes"], row["bank_bytes"])],
-                 marker="o", label=mode)
+                 style, label=mode, alpha=0.8)
     ax1.set(xlabel="fused layers", ylabel="seconds per step", title="time per step")
-    ax2.set(xlabel="fused layers", ylabel="MB", title="peak extra memory (captured K/V + projector bank)")
+    ax2.set(xlabel="fused layers", ylabel="MB", title="peak extra memory: sharer K/V held + projector bank")
     for ax in (ax1, ax2):
+        ax.set_xticks(n)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
