@@ -41,12 +41,15 @@ browser:
 	    (apt-get update -qq && apt-get install -y -qq chromium) || \
 	    { echo "make test needs Chromium: apt-get update && apt-get install -y chromium (or DCB_SKIP_BROWSER_TESTS=1)"; exit 1; }
 
-# One pytest run per host (COMFYUI_PATH names it); every host runs even when one fails, the exit status says if any did.
+# One pytest run per host (COMFYUI_PATH names it): the whole suite on the first (pinned) host, on every further
+# host the tests whose outcome can depend on the host (DCB_HOST_DEPENDENT_ONLY, see tests/conftest.py). Every
+# host runs even when one fails; the exit status says if any did.
 test: venv host models browser
 	@trees="$$($(PY) tools/install_host.py --trees)"; test -n "$$trees" || { echo "no ComfyUI host: run make host"; exit 1; }; \
-	status=0; for tree in $$trees; do \
+	status=0; only=0; for tree in $$trees; do \
 	    echo "=== pytest against ComfyUI at $$tree"; \
-	    COMFYUI_PATH=$$tree $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) || status=1; \
+	    COMFYUI_PATH=$$tree DCB_HOST_DEPENDENT_ONLY=$$only $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) || status=1; \
+	    only=1; \
 	done; exit $$status
 
 demo: venv host models

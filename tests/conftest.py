@@ -13,9 +13,33 @@ COMFYUI_PATH that is not a ComfyUI tree, they fail it instead. The report header
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 import host
+
+# Every host fixture (tiny_models, comfy, comfy_server) builds on this one.
+HOST_FIXTURE = "comfyui_root"
+HOST_DEPENDENT_ONLY = "DCB_HOST_DEPENDENT_ONLY"
+
+
+def pytest_collection_modifyitems(config, items):
+    """With DCB_HOST_DEPENDENT_ONLY=1 (make test's runs on extra hosts) only tests whose outcome can depend on
+    the host run: those using a host fixture, or naming COMFYUI_PATH (a host started another way)."""
+    if os.environ.get(HOST_DEPENDENT_ONLY) != "1":
+        return
+    sources, keep, drop = {}, [], []
+    for item in items:
+        path = Path(str(item.fspath))
+        if path not in sources:
+            sources[path] = path.read_text(encoding="utf-8", errors="replace")
+        uses_host = HOST_FIXTURE in getattr(item, "fixturenames", ()) or "COMFYUI_PATH" in sources[path]
+        (keep if uses_host else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_report_header(config):
