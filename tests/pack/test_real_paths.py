@@ -53,9 +53,10 @@ def capture(sharer, pos, neg, streaming=None, **kw):
     return src if streaming is None else dataclasses.replace(src, streaming=streaming)
 
 
-def record(sharer, pos, neg, cfg=4.0, batch=1, sampler="euler", seed=7, steps=STEPS):
+def record(sharer, pos, neg, cfg=4.0, batch=1, sampler="euler", seed=7, steps=STEPS, refresh_every=1):
     return pack_nodes().RecordKVCache.execute(sharer, pos, neg, latent(batch), seed, steps, cfg, sampler, "simple",
-                                              1.0, layers="all", storage_dtype="fp32").args[0]
+                                              1.0, layers="all", storage_dtype="fp32",
+                                              refresh_every=refresh_every).args[0]
 
 
 def fused(receiver, src, proj, strength=1.0, start=0.0, end=1.0):
@@ -341,6 +342,17 @@ def test_two_evaluation_samplers_differ_from_euler_with_a_different_sharer(model
     replayed = sample(fused(a, rec, proj), conds["pos"], conds["neg"], sampler="heun")
     assert not torch.equal(replayed, live)          # the sharer's own trajectory, not the receiver's
     assert torch.equal(replayed, sample(fused(a, rec, proj), conds["pos"], conds["neg"], sampler="heun"))
+
+
+def test_replay_with_refresh_reuses_the_evaluation_each_window_began_with(models, conds):
+    a, b = models["a"], models["b"]
+    proj = projector(b, a, "weighted")
+    every = fused(a, record(b, conds["sharer_pos"], conds["sharer_neg"]), proj)
+    second = fused(a, record(b, conds["sharer_pos"], conds["sharer_neg"], refresh_every=2), proj)
+    out_every, out_second = sample(every, conds["pos"], conds["neg"]), sample(second, conds["pos"], conds["neg"])
+    assert report(every).sharer_forwards == STEPS and report(second).sharer_forwards == STEPS // 2
+    assert not torch.equal(out_second, out_every)
+    assert torch.equal(out_second, sample(second, conds["pos"], conds["neg"]))
 
 
 def test_replay_with_another_sampler_is_refused_at_the_first_differing_evaluation(models, conds):
