@@ -418,3 +418,16 @@ def test_the_noisy_latent_reaches_a_sharer_on_another_grid_by_nearest(tiny_model
     out = sample(fused(a, capture(i2v, pos, neg, grid_alignment="trilinear"), projector(i2v, a, "weighted")),
                  conds["pos"], conds["neg"])
     assert torch.isfinite(out).all() and len(seen) == STEPS and all(seen)
+
+
+def test_conditioning_that_adds_frames_to_the_receiver_is_refused(models, conds):
+    """Wan's time_dim_concat (reference frames appended in time) gives self-attention more tokens than the
+    sampled latent has: refused with the node's name instead of a shape error from inside the fusion."""
+    import node_helpers
+    a, b = models["a"], models["b"]
+    extra = {"time_dim_concat": torch.zeros(1, 16, 1, 8, 8)}
+    pos, neg = (node_helpers.conditioning_set_values(conds[k], extra) for k in ("pos", "neg"))
+    patched = fused(a, capture(b, conds["sharer_pos"], conds["sharer_neg"]), projector(b, a, "weighted"))
+    with pytest.raises(ValueError, match=r"Fuse Caches › model: self-attention over 64 tokens in layer 0; expected "
+                                         r"the 48 tokens of the sampled latent \(3×4×4\).*Fix: remove conditioning"):
+        sample(patched, pos, neg)
