@@ -28,19 +28,24 @@ async function openApp(context) {
   await page.waitForFunction(
     () => window.app?.graph && window.app.vueAppReady && window.app.extensions?.some((e) => e.name === "dit_cache_bridge"),
     null, { timeout: 60_000 });
-  // Record the load warnings where the app raises them, not only through the dialogs' markup.
+  // Record the load warnings where the app raises them, not only through the dialogs' markup. Newer
+  // frontends (1.49) moved these out of `app`; there the unregistered node types stand in for them.
   await page.evaluate(() => {
-    window.__dcbWarnings = { nodes: [], models: [] };
-    const showNodes = app.showMissingNodesError.bind(app);
-    app.showMissingNodesError = (types) => {
-      window.__dcbWarnings.nodes.push(...types.map((t) => t?.type ?? t));
-      return showNodes(types);
-    };
-    const showModels = app.showMissingModelsError.bind(app);
-    app.showMissingModelsError = (models, paths) => {
-      window.__dcbWarnings.models.push(...models.map((m) => `${m.directory}/${m.name}`));
-      return showModels(models, paths);
-    };
+    window.__dcbWarnings = { nodes: [], models: [], hooked: typeof app.showMissingNodesError === "function" };
+    if (window.__dcbWarnings.hooked) {
+      const showNodes = app.showMissingNodesError.bind(app);
+      app.showMissingNodesError = (types) => {
+        window.__dcbWarnings.nodes.push(...types.map((t) => t?.type ?? t));
+        return showNodes(types);
+      };
+    }
+    if (typeof app.showMissingModelsError === "function") {
+      const showModels = app.showMissingModelsError.bind(app);
+      app.showMissingModelsError = (models, paths) => {
+        window.__dcbWarnings.models.push(...models.map((m) => `${m.directory}/${m.name}`));
+        return showModels(models, paths);
+      };
+    }
   });
   return { page, errors };
 }
@@ -48,18 +53,39 @@ async function openApp(context) {
 /** Load a workflow as the app does; report its warnings and open dialogs, then close the dialogs. */
 async function loadWorkflow(page, workflow) {
   const result = await page.evaluate(async (wf) => {
-    window.__dcbWarnings = { nodes: [], models: [] };
+    const hooked = window.__dcbWarnings.hooked;
+    window.__dcbWarnings = { nodes: [], models: [], hooked };
     await app.loadGraphData(structuredClone(wf), true, true, null);
     await new Promise((r) => setTimeout(r, 300));
-    const dialogs = [...document.querySelectorAll(".p-dialog")].map((d) => d.innerText.replace(/\s+/g, " ").slice(0, 120));
+    // Load warnings: a dialog (frontend 1.32) or the error overlay (newer frontends show missing nodes there).
+    const dialogs = [...document.querySelectorAll(".p-dialog, [data-testid='error-overlay']")]
+      .map((d) => d.innerText.replace(/\s+/g, " ").slice(0, 120));
     const types = app.graph.nodes.map((n) => n.type);
     const unregistered = types.filter((t) => !LiteGraph.registered_node_types[t]);
     const widgets = Object.fromEntries(app.graph.nodes.map((n) => [n.id, Object.fromEntries((n.widgets ?? []).map((w) => [w.name, w.value]))]));
-    return { missing: window.__dcbWarnings.nodes, missingModels: window.__dcbWarnings.models, dialogs, types, unregistered, widgets };
+    // The server's node list decides, as the frontend's own missing-node check does (newer frontends no
+    // longer call app.showMissingNodesError); what that hook saw is added where it is still called.
+    const known = await (await fetch("/object_info")).json();
+    const editorOnly = new Set(["Note", "MarkdownNote", "Reroute", "PrimitiveNode"]);
+    const missing = [...new Set([...window.__dcbWarnings.nodes,
+                                 ...types.filter((t) => !(t in known) && !editorOnly.has(t))])];
+    // Where the saved view puts each note (title corner, screen px): left of or above the view it is hidden,
+    // since nobody pans there; further right or down is where a reader goes next.
+    const ds = app.canvas.ds, el = app.canvas.canvas;
+    const notes = app.graph.nodes.filter((n) => ["Note", "MarkdownNote"].includes(n.type)).map((n) => {
+      const x = (n.pos[0] + ds.offset[0]) * ds.scale, y = (n.pos[1] - 30 + ds.offset[1]) * ds.scale;
+      return { id: n.id, title: n.title, x, y, hidden: x < 0 || y < 0,
+               onScreen: x >= 0 && y >= 0 && x < el.clientWidth && y < el.clientHeight };
+    });
+    const view = { scale: ds.scale, notes };
+    return { missing, missingModels: window.__dcbWarnings.models, dialogs, types, unregistered, widgets, view };
   }, workflow);
   for (let i = 0; i < 3 && await page.locator(".p-dialog").count(); i++) {
     await page.keyboard.press("Escape");
     await page.waitForTimeout(200);
+  }
+  for (const dismiss of await page.locator("[data-testid='error-overlay-dismiss']").all()) {
+    await dismiss.click({ timeout: 1000 }).catch(() => {});
   }
   return result;
 }
@@ -106,6 +132,7 @@ async function inspectNode(page, nodeId) {
     const widget = (node.widgets ?? []).find((w) => w.name === "fusion_inspector");
     const canvas = widget?.element?.querySelector("canvas");
     const result = { id: node.id, type: node.type, color: node.color, bgcolor: node.bgcolor, size: [...node.size],
+                     minSize: node.computeSize ? [...node.computeSize()] : null,
                      report: node.dcbFusionReport ?? null, widget: Boolean(widget), barPixels: { strength: 0, k: 0, v: 0 },
                      warningPixels: 0, visible: false, overlaps: [] };
     if (!canvas) return result;
@@ -154,12 +181,15 @@ const scenarios = {
   async search(page) {
     await page.evaluate(() => app.graph.clear());
     await page.mouse.dblclick(700, 500);
-    const input = page.getByPlaceholder("Search Nodes...");
+    // the visible search input: "Search Nodes..." (1.32), "Search" later (hidden panels have search inputs too)
+    const input = page.getByPlaceholder(/search/i).filter({ visible: true }).first();
     await input.waitFor({ timeout: 10_000 });
     await input.fill(job.query);
-    const option = page.locator(".p-autocomplete-option", { hasText: job.expect });
+    // result rows: PrimeVue autocomplete options (1.32) or the newer search box's role=option items
+    const rows = ".p-autocomplete-option, [role='option'][data-testid='result-item']";
+    const option = page.locator(rows, { hasText: job.expect });
     await option.first().waitFor({ timeout: 10_000 });
-    const options = await page.locator(".p-autocomplete-option").allInnerTexts();
+    const options = await page.locator(rows).allInnerTexts();
     const screenshot = await shot(page, "search");
     await page.keyboard.press("Enter");
     await page.waitForFunction(() => app.graph.nodes.length > 0, null, { timeout: 10_000 });
@@ -173,6 +203,7 @@ const scenarios = {
     for (const [name, workflow] of Object.entries(job.workflows)) {
       results[name] = await loadWorkflow(page, workflow);
       if (name === "pack_workflow") results.screenshot = await shot(page, "load");
+      else if (name.endsWith(".json")) await shot(page, `load-${name.replace(/\.json$/, "")}`);
     }
     return results;
   },

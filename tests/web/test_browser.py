@@ -179,9 +179,9 @@ def pack_workflow(object_info: dict) -> dict:
     wf.add(8, "EmptyHunyuanLatentVideo", (0, 660), width=64, height=64, length=9, batch_size=1)
     wf.add(9, "KSampler", (1050, 0), **sampling)
     wf.add(10, "SaveLatent", (1400, 0), filename_prefix="web_test/fuse_caches")
-    wf.add(BRIDGED, "DiTCacheBridge_BridgedKSampler", (700, 400), strength=0.6, start_percent=0.0, end_percent=1.0,
+    wf.add(BRIDGED, "DiTCacheBridge_BridgedKSampler", (700, 560), strength=0.6, start_percent=0.0, end_percent=1.0,
            ramp="linear_down", **sampling)
-    wf.add(12, "SaveLatent", (1050, 500), filename_prefix="web_test/bridged_ksampler")
+    wf.add(12, "SaveLatent", (1050, 660), filename_prefix="web_test/bridged_ksampler")
     wf.add(13, "DiTCacheBridge_LoadC2CProjector", (0, 860))
     (wf.link(2, 5, "sharer").link(1, 5, "receiver")
        .link(2, 6, "sharer").link(3, 6, "positive").link(4, 6, "negative")
@@ -248,9 +248,16 @@ def test_workflows_load_without_missing_node_warning(ui_server, workflow, tmp_pa
         assert missing == [], f"workflows/{name} has node types this server does not know: {missing}"
         # Missing model files (the real 14B models) are expected here; a missing-node dialog is not.
         assert not any("missing node" in d.lower() for d in result[name]["dialogs"]), result[name]["dialogs"]
+        view = result[name]["view"]
+        assert view["scale"] >= 0.6, f"workflows/{name} opens at {view['scale']:.0%}, where node text is not drawn"
+        hidden = [n["id"] for n in view["notes"] if n["hidden"]]
+        assert not hidden, f"workflows/{name} opens on a view that hides its notes {hidden} (left of or above it)"
+        about = [n for n in view["notes"] if n["title"] == "About this workflow"]
+        assert about and about[0]["onScreen"], f"workflows/{name}: 'About this workflow' is not on the first screen"
 
 
 RENDERERS = pytest.mark.parametrize("renderer", ["canvas", "vue"])
+RENDERER_SEEDS = {"canvas": 0, "vue": 1}
 
 
 def check_inspector_shown(node: dict) -> None:
@@ -262,8 +269,12 @@ def check_inspector_shown(node: dict) -> None:
 @RENDERERS
 def test_inspector_draws_the_report_of_a_live_run(ui_server, workflow, tmp_path, renderer):
     layers = host.TinyModels.spec(host.T2V_A)["num_layers"]
+    run = json.loads(json.dumps(workflow))
+    for node in run["nodes"]:
+        if node["id"] in (9, BRIDGED):     # seed is the first widget of both: a new seed per renderer, or the
+            node["widgets_values"][0] = 7 + RENDERER_SEEDS[renderer]   # server would answer from its cache
     result = drive("live", ui_server, tmp_path, timeout=330, timeout_ms=240_000, inspect=[FUSE, BRIDGED],
-                   workflows={"run": workflow}, renderer=renderer)
+                   workflows={"run": run}, renderer=renderer)
     assert (result["vueNodes"] > 0) == (renderer == "vue"), result["vueNodes"]
     assert result["loaded"]["missing"] == []
     assert result["reported"], (f"no dit_cache_bridge.report reached the inspected nodes; events seen: "
@@ -304,6 +315,7 @@ def test_shipped_workflows_leave_the_inspector_clear_of_other_nodes(ui_server, t
     for name, nodes in result["results"].items():
         for node in nodes:
             assert node["widget"] and node["visible"], f"{name}: inspector of node {node['id']} not shown: {node}"
-            assert node["overlaps"] == [], f"{name}: inspector of node {node['id']} meets nodes {node['overlaps']}"
+            assert node["overlaps"] == [], (f"{name}: inspector of node {node['id']} meets nodes {node['overlaps']} "
+                                            f"(size {node['size']}, minimum {node['minSize']}, at {node['graphRect']})")
             inspected += 1
     assert inspected >= 3
