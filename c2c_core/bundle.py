@@ -226,11 +226,13 @@ _TEMP_NAME = re.compile(r"^.+\.safetensors\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
 
 def _alive(pid: int) -> bool:
     if os.name == "nt":             # os.kill(pid, 0) would terminate the process on Windows
-        try:
-            import psutil           # ComfyUI depends on it
-        except ImportError:
-            return True             # cannot tell: keep the file
-        return psutil.pid_exists(pid)
+        import ctypes               # stdlib: c2c_core stays torch/einops/safetensors only
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)      # PROCESS_QUERY_LIMITED_INFORMATION
+        if handle:
+            kernel32.CloseHandle(handle)
+            return True
+        return kernel32.GetLastError() == 5                    # ERROR_ACCESS_DENIED: it exists
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
