@@ -181,9 +181,18 @@ const scenarios = {
   async search(page) {
     await page.evaluate(() => app.graph.clear());
     await page.mouse.dblclick(700, 500);
-    // the visible search input: "Search Nodes..." (1.32), "Search" later (hidden panels have search inputs too)
-    const input = page.getByPlaceholder(/search/i).filter({ visible: true }).first();
-    await input.waitFor({ timeout: 10_000 });
+    // the visible node search input: "Search Nodes..." (1.32), "Add a node..." (1.49); hidden panels have inputs too
+    const input = page.getByPlaceholder(/search nodes|add a node/i).filter({ visible: true }).first();
+    const opened = await input.waitFor({ timeout: 3_000 }).then(() => true, () => false);
+    if (!opened) {   // frontends where a double-click does not open it: the command behind its keybinding
+      await page.evaluate(() => window.app.extensionManager?.command?.execute?.("Workspace.SearchBox.Toggle"));
+    }
+    await input.waitFor({ timeout: 10_000 }).catch(async (e) => {
+      await shot(page, "search-failed");
+      const inputs = await page.evaluate(() => [...document.querySelectorAll("input")]
+        .filter((i) => i.offsetParent !== null).map((i) => `${i.placeholder}|${i.getAttribute("aria-label")}|${i.className}`));
+      throw new Error(`${e.message}\nvisible inputs: ${JSON.stringify(inputs)}`);
+    });
     await input.fill(job.query);
     // result rows: PrimeVue autocomplete options (1.32) or the newer search box's role=option items
     const rows = ".p-autocomplete-option, [role='option'][data-testid='result-item']";
