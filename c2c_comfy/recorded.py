@@ -126,14 +126,14 @@ def _temp_dir():
 
 @dataclass(eq=False)
 class RecordedSource:
-    """A K/V source that replays a recording (Capture KV Cache in recorded mode, or Load KV Cache)."""
+    """A K/V source that replays a recording (Record KV Cache, or Load KV Cache)."""
     recording: KVRecording
     signature: object
     layers: tuple
     refresh_every: int = 1
     rope_alignment: str = "auto"
     grid_alignment: str = "refuse"
-    node: str = "Capture KV Cache"
+    node: str = "Record KV Cache"
 
     def __deepcopy__(self, memo):
         return self

@@ -111,7 +111,7 @@ def bridge_model(node, model, source, bundle, strength, start_percent, end_perce
         missing = sorted(set(needed) - set(source.layers))
         check(not missing, node, "kv_source", f"a capture of sharer layers {list(source.layers)}",
               f"all sharer layers the projector reads ({needed})",
-              f"add layers {missing} in Capture KV Cache, or set its layers to 'auto'")
+              f"add layers {missing} in {getattr(source, 'node', 'Capture KV Cache')}, or set its layers to 'auto'")
     try:
         schedule = FusionSchedule(start=start_percent, end=end_percent, ramp=ramp,
                                   refresh_every=getattr(source, "refresh_every", 1))
