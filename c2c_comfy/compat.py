@@ -252,6 +252,11 @@ def set_current_patcher(model, patcher) -> None:
     model.current_patcher = patcher
 
 
+def module_patcher(module, load_device, offload_device):
+    """A ModelPatcher over a plain torch module, so ComfyUI loads, counts and offloads it like a model."""
+    return comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+
+
 def model_options_clone(model_options: dict) -> dict:
     return comfy.model_patcher.create_model_options_clone(model_options)
 

@@ -17,7 +17,6 @@ import logging
 import shutil
 from dataclasses import dataclass
 
-import comfy.model_patcher
 import comfy.patcher_extension
 
 from ..c2c_core.recording import STORAGE_DTYPES
@@ -181,8 +180,7 @@ def register_bank(bridge, patched, receiver):
     """
     model = receiver.model
     bank = copy.deepcopy(bridge.bundle.bank).to(dtype=model.manual_cast_dtype or model.get_dtype()).eval()
-    patcher = comfy.model_patcher.ModelPatcher(bank, load_device=receiver.load_device,
-                                               offload_device=receiver.offload_device)
+    patcher = compat.module_patcher(bank, receiver.load_device, receiver.offload_device)
     patched.set_additional_models(f"{bridge.key}.projector", [patcher])
     bridge.banks = BankCache(bank)
     return patcher
