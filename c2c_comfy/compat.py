@@ -131,6 +131,12 @@ def is_image_to_video(patcher) -> bool:
     return diffusion_model(patcher).patch_embedding.weight.shape[1] != patcher.model.latent_format.latent_channels
 
 
+def latent_format(patcher) -> tuple[str, int]:
+    """Name and channel count of the latent a model samples: Wan21 16 (Wan2.1, Wan2.2 A14B), Wan22 48 (TI2V-5B)."""
+    fmt = patcher.model.latent_format
+    return type(fmt).__name__, fmt.latent_channels
+
+
 def token_grid(latent_shape) -> TokenGrid:
     """Token grid Wan builds from a latent (B, C, T, H, W)."""
     t, h, w = latent_shape[-3:]

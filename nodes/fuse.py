@@ -12,7 +12,7 @@ from ..c2c_comfy.bridge import Bridge
 from ..c2c_comfy.errors import BridgeInputError, check
 from ..c2c_comfy.lockstep import DIRECTIONS, with_direction
 from ..c2c_comfy.validate import check_inputs
-from .projector import check_projector_fits, model_signature, untrained_warning
+from .projector import check_projector_fits, check_same_latent, model_signature, untrained_warning
 from .types import CATEGORY, KVSource, Projector
 
 log = logging.getLogger("dit_cache_bridge")
@@ -104,6 +104,8 @@ def bridge_model(node, model, source, bundle, strength, start_percent, end_perce
                  backward_projector=None, backward_strength=1.0):
     """Validate everything, then return a bridged clone of ``model``."""
     receiver_sig = model_signature(node, model_input, model)
+    if isinstance(getattr(source, "model", None), type(model)):
+        check_same_latent(node, "sharer" if source.node == node else model_input, source.model, model)
     source = with_direction(node, source, direction, backward_projector, backward_strength, receiver_sig)
     check_projector_fits(node, bundle, source.signature, receiver_sig)
     needed = sorted(set(bundle.layer_map.pairs.values()))

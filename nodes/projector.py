@@ -149,6 +149,24 @@ def model_signature(node: str, input_name: str, model):
                                "load a Wan2.1 or ChronoEdit diffusion model with Load Diffusion Model") from e
 
 
+def check_same_latent(node: str, input_name: str, sharer, receiver) -> None:
+    """A live sharer samples the receiver's latent: both models must use one latent format.
+
+    Wan2.2-TI2V-5B samples a 48-channel latent (ComfyUI's Wan22 format); Wan2.1, ChronoEdit and the
+    Wan2.2 A14B experts a 16-channel one (Wan21). Fed the other one, ComfyUI fails deep inside the
+    model (``zeros: Dimension size must be non-negative``) or pads it into a wrong picture.
+    """
+    role, other = ("receiver", "sharer") if input_name in ("model", "receiver") else ("sharer", "receiver")
+    formats = {"sharer": compat.latent_format(sharer), "receiver": compat.latent_format(receiver)}
+    (own_name, own_channels), (other_name, other_channels) = formats[role], formats[other]
+    check(own_channels == other_channels, node, input_name,
+          f"a {role} that samples the {own_name} latent ({own_channels} channels), but the {other} samples the "
+          f"{other_name} latent ({other_channels} channels)",
+          "a sharer and a receiver of one latent format (Wan2.2-TI2V-5B: 48 channels; Wan2.1, ChronoEdit, "
+          "Wan2.2 A14B: 16 channels)",
+          "pair Wan2.2-TI2V-5B only with Wan2.2-TI2V-5B, and Wan2.1-latent models only with each other")
+
+
 def _shape(sig) -> str:
     return f"{sig.num_layers} layers × {sig.num_heads} heads × {sig.head_dim}"
 

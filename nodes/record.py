@@ -71,10 +71,21 @@ class RecordKVCache(io.ComfyNode):
         if chosen is None:
             chosen = tuple(range(signature.num_layers))
         check_image_latents(cls.NODE, {"positive": positive, "negative": negative}, latent_image)
+        check_latent_channels(cls.NODE, sharer, latent_image)
         recording = recorded.record(cls.NODE, sharer, positive, negative, chosen, latent_image, seed, steps, cfg,
                                     sampler_name, scheduler, denoise, storage_dtype, storage, signature)
         return io.NodeOutput(recorded.RecordedSource(recording, signature, chosen, int(refresh_every),
                                                      rope_alignment, grid_alignment, cls.NODE))
+
+
+def check_latent_channels(node: str, sharer, latent_image) -> None:
+    """The recorded latent must be the sharer's format (Wan2.2-TI2V-5B: 48 channels, Wan2.1: 16), before any load."""
+    name, channels = compat.latent_format(sharer)
+    shape = tuple(latent_image["samples"].shape)
+    check(len(shape) == 5 and shape[1] == channels, node, "latent_image",
+          f"a latent of shape {shape}", f"the sharer's {name} latent (batch, {channels} channels, frames, height, "
+          "width)", "make the latent with the empty-latent node of the sharer's family (Wan2.2-TI2V-5B: "
+          "Wan22ImageToVideoLatent; Wan2.1, ChronoEdit, Wan2.2 A14B: EmptyHunyuanLatentVideo)")
 
 
 def check_image_latents(node: str, conditionings: dict, latent_image,

@@ -60,7 +60,8 @@ T2V_A = "tiny_wan_t2v_a.safetensors"
 T2V_B = "tiny_wan_t2v_b.safetensors"
 I2V = "tiny_wan_i2v.safetensors"
 T2V_WIDE = "tiny_wan_t2v_wide.safetensors"
-TINY_MODEL_FILES = (T2V_A, T2V_B, I2V, T2V_WIDE)
+TI2V = "tiny_wan22_ti2v.safetensors"    # Wan2.2-TI2V-5B layout: 48-channel latent
+TINY_MODEL_FILES = (T2V_A, T2V_B, I2V, T2V_WIDE, TI2V)
 
 
 def _load_tool(name: str):

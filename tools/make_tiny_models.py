@@ -36,7 +36,8 @@ SUBFOLDER = "diffusion_models"
 INIT_VERSION = 1
 METADATA_KEY = "dit_cache_bridge.tiny_model"
 
-# name -> spec. Shared keys: model_type ('t2v' | 'i2v'), dim, ffn_dim, num_layers, in_dim, seed.
+# name -> spec. Shared keys: model_type ('t2v' | 'i2v'), dim, ffn_dim, num_layers, in_dim, seed;
+# optional out_dim (default OUT_DIM, the 16 latent channels of Wan2.1).
 TINY_MODELS: dict[str, dict] = {
     # The receiver / sharer pair with the same architecture (different weights).
     "tiny_wan_t2v_a": {"model_type": "t2v", "dim": 256, "ffn_dim": 512, "num_layers": 2, "in_dim": 16, "seed": 1001},
@@ -45,6 +46,9 @@ TINY_MODELS: dict[str, dict] = {
     "tiny_wan_i2v": {"model_type": "i2v", "dim": 256, "ffn_dim": 512, "num_layers": 2, "in_dim": 36, "seed": 3003},
     # Mismatched with tiny_wan_t2v_a: 4 heads instead of 2, 3 layers instead of 2.
     "tiny_wan_t2v_wide": {"model_type": "t2v", "dim": 512, "ffn_dim": 1024, "num_layers": 3, "in_dim": 16, "seed": 4004},
+    # Wan2.2-TI2V-5B layout: 48-channel latent in and out (ComfyUI detects WAN22_T2V by out_dim 48).
+    "tiny_wan22_ti2v": {"model_type": "t2v", "dim": 256, "ffn_dim": 512, "num_layers": 2, "in_dim": 48,
+                        "out_dim": 48, "seed": 5005},
 }
 
 # Fixed by ComfyUI's Wan detection; recorded in the metadata for readers of the files.
@@ -64,8 +68,8 @@ def file_name(name: str) -> str:
 
 def expected_metadata(name: str) -> dict[str, str]:
     spec = dict(TINY_MODELS[name])
-    spec.update(num_heads=spec["dim"] // HEAD_DIM, head_dim=HEAD_DIM, text_dim=TEXT_DIM, out_dim=OUT_DIM,
-                init_version=INIT_VERSION)
+    spec.setdefault("out_dim", OUT_DIM)
+    spec.update(num_heads=spec["dim"] // HEAD_DIM, head_dim=HEAD_DIM, text_dim=TEXT_DIM, init_version=INIT_VERSION)
     return {METADATA_KEY: json.dumps({"name": name, **spec}, sort_keys=True)}
 
 
@@ -152,7 +156,7 @@ def build_state_dict(name: str, WanModel, operations) -> dict:
         ffn_dim=spec["ffn_dim"],
         freq_dim=256,
         text_dim=TEXT_DIM,
-        out_dim=OUT_DIM,
+        out_dim=spec.get("out_dim", OUT_DIM),
         num_heads=spec["dim"] // HEAD_DIM,
         num_layers=spec["num_layers"],
         qk_norm=True,
