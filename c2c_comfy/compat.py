@@ -214,7 +214,8 @@ def unload(patcher) -> int:
 
 
 def is_loaded(patcher) -> bool:
-    return any(m.model is patcher.model for m in model_management.loaded_models())
+    # a LoadedModel whose patcher was garbage-collected reports None
+    return any(m is not None and m.model is patcher.model for m in model_management.loaded_models())
 
 
 def reserve_device_memory(nbytes: int) -> None:

@@ -177,6 +177,7 @@ def test_storage_dtypes_trade_memory_for_precision(models, conds):
 
 def test_only_one_model_is_resident_in_recorded_mode(models, conds):
     import comfy.patcher_extension
+    pack_nodes()    # loads the pack as dit_cache_bridge, as ComfyUI does
     from dit_cache_bridge.c2c_comfy import memory
     a, b = models["a"], models["b"]
     proj = projector(b, a, "weighted")
