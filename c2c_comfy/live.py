@@ -67,9 +67,9 @@ class LiveSharer(Shared):
         memory.reserve(patched, f"{bridge.key}.memory", memory.live_reservation(bridge, self))
 
     def open_run(self, run, guider, noise, latent_image, denoise_mask, seed):
-        if self.streaming and self.refresh_every == 1:
-            from .lockstep import open_lockstep_run
-            return open_lockstep_run(self, run, run.bridge.sharer_patcher, run.bridge.sharer_layers,
+        from . import lockstep
+        if self.streaming and self.refresh_every == 1 and lockstep.available():
+            return lockstep.open_lockstep_run(self, run, run.bridge.sharer_patcher, run.bridge.sharer_layers,
                                      noise.to(run.device), latent_image.to(run.device), denoise_mask, seed, run.device)
         return LiveSharerRun(self, run.bridge.sharer_patcher, run.bridge.sharer_layers, noise.to(run.device),
                              latent_image.to(run.device), denoise_mask, seed, run.device)

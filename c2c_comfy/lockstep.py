@@ -27,10 +27,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
-from greenlet import greenlet, getcurrent
+try:
+    from greenlet import greenlet, getcurrent
+except ImportError:     # requirements.txt installs it; without it live mode stays buffered (see available())
+    greenlet = getcurrent = None
+    logging.getLogger("dit_cache_bridge").warning(
+        "DiT Cache Bridge: the Python package greenlet is missing, so live mode keeps every fused layer's sharer "
+        "K/V per model call (more memory) and bidirectional fusion is off; install the pack's requirements.txt")
 
 import comfy.patcher_extension
 
@@ -47,6 +54,11 @@ class _Forward:
     """One deferred sharer model call: the chunk kinds it covers and the coroutine that runs it."""
     kinds: tuple
     coroutine: greenlet
+
+
+def available() -> bool:
+    """True when greenlet is installed: lockstep streaming and bidirectional fusion need it."""
+    return greenlet is not None
 
 
 def is_monotone(pairs: dict) -> bool:
@@ -258,6 +270,11 @@ def with_direction(node: str, source, direction: str, backward, backward_strengt
         return source
     if direction not in DIRECTIONS:
         raise BridgeInputError(node, "direction", repr(direction), f"one of {list(DIRECTIONS)}", "pick one from the list")
+    if not available():
+        raise BridgeInputError(node, "direction", "bidirectional, but the Python package greenlet is not installed",
+                               "greenlet (listed in the pack's requirements.txt)",
+                               "run `python -m pip install -r requirements.txt` in the pack's folder with ComfyUI's "
+                               "Python and restart ComfyUI, or set direction to sharer_to_receiver")
     if not isinstance(source, LiveSharer):
         raise BridgeInputError(node, "direction", "bidirectional with a recorded K/V source",
                                "a live sharer (Capture KV Cache)", "the sharer can only receive while it runs: use "

@@ -239,3 +239,20 @@ def test_bidirectional_without_a_fitting_backward_projector_is_refused(models, c
         node.execute(a, src, forward, 1.0, 0.0, 1.0, direction="bidirectional")
     with pytest.raises(BridgeInputError, match=r"Fuse Caches › backward_projector: a projector from .* swapped"):
         node.execute(a, src, forward, 1.0, 0.0, 1.0, direction="bidirectional", backward_projector=forward)
+
+
+def test_without_greenlet_live_mode_stays_buffered_and_bidirectional_is_refused(models, conds, monkeypatch):
+    """A user who skipped requirements.txt still gets the pack: same output, buffered memory, a clear refusal."""
+    from dit_cache_bridge.c2c_comfy import lockstep
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    a, b = models["a"], models["b"]
+    buffered, streamed, r_buf, _ = both_modes(a, b, conds, projector(b, a), 4.0)
+    monkeypatch.setattr(lockstep, "greenlet", None)
+    src = live_source(b, conds["sharer_pos"], conds["sharer_neg"], True)
+    patched = fused(a, src, projector(b, a))
+    assert torch.equal(ksample(patched, conds["pos"], conds["neg"]), streamed)
+    assert report_of(patched).peak_kv_bytes == r_buf.peak_kv_bytes > 0
+    with pytest.raises(BridgeInputError, match=r"Fuse Caches › direction: bidirectional, but the Python package "
+                                               r"greenlet is not installed.*pip install -r requirements.txt"):
+        pack_nodes().FuseCaches.execute(a, src, projector(b, a), 1.0, 0.0, 1.0, direction="bidirectional",
+                                        backward_projector=projector(a, b))
