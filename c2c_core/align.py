@@ -29,6 +29,7 @@ from .errors import KVShapeError
 from .kv import TokenGrid
 
 __all__ = [
+    "GRID_ALIGNMENTS",
     "resample_tokens",
     "wan_rope_axes",
     "rope_frequencies",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 RESAMPLE_MODES = ("nearest", "trilinear")
+# What a bridge may do when the two models' token grids differ: refuse, or resample with one of the modes.
+GRID_ALIGNMENTS = ("refuse",) + RESAMPLE_MODES
 
 
 def _check_tokens(x: Tensor, grid: TokenGrid, what: str) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from c2c_core.align import GRID_ALIGNMENTS
 from torch import Tensor
 
 from . import models
@@ -20,7 +21,6 @@ from .hooks import add_taps, remove_taps
 
 __all__ = ["SharerInputs", "LiveSharer"]
 
-GRID_ALIGNMENTS = ("refuse", "nearest", "trilinear")
 
 
 @dataclass

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..c2c_core import LayerMapError, parse_layer_spec
+from ..c2c_core import LayerMapError, align, parse_layer_spec
 from ..c2c_comfy.live import LiveSharer
 from ..c2c_comfy.errors import BridgeInputError
 from ..c2c_comfy.validate import check_inputs
 from .projector import check_projector_fits, model_signature
 from .types import CATEGORY, KVSource, Projector
 
-GRID_ALIGNMENTS = ["refuse", "nearest", "trilinear"]
+GRID_ALIGNMENTS = list(align.GRID_ALIGNMENTS)
 
 
 class CaptureKVCache(io.ComfyNode):

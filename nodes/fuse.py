@@ -7,7 +7,7 @@ import math
 
 from comfy_api.latest import io
 
-from ..c2c_core import FusionSchedule, ScheduleError
+from ..c2c_core import RAMPS, FusionSchedule, ScheduleError
 from ..c2c_comfy.bridge import Bridge
 from ..c2c_comfy.errors import BridgeInputError, check
 from ..c2c_comfy.lockstep import DIRECTIONS, with_direction
@@ -16,7 +16,6 @@ from .projector import check_projector_fits, check_same_latent, model_signature,
 from .types import CATEGORY, KVSource, Projector
 
 log = logging.getLogger("dit_cache_bridge")
-RAMPS = ["constant", "linear_up", "linear_down", "cosine_down"]
 
 
 def fusion_inputs():
@@ -32,7 +31,7 @@ def fusion_inputs():
                        tooltip="Where fusion stops, in percent of the noise schedule (sigma percent, inclusive); "
                                "the sharer is not run outside the window. Split samplers (KSamplerAdvanced) and "
                                "partial denoise see the same window as one full run."),
-        io.Combo.Input("ramp", options=RAMPS, default="constant", optional=True,
+        io.Combo.Input("ramp", options=list(RAMPS), default="constant", optional=True,
                        tooltip="Strength over the window: constant, rising, falling, or a cosine fall."),
         io.String.Input("layer_strengths", default="", optional=True,
                         tooltip="Optional per-layer strength multipliers, e.g. '0:0.5, 12:1.0, 39:0'. "

@@ -11,7 +11,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..c2c_core import BundleError
+from ..c2c_core import BundleError, align
 from ..c2c_core.errors import cut, quote
 from ..c2c_core.recording import load_recording, save_recording
 from ..c2c_comfy import files
@@ -26,7 +26,7 @@ def recordings_folder() -> str:
     return os.path.join(folder_paths.get_output_directory(), SUBFOLDER)
 
 
-GRID_ALIGNMENTS = ["refuse", "nearest", "trilinear"]
+GRID_ALIGNMENTS = list(align.GRID_ALIGNMENTS)
 
 
 def recording_files() -> list[str]:
