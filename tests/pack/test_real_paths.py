@@ -387,7 +387,9 @@ def test_context_windows_on_the_receiver_are_refused(models, conds):
     from comfy_extras.nodes_context_windows import WanContextWindowsManualNode
     a, b = models["a"], models["b"]
     patched = fused(a, capture(b, conds["sharer_pos"], conds["sharer_neg"]), projector(b, a, "weighted"))
-    windowed = WanContextWindowsManualNode.execute(patched, 5, 1, "standard_static", 1, False, "pyramid").args[0]
+    import inspect
+    newer = {"freenoise": False} if "freenoise" in inspect.signature(WanContextWindowsManualNode.execute).parameters else {}
+    windowed = WanContextWindowsManualNode.execute(patched, 5, 1, "standard_static", 1, False, "pyramid", **newer).args[0]
     with pytest.raises(ValueError, match=r"Fuse Caches › model: a model evaluation on a latent of shape "
                                          r"\(1, 16, 2, 8, 8\).*Fix: remove context windows"):
         sample(windowed, conds["pos"], conds["neg"])
