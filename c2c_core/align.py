@@ -138,13 +138,37 @@ def _rotation_table(positions: Tensor, head_dim: int, theta: float) -> Tensor:
     return table.to(torch.float32)
 
 
-def _apply_table(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate adjacent pairs of (B, N, H, D) by a (N, D/2, 2, 2) table, in float32, as ComfyUI does."""
-    table = table.to(x.device).unsqueeze(1)  # (N, 1, D/2, 2, 2): broadcast over heads
+#: float32 working memory of one chunk when rotating half-precision keys (bytes)
+ROTATE_CHUNK_BYTES = 64 * 2**20
+
+
+def _rotate_f32(x: Tensor, table: Tensor) -> Tensor:
+    """The rotation itself, in float32: (B, n, H, D) by an (n, 1, D/2, 2, 2) table; returns float32."""
     pairs = x.to(torch.float32).reshape(*x.shape[:-1], -1, 1, 2)
     out = table[..., 0] * pairs[..., 0]
     out.addcmul_(table[..., 1], pairs[..., 1])
-    return out.reshape(x.shape).type_as(x)
+    return out.reshape(x.shape)
+
+
+def _apply_table(x: Tensor, table: Tensor, chunk_bytes: int | None = None) -> Tensor:
+    """Rotate adjacent pairs of (B, N, H, D) by a (N, D/2, 2, 2) table, in float32, as ComfyUI does.
+
+    float32 keys are rotated in one pass. Half-precision keys are rotated a chunk of tokens at a time
+    into an output of their own dtype, so no float32 copy of the whole key exists (a bf16 K of a
+    real Wan layer is ~0.3 GB; its float32 copy and product twice that each). Every element goes
+    through the same float32 operations either way, so the result is bit-identical to one pass.
+    """
+    table = table.to(x.device).unsqueeze(1)  # (N, 1, D/2, 2, 2): broadcast over heads
+    if x.dtype == torch.float32:
+        return _rotate_f32(x, table)
+    per_token = max(1, x.shape[0] * x.shape[2] * x.shape[3] * 4)
+    step = max(1, (ROTATE_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // per_token)
+    if step >= x.shape[1]:
+        return _rotate_f32(x, table).to(x.dtype)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    for i in range(0, x.shape[1], step):
+        out[:, i:i + step] = _rotate_f32(x[:, i:i + step], table[i:i + step])
+    return out
 
 
 def _check_positions(x: Tensor, positions: Tensor, what: str) -> None:

@@ -126,6 +126,37 @@ def test_rerotation_object_reuses_its_table_and_checks_shapes():
         rot.apply(keys(dim=64))
 
 
+def _one_pass_rotation(k, table):
+    """The simple path: the whole key upcast to float32, rotated, cast back (what chunking must equal)."""
+    t = table.unsqueeze(1)
+    pairs = k.float().reshape(*k.shape[:-1], -1, 1, 2)
+    out = t[..., 0] * pairs[..., 0]
+    return out.addcmul_(t[..., 1], pairs[..., 1]).reshape(k.shape).to(k.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_half_precision_keys_rotate_in_token_chunks_bit_for_bit(monkeypatch, dtype):
+    from c2c_core import align
+
+    a, b = rope_positions(GRID), rope_positions(GRID, scale=(7.0, 1.0, 1.0), shift=(0.0, 2.0, 1.0))
+    rot = RopeRerotation(a, b, head_dim=128)
+    k = keys(dtype=dtype, seed=5, batch=2)
+    expected = _one_pass_rotation(k, rot._table)
+    sizes = []
+    real = align._rotate_f32
+    monkeypatch.setattr(align, "_rotate_f32", lambda x, t: sizes.append(x.shape[1]) or real(x, t))
+    monkeypatch.setattr(align, "ROTATE_CHUNK_BYTES", 7 * 2 * 2 * 128 * 4)      # 7 tokens of float32 per chunk
+    out = rot.apply(k)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    if dtype is torch.float32:
+        assert sizes == [GRID.numel]                    # float32 keys: one pass, no copy to chunk
+    else:
+        assert sizes == [7] * 8 + [4]                   # never a float32 copy of the whole key
+    sizes.clear()
+    strided = keys(dtype=dtype, seed=6, batch=2, heads=4)[:, :, ::2]          # a non-contiguous view
+    assert torch.equal(rot.apply(strided), _one_pass_rotation(strided, rot._table))
+
+
 def test_rotate_rejects_positions_of_another_grid():
     with pytest.raises(KVShapeError, match=r"positions have shape \(24, 3\); expected \(60, 3\)"):
         rope_rotate(keys(), rope_positions(TokenGrid(2, 3, 4)))
