@@ -15,10 +15,11 @@ sigma and its own conditioning.
 One training forward (:class:`TrainingPair`):
   1. the sharer runs under ``no_grad``; a self-attention hook records the K/V of the sharer layers
      the layer map reads (it stops after the last one unless the sharer's prediction is needed);
-  2. the recorded keys are re-rotated to the receiver's RoPE positions (as the live bridge does
-     with rope_alignment "auto");
-  3. the receiver runs with grad; its hook fuses the projected sharer K/V into its own through a
-     c2c_core ``LayerFuser`` at strength 1, so gradients reach the projector bank and nothing else.
+  2. the receiver runs with grad; its hook fuses the recorded sharer K/V into its own through
+     ``c2c_core.runtime.FusionRun.fuse`` -- the one fusion path inference uses (keys re-rotated to the
+     receiver's RoPE positions as with rope_alignment "auto", projected, blended at strength 1) --
+     with the trainable bank used in place (never a placed copy), so gradients reach the projector
+     bank and nothing else, and what is trained is exactly what the bridge runs.
 
 Models are never changed: both are cloned, hooks live on the clones (``compat``), the clones
 are what ComfyUI loads. The base weights' ``requires_grad`` flags are switched off for the run and
@@ -46,12 +47,12 @@ import torch.distributed as dist
 
 import comfy.patcher_extension
 
-from ..c2c_core import (LOSS_KINDS, FusionSchedule, LayerFuser, LayerMap, ProjectorBank, ProjectorBundle,
-                        RopeRerotation, TrainConfig, distill_loss, kv_loss, save_bundle, save_tensors_with_meta,
-                        train_bank, velocity_loss)
+from ..c2c_core import (LOSS_KINDS, FusionSchedule, LayerMap, ProjectorBank, ProjectorBundle, TrainConfig,
+                        distill_loss, kv_loss, save_bundle, save_tensors_with_meta, train_bank, velocity_loss)
 from ..c2c_core.bundle import read_header, read_meta
 from ..c2c_core.checkpoint import find_checkpoint
 from ..c2c_core.errors import C2CError, TrainError
+from ..c2c_core.runtime import FusionRun
 from . import compat, files
 
 log = logging.getLogger("dit_cache_bridge")
@@ -442,8 +443,8 @@ class TrainingPair:
     def __init__(self, sharer, receiver, bank: ProjectorBank, layer_map: LayerMap, strength: float = 1.0):
         self.sharer_signature = compat.wan_signature(sharer)
         self.receiver_signature = compat.wan_signature(receiver)
-        self.bank, self.layer_map = bank, layer_map
-        self.fuser = LayerFuser(bank, layer_map, FusionSchedule(), strength)
+        self.bank, self.layer_map, self.strength = bank, layer_map, float(strength)
+        self.bundle = ProjectorBundle(bank=bank, layer_map=layer_map, sharer=bank.sharer, receiver=bank.receiver)
         self.fused_layers = list(layer_map.layers)
         self.sharer_layers = sorted(set(layer_map.pairs.values()))
         self.receiver = receiver.clone()
@@ -460,12 +461,13 @@ class TrainingPair:
         self.model_sampling = self.receiver.get_model_object("model_sampling")
         self.sharer_rope = compat.rope_spec(self.sharer)
         self.receiver_rope = compat.rope_spec(self.receiver)
-        self._rerotations: dict = {}
+        self._runs: dict = {}        # token grid -> FusionRun (RoPE tables built once per grid)
+        self.fusion_run(compat.token_grid((1, 1, 1, 1, 1)))      # refuses a map that does not fit the bank, now
+        self._run: Optional[FusionRun] = None
         self._mode = None            # "capture" | "fuse" | "observe" while a forward runs
-        self._captured: dict = {}    # sharer layer -> (k, v) as (B, N, H, D), keys on the receiver's positions
+        self._captured: dict = {}    # sharer layer -> (k, v) as (B, N, H, D), as the sharer made them
         self._observed: dict = {}    # receiver layer -> (k, v) as (B, N, H, D)
         self._stop_after = None
-        self._grid = None
 
     def __deepcopy__(self, memo):
         return self      # hooks in the clones' model_options reference this object
@@ -487,28 +489,38 @@ class TrainingPair:
                 for p in patchers:
                     p.cleanup()
 
-    # -- hooks ---------------------------------------------------------------------------------
-    def _rerotation(self, head_dim: int) -> RopeRerotation:
-        key = (self._grid, head_dim)
-        if key not in self._rerotations:
-            src, dst = self.sharer_rope.positions(self._grid), self.receiver_rope.positions(self._grid)
-            self._rerotations[key] = RopeRerotation(src, dst, head_dim, self.sharer_rope.theta)
-        return self._rerotations[key]
+    # -- fusion --------------------------------------------------------------------------------
+    def fusion_run(self, grid) -> FusionRun:
+        """The FusionRun for latents on ``grid``: the inference runtime, with the trainable bank in place.
 
+        Built as the bridge builds its run (schedule: the whole run; both models on the batch's grid;
+        rope_alignment "auto"), except that no device/dtype is given, so the bank is used as it is
+        (float32 master weights) instead of as a placed copy autograd would not reach.
+        """
+        run = self._runs.get(grid)
+        if run is None:
+            run = self._runs[grid] = FusionRun(self.bundle, FusionSchedule(), self.strength,
+                                               sharer_rope=self.sharer_rope, receiver_rope=self.receiver_rope,
+                                               sharer_grid=grid, receiver_grid=grid, rope_alignment="auto")
+        return run
+
+    # -- hooks ---------------------------------------------------------------------------------
     def _sharer_hook(self, layer, q, k, v, heads, transformer_options):
         if self._mode is not None and layer in self.sharer_layers:
             kh = k.reshape(*k.shape[:2], heads, -1)
-            self._captured[layer] = (self._rerotation(kh.shape[-1]).apply(kh), v.reshape(kh.shape))
+            self._captured[layer] = (kh, v.reshape(kh.shape))
             if layer == self._stop_after:
                 raise _StopForward()
         return k, v
 
     def _receiver_hook(self, layer, q, k, v, heads, transformer_options):
         if self._mode == "fuse":
+            run = self._run
+            if run.strength(layer) == 0.0:
+                return k, v
             sk, sv = self._captured[self.layer_map.pairs[layer]]
             kh, vh = k.reshape(*k.shape[:2], heads, -1), v.reshape(*v.shape[:2], heads, -1)
-            k2 = self.fuser.fuse_layer(layer, "k", sk, kh, 0.0)
-            v2 = self.fuser.fuse_layer(layer, "v", sv, vh, 0.0)
+            k2, v2 = run.fuse(layer, kh, vh, sk, sv)
             return k2.reshape(k.shape), v2.reshape(v.shape)
         if self._mode == "observe":
             self._observed[layer] = (k.reshape(*k.shape[:2], heads, -1), v.reshape(*v.shape[:2], heads, -1))
@@ -534,7 +546,6 @@ class TrainingPair:
         wrappers.setdefault(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})[_WRAPPER_KEY] = [keep_raw]
         options.update(wrappers=wrappers, cond_or_uncond=list(batch.cond_or_uncond), sigmas=batch.sigma,
                        uuids=[None] * len(batch.cond_or_uncond))
-        self._grid = compat.token_grid(batch.x0.shape)
         try:
             patcher.model.apply_model(batch.x_t, batch.sigma, **conds, transformer_options=options)
         except _StopForward:
@@ -556,11 +567,13 @@ class TrainingPair:
         With ``keep_teacher`` the sharer runs to the end and its velocity is returned third.
         """
         teacher = self._run_sharer(batch, keep_teacher)
+        self._run = self.fusion_run(compat.token_grid(batch.x0.shape))
+        self._run.begin_call(0.0)        # the whole run is the window: strength x the map's per-layer factor
         self._mode = "fuse"
         try:
             prediction = self._apply(self.receiver, batch, batch.receiver_conds)
         finally:
-            self._mode, self._captured = None, {}
+            self._mode, self._captured, self._run = None, {}, None
         return prediction.float(), batch.velocity_target.float(), None if teacher is None else teacher.float()
 
     def distill(self, batch: TrainBatch):
@@ -571,7 +584,8 @@ class TrainingPair:
     def kv_triples(self, batch: TrainBatch) -> dict:
         """{receiver layer: {"k"|"v": (sharer, receiver, target)}} for c2c_core.kv_loss.
 
-        Sharer K/V (keys re-rotated to the receiver's positions), the receiver's own un-fused K/V,
+        Sharer K/V as ``FusionRun.fuse`` sees them before projecting (keys re-rotated to the receiver's
+        positions: ``FusionRun.align``), the receiver's own un-fused K/V,
         and as target the sharer's K/V: this objective teaches the projector to reproduce the
         sharer's cache in the receiver (a cheap warm start; needs equal attention shapes).
         """
@@ -585,10 +599,11 @@ class TrainingPair:
         finally:
             self._mode = self._stop_after = None
             self._observed, self._captured = {}, {}
+        run = self.fusion_run(compat.token_grid(batch.x0.shape))
         out = {}
         for layer in self.fused_layers:
-            sk, sv = captured[self.layer_map.pairs[layer]]
             rk, rv = observed[layer]
+            sk, sv = run.align(*captured[self.layer_map.pairs[layer]], like=rk)
             out[layer] = {"k": (sk, rk, sk), "v": (sv, rv, sv)}
         return out
 

@@ -138,6 +138,9 @@ class FusionRun:
         resampled (``grid_mode`` nearest or trilinear) with keys un-rotated first.
     device, dtype: where the receiver computes; the projector bank is placed there (``banks``
         caches the placed copy across runs).
+    stats: measure the relative K/V change per layer for the report (the fusion inspector's bars).
+        On by default; a host that shows no report (projector training) passes False and the per-layer
+        path then does no work beyond the fusion itself (``k_change``/``v_change`` stay empty).
     """
 
     STATS_TOKEN_STRIDE = 16   # measure K/V change on every 16th token: cheap, and enough for a plot
@@ -146,7 +149,8 @@ class FusionRun:
                  layer_strengths: Optional[Mapping[int, float]] = None, *,
                  sharer_rope: RopeSpec = RopeSpec(), receiver_rope: RopeSpec = RopeSpec(),
                  sharer_grid: TokenGrid, receiver_grid: TokenGrid, rope_alignment: str = "auto",
-                 grid_mode: str = "nearest", device=None, dtype=None, banks: Optional[BankCache] = None):
+                 grid_mode: str = "nearest", device=None, dtype=None, banks: Optional[BankCache] = None,
+                 stats: bool = True):
         self.bundle = bundle
         self.schedule = schedule
         self.layer_map = bundle.layer_map
@@ -169,7 +173,10 @@ class FusionRun:
         self._active_calls = 0
         self._strength_sum = {layer: 0.0 for layer in self.layers}
         self._finite = FiniteWatch()           # NaN/Inf in fused K/V: device flags, read once in close()
-        self._change: dict = {layer: [None, None, 0] for layer in self.layers}   # k sum, v sum, count
+        self.stats = bool(stats)
+        self._row = {layer: i for i, layer in enumerate(self.layers)}
+        self._change: Optional[Tensor] = None  # (layers, 2) sums of K and V change, on the device, read in close()
+        self._measured = {layer: 0 for layer in self.layers}
 
     # -- per model call ---------------------------------------------------------------------------
     def begin_call(self, percent: float) -> bool:
@@ -217,9 +224,17 @@ class FusionRun:
         sk, sv = self._align(sk, sv)
         k2 = fuse(self.bank.project(layer, "k", sk, k), k, s, inplace=True, protect=(sk,))   # into the projector's
         v2 = fuse(self.bank.project(layer, "v", sv, v), v, s, inplace=True, protect=(sv,))   # output, not a new K/V
-        self._measure(layer, k, k2, v, v2)
+        if self.stats:
+            self._measure(layer, k, k2, v, v2)
         self._finite.observe(layer, k2, v2)
         return k2, v2
+
+    def align(self, sk: Tensor, sv: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Sharer ``sk, sv`` as :meth:`fuse` projects them: on ``like``'s device/dtype, the receiver's grid
+        and RoPE positions (training's K/V loss compares projections against these)."""
+        if self._align is None:
+            self._align = self._build_alignment()
+        return self._align(sk.to(device=like.device, dtype=like.dtype), sv.to(device=like.device, dtype=like.dtype))
 
     def _build_alignment(self):
         """The run's alignment, with its RoPE tables built once (nothing is rebuilt per layer or call)."""
@@ -244,28 +259,40 @@ class FusionRun:
         return align
 
     def _measure(self, layer, k, k2, v, v2):
-        """Accumulate the relative K/V change on a token subsample, on the device (read once, in close)."""
+        """Add this call's relative K and V change (every ``STATS_TOKEN_STRIDE``-th token) to the layer's
+        row of one device tensor: K and V measured together (one stack, one difference, two norms),
+        nothing read back until :meth:`close`."""
         s = self.STATS_TOKEN_STRIDE
-        entry = self._change[layer]
         with torch.no_grad():
-            for i, (before, after) in enumerate(((k, k2), (v, v2))):
-                b = before[:, ::s].float()
-                ratio = (after[:, ::s].float() - b).norm() / b.norm().clamp_min(1e-12)
-                entry[i] = ratio if entry[i] is None else entry[i] + ratio
-        entry[2] += 1
+            if self._change is None:
+                self._change = torch.zeros(len(self.layers), 2, device=k.device, dtype=torch.float32)
+            if k.shape == v.shape:
+                before = torch.stack((k[:, ::s], v[:, ::s])).float()
+                after = torch.stack((k2[:, ::s], v2[:, ::s])).float()
+                dims = tuple(range(1, before.dim()))
+                ratio = (torch.linalg.vector_norm(after.sub_(before), dim=dims)
+                         / torch.linalg.vector_norm(before, dim=dims).clamp_min(1e-12))
+            else:
+                ratio = torch.stack([torch.linalg.vector_norm(a[:, ::s].float() - b[:, ::s].float())
+                                     / torch.linalg.vector_norm(b[:, ::s].float()).clamp_min(1e-12)
+                                     for b, a in ((k, k2), (v, v2))])
+            self._change[self._row[layer]].add_(ratio.to(self._change.device))
+        self._measured[layer] += 1
 
     # -- end of run -------------------------------------------------------------------------------
     def close(self, sharer_forwards: int = 0, peak_kv_bytes: int = 0, copied_kv_bytes: int = 0) -> RunReport:
         """The run's report; the only place device tensors are read back."""
         r = RunReport(layers=list(self.layers), model_calls=self._calls, sharer_forwards=int(sharer_forwards),
                       peak_kv_bytes=int(peak_kv_bytes), copied_kv_bytes=int(copied_kv_bytes))
-        for layer in self.layers:
-            k_sum, v_sum, n = self._change[layer]
-            r.k_change[layer] = float(k_sum) / n if n else 0.0
-            r.v_change[layer] = float(v_sum) / n if n else 0.0
+        sums = self._change.tolist() if self._change is not None else [[0.0, 0.0]] * len(self.layers)
+        for layer, (k_sum, v_sum) in zip(self.layers, sums):
+            if self.stats:
+                n = self._measured[layer]
+                r.k_change[layer] = k_sum / n if n else 0.0
+                r.v_change[layer] = v_sum / n if n else 0.0
             r.strength[layer] = self._strength_sum[layer] / self._active_calls if self._active_calls else 0.0
             r.gate[layer] = {which: static_gate(self.bundle.bank.projector(layer, which)) for which in ("k", "v")}
-            if not (math.isfinite(r.k_change[layer]) and math.isfinite(r.v_change[layer])):
+            if not (math.isfinite(k_sum) and math.isfinite(v_sum)):
                 r.nonfinite_layers.append(layer)
         r.nonfinite_layers = sorted(set(r.nonfinite_layers) | set(self._finite.bad_layers()))
         return r
