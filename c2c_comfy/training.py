@@ -495,13 +495,15 @@ class TrainingPair:
 
         Built as the bridge builds its run (schedule: the whole run; both models on the batch's grid;
         rope_alignment "auto"), except that no device/dtype is given, so the bank is used as it is
-        (float32 master weights) instead of as a placed copy autograd would not reach.
+        (float32 master weights) instead of as a placed copy autograd would not reach, and no report
+        statistics are kept. With a bank in the model's dtype the fused K/V equal inference's bit for bit.
         """
         run = self._runs.get(grid)
         if run is None:
             run = self._runs[grid] = FusionRun(self.bundle, FusionSchedule(), self.strength,
                                                sharer_rope=self.sharer_rope, receiver_rope=self.receiver_rope,
-                                               sharer_grid=grid, receiver_grid=grid, rope_alignment="auto")
+                                               sharer_grid=grid, receiver_grid=grid, rope_alignment="auto",
+                                               stats=False)
         return run
 
     # -- hooks ---------------------------------------------------------------------------------

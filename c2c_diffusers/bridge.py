@@ -161,6 +161,7 @@ class Bridge:
         self._call = None
         self._clock = CallClock()
         self._session = False
+        self._training = False
 
     @property
     def fused_layers(self) -> list:
@@ -224,14 +225,19 @@ class Bridge:
         self.source.detach(self)
 
     @contextmanager
-    def session(self):
-        """One sampling run: opened at the first call inside, closed (``last_report`` set) at exit."""
+    def session(self, training: bool = False):
+        """One sampling run: opened at the first call inside, closed (``last_report`` set) at exit.
+
+        ``training``: the run fuses through the bundle's own bank as it is (no copy placed on the
+        latents' dtype, which autograd would not reach; no report statistics), as projector training
+        needs; with a bank in the receiver's dtype that is bit for bit what inference fuses.
+        """
         self.close_run()
-        self._session = True
+        self._session, self._training = True, bool(training)
         try:
             yield self
         finally:
-            self._session = False
+            self._session = self._training = False
             self.close_run()
 
     def close_run(self):
@@ -278,8 +284,9 @@ class Bridge:
             self.bundle, self.schedule, self.strength, self.layer_strengths,
             sharer_rope=self.source_run.rope, receiver_rope=models.rope_spec(receiver, shape),
             sharer_grid=self.source_run.grid, receiver_grid=models.token_grid(receiver, shape),
-            rope_alignment=self.rope_alignment, grid_mode=self.source_run.grid_mode, device=latent.device,
-            dtype=latent.dtype, banks=self.banks)
+            rope_alignment=self.rope_alignment, grid_mode=self.source_run.grid_mode,
+            device=None if self._training else latent.device, dtype=None if self._training else latent.dtype,
+            banks=self.banks, stats=not self._training)
 
     # -- per fused layer (SelfAttentionTap hook) -----------------------------------------------------
     def _fuse(self, layer, k, v):

@@ -2,8 +2,9 @@
 
 Both transformers stay frozen; only the bank learns, with the receiver's flow-matching objective: the
 bridged receiver's velocity at x_t = (1 − σ)·x0 + σ·noise against noise − x0. The bridge fuses through
-``FusionRun`` exactly as at inference (the bank is used in place when it already sits on the latents'
-device and dtype), so what is trained is what runs.
+``FusionRun`` exactly as at inference, in a training session (``Bridge.session(training=True)``): the bank
+is always used in place (float32 master weights also for a bf16 receiver; never a placed copy that
+gradients would not reach), so what is trained is what runs.
 
     bridge = Bridge(bundle, LiveSharer(sharer, inputs)).attach(receiver)
     result = train_bank(bundle.bank, bundle.layer_map, batches, velocity_loss(bridged_velocity(bridge, receiver)),
@@ -59,11 +60,15 @@ def bridged_velocity(bridge, receiver):
     def predict(bank, batch: TrainingBatch):
         if bank is not bridge.bundle.bank:
             raise BridgeSetupError("train the bank of the bridge's own bundle (bridge.bundle.bank).")
+        first = next(iter(bank.parameters()), None)
+        if first is not None and first.device != batch.x0.device:
+            raise BridgeSetupError(f"the projector bank is on {first.device} and the latents on {batch.x0.device}; "
+                                   f"expected one device. Move the bank there first (bundle.bank.to(device)).")
         x_t = (1.0 - batch.sigma) * batch.x0 + batch.sigma * batch.noise
         hidden = x_t if batch.receiver_condition is None else torch.cat([x_t, batch.receiver_condition], dim=1)
         bridge.source.inputs = batch.sharer
         timestep = torch.full((x_t.shape[0],), batch.sigma * 1000.0, device=x_t.device)
-        with bridge.session(), receiver.cache_context("cond", sigma=float(batch.sigma)):
+        with bridge.session(training=True), receiver.cache_context("cond", sigma=float(batch.sigma)):
             image = batch.receiver_image_embeds
             velocity = receiver(hidden_states=hidden.to(receiver.dtype), timestep=timestep,
                                 encoder_hidden_states=batch.prompt_embeds.to(receiver.dtype),

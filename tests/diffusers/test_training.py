@@ -43,6 +43,42 @@ def test_a_full_projector_learns_through_the_diffusers_bridge_and_its_bundle_run
     assert torch.equal(outs[0], outs[1])
 
 
+def test_a_training_step_is_the_inference_forward_and_only_the_bank_gets_gradients():
+    """One fusion path: the velocity a training step computes (with grad) equals, bit for bit, the bridged
+    receiver's inference forward on the same x_t, timestep and strength."""
+    receiver, sharer = tiny.wan(1).requires_grad_(False), tiny.wan(2).requires_grad_(False)
+    bundle = tiny.bundle("full", hidden_dim=32, seed=4)
+    bank = bundle.bank.train()
+    bridge = Bridge(bundle, LiveSharer(sharer, SharerInputs(tiny.embeds(20))), strength=0.6).attach(receiver)
+    b = batch(0)
+    velocity, _ = bridged_velocity(bridge, receiver)(bank, b)
+    velocity.square().mean().backward()
+    x_t = (1.0 - b.sigma) * b.x0 + b.sigma * b.noise
+    with torch.no_grad(), bridge.session(), receiver.cache_context("cond", sigma=float(b.sigma)):
+        stock = receiver(hidden_states=x_t, timestep=torch.full((1,), b.sigma * 1000.0),
+                         encoder_hidden_states=b.prompt_embeds, return_dict=False)[0]
+    assert bridge.last_report.k_change[1] > 0, "the inference run fused"
+    bridge.detach()
+    assert torch.equal(velocity.detach(), stock)
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in bank.parameters())
+    assert all(p.grad is None for m in (receiver, sharer) for p in m.parameters())
+
+
+def test_a_bf16_receiver_trains_the_float32_bank_itself():
+    """Inference places a bf16 copy of an fp32 bank for a bf16 receiver; training must not (the copy's
+    gradients would never reach the bank the optimizer steps)."""
+    receiver = tiny.wan(1).to(torch.bfloat16).requires_grad_(False)
+    sharer = tiny.wan(2).to(torch.bfloat16).requires_grad_(False)
+    bundle = tiny.bundle("full", hidden_dim=32, seed=4)
+    bank = bundle.bank.train()
+    bridge = Bridge(bundle, LiveSharer(sharer, SharerInputs(tiny.embeds(20)))).attach(receiver)
+    velocity, target = bridged_velocity(bridge, receiver)(bank, batch(1))
+    torch.nn.functional.mse_loss(velocity.float(), target).backward()
+    bridge.detach()
+    assert all(p.dtype == torch.float32 for p in bank.parameters())
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in bank.parameters())
+
+
 def test_training_needs_a_live_sharer():
     receiver = tiny.wan(1)
     with KVRecorder(tiny.wan(2), layers=[0, 1]) as rec:

@@ -181,3 +181,50 @@ def test_batches_are_a_pure_function_of_seed_and_step(training, pack, helpers, m
         other_rank = [bt.x_t for bt in training.SampleBatches(t2v_set, pair, 3, 9, rank=1, world=2)(4)]
     assert all(torch.equal(p, q) for p, q in zip(x, again))
     assert not torch.equal(torch.cat(x), torch.cat(other_rank))
+
+
+def test_a_training_step_fuses_exactly_as_inference_and_only_the_bank_gets_gradients(
+        training, pack, helpers, models, t2v_set, monkeypatch):
+    """One fusion path: every fused K/V of a training forward equals what the bridge's inference
+    FusionRun (built as c2c_comfy.bridge.BridgeRun builds it, from the untouched input projector)
+    gives for the same receiver and sharer K/V at the same strength, bit for bit."""
+    from dit_cache_bridge.c2c_comfy import compat
+    from dit_cache_bridge.c2c_core import FusionSchedule
+    from dit_cache_bridge.c2c_core.runtime import BankCache, FusionRun
+    a, b = models["a"], models["b"]
+    projector = helpers.make_projector(pack, b, a, "full", hidden_dim=32)
+    calls = []
+    real_fuse = FusionRun.fuse
+
+    def spy(run, layer, k, v, sk, sv):
+        k2, v2 = real_fuse(run, layer, k, v, sk, sv)
+        calls.append((layer, *(t.detach().clone() for t in (k, v, sk, sv, k2, v2)), k2.requires_grad))
+        return k2, v2
+
+    monkeypatch.setattr(FusionRun, "fuse", spy)
+    strength = 0.7
+    with torch.inference_mode(False), torch.enable_grad():
+        bank = training.trainable_copy(projector).train()
+        pair = training.TrainingPair(b, a, bank, projector.layer_map, strength)
+        batch = training.SampleBatches(t2v_set, pair, batch_size=2, seed=0)(0)[0]
+        with pair.session():
+            prediction, target, _ = pair.velocity(batch)
+            torch.nn.functional.mse_loss(prediction, target).backward()
+    assert sorted(layer for layer, *_ in calls) == projector.layer_map.layers
+    assert all(requires_grad for *_, requires_grad in calls), "the fused K/V carry the bank's graph"
+    grid = compat.token_grid(batch.x0.shape)
+    model = a.model
+    inference = FusionRun(projector, FusionSchedule(), strength, sharer_rope=compat.rope_spec(b),
+                          receiver_rope=compat.rope_spec(a), sharer_grid=grid, receiver_grid=grid,
+                          rope_alignment="auto", device=a.load_device,
+                          dtype=model.manual_cast_dtype or model.get_dtype(), banks=BankCache(projector.bank))
+    assert inference.begin_call(0.5)
+    for layer, k, v, sk, sv, k2, v2, _ in calls:
+        with torch.inference_mode():        # as ComfyUI runs a prompt
+            ik, iv = real_fuse(inference, layer, k, v, sk, sv)
+        assert not torch.equal(k2, k), "the strength is on: the fused keys differ from the receiver's"
+        assert torch.equal(ik, k2) and torch.equal(iv, v2), f"layer {layer}: training and inference fuse differently"
+    grads = [p.grad for p in bank.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(float(g.abs().sum()) > 0 for g in grads), "every projector parameter gets a non-zero gradient"
+    assert all(p.grad is None for p in a.model.parameters()) and all(p.grad is None for p in b.model.parameters())
