@@ -52,6 +52,7 @@ from ..c2c_core import (LOSS_KINDS, FusionSchedule, LayerMap, ProjectorBank, Pro
 from ..c2c_core.bundle import read_header, read_meta
 from ..c2c_core.checkpoint import find_checkpoint
 from ..c2c_core.errors import C2CError, TrainError
+from ..c2c_core.health import FiniteWatch
 from ..c2c_core.runtime import FusionRun
 from . import compat, files
 
@@ -69,7 +70,24 @@ _WRAPPER_KEY = "dit_cache_bridge.training"
 
 
 class TrainingDataError(ValueError):
-    """A training-sample file or folder cannot be used; the message names the file and the fix."""
+    """A training-sample file or folder cannot be used; the message names the file and the fix.
+
+    ``expected`` and ``fix``, where given, say what Train C2C Projector shows in place of its generic
+    expectation and fix for its ``dataset`` input.
+    """
+
+    def __init__(self, message: str, expected: Optional[str] = None, fix: Optional[str] = None):
+        super().__init__(message)
+        self.expected, self.fix = expected, fix
+
+
+_FINITE = "finite values (a latent from VAE Encode or a sampler, conditioning from the text/vision encoders)"
+
+
+def _nonfinite_fix(folder: Path, names: list[str]) -> str:
+    return (f"delete {', '.join(names)} from {folder} (or save it again from a finite latent and conditioning: "
+            f"look upstream of Save C2C Training Sample for a node that produced NaN/Inf, e.g. fp16 overflow in "
+            f"the VAE) and queue again")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,6 +257,7 @@ class TrainingSet:
                 raise TrainingDataError(f"{path}: latent {list(shape)} / non-float tensors {bad}; expected a "
                                         f"(1, C, T, H, W) float latent and float conditioning.")
             metas.append(meta)
+        _check_finite_latents(folder, paths)
         return cls(folder, paths, metas)
 
     def __len__(self) -> int:
@@ -252,7 +271,12 @@ class TrainingSet:
 
         path, meta = self.paths[index], self.metas[index]
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            get = f.get_tensor
+            def get(name):
+                t = f.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise TrainingDataError(f"sample index {index} ({path.name}): tensor {name!r} holds NaN or Inf "
+                                            f"values", _FINITE, _nonfinite_fix(self.folder, [path.name]))
+                return t
             conditioning = {}
             for role in ROLES:
                 items = []
@@ -267,6 +291,22 @@ class TrainingSet:
                     items.append([get(f"{prefix}.cross_attn") if entry["cross_attn"] else None, extras])
                 conditioning[role] = items
             return TrainingSample(path, get("latent"), conditioning)
+
+
+def _check_finite_latents(folder: Path, paths: list[Path]) -> None:
+    """Refuse samples whose latent holds NaN/Inf before any model loads (they would only show up as a NaN
+    loss steps later). Every latent is read once; conditioning is checked as each sample is used."""
+    from safetensors import safe_open
+
+    watch = FiniteWatch()
+    for index, path in enumerate(paths):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            watch.observe(index, f.get_tensor("latent"))
+    bad = watch.bad_layers()
+    if bad:
+        shown = [f"index {i} ({paths[i].name})" for i in bad[:8]] + (["…"] if len(bad) > 8 else [])
+        raise TrainingDataError(f"the latents of samples {', '.join(shown)} in {folder} hold NaN or Inf values",
+                                _FINITE, _nonfinite_fix(folder, [paths[i].name for i in bad[:8]]))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -190,9 +190,9 @@ class TrainC2CProjector(io.ComfyNode):
         try:
             data = training.TrainingSet.open(samples_root() / data_name)
         except training.TrainingDataError as e:
-            raise BridgeInputError(node, "dataset", str(e), "a folder of samples written by Save C2C Training "
-                                   "Sample", f"save samples into output/{training.SAMPLES_SUBFOLDER}/{data_name}/ "
-                                   "first, or pick the folder you saved them to") from e
+            raise BridgeInputError(node, "dataset", str(e), e.expected or "a folder of samples written by Save C2C "
+                                   "Training Sample", e.fix or f"save samples into output/{training.SAMPLES_SUBFOLDER}/"
+                                   f"{data_name}/ first, or pick the folder you saved them to") from e
         folder = samples_root() / "checkpoints" / out_name
         bar = compat.progress_bar(steps, node_id=cls.hidden.unique_id if cls.hidden else None)
 
@@ -210,8 +210,8 @@ class TrainC2CProjector(io.ComfyNode):
                 output_path=Path(projector_folder()) / f"{out_name}.safetensors",
                 plot_path=samples_root() / f"{out_name}_loss.png", progress=progress)
         except training.TrainingDataError as e:
-            raise BridgeInputError(node, "dataset", str(e), "samples that fit both models",
-                                   "re-save the samples with Save C2C Training Sample for this pair") from e
+            raise BridgeInputError(node, "dataset", str(e), e.expected or "samples that fit both models",
+                                   e.fix or "re-save the samples with Save C2C Training Sample for this pair") from e
         except ResumeError as e:    # a checkpoint made with other settings
             raise BridgeInputError(node, "resume", str(e), "settings that match the checkpoint being resumed",
                                    "use the settings of the interrupted run, switch resume off, or pick a new "

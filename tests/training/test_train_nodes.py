@@ -160,3 +160,35 @@ def test_every_input_has_a_tooltip_and_the_training_category(pack):
         schema = node.define_schema()
         assert schema.category == "DiT Cache Bridge/training"
         assert all(i.tooltip for i in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
+
+
+def test_samples_holding_nan_or_inf_are_refused_naming_the_sample(pack, helpers, models, conds, comfy):
+    """A latent with NaN (saved by the real Save node, which stores what it is given) is refused when the
+    dataset is opened, before any model runs; NaN/Inf in saved conditioning when the sample is first used.
+    Both name the node, the dataset input, the sample's index and file, and the fix."""
+    a, b = models["a"], models["b"]
+    projector = helpers.make_projector(pack, b, a, "c2c")
+    root = comfy.output_dir / "c2c_training"
+    for name in ("nan_latent", "inf_conditioning"):
+        shutil.rmtree(root / name, ignore_errors=True)
+    latents = torch.randn(3, 16, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    latents[1, 4, 2, 3, 3] = float("nan")
+    run_node(pack.SaveC2CTrainingSample, latent={"samples": latents}, folder="nan_latent", **conds)
+    with pytest.raises(ValueError, match=r"Train C2C Projector › dataset: the latents of samples index 1 "
+                                         r"\(sample_00002\.safetensors\) in .*nan_latent hold NaN or Inf values; "
+                                         r"expected finite values .*Fix: delete sample_00002\.safetensors from "):
+        run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector,
+                 **train_inputs(dataset="nan_latent", output_name="tiny_pair_nan"))
+    assert not (root / "checkpoints" / "tiny_pair_nan").exists(), "refused before training started"
+
+    bad = [[conds["sharer_positive"][0][0].clone(), dict(conds["sharer_positive"][0][1])]]
+    bad[0][0][0, 2, 5] = float("inf")
+    run_node(pack.SaveC2CTrainingSample, latent={"samples": latents[:1]}, folder="inf_conditioning",
+             **(conds | {"sharer_positive": bad}))
+    with pytest.raises(ValueError, match=r"Train C2C Projector › dataset: sample index 0 \(sample_00001\.safetensors\): "
+                                         r"tensor 'sharer_positive\.0\.cross_attn' holds NaN or Inf values; expected "
+                                         r"finite values .*Fix: delete sample_00001\.safetensors from "):
+        run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector,
+                 **train_inputs(dataset="inf_conditioning", output_name="tiny_pair_inf", checkpoint_every=0))
+    for name in ("nan_latent", "inf_conditioning"):
+        shutil.rmtree(root / name, ignore_errors=True)
