@@ -51,9 +51,10 @@ from .errors import (
 )
 from .fusion import FUSE_MODES, BidirectionalFuser, LayerFuser, fuse, fuse_many
 from .kv import KVCache, LayerKV, ModelSignature, TokenGrid, from_heads, to_heads
-from .mapping import LAYER_MAP_KINDS, LayerMap, parse_layer_spec
+from .mapping import COMPUTED_MAP_KINDS, LAYER_MAP_KINDS, LayerMap, parse_layer_spec
 from .projectors import (
     GATING_GRANULARITIES,
+    PROJECTOR_KINDS,
     PROJECTORS,
     Projector,
     ProjectorBank,
@@ -115,10 +116,12 @@ __all__ = [
     "TokenGrid",
     "from_heads",
     "to_heads",
+    "COMPUTED_MAP_KINDS",
     "LAYER_MAP_KINDS",
     "LayerMap",
     "parse_layer_spec",
     "GATING_GRANULARITIES",
+    "PROJECTOR_KINDS",
     "PROJECTORS",
     "Projector",
     "ProjectorBank",

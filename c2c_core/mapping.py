@@ -25,9 +25,12 @@ from typing import Any, Iterable, Mapping, Optional
 from .errors import LayerMapError
 from .kv import ModelSignature
 
-__all__ = ["LayerMap", "LAYER_MAP_KINDS", "parse_layer_spec", "LayerMapError"]
+__all__ = ["LayerMap", "LAYER_MAP_KINDS", "COMPUTED_MAP_KINDS", "parse_layer_spec", "LayerMapError"]
 
-LAYER_MAP_KINDS = ("identity", "terminal", "position", "uniform", "custom")
+#: Kinds computed from the two depths alone (what a node offers; C2C's default ``terminal`` first).
+COMPUTED_MAP_KINDS = ("terminal", "identity", "position", "uniform")
+#: Every kind a LayerMap may have: ``custom`` takes its pairs from the caller.
+LAYER_MAP_KINDS = COMPUTED_MAP_KINDS + ("custom",)
 
 
 def _count(name: str, value: Any) -> int:

@@ -29,6 +29,7 @@ from .kv import ModelSignature
 __all__ = [
     "Projector",
     "PROJECTORS",
+    "PROJECTOR_KINDS",
     "register_projector",
     "build_projector",
     "static_gate",
@@ -479,6 +480,10 @@ def build_projector(kind: str, sharer: ModelSignature, receiver: ModelSignature,
                 f"{accepted or 'none'}."
             )
     return factory(sharer, receiver, **hparams)
+
+
+#: The built-in kinds in registration order (what a node offers); kinds registered later are in PROJECTORS only.
+PROJECTOR_KINDS = tuple(PROJECTORS)
 
 
 class ProjectorBank(nn.Module):

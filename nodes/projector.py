@@ -1,20 +1,25 @@
 """Load C2C Projector and Create C2C Projector: where a C2C_PROJECTOR comes from."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from comfy_api.latest import io
 
-from ..c2c_core import (BundleError, LayerMap, LayerMapError, ProjectorBank, ProjectorBundle, ProjectorConfigError,
-                        load_bundle, parse_layer_spec)
+from ..c2c_core import (COMPUTED_MAP_KINDS, PROJECTOR_KINDS as CORE_PROJECTOR_KINDS, BundleError, LayerMap,
+                        LayerMapError, ProjectorBank, ProjectorBundle, ProjectorConfigError, load_bundle,
+                        parse_layer_spec)
+from ..c2c_core.bundle import arch_mismatches
 from ..c2c_core.errors import cut, quote
 from ..c2c_comfy import compat, paths
 from ..c2c_comfy.errors import BridgeInputError, check
 from .types import CATEGORY, Projector
 
-PROJECTOR_KINDS = ["identity", "weighted", "gating", "full", "c2c", "auto"]
-MAPPING_KINDS = ["terminal", "identity", "position", "uniform"]
+log = logging.getLogger("dit_cache_bridge")
+
+PROJECTOR_KINDS = list(CORE_PROJECTOR_KINDS)     # the combos' options: c2c_core's lists, one home
+MAPPING_KINDS = list(COMPUTED_MAP_KINDS)
 
 
 class LoadC2CProjector(io.ComfyNode):
@@ -24,7 +29,9 @@ class LoadC2CProjector(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DiTCacheBridge_LoadC2CProjector", display_name=cls.NODE, category=f"{CATEGORY}/projectors",
-            description="Load a trained projector bundle (.safetensors) from models/c2c_projectors.",
+            description="Load a trained projector bundle (.safetensors) from models/c2c_projectors. A bundle may "
+                        "also hold a backward (receiver -> sharer) bank, which Fuse Caches and Bridged KSampler use "
+                        "for direction 'bidirectional' when no backward_projector is connected.",
             inputs=[io.Combo.Input("projector_name", options=paths.projector_files(),
                                    tooltip="A projector bundle in models/c2c_projectors. Only .safetensors files "
                                            "are listed; pickled .pt/.ckpt files are never loaded.")],
@@ -45,6 +52,9 @@ class LoadC2CProjector(io.ComfyNode):
         except (BundleError, FileNotFoundError) as e:
             raise BridgeInputError(cls.NODE, "projector_name", cut(str(e)), "a C2C projector bundle",
                                    "pick a bundle saved by DiT Cache Bridge (Create/Train C2C Projector or tools/train_projector.py), or re-export it as .safetensors") from e
+        warning = untagged_warning(bundle)
+        if warning:
+            log.warning("%s: %s: %s", cls.NODE, quote(projector_name, 120), warning)
         return io.NodeOutput(bundle)
 
 
@@ -171,12 +181,28 @@ def _shape(sig) -> str:
     return f"{sig.num_layers} layers × {sig.num_heads} heads × {sig.head_dim}"
 
 
-def check_projector_fits(node: str, bundle, sharer_sig, receiver_sig) -> None:
-    check(bundle.receiver.same_shape(receiver_sig), node, "projector",
+def check_projector_fits(node: str, bundle, sharer_sig, receiver_sig, input_name: str = "projector") -> None:
+    """The bundle's shapes, then its architecture tags (c2c_core.arch), against the models it is used with."""
+    check(bundle.receiver.same_shape(receiver_sig), node, input_name,
           f"a projector made for a receiver of {_shape(bundle.receiver)}, but the receiver model has "
           f"{_shape(receiver_sig)}", "the pair the projector was made for",
           "load the projector trained for this receiver, or create one with Create C2C Projector")
-    check(bundle.sharer.same_shape(sharer_sig), node, "projector",
+    check(bundle.sharer.same_shape(sharer_sig), node, input_name,
           f"a projector made for a sharer of {_shape(bundle.sharer)}, but the sharer model has {_shape(sharer_sig)}",
           "the pair the projector was made for",
           "load the projector trained for this sharer, or create one with Create C2C Projector")
+    for mismatch in arch_mismatches(bundle, sharer_sig, receiver_sig):
+        raise BridgeInputError(node, input_name, mismatch.describe(),
+                               f"a projector made for this {mismatch.role}'s architecture (same shapes are not enough: "
+                               f"it learned another network's keys and values)",
+                               f"load the projector trained for this pair of models, or train one for it with Train "
+                               f"C2C Projector (Create C2C Projector makes a training-free one)")
+
+
+def untagged_warning(bundle) -> str | None:
+    """A bundle saved before bundles named their models' architectures is accepted on shapes alone."""
+    if bundle.tagged:
+        return None
+    return ("the bundle does not name the architectures it was made for (saved by an older DiT Cache Bridge); it is "
+            "accepted because the shapes fit, but a projector for another pair of the same shapes would be accepted "
+            "too. Re-save it with this version (tools/retag_projector.py) to have it checked.")
