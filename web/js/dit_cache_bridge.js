@@ -18,7 +18,8 @@ const EXTENSION = "dit_cache_bridge";
 export const REPORT_EVENT = "dit_cache_bridge.report";
 
 // Every node id of the pack starts with PREFIX (ComfyUI asks custom nodes to prefix their ids);
-// the rest of the id says the node's role.
+// the rest of the id says the node's role. The Python nodes are the source: tests/web/test_roles.py
+// checks that PREFIX + ROLES name each registered node once and REPORT_EVENT is the event they send.
 export const PREFIX = "DiTCacheBridge_";
 const ROLES = {
   projector: ["LoadC2CProjector", "CreateC2CProjector", "TrainC2CProjector", "SaveC2CTrainingSample"],
