@@ -5,8 +5,9 @@
     video = bridge.generate_with_fusion(image, prompt="...", num_inference_steps=20).frames[0]
     bridge.last_report          # what fused: strengths, K/V change per layer, sharer forwards
 
-``target`` names the receiver (the model that generates); the other one shares. Live mode runs the
-sharer inside every receiver call; recorded mode samples the sharer alone first (its own trajectory,
+``target`` names the receiver (the model that generates); the other one shares (``direction``
+"bidirectional": it also receives the receiver's K/V, block by block, through ``backward_projector``).
+Live mode runs the sharer inside every receiver call; recorded mode samples the sharer alone first (its own trajectory,
 kept in RAM or on disk) and replays its K/V, so only one model computes at a time. The sharer gets the
 same prompt (Wan and ChronoEdit share the umT5 text encoder) unless its own embeddings are given;
 an image-to-video sharer (ChronoEdit) gets the image through its own pipeline (CLIP embeddings,
@@ -25,7 +26,7 @@ from c2c_core import FusionSchedule, LayerMap, ProjectorBank, load_bundle
 from c2c_core.bundle import ProjectorBundle
 from c2c_core.recording import DiskStore, RamStore, STORAGE_DTYPES
 
-from . import models
+from . import lockstep, models
 from .bridge import Bridge
 from .errors import BridgeSetupError
 from .live import GRID_ALIGNMENTS, LiveSharer, SharerInputs
@@ -51,7 +52,10 @@ class BridgeConfig:
         ProjectorBundle; None builds an untrained bank of ``projector_kind`` (identity and weighted need
         no training) with layer ``mapping`` (terminal, identity, uniform, position).
     target: the receiver, "wan" (ChronoEdit shares) or "chronoedit" (Wan shares).
-    direction: "sharer_to_receiver"; "bidirectional" is refused until both models can step in one loop.
+    direction: "sharer_to_receiver", or "bidirectional": the sharer steps block by block with the receiver
+        and its self-attention also reads the receiver's K/V of the paired block through
+        ``backward_projector`` (receiver -> sharer; None builds an untrained one of ``projector_kind`` and
+        ``mapping`` with the models swapped) at ``backward_strength``. Live mode, refresh_every 1, needs greenlet.
     mode: "live" or "recorded" (``storage_dtype`` fp32/fp16/bf16/fp8_e4m3fn, ``record_folder`` None = RAM).
     strength, start, end, ramp, refresh_every: c2c_core.FusionSchedule; windows are in percent of the
         noise schedule, as in ComfyUI. rope_alignment: "auto" re-rotates sharer keys to the receiver's
@@ -75,6 +79,8 @@ class BridgeConfig:
     grid_alignment: str = "refuse"
     storage_dtype: str = "bf16"
     record_folder: Optional[str] = None
+    backward_projector: object = None
+    backward_strength: float = 1.0
 
     def __post_init__(self):
         _choice("target", self.target, TARGETS)
@@ -84,9 +90,15 @@ class BridgeConfig:
         _choice("grid_alignment", self.grid_alignment, GRID_ALIGNMENTS)
         _choice("storage_dtype", self.storage_dtype, tuple(STORAGE_DTYPES))
         if self.direction == "bidirectional":
-            raise BridgeSetupError(
-                "BridgeConfig.direction='bidirectional' needs both models to generate in one lockstep loop, which "
-                "the diffusers bridge does not do yet; use 'sharer_to_receiver' and pick the receiver with target.")
+            if self.mode != "live":
+                raise BridgeSetupError("BridgeConfig.direction='bidirectional' with mode='recorded'; expected mode "
+                                       "'live' (a recorded sharer cannot receive). Use mode='live' or fuse one way.")
+            if self.refresh_every != 1:
+                raise BridgeSetupError(f"BridgeConfig.direction='bidirectional' with refresh_every={self.refresh_every}; "
+                                       f"expected 1 (both models run block by block in every call).")
+            if not lockstep.available():
+                raise BridgeSetupError("BridgeConfig.direction='bidirectional' needs the Python package greenlet; "
+                                       "run `pip install greenlet` or fuse one way.")
         self.schedule()
 
     def schedule(self) -> FusionSchedule:
@@ -115,21 +127,24 @@ class WanChronoEditBridge:
                 raise BridgeSetupError(f"the {name} pipeline has no transformer; expected a diffusers Wan or ChronoEdit "
                                        f"pipeline (WanPipeline, WanImageToVideoPipeline, ChronoEditPipeline).")
         self.receiver, self.sharer = (wan, chronoedit) if config.target == "wan" else (chronoedit, wan)
-        self.bundle = self._bundle()
+        self.bundle = self._bundle(config.projector, "projector", self.sharer, self.receiver)
+        self.backward = None
+        if config.direction == "bidirectional":
+            self.backward = self._bundle(config.backward_projector, "backward_projector", self.receiver, self.sharer)
         self.last_report = None
+        self.last_backward_report = None
         self.last_recording = None
 
-    def _bundle(self) -> ProjectorBundle:
-        p = self.config.projector
+    def _bundle(self, p, name, sharer_pipe, receiver_pipe) -> ProjectorBundle:
         if isinstance(p, ProjectorBundle):
             return p
         if isinstance(p, (str, os.PathLike)):
             return load_bundle(p)
         if p is not None:
-            raise BridgeSetupError(f"BridgeConfig.projector is a {type(p).__name__}; expected a bundle path, a "
+            raise BridgeSetupError(f"BridgeConfig.{name} is a {type(p).__name__}; expected a bundle path, a "
                                    f"ProjectorBundle or None.")
-        sharer = models.signature(self.sharer.transformer, "sharer")
-        receiver = models.signature(self.receiver.transformer, "receiver")
+        sharer = models.signature(sharer_pipe.transformer, "sharer")
+        receiver = models.signature(receiver_pipe.transformer, "receiver")
         layer_map = LayerMap.build(self.config.mapping, sharer.num_layers, receiver.num_layers)
         bank = ProjectorBank.build(self.config.projector_kind, sharer, receiver, layer_map.layers,
                                    **(self.config.projector_hparams or {})).eval()
@@ -154,7 +169,8 @@ class WanChronoEditBridge:
                                      sharer_prompt_embeds, sharer_negative_prompt_embeds, height, width, num_frames,
                                      guidance_scale)
         if cfg.mode == "live":
-            source = LiveSharer(self.sharer.transformer, inputs, grid_alignment=cfg.grid_alignment)
+            source = LiveSharer(self.sharer.transformer, inputs, grid_alignment=cfg.grid_alignment,
+                                backward=self.backward, backward_strength=cfg.backward_strength)
         else:
             source = RecordedSharer(self._record(image, common, inputs, generator), grid_alignment=cfg.grid_alignment)
         bridge = Bridge(self.bundle, source, strength=cfg.strength, schedule=cfg.schedule(),
@@ -168,6 +184,7 @@ class WanChronoEditBridge:
         finally:
             bridge.detach()
             self.last_report = bridge.last_report
+            self.last_backward_report = bridge.last_backward_report
 
     def _record(self, image, common, inputs: SharerInputs, common_generator):
         """Sample the sharer alone with the run's settings, noise and the receiver's scheduler; record what the projector reads."""

@@ -157,6 +157,7 @@ class Bridge:
         self.run: FusionRun | None = None
         self.source_run = None
         self.last_report = None
+        self.last_backward_report = None   # bidirectional: the receiver -> sharer fusion's report
         self.in_sharer = False          # set by a live source while the sharer runs (it may be the receiver)
         self._call = None
         self._clock = CallClock()
@@ -293,6 +294,8 @@ class Bridge:
         call, run = self._call, self.run
         if call is None or self.in_sharer or run.strength(layer) == 0.0:
             return k, v
+        if getattr(self.source_run, "receives", False):
+            self.source_run.receive(layer, k, v)     # bidirectional: the sharer's next blocks read them
         sk, sv = self.source_run.kv(run.sharer_layer(layer), call)
         return run.fuse(layer, k, v, sk, sv)
 

@@ -3,7 +3,8 @@
 The sharer sees the receiver's noisy latent and timestep (Wan is a flow model: the same timestep is
 the same noise level for both), plus its own conditioning (:class:`SharerInputs`) for the call's CFG
 branch. Its forward stops right after the last layer the projector reads. With a schedule's
-``refresh_every = k`` the sharer's K/V of a branch are reused for k−1 steps.
+``refresh_every = k`` the sharer's K/V of a branch are reused for k−1 steps. With a ``backward`` bundle
+the sharer also receives the receiver's K/V, block by block (``lockstep.py``: bidirectional fusion).
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import torch
 from c2c_core.align import GRID_ALIGNMENTS
 from torch import Tensor
 
-from . import models
+from c2c_core.runtime import BankCache
+
+from . import lockstep, models
 from .bridge import COND, UNCOND
 from .errors import BridgeSetupError
 from .hooks import add_taps, remove_taps
@@ -51,15 +54,40 @@ def _batch(t: Optional[Tensor], rows: int, device, dtype) -> Optional[Tensor]:
 
 
 class LiveSharer:
-    """A sharer transformer evaluated in lockstep inside each receiver call."""
+    """A sharer transformer evaluated in lockstep inside each receiver call.
 
-    def __init__(self, transformer, inputs: SharerInputs, grid_alignment: str = "refuse"):
+    backward: a projector bundle from the receiver (its sharer side) to this sharer (its receiver side),
+        e.g. one built with the two models swapped, for bidirectional fusion: the sharer then steps block
+        by block with the receiver and receives the receiver's K/V (``lockstep.py``; needs greenlet and
+        ``refresh_every`` 1). backward_strength: its global strength (0 = one way, bit for bit).
+    """
+
+    def __init__(self, transformer, inputs: SharerInputs, grid_alignment: str = "refuse", backward=None,
+                 backward_strength: float = 1.0):
         if grid_alignment not in GRID_ALIGNMENTS:
             raise BridgeSetupError(f"grid_alignment={grid_alignment!r}; expected one of {GRID_ALIGNMENTS}.")
         self.transformer = transformer
         self.inputs = inputs
         self.grid_alignment = grid_alignment
         self.signature = models.signature(transformer)
+        self.backward = backward
+        self.backward_strength = backward_strength
+        self._backward_banks = None
+        if backward is not None:
+            if not lockstep.available():
+                raise BridgeSetupError("bidirectional fusion (LiveSharer(backward=...)) needs the Python package "
+                                       "greenlet; run `pip install greenlet` (a dependency of dit-cache-bridge) or "
+                                       "fuse one way.")
+            if isinstance(backward_strength, bool) or not isinstance(backward_strength, (int, float)) \
+                    or not 0.0 <= backward_strength <= 10.0:
+                raise BridgeSetupError(f"backward_strength={backward_strength!r}; expected a number in [0, 10].")
+            if not backward.receiver.same_shape(self.signature):
+                r = backward.receiver
+                raise BridgeSetupError(
+                    f"the backward projector feeds a model of {r.num_layers} layers × {r.num_heads} heads × "
+                    f"{r.head_dim}; this sharer has {self.signature.num_layers} × {self.signature.num_heads} × "
+                    f"{self.signature.head_dim}. Build it with the two models swapped (sharer = the receiver).")
+            self._backward_banks = BankCache(backward.bank)
         in_channels, out_channels = transformer.config.in_channels, transformer.config.out_channels
         extra = 0 if inputs.condition is None else inputs.condition.shape[1]
         if out_channels + extra != in_channels:
@@ -79,6 +107,17 @@ class LiveSharer:
                 f"{s.num_layers} × {s.num_heads} × {s.head_dim}. Use a bundle for this sharer.")
         if self._key is not None:
             raise BridgeSetupError("this LiveSharer is already attached to a bridge; make one per bridge.")
+        if self.backward is not None:
+            if not self.backward.sharer.same_shape(bridge.bundle.receiver):
+                s, r = self.backward.sharer, bridge.bundle.receiver
+                raise BridgeSetupError(
+                    f"the backward projector reads a model of {s.num_layers} layers × {s.num_heads} heads × "
+                    f"{s.head_dim}; the receiver has {r.num_layers} × {r.num_heads} × {r.head_dim}. Build it with "
+                    f"the two models swapped (sharer = the receiver).")
+            if bridge.schedule.refresh_every != 1:
+                raise BridgeSetupError(
+                    f"bidirectional fusion with refresh_every {bridge.schedule.refresh_every}; expected 1 (both "
+                    f"models run block by block in every call). Set FusionSchedule(refresh_every=1) or fuse one way.")
         self._key = bridge.key + ".sharer"
         self._run = None
         add_taps(self.transformer, bridge.sharer_layers, self._key, self._capture)
@@ -88,9 +127,15 @@ class LiveSharer:
             remove_taps(self.transformer, self._key)
             self._key = None
 
-    def open_run(self, bridge, receiver_shape) -> "_LiveRun":
-        self._run = _LiveRun(self, bridge, receiver_shape)
-        return self._run
+    def open_run(self, bridge, receiver_shape):
+        run = _LiveRun(self, bridge, receiver_shape)
+        if self.backward is not None:
+            if any(t is self.transformer for t in bridge.receivers):
+                raise BridgeSetupError("bidirectional fusion needs two transformer objects; the sharer is the "
+                                       "receiver itself. Load the sharer separately or fuse one way.")
+            run = lockstep.LockstepRun(run, self.backward, self.backward_strength, self._backward_banks)
+        self._run = run
+        return run
 
     def _capture(self, layer, k, v):
         run = self._run
@@ -142,7 +187,8 @@ class _LiveRun:
                    for layers in self.captured.values() for k, v in layers.values())
         self.peak_bytes = max(self.peak_bytes, held)
 
-    def _run_sharer(self, call) -> None:
+    def sharer_kwargs(self, call) -> dict:
+        """The sharer's forward arguments for ``call``: its latent (resampled to its grid), timestep, conditioning."""
         t, inputs = self.transformer, self.source.inputs
         param = next(t.parameters())
         dtype = param.dtype
@@ -164,6 +210,11 @@ class _LiveRun:
                       return_dict=False)
         if inputs.image_embeds is not None:
             kwargs["encoder_hidden_states_image"] = _batch(inputs.image_embeds, rows, device, dtype)
+        return kwargs
+
+    def _run_sharer(self, call) -> None:
+        kwargs = self.sharer_kwargs(call)
+        t = self.transformer
         self.bridge.in_sharer = True
         self.capturing = True
         try:

@@ -67,9 +67,34 @@ def test_recorded_mode_samples_the_sharer_first_then_replays(pipes, tmp_path):
     assert (fused - plain(wan)).abs().max() > 1e-3
 
 
+def test_bidirectional_wan_and_chronoedit_fuse_both_ways(pipes):
+    """ChronoEdit shares into Wan and receives Wan's K/V back: strength 0 both ways is plain, backward strength 0
+    is the one-way run bit for bit, both ways on changes the output."""
+    wan, chrono = pipes
+    reference = plain(wan)
+
+    def run(**config):
+        bridge = WanChronoEditBridge(BridgeConfig(projector_kind="weighted", direction="bidirectional", **config),
+                                     wan, chrono)
+        return bridge.generate_with_fusion(tiny.image(), **call_args()).frames, bridge
+
+    off, _ = run(strength=0.0, backward_strength=0.0)
+    assert torch.equal(off, reference)
+    one_way = WanChronoEditBridge(BridgeConfig(projector_kind="weighted"), wan, chrono)
+    one_way_out = one_way.generate_with_fusion(tiny.image(), **call_args()).frames
+    receive_nothing, _ = run(backward_strength=0.0)
+    assert torch.equal(receive_nothing, one_way_out)
+    both, bridge = run()
+    assert (both - one_way_out).abs().max() > 1e-4
+    assert bridge.last_report.sharer_forwards == 2 * STEPS and bridge.last_backward_report.strength == {0: 1.0, 1: 1.0}
+    assert torch.equal(plain(wan), reference), "the pipelines must be left as they were"
+
+
 def test_config_refuses_what_it_cannot_do():
-    with pytest.raises(BridgeSetupError, match="direction='bidirectional' needs both models"):
-        BridgeConfig(direction="bidirectional")
+    with pytest.raises(BridgeSetupError, match=r"direction='bidirectional' with mode='recorded'; expected mode 'live'"):
+        BridgeConfig(direction="bidirectional", mode="recorded")
+    with pytest.raises(BridgeSetupError, match=r"direction='bidirectional' with refresh_every=2; expected 1"):
+        BridgeConfig(direction="bidirectional", refresh_every=2)
     with pytest.raises(BridgeSetupError, match=r"target='flux'; expected one of \('wan', 'chronoedit'\)"):
         BridgeConfig(target="flux")
     with pytest.raises(ValueError, match="window starts at 0.8 after it ends at 0.2"):

@@ -80,12 +80,12 @@ def test_keys_after_rope_agree_per_layer(tiny_models, name):
         assert err <= 1e-5, f"layer {layer}: relative difference {err:.2e}"
 
 
-def seeded_bundle(tiny_models, path):
+def seeded_bundle(tiny_models, path, seed=3):
     sig = ModelSignature(2, 2, 128)
     layer_map = LayerMap.build("identity", 2, 2)
     bank = ProjectorBank.build("full", sig, sig, layer_map.layers, hidden_dim=64)
     with torch.no_grad():
-        g = torch.Generator().manual_seed(3)
+        g = torch.Generator().manual_seed(seed)
         for p in bank.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     save_bundle(path, bank, layer_map)
@@ -155,6 +155,51 @@ def test_a_bundle_fused_in_diffusers_gives_the_comfy_bridged_latents(tiny_models
     assert bridge.last_report.sharer_forwards == 2 * steps
     err = (ours - theirs).abs().max() / theirs.abs().max()
     print(f"latents relative difference {err:.2e}, fusion moved them by {(theirs - plain).abs().max():.3f}")
+    assert err <= 1e-5, f"relative difference {err:.2e}"
+
+
+def test_bidirectional_fusion_in_diffusers_gives_the_comfy_bidirectional_latents(tiny_models, tmp_path):
+    """Both hosts fuse both ways with the same two projector files (forward and backward) and agree: the sharer
+    receives at the same blocks, from the same receiver layers, at the same strengths."""
+    import comfy.sample
+    import comfy.samplers
+    from bridge_helpers import empty_latent, ksample, load_model, pack_nodes
+    from comfy_test_nodes import wan_conditioning
+
+    seeded_bundle(tiny_models, tmp_path / "forward.safetensors")
+    seeded_bundle(tiny_models, tmp_path / "backward.safetensors", seed=5)
+    conds = {name: wan_conditioning(seed, length) for name, seed, length in
+             (("pos", 1, 8), ("neg", 2, 5), ("sharer_pos", 3, 8), ("sharer_neg", 4, 5))}
+    steps, cfg, seed, strength, back = 4, 4.0, 7, 0.7, 0.8
+    receiver = load_model(tiny_models.path("tiny_wan_t2v_a"))
+    sharer = load_model(tiny_models.path("tiny_wan_t2v_b"))
+    nodes = pack_nodes()
+    pack_load = importlib.import_module("dit_cache_bridge.c2c_core").load_bundle
+    source = nodes.CaptureKVCache.execute(sharer, conds["sharer_pos"], conds["sharer_neg"], layers="auto",
+                                          refresh_every=1, rope_alignment="auto").args[0]
+    one_way = nodes.FuseCaches.execute(receiver, source, pack_load(tmp_path / "forward.safetensors"), strength, 0.0,
+                                       1.0, "constant", "").args[0]
+    both = nodes.FuseCaches.execute(receiver, source, pack_load(tmp_path / "forward.safetensors"), strength, 0.0, 1.0,
+                                    "constant", "", direction="bidirectional",
+                                    backward_projector=pack_load(tmp_path / "backward.safetensors"),
+                                    backward_strength=back).args[0]
+    theirs = ksample(both, conds["pos"], conds["neg"], cfg=cfg, seed=seed, steps=steps)
+    theirs_one_way = ksample(one_way, conds["pos"], conds["neg"], cfg=cfg, seed=seed, steps=steps)
+    assert (theirs - theirs_one_way).abs().max() > 1e-3, "receiving must change the output for this test to mean anything"
+
+    sigmas = [float(s) for s in comfy.samplers.calculate_sigmas(receiver.get_model_object("model_sampling"), "simple", steps)]
+    x = comfy.sample.prepare_noise(empty_latent()["samples"], seed) * sigmas[0]
+    wan = convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_a")))
+    inputs = SharerInputs(conds["sharer_pos"][0][0], conds["sharer_neg"][0][0])
+    live = LiveSharer(convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_b"))), inputs,
+                      backward=load_bundle(tmp_path / "backward.safetensors"), backward_strength=back)
+    bridge = Bridge(load_bundle(tmp_path / "forward.safetensors"), live, strength=strength).attach(wan)
+    x = euler_cfg(wan, x, sigmas, conds, cfg, bridge)
+    bridge.detach()
+    ours = receiver.model.process_latent_out(x)
+    err = (ours - theirs).abs().max() / theirs.abs().max()
+    print(f"bidirectional latents relative difference {err:.2e}, receiving moved them by "
+          f"{(theirs - theirs_one_way).abs().max():.3f}")
     assert err <= 1e-5, f"relative difference {err:.2e}"
 
 
