@@ -29,7 +29,8 @@ import comfy.model_patcher
 import comfy.sampler_helpers
 import comfy.samplers
 
-from ..c2c_core import ModelSignature, RopeSpec, TokenGrid
+from ..c2c_core import ModelSignature, RopeSpec, TokenGrid, wan_rope_axes
+from ..c2c_core.arch import ArchTag
 
 log = logging.getLogger("dit_cache_bridge")
 
@@ -123,7 +124,17 @@ def wan_signature(patcher, name: str = "") -> ModelSignature:
         raise NotAWanModel(f"expected a Wan2.1-architecture model (WanModel), found {found}")
     dm = diffusion_model(patcher)
     return ModelSignature(num_layers=len(dm.blocks), num_heads=dm.num_heads, head_dim=dm.dim // dm.num_heads,
-                          name=name or type(patcher.model).__name__)
+                          name=name or type(patcher.model).__name__, arch=wan_arch(dm))
+
+
+def wan_arch(dm) -> ArchTag:
+    """The host-neutral architecture tag of a ComfyUI WanModel, from its configuration attributes."""
+    head_dim = dm.dim // dm.num_heads
+    axes = getattr(getattr(dm, "rope_embedder", None), "axes_dim", None) or wan_rope_axes(head_dim)
+    return ArchTag.from_config(dim=dm.dim, ffn_dim=dm.ffn_dim, num_heads=dm.num_heads, num_layers=len(dm.blocks),
+                               in_channels=dm.in_dim, out_channels=dm.out_dim, text_dim=dm.text_dim,
+                               image_embedding=getattr(dm, "img_emb", None) is not None,
+                               patch_size=dm.patch_size, rope_axes=axes)
 
 
 def is_image_to_video(patcher) -> bool:

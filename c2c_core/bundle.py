@@ -6,13 +6,16 @@ tensor's name, shape and dtype against a bank built on the meta device (no memor
 read tensors. Nothing is ever unpickled.
 
 Metadata: ``__metadata__["c2c_bundle"]`` = JSON ``{format_version, projector: {kind, hparams},
-sharer, receiver, layer_map, provenance}``. Tensors: ``bank.state_dict()`` (names like
-``k.12.mlp.0.weight``). The generic pair :func:`save_tensors_with_meta` / :func:`read_meta` is
+sharer, receiver, layer_map, provenance[, backward: {projector, layer_map}]}``; ``sharer`` and
+``receiver`` may carry ``arch``, the host-neutral architecture tag (c2c_core.arch). Tensors:
+``bank.state_dict()`` (names like ``k.12.mlp.0.weight``), and the optional backward (receiver ->
+sharer) bank's under ``backward.``. docs/bundle_format.md describes the format. The generic pair :func:`save_tensors_with_meta` / :func:`read_meta` is
 reused for other files (K/V recordings, trainer state).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +46,7 @@ from .errors import (
     UnsafeFormatError,
     quote,
 )
+from .arch import ArchTag
 from .kv import ModelSignature
 from .mapping import LayerMap
 from .projectors import PROJECTORS, ProjectorBank, build_projector, known_kinds, resolve_kind
@@ -51,7 +55,11 @@ __all__ = [
     "FORMAT_VERSION",
     "BUNDLE_KEY",
     "ProjectorBundle",
+    "ArchMismatch",
+    "arch_mismatches",
+    "with_backward",
     "save_bundle",
+    "save_projector_bundle",
     "load_bundle",
     "read_bundle_header",
     "save_tensors_with_meta",
@@ -64,8 +72,11 @@ __all__ = [
     "remove_stale_temp_files",
 ]
 
-FORMAT_VERSION = 1
+#: 2 adds the optional backward bank; a bundle without one is still written as version 1
+FORMAT_VERSION = 2
 BUNDLE_KEY = "c2c_bundle"
+#: tensor-name prefix of the backward (receiver -> sharer) bank
+BACKWARD_PREFIX = "backward."
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -471,7 +482,11 @@ def load_tensors(path: str | os.PathLike, names, device="cpu", dtype: Optional[t
 
 @dataclass
 class ProjectorBundle:
-    """A loaded bundle: the bank (eval mode) plus what it was made for and how."""
+    """A loaded bundle: the bank (eval mode) plus what it was made for and how.
+
+    ``backward`` (optional) is the receiver -> sharer bank for bidirectional fusion, itself a bundle
+    whose sharer is this bundle's receiver and whose receiver is this bundle's sharer.
+    """
 
     bank: ProjectorBank
     layer_map: LayerMap
@@ -479,6 +494,63 @@ class ProjectorBundle:
     receiver: ModelSignature
     provenance: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    backward: Optional["ProjectorBundle"] = None
+
+    @property
+    def tagged(self) -> bool:
+        """True when both sides carry an architecture tag (bundles saved before the tag existed do not)."""
+        return self.sharer.arch is not None and self.receiver.arch is not None
+
+
+@dataclass(frozen=True)
+class ArchMismatch:
+    """One side of a pair whose architecture is not the one a bundle was made for."""
+
+    role: str                   # "sharer" | "receiver"
+    made_for: ArchTag           # the bundle's tag of that side
+    found: ArchTag              # the model's tag
+    differences: tuple          # 'field bundle vs model' strings
+
+    def describe(self) -> str:
+        return (f"a projector made for a {self.role} {self.made_for.describe()}, but the {self.role} model is "
+                f"{self.found.describe()}, which differs in {', '.join(self.differences)}")
+
+
+def arch_mismatches(bundle: ProjectorBundle, sharer: ModelSignature, receiver: ModelSignature) -> list[ArchMismatch]:
+    """The sides whose architecture tag differs from the bundle's (host-free; every host calls this after
+    the shape check). A side is compared only when both the bundle and the model carry a tag, so
+    bundles saved before the tag existed (and recordings without it) are judged by their shapes alone."""
+    out = []
+    for role, model in (("sharer", sharer), ("receiver", receiver)):
+        made_for = getattr(bundle, role).arch
+        if made_for is not None and model.arch is not None and made_for != model.arch:
+            out.append(ArchMismatch(role, made_for, model.arch, tuple(made_for.differences(model.arch))))
+    return out
+
+
+def with_backward(forward: ProjectorBundle, backward: ProjectorBundle) -> ProjectorBundle:
+    """``forward`` carrying ``backward`` (receiver -> sharer) as its second bank, for one bidirectional file.
+
+    Refused unless ``backward`` maps ``forward``'s receiver into ``forward``'s sharer (shapes, and the
+    architecture tags where both carry them)."""
+    _check_backward_fits(forward.bank, backward.bank, "with_backward")
+    return dataclasses.replace(forward, backward=dataclasses.replace(backward, backward=None))
+
+
+def _check_backward_fits(bank: ProjectorBank, back: ProjectorBank, where) -> None:
+    ok = back.sharer.same_shape(bank.receiver) and back.receiver.same_shape(bank.sharer)
+    for mine, theirs in ((back.sharer, bank.receiver), (back.receiver, bank.sharer)):
+        ok = ok and (mine.arch is None or theirs.arch is None or mine.arch == theirs.arch)
+    if not ok:
+        raise BundleError(
+            f"{where}: the backward bank maps {_side(back.sharer)} -> {_side(back.receiver)}; expected the forward "
+            f"bank's receiver -> its sharer ({_side(bank.receiver)} -> {_side(bank.sharer)}). Build the backward "
+            f"bank with the two models swapped.")
+
+
+def _side(sig: ModelSignature) -> str:
+    shape = f"{sig.num_layers}×{sig.num_heads}×{sig.head_dim}"
+    return f"{sig.arch.family} {sig.arch.variant} {shape}" if sig.arch is not None else shape
 
 
 def save_bundle(
@@ -487,29 +559,54 @@ def save_bundle(
     layer_map: LayerMap,
     provenance: Optional[Mapping] = None,
     overwrite: bool = True,
+    backward: Optional[tuple[ProjectorBank, LayerMap]] = None,
 ) -> None:
     """Write ``bank`` and ``layer_map`` as one ``.safetensors`` bundle (see module docstring).
 
+    The architecture tags of the bank's signatures (set by the hosts when they read a model) are
+    written with them. ``backward=(bank, layer_map)`` adds a receiver -> sharer bank for bidirectional
+    fusion (format version 2; without it the file stays version 1, readable by older releases).
     ``overwrite=False`` raises FileExistsError rather than replace a file already there."""
     path = Path(path)
-    if bank.layers != layer_map.layers:
-        raise BundleError(
-            f"{path}: bank covers receiver layers {bank.layers} but the layer map fuses "
-            f"{layer_map.layers}; expected the same layers. Build the bank with layers=layer_map.layers."
-        )
-    try:
-        layer_map.validate(bank.sharer, bank.receiver)
-    except C2CError as exc:
-        raise BundleError(f"{path}: layer map does not fit the bank's models: {exc}") from None
+    _check_bank_map(path, bank, layer_map, "")
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,
         "projector": {"kind": bank.kind, "hparams": dict(bank.hparams)},
         "sharer": bank.sharer.to_dict(),
         "receiver": bank.receiver.to_dict(),
         "layer_map": layer_map.to_dict(),
         "provenance": dict(provenance or {}),
     }
-    save_tensors_with_meta(path, bank.state_dict(), meta, BUNDLE_KEY, overwrite=overwrite)
+    tensors = dict(bank.state_dict())
+    if backward is not None:
+        back, back_map = backward
+        _check_backward_fits(bank, back, _short_path(path))
+        _check_bank_map(path, back, back_map, "backward ")
+        meta["format_version"] = FORMAT_VERSION
+        meta["backward"] = {"projector": {"kind": back.kind, "hparams": dict(back.hparams)},
+                            "layer_map": back_map.to_dict()}
+        tensors.update({BACKWARD_PREFIX + name: t for name, t in back.state_dict().items()})
+    save_tensors_with_meta(path, tensors, meta, BUNDLE_KEY, overwrite=overwrite)
+
+
+def save_projector_bundle(path: str | os.PathLike, bundle: ProjectorBundle, provenance: Optional[Mapping] = None,
+                          overwrite: bool = True) -> None:
+    """Write a ProjectorBundle (and its backward bank, if it has one); provenance defaults to the bundle's."""
+    backward = (bundle.backward.bank, bundle.backward.layer_map) if bundle.backward is not None else None
+    save_bundle(path, bundle.bank, bundle.layer_map, bundle.provenance if provenance is None else provenance,
+                overwrite=overwrite, backward=backward)
+
+
+def _check_bank_map(path: Path, bank: ProjectorBank, layer_map: LayerMap, which: str) -> None:
+    if bank.layers != layer_map.layers:
+        raise BundleError(
+            f"{path}: {which}bank covers receiver layers {bank.layers} but the layer map fuses "
+            f"{layer_map.layers}; expected the same layers. Build the bank with layers=layer_map.layers."
+        )
+    try:
+        layer_map.validate(bank.sharer, bank.receiver)
+    except C2CError as exc:
+        raise BundleError(f"{path}: {which}layer map does not fit the bank's models: {exc}") from None
 
 
 def _field(path: Path, meta: Mapping, name: str, kind: type) -> Any:
@@ -534,15 +631,24 @@ MAX_WEIGHT = 65504.0
 
 
 @dataclass
-class _Plan:
-    """Everything load_bundle validated from the header, before any tensor is read."""
+class _BankPlan:
+    """One bank as the header declares it (projector kind, settings, layer map), validated."""
 
-    meta: dict
     kind: str
     hparams: dict
     sharer: ModelSignature
     receiver: ModelSignature
     layer_map: LayerMap
+    prefix: str = ""
+
+
+@dataclass
+class _Plan:
+    """Everything load_bundle validated from the header, before any tensor is read."""
+
+    meta: dict
+    forward: _BankPlan
+    backward: Optional[_BankPlan]
     snapshot: Snapshot
 
     @property
@@ -564,7 +670,14 @@ def _signature(path: Path, meta: Mapping, role: str) -> ModelSignature:
                                        f"{limit}. The file is damaged or not a DiT Cache Bridge bundle.")
     if not isinstance(d.get("name", ""), str):
         raise InvalidMetadataError(f"{_short_path(path)}: {role} name is {quote(d.get('name'))}; expected a string.")
-    return ModelSignature.from_dict(d)
+    sig = ModelSignature.from_dict(d)
+    arch = sig.arch
+    if arch is not None and (arch.num_layers, arch.num_heads, arch.dim) != (sig.num_layers, sig.num_heads, sig.width):
+        raise InvalidMetadataError(
+            f"{_short_path(path)}: the {role}'s architecture tag ({arch.num_layers} layers, {arch.num_heads} heads, dim "
+            f"{arch.dim}) contradicts its signature ({sig.num_layers} layers, {sig.num_heads} heads × {sig.head_dim}); "
+            f"the file is damaged. Re-export it.")
+    return sig
 
 
 def _check_hparams(path: Path, kind: str, hparams: dict) -> None:
@@ -582,6 +695,30 @@ def _check_hparams(path: Path, kind: str, hparams: dict) -> None:
                                        f"expected a number, a boolean or a short string.")
 
 
+def _bank_plan(path: Path, where: Mapping, sharer: ModelSignature, receiver: ModelSignature, prefix: str) -> _BankPlan:
+    """Kind, settings and layer map of one bank (``where`` is the metadata object holding them)."""
+    label = "backward " if prefix else ""
+    projector = _field(path, where, "projector", dict)
+    kind = projector.get("kind")
+    hparams = projector.get("hparams", {})
+    if not isinstance(kind, str) or kind not in PROJECTORS:
+        raise BundleUnknownProjectorError(
+            f"{_short_path(path)}: {label}projector kind {quote(kind, 60)} is unknown to this version (known: "
+            f"{', '.join(known_kinds())}); update DiT Cache Bridge or re-export the bundle."
+        )
+    if not isinstance(hparams, dict):
+        raise InvalidMetadataError(f"{_short_path(path)}: {label}projector hparams are {quote(hparams, 60)}; expected an object.")
+    _check_hparams(path, kind, hparams)
+    try:
+        layer_map = LayerMap.from_dict(_field(path, where, "layer_map", dict))
+        layer_map.validate(sharer, receiver)
+    except InvalidMetadataError:
+        raise
+    except (C2CError, TypeError, ValueError, OverflowError) as exc:
+        raise InvalidMetadataError(f"{_short_path(path)}: {label}bundle metadata is inconsistent: {quote(str(exc), 300)}") from None
+    return _BankPlan(kind, hparams, sharer, receiver, layer_map, prefix)
+
+
 def _plan(path: Path) -> _Plan:
     snap = snapshot(path)
     meta = _parse_meta(path, snap.metadata, BUNDLE_KEY)
@@ -593,48 +730,41 @@ def _plan(path: Path) -> _Plan:
         )
     if version < 1:
         raise InvalidMetadataError(f"{_short_path(path)}: bundle format version {quote(version, 40)}; expected 1..{FORMAT_VERSION}.")
-    projector = _field(path, meta, "projector", dict)
-    kind = projector.get("kind")
-    hparams = projector.get("hparams", {})
-    if not isinstance(kind, str) or kind not in PROJECTORS:
-        raise BundleUnknownProjectorError(
-            f"{_short_path(path)}: projector kind {quote(kind, 60)} is unknown to this version (known: "
-            f"{', '.join(known_kinds())}); update DiT Cache Bridge or re-export the bundle."
-        )
-    if not isinstance(hparams, dict):
-        raise InvalidMetadataError(f"{_short_path(path)}: projector hparams are {quote(hparams, 60)}; expected an object.")
-    _check_hparams(path, kind, hparams)
     if not isinstance(meta.get("provenance", {}), dict):
         raise InvalidMetadataError(f"{_short_path(path)}: bundle provenance is {quote(meta['provenance'], 60)}; expected an object.")
+    _field(path, meta, "projector", dict)
     try:
         sharer = _signature(path, meta, "sharer")
         receiver = _signature(path, meta, "receiver")
-        layer_map = LayerMap.from_dict(_field(path, meta, "layer_map", dict))
-        layer_map.validate(sharer, receiver)
     except InvalidMetadataError:
         raise
     except (C2CError, TypeError, ValueError, OverflowError) as exc:
         raise InvalidMetadataError(f"{_short_path(path)}: bundle metadata is inconsistent: {quote(str(exc), 300)}") from None
-    return _Plan(meta, kind, hparams, sharer, receiver, layer_map, snap)
+    forward = _bank_plan(path, meta, sharer, receiver, "")
+    backward = None
+    if "backward" in meta:
+        backward = _bank_plan(path, _field(path, meta, "backward", dict), receiver, sharer, BACKWARD_PREFIX)
+    return _Plan(meta, forward, backward, snap)
 
 
-def _expected_tensors(path: Path, plan: _Plan) -> dict[str, tuple[int, ...]]:
-    """Names and shapes the bank needs, from ONE projector built on the meta device (no memory).
+def _expected_tensors(path: Path, plan: _BankPlan) -> dict[str, tuple[int, ...]]:
+    """Names and shapes one bank needs, from ONE projector built on the meta device (no memory).
 
     Every fused layer holds the same projector twice (K and V), so one skeleton gives the whole
     list; the full bank is built only after the file is known to hold exactly these tensors.
     """
+    label = "backward " if plan.prefix else ""
     try:
         concrete = resolve_kind(plan.kind, plan.sharer, plan.receiver)
         with torch.device("meta"):
             one = build_projector(concrete, plan.sharer, plan.receiver, **plan.hparams)
         shapes = {name: tuple(t.shape) for name, t in one.state_dict().items()}
     except C2CError as exc:
-        raise InvalidMetadataError(f"{_short_path(path)}: the bundle's projector settings are invalid: {quote(str(exc), 300)}") from None
+        raise InvalidMetadataError(f"{_short_path(path)}: the bundle's {label}projector settings are invalid: {quote(str(exc), 300)}") from None
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-        raise InvalidMetadataError(f"{_short_path(path)}: the bundle's projector settings cannot be built "
+        raise InvalidMetadataError(f"{_short_path(path)}: the bundle's {label}projector settings cannot be built "
                                    f"({quote(str(exc), 200)}); the file is damaged.") from None
-    return {f"{w}.{i}.{n}": s for w in ("k", "v") for i in plan.layer_map.layers for n, s in shapes.items()}
+    return {f"{plan.prefix}{w}.{i}.{n}": s for w in ("k", "v") for i in plan.layer_map.layers for n, s in shapes.items()}
 
 
 def _check_tensors(path: Path, expected: Mapping[str, tuple], entries: Mapping[str, tuple]) -> None:
@@ -692,36 +822,51 @@ def _materialize(bank: torch.nn.Module, device, dtype: torch.dtype) -> None:
                 module._buffers[name] = torch.empty(b.shape, dtype=dtype if b.is_floating_point() else b.dtype, device=device)
 
 
-def load_bundle(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None) -> ProjectorBundle:
-    """Validate the whole header, then build the bank on ``device`` and read its tensors.
-
-    ``dtype=None`` keeps the stored dtype (float32 when the file mixes dtypes). The bank is
-    returned in eval mode. Raises only BundleError subclasses (a missing file is also a
-    FileNotFoundError); weights with NaN/Inf are refused.
-    """
-    path = Path(path)
-    plan = _plan(path)
-    expected = _expected_tensors(path, plan)
-    _check_tensors(path, expected, plan.entries)
-    if dtype is None:
-        stored = {dt for _, dt in plan.entries.values()}
-        dtype = _TORCH_DTYPES[stored.pop()] if len(stored) == 1 else torch.float32
+def _load_bank(path: Path, plan: _BankPlan, snap: Snapshot, expected: Mapping[str, tuple], device,
+               dtype: torch.dtype) -> ProjectorBank:
     with torch.device("meta"):
         bank = ProjectorBank.build(plan.kind, plan.sharer, plan.receiver, plan.layer_map.layers, **plan.hparams)
     _materialize(bank, device, dtype)
     targets = bank.state_dict(keep_vars=True)
     with torch.no_grad():
         for name in expected:  # one tensor at a time: peak memory is the bank plus one tensor
-            t = plan.snapshot.read([name])[name]
+            t = snap.read([name])[name]
             check_finite(path, name, t)
-            targets[name].copy_(t)
+            targets[name[len(plan.prefix):]].copy_(t)
     bank.reset_state()
     bank.eval()
+    return bank
+
+
+def load_bundle(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None) -> ProjectorBundle:
+    """Validate the whole header (both banks, when the file holds a backward one), then build the banks on
+    ``device`` and read their tensors.
+
+    ``dtype=None`` keeps the stored dtype (float32 when the file mixes dtypes). Banks are returned
+    in eval mode. Raises only BundleError subclasses (a missing file is also a FileNotFoundError);
+    weights with NaN/Inf are refused.
+    """
+    path = Path(path)
+    plan = _plan(path)
+    plans = [p for p in (plan.forward, plan.backward) if p is not None]
+    expected = [_expected_tensors(path, p) for p in plans]
+    _check_tensors(path, {name: shape for one in expected for name, shape in one.items()}, plan.entries)
+    if dtype is None:
+        stored = {dt for _, dt in plan.entries.values()}
+        dtype = _TORCH_DTYPES[stored.pop()] if len(stored) == 1 else torch.float32
+    banks = [_load_bank(path, p, plan.snapshot, names, device, dtype) for p, names in zip(plans, expected)]
+    provenance = dict(plan.meta.get("provenance") or {})
+    backward = None
+    if plan.backward is not None:
+        backward = ProjectorBundle(bank=banks[1], layer_map=plan.backward.layer_map, sharer=plan.backward.sharer,
+                                   receiver=plan.backward.receiver, provenance=provenance,
+                                   metadata=dict(plan.meta["backward"]))
     return ProjectorBundle(
-        bank=bank,
-        layer_map=plan.layer_map,
-        sharer=plan.sharer,
-        receiver=plan.receiver,
-        provenance=dict(plan.meta.get("provenance") or {}),
+        bank=banks[0],
+        layer_map=plan.forward.layer_map,
+        sharer=plan.forward.sharer,
+        receiver=plan.forward.receiver,
+        provenance=provenance,
         metadata=plan.meta,
+        backward=backward,
     )

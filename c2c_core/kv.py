@@ -8,12 +8,13 @@ Tokens run frames-major, then height, then width, as in Wan's patch embedding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
+from .arch import ArchTag
 from .errors import KVShapeError, MissingLayerError, SignatureError
 
 __all__ = [
@@ -55,19 +56,24 @@ class ModelSignature:
     """The attention shape of a DiT: what a projector needs to know about one side of a bridge.
 
     ``name`` is a label for humans (e.g. "wan2.1-t2v-14b") and takes part in equality; use
-    :meth:`same_shape` to compare only the numbers.
+    :meth:`same_shape` to compare only the numbers. ``arch`` (optional, not part of equality) is the
+    host-neutral architecture tag (c2c_core.arch) that hosts set when they read a model, so a bundle
+    records which networks it was made for.
     """
 
     num_layers: int
     num_heads: int
     head_dim: int
     name: str = ""
+    arch: Optional[ArchTag] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_heads", "head_dim"):
             _positive_int("ModelSignature", field, getattr(self, field))
         if not isinstance(self.name, str):
             raise SignatureError(f"ModelSignature.name is {self.name!r}; expected a string.")
+        if self.arch is not None and not isinstance(self.arch, ArchTag):
+            raise SignatureError(f"ModelSignature.arch is {type(self.arch).__name__}; expected an ArchTag or None.")
 
     @property
     def width(self) -> int:
@@ -88,12 +94,14 @@ class ModelSignature:
             "num_heads": self.num_heads,
             "head_dim": self.head_dim,
             "name": self.name,
+            **({"arch": self.arch.to_dict()} if self.arch is not None else {}),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ModelSignature":
         values = _from_dict("ModelSignature", d, ("num_layers", "num_heads", "head_dim"))
-        return cls(**values, name=d.get("name", ""))
+        arch = ArchTag.from_dict(d["arch"]) if d.get("arch") is not None else None
+        return cls(**values, name=d.get("name", ""), arch=arch)
 
 
 @dataclass(frozen=True)

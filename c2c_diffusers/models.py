@@ -14,10 +14,11 @@ import math
 import torch
 
 from c2c_core import ModelSignature, RopeSpec, TokenGrid, rope_frequencies, wan_rope_axes
+from c2c_core.arch import ArchTag
 
 from .errors import BridgeSetupError
 
-__all__ = ["blocks", "signature", "token_grid", "rope_positions_of", "rope_spec", "is_image_to_video"]
+__all__ = ["blocks", "signature", "arch_tag", "token_grid", "rope_positions_of", "rope_spec", "is_image_to_video"]
 
 
 def blocks(transformer) -> list:
@@ -34,7 +35,24 @@ def signature(transformer, name: str = "") -> ModelSignature:
     """Layers, heads and head_dim of the self-attention, read from the modules."""
     attn = blocks(transformer)[0].attn1
     return ModelSignature(num_layers=len(blocks(transformer)), num_heads=attn.heads,
-                          head_dim=attn.inner_dim // attn.heads, name=name or type(transformer).__name__)
+                          head_dim=attn.inner_dim // attn.heads, name=name or type(transformer).__name__,
+                          arch=arch_tag(transformer))
+
+
+def arch_tag(transformer) -> ArchTag:
+    """The host-neutral architecture tag (c2c_core.arch) from the transformer's config: equal to the tag
+    ComfyUI gives the same network, so a bundle trained in one host is accepted in the other."""
+    config = transformer.config
+    attn = blocks(transformer)[0].attn1
+    head_dim = attn.inner_dim // attn.heads
+    rope = getattr(transformer, "rope", None)
+    axes = [getattr(rope, f"{a}_dim", None) for a in "thw"]
+    return ArchTag.from_config(dim=attn.inner_dim, ffn_dim=config.ffn_dim, num_heads=attn.heads,
+                               num_layers=len(blocks(transformer)), in_channels=config.in_channels,
+                               out_channels=config.out_channels, text_dim=config.text_dim,
+                               image_embedding=getattr(config, "image_dim", None) is not None,
+                               patch_size=config.patch_size,
+                               rope_axes=axes if None not in axes else wan_rope_axes(head_dim))
 
 
 def is_image_to_video(transformer) -> bool:

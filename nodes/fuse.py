@@ -42,7 +42,8 @@ def fusion_inputs():
                                "backward_projector, so the sharer's later layers carry what it received."),
         Projector.Input("backward_projector", optional=True,
                         tooltip="bidirectional: a projector from the receiver to the sharer (Create C2C Projector "
-                                "with the two models swapped, or a trained one)."),
+                                "with the two models swapped, or a trained one). Not needed when the projector "
+                                "bundle holds a backward bank; connected, it wins over that bank."),
         io.Float.Input("backward_strength", default=1.0, min=0.0, max=2.0, step=0.01, optional=True,
                        tooltip="bidirectional: strength of the receiver -> sharer fusion (0 = the sharer stays "
                                "itself: the same as sharer_to_receiver)."),
@@ -105,8 +106,10 @@ def bridge_model(node, model, source, bundle, strength, start_percent, end_perce
     receiver_sig = model_signature(node, model_input, model)
     if isinstance(getattr(source, "model", None), type(model)):
         check_same_latent(node, "sharer" if source.node == node else model_input, source.model, model)
-    source = with_direction(node, source, direction, backward_projector, backward_strength, receiver_sig)
     check_projector_fits(node, bundle, source.signature, receiver_sig)
+    if direction == DIRECTIONS[1]:
+        backward_projector = backward_bank(node, bundle, backward_projector, source.signature, receiver_sig)
+    source = with_direction(node, source, direction, backward_projector, backward_strength, receiver_sig)
     needed = sorted(set(bundle.layer_map.pairs.values()))
     if getattr(source, "layers", None) is not None:
         missing = sorted(set(needed) - set(source.layers))
@@ -129,6 +132,16 @@ def bridge_model(node, model, source, bundle, strength, start_percent, end_perce
     bridge = Bridge(source, bundle, float(strength), schedule, receiver_sig, on_report=_reporter(report_to, warnings), node=node,
                     model_input=model_input)
     return bridge.attach(model)
+
+
+def backward_bank(node, bundle, backward_projector, sharer_sig, receiver_sig):
+    """The receiver -> sharer bank for bidirectional fusion: the connected backward_projector wins, else the
+    projector bundle's own backward bank; None when there is neither (with_direction then says what to connect)."""
+    if backward_projector is not None:
+        if backward_projector.sharer.same_shape(receiver_sig) and backward_projector.receiver.same_shape(sharer_sig):
+            check_projector_fits(node, backward_projector, receiver_sig, sharer_sig, input_name="backward_projector")
+        return backward_projector
+    return getattr(bundle, "backward", None)
 
 
 def _reporter(node_id, warnings=()):

@@ -204,8 +204,8 @@ def test_bad_json_metadata_is_refused(good, tmp_path):
 
 
 def test_newer_format_version_asks_to_update(good, tmp_path):
-    path = rewrite(good, tmp_path / "x.safetensors", meta_edit=lambda m: m.update(format_version=2))
-    with pytest.raises(FormatVersionError, match="format version 2 is newer.*update DiT Cache Bridge"):
+    path = rewrite(good, tmp_path / "x.safetensors", meta_edit=lambda m: m.update(format_version=3))
+    with pytest.raises(FormatVersionError, match="format version 3 is newer.*update DiT Cache Bridge"):
         load_bundle(path)
 
 
@@ -304,3 +304,168 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+# -- architecture tags -----------------------------------------------------------------------------
+
+from dataclasses import replace as _replace  # noqa: E402
+
+from c2c_core.arch import ArchTag  # noqa: E402
+from c2c_core.bundle import arch_mismatches, save_projector_bundle, with_backward  # noqa: E402
+
+
+def tag(sig, in_channels=16, image_embedding=False):
+    return ArchTag.from_config(dim=sig.width, ffn_dim=4 * sig.width, num_heads=sig.num_heads, num_layers=sig.num_layers,
+                               in_channels=in_channels, out_channels=16, text_dim=32, image_embedding=image_embedding,
+                               patch_size=(1, 2, 2), rope_axes=(4, 2, 2))
+
+
+T_SHARER = _replace(SHARER, arch=tag(SHARER))
+T_WIDE = _replace(WIDE, arch=tag(WIDE))
+
+
+def tagged_bank(kind="c2c", sharer=T_SHARER, receiver=T_WIDE, hparams=None, seed=0):
+    torch.manual_seed(seed)
+    layer_map = LayerMap.build("terminal", sharer.num_layers, receiver.num_layers)
+    bank = ProjectorBank.build(kind, sharer, receiver, layer_map.layers, **(hparams or {"hidden_dim": 6}))
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return bank.eval(), layer_map
+
+
+def test_the_tag_is_saved_with_each_side_and_restored(tmp_path):
+    bank, layer_map = tagged_bank()
+    save_bundle(tmp_path / "t.safetensors", bank, layer_map)
+    meta = read_meta(tmp_path / "t.safetensors", "c2c_bundle")
+    assert meta["sharer"]["arch"] == tag(SHARER).to_dict() and meta["sharer"]["arch"]["family"] == "wan2.1"
+    loaded = load_bundle(tmp_path / "t.safetensors")
+    assert loaded.tagged and loaded.sharer.arch == tag(SHARER) and loaded.receiver.arch == tag(WIDE)
+    assert arch_mismatches(loaded, T_SHARER, T_WIDE) == []
+
+
+def test_a_bundle_for_another_architecture_of_the_same_shapes_is_named():
+    bank, layer_map = tagged_bank()
+    bundle = load_bundle_like(bank, layer_map)
+    i2v = _replace(SHARER, arch=tag(SHARER, in_channels=36, image_embedding=True))
+    (bad,) = arch_mismatches(bundle, i2v, T_WIDE)
+    assert bad.role == "sharer" and bad.differences == ("variant t2v vs i2v", "in_channels 16 vs 36",
+                                                       "image_embedding no vs yes")
+    assert bad.describe() == ("a projector made for a sharer wan2.1 t2v (dim 8, 3 layers, 2 heads, ffn 32, in 16), but "
+                              "the sharer model is wan2.1 i2v (dim 8, 3 layers, 2 heads, ffn 32, in 36, CLIP image "
+                              "input), which differs in variant t2v vs i2v, in_channels 16 vs 36, image_embedding no vs yes)")
+
+
+def load_bundle_like(bank, layer_map):
+    from c2c_core import ProjectorBundle
+    return ProjectorBundle(bank=bank, layer_map=layer_map, sharer=bank.sharer, receiver=bank.receiver)
+
+
+def test_an_untagged_bundle_or_model_is_judged_by_shapes_alone(good):
+    old = load_bundle(good)
+    assert not old.tagged and "arch" not in read_meta(good, "c2c_bundle")["sharer"]
+    assert arch_mismatches(old, T_SHARER, T_WIDE) == []
+    bank, layer_map = tagged_bank()
+    assert arch_mismatches(load_bundle_like(bank, layer_map), SHARER, WIDE) == []
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["sharer"]["arch"].update(num_heads=3), "sharer's architecture tag .* contradicts its signature"),
+    (lambda m: m["receiver"]["arch"].update(family=7), "architecture tag family is 7"),
+    (lambda m: m["receiver"]["arch"].update(dim=2 ** 40), "architecture tag dim is"),
+    (lambda m: m["receiver"]["arch"].pop("rope_axes"), r"architecture tag lacks \['rope_axes'\]"),
+    (lambda m: m["sharer"]["arch"].update(patch_size=[1, 2]), "architecture tag patch_size"),
+])
+def test_a_damaged_tag_is_refused_before_any_tensor(tmp_path, edit, message):
+    bank, layer_map = tagged_bank()
+    save_bundle(tmp_path / "t.safetensors", bank, layer_map)
+    path = rewrite(tmp_path / "t.safetensors", tmp_path / "x.safetensors", meta_edit=edit)
+    with pytest.raises(InvalidMetadataError, match=message):
+        load_bundle(path)
+
+
+# -- both banks in one bundle ----------------------------------------------------------------------
+
+
+def both_banks(tmp_path, back_kind="full", back_hparams=None):
+    bank, layer_map = tagged_bank()
+    back, back_map = tagged_bank(back_kind, T_WIDE, T_SHARER, back_hparams or {"hidden_dim": 5}, seed=1)
+    path = tmp_path / "both.safetensors"
+    save_bundle(path, bank, layer_map, {"trainer": "test"}, backward=(back, back_map))
+    return path, (bank, layer_map), (back, back_map)
+
+
+def test_both_banks_round_trip_bit_for_bit(tmp_path):
+    path, (bank, layer_map), (back, back_map) = both_banks(tmp_path)
+    meta = read_meta(path, "c2c_bundle")
+    assert meta["format_version"] == 2 and set(meta["backward"]) == {"projector", "layer_map"}
+    assert {n for n in load_file(path) if n.startswith("backward.")} == {f"backward.{n}" for n in back.state_dict()}
+    loaded = load_bundle(path)
+    assert loaded.backward.sharer.arch == tag(WIDE) and loaded.backward.receiver.arch == tag(SHARER)
+    assert loaded.backward.layer_map == back_map and not loaded.backward.bank.training
+    for a, b in zip(forward_all(bank, layer_map, WIDE), forward_all(loaded.bank, layer_map, WIDE)):
+        assert torch.equal(a, b)
+    for layer in back_map.layers:
+        s, r = kv(2, 5, WIDE, seed=layer), kv(2, 5, SHARER, seed=50 + layer)
+        for which in ("k", "v"):
+            assert torch.equal(back.project(layer, which, s, r), loaded.backward.bank.project(layer, which, s, r))
+    save_projector_bundle(tmp_path / "again.safetensors", loaded)
+    assert load_file(tmp_path / "again.safetensors").keys() == load_file(path).keys()
+
+
+def test_a_bundle_without_a_backward_bank_stays_format_1(good):
+    assert read_meta(good, "c2c_bundle")["format_version"] == 1 and load_bundle(good).backward is None
+
+
+def test_with_backward_and_save_refuse_a_bank_that_does_not_map_back(tmp_path):
+    bank, layer_map = tagged_bank()
+    same_way, same_map = tagged_bank(seed=1)
+    with pytest.raises(BundleError, match=r"backward bank maps wan2.1 t2v 3×2×4 -> wan2.1 t2v 4×3×4; expected the "
+                                          r"forward bank's receiver -> its sharer \(wan2.1 t2v 4×3×4 -> wan2.1 t2v 3×2×4\)"):
+        save_bundle(tmp_path / "b.safetensors", bank, layer_map, backward=(same_way, same_map))
+    other_arch = _replace(SHARER, arch=tag(SHARER, in_channels=36))
+    back, back_map = tagged_bank("full", T_WIDE, other_arch, {"hidden_dim": 5})
+    with pytest.raises(BundleError, match="Build the backward bank with the two models swapped"):
+        with_backward(load_bundle_like(bank, layer_map), load_bundle_like(back, back_map))
+    good_back, good_map = tagged_bank("full", T_WIDE, T_SHARER, {"hidden_dim": 5})
+    both = with_backward(load_bundle_like(bank, layer_map), load_bundle_like(good_back, good_map))
+    assert both.backward.bank is good_back and both.bank is bank
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    (lambda m, t: t.pop("backward.k.0.mlp.0.weight"), MissingTensorError, r"missing tensors \['backward.k.0.mlp.0.weight'\]"),
+    (lambda m, t: t.update({"backward.k.9.proj.weight": torch.zeros(1)}), UnexpectedTensorError, "backward.k.9"),
+    (lambda m, t: t.update({"backward.k.0.mlp.0.weight": torch.zeros(8, 3)}), ShapeMismatchError,
+     r"tensor 'backward.k.0.mlp.0.weight' has shape \[8, 3\]; expected \[5, 12\]"),
+    (lambda m, t: m["backward"]["projector"].update(kind="teleport"), UnknownProjectorError,
+     "backward projector kind 'teleport' is unknown"),
+    (lambda m, t: m["backward"]["projector"]["hparams"].update(hidden_dim=10 ** 9), InvalidMetadataError,
+     "hidden_dim=1000000000; expected at most 65536"),
+    (lambda m, t: m["backward"]["layer_map"].update(sharer_layers=3), InvalidMetadataError,
+     "backward bundle metadata is inconsistent"),
+    (lambda m, t: m.update(backward=[]), InvalidMetadataError, "bundle metadata 'backward' is"),
+])
+def test_the_backward_bank_is_validated_before_any_tensor_is_read(tmp_path, monkeypatch, edit, error, message):
+    path, _, _ = both_banks(tmp_path)
+    tensors = load_file(path)
+    meta = read_meta(path, "c2c_bundle")
+    edit(meta, tensors)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, bad, metadata={"c2c_bundle": json.dumps(meta)})
+    reads = []
+    real_read = bundle_module.Snapshot.read
+    monkeypatch.setattr(bundle_module.Snapshot, "read", lambda self, names, *a, **k: reads.extend(names) or
+                        real_read(self, names, *a, **k))
+    with pytest.raises(error, match=message):
+        load_bundle(bad)
+    assert reads == []
+
+
+def test_a_backward_layer_count_beyond_the_limit_builds_nothing(tmp_path):
+    path, _, _ = both_banks(tmp_path, back_kind="c2c", back_hparams={"hidden_dim": 5, "num_layers": 2})
+    meta = read_meta(path, "c2c_bundle")
+    meta["backward"]["projector"]["hparams"]["num_layers"] = 100_000
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(path), bad, metadata={"c2c_bundle": json.dumps(meta)})
+    with pytest.raises(InvalidMetadataError, match="num_layers=100000; expected at most 64"):
+        load_bundle(bad)
