@@ -17,7 +17,7 @@ import comfy.patcher_extension
 
 import torch
 
-from ..c2c_core.recording import DiskStore, KVRecording, RamStore
+from ..c2c_core.recording import DiskStore, KVRecording, RamStore, RecordingWriteError, ReplayReader
 from . import compat, memory
 from .branches import NEGATIVE, ROLE_NAMES, call_roles, role_map
 from .errors import BridgeInputError
@@ -107,13 +107,20 @@ def record(node, sharer, positive, negative, layers, latent_image, seed, steps, 
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, recorder.calc_cond_batch)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, recorder.apply_model)
     try:
-        compat.common_ksampler(clone, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                    latent_image, denoise=denoise)
+        try:
+            compat.common_ksampler(clone, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                   latent_image, denoise=denoise)
+            recording.finish()      # the background writer's last files, or its failure
+        finally:
+            memory.release(clone)
+    except RecordingWriteError as exc:
+        recording.close()
+        raise BridgeInputError(node, "storage", str(exc),
+                               f"room for the recording's {memory.gb(size)} in ComfyUI's temp folder",
+                               "free disk space there, or set storage to 'ram'") from exc
     except BaseException:
         recording.close()           # an interrupted or failed recording leaves no temp folder behind
         raise
-    finally:
-        memory.release(clone)
     recording.kinds = tuple(sorted({kind for _, kind, _ in recorder.seen})) or (0,)
     recording.forwards = recorder.forwards
     return recording
@@ -165,7 +172,7 @@ class RecordedRun:
         self.grid = rec.grid
         self.grid_mode = source.grid_alignment if source.grid_alignment != "refuse" else "nearest"
         self.forwards = 0
-        self._current = {}
+        self._reader = None             # c2c_core.recording.ReplayReader on the receiver's device, per run
         self._loaded = None
         self._window = None
         self._replayed = None
@@ -197,8 +204,7 @@ class RecordedRun:
                 "record with the receiver's latent (the same Empty Latent batch_size), or record again")
 
     def _recorded_batch(self) -> int:
-        k, _ = self.recording.get(0, self.recording.kinds[0], self.recording.layers[0])
-        return int(k.shape[0])
+        return self.recording.batch_size
 
     def begin_evaluation(self, index: int, sigma: float):
         """Check the receiver's ``index``-th model evaluation has a recorded counterpart at its sigma."""
@@ -217,29 +223,31 @@ class RecordedRun:
                 self._window, self._replayed = window, evaluation
             evaluation = self._replayed
         if self._loaded != evaluation:
-            self._loaded, self._current = evaluation, {}
+            self._loaded = evaluation
             self.forwards += 1
 
     def capture(self, *args):
         raise RuntimeError("a recorded source does not capture")
 
     def kv(self, layer, kinds):
-        key = (layer, tuple(kinds))
-        if key not in self._current:
-            for kind in dict.fromkeys(kinds):
-                if kind not in self.recording.kinds:
-                    raise BridgeInputError(
-                        self.node, "kv_source", f"a recording without the sharer's {ROLE_NAMES[kind]} pass",
-                        f"the {ROLE_NAMES[kind]} pass the receiver's guider evaluates",
-                        "record with cfg > 1 so both passes are recorded")
-            parts = [self.recording.get(self._loaded, kind, layer) for kind in kinds]
-            k = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])
-            v = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
-            self._current[key] = (k, v)
-        return self._current[key]
+        """The recorded K/V of sharer ``layer`` for this call's chunks, on the receiver's device."""
+        for kind in dict.fromkeys(kinds):
+            if kind not in self.recording.kinds:
+                raise BridgeInputError(
+                    self.node, "kv_source", f"a recording without the sharer's {ROLE_NAMES[kind]} pass",
+                    f"the {ROLE_NAMES[kind]} pass the receiver's guider evaluates",
+                    "record with cfg > 1 so both passes are recorded")
+        if self._reader is None:
+            self._reader = ReplayReader(self.recording, self.run.device)
+        parts = [self._reader.get(self._loaded, kind, layer) for kind in kinds]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def close(self):
-        self._current = {}
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 def _short(sigmas):

@@ -11,15 +11,25 @@ and CFG chunk kind, then replays them into the receiver's run, so only one model
 time. Entries are ``(step, kind, layer) -> (k, v)`` with k, v shaped (B, N, H*D) as the attention
 call hands them over. Storage is RAM or safetensors files on disk (read back lazily, one step at a
 time), in fp32/fp16/bf16 or fp8 (e4m3, with a per-tensor scale so large values survive).
+
+Neither side stalls the sampling thread more than it must: tensors leave a CUDA device through pinned
+memory without a sync, disk stores write their step files on a background thread (in order, at most
+two steps queued, the first failure raised on the sampling thread as :class:`RecordingWriteError`),
+and a replay reads through :class:`ReplayReader` (files opened once per run, fp8 decoded on the device,
+pinned non-blocking copies and one step read ahead on CUDA).
 """
 from __future__ import annotations
 
 import math
 import os
+import queue
 import re
 import shutil
 import tempfile
+import threading
 import weakref
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -28,9 +38,9 @@ import torch
 from torch import Tensor
 
 from .align import RopeSpec
-from .bundle import _parse_meta, _short_path, save_tensors_with_meta, snapshot, stream_tensors_with_meta
-from .errors import (C2CError, FormatVersionError, InvalidMetadataError, MissingMetadataError, MissingTensorError,
-                     ShapeMismatchError, UnexpectedTensorError, quote)
+from .bundle import _ALL_DTYPES, _identity, _parse_meta, _short_path, save_tensors_with_meta, snapshot, stream_tensors_with_meta
+from .errors import (C2CError, FileChangedError, FormatVersionError, InvalidMetadataError, MissingMetadataError,
+                     MissingTensorError, ShapeMismatchError, UnexpectedTensorError, quote)
 from .kv import ModelSignature, TokenGrid
 
 RECORDING_KEY = "c2c_kv_recording"
@@ -68,25 +78,85 @@ class MissingStepError(MissingTensorError, KeyError):
         return self.args[0] if self.args else ""
 
 
+def _missing(step: int, kind: int, layer: int) -> MissingStepError:
+    return MissingStepError(
+        f"the K/V recording holds no step {step} of layer {layer} ({'negative' if kind else 'positive'} "
+        f"pass); expected every step the receiver's sampler evaluates. Record with the receiver's "
+        f"sampler, scheduler and steps.")
+
+
+class RecordingWriteError(C2CError):
+    """A step file of a disk recording could not be written (on the background writer); raised on the
+    sampling thread by the next put or read, so the recording node can name it."""
+
+
+def pinnable(device) -> bool:
+    """Pinned host memory pays off (and exists) only for copies to or from a CUDA device."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def _host_buffer(shape, dtype, pin: bool) -> Tensor:
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+
+def _to_host(t: Tensor):
+    """(``t`` on the CPU, event or None) without stalling the caller: a CUDA tensor goes into pinned
+    memory by a non-blocking copy whose event says when it has landed; a CPU tensor comes back as is."""
+    if t.device.type == "cpu":
+        return t, None
+    if t.device.type != "cuda":
+        return t.to("cpu"), None
+    host = _host_buffer(t.shape, t.dtype, True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(t.device))
+    return host, event
+
+
+def _landed(events: list) -> None:
+    for event in events:
+        event.synchronize()
+    events.clear()
+
+
 class RamStore:
     """Recorded tensors kept in (CPU or device) memory."""
 
     def __init__(self):
         self.tensors: dict[str, Tensor] = {}
+        self._events: list = []         # non-blocking device -> host copies not yet known to have landed
 
     def put(self, step: int, tensors: dict[str, Tensor]) -> None:
-        self.tensors.update({k: v.to("cpu") if v.device.type != "cpu" else v for k, v in tensors.items()})
+        for name, t in tensors.items():
+            self.tensors[name], event = _to_host(t)
+            if event is not None:
+                self._events.append(event)
+
+    def finish(self) -> None:
+        """Every put tensor is in host memory (waits for pending copies from the device)."""
+        _landed(self._events)
 
     def get(self, names) -> dict[str, Tensor]:
+        self.finish()
         return {n: self.tensors[n] for n in names if n in self.tensors}
 
+    def read_host(self, names, files, pin: bool) -> dict[str, Tensor]:
+        """:meth:`get` for a replay: pinned copies when ``pin`` (call :meth:`finish` first)."""
+        return {n: (self.tensors[n].pin_memory() if pin else self.tensors[n]) for n in names if n in self.tensors}
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.tensors[name].shape)
+
     def all(self) -> dict[str, Tensor]:
+        self.finish()
         return dict(self.tensors)
 
     def sources(self) -> dict:
+        self.finish()
         return dict(self.tensors)
 
     def close(self) -> None:
+        self.finish()
         self.tensors = {}
 
     @property
@@ -94,20 +164,104 @@ class RamStore:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+class _StepFile:
+    """Writing one step's file: waits for its tensors' copies from the device, writes, snapshots it."""
+
+    def __init__(self, path: Path, step: int, tensors: dict, events: list):
+        self.path, self.step, self.tensors, self.events = path, step, tensors, events
+
+    def __call__(self):
+        _landed(self.events)
+        save_tensors_with_meta(self.path, self.tensors, {"step": self.step}, RECORDING_KEY + "_part")
+        return snapshot(self.path)
+
+
+class _Writer:
+    """One background thread writing step files in the order they were submitted.
+
+    At most ``depth`` files wait (``submit`` blocks beyond that, so a slow disk slows sampling instead of
+    filling RAM). The first failure stops later writes (no file after a hole) and is raised as
+    :class:`RecordingWriteError` by every later ``submit`` or ``drain``, on the caller's thread. The
+    thread exits when idle and is started again by the next ``submit``.
+    """
+
+    IDLE_S = 2.0
+
+    def __init__(self, depth: int = 2):
+        self._jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self._life = threading.Lock()       # starting/stopping the thread vs. handing it work
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._done: list = []
+        self._error = None
+
+    def submit(self, job: _StepFile) -> None:
+        self.check()
+        with self._life:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="c2c-recording-writer", daemon=True)
+                self._thread.start()
+            self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._life:
+                    if self._jobs.empty():
+                        self._thread = None
+                        return
+                continue
+            try:
+                if self._error is None:
+                    snap = job()
+                    with self._lock:
+                        self._done.append(snap)
+            except BaseException as exc:   # kept for the caller's thread; nothing is written after it
+                self._error = (job, exc)
+            finally:
+                self._jobs.task_done()
+
+    def wait(self) -> None:
+        """Block until every submitted file is written or skipped."""
+        self._jobs.join()
+
+    def drain(self) -> list:
+        """Wait for every submitted file; the snapshots written since the last drain (or the failure)."""
+        self.wait()
+        self.check()
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def check(self) -> None:
+        if self._error is not None:
+            job, exc = self._error
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise RecordingWriteError(f"step {job.step} of the K/V recording could not be written to "
+                                      f"{_short_path(job.path)} ({quote(why, 200)})") from exc
+
+
 class DiskStore:
     """Recorded tensors spilled to safetensors files, one per step; reads open them lazily.
 
-    While recording, the current step's tensors are held in memory and written once, when the next
-    step begins (or on the first read), so memory holds about one step and every file is written once.
-    A store made by :meth:`temporary` owns its folder and deletes it when closed, when it is garbage
-    collected (ComfyUI dropped the cached recording) or at interpreter exit.
+    While recording, the current step's tensors are held in memory and handed, when the next step
+    begins (or on the first read), to a background writer (``background=True``, the default) that
+    writes each file once, in order, while sampling goes on; memory holds about three steps at most.
+    Reads wait for the writer and raise its failure. A store made by :meth:`temporary` owns its folder
+    and deletes it when closed, when it is garbage collected (ComfyUI dropped the cached recording) or
+    at interpreter exit.
     """
 
-    def __init__(self, folder: str | os.PathLike | None = None, files: list[Path] | None = None):
+    def __init__(self, folder: str | os.PathLike | None = None, files: list[Path] | None = None,
+                 background: bool = True):
         self.folder = Path(folder) if folder is not None else None
         self.index: dict[str, tuple] = {}
         self._step: int | None = None
         self._pending: dict[str, Tensor] = {}
+        self._events: list = []
+        self._writer = _Writer() if background else None
         self._cleanup = None
         for path in files or []:
             self.add(snapshot(path))
@@ -126,18 +280,33 @@ class DiskStore:
         if step != self._step:
             self.flush()
             self._step = step
-        self._pending.update({k: v.to("cpu") for k, v in tensors.items()})
+        for name, t in tensors.items():
+            self._pending[name], event = _to_host(t)
+            if event is not None:
+                self._events.append(event)
 
     def flush(self) -> None:
+        """Hand the current step's tensors to the writer (or write them now, without one)."""
+        if self._writer is not None:
+            self._writer.check()
         if not self._pending:
             return
-        path = self.folder / f"step_{self._step:05d}.safetensors"
-        save_tensors_with_meta(path, self._pending, {"step": self._step}, RECORDING_KEY + "_part")
-        self.add(snapshot(path))
-        self._pending = {}
+        job = _StepFile(self.folder / f"step_{self._step:05d}.safetensors", self._step, self._pending, self._events)
+        self._pending, self._events = {}, []
+        if self._writer is None:
+            self.add(job())
+        else:
+            self._writer.submit(job)
+
+    def finish(self) -> None:
+        """Every put tensor is on disk and readable; a failed background write raises RecordingWriteError."""
+        self.flush()
+        if self._writer is not None:
+            for snap in self._writer.drain():
+                self.add(snap)
 
     def get(self, names) -> dict[str, Tensor]:
-        self.flush()
+        self.finish()
         out, by_file = {}, {}
         for n in names:
             if n in self.index:
@@ -147,25 +316,91 @@ class DiskStore:
             out.update(snap.read(group))
         return out
 
+    def read_host(self, names, files: "_OpenFiles", pin: bool) -> dict[str, Tensor]:
+        """:meth:`get` for a replay: read through ``files`` (opened once per run) straight into host
+        buffers, pinned when ``pin`` (call :meth:`finish` first)."""
+        out = {}
+        for n in names:
+            if n in self.index:
+                snap, name = self.index[n]
+                e = snap.entries[name]
+                out[n] = files.read_into(snap, e, _host_buffer(e.shape, _ALL_DTYPES[e.dtype][0], pin))
+        return out
+
+    def shape(self, name: str) -> tuple:
+        self.finish()
+        snap, entry = self.index[name]
+        return tuple(snap.entries[entry].shape)
+
     def all(self) -> dict[str, Tensor]:
-        self.flush()
+        self.finish()
         return self.get(list(self.index))
 
     def sources(self) -> dict:
         """name -> (Snapshot, name): what a streaming save copies from disk to disk."""
-        self.flush()
+        self.finish()
         return dict(self.index)
 
     def close(self) -> None:
-        """Delete the folder now (temporary stores); reads fail afterwards."""
-        self._pending = {}
+        """Delete the folder now (temporary stores), after the writer is done; reads fail afterwards."""
+        self._pending, self._events = {}, []
+        if self._writer is not None:
+            self._writer.wait()
         if self._cleanup is not None:
             self._cleanup()
 
     @property
     def nbytes(self) -> int:
-        self.flush()
+        self.finish()
         return sum(s.entries[n].end - s.entries[n].begin for s, n in self.index.values())
+
+
+class _OpenFiles:
+    """A replay run's recording files, each opened once (at most ``limit`` open at a time) and checked
+    against its snapshot then; reads by offset, from any thread."""
+
+    def __init__(self, limit: int = 8):
+        self.limit = limit
+        self.opened = 0
+        self._files: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _file(self, snap):
+        f = self._files.get(id(snap))
+        if f is not None:
+            self._files.move_to_end(id(snap))
+            return f[1]
+        try:
+            f = open(snap.path, "rb", buffering=0)
+        except OSError as exc:
+            raise FileChangedError(f"{_short_path(snap.path)}: cannot reopen the file ({exc.strerror}); it was "
+                                   f"moved or removed after it was loaded. Load it again.") from None
+        if _identity(os.fstat(f.fileno())) != snap.identity:
+            f.close()
+            raise FileChangedError(f"{_short_path(snap.path)}: the file changed after its header was read "
+                                   f"(replaced or rewritten); refusing to mix two versions. Load it again.")
+        self.opened += 1
+        self._files[id(snap)] = (snap, f)          # the snapshot is kept so its id stays unique
+        while len(self._files) > self.limit:
+            self._files.popitem(last=False)[1][1].close()
+        return f
+
+    def read_into(self, snap, entry, out: Tensor) -> Tensor:
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        with self._lock:
+            f = self._file(snap)
+            f.seek(snap.data_start + entry.begin)
+            got = f.readinto(view) if len(view) else 0
+        if got != len(view):
+            raise FileChangedError(f"{_short_path(snap.path)}: the file is shorter than its header says "
+                                   f"(truncated while in use); load it again.")
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            for _, f in self._files.values():
+                f.close()
+            self._files.clear()
 
 
 @dataclass(eq=False)
@@ -197,12 +432,22 @@ class KVRecording:
             base = _name(step, kind, layer, which)
             stored = self.store.get([base, base + ".scale"])
             if base not in stored:
-                raise MissingStepError(
-                    f"the K/V recording holds no step {step} of layer {layer} ({'negative' if kind else 'positive'} "
-                    f"pass); expected every step the receiver's sampler evaluates. Record with the receiver's "
-                    f"sampler, scheduler and steps.")
+                raise _missing(step, kind, layer)
             out.append(decode({s[len(base):]: t for s, t in stored.items()}))
         return out[0], out[1]
+
+    def finish(self) -> None:
+        """Recording is over: every tensor is stored (a failed background write raises here)."""
+        finish = getattr(self.store, "finish", None)
+        if finish is not None:
+            finish()
+
+    @property
+    def batch_size(self) -> int:
+        """Latent batch of the recorded K/V, from the stored shapes (nothing is read)."""
+        name = _name(0, self.kinds[0], self.layers[0], "k")
+        shape = getattr(self.store, "shape", None)
+        return int(shape(name)[0]) if shape is not None else int(self.get(0, self.kinds[0], self.layers[0])[0].shape[0])
 
     @property
     def steps(self) -> int:
@@ -226,6 +471,107 @@ class KVRecording:
                 "grid": self.grid.to_dict(), "rope": self.rope.to_dict(), "sigmas": list(self.sigmas),
                 "layers": list(self.layers), "kinds": list(self.kinds), "storage_dtype": self.storage_dtype,
                 "seed": self.seed, **({} if self.evaluations is None else {"evaluations": list(self.evaluations)})}
+
+
+def _upload(t: Tensor, device: torch.device, non_blocking: bool) -> Tensor:
+    return t.to(device, non_blocking=non_blocking)
+
+
+class ReplayReader:
+    """One replay run's reads of a recording, handed over on the receiver's ``device``.
+
+    ``get(slot, kind, layer)`` returns what ``KVRecording.get`` returns, bit for bit, moved to
+    ``device``, at less cost: each file is opened once per run (``_OpenFiles``), fp8 tensors are copied
+    as their fp8 bytes plus scale and decoded on the device (a quarter of the float32 bytes), and for a
+    CUDA device host buffers are pinned and copies non-blocking. The current slot's host tensors are
+    kept (up to ``HOLD_BYTES``) for layers asked twice (a layer map that feeds one sharer layer to
+    several receiver layers, the evaluations of a refresh window). With ``prefetch`` (default: on CUDA)
+    a background thread reads ahead while the receiver computes: the rest of the current slot and the
+    next one (at the stride of the last two slots, so refresh windows are followed), in the order the
+    slot before asked for them, at most ``PREFETCH_BYTES`` ahead; a read that was not predicted is made
+    on the spot. On the CPU nothing is pinned or read ahead.
+    """
+
+    PREFETCH_BYTES = 2 * 2**30
+    HOLD_BYTES = 2 * 2**30
+
+    def __init__(self, recording: KVRecording, device="cpu", prefetch: bool | None = None, pin: bool | None = None):
+        self.recording = recording
+        self.device = torch.device(device)
+        self.pin = pinnable(self.device) if pin is None else bool(pin)
+        self.prefetch = (self.device.type == "cuda") if prefetch is None else bool(prefetch)
+        recording.finish()
+        self.files = _OpenFiles()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="c2c-replay") if self.prefetch else None
+        self._ahead: dict = {}          # (slot, kind, layer) -> Future of the host tensors
+        self._slot = None
+        self._order: dict = {}          # (kind, layer) in the order the current slot asked for them
+        self._held: dict = {}           # (kind, layer) -> host tensors of the current slot
+        self._held_bytes = 0
+        self._bytes: dict = {}          # (kind, layer) -> bytes of one read
+        self.spot_reads = 0             # reads made on the spot (not predicted)
+        self.hits = 0                   # reads served by the read-ahead
+
+    def get(self, slot: int, kind: int, layer: int) -> tuple[Tensor, Tensor]:
+        key = (kind, layer)
+        if slot != self._slot:
+            self._enter(slot, key)
+        self._order.setdefault(key, None)
+        host = self._held.get(key)
+        if host is None:
+            future = self._ahead.pop((slot, kind, layer), None)
+            if future is not None and not future.cancelled():
+                host = future.result()
+                self.hits += 1
+            else:
+                host = self._read(slot, kind, layer)
+                self.spot_reads += 1
+            nbytes = self._bytes[key] = sum(t.numel() * t.element_size() for t in host.values())
+            if self._held_bytes + nbytes <= self.HOLD_BYTES:
+                self._held[key], self._held_bytes = host, self._held_bytes + nbytes
+        out = []
+        for which in ("k", "v"):
+            base = _name(slot, kind, layer, which)
+            if base not in host:
+                raise _missing(slot, kind, layer)
+            stored = {s[len(base):]: _upload(t, self.device, self.pin) for s, t in host.items()
+                      if s in (base, base + ".scale")}
+            out.append(decode(stored))
+        return out[0], out[1]
+
+    def _read(self, slot, kind, layer) -> dict:
+        names = [_name(slot, kind, layer, w) + suffix for w in ("k", "v") for suffix in ("", ".scale")]
+        store = self.recording.store
+        if hasattr(store, "read_host"):
+            return store.read_host(names, self.files, self.pin)
+        return store.get(names)
+
+    def _enter(self, slot: int, first) -> None:
+        """A new slot: forget the last one's tensors, read ahead in its pattern (this slot, the next)."""
+        previous, pattern = self._slot, list(self._order)
+        self._slot, self._order, self._held, self._held_bytes = slot, {}, {}, 0
+        for key in [k for k in self._ahead if k[0] != slot]:
+            self._ahead.pop(key).cancel()
+        if self._pool is None or previous is None or not pattern:
+            return
+        slots = [slot] + ([slot + (slot - previous)] if slot > previous and 2 * slot - previous < self.recording.slots else [])
+        budget = self.PREFETCH_BYTES
+        for s in slots:
+            for kind, layer in pattern:
+                if (s == slot and (kind, layer) == first) or (s, kind, layer) in self._ahead:
+                    continue
+                budget -= self._bytes.get((kind, layer), 0)
+                if budget < 0:
+                    return
+                self._ahead[(s, kind, layer)] = self._pool.submit(self._read, s, kind, layer)
+
+    def close(self) -> None:
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead, self._held = {}, {}
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.files.close()
 
 
 def save_recording(path: str | os.PathLike, recording: KVRecording, overwrite: bool = False) -> None:
