@@ -53,7 +53,7 @@ class Settings:
     sample_steps: int = 12
     sample_videos: int = 16
     kinds: tuple = ("gating", "full", "c2c")
-    alphas: tuple = (0.25, 0.5, 0.75, 1.0)
+    alphas: tuple = (0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0)
     merge_ratios: tuple = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 
     @classmethod
@@ -183,28 +183,33 @@ def train_base(training, patcher, videos, classes, texts, role: str, settings: S
         return raw["v"]
 
     import comfy.patcher_extension
+    from dit_cache_bridge.c2c_comfy import compat
     options = {"wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"experiment": [keep]}}}
     model.train()
-    for step in range(settings.base_steps):
-        lr = settings.base_lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / settings.base_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = torch.randint(0, videos.shape[0], (settings.base_batch,), generator=g)
-        x0 = videos[idx]
-        noise = torch.randn(x0.shape, generator=g)
-        sigma = sigma_of(ms, torch.rand(settings.base_batch, generator=g))
-        x_t = ms.noise_scaling(sigma, noise, x0)
-        cond = conditionings(latents[idx], classes[idx], texts)[f"{role}_positive"]
-        kwargs = model_kwargs(training, patcher, cond, x0)
-        model.apply_model(x_t, sigma, transformer_options=options, **kwargs)
-        loss = torch.nn.functional.mse_loss(raw["v"].float(), noise - x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % max(1, settings.base_steps // 5) == 0:
-            log(f"  {role} base step {step + 1}/{settings.base_steps} loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    with compat.training_mode():        # the pack trainer's switch: differentiable RoPE on hosts that need it
+        compat.check_rope_gradient()
+        for step in range(settings.base_steps):
+            warmup = min(1.0, (step + 1) / 20)
+            lr = settings.base_lr * warmup * 0.5 * (1 + math.cos(math.pi * step / settings.base_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = torch.randint(0, videos.shape[0], (settings.base_batch,), generator=g)
+            x0 = videos[idx]
+            noise = torch.randn(x0.shape, generator=g)
+            sigma = sigma_of(ms, torch.rand(settings.base_batch, generator=g))
+            x_t = ms.noise_scaling(sigma, noise, x0)
+            cond = conditionings(latents[idx], classes[idx], texts)[f"{role}_positive"]
+            kwargs = model_kwargs(training, patcher, cond, x0)
+            model.apply_model(x_t, sigma, transformer_options=options, **kwargs)
+            loss = torch.nn.functional.mse_loss(raw["v"].float(), noise - x0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if (step + 1) % max(1, settings.base_steps // 5) == 0:
+                recent = losses[-20:]
+                log(f"  {role} base step {step + 1}/{settings.base_steps} loss {sum(recent) / len(recent):.4f}")
     model.eval()
     for p in params:
         p.requires_grad_(False)
@@ -329,6 +334,7 @@ class SeedResult:
     mse_curve: dict = field(default_factory=dict)    # method -> {t: MSE}
     psnr: dict = field(default_factory=dict)         # method -> first-frame PSNR (dB) of sampled videos
     chosen: dict = field(default_factory=dict)       # weighted alpha, merge ratio picked on validation
+    alpha_gap: dict = field(default_factory=dict)    # weighted alpha -> gap closed on validation (the choice's view)
     seconds: dict = field(default_factory=dict)      # wall time per phase
     base_loss: dict = field(default_factory=dict)
 
@@ -372,6 +378,9 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
     # 3. training-free weighted fusion, alpha chosen on validation
     val_scores = {a: evaluate(projector("weighted", alpha=a) if a < 1.0 else identity, val_v, val_c)[0]
                   for a in settings.alphas}
+    val_receiver = evaluate(identity, val_v, val_c, strength=0.0)[0]
+    val_sharer = evaluate(identity, val_v, val_c, use_sharer=True)[0]
+    result.alpha_gap = {a: (val_receiver - m) / (val_receiver - val_sharer) for a, m in val_scores.items()}
     alpha = min(val_scores, key=val_scores.get)
     result.chosen["weighted alpha"] = alpha
     weighted = projector("weighted", alpha=alpha) if alpha < 1.0 else identity
