@@ -120,21 +120,43 @@ def _landed(events: list) -> None:
 
 
 class RamStore:
-    """Recorded tensors kept in (CPU or device) memory."""
+    """Recorded tensors kept in host memory.
+
+    Tensors from a CUDA device arrive through pinned buffers by non-blocking copies; two steps later
+    (when those copies have long landed) they are moved into ordinary memory and the pinned buffers go
+    back to PyTorch's pinned-memory cache for the next steps, so at most about three steps are pinned.
+    """
 
     def __init__(self):
         self.tensors: dict[str, Tensor] = {}
-        self._events: list = []         # non-blocking device -> host copies not yet known to have landed
+        self._inflight: list = []       # (step, name, pinned tensor, event) of copies from the device
+        self._step = None
 
     def put(self, step: int, tensors: dict[str, Tensor]) -> None:
+        if step != self._step:
+            self._step = step
+            self._retire(lambda s: s < step - 1)
         for name, t in tensors.items():
-            self.tensors[name], event = _to_host(t)
-            if event is not None:
-                self._events.append(event)
+            host, event = _to_host(t)
+            if event is None:
+                self.tensors[name] = host
+            else:
+                self._inflight.append((step, name, host, event))
+
+    def _retire(self, which) -> None:
+        keep = []
+        for entry in self._inflight:
+            if not which(entry[0]):
+                keep.append(entry)
+                continue
+            _, name, pinned, event = entry
+            event.synchronize()
+            self.tensors[name] = torch.empty(pinned.shape, dtype=pinned.dtype).copy_(pinned)
+        self._inflight = keep
 
     def finish(self) -> None:
         """Every put tensor is in host memory (waits for pending copies from the device)."""
-        _landed(self._events)
+        self._retire(lambda s: True)
 
     def get(self, names) -> dict[str, Tensor]:
         self.finish()
@@ -145,6 +167,7 @@ class RamStore:
         return {n: (self.tensors[n].pin_memory() if pin else self.tensors[n]) for n in names if n in self.tensors}
 
     def shape(self, name: str) -> tuple:
+        self.finish()
         return tuple(self.tensors[name].shape)
 
     def all(self) -> dict[str, Tensor]:
@@ -161,6 +184,7 @@ class RamStore:
 
     @property
     def nbytes(self) -> int:
+        self.finish()
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 

@@ -125,6 +125,42 @@ def test_cpu_tensors_go_to_the_host_as_they_are_with_no_pinning(monkeypatch):
     assert store.get(["x"])["x"] is t and asked == []
 
 
+class FakeEvent:
+    """Stands in for a CUDA event of a non-blocking device -> host copy (this suite has no GPU)."""
+
+    def __init__(self, log, step):
+        self.log, self.step = log, step
+
+    def synchronize(self):
+        self.log.append((self.step, threading.current_thread().name))
+
+
+def as_if_from_cuda(monkeypatch):
+    """_to_host as on a CUDA device: a copy plus an event that says when it landed; returns the sync log."""
+    synced = []
+    monkeypatch.setattr(rec_module, "_to_host", lambda t: (t.clone(), FakeEvent(synced, int(t.flatten()[0]))))
+    return synced
+
+
+def test_a_ram_recording_from_the_device_waits_for_copies_two_steps_late(monkeypatch):
+    synced = as_if_from_cuda(monkeypatch)
+    store = RamStore()
+    for step in range(4):
+        store.put(step, {f"s{step}": torch.full((2,), float(step))})
+        assert [s for s, _ in synced] == list(range(max(0, step - 1)))   # never the step being sampled or the last
+    assert store.get(["s3"])["s3"].tolist() == [3.0, 3.0] and [s for s, _ in synced] == [0, 1, 2, 3]
+
+
+def test_a_disk_recording_from_the_device_waits_for_copies_on_the_writer_thread(tmp_path, monkeypatch):
+    synced = as_if_from_cuda(monkeypatch)
+    store = DiskStore(tmp_path)
+    for step in range(3):
+        store.put(step, {f"s{step}.c0.l0.k": torch.full((2,), float(step))})
+    store.finish()
+    assert sorted(synced) == [(0, "c2c-recording-writer"), (1, "c2c-recording-writer"), (2, "c2c-recording-writer")]
+    assert store.get(["s2.c0.l0.k"])["s2.c0.l0.k"].tolist() == [2.0, 2.0]
+
+
 # --- replay reader -------------------------------------------------------------------------------
 STORES = {
     "ram": lambda tmp: RamStore(),
