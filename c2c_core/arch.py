@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from .errors import SignatureError, quote
 
-__all__ = ["ArchTag", "LATENT_FAMILIES"]
+__all__ = ["ArchTag", "LATENT_FAMILIES", "arch_from_weights"]
 
 #: latent channels -> family name; the A14B Wan2.2 experts and ChronoEdit are Wan2.1-architecture networks
 LATENT_FAMILIES = {16: "wan2.1", 48: "wan2.2-ti2v"}
@@ -103,6 +103,43 @@ class ArchTag:
             if mine != theirs:
                 out.append(f"{f.name} {_show(mine)} vs {_show(theirs)}")
         return out
+
+
+#: where each layout keeps what the tag needs: (ffn first layer, text projection, output head, image projection)
+_LAYOUTS = {
+    "comfyui": ("blocks.0.ffn.0.weight", "text_embedding.0.weight", "head.head.weight", "img_emb."),
+    "diffusers": ("blocks.0.ffn.net.0.proj.weight", "condition_embedder.text_embedder.linear_1.weight",
+                  "proj_out.weight", "condition_embedder.image_embedder."),
+}
+
+
+def arch_from_weights(shapes: Mapping[str, tuple], num_heads: int) -> ArchTag:
+    """The tag of a Wan-family checkpoint from its tensor shapes alone (a safetensors header: no weight is read).
+
+    For bundles saved before the tag existed (tools/retag_projector.py). Reads the original/ComfyUI key
+    layout (optionally under a prefix such as ``model.diffusion_model.``) and diffusers' layout. The
+    head count is not in the weights' shapes; it comes from the bundle's signature.
+    """
+    found = [k for k in shapes if k.endswith("patch_embedding.weight")]
+    if len(found) != 1:
+        raise SignatureError(f"expected one patch_embedding.weight in a Wan-family checkpoint; found {len(found)}.")
+    prefix = found[0][: -len("patch_embedding.weight")]
+    names = {k[len(prefix):]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
+    for layout, (ffn, text, head, image) in _LAYOUTS.items():
+        if ffn in names and text in names and head in names:
+            break
+    else:
+        raise SignatureError("the checkpoint is neither in the original/ComfyUI Wan key layout nor in diffusers' "
+                             "(no blocks.0.ffn / text embedding / output head weights).")
+    dim, in_channels, *patch = names["patch_embedding.weight"]
+    if len(patch) != 3 or dim % num_heads:
+        raise SignatureError(f"patch embedding {names['patch_embedding.weight']} does not fit {num_heads} heads.")
+    layers = {int(k.split(".")[1]) for k in names if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    from .align import wan_rope_axes     # here, not at the top: align imports kv, which imports this module
+    return ArchTag.from_config(dim=dim, ffn_dim=names[ffn][0], num_heads=num_heads, num_layers=len(layers),
+                               in_channels=in_channels, out_channels=names[head][0] // (patch[0] * patch[1] * patch[2]),
+                               text_dim=names[text][1], image_embedding=any(k.startswith(image) for k in names),
+                               patch_size=patch, rope_axes=wan_rope_axes(dim // num_heads))
 
 
 def _count(value) -> bool:

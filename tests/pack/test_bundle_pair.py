@@ -126,6 +126,7 @@ def untag(name, new_name):
     meta = read_meta(folder / name, "c2c_bundle")
     for role in ("sharer", "receiver"):
         del meta[role]["arch"]
+    (folder / new_name).unlink(missing_ok=True)
     save_file(load_file(folder / name), folder / new_name, metadata={"c2c_bundle": json.dumps(meta)})
     return new_name
 
@@ -207,3 +208,30 @@ def test_a_connected_backward_projector_for_another_architecture_is_refused(mode
         fuse(models["a"], capture(models["b"], conds), create(models["b"], models["a"]), direction="bidirectional",
              backward_projector=create(models["i2v"], models["b"]))
     assert str(err.value).startswith("Fuse Caches › backward_projector: a projector made for a sharer wan2.1 i2v")
+
+
+def test_retag_projector_gives_an_old_bundle_the_tags_comfyui_reads(models, tiny_models, conds):
+    import host
+    retag = host._load_tool("retag_projector")
+    folder = projector_folder()
+    both = save_both("retag_src.safetensors", create(models["b"], models["a"]), create(models["a"], models["b"], "c2c"))
+    meta_edit = untag(both, "retag_old.safetensors")
+    from dit_cache_bridge.c2c_core import read_meta
+    meta = read_meta(folder / meta_edit, "c2c_bundle")
+    assert "arch" not in meta["sharer"] and "backward" in meta
+    out = folder / "retag_new.safetensors"
+    out.unlink(missing_ok=True)
+    assert retag.main([str(folder / meta_edit), "--sharer", str(tiny_models.path(host.T2V_B)),
+                       "--receiver", str(tiny_models.path(host.T2V_A)), "--out", str(out)]) == 0
+    new = load("retag_new.safetensors")
+    from dit_cache_bridge.c2c_comfy import compat
+    assert new.sharer.arch == compat.wan_signature(models["b"]).arch == new.backward.receiver.arch
+    assert new.receiver.arch == compat.wan_signature(models["a"]).arch == new.backward.sharer.arch
+    old = load("retag_old.safetensors")
+    assert all(torch.equal(t, old.bank.state_dict()[k]) for k, t in new.bank.state_dict().items())
+    with pytest.raises(SystemExit, match="exists; choose another --out"):
+        retag.main([str(folder / meta_edit), "--sharer", str(tiny_models.path(host.T2V_B)),
+                    "--receiver", str(tiny_models.path(host.T2V_A)), "--out", str(out)])
+    with pytest.raises(SystemExit, match="a model of 3 layers, dim 512; the bundle's sharer has 2 layers, dim 256"):
+        retag.main([str(folder / meta_edit), "--sharer", str(tiny_models.path(host.T2V_WIDE)),
+                    "--receiver", str(tiny_models.path(host.T2V_A)), "--out", str(folder / "never.safetensors")])
