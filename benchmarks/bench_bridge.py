@@ -10,6 +10,11 @@ loaded with ComfyUI's own loader; every run is the stock KSampler code path on a
 (the real runtime: c2c_comfy). Runs of different kinds alternate within each repeat, so machine
 load drifts over all of them alike; the median of the repeats is reported.
 
+On CPU the script times with one torch thread and the process's CPU time by default (``--threads``,
+``--clock``): on a machine whose cores other processes share, OpenMP's threads wait for each other
+at every op (a small linear went from 0.9 ms to 18 ms with 2 threads on 2 busy cores) and wall time
+tracks the neighbours' load; one thread's CPU time tracks the work. Wall time is recorded too.
+
 Ratios (issue 10): lockstep live ÷ (receiver alone + sharer alone) per projector type; refresh every
 4 steps, replay of a recording ÷ receiver alone; recording ÷ sharer alone. Then peak captured K/V and
 time per step against the number of fused layers per mode (a PNG), the projector cost per type as a
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -107,6 +113,7 @@ class Bench:
         self.latent = {"samples": torch.zeros(1, *s["latent"])}
         self.tokens = s["latent"][1] * (s["latent"][2] // 2) * (s["latent"][3] // 2)
         self.cuda = args.device == "cuda"
+        self.clock = args.clock
 
     def projector(self, kind, layers="all"):
         return self.nodes.CreateC2CProjector.execute(self.sharer, self.receiver, kind, "identity", layers, alpha=0.5,
@@ -133,17 +140,19 @@ class Bench:
         from bridge_helpers import ksample
         return ksample(model, self.pos, self.neg, cfg=cfg, steps=steps, latent=self.latent)
 
-    def timed(self, fn):
-        """(seconds, peak device bytes or None) of one call."""
+    def timed(self, fn, wall_too=False):
+        """(seconds on the chosen clock, peak device bytes or None) of one call; with wall_too, wall seconds too."""
         torch = self.torch
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - start, (torch.cuda.max_memory_allocated() if self.cuda else None)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        out = (cpu if self.clock == "cpu" else wall, torch.cuda.max_memory_allocated() if self.cuda else None)
+        return (*out, wall) if wall_too else out
 
 
 def report_of(patched):
@@ -175,23 +184,28 @@ def ratios(b: Bench, cfg: float, steps: int, repeats: int) -> dict:
     runs[f"recording ({recorded} layers, bf16, RAM)"] = lambda: b.record(cfg, list(range(recorded)), steps)
     runs["replay, weighted"] = lambda: b.sample(replay, cfg, steps)
     times = {name: [] for name in runs}
+    walls = {name: [] for name in runs}
     peaks = {name: [] for name in runs}
     for r in range(repeats):
         for name, fn in runs.items():
-            seconds, peak = b.timed(fn)
+            seconds, peak, wall = b.timed(fn, wall_too=True)
             times[name].append(seconds)
+            walls[name].append(wall)
             peaks[name].append(peak)
-            print(f"  cfg {cfg:g} repeat {r + 1}/{repeats}: {name}: {seconds:.2f} s", flush=True)
+            print(f"  cfg {cfg:g} repeat {r + 1}/{repeats}: {name}: {seconds:.2f} s {b.clock} ({wall:.2f} s wall)",
+                  flush=True)
     med = {name: statistics.median(t) for name, t in times.items()}
     peak = {name: (max(p) if p[0] is not None else None) for name, p in peaks.items()}
-    return {"seconds": med, "all": times, "peak_bytes": peak}
+    return {"clock": b.clock, "seconds": med, "all": times, "wall_median": {n: statistics.median(w) for n, w in
+                                                                               walls.items()},
+            "wall_all": walls, "peak_bytes": peak}
 
 
 def sweep(b: Bench, cfg: float, steps: int) -> dict:
     """Time per step and peak extra memory against the number of fused layers (the first n), per mode."""
     from dit_cache_bridge.c2c_comfy import memory
     counts = sorted({1, 2, b.shape["layers"] // 2, b.shape["layers"]})
-    out = {"fused_layers": counts, "modes": {}}
+    out = {"fused_layers": counts, "clock": b.clock, "modes": {}}
     itemsize = 2 if b.shape["dtype"] == "bf16" else 4
     layer = memory.kv_layer_bytes(b.tokens, b.shape["dim"] // 128, 128, 2 if cfg != 1 else 1, itemsize)
     for mode in ("buffered live", "lockstep", "refresh every 4", "replay"):
@@ -283,7 +297,7 @@ def plot(sweep_out: dict, path: Path, title: str) -> None:
         ax1.plot(n, row["seconds_per_step"], style, label=mode, alpha=0.8)
         ax2.plot(n, [(kv + bank) / 1024 ** 2 for kv, bank in zip(row["captured_kv_bytes"], row["bank_bytes"])],
                  style, label=mode, alpha=0.8)
-    ax1.set(xlabel="fused layers", ylabel="seconds per step", title="time per step")
+    ax1.set(xlabel="fused layers", ylabel=f"{sweep_out['clock']} seconds per step", title="time per step")
     ax2.set(xlabel="fused layers", ylabel="MB", title="peak extra memory: sharer K/V held + projector bank")
     for ax in (ax1, ax2):
         ax.set_xticks(n)
@@ -297,12 +311,12 @@ def plot(sweep_out: dict, path: Path, title: str) -> None:
 def table(result: dict) -> str:
     med = result["seconds"]
     rec, shr = med["receiver alone"], med["sharer alone"]
-    lines = ["| run | seconds (median) | ÷ receiver alone | ÷ sharer alone | ÷ (receiver + sharer) |",
-             "|---|---|---|---|---|"]
+    lines = [f"| run | {result['clock']} seconds (median) | wall seconds (median) | ÷ receiver alone | "
+             "÷ sharer alone | ÷ (receiver + sharer) |", "|---|---|---|---|---|---|"]
     for name, s in med.items():
         peak = result["peak_bytes"][name]
-        lines.append(f"| {name} | {s:.2f}{'' if peak is None else f' ({peak / GB:.1f} GB peak)'} | {s / rec:.2f} | "
-                     f"{s / shr:.2f} | {s / (rec + shr):.2f} |")
+        lines.append(f"| {name} | {s:.2f}{'' if peak is None else f' ({peak / GB:.1f} GB peak)'} | "
+                     f"{result['wall_median'][name]:.2f} | {s / rec:.2f} | {s / shr:.2f} | {s / (rec + shr):.2f} |")
     return "\n".join(lines)
 
 
@@ -315,12 +329,16 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, nargs="+", default=[4.0, 1.0], help="4 = batched CFG, 1 = no negative pass")
     ap.add_argument("--sweep-steps", type=int, default=2, help="steps of each run in the fused-layers sweep")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (0: torch's default); 1 keeps OpenMP from waiting on busy shared cores")
+    ap.add_argument("--clock", choices=["cpu", "wall"],
+                    help="what the ratios divide: process CPU time (the default on CPU) or wall time (on CUDA)")
     ap.add_argument("--latent", type=int, nargs=4, metavar=("C", "T", "H", "W"),
                     help="override the shape's latent (e.g. 16 2 16 16 on a loaded CPU)")
     ap.add_argument("--model", type=int, nargs=3, metavar=("DIM", "FFN", "LAYERS"),
                     help="override the shape's model (e.g. 512 2048 8 on a loaded CPU)")
     args = ap.parse_args()
+    args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
     if args.latent:
         SHAPES[args.shape] = {**SHAPES[args.shape], "latent": tuple(args.latent)}
     if args.model:
@@ -333,24 +351,31 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     b = Bench(args, tmp)
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     results = {"shape": args.shape, "model": [b.shape["dim"], b.shape["ffn"], b.shape["layers"]],
                "latent": list(b.shape["latent"]),
                "device": torch.cuda.get_device_name() if b.cuda else "cpu",
-               "tokens": b.tokens, "steps": args.steps, "repeats": args.repeats, "ratios": {}}
+               "tokens": b.tokens, "steps": args.steps, "repeats": args.repeats, "ratios": {},
+               "clock": args.clock, "torch_threads": torch.get_num_threads(), "nice": os.nice(0),
+               "load_average_before": os.getloadavg()}
     for cfg in args.cfg:
         results["ratios"][str(cfg)] = ratios(b, cfg, args.steps, args.repeats)
     results["sweep"] = sweep(b, args.cfg[0], args.sweep_steps)
     results["projector_cost"] = projector_cost(b, max(3, args.repeats))
     results["wan14b_80gb"] = fits_14b()
     results["wall_seconds"] = time.perf_counter() - started
+    results["cpu_seconds"] = time.process_time() - started_cpu
+    results["load_average_after"] = os.getloadavg()
     (args.out / "bench_bridge.json").write_text(json.dumps(results, indent=1))
     plot(results["sweep"], args.out / "bench_bridge.png",
          f"{args.shape} shape on {results['device']}, cfg {args.cfg[0]:g}, {args.sweep_steps} steps per run")
 
     print(f"\n{args.shape} shape, model (dim, ffn, layers) {tuple(results['model'])}, latent {b.shape['latent']}, "
           f"{b.tokens} tokens, {args.steps} euler steps, "
-          f"median of {args.repeats}, on {results['device']} ({results['wall_seconds']:.0f} s)")
+          f"median of {args.repeats}, on {results['device']} ({results['wall_seconds']:.0f} s wall, "
+          f"{results['cpu_seconds']:.0f} s CPU); clock {args.clock}, {results['torch_threads']} torch thread(s), "
+          f"nice {results['nice']}, load average {results['load_average_before']} before, "
+          f"{results['load_average_after']} after")
     for cfg, result in results["ratios"].items():
         print(f"\ncfg {cfg} ({'batched cond + uncond' if float(cfg) != 1 else 'one chunk per call'})\n")
         print(table(result))
