@@ -4,7 +4,8 @@ Run as a script in a fresh interpreter so that its peak resident memory (ru_maxr
 this work. Each case mutates a real file — its header JSON (hostile values at any metadata path,
 tensor entries), raw bytes (flips, truncation, insertion) or tensor data (NaN, Inf, 1e35) — writes
 it to a RAM-backed folder and loads it completely (bundles: load_bundle; recordings: load_recording
-then every step). Prints one JSON line: cases, outcome counts, the slowest case, peak RSS.
+then every step). Prints one JSON line: cases, outcome counts, cases per mutation class and source
+file, the slowest case, peak RSS.
 Any exception outside the documented ones (c2c_core.errors.BundleError and subclasses) is a
 failure: the script re-raises it with the case that caused it.
 """
@@ -111,11 +112,18 @@ def set_path(value, path, new):
     return value
 
 
+#: every class of damage the fuzzer does, as reported: hostile metadata values, raw JSON tokens, tensor
+#: entries, a dropped tensor, overwritten or inserted bytes, truncation, NaN/Inf/1e35 tensor data
+MUTATIONS = ("meta", "raw_token", "entry", "drop", "flip", "insert", "truncate", "data")
+#: what is drawn (metadata 3× as often; "bytes" becomes "flip" or "insert")
+DRAWN = ("meta", "meta", "meta", "raw_token", "entry", "drop", "bytes", "truncate", "data")
+
+
 @st.composite
 def mutation(draw, sources):
     name = draw(st.sampled_from(sorted(sources)))
     src = sources[name]
-    how = draw(st.sampled_from(["meta", "meta", "meta", "entry", "raw_token", "bytes", "truncate", "data", "drop"]))
+    how = draw(st.sampled_from(DRAWN))
     if how in ("meta", "raw_token"):
         path = draw(st.sampled_from(src.paths))
         meta = json.loads(src.meta_text)
@@ -147,8 +155,8 @@ def mutation(draw, sources):
     pos = draw(st.integers(0, min(len(data) - 1, 16 + src.header_len)))
     chunk = draw(st.binary(min_size=1, max_size=8))
     if draw(st.booleans()):
-        return name, how, data[:pos] + chunk + data[pos + len(chunk):]
-    return name, how, data[:pos] + chunk + data[pos:]
+        return name, "flip", data[:pos] + chunk + data[pos + len(chunk):]
+    return name, "insert", data[:pos] + chunk + data[pos:]
 
 
 def load_completely(path: Path, name: str):
@@ -170,6 +178,7 @@ def main(cases: int) -> None:
     sources = make_sources(folder)
     target = folder / "case.safetensors"
     outcomes: dict[str, int] = {}
+    per_class: dict[str, int] = {}
     slowest = [0.0, ""]
     torch.set_num_threads(1)
 
@@ -189,6 +198,7 @@ def main(cases: int) -> None:
             slowest[:] = [took, f"{how} on {name}"]
         key = f"{how}:{outcome}"
         outcomes[key] = outcomes.get(key, 0) + 1
+        per_class[f"{how}@{name}"] = per_class.get(f"{how}@{name}", 0) + 1
 
     # BATCH mutations per hypothesis example: the engine's per-example bookkeeping costs more than a case
     @settings(max_examples=-(-cases // BATCH), deadline=None, database=None, derandomize=True,
@@ -205,7 +215,8 @@ def main(cases: int) -> None:
         for path in folder.iterdir():
             path.unlink()
         folder.rmdir()
-    print(json.dumps({"cases": sum(outcomes.values()), "outcomes": outcomes, "slowest_s": slowest[0],
+    print(json.dumps({"cases": sum(outcomes.values()), "outcomes": outcomes, "per_class": per_class,
+                      "mutations": MUTATIONS, "sources": sorted(sources), "slowest_s": slowest[0],
                       "slowest_case": slowest[1], "baseline_rss_mb": baseline,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -5,15 +5,19 @@
 - kill -9 of the server while Save KV Cache writes: the file it copies is intact, no partial file is
   ever loadable, start-up removes the dead writer's temp file, and the next save works.
 - 30 queued prompts (live, recorded on disk, plain, broken): every good output equals the same prompt's
-  first output, every broken prompt fails with the node's own message, resident memory grows by less
+  first output; the 30th is the fresh server's very first prompt, so it is compared bit for bit with a
+  fresh server's first run of it (state leaking across prompts would show); every broken prompt fails with the node's own message or, on hosts that check combo
+  values themselves, is refused by the host naming the same input; resident memory grows by less
   than SOAK_RSS_BOUND_MB after warm-up, and at most one temp recording (the cached one) is left.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -70,17 +74,37 @@ def recorded(seed, steps=2):
     return graph
 
 
-def broken_kind(seed):
+@dataclass(frozen=True)
+class Broken:
+    """A prompt the UI would not produce: ``node``'s ``input_name`` holds ``value``; ``message`` is the
+    node's own error (a regex)."""
+    graph: dict
+    node: str
+    input_name: str
+    value: str
+    message: str
+
+
+def broken_kind(seed) -> Broken:
     graph = live(seed)
-    graph["5"]["inputs"]["kind"] = "banana"          # ComfyUI does not check V3 combo values in API prompts
-    return graph, r"Create C2C Projector › kind: 'banana'"
+    graph["5"]["inputs"]["kind"] = "banana"          # some hosts check V3 combo values in API prompts, some not
+    return Broken(graph, "5", "kind", "banana", r"Create C2C Projector › kind: 'banana'")
 
 
-def broken_prefix(seed):
+def broken_prefix(seed) -> Broken:
     graph = recorded(seed)
     graph["10"] = {"class_type": "DiTCacheBridge_SaveKVCache", "inputs": {"kv_source": ["7a", 0],
                                                                          "filename_prefix": "../../escape"}}
-    return graph, r"Save KV Cache › filename_prefix: the prefix '\.\./\.\./escape'"
+    return Broken(graph, "10", "filename_prefix", "../../escape",
+                  r"Save KV Cache › filename_prefix: the prefix '\.\./\.\./escape'")
+
+
+def assert_host_refused(rejected: host.PromptRejected, broken: Broken) -> None:
+    """The host's own validation refused the prompt: it must name the node and input we broke."""
+    errors = rejected.node_errors.get(broken.node, {}).get("errors", [])
+    named = [e for e in errors if e.get("extra_info", {}).get("input_name") == broken.input_name]
+    assert named, f"the host refused the prompt without naming {broken.node}.{broken.input_name}: {rejected}"
+    assert any(e["extra_info"].get("received_value") == broken.value for e in named), named
 
 
 def latent_of(server, entry) -> torch.Tensor:
@@ -106,46 +130,60 @@ def error_text(entry) -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
-    with host.ComfyServer(tmp_path_factory.mktemp("robust_server"), tiny_models.root) as srv:
+    with host.ComfyServer(tmp_path_factory.mktemp("robust_server"), tiny_models.root, startup_timeout=300) as srv:
         yield srv
 
 
 # -- soak -------------------------------------------------------------------------------------------
 
 def test_thirty_queued_prompts_stay_correct_lean_and_clean(server):
-    goods = [("live", live, 11), ("recorded", recorded, 12), ("plain", plain, 13), ("live", live, 14)]
+    import requests
+    assert requests.get(f"{server.url}/history", timeout=30).json() == {}, "the soak needs a fresh server"
+    goods = [("recorded", recorded, 12), ("live", live, 11), ("plain", plain, 13), ("live", live, 14)]
     references = {}
-    for name, make, seed in goods:                      # on the fresh server, before anything else ran
+    for name, make, seed in (goods[0], goods[3], goods[1], goods[2]):     # the first differs from plan[0]
         references[(name, seed)] = latent_of(server, server.run(make(seed), timeout=300))
     plan = []
     for i in range(30):
-        if i % 5 == 4:
-            plan.append(("broken",) + (broken_kind if i % 10 == 4 else broken_prefix)(20 + i))
+        if i % 5 == 3:
+            plan.append(("broken", (broken_kind if i % 10 == 3 else broken_prefix)(20 + i)))
         else:
-            name, make, seed = goods[i % len(goods)]
-            plan.append((name, make(seed), (name, seed)))
+            name, make, seed = goods[(i + 3) % len(goods)]
+            plan.append((name, (make(seed), (name, seed))))
+    # the 30th prompt is the server's very first one: a fresh server's first run, so state that leaks
+    # across the 29 prompts in between would show
+    assert plan[-1][1][1] == (goods[0][0], goods[0][2])
     warm_rss = None
     ids = []
-    for index, (kind, graph, expected) in enumerate(plan):
-        ids.append(server.post_prompt(graph))
-        if index == 7:                                  # warm-up: every kind has run at least once
-            for pid in ids:
+    for index, (kind, case) in enumerate(plan):
+        try:
+            ids.append(server.post_prompt(case.graph if kind == "broken" else case[0]))
+        except host.PromptRejected as rejected:         # the host checks combo values itself (feature, not version)
+            assert kind == "broken", f"a good {kind} prompt was refused: {rejected}"
+            assert_host_refused(rejected, case)
+            ids.append(None)
+        if index == 8:                                  # warm-up: every kind has run at least once
+            for pid in filter(None, ids):
                 server.wait(pid, timeout=300, check=False)
             warm_rss = rss_mb(server)
-    for (kind, graph, expected), pid in zip(plan, ids):
+    outputs = []
+    for (kind, case), pid in zip(plan, ids):
+        if pid is None:
+            continue
         entry = server.wait(pid, timeout=300, check=False)
         status = entry["status"]["status_str"]
         if kind == "broken":
             assert status == "error"
-            import re
-            assert re.search(expected, error_text(entry)), error_text(entry)[:500]
+            assert re.search(case.message, error_text(entry)), error_text(entry)[:500]
         else:
             assert status == "success", error_text(entry)[:500]
-            assert torch.equal(latent_of(server, entry), references[expected]), f"{kind} {expected} differs"
+            outputs.append(latent_of(server, entry))
+            assert torch.equal(outputs[-1], references[case[1]]), f"{kind} {case[1]} differs"
     growth = rss_mb(server) - warm_rss
-    assert growth < SOAK_RSS_BOUND_MB, f"RSS grew {growth:.1f} MB over 22 prompts"
+    assert growth < SOAK_RSS_BOUND_MB, f"RSS grew {growth:.1f} MB over 21 prompts"
     time.sleep(1.0)
     assert len(temp_recordings(server)) <= 1, temp_recordings(server)
+    assert torch.equal(outputs[-1], references[goods[0][0], goods[0][2]])
 
 
 # -- interrupts ---------------------------------------------------------------------------------------
@@ -241,3 +279,126 @@ def test_kill_9_while_saving_leaves_the_source_intact_and_no_loadable_half_file(
         copy = load_recording(copies / saved["filename"])
         original = load_recording(source)
         assert all(torch.equal(a, b) for a, b in zip(copy.get(1, 0, 1), original.get(1, 0, 1)))
+
+
+# -- kill -9 while Train C2C Projector writes a checkpoint ----------------------------------------------
+
+TRAIN_STEPS = 6
+SAMPLES = "kill_samples"
+
+
+def sample_prompt() -> dict:
+    return {
+        "3": {"class_type": "DCBTestWanConditioning", "inputs": {"seed": 1, "length": 8, "batch_size": 1}},
+        "4": {"class_type": "DCBTestWanConditioning", "inputs": {"seed": 2, "length": 5, "batch_size": 1}},
+        "6": {"class_type": "EmptyHunyuanLatentVideo", "inputs": dict(LATENT)},
+        "11": {"class_type": "DiTCacheBridge_SaveC2CTrainingSample", "inputs": {
+            "latent": ["6", 0], "positive": ["3", 0], "negative": ["4", 0], "sharer_positive": ["3", 0],
+            "sharer_negative": ["4", 0], "folder": SAMPLES}},
+    }
+
+
+def training_prompt(output_name: str) -> dict:
+    """checkpoint_every 1 with an 8 MB bank (+ 16 MB AdamW state): every step writes ~24 MB, long enough to
+    be caught mid-write by a test that polls the folder."""
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": host.T2V_A, "weight_dtype": "default"}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": host.T2V_B, "weight_dtype": "default"}},
+        "5": {"class_type": "DiTCacheBridge_CreateC2CProjector",
+              "inputs": {"sharer": ["2", 0], "receiver": ["1", 0], "kind": "full", "mapping": "identity",
+                         "layers": "all", "alpha": 0.5, "hidden_dim": 1024, "seed": 0}},
+        "12": {"class_type": "DiTCacheBridge_TrainC2CProjector", "inputs": {
+            "sharer": ["2", 0], "receiver": ["1", 0], "projector": ["5", 0], "dataset": SAMPLES,
+            "loss": "distill", "steps": TRAIN_STEPS, "batch_size": 1, "learning_rate": 1e-3, "warmup_steps": 0,
+            "schedule": "cosine", "checkpoint_every": 1, "seed": 0, "output_name": output_name, "resume": True,
+            "negative_share": 0.0}},
+    }
+
+
+def own_models_root(tiny_models, root: Path) -> Path:
+    """The tiny models plus an empty c2c_projectors folder of this test's own (training writes there)."""
+    root.mkdir(parents=True)
+    (root / "diffusion_models").symlink_to(Path(tiny_models.root) / "diffusion_models", target_is_directory=True)
+    (root / "c2c_projectors").mkdir()
+    return root
+
+
+def kill_during_write(srv, folder: Path, prompt_id: str, after_states: int = 2, timeout: float = 300) -> bool:
+    """SIGKILL the server's process group as soon as a temp file appears in ``folder`` once ``after_states``
+    checkpoints are complete; False when the prompt finished first."""
+    deadline = next_look = time.monotonic()
+    deadline += timeout
+    while time.monotonic() < deadline:
+        names = os.listdir(folder) if folder.is_dir() else []
+        if (sum(n.endswith(".state.safetensors") for n in names) >= after_states
+                and any(n.endswith(".tmp") for n in names)):
+            os.killpg(srv._process.pid, signal.SIGKILL)
+            srv._process.wait(timeout=30)
+            return True
+        if time.monotonic() > next_look:             # ask the server now and then, not every poll
+            if srv.history(prompt_id):
+                return False
+            next_look = time.monotonic() + 0.5
+        time.sleep(0.0005)
+    raise TimeoutError("training neither wrote a checkpoint nor finished")
+
+
+def load_state(path: Path) -> dict:
+    """Read a trainer-state file completely (metadata and every tensor), as resuming does."""
+    from c2c_core.bundle import load_tensors, read_header, read_meta
+    from c2c_core.checkpoint import TRAINER_STATE_KEY
+    meta = read_meta(path, TRAINER_STATE_KEY)
+    load_tensors(path, list(read_header(path)[1]))
+    return meta
+
+
+def test_kill_9_while_checkpointing_leaves_old_or_new_checkpoint_and_resumes_exactly(tiny_models, tmp_path):
+    from c2c_core import load_bundle
+    from c2c_core.checkpoint import find_checkpoint
+    from c2c_core.errors import BundleError
+    srv = host.ComfyServer(tmp_path / "server", own_models_root(tiny_models, tmp_path / "models"),
+                           startup_timeout=300)
+    projectors = tmp_path / "models" / "c2c_projectors"
+    checkpoints = srv.output_dir / "c2c_training" / "checkpoints"
+    killed = None
+    with srv:
+        srv.run(sample_prompt(), timeout=300)
+        for attempt in range(4):                    # a fresh output_name each time: a new run, no resume
+            name = f"killed{attempt}"
+            if kill_during_write(srv, checkpoints / name, srv.post_prompt(training_prompt(name))):
+                killed = checkpoints / name
+                break
+        assert killed, "no checkpoint write was caught in progress"
+        names = sorted(p.name for p in killed.iterdir())
+        temps = [killed / n for n in names if n.endswith(".tmp")]
+        assert temps, names
+        states = [killed / n for n in names if n.endswith(".state.safetensors")]
+        assert 2 <= len(states) <= 3, names               # the old checkpoints (keep_last 3)…
+        for state in states:                              # …complete: the bundle each state names loads
+            load_bundle(killed / load_state(state)["bundle"])
+        for bundle in killed.glob("step_*[0-9].safetensors"):   # a bundle awaiting its state file loads too
+            load_bundle(bundle)
+        published = {p.stat().st_ino for p in killed.glob("*.safetensors")}
+        for temp in temps:                                # a half-written file never loads
+            if temp.stat().st_ino in published:           # killed between link and unlink: a complete copy
+                continue
+            as_bundle = temp.with_name(temp.name + ".copy.safetensors")
+            as_bundle.write_bytes(temp.read_bytes())
+            with pytest.raises(BundleError):
+                load_state(as_bundle) if ".state." in temp.name else load_bundle(as_bundle)
+            as_bundle.unlink()
+        resume_step = load_state(find_checkpoint(killed))["step"]
+        assert resume_step < TRAIN_STEPS
+        assert not list(projectors.iterdir()), "the killed run must not have published a projector"
+
+        srv.stop()
+        srv.start()                                       # start-up removes the dead server's temp files
+        assert not [p for p in killed.iterdir() if p.suffix == ".tmp"]
+        srv.run(training_prompt(killed.name), timeout=600)             # resumes from the newest checkpoint
+        srv.run(training_prompt("uninterrupted"), timeout=600)
+    resumed = load_bundle(projectors / f"{killed.name}.safetensors")
+    whole = load_bundle(projectors / "uninterrupted.safetensors")
+    assert resumed.provenance["steps"] == whole.provenance["steps"] == TRAIN_STEPS
+    state = resumed.bank.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in whole.bank.state_dict().items()), \
+        f"resuming from step {resume_step} after kill -9 did not reach the uninterrupted weights"
