@@ -243,6 +243,7 @@ class _Writer:
                     with self._lock:
                         self._done.append(snap)
             except BaseException as exc:   # kept for the caller's thread; nothing is written after it
+                job.tensors, job.events = {}, []
                 self._error = (job, exc)
             finally:
                 self._jobs.task_done()
