@@ -3,6 +3,9 @@
 Fuses one Diffusion Transformer's self-attention K/V into another's (Cache-to-Cache, adapted to
 Wan2.1-style video DiTs). Imports only torch, einops, safetensors and the standard library; never
 ComfyUI or diffusers, so every piece can be tested without a host. Start with docs/core_api.md.
+
+What is exported here is the public API (docs/architecture.md, "c2c_core's public API"); the one
+fusion path every host uses is :class:`FusionRun` (``runtime.py``).
 """
 
 from .align import (
@@ -21,7 +24,6 @@ from .bundle import (
     FORMAT_VERSION,
     ProjectorBundle,
     load_bundle,
-    read_bundle_header,
     read_meta,
     save_bundle,
     save_tensors_with_meta,
@@ -60,10 +62,10 @@ from .projectors import (
     ProjectorBank,
     build_projector,
     static_gate,
-    known_kinds,
     register_projector,
 )
-from .schedule import RAMPS, FusionSchedule, progress_of
+from .schedule import RAMPS, FusionSchedule
+from .runtime import BankCache, FusionRun, RunReport, percent_of, step_index
 from .train import DECAYS, LOSS_KINDS, TrainConfig, TrainResult, distill_loss, kv_loss, train_bank, velocity_loss
 
 __all__ = [
@@ -80,7 +82,6 @@ __all__ = [
     "FORMAT_VERSION",
     "ProjectorBundle",
     "load_bundle",
-    "read_bundle_header",
     "read_meta",
     "save_bundle",
     "save_tensors_with_meta",
@@ -127,11 +128,14 @@ __all__ = [
     "ProjectorBank",
     "build_projector",
     "static_gate",
-    "known_kinds",
     "register_projector",
     "RAMPS",
     "FusionSchedule",
-    "progress_of",
+    "BankCache",
+    "FusionRun",
+    "RunReport",
+    "percent_of",
+    "step_index",
     "DECAYS",
     "LOSS_KINDS",
     "TrainConfig",

@@ -2,8 +2,7 @@
 
 Progress runs from 0.0 to 1.0 through the denoising run. The runtime (``runtime.FusionRun``) passes
 the host's own convention: ComfyUI's sigma percent (``runtime.percent_of`` over
-``model_sampling.percent_to_sigma``, as ControlNet counts it); ``progress_of(step, steps)`` is the
-plain step fraction for callers without a noise schedule. Early
+``model_sampling.percent_to_sigma``, as ControlNet counts it). Early
 steps set layout and motion, late steps texture, so a user may want the sharer only early
 (``end=0.4``) or fading out (``cosine_down``). Everything here is Python floats: the per-layer
 path must not touch tensors to decide a strength (a GPU read would stall every layer).
@@ -17,7 +16,7 @@ from typing import Any, Mapping
 
 from .errors import ScheduleError
 
-__all__ = ["FusionSchedule", "RAMPS", "progress_of", "ScheduleError"]
+__all__ = ["FusionSchedule", "RAMPS", "ScheduleError"]
 
 RAMPS = ("constant", "linear_up", "linear_down", "cosine_down")
 
@@ -26,15 +25,6 @@ def _unit(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ScheduleError(f"FusionSchedule.{name}={value!r}; expected a number in [0, 1] (fraction of the run).")
     return float(value)
-
-
-def progress_of(step: int, steps: int) -> float:
-    """Progress in [0, 1] of 0-based ``step`` in a run of ``steps`` (a 1-step run is at 0.0)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ScheduleError(f"steps={steps!r}; expected a positive integer.")
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < steps:
-        raise ScheduleError(f"step={step!r}; expected an integer in 0..{steps - 1}.")
-    return 0.0 if steps == 1 else step / (steps - 1)
 
 
 @dataclass(frozen=True)
@@ -103,6 +93,6 @@ class FusionSchedule:
 def _progress(progress: Any) -> float:
     if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0:
         raise ScheduleError(
-            f"progress={progress!r}; expected a number in [0, 1] (step / (steps - 1)); use progress_of()."
+            f"progress={progress!r}; expected a number in [0, 1] (percent through the run; runtime.percent_of)."
         )
     return float(progress)

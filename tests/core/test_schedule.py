@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from c2c_core import FusionSchedule, ScheduleError, progress_of
+from c2c_core import FusionSchedule, ScheduleError
 from core_helpers import PROPERTY
 
 unit = st.floats(0.0, 1.0)
@@ -57,11 +57,6 @@ def test_refresh_every_one_refreshes_every_step():
     assert all(FusionSchedule().refreshes_at(i) for i in range(5))
 
 
-def test_progress_of_spans_zero_to_one():
-    assert [progress_of(i, 5) for i in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert progress_of(0, 1) == 0.0
-
-
 def test_dict_roundtrip():
     s = FusionSchedule(0.1, 0.9, "cosine_down", 2)
     assert FusionSchedule.from_dict(s.to_dict()) == s
@@ -90,8 +85,3 @@ def test_progress_outside_the_run_is_rejected():
 def test_negative_step_index_is_rejected():
     with pytest.raises(ScheduleError, match="step_index=-1"):
         FusionSchedule().refreshes_at(-1)
-
-
-def test_step_outside_the_run_is_rejected():
-    with pytest.raises(ScheduleError, match=r"step=5; expected an integer in 0..4"):
-        progress_of(5, 5)
