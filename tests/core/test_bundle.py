@@ -469,3 +469,28 @@ def test_a_backward_layer_count_beyond_the_limit_builds_nothing(tmp_path):
     save_file(load_file(path), bad, metadata={"c2c_bundle": json.dumps(meta)})
     with pytest.raises(InvalidMetadataError, match="num_layers=100000; expected at most 64"):
         load_bundle(bad)
+
+
+def test_the_tag_read_from_a_comfyui_checkpoint_header_under_a_prefix():
+    from c2c_core.arch import arch_from_weights
+    from c2c_core.errors import SignatureError
+    p = "model.diffusion_model."
+    shapes = {f"{p}patch_embedding.weight": (5120, 36, 1, 2, 2), f"{p}blocks.0.ffn.0.weight": (13824, 5120),
+              f"{p}text_embedding.0.weight": (5120, 4096), f"{p}head.head.weight": (64, 5120),
+              f"{p}img_emb.proj.1.weight": (1280, 1280), **{f"{p}blocks.{i}.norm3.weight": (5120,) for i in range(40)}}
+    arch = arch_from_weights(shapes, 40)
+    assert arch.describe() == "wan2.1 i2v (dim 5120, 40 layers, 40 heads, ffn 13824, in 36, CLIP image input)"
+    assert (arch.rope_axes, arch.out_channels, arch.text_dim) == ((44, 42, 42), 16, 4096)
+    with pytest.raises(SignatureError, match="expected one patch_embedding.weight"):
+        arch_from_weights({"x.weight": (1,)}, 40)
+    with pytest.raises(SignatureError, match="neither in the original/ComfyUI Wan key layout nor in diffusers'"):
+        arch_from_weights({"patch_embedding.weight": (5120, 16, 1, 2, 2)}, 40)
+
+
+def test_a_signature_carries_its_tag_without_changing_equality():
+    from c2c_core import ModelSignature
+    from c2c_core.errors import SignatureError
+    assert T_SHARER == SHARER and hash(T_SHARER) == hash(SHARER)        # the tag is compared where it matters
+    assert "arch" not in SHARER.to_dict() and ModelSignature.from_dict(T_SHARER.to_dict()).arch == tag(SHARER)
+    with pytest.raises(SignatureError, match="ModelSignature.arch is dict; expected an ArchTag or None"):
+        ModelSignature(3, 2, 4, arch=tag(SHARER).to_dict())
