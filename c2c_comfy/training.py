@@ -49,7 +49,7 @@ import comfy.patcher_extension
 
 from ..c2c_core import (LOSS_KINDS, FusionSchedule, LayerMap, ProjectorBank, ProjectorBundle, TrainConfig,
                         distill_loss, kv_loss, save_bundle, save_tensors_with_meta, train_bank, velocity_loss)
-from ..c2c_core.bundle import read_header, read_meta
+from ..c2c_core.bundle import read_header, read_meta, tag_bank
 from ..c2c_core.checkpoint import find_checkpoint
 from ..c2c_core.errors import C2CError, TrainError
 from ..c2c_core.health import FiniteWatch
@@ -822,14 +822,14 @@ def train_projector(sharer, receiver, projector: ProjectorBundle, dataset: Train
             result = train_bank(bank, projector.layer_map, batches, make_loss(pair, settings.loss), config,
                                 resume=resume_from, progress=on_step,
                                 reduce_grads=parallel.reduce_grads if parallel.active else None)
-        bank = bank.cpu().eval()
+        bank = tag_bank(bank.cpu().eval(), compat.wan_signature(sharer), compat.wan_signature(receiver))
     provenance = {"tool": "DiT Cache Bridge training", "loss": settings.loss, "steps": settings.steps,
                   "batch_size": settings.batch_size, "lr": settings.lr, "seed": settings.seed,
                   "final_loss": result.losses[-1] if result.losses else None, "samples": len(dataset),
                   "processes": parallel.world,
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    bundle = ProjectorBundle(bank=bank, layer_map=projector.layer_map, sharer=projector.sharer,
-                             receiver=projector.receiver, provenance=provenance, metadata={})
+    bundle = ProjectorBundle(bank=bank, layer_map=projector.layer_map, sharer=bank.sharer,
+                             receiver=bank.receiver, provenance=provenance, metadata={})
     outcome = TrainOutcome(bundle, result.losses, result.last_checkpoint, len(result.losses) - ran[0])
     if writer and output_path is not None:
         # never replaces a bundle already there (an earlier run's, or one the user put there): name_00001 etc.

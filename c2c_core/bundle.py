@@ -58,6 +58,7 @@ __all__ = [
     "ArchMismatch",
     "arch_mismatches",
     "with_backward",
+    "tag_bank",
     "save_bundle",
     "save_projector_bundle",
     "load_bundle",
@@ -526,6 +527,17 @@ def arch_mismatches(bundle: ProjectorBundle, sharer: ModelSignature, receiver: M
         if made_for is not None and model.arch is not None and made_for != model.arch:
             out.append(ArchMismatch(role, made_for, model.arch, tuple(made_for.differences(model.arch))))
     return out
+
+
+def tag_bank(bank: ProjectorBank, sharer: ModelSignature, receiver: ModelSignature) -> ProjectorBank:
+    """Give ``bank`` the architecture tags of the models it was trained with (a trainer calls this before
+    saving, so a bank that started from an untagged bundle is saved tagged). Shapes must agree."""
+    if not (bank.sharer.same_shape(sharer) and bank.receiver.same_shape(receiver)):
+        raise BundleError(f"tag_bank: the bank maps {_side(bank.sharer)} -> {_side(bank.receiver)}; the models are "
+                          f"{_side(sharer)} -> {_side(receiver)}. Tag a bank with the models it was made for.")
+    bank.sharer = dataclasses.replace(bank.sharer, arch=sharer.arch or bank.sharer.arch)
+    bank.receiver = dataclasses.replace(bank.receiver, arch=receiver.arch or bank.receiver.arch)
+    return bank
 
 
 def with_backward(forward: ProjectorBundle, backward: ProjectorBundle) -> ProjectorBundle:

@@ -494,3 +494,13 @@ def test_a_signature_carries_its_tag_without_changing_equality():
     assert "arch" not in SHARER.to_dict() and ModelSignature.from_dict(T_SHARER.to_dict()).arch == tag(SHARER)
     with pytest.raises(SignatureError, match="ModelSignature.arch is dict; expected an ArchTag or None"):
         ModelSignature(3, 2, 4, arch=tag(SHARER).to_dict())
+
+
+def test_tag_bank_gives_an_untagged_bank_its_models_tags():
+    from c2c_core.bundle import tag_bank
+    bank, layer_map = build()
+    assert bank.sharer.arch is None
+    assert tag_bank(bank, T_SHARER, T_WIDE) is bank and bank.sharer.arch == tag(SHARER) and bank.receiver.arch == tag(WIDE)
+    with pytest.raises(BundleError, match=r"tag_bank: the bank maps wan2.1 t2v 3×2×4 -> wan2.1 t2v 4×3×4; the models "
+                                          r"are wan2.1 t2v 4×3×4 -> wan2.1 t2v 3×2×4"):
+        tag_bank(bank, T_WIDE, T_SHARER)
