@@ -99,7 +99,11 @@ def save_training_sample(path, x0: Tensor, prompt_embeds: Tensor, sharer: Sharer
 
 
 class TrainingSet:
-    """The sample files of a folder, validated from their headers; tensors are read per step."""
+    """The sample files of a folder, validated from their headers; tensors are read per step.
+
+    Samples holding NaN/Inf are refused with their index, file and the fix: every x0 when the folder is
+    opened (before any training step), the other tensors when a sample is loaded.
+    """
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -113,6 +117,8 @@ class TrainingSet:
             if meta.get("format_version") != SAMPLE_VERSION or sorted(entries) != sorted(meta.get("tensors", [])):
                 raise BridgeSetupError(f"{path}: not a version-{SAMPLE_VERSION} training sample with the tensors its "
                                        f"metadata lists; re-write it with save_training_sample.")
+        for index, path in enumerate(self.paths):
+            self._check_finite(index, load_tensors(path, ["x0"]))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -120,7 +126,16 @@ class TrainingSet:
     def load(self, index: int, device="cpu") -> dict:
         path = self.paths[index]
         _, entries = read_header(path)
-        return load_tensors(path, list(entries), device=device)
+        return self._check_finite(index, load_tensors(path, list(entries), device=device))
+
+    def _check_finite(self, index: int, tensors: dict) -> dict:
+        bad = [name for name, t in sorted(tensors.items()) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            name = self.paths[index].name
+            raise BridgeSetupError(f"training sample index {index} ({name}): {', '.join(bad)} hold NaN or Inf values; "
+                                   f"expected finite values. Delete {name} from {self.folder} or write it again with "
+                                   f"save_training_sample from finite latents and embeddings.")
+        return tensors
 
 
 def _seed(*parts) -> int:

@@ -116,3 +116,21 @@ def test_a_folder_without_samples_is_refused(tmp_path):
     from c2c_diffusers.training import TrainingSet
     with pytest.raises(BridgeSetupError, match="no .safetensors training samples"):
         TrainingSet(tmp_path)
+
+
+def test_samples_holding_nan_or_inf_are_refused_with_their_index(tmp_path):
+    """x0 is checked when the folder is opened, before any step; embeddings when the sample is loaded."""
+    from c2c_diffusers.training import TrainingSet, save_training_sample
+    bad_latent = tiny.latent(31)
+    bad_latent[0, 3, 1, 2, 2] = float("nan")
+    save_training_sample(tmp_path / "a" / "s0.safetensors", tiny.latent(30), tiny.embeds(40), SharerInputs(tiny.embeds(50)))
+    save_training_sample(tmp_path / "a" / "s1.safetensors", bad_latent, tiny.embeds(41), SharerInputs(tiny.embeds(51)))
+    with pytest.raises(BridgeSetupError, match=r"training sample index 1 \(s1\.safetensors\): x0 hold NaN or Inf values; "
+                                               r"expected finite values\. Delete s1\.safetensors from "):
+        TrainingSet(tmp_path / "a")
+    embeds = tiny.embeds(42)
+    embeds[0, 1, 7] = float("inf")
+    save_training_sample(tmp_path / "b" / "s0.safetensors", tiny.latent(30), tiny.embeds(40), SharerInputs(embeds))
+    data = TrainingSet(tmp_path / "b")
+    with pytest.raises(BridgeSetupError, match=r"index 0 \(s0\.safetensors\): sharer_prompt_embeds hold NaN or Inf"):
+        data.load(0)
