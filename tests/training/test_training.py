@@ -183,15 +183,22 @@ def test_batches_are_a_pure_function_of_seed_and_step(training, pack, helpers, m
     assert not torch.equal(torch.cat(x), torch.cat(other_rank))
 
 
+@pytest.mark.parametrize("scale_t", [None, 7.0])
 def test_a_training_step_fuses_exactly_as_inference_and_only_the_bank_gets_gradients(
-        training, pack, helpers, models, t2v_set, monkeypatch):
+        training, pack, helpers, models, t2v_set, monkeypatch, scale_t):
     """One fusion path: every fused K/V of a training forward equals what the bridge's inference
     FusionRun (built as c2c_comfy.bridge.BridgeRun builds it, from the untouched input projector)
-    gives for the same receiver and sharer K/V at the same strength, bit for bit."""
+    gives for the same receiver and sharer K/V at the same strength, bit for bit; also for a sharer
+    with ScaleROPE (ChronoEdit's scale_t 7), whose keys both paths re-rotate."""
+    import host
     from dit_cache_bridge.c2c_comfy import compat
     from dit_cache_bridge.c2c_core import FusionSchedule
     from dit_cache_bridge.c2c_core.runtime import BankCache, FusionRun
     a, b = models["a"], models["b"]
+    if scale_t is not None:
+        ScaleROPE = host.core_node("comfy_extras.nodes_rope", "ScaleROPE")
+        b = host.run_node(ScaleROPE, b, 1.0, 0.0, 1.0, 0.0, scale_t, 0.0)[0]
+        assert compat.rope_spec(b) != compat.rope_spec(a), "the sharer's keys need re-rotation"
     projector = helpers.make_projector(pack, b, a, "full", hidden_dim=32)
     calls = []
     real_fuse = FusionRun.fuse
