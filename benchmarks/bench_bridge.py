@@ -337,8 +337,9 @@ def main() -> None:
     ap.add_argument("--sweep-steps", type=int, default=2, help="steps of each run in the fused-layers sweep")
     ap.add_argument("--sweep-repeats", type=int, default=3, help="runs per point of the sweep (median)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "bench")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (0: torch's default); 1 keeps OpenMP from waiting on busy shared cores")
+    ap.add_argument("--threads", type=int,
+                    help="torch CPU threads (0: torch's default, the default on CUDA); 1, the default on CPU, keeps "
+                         "OpenMP from waiting on busy shared cores")
     ap.add_argument("--clock", choices=["cpu", "wall"],
                     help="what the ratios divide: process CPU time (the default on CPU) or wall time (on CUDA)")
     ap.add_argument("--latent", type=int, nargs=4, metavar=("C", "T", "H", "W"),
@@ -347,6 +348,7 @@ def main() -> None:
                     help="override the shape's model (e.g. 512 2048 8 on a loaded CPU)")
     args = ap.parse_args()
     args.clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
+    args.threads = (0 if args.device == "cuda" else 1) if args.threads is None else args.threads
     if args.latent:
         SHAPES[args.shape] = {**SHAPES[args.shape], "latent": tuple(args.latent)}
     if args.model:
