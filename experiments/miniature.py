@@ -55,6 +55,7 @@ class Settings:
     kinds: tuple = ("gating", "full", "c2c")
     alphas: tuple = (0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0)
     merge_ratios: tuple = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+    reuse_base: bool = False     # load the seed's saved base models (same settings) instead of training them
 
     @classmethod
     def demo(cls) -> "Settings":
@@ -352,10 +353,18 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
     test_v, test_c = make_videos(settings.test_videos, 1000 * seed + 3)
     peak = float(test_v.max() - test_v.min())
 
-    # 1. base models
-    receiver, sharer, result.base_loss = train_pair(training, train_v, train_c, texts, settings, seed,
-                                                    out_dir / "receiver.safetensors", out_dir / "sharer.safetensors",
-                                                    log)
+    # 1. base models (or the ones a previous run of this seed saved, with their final losses)
+    if settings.reuse_base:
+        import comfy.sd
+        receiver, sharer = (with_shift(comfy.sd.load_diffusion_model(str(out_dir / f"{role}.safetensors")))
+                            for role in ("receiver", "sharer"))
+        saved = out_dir / "base_loss.json"
+        result.base_loss = json.loads(saved.read_text()) if saved.is_file() else {}
+    else:
+        receiver, sharer, result.base_loss = train_pair(training, train_v, train_c, texts, settings, seed,
+                                                        out_dir / "receiver.safetensors",
+                                                        out_dir / "sharer.safetensors", log)
+        (out_dir / "base_loss.json").write_text(json.dumps(result.base_loss))
     result.seconds["base models"] = time.monotonic() - clock
 
     # 2. training samples for the projectors (the pack's sample files)
