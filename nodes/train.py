@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..c2c_core import DECAYS, LOSS_KINDS, C2CError, ResumeError
@@ -85,11 +86,26 @@ class SaveC2CTrainingSample(io.ComfyNode):
                   "exactly one", "do not combine or area-split conditioning you save for training")
         _check_image_latent(cls.NODE, samples, sharer_positive, "sharer_positive")
         _check_image_latent(cls.NODE, samples, sharer_negative, "sharer_negative")
+        _check_finite(cls.NODE, "latent", samples)
+        for input_name, conditioning in (("positive", positive), ("negative", negative),
+                                         ("sharer_positive", sharer_positive), ("sharer_negative", sharer_negative)):
+            for tensor, extras in conditioning:
+                _check_finite(cls.NODE, input_name, tensor)
+                _check_finite(cls.NODE, input_name, extras.get("concat_latent_image"), "its image latent")
         written = training.save_training_samples(samples_root() / name, samples, {
             "receiver_positive": positive, "receiver_negative": negative,
             "sharer_positive": sharer_positive, "sharer_negative": sharer_negative})
         return io.NodeOutput(name, ui={"text": [f"{len(written)} sample(s) → output/{training.SAMPLES_SUBFOLDER}/"
                                                 f"{name}/{written[-1].name}"]})
+
+
+def _check_finite(node, input_name, tensor, what="the tensor"):
+    """A sample is saved once and trained on many times: NaN/Inf is refused here, not discovered mid-training."""
+    if tensor is None or not tensor.is_floating_point():
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    check(bad == 0, node, input_name, f"{bad} NaN or Inf value(s) in {what}", "finite values",
+          "fix the node that produced it (an fp16 overflow in VAE Encode or a text encoder?) and save again")
 
 
 def _check_image_latent(node, samples, conditioning, input_name):

@@ -162,9 +162,32 @@ def test_every_input_has_a_tooltip_and_the_training_category(pack):
         assert all(i.tooltip for i in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
 
 
+def save_unchecked(folder, latents, conds):
+    """Samples as a script or an older version of the pack may have written them: no finiteness check."""
+    from dit_cache_bridge.c2c_comfy import training
+    training.save_training_samples(folder, latents, {
+        "receiver_positive": conds["positive"], "receiver_negative": conds["negative"],
+        "sharer_positive": conds["sharer_positive"], "sharer_negative": conds["sharer_negative"]})
+
+
+def test_save_node_refuses_nan_or_inf_naming_the_input(pack, conds, comfy):
+    root = comfy.output_dir / "c2c_training"
+    latents = torch.zeros(1, 16, 3, 8, 8)
+    latents[0, 0, 0, 0, :2] = float("nan")
+    with pytest.raises(ValueError, match=r"Save C2C Training Sample › latent: 2 NaN or Inf value\(s\) in the tensor; "
+                                         r"expected finite values.*Fix: fix the node that produced it"):
+        run_node(pack.SaveC2CTrainingSample, latent={"samples": latents}, folder="refused_nan", **conds)
+    bad = [[conds["negative"][0][0].clone(), dict(conds["negative"][0][1])]]
+    bad[0][0][0, 1, 1] = float("-inf")
+    with pytest.raises(ValueError, match=r"Save C2C Training Sample › negative: 1 NaN or Inf value\(s\) in the tensor"):
+        run_node(pack.SaveC2CTrainingSample, latent={"samples": torch.zeros(1, 16, 3, 8, 8)}, folder="refused_nan",
+                 **(conds | {"negative": bad}))
+    assert not (root / "refused_nan").exists(), "nothing written"
+
+
 def test_samples_holding_nan_or_inf_are_refused_naming_the_sample(pack, helpers, models, conds, comfy):
-    """A latent with NaN (saved by the real Save node, which stores what it is given) is refused when the
-    dataset is opened, before any model runs; NaN/Inf in saved conditioning when the sample is first used.
+    """A latent with NaN (written by the library's save, as a hand-made or older dataset can be) is refused when
+    the dataset is opened, before any model runs; NaN/Inf in saved conditioning when the sample is first used.
     Both name the node, the dataset input, the sample's index and file, and the fix."""
     a, b = models["a"], models["b"]
     projector = helpers.make_projector(pack, b, a, "c2c")
@@ -173,7 +196,7 @@ def test_samples_holding_nan_or_inf_are_refused_naming_the_sample(pack, helpers,
         shutil.rmtree(root / name, ignore_errors=True)
     latents = torch.randn(3, 16, 3, 8, 8, generator=torch.Generator().manual_seed(7))
     latents[1, 4, 2, 3, 3] = float("nan")
-    run_node(pack.SaveC2CTrainingSample, latent={"samples": latents}, folder="nan_latent", **conds)
+    save_unchecked(root / "nan_latent", latents, conds)
     with pytest.raises(ValueError, match=r"Train C2C Projector › dataset: the latents of samples index 1 "
                                          r"\(sample_00002\.safetensors\) in .*nan_latent hold NaN or Inf values; "
                                          r"expected finite values .*Fix: delete sample_00002\.safetensors from "):
@@ -183,8 +206,7 @@ def test_samples_holding_nan_or_inf_are_refused_naming_the_sample(pack, helpers,
 
     bad = [[conds["sharer_positive"][0][0].clone(), dict(conds["sharer_positive"][0][1])]]
     bad[0][0][0, 2, 5] = float("inf")
-    run_node(pack.SaveC2CTrainingSample, latent={"samples": latents[:1]}, folder="inf_conditioning",
-             **(conds | {"sharer_positive": bad}))
+    save_unchecked(root / "inf_conditioning", latents[:1], conds | {"sharer_positive": bad})
     with pytest.raises(ValueError, match=r"Train C2C Projector › dataset: sample index 0 \(sample_00001\.safetensors\): "
                                          r"tensor 'sharer_positive\.0\.cross_attn' holds NaN or Inf values; expected "
                                          r"finite values .*Fix: delete sample_00001\.safetensors from "):
