@@ -3,7 +3,7 @@
 The fuzzer runs in a fresh interpreter (fuzz_files.py) so its peak resident memory measures only
 the loading: every file is a few kilobytes, so anything beyond a small bound is an allocation the
 file does not justify (the 1 PB ``hidden_dim`` kind). Every mutation class hits every source file
-(three bundle kinds, two recording dtypes) at least CASES/400 times, asserted per class and file.
+(three bundle kinds, two recording dtypes) in turn: at least CASES/60 times each, asserted per class and file.
 
 ``C2C_FUZZ_CASES`` sets the number of cases: 10,000 by default (what CI runs, ~20 s of CPU); more for a
 long run (``C2C_FUZZ_CASES=200000``), fewer for a quick local check (the per-class bound scales with it).
@@ -28,7 +28,7 @@ def test_ten_thousand_mutated_files_end_in_documented_errors_within_a_memory_bou
     assert report["cases"] >= CASES
     pairs = {f"{how}@{source}" for how in report["mutations"] for source in report["sources"]}
     assert len(report["mutations"]) == 8 and len(report["sources"]) == 5, report
-    thin = {p: report["per_class"].get(p, 0) for p in pairs if report["per_class"].get(p, 0) < max(1, CASES // 400)}
+    thin = {p: report["per_class"].get(p, 0) for p in pairs if report["per_class"].get(p, 0) < max(1, CASES // 60)}
     assert not thin, f"mutation classes that hit a source file too rarely: {thin}"
     loaded = sum(n for k, n in report["outcomes"].items() if k.endswith(":loaded"))
     refused = report["cases"] - loaded
