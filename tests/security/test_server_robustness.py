@@ -1,14 +1,18 @@
 """A real ComfyUI server under interrupts, kill -9 and a soak of mixed prompts (issue 14).
 
+One server serves the module (starts cost seconds): the soak runs first on it, fresh.
+- 30 queued prompts (live, recorded on disk, plain, broken): every good output equals the same prompt's
+  first output; the 30th is the fresh server's very first prompt, so it is compared bit for bit with a
+  fresh server's first run of it (state leaking across prompts would show); every broken prompt fails
+  with the node's own message or, on hosts that check combo values themselves, is refused by the host
+  naming the same input; resident memory grows by less than SOAK_RSS_BOUND_MB after warm-up, and at
+  most one temp recording (the cached one) is left.
 - POST /interrupt during a bridged run and during a disk recording: no temp folder survives and the
   next prompt equals the same prompt run before.
 - kill -9 of the server while Save KV Cache writes: the file it copies is intact, no partial file is
   ever loadable, start-up removes the dead writer's temp file, and the next save works.
-- 30 queued prompts (live, recorded on disk, plain, broken): every good output equals the same prompt's
-  first output; the 30th is the fresh server's very first prompt, so it is compared bit for bit with a
-  fresh server's first run of it (state leaking across prompts would show); every broken prompt fails with the node's own message or, on hosts that check combo
-  values themselves, is refused by the host naming the same input; resident memory grows by less
-  than SOAK_RSS_BOUND_MB after warm-up, and at most one temp recording (the cached one) is left.
+- kill -9 of the server while Train C2C Projector writes a checkpoint: the old checkpoints load, the
+  temp file does not, start-up removes it, and resuming ends where an uninterrupted run does, bit for bit.
 """
 from __future__ import annotations
 
@@ -130,8 +134,20 @@ def error_text(entry) -> str:
 
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
-    with host.ComfyServer(tmp_path_factory.mktemp("robust_server"), tiny_models.root, startup_timeout=300) as srv:
+    """One server for the whole module (each start costs seconds): the soak first, then interrupts, then the
+    kill -9 tests, which restart it. Its own c2c_projectors folder receives what training writes."""
+    base = tmp_path_factory.mktemp("robust_server")
+    with host.ComfyServer(base, own_models_root(tiny_models, base / "models"), startup_timeout=300) as srv:
         yield srv
+
+
+@pytest.fixture
+def running(server):
+    """The module's server, started again if an earlier kill -9 test failed before restarting it."""
+    if not server.running:
+        server.stop()
+        server.start()
+    return server
 
 
 # -- soak -------------------------------------------------------------------------------------------
@@ -240,45 +256,44 @@ def copy_prompt(name: str) -> dict:
                                                                         "filename_prefix": "copies/copy"}}}
 
 
-def test_kill_9_while_saving_leaves_the_source_intact_and_no_loadable_half_file(tiny_models, tmp_path):
+def test_kill_9_while_saving_leaves_the_source_intact_and_no_loadable_half_file(running):
     from c2c_core.errors import BundleError
     from c2c_core.recording import load_recording
-    srv = host.ComfyServer(tmp_path / "killed", tiny_models.root)
+    srv = running
     source = srv.output_dir / "kv_cache" / "big.safetensors"
     digest = big_recording(source)
     copies = srv.output_dir / "kv_cache" / "copies"
     killed = False
-    with srv:
-        for attempt in range(6):
-            pid = srv.post_prompt(copy_prompt("big.safetensors"))
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not killed:
-                if copies.is_dir() and any(p.suffix == ".tmp" for p in copies.iterdir()):
-                    os.killpg(srv._process.pid, signal.SIGKILL)
-                    srv._process.wait(timeout=30)
-                    killed = True
-                elif srv.history(pid):
-                    break
-                time.sleep(0.001)
-            if killed:
+    for attempt in range(6):
+        pid = srv.post_prompt(copy_prompt("big.safetensors"))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if copies.is_dir() and any(p.suffix == ".tmp" for p in copies.iterdir()):
+                os.killpg(srv._process.pid, signal.SIGKILL)
+                srv._process.wait(timeout=30)
+                killed = True
+            elif srv.history(pid):
                 break
-        assert killed, "the save was never caught in progress"
-        leftovers = [p for p in copies.iterdir() if p.suffix == ".tmp"]
-        assert leftovers, "the kill should have left the temp file of the interrupted save"
-        for done in copies.glob("*.safetensors"):       # earlier attempts that finished: complete and loadable
-            load_recording(done)
-        for partial in leftovers:
-            with pytest.raises(BundleError):
-                load_recording(partial)
-        assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
-        srv.stop()
-        srv.start()                                    # start-up removes the dead writer's temp file
-        assert not [p for p in copies.iterdir() if p.suffix == ".tmp"]
-        entry = srv.run(copy_prompt("big.safetensors"), timeout=300)
-        (saved,) = entry["outputs"]["2"]["kv_cache"]
-        copy = load_recording(copies / saved["filename"])
-        original = load_recording(source)
-        assert all(torch.equal(a, b) for a, b in zip(copy.get(1, 0, 1), original.get(1, 0, 1)))
+            time.sleep(0.001)
+        if killed:
+            break
+    assert killed, "the save was never caught in progress"
+    leftovers = [p for p in copies.iterdir() if p.suffix == ".tmp"]
+    assert leftovers, "the kill should have left the temp file of the interrupted save"
+    for done in copies.glob("*.safetensors"):       # earlier attempts that finished: complete and loadable
+        load_recording(done)
+    for partial in leftovers:
+        with pytest.raises(BundleError):
+            load_recording(partial)
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
+    srv.stop()
+    srv.start()                                    # start-up removes the dead writer's temp file
+    assert not [p for p in copies.iterdir() if p.suffix == ".tmp"]
+    entry = srv.run(copy_prompt("big.safetensors"), timeout=300)
+    (saved,) = entry["outputs"]["2"]["kv_cache"]
+    copy = load_recording(copies / saved["filename"])
+    original = load_recording(source)
+    assert all(torch.equal(a, b) for a, b in zip(copy.get(1, 0, 1), original.get(1, 0, 1)))
 
 
 # -- kill -9 while Train C2C Projector writes a checkpoint ----------------------------------------------
@@ -352,50 +367,48 @@ def load_state(path: Path) -> dict:
     return meta
 
 
-def test_kill_9_while_checkpointing_leaves_old_or_new_checkpoint_and_resumes_exactly(tiny_models, tmp_path):
+def test_kill_9_while_checkpointing_leaves_old_or_new_checkpoint_and_resumes_exactly(running):
     from c2c_core import load_bundle
     from c2c_core.checkpoint import find_checkpoint
     from c2c_core.errors import BundleError
-    srv = host.ComfyServer(tmp_path / "server", own_models_root(tiny_models, tmp_path / "models"),
-                           startup_timeout=300)
-    projectors = tmp_path / "models" / "c2c_projectors"
+    srv = running
+    projectors = srv.base_dir / "models" / "c2c_projectors"
     checkpoints = srv.output_dir / "c2c_training" / "checkpoints"
     killed = None
-    with srv:
-        srv.run(sample_prompt(), timeout=300)
-        for attempt in range(4):                    # a fresh output_name each time: a new run, no resume
-            name = f"killed{attempt}"
-            if kill_during_write(srv, checkpoints / name, srv.post_prompt(training_prompt(name))):
-                killed = checkpoints / name
-                break
-        assert killed, "no checkpoint write was caught in progress"
-        names = sorted(p.name for p in killed.iterdir())
-        temps = [killed / n for n in names if n.endswith(".tmp")]
-        assert temps, names
-        states = [killed / n for n in names if n.endswith(".state.safetensors")]
-        assert 2 <= len(states) <= 3, names               # the old checkpoints (keep_last 3)…
-        for state in states:                              # …complete: the bundle each state names loads
-            load_bundle(killed / load_state(state)["bundle"])
-        for bundle in killed.glob("step_*[0-9].safetensors"):   # a bundle awaiting its state file loads too
-            load_bundle(bundle)
-        published = {p.stat().st_ino for p in killed.glob("*.safetensors")}
-        for temp in temps:                                # a half-written file never loads
-            if temp.stat().st_ino in published:           # killed between link and unlink: a complete copy
-                continue
-            as_bundle = temp.with_name(temp.name + ".copy.safetensors")
-            as_bundle.write_bytes(temp.read_bytes())
-            with pytest.raises(BundleError):
-                load_state(as_bundle) if ".state." in temp.name else load_bundle(as_bundle)
-            as_bundle.unlink()
-        resume_step = load_state(find_checkpoint(killed))["step"]
-        assert resume_step < TRAIN_STEPS
-        assert not list(projectors.iterdir()), "the killed run must not have published a projector"
+    srv.run(sample_prompt(), timeout=300)
+    for attempt in range(4):                    # a fresh output_name each time: a new run, no resume
+        name = f"killed{attempt}"
+        if kill_during_write(srv, checkpoints / name, srv.post_prompt(training_prompt(name))):
+            killed = checkpoints / name
+            break
+    assert killed, "no checkpoint write was caught in progress"
+    names = sorted(p.name for p in killed.iterdir())
+    temps = [killed / n for n in names if n.endswith(".tmp")]
+    assert temps, names
+    states = [killed / n for n in names if n.endswith(".state.safetensors")]
+    assert 2 <= len(states) <= 3, names               # the old checkpoints (keep_last 3)…
+    for state in states:                              # …complete: the bundle each state names loads
+        load_bundle(killed / load_state(state)["bundle"])
+    for bundle in killed.glob("step_*[0-9].safetensors"):   # a bundle awaiting its state file loads too
+        load_bundle(bundle)
+    published = {p.stat().st_ino for p in killed.glob("*.safetensors")}
+    for temp in temps:                                # a half-written file never loads
+        if temp.stat().st_ino in published:           # killed between link and unlink: a complete copy
+            continue
+        as_bundle = temp.with_name(temp.name + ".copy.safetensors")
+        as_bundle.write_bytes(temp.read_bytes())
+        with pytest.raises(BundleError):
+            load_state(as_bundle) if ".state." in temp.name else load_bundle(as_bundle)
+        as_bundle.unlink()
+    resume_step = load_state(find_checkpoint(killed))["step"]
+    assert resume_step < TRAIN_STEPS
+    assert not (projectors / f"{killed.name}.safetensors").exists(), "the killed run published a projector"
 
-        srv.stop()
-        srv.start()                                       # start-up removes the dead server's temp files
-        assert not [p for p in killed.iterdir() if p.suffix == ".tmp"]
-        srv.run(training_prompt(killed.name), timeout=600)             # resumes from the newest checkpoint
-        srv.run(training_prompt("uninterrupted"), timeout=600)
+    srv.stop()
+    srv.start()                                       # start-up removes the dead server's temp files
+    assert not [p for p in killed.iterdir() if p.suffix == ".tmp"]
+    srv.run(training_prompt(killed.name), timeout=600)             # resumes from the newest checkpoint
+    srv.run(training_prompt("uninterrupted"), timeout=600)
     resumed = load_bundle(projectors / f"{killed.name}.safetensors")
     whole = load_bundle(projectors / "uninterrupted.safetensors")
     assert resumed.provenance["steps"] == whole.provenance["steps"] == TRAIN_STEPS
