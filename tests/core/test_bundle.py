@@ -353,7 +353,7 @@ def test_a_bundle_for_another_architecture_of_the_same_shapes_is_named():
                                                        "image_embedding no vs yes")
     assert bad.describe() == ("a projector made for a sharer wan2.1 t2v (dim 8, 3 layers, 2 heads, ffn 32, in 16), but "
                               "the sharer model is wan2.1 i2v (dim 8, 3 layers, 2 heads, ffn 32, in 36, CLIP image "
-                              "input), which differs in variant t2v vs i2v, in_channels 16 vs 36, image_embedding no vs yes)")
+                              "input), which differs in variant t2v vs i2v, in_channels 16 vs 36, image_embedding no vs yes")
 
 
 def load_bundle_like(bank, layer_map):
