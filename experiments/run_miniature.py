@@ -94,6 +94,11 @@ def _key(curve: dict, t: float):
     raise KeyError(t)
 
 
+def plot_path(results: Path) -> Path:
+    """RESULTS.md's plot is results.png; any other report gets its own (BASELINES.md -> BASELINES.png)."""
+    return results.with_name("results.png") if results.name == "RESULTS.md" else results.with_suffix(".png")
+
+
 def report(runs: list[dict], args, wall: float) -> str:
     methods = list(BASELINES) + [m for m in runs[0]["mse"] if m not in BASELINES]
     trained = [m for m in methods if m.endswith("(trained)")]
@@ -114,7 +119,7 @@ def report(runs: list[dict], args, wall: float) -> str:
         gap = mean_spread([gap_closed(r, m) for r in runs])
         gap_text = "—" if m in ("receiver alone", "sharer alone") else f"{100 * gap[0]:.0f} % ± {100 * gap[1]:.0f}"
         lines.append(f"| {m} | {mse[0]:.4f} ± {mse[1]:.4f} | {gap_text} | {psnr[0]:.2f} ± {psnr[1]:.2f} |")
-    lines += ["", "![results](results.png)", ""]
+    lines += ["", f"![results]({plot_path(args.results).name})", ""]
     best = max(trained, key=lambda m: statistics.fmean(gap_closed(r, m) for r in runs)) if trained else None
     if best:
         closed = [gap_closed(r, best) for r in runs]
@@ -186,9 +191,9 @@ def main(argv=None) -> int:
         (args.out / "runs.json").write_text(json.dumps({"wall_seconds": wall, "quick": args.quick, "runs": runs,
                                                         "command": args.command}, indent=1))
     methods = list(BASELINES) + [m for m in runs[0]["mse"] if m not in BASELINES]
-    plot(runs, methods, args.results.with_name("results.png"))
+    plot(runs, methods, plot_path(args.results))
     args.results.write_text(report(runs, args, wall), encoding="utf-8")
-    print(f"wrote {args.results} and {args.results.with_name('results.png')} in {wall / 60:.1f} min")
+    print(f"wrote {args.results} and {plot_path(args.results)} in {wall / 60:.1f} min")
     return 0
 
 
