@@ -32,7 +32,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -40,7 +40,8 @@ from torch import Tensor
 from .align import RopeSpec
 from .bundle import _ALL_DTYPES, _identity, _parse_meta, _short_path, save_tensors_with_meta, snapshot, stream_tensors_with_meta
 from .errors import (C2CError, FileChangedError, FormatVersionError, InvalidMetadataError, MissingMetadataError,
-                     MissingTensorError, ShapeMismatchError, UnexpectedTensorError, quote)
+                     MissingTensorError, ShapeMismatchError, SignatureError, UnexpectedTensorError, quote)
+from .arch import ArchTag
 from .kv import ModelSignature, TokenGrid
 
 RECORDING_KEY = "c2c_kv_recording"
@@ -653,6 +654,22 @@ class _Checker:
         return tuple(self.number(f"{name}[{i}]", v, positive=positive) for i, v in enumerate(value))
 
 
+def _parse_arch(c: "_Checker", d, values: Mapping) -> Optional[ArchTag]:
+    """The sharer's architecture tag (recordings saved before tags existed have none), checked against the
+    signature it travels with, so a loaded recording is held to a projector's tag as a fresh one is."""
+    if d is None:
+        return None
+    try:
+        arch = ArchTag.from_dict(d)
+    except SignatureError as e:
+        c.fail("signature.arch", d, f"a valid architecture tag ({e})")
+    if (arch.num_layers, arch.num_heads, arch.dim) != (values["num_layers"], values["num_heads"],
+                                                        values["num_heads"] * values["head_dim"]):
+        c.fail("signature.arch", arch.describe(), f"a tag matching the signature ({values['num_layers']} layers, "
+                                                  f"{values['num_heads']} heads × {values['head_dim']})")
+    return arch
+
+
 def _parse_recording_meta(path, meta: Mapping) -> KVRecording:
     c = _Checker(path)
     version = c.obj(meta, "format_version", int)
@@ -668,6 +685,7 @@ def _parse_recording_meta(path, meta: Mapping) -> KVRecording:
     name = sig.get("name", "")
     if not isinstance(name, str) or len(name) > 256:
         c.fail("signature.name", name, "a short string")
+    arch = _parse_arch(c, sig.get("arch"), values)
     grid_d = c.obj(meta, "grid")
     grid = TokenGrid(**{f: c.int_(f"grid.{f}", grid_d.get(f), 1, MAX_TOKENS) for f in ("frames", "height", "width")})
     if grid.numel > MAX_TOKENS:
@@ -696,7 +714,7 @@ def _parse_recording_meta(path, meta: Mapping) -> KVRecording:
         if not isinstance(evaluations, list) or not 1 <= len(evaluations) <= 4 * MAX_STEPS:
             c.fail("evaluations", evaluations, f"a list of 1..{4 * MAX_STEPS} noise levels (one per model evaluation)")
         evaluations = [c.number(f"evaluations[{i}]", s, lo=0.0) for i, s in enumerate(evaluations)]
-    return KVRecording(signature=ModelSignature(name=name, **values), grid=grid, rope=rope, sigmas=sigmas,
+    return KVRecording(signature=ModelSignature(name=name, arch=arch, **values), grid=grid, rope=rope, sigmas=sigmas,
                        layers=layers, kinds=kinds, storage_dtype=dtype, seed=seed, evaluations=evaluations)
 
 
