@@ -18,7 +18,8 @@ call's captured layers until the end of the call, like buffered mode.
 
 Bidirectional fusion (``BidirectionalSharer``) is only possible in lockstep: when the sharer's block m
 runs, the receiver waits inside its block l with its own K/V computed, so a second projector bank
-(receiver -> sharer) can fuse them into the sharer's self-attention. The receiver is handed the
+(receiver -> sharer) can fuse them into the sharer's self-attention
+(through a second ``FusionRun``, as the forward direction fuses). The receiver is handed the
 sharer's own K/V of block m (before that fusion); the sharer's *later* blocks, and so the K/V the
 receiver reads from them, carry what the sharer received. The sharer's prediction is discarded, so
 bidirectional fusion changes the output only through those later sharer layers.
@@ -41,7 +42,8 @@ except ImportError:     # requirements.txt installs it; without it live mode sta
 
 import comfy.patcher_extension
 
-from ..c2c_core import FusionSchedule, LayerFuser, RopeRerotation
+from ..c2c_core import FusionSchedule
+from ..c2c_core.runtime import BankCache, FusionRun
 from . import compat
 from .errors import BridgeInputError
 from .live import LiveSharer, LiveSharerRun, _SharerDone
@@ -88,7 +90,7 @@ class LockstepSharerRun(LiveSharerRun):
         self._stop_pending()
         self._receiver_kinds = tuple(kinds)
         if self.backward is not None:
-            self.backward.offered = {}
+            self.backward.begin_call()
         super().ensure(x, t, kinds, step, window)
 
     def _defer(self, executor, x, t, *args, **kwargs):
@@ -165,6 +167,8 @@ class LockstepSharerRun(LiveSharerRun):
 
     def close(self):
         self._stop_pending()
+        if self.backward is not None:
+            self.backward.close()
         super().close()
 
 
@@ -185,13 +189,23 @@ class BidirectionalSharer(LiveSharer):
     """
     backward: object = None
     backward_strength: float = 1.0
+    backward_banks: dict = dataclasses.field(default_factory=dict, repr=False)   # bridge key -> BankCache
+
+    def attach(self, bridge, patched, receiver):
+        """As one way, plus the backward bank as a model ComfyUI loads with the run (like the forward bank)."""
+        super().attach(bridge, patched, receiver)
+        model = bridge.sharer_patcher.model
+        bank = copy.deepcopy(self.backward.bank).to(dtype=model.manual_cast_dtype or model.get_dtype()).eval()
+        patched.set_additional_models(f"{bridge.key}.backward_projector",
+                                      [compat.module_patcher(bank, receiver.load_device, receiver.offload_device)])
+        self.backward_banks[bridge.key] = BankCache(bank)
 
     def open_run(self, run, guider, noise, latent_image, denoise_mask, seed):
         if self.refresh_every != 1:
             raise BridgeInputError(self.node, "refresh_every", f"{self.refresh_every} with bidirectional fusion",
                                    "1", "bidirectional fusion runs the two models block by block in every call; "
                                    "set refresh_every to 1 or fuse one way")
-        backward = _BackwardRun(self, compat.rope_spec(guider.model_patcher), compat.token_grid(noise.shape))
+        backward = _BackwardRun(self, run)
         sharer_run = open_lockstep_run(self, run, run.bridge.sharer_patcher, run.bridge.sharer_layers,
                                        noise.to(run.device), latent_image.to(run.device), denoise_mask, seed,
                                        run.device, backward)
@@ -200,31 +214,48 @@ class BidirectionalSharer(LiveSharer):
 
 
 class _BackwardRun:
-    """Per-run receiver -> sharer fusion: the offered receiver K/V, aligned and projected into the sharer's."""
+    """Per-run receiver -> sharer fusion: the offered receiver K/V, fused into the sharer's by a ``FusionRun``.
 
-    def __init__(self, source: BidirectionalSharer, receiver_rope, receiver_grid):
-        bundle = source.backward
+    The run is the forward's mirror (receiver RoPE/grid as its sharer side, the sharer's as its receiver
+    side, the source's rope alignment), on the run's device in the sharer's compute dtype with the bank
+    ComfyUI loaded; its schedule is the full window, so the forward fusion gates it through ``offer``.
+    """
+
+    def __init__(self, source: BidirectionalSharer, bridge_run):
+        self.source = source
         self.node = source.node
-        self.pairs = dict(bundle.layer_map.pairs)        # sharer layer -> receiver layer it reads
+        self.bridge_run = bridge_run
+        self.bundle = source.backward
         self.last_reader = {}                             # receiver layer -> the last sharer layer reading it
-        for sharer_layer, receiver_layer in sorted(self.pairs.items()):
+        for sharer_layer, receiver_layer in sorted(self.bundle.layer_map.pairs.items()):
             self.last_reader[receiver_layer] = sharer_layer
-        self.bundle = bundle
-        self.strength = float(source.backward_strength)
-        self.receiver_rope, self.receiver_grid = receiver_rope, receiver_grid
         self.offered: dict = {}
-        self.fuser = None
-        self.rerotation = None
+        self.sharer_run: LockstepSharerRun | None = None
+        self.run: FusionRun | None = None                # built at the first call, after ComfyUI loaded the models
+        self.report = None
 
     def attach(self, sharer_run: LockstepSharerRun):
-        if sharer_run.grid != self.receiver_grid:
+        receiver_grid = self.bridge_run.grid
+        if sharer_run.grid != receiver_grid:
             raise BridgeInputError(
                 self.node, "backward", f"a sharer on a {sharer_run.grid.shape} token grid",
-                f"the receiver's {self.receiver_grid.shape}", "bidirectional fusion needs both models on the same "
+                f"the receiver's {receiver_grid.shape}", "bidirectional fusion needs both models on the same "
                 "latent grid: give the sharer's conditioning the receiver's latent size, or fuse one way")
-        self.rerotation = RopeRerotation(self.receiver_rope.positions(self.receiver_grid),
-                                         sharer_run.rope.positions(sharer_run.grid), self.bundle.sharer.head_dim,
-                                         self.receiver_rope.theta)
+        self.sharer_run = sharer_run
+
+    def begin_call(self):
+        """A receiver call whose forward fusion is on: nothing offered yet, this call's strengths set."""
+        self.offered = {}
+        if self.run is None:
+            run, sharer = self.bridge_run, self.sharer_run
+            model = run.bridge.sharer_patcher.model
+            self.run = FusionRun(self.bundle, FusionSchedule(), self.source.backward_strength,
+                                 sharer_rope=run.receiver_rope, receiver_rope=sharer.rope, sharer_grid=run.grid,
+                                 receiver_grid=sharer.grid, rope_alignment=self.source.rope_alignment,
+                                 grid_mode=sharer.grid_mode, device=run.device,
+                                 dtype=model.manual_cast_dtype or model.get_dtype(),
+                                 banks=self.source.backward_banks.get(run.bridge.key), stats=False)
+        self.run.begin_call(self.bridge_run.fusion.percent)
 
     def offer(self, layer, k, v, kinds):
         """Keep the receiver's K/V of ``layer`` until the last sharer block that reads it has used them."""
@@ -233,9 +264,12 @@ class _BackwardRun:
 
     def fuse(self, layer, k, v, kinds):
         """Sharer block ``layer``'s k, v (B, N, H*D) for chunk ``kinds`` -> with the receiver's fused in."""
-        if self.strength == 0.0 or layer not in self.pairs or self.pairs[layer] not in self.offered:
+        run = self.run
+        if run is None or layer not in run.layer_map.pairs or run.strength(layer) == 0.0:
             return k, v
-        source = self.pairs[layer]
+        source = run.sharer_layer(layer)
+        if source not in self.offered:                    # the forward fusion of that receiver layer is off
+            return k, v
         rk, rv, have = self.offered[source]
         if self.last_reader[source] == layer:
             del self.offered[source]
@@ -244,21 +278,18 @@ class _BackwardRun:
         if index != list(range(len(have))):
             rk = torch.cat([rk[i * rows:(i + 1) * rows] for i in index])
             rv = torch.cat([rv[i * rows:(i + 1) * rows] for i in index])
-        if self.fuser is None:
-            bank = self.bundle.bank
-            first = next(iter(bank.parameters()), None)
-            if first is not None and (first.device != k.device or first.dtype != k.dtype):
-                bank = copy.deepcopy(bank).to(device=k.device, dtype=k.dtype).eval()
-            self.fuser = LayerFuser(bank, self.bundle.layer_map, FusionSchedule(), self.strength)
         src, dst = self.bundle.sharer, self.bundle.receiver
-        rk = self.rerotation.apply(rk.to(k.dtype).reshape(*rk.shape[:2], src.num_heads, src.head_dim))
-        rv = rv.to(v.dtype).reshape(*rv.shape[:2], src.num_heads, src.head_dim)
-        kh = k.reshape(*k.shape[:2], dst.num_heads, dst.head_dim)
-        vh = v.reshape(*v.shape[:2], dst.num_heads, dst.head_dim)
-        k2 = self.fuser.fuse_layer(layer, "k", rk, kh, 0.0)
-        v2 = self.fuser.fuse_layer(layer, "v", rv, vh, 0.0)
+        k2, v2 = run.fuse(layer, k.reshape(*k.shape[:2], dst.num_heads, dst.head_dim),
+                          v.reshape(*v.shape[:2], dst.num_heads, dst.head_dim),
+                          rk.reshape(*rk.shape[:2], src.num_heads, src.head_dim),
+                          rv.reshape(*rv.shape[:2], src.num_heads, src.head_dim))
         return k2.reshape(k.shape), v2.reshape(v.shape)
 
+    def close(self):
+        """The backward run's report (non-finite fused layers; no K/V statistics), kept for tests."""
+        self.offered = {}
+        if self.run is not None:
+            self.report = self.run.close()
 
 
 DIRECTIONS = ("sharer_to_receiver", "bidirectional")
