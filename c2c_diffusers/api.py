@@ -54,8 +54,8 @@ class BridgeConfig:
     target: the receiver, "wan" (ChronoEdit shares) or "chronoedit" (Wan shares).
     direction: "sharer_to_receiver", or "bidirectional": the sharer steps block by block with the receiver
         and its self-attention also reads the receiver's K/V of the paired block through
-        ``backward_projector`` (receiver -> sharer; None builds an untrained one of ``projector_kind`` and
-        ``mapping`` with the models swapped) at ``backward_strength``. Live mode, refresh_every 1, needs greenlet.
+        ``backward_projector`` (receiver -> sharer; None takes the backward bank of a two-bank ``projector``
+        bundle, else builds an untrained one of ``projector_kind`` and ``mapping`` with the models swapped) at ``backward_strength``. Live mode, refresh_every 1, needs greenlet.
     mode: "live" or "recorded" (``storage_dtype`` fp32/fp16/bf16/fp8_e4m3fn, ``record_folder`` None = RAM).
     strength, start, end, ramp, refresh_every: c2c_core.FusionSchedule; windows are in percent of the
         noise schedule, as in ComfyUI. rope_alignment: "auto" re-rotates sharer keys to the receiver's
@@ -130,7 +130,9 @@ class WanChronoEditBridge:
         self.bundle = self._bundle(config.projector, "projector", self.sharer, self.receiver)
         self.backward = None
         if config.direction == "bidirectional":
-            self.backward = self._bundle(config.backward_projector, "backward_projector", self.receiver, self.sharer)
+            stored = getattr(self.bundle, "backward", None)      # a two-bank bundle carries its own backward bank
+            chosen = stored if config.backward_projector is None and stored is not None else config.backward_projector
+            self.backward = self._bundle(chosen, "backward_projector", self.receiver, self.sharer)
         self.last_report = None
         self.last_backward_report = None
         self.last_recording = None

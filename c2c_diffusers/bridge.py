@@ -26,6 +26,7 @@ import itertools
 from contextlib import contextmanager
 
 from c2c_core import FusionSchedule
+from c2c_core.bundle import arch_mismatches
 from c2c_core.runtime import BankCache, FusionRun, percent_of
 
 from . import models
@@ -57,6 +58,16 @@ def scheduler_shift(scheduler) -> float:
             return float(value)
     return 1.0
 
+
+
+def check_architecture(bundle, role: str, found) -> None:
+    """Same shapes are not enough: a projector learned one network's keys and values. Refuse a model whose
+    architecture tag differs from the one the bundle names for ``role`` (untagged bundles: shapes only)."""
+    sharer = found if role == "sharer" else bundle.sharer
+    receiver = found if role == "receiver" else bundle.receiver
+    for mismatch in arch_mismatches(bundle, sharer, receiver):
+        raise BridgeSetupError(f"{mismatch.describe()}. Use the projector trained for this pair of models (same "
+                               f"shapes are not enough: it learned another network's keys and values).")
 
 class CallClock:
     """CFG branch and step of each transformer call: from the pipeline's cache context, else by call order.
@@ -201,6 +212,7 @@ class Bridge:
                     f"receiver {type(transformer).__name__} has {found.num_layers} layers × {found.num_heads} heads × "
                     f"{found.head_dim}; the projector bundle was made for {self.bundle.receiver.num_layers} × "
                     f"{self.bundle.receiver.num_heads} × {self.bundle.receiver.head_dim}. Use a bundle for this model.")
+            check_architecture(self.bundle, "receiver", found)
             if any(t is transformer for t in self.receivers):
                 raise BridgeSetupError(f"this bridge is already attached to that {type(transformer).__name__}.")
         self.source.attach(self)

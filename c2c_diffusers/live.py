@@ -18,7 +18,7 @@ from torch import Tensor
 from c2c_core.runtime import BankCache
 
 from . import lockstep, models
-from .bridge import COND, UNCOND
+from .bridge import check_architecture, COND, UNCOND
 from .errors import BridgeSetupError
 from .hooks import add_taps, remove_taps
 
@@ -105,6 +105,7 @@ class LiveSharer:
                 f"sharer {type(self.transformer).__name__} has {self.signature.num_layers} layers × "
                 f"{self.signature.num_heads} heads × {self.signature.head_dim}; the projector bundle was made for "
                 f"{s.num_layers} × {s.num_heads} × {s.head_dim}. Use a bundle for this sharer.")
+        check_architecture(bridge.bundle, "sharer", self.signature)
         if self._key is not None:
             raise BridgeSetupError("this LiveSharer is already attached to a bridge; make one per bridge.")
         if self.backward is not None:
@@ -114,6 +115,7 @@ class LiveSharer:
                     f"the backward projector reads a model of {s.num_layers} layers × {s.num_heads} heads × "
                     f"{s.head_dim}; the receiver has {r.num_layers} × {r.num_heads} × {r.head_dim}. Build it with "
                     f"the two models swapped (sharer = the receiver).")
+            check_architecture(self.backward, "receiver", self.signature)
             if bridge.schedule.refresh_every != 1:
                 raise BridgeSetupError(
                     f"bidirectional fusion with refresh_every {bridge.schedule.refresh_every}; expected 1 (both "

@@ -11,7 +11,7 @@ from c2c_core import RopeSpec, TokenGrid
 from c2c_core.recording import KVRecording, RamStore
 
 from . import models
-from .bridge import CallClock, call_inputs
+from .bridge import check_architecture, CallClock, call_inputs
 from .errors import BridgeSetupError
 from .hooks import add_taps, register_call_hook, remove_call_hook, remove_taps
 
@@ -93,6 +93,7 @@ class RecordedSharer:
                 f"the K/V recording was made from a model with {rec.signature.num_layers} layers × "
                 f"{rec.signature.num_heads} heads × {rec.signature.head_dim}; the projector bundle's sharer has "
                 f"{s.num_layers} × {s.num_heads} × {s.head_dim}. Record the sharer the bundle was made for.")
+        check_architecture(bridge.bundle, "sharer", rec.signature)
         if rec.evaluations is not None and len(rec.evaluations) != rec.steps:
             raise BridgeSetupError(
                 f"the K/V recording holds {len(rec.evaluations)} model evaluations over {rec.steps} steps (a sampler "

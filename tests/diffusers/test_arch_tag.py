@@ -45,3 +45,44 @@ def test_the_tag_read_from_a_diffusers_checkpoints_header_is_the_models(tmp_path
         save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, path)
         shapes = {name: shape for name, (shape, _) in read_header(path)[1].items()}
         assert arch_from_weights(shapes, transformer.config.num_attention_heads) == models.arch_tag(transformer)
+
+
+def tagged(bundle, sharer, receiver):
+    """``bundle`` tagged as made for the two given transformers."""
+    from c2c_core.bundle import tag_bank
+    import dataclasses
+    s, r = models.signature(sharer), models.signature(receiver)
+    tag_bank(bundle.bank, s, r)
+    return dataclasses.replace(bundle, sharer=bundle.bank.sharer, receiver=bundle.bank.receiver)
+
+
+def test_the_diffusers_bridge_refuses_a_projector_for_another_pair_of_the_same_shapes():
+    """A bundle made for a T2V receiver attached to an I2V one of the same shapes: refused, both sides."""
+    from c2c_diffusers import Bridge, BridgeSetupError, LiveSharer, SharerInputs
+    t2v, i2v = tiny.wan(1), tiny.wan(2, in_channels=36)
+    bundle = tagged(tiny.bundle("weighted"), tiny.wan(3), t2v)
+    sharer = LiveSharer(tiny.wan(3), SharerInputs(tiny.embeds(10), tiny.embeds(11)))
+    with pytest.raises(BridgeSetupError, match=r"a projector made for a receiver .* but the receiver model is .*which "
+                                               r"differs in variant t2v vs i2v, in_channels 16 vs 36\. Use the projector "
+                                               r"trained for this pair"):
+        Bridge(bundle, sharer).attach(i2v)
+    wrong_sharer = LiveSharer(tiny.wan(4, ffn_dim=1024), SharerInputs(tiny.embeds(10), tiny.embeds(11)))
+    with pytest.raises(BridgeSetupError, match=r"a projector made for a sharer .*differs in ffn_dim 512 vs 1024"):
+        Bridge(bundle, wrong_sharer).attach(t2v)
+    bridge = Bridge(bundle, sharer).attach(t2v)       # the pair it was made for
+    bridge.detach()
+
+
+def test_the_api_uses_a_two_bank_bundles_backward_bank():
+    """BridgeConfig(direction='bidirectional') without backward_projector takes the bundle's own backward bank."""
+    from c2c_core.bundle import with_backward
+    from c2c_diffusers.api import BridgeConfig, WanChronoEditBridge
+    wan_pipe, chrono_pipe = tiny.wan_pipe(tiny.wan(1)), tiny.chronoedit_pipe(tiny.chronoedit())
+    forward = tiny.bundle("weighted")
+    backward = tiny.bundle("gating")
+    both = with_backward(forward, backward)
+    bridge = WanChronoEditBridge(BridgeConfig(projector=both, direction="bidirectional"), wan_pipe, chrono_pipe)
+    assert bridge.backward is both.backward
+    explicit = WanChronoEditBridge(BridgeConfig(projector=both, direction="bidirectional", backward_projector=backward),
+                                   wan_pipe, chrono_pipe)
+    assert explicit.backward is backward
