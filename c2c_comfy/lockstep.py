@@ -311,8 +311,9 @@ def with_direction(node: str, source, direction: str, backward, backward_strengt
                                "a live sharer (Capture KV Cache)", "the sharer can only receive while it runs: use "
                                "Capture KV Cache, or set direction to sharer_to_receiver")
     if backward is None:
-        raise BridgeInputError(node, "backward_projector", "nothing connected", "a projector from the receiver to the "
-                               "sharer", "connect Create C2C Projector with sharer = the receiver model and receiver = "
+        raise BridgeInputError(node, "backward_projector", "nothing connected, and the projector bundle holds no "
+                               "backward bank", "a projector from the receiver to the "
+                               "sharer", "load a bundle holding both banks, or connect Create C2C Projector with sharer = the receiver model and receiver = "
                                "the sharer model (or a trained one from Load C2C Projector)")
     if not (backward.sharer.same_shape(receiver_signature) and backward.receiver.same_shape(source.signature)):
         raise BridgeInputError(node, "backward_projector", f"a projector from {backward.sharer} to {backward.receiver}",

@@ -162,9 +162,9 @@ class FusionRun:
         self.sharer_grid, self.receiver_grid = sharer_grid, receiver_grid
         self.rope_alignment = rope_alignment
         self.grid_mode = grid_mode
-        banks = banks if banks is not None else BankCache(bundle.bank)
-        self.bank = banks.on(device, dtype)
-        LayerFuser(self.bank, self.layer_map, schedule, float(strength))   # validates map against bank
+        self._banks = banks if banks is not None else BankCache(bundle.bank)
+        self._device, self._dtype, self._bank = device, dtype, None
+        LayerFuser(bundle.bank, self.layer_map, schedule, float(strength))   # validates map against bank
         self._align = None
         self._strengths = {layer: 0.0 for layer in self.layers}
         self.active = False
@@ -177,6 +177,15 @@ class FusionRun:
         self._row = {layer: i for i, layer in enumerate(self.layers)}
         self._change: Optional[Tensor] = None  # (layers, 2) sums of K and V change, on the device, read in close()
         self._measured = {layer: 0 for layer in self.layers}
+
+    @property
+    def bank(self) -> ProjectorBank:
+        """The bank on the receiver's device, placed at first use rather than when the run is set up: a host
+        may load the bank's module to the device in between (ComfyUI loads a registered bank with the
+        receiver after OUTER_SAMPLE), and placing it early would keep a second, unmanaged copy there."""
+        if self._bank is None:
+            self._bank = self._banks.on(self._device, self._dtype)
+        return self._bank
 
     # -- per model call ---------------------------------------------------------------------------
     def begin_call(self, percent: float) -> bool:

@@ -166,3 +166,23 @@ def test_close_names_layers_whose_fused_kv_are_not_finite():
     sk[0, 0, 0, 0] = float("nan")
     run.fuse(2, tokens(GRID, 1), tokens(GRID, 2), sk, tokens(GRID, 4))
     assert run.close().nonfinite_layers == [2]
+
+
+def test_the_bank_is_placed_at_first_use_so_a_module_the_host_loaded_meanwhile_is_used_in_place():
+    """ComfyUI sets a run up (OUTER_SAMPLE) before it loads the registered bank with the receiver: placing
+    the bank at construction would keep a second copy on the device. Placed at the first fuse, the run
+    finds the module already where the host put it and uses it as it is."""
+    b = bundle("gating")
+    banks = BankCache(b.bank)
+    run = run_of(b, banks=banks, device="cpu", dtype=torch.bfloat16)
+    assert banks._placed == {}, "nothing placed while the run is only set up"
+    b.bank.to(torch.bfloat16)                       # the host loads the module in the run's dtype
+    run.begin_call(0.5)
+    k, v = tokens(GRID, 1, torch.bfloat16), tokens(GRID, 2, torch.bfloat16)
+    run.fuse(0, k.clone(), v.clone(), k, v)
+    assert run.bank is b.bank and banks._placed == {}, "used in place, no copy"
+    other = run_of(bundle("gating"), device="cpu", dtype=torch.bfloat16)
+    other.begin_call(0.5)
+    other.fuse(0, k.clone(), v.clone(), k, v)
+    assert other.bank is not other.bundle.bank, "a bank the host did not place is copied at first use"
+    assert next(other.bank.parameters()).dtype == torch.bfloat16

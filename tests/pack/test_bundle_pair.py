@@ -198,8 +198,10 @@ def test_bridged_ksampler_uses_the_bundles_backward_bank(models, conds):
 
 def test_neither_a_backward_input_nor_bank_is_still_refused(models, conds):
     from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
-    with pytest.raises(BridgeInputError, match=re.escape("Fuse Caches › backward_projector: nothing connected")):
+    with pytest.raises(BridgeInputError, match=re.escape("Fuse Caches › backward_projector: nothing connected, and the "
+                                                       "projector bundle holds no backward bank")) as e:
         fuse(models["a"], capture(models["b"], conds), create(models["b"], models["a"]), direction="bidirectional")
+    assert "load a bundle holding both banks" in str(e.value)
 
 
 def test_a_connected_backward_projector_for_another_architecture_is_refused(models, conds):
