@@ -51,8 +51,8 @@ from .errors import (
     UnknownProjectorError,
     UnsafeFormatError,
 )
-from .fusion import FUSE_MODES, BidirectionalFuser, LayerFuser, fuse, fuse_many
-from .kv import KVCache, LayerKV, ModelSignature, TokenGrid, from_heads, to_heads
+from .fusion import LayerFuser, fuse
+from .kv import ModelSignature, TokenGrid, from_heads, to_heads
 from .mapping import COMPUTED_MAP_KINDS, LAYER_MAP_KINDS, LayerMap, parse_layer_spec
 from .projectors import (
     GATING_GRANULARITIES,
@@ -106,13 +106,8 @@ __all__ = [
     "UnexpectedTensorError",
     "UnknownProjectorError",
     "UnsafeFormatError",
-    "FUSE_MODES",
-    "BidirectionalFuser",
     "LayerFuser",
     "fuse",
-    "fuse_many",
-    "KVCache",
-    "LayerKV",
     "ModelSignature",
     "TokenGrid",
     "from_heads",

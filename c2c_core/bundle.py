@@ -62,7 +62,6 @@ __all__ = [
     "save_bundle",
     "save_projector_bundle",
     "load_bundle",
-    "read_bundle_header",
     "save_tensors_with_meta",
     "read_meta",
     "read_header",
@@ -666,11 +665,6 @@ class _Plan:
     @property
     def entries(self) -> dict:
         return self.snapshot.header()
-
-
-def read_bundle_header(path: str | os.PathLike) -> dict:
-    """The validated bundle metadata (kind, signatures, map, provenance) without reading tensors."""
-    return _plan(Path(path)).meta
 
 
 def _signature(path: Path, meta: Mapping, role: str) -> ModelSignature:

@@ -4,15 +4,14 @@ This is the per-layer, per-step path, so it stays cheap: strengths are Python fl
 zero strength returns the receiver's tensor object untouched without running the projector, and
 nothing here reads a GPU tensor to make a decision.
 
-Bidirectional fusion (each model both shares and receives) is two independent one-way fusers,
-sharer->receiver and receiver->sharer, each with its own bank; :class:`BidirectionalFuser` only
-holds the pair so runtimes can pass it around as one thing.
+``fuse`` is what every host's runtime (c2c_core.runtime.FusionRun) blends with; ``LayerFuser`` is the
+simple per-layer reference the runtime checks its layer map with. Bidirectional fusion is two one-way
+runs, each with its own bank (c2c_comfy/lockstep.py, c2c_diffusers/lockstep.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -23,9 +22,7 @@ from .mapping import LayerMap
 from .projectors import ProjectorBank
 from .schedule import FusionSchedule
 
-__all__ = ["fuse", "fuse_many", "LayerFuser", "BidirectionalFuser", "FUSE_MODES", "FusionError"]
-
-FUSE_MODES = ("sequence", "sum")
+__all__ = ["fuse", "LayerFuser", "FusionError"]
 
 
 def _strength(value: Any, what: str = "strength") -> float:
@@ -69,36 +66,6 @@ def _owned(t: Tensor, others: Sequence[Tensor]) -> bool:
         return False
     ptr = t.untyped_storage().data_ptr()
     return all(o.untyped_storage().data_ptr() != ptr for o in others)
-
-
-def fuse_many(receiver_t: Tensor, contributions: Sequence[tuple[Tensor, float]], mode: str = "sequence") -> Tensor:
-    """Fuse several sharers' projected tensors (each (B, N, Ht, Dt)) into one receiver tensor.
-
-    ``sequence``: fuse them one after another (later sharers blend into the already fused result).
-    ``sum``: add the strength-weighted deltas ``s_i * (projected_i - receiver)`` to the receiver
-    once, so the order of sharers does not matter. No contribution with a non-zero strength
-    returns ``receiver_t`` itself.
-    """
-    if mode not in FUSE_MODES:
-        raise FusionError(f"fuse_many mode={mode!r}; expected one of {FUSE_MODES}.")
-    active = [(p, _strength(s, f"strength of contribution {i}")) for i, (p, s) in enumerate(contributions)]
-    active = [(p, s) for p, s in active if s != 0.0]
-    if not active:
-        return receiver_t
-    if mode == "sequence":
-        out = receiver_t
-        for projected, s in active:
-            out = fuse(projected, out, s)
-        return out
-    out = receiver_t
-    for projected, s in active:
-        if projected.shape != receiver_t.shape:
-            raise FusionError(
-                f"fuse_many: a contribution has shape {tuple(projected.shape)}; expected the "
-                f"receiver's {tuple(receiver_t.shape)}."
-            )
-        out = torch.add(out, projected.to(receiver_t.dtype) - receiver_t, alpha=s)
-    return out
 
 
 class LayerFuser:
@@ -148,19 +115,3 @@ class LayerFuser:
             return receiver_t
         projected = self.bank.project(layer, which, sharer_t, receiver_t)
         return fuse(projected, receiver_t, s, inplace=True, protect=(sharer_t,))
-
-
-@dataclass
-class BidirectionalFuser:
-    """Two one-way fusers: ``forward`` (sharer -> receiver) and ``backward`` (receiver -> sharer)."""
-
-    forward: LayerFuser
-    backward: LayerFuser
-
-    def __post_init__(self) -> None:
-        f, b = self.forward.bank, self.backward.bank
-        if not (f.sharer.same_shape(b.receiver) and f.receiver.same_shape(b.sharer)):
-            raise FusionError(
-                "BidirectionalFuser: the backward bank must map the forward receiver back into the "
-                f"forward sharer; got forward {f.sharer} -> {f.receiver}, backward {b.sharer} -> {b.receiver}."
-            )

@@ -9,9 +9,8 @@ Tokens run frames-major, then height, then width, as in Wan's patch embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
-import torch
 from torch import Tensor
 
 from .arch import ArchTag
@@ -20,8 +19,6 @@ from .errors import KVShapeError, MissingLayerError, SignatureError
 __all__ = [
     "ModelSignature",
     "TokenGrid",
-    "LayerKV",
-    "KVCache",
     "to_heads",
     "from_heads",
     "KVShapeError",
@@ -130,124 +127,6 @@ class TokenGrid:
     @classmethod
     def from_dict(cls, d: Mapping) -> "TokenGrid":
         return cls(**_from_dict("TokenGrid", d, ("frames", "height", "width")))
-
-
-@dataclass
-class LayerKV:
-    """One layer's K and V, each ``(B, N, H, D)`` with identical shapes."""
-
-    k: Tensor
-    v: Tensor
-
-    def __post_init__(self) -> None:
-        if self.k.dim() != 4 or self.v.dim() != 4:
-            raise KVShapeError(
-                f"LayerKV got k {tuple(self.k.shape)} and v {tuple(self.v.shape)}; expected 4-D "
-                f"(B, N, H, D). Use to_heads(x, heads) on a (B, N, H*D) tensor first."
-            )
-        if self.k.shape != self.v.shape:
-            raise KVShapeError(
-                f"LayerKV got k {tuple(self.k.shape)} but v {tuple(self.v.shape)}; expected equal "
-                f"shapes (self-attention K and V share B, N, H, D)."
-            )
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-    def to(self, device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> "LayerKV":
-        """Move/cast both tensors; tensors already on that device and dtype are not copied."""
-        return LayerKV(self.k.to(device=device, dtype=dtype), self.v.to(device=device, dtype=dtype))
-
-
-class KVCache:
-    """Captured K/V of some layers of one model for one token grid.
-
-    Holds exactly the layers it was given (memory is what the fused layers need, no more).
-    Validates on construction so that a wrong capture fails where it was made, not deep in fusion.
-    """
-
-    def __init__(self, signature: ModelSignature, grid: TokenGrid, layers: Mapping[int, LayerKV]):
-        self.signature = signature
-        self.grid = grid
-        self._layers: dict[int, LayerKV] = {}
-        batch = None
-        for index in sorted(layers):
-            kv = layers[index]
-            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < signature.num_layers:
-                raise KVShapeError(
-                    f"KVCache layer index {index!r} is outside 0..{signature.num_layers - 1} "
-                    f"(signature {signature.name or 'unnamed'} has {signature.num_layers} layers)."
-                )
-            if not isinstance(kv, LayerKV):
-                raise KVShapeError(f"KVCache layer {index} is a {type(kv).__name__}; expected LayerKV(k, v).")
-            b, n, h, d = kv.k.shape
-            if n != grid.numel:
-                raise KVShapeError(
-                    f"KVCache layer {index} has N={n} tokens; expected grid {grid.shape} -> "
-                    f"{grid.numel} tokens. Capture and grid must come from the same latent."
-                )
-            if (h, d) != (signature.num_heads, signature.head_dim):
-                raise KVShapeError(
-                    f"KVCache layer {index} has H={h}, D={d}; expected H={signature.num_heads}, "
-                    f"D={signature.head_dim} from the signature. Was the capture taken from another model?"
-                )
-            if batch is not None and b != batch:
-                raise KVShapeError(
-                    f"KVCache layer {index} has batch {b}, earlier layers have {batch}; expected one "
-                    f"batch size per cache (key captures by CFG chunk)."
-                )
-            batch = b
-            self._layers[index] = kv
-
-    @property
-    def layer_indices(self) -> list[int]:
-        return list(self._layers)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(kv.nbytes for kv in self._layers.values())
-
-    def __getitem__(self, index: int) -> LayerKV:
-        try:
-            return self._layers[index]
-        except KeyError:
-            raise MissingLayerError(
-                f"KVCache has no layer {index}; it holds layers {self.layer_indices}. "
-                f"Capture that layer (add it to the layer selection) or fuse fewer layers."
-            ) from None
-
-    def __contains__(self, index: object) -> bool:
-        return index in self._layers
-
-    def __len__(self) -> int:
-        return len(self._layers)
-
-    def __iter__(self):
-        return iter(self._layers)
-
-    def items(self):
-        return self._layers.items()
-
-    def to(self, device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> "KVCache":
-        return KVCache(self.signature, self.grid, {i: kv.to(device, dtype) for i, kv in self._layers.items()})
-
-    def select(self, layer_indices: Iterable[int]) -> "KVCache":
-        """A cache sharing these layers' tensors (no copy)."""
-        wanted = sorted(set(layer_indices))
-        missing = [i for i in wanted if i not in self._layers]
-        if missing:
-            raise MissingLayerError(
-                f"KVCache.select: layers {missing} are not captured; the cache holds "
-                f"{self.layer_indices}. Capture those layers or select fewer."
-            )
-        return KVCache(self.signature, self.grid, {i: self._layers[i] for i in wanted})
-
-    def __repr__(self) -> str:
-        return (
-            f"KVCache({self.signature.name or 'unnamed'}, grid={self.grid.shape}, "
-            f"layers={self.layer_indices}, {self.nbytes / 2**20:.1f} MiB)"
-        )
 
 
 def to_heads(x: Tensor, heads: int) -> Tensor:

@@ -1,11 +1,11 @@
-"""fuse / fuse_many / LayerFuser: strengths, schedules, bit-exact endpoints, errors."""
+"""fuse / LayerFuser: strengths, schedules, bit-exact endpoints, errors."""
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from c2c_core import BidirectionalFuser, FusionError, FusionSchedule, LayerFuser, LayerMap, ProjectorBank, fuse, fuse_many
+from c2c_core import FusionError, FusionSchedule, LayerFuser, LayerMap, ProjectorBank, fuse
 from core_helpers import PROPERTY, dtypes, kv, signature
 
 SIG = signature(layers=4)
@@ -79,29 +79,6 @@ def test_fuse_rejects_shape_mismatch():
         fuse(torch.zeros(1, 3, 2, 8), torch.zeros(1, 4, 2, 8), 0.5)
 
 
-def test_fuse_many_sequence_applies_one_after_another():
-    r, a, b = kv(1, 3, SIG, seed=1), kv(1, 3, SIG, seed=2), kv(1, 3, SIG, seed=3)
-    torch.testing.assert_close(fuse_many(r, [(a, 0.5), (b, 0.25)], "sequence"), torch.lerp(torch.lerp(r, a, 0.5), b, 0.25))
-
-
-def test_fuse_many_sum_adds_weighted_deltas_once_in_any_order():
-    r, a, b = kv(1, 3, SIG, seed=1), kv(1, 3, SIG, seed=2), kv(1, 3, SIG, seed=3)
-    out = fuse_many(r, [(a, 0.5), (b, 0.25)], "sum")
-    torch.testing.assert_close(out, r + 0.5 * (a - r) + 0.25 * (b - r))
-    torch.testing.assert_close(fuse_many(r, [(b, 0.25), (a, 0.5)], "sum"), out)
-
-
-@pytest.mark.parametrize("mode", ["sequence", "sum"])
-def test_fuse_many_with_zero_strengths_returns_the_receiver(mode):
-    r, a = kv(1, 3, SIG, seed=1), kv(1, 3, SIG, seed=2)
-    assert fuse_many(r, [(a, 0.0)], mode) is r and fuse_many(r, [], mode) is r
-
-
-def test_fuse_many_rejects_unknown_mode():
-    with pytest.raises(FusionError, match="mode='mean'"):
-        fuse_many(kv(1, 3, SIG), [], "mean")
-
-
 # -- LayerFuser ----------------------------------------------------------------------------------
 
 
@@ -157,14 +134,3 @@ def test_layer_fuser_rejects_a_map_for_other_models():
 def test_layer_fuser_rejects_negative_strength():
     with pytest.raises(FusionError, match="strength=-1.0; expected >= 0"):
         fuser(strength=-1.0)
-
-
-def test_bidirectional_fuser_holds_two_opposite_fusers():
-    small, big = signature(layers=4, heads=1), signature(layers=4, heads=2)
-    lm = LayerMap.build("identity", 4, 4, layers=[0])
-    fwd = LayerFuser(ProjectorBank.build("full", small, big, [0], hidden_dim=4), lm, FusionSchedule(), 1.0)
-    back = LayerFuser(ProjectorBank.build("full", big, small, [0], hidden_dim=4), lm, FusionSchedule(), 1.0)
-    both = BidirectionalFuser(fwd, back)
-    assert both.forward is fwd and both.backward is back
-    with pytest.raises(FusionError, match="backward bank must map the forward receiver back"):
-        BidirectionalFuser(fwd, fwd)
