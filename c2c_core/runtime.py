@@ -11,7 +11,8 @@ CFG branches. One run is created per sampling run::
             for each fused layer: k, v = run.fuse(layer, k, v, sk, sv)   # (B, N, H, D) each
     report = run.close()
 
-Design §8 holds here: strengths are Python floats decided before any tensor is touched, RoPE
+The per-layer path stays sync-free, because it runs for every fused layer of every model call:
+strengths are Python floats decided before any tensor is touched, RoPE
 re-rotation tables are built once per run (not per layer or call), statistics stay on the device
 until :meth:`FusionRun.close`, and nothing in the per-layer path reads a GPU tensor.
 """
