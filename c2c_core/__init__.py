@@ -18,8 +18,8 @@ from .align import (
     rope_frequencies,
     rope_positions,
     rope_rotate,
-    wan_rope_axes,
 )
+from .arch import wan_rope_axes
 from .bundle import (
     FORMAT_VERSION,
     ProjectorBundle,
@@ -52,7 +52,7 @@ from .errors import (
     UnsafeFormatError,
 )
 from .fusion import LayerFuser, fuse
-from .kv import ModelSignature, TokenGrid, from_heads, to_heads
+from .signature import ModelSignature, TokenGrid, from_heads, to_heads
 from .mapping import COMPUTED_MAP_KINDS, LAYER_MAP_KINDS, LayerMap, parse_layer_spec
 from .projectors import (
     GATING_GRANULARITIES,

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from .arch import wan_rope_axes
 from .errors import KVShapeError
-from .kv import TokenGrid
+from .signature import TokenGrid
 
 __all__ = [
     "GRID_ALIGNMENTS",
     "resample_tokens",
-    "wan_rope_axes",
     "rope_frequencies",
     "rope_positions",
     "rope_rotate",
@@ -88,14 +88,6 @@ def resample_tokens(x: Tensor, src: TokenGrid, dst: TokenGrid, mode: str = "near
 
 # ----------------------------------------------------------------------------------------------
 # RoPE
-
-
-def wan_rope_axes(head_dim: int) -> tuple[int, int, int]:
-    """Per-axis (t, y, x) rotary widths Wan uses for ``head_dim``: (44, 42, 42) for 128."""
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 6 or head_dim % 2:
-        raise KVShapeError(f"Wan RoPE needs an even head_dim >= 6; got {head_dim!r}.")
-    third = head_dim // 6
-    return (head_dim - 4 * third, 2 * third, 2 * third)
 
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from .errors import SignatureError, quote
+from .errors import KVShapeError, SignatureError, quote
 
-__all__ = ["ArchTag", "LATENT_FAMILIES", "arch_from_weights"]
+__all__ = ["ArchTag", "LATENT_FAMILIES", "arch_from_weights", "wan_rope_axes"]
 
 #: latent channels -> family name; the A14B Wan2.2 experts and ChronoEdit are Wan2.1-architecture networks
 LATENT_FAMILIES = {16: "wan2.1", 48: "wan2.2-ti2v"}
@@ -105,6 +105,14 @@ class ArchTag:
         return out
 
 
+def wan_rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Per-axis (t, y, x) rotary widths Wan uses for ``head_dim``: (44, 42, 42) for 128."""
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 6 or head_dim % 2:
+        raise KVShapeError(f"Wan RoPE needs an even head_dim >= 6; got {head_dim!r}.")
+    third = head_dim // 6
+    return (head_dim - 4 * third, 2 * third, 2 * third)
+
+
 #: where each layout keeps what the tag needs: (ffn first layer, text projection, output head, image projection)
 _LAYOUTS = {
     "comfyui": ("blocks.0.ffn.0.weight", "text_embedding.0.weight", "head.head.weight", "img_emb."),
@@ -135,7 +143,6 @@ def arch_from_weights(shapes: Mapping[str, tuple], num_heads: int) -> ArchTag:
     if len(patch) != 3 or dim % num_heads:
         raise SignatureError(f"patch embedding {names['patch_embedding.weight']} does not fit {num_heads} heads.")
     layers = {int(k.split(".")[1]) for k in names if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    from .align import wan_rope_axes     # here, not at the top: align imports kv, which imports this module
     return ArchTag.from_config(dim=dim, ffn_dim=names[ffn][0], num_heads=num_heads, num_layers=len(layers),
                                in_channels=in_channels, out_channels=names[head][0] // (patch[0] * patch[1] * patch[2]),
                                text_dim=names[text][1], image_embedding=any(k.startswith(image) for k in names),

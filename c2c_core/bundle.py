@@ -47,7 +47,7 @@ from .errors import (
     quote,
 )
 from .arch import ArchTag
-from .kv import ModelSignature
+from .signature import ModelSignature
 from .mapping import LayerMap
 from .projectors import PROJECTORS, ProjectorBank, build_projector, known_kinds, resolve_kind
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
 from .errors import LayerMapError
-from .kv import ModelSignature
+from .signature import ModelSignature
 
 __all__ = ["LayerMap", "LAYER_MAP_KINDS", "COMPUTED_MAP_KINDS", "parse_layer_spec", "LayerMapError"]
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import KVShapeError, MissingLayerError, ProjectorConfigError, UnknownProjectorError
-from .kv import ModelSignature
+from .signature import ModelSignature
 
 __all__ = [
     "Projector",

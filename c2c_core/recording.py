@@ -42,7 +42,7 @@ from .bundle import _ALL_DTYPES, _identity, _parse_meta, _short_path, save_tenso
 from .errors import (C2CError, FileChangedError, FormatVersionError, InvalidMetadataError, MissingMetadataError,
                      MissingTensorError, ShapeMismatchError, SignatureError, UnexpectedTensorError, quote)
 from .arch import ArchTag
-from .kv import ModelSignature, TokenGrid
+from .signature import ModelSignature, TokenGrid
 
 RECORDING_KEY = "c2c_kv_recording"
 RECORDING_VERSION = 1

@@ -31,7 +31,7 @@ from .align import RopeRerotation, RopeSpec, resample_tokens
 from .errors import KVShapeError
 from .fusion import LayerFuser, fuse
 from .health import FiniteWatch, strict_json
-from .kv import TokenGrid
+from .signature import TokenGrid
 from .projectors import ProjectorBank, static_gate
 from .schedule import FusionSchedule
 

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from c2c_core import KVShapeError, RopeRerotation, RopeSpec, TokenGrid, align_kv, rerotate_keys, resample_tokens, rope_positions, rope_rotate
-from c2c_core.align import wan_rope_axes
+from c2c_core.arch import wan_rope_axes
 from core_helpers import PROPERTY, dtypes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,7 +181,7 @@ from comfy.ldm.flux.layers import EmbedND
 from comfy.ldm.flux.math import apply_rope1
 import c2c_core as c
 d = 128
-host = types.SimpleNamespace(patch_size=(1, 2, 2), rope_embedder=EmbedND(dim=d, theta=10000.0, axes_dim=list(c.align.wan_rope_axes(d))))
+host = types.SimpleNamespace(patch_size=(1, 2, 2), rope_embedder=EmbedND(dim=d, theta=10000.0, axes_dim=list(c.wan_rope_axes(d))))
 for dtype in (torch.float32, torch.bfloat16):
     for options in (None, {{"scale_t": 7.0}}, {{"scale_t": 7.0, "shift_y": 3.0, "scale_x": 0.5}}):
         freqs = WanModel.rope_encode(host, 3, 8, 10, device="cpu", dtype=dtype, transformer_options={{"rope_options": options}} if options else {{}})

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from c2c_core import RopeSpec, TokenGrid
 from c2c_core.arch import ArchTag
 from c2c_core.errors import InvalidMetadataError
-from c2c_core.kv import ModelSignature
+from c2c_core.signature import ModelSignature
 from c2c_core.recording import KVRecording, RamStore, load_recording, save_recording
 
 TAG = ArchTag.from_config(dim=16, ffn_dim=64, num_heads=2, num_layers=4, in_channels=16, out_channels=16,

@@ -1,9 +1,10 @@
-"""Per-layer self-attention K/V in one canonical layout, plus what describes it.
+"""What describes one side's self-attention K/V: the model's signature, the token grid, head views.
 
-Canonical layout of one layer's K or V: ``(B, N, H, D)`` = batch, tokens, heads, head_dim.
-Why one layout: the projectors, the aligner and the bundle all agree on it, and ComfyUI's
-attention path hands K/V as ``(B, N, H*D)``, which :func:`to_heads` views into it without a copy.
-Tokens run frames-major, then height, then width, as in Wan's patch embedding.
+No K/V is held here; these are the facts every other module checks K/V against. Canonical layout of
+one layer's K or V: ``(B, N, H, D)`` = batch, tokens, heads, head_dim. Why one layout: the projectors,
+the aligner and the bundle all agree on it, and ComfyUI's attention path hands K/V as ``(B, N, H*D)``,
+which :func:`to_heads` views into it without a copy. Tokens run frames-major, then height, then
+width, as in Wan's patch embedding.
 """
 
 from __future__ import annotations
