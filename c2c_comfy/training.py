@@ -49,7 +49,8 @@ import comfy.patcher_extension
 
 from ..c2c_core import (LOSS_KINDS, FusionSchedule, LayerMap, ProjectorBank, ProjectorBundle, TrainConfig,
                         distill_loss, kv_loss, save_bundle, save_tensors_with_meta, train_bank, velocity_loss)
-from ..c2c_core.bundle import read_header, read_meta, tag_bank
+from ..c2c_core.bundle import tag_bank
+from ..c2c_core.tensorfile import read_header, read_meta
 from ..c2c_core.checkpoint import find_checkpoint
 from ..c2c_core.errors import C2CError, TrainError
 from ..c2c_core.health import FiniteWatch

@@ -20,14 +20,8 @@ from .align import (
     rope_rotate,
 )
 from .arch import wan_rope_axes
-from .bundle import (
-    FORMAT_VERSION,
-    ProjectorBundle,
-    load_bundle,
-    read_meta,
-    save_bundle,
-    save_tensors_with_meta,
-)
+from .bundle import ProjectorBundle, load_bundle, save_bundle
+from .bundle_schema import FORMAT_VERSION
 from .errors import (
     BundleError,
     BundleNotFoundError,
@@ -66,6 +60,7 @@ from .projectors import (
 )
 from .schedule import RAMPS, FusionSchedule
 from .runtime import BankCache, FusionRun, RunReport, percent_of, step_index
+from .tensorfile import read_meta, save_tensors_with_meta
 from .train import DECAYS, LOSS_KINDS, TrainConfig, TrainResult, distill_loss, kv_loss, train_bank, velocity_loss
 
 __all__ = [

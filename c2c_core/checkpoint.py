@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .bundle import (load_bundle, load_tensors, read_header, read_meta, remove_stale_temp_files, save_bundle,
-                     save_tensors_with_meta)
+from .bundle import load_bundle, save_bundle
 from .errors import BundleError, ResumeError
 from .mapping import LayerMap
 from .projectors import ProjectorBank
+from .tensorfile import load_tensors, read_header, read_meta, remove_stale_temp_files, save_tensors_with_meta
 
 __all__ = ["TRAINER_STATE_KEY", "STATE_FORMAT_VERSION", "Checkpoint", "save_checkpoint", "find_checkpoint", "load_checkpoint",
            "prune_checkpoints"]

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from c2c_core.bundle import load_tensors, read_header, read_meta, save_tensors_with_meta
+from c2c_core.tensorfile import load_tensors, read_header, read_meta, save_tensors_with_meta
 
 from .errors import BridgeSetupError
 from .live import LiveSharer, SharerInputs

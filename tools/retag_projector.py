@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 def weight_shapes(path: Path) -> dict:
     """{name: shape} from the safetensors header(s) of a model file or diffusers folder."""
-    from c2c_core.bundle import read_header
+    from c2c_core.tensorfile import read_header
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer").is_dir() else path
         files = sorted(folder.glob("*.safetensors"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import c2c_core.bundle as bundle_module
+import c2c_core.tensorfile as tensorfile
 from c2c_core import (
     BundleError,
     BundleNotFoundError,
@@ -258,13 +258,13 @@ def test_integer_tensor_is_refused(good, tmp_path):
 def test_validation_happens_before_any_tensor_is_read(good, tmp_path, monkeypatch):
     path = rewrite(good, tmp_path / "x.safetensors", tensors_edit=lambda t: t.update({"k.1.proj.weight": torch.zeros(12, 5)}))
     reads = []
-    real_read = bundle_module.Snapshot.read
+    real_read = tensorfile.Snapshot.read
 
     def spy(self, names, *args, **kwargs):
         reads.extend(names)
         return real_read(self, names, *args, **kwargs)
 
-    monkeypatch.setattr(bundle_module.Snapshot, "read", spy)
+    monkeypatch.setattr(tensorfile.Snapshot, "read", spy)
     with pytest.raises(ShapeMismatchError):
         load_bundle(path)
     assert reads == []
@@ -453,8 +453,8 @@ def test_the_backward_bank_is_validated_before_any_tensor_is_read(tmp_path, monk
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, bad, metadata={"c2c_bundle": json.dumps(meta)})
     reads = []
-    real_read = bundle_module.Snapshot.read
-    monkeypatch.setattr(bundle_module.Snapshot, "read", lambda self, names, *a, **k: reads.extend(names) or
+    real_read = tensorfile.Snapshot.read
+    monkeypatch.setattr(tensorfile.Snapshot, "read", lambda self, names, *a, **k: reads.extend(names) or
                         real_read(self, names, *a, **k))
     with pytest.raises(error, match=message):
         load_bundle(bad)

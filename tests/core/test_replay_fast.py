@@ -13,7 +13,8 @@ import threading
 import pytest
 import torch
 
-from c2c_core import recording as rec_module
+from c2c_core.recording import replay as replay_module
+from c2c_core.recording import store as store_module
 from c2c_core.errors import FileChangedError
 from c2c_core.recording import (DiskStore, KVRecording, MissingStepError, RamStore, RecordingWriteError, ReplayReader,
                                 load_recording, pinnable, save_recording)
@@ -65,8 +66,8 @@ def test_background_writes_make_the_same_files_as_a_synchronous_write(tmp_path, 
 
 def test_the_writer_writes_off_the_sampling_thread_in_order(tmp_path, monkeypatch):
     written = []
-    real = rec_module.save_tensors_with_meta
-    monkeypatch.setattr(rec_module, "save_tensors_with_meta",
+    real = store_module.save_tensors_with_meta
+    monkeypatch.setattr(store_module, "save_tensors_with_meta",
                         lambda path, *a, **k: written.append((path.name, threading.current_thread().name))
                         or real(path, *a, **k))
     recorded(DiskStore(tmp_path))
@@ -76,8 +77,8 @@ def test_the_writer_writes_off_the_sampling_thread_in_order(tmp_path, monkeypatc
 
 def test_the_writer_holds_at_most_two_steps_then_the_sampling_thread_waits(tmp_path, monkeypatch):
     release = threading.Event()
-    real = rec_module.save_tensors_with_meta
-    monkeypatch.setattr(rec_module, "save_tensors_with_meta", lambda *a, **k: release.wait() and real(*a, **k))
+    real = store_module.save_tensors_with_meta
+    monkeypatch.setattr(store_module, "save_tensors_with_meta", lambda *a, **k: release.wait() and real(*a, **k))
     store = DiskStore(tmp_path)
     t = torch.zeros(1, 2)
     for step in range(4):                  # step 0 is being written, 1 and 2 wait, 3 is still pending
@@ -93,13 +94,13 @@ def test_the_writer_holds_at_most_two_steps_then_the_sampling_thread_waits(tmp_p
 
 
 def test_a_failed_background_write_is_raised_on_the_sampling_thread_and_nothing_follows_it(tmp_path, monkeypatch):
-    real = rec_module.save_tensors_with_meta
+    real = store_module.save_tensors_with_meta
 
     def save(path, *a, **k):
         if path.name == "step_00001.safetensors":
             raise OSError(28, "No space left on device")
         return real(path, *a, **k)
-    monkeypatch.setattr(rec_module, "save_tensors_with_meta", save)
+    monkeypatch.setattr(store_module, "save_tensors_with_meta", save)
     store = DiskStore(tmp_path)
     rec = KVRecording(signature=SIG, grid=GRID, rope=RopeSpec(), sigmas=[1.0, 0.5, 0.0, 0.0], layers=(0,),
                       store=store)
@@ -116,9 +117,9 @@ def test_a_failed_background_write_is_raised_on_the_sampling_thread_and_nothing_
 
 def test_cpu_tensors_go_to_the_host_as_they_are_with_no_pinning(monkeypatch):
     asked = []
-    monkeypatch.setattr(rec_module, "_host_buffer", lambda *a: asked.append(a) or torch.empty(0))
+    monkeypatch.setattr(store_module, "_host_buffer", lambda *a: asked.append(a) or torch.empty(0))
     t = torch.ones(2, 3)
-    host, event = rec_module._to_host(t)
+    host, event = store_module._to_host(t)
     assert host is t and event is None and asked == []
     store = RamStore()
     store.put(0, {"x": t})
@@ -138,7 +139,7 @@ class FakeEvent:
 def as_if_from_cuda(monkeypatch):
     """_to_host as on a CUDA device: a copy plus an event that says when it landed; returns the sync log."""
     synced = []
-    monkeypatch.setattr(rec_module, "_to_host", lambda t: (t.clone(), FakeEvent(synced, int(t.flatten()[0]))))
+    monkeypatch.setattr(store_module, "_to_host", lambda t: (t.clone(), FakeEvent(synced, int(t.flatten()[0]))))
     return synced
 
 
@@ -220,7 +221,7 @@ def test_a_run_opens_each_recording_file_once(tmp_path, monkeypatch):
     rec = make(tmp_path, "file", "bf16")
     opened = []
     real_open = open
-    monkeypatch.setattr(rec_module, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k),
+    monkeypatch.setattr(replay_module, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k),
                         raising=False)
     for prefetch in (False, True):
         reader = ReplayReader(rec, "cpu", prefetch=prefetch)
@@ -232,8 +233,8 @@ def test_a_run_opens_each_recording_file_once(tmp_path, monkeypatch):
 def test_fp8_is_copied_as_fp8_and_decoded_after_the_copy(tmp_path, monkeypatch):
     rec = make(tmp_path, "disk", "fp8_e4m3fn")
     copied = []
-    real = rec_module._upload
-    monkeypatch.setattr(rec_module, "_upload", lambda t, *a: copied.append(t.dtype) or real(t, *a))
+    real = replay_module._upload
+    monkeypatch.setattr(replay_module, "_upload", lambda t, *a: copied.append(t.dtype) or real(t, *a))
     reader = ReplayReader(rec, "cpu")
     k, _ = reader.get(1, 0, 2)
     reader.close()
@@ -245,8 +246,8 @@ def test_fp8_is_copied_as_fp8_and_decoded_after_the_copy(tmp_path, monkeypatch):
 def test_pinned_memory_and_read_ahead_are_asked_for_only_with_a_cuda_device(tmp_path, monkeypatch):
     rec = make(tmp_path, "disk", "bf16")
     asked = []
-    real = rec_module._host_buffer
-    monkeypatch.setattr(rec_module, "_host_buffer", lambda shape, dtype, pin: asked.append(pin) or real(shape, dtype, pin))
+    real = store_module._host_buffer
+    monkeypatch.setattr(store_module, "_host_buffer", lambda shape, dtype, pin: asked.append(pin) or real(shape, dtype, pin))
     reader = ReplayReader(rec, "cpu")
     replay(reader, range(2))
     reader.close()

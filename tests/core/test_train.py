@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from c2c_core import LayerMap, ModelSignature, ProjectorBank, ResumeError, TrainConfig, TrainError, distill_loss, kv_loss, read_meta, train_bank, velocity_loss
-from c2c_core.bundle import read_header
+from c2c_core.tensorfile import read_header
 
 SHARER = ModelSignature(num_layers=2, num_heads=2, head_dim=4, name="sharer")
 RECEIVER = ModelSignature(num_layers=2, num_heads=1, head_dim=8, name="receiver")

@@ -39,7 +39,7 @@ def test_chronoedit_is_tagged_as_the_wan_i2v_architecture_it_is():
 def test_the_tag_read_from_a_diffusers_checkpoints_header_is_the_models(tmp_path):
     from safetensors.torch import save_file
     from c2c_core.arch import arch_from_weights
-    from c2c_core.bundle import read_header
+    from c2c_core.tensorfile import read_header
     for transformer in (tiny.wan(), tiny.chronoedit()):
         path = tmp_path / "t.safetensors"
         save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, path)

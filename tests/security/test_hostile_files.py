@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import c2c_core.bundle as bundle_module
+import c2c_core.bundle_schema as bundle_schema
+import c2c_core.tensorfile as tensorfile
 from c2c_core import LayerMap, ModelSignature, ProjectorBank, TokenGrid, load_bundle, save_bundle
 from c2c_core.align import RopeSpec
 from c2c_core.checkpoint import prune_checkpoints
@@ -65,7 +66,7 @@ def test_a_small_header_claiming_100000_layers_is_refused_before_anything_is_bui
     path = header_only_bundle(tmp_path / "b.safetensors", hparams={"num_layers": 100000, "hidden_dim": 4})
     assert os.path.getsize(path) < 600
     built = []
-    monkeypatch.setattr(bundle_module, "build_projector", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(bundle_schema, "build_projector", lambda *a, **k: built.append(a))
     with pytest.raises(InvalidMetadataError, match=r"num_layers=100000; expected at most 64"):
         load_bundle(path)
     assert built == []
@@ -153,7 +154,7 @@ def test_non_finite_or_absurd_weights_are_refused_at_load(tmp_path, value, what)
     tensors = load_file(str(path))
     name = sorted(tensors)[0]
     tensors[name] = torch.full_like(tensors[name], value)
-    meta = bundle_module.snapshot(path).metadata
+    meta = tensorfile.snapshot(path).metadata
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(NonFiniteWeightsError, match=rf"tensor '{name}' holds {what}"):
         load_bundle(path)
@@ -232,7 +233,7 @@ def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     other = tmp_path / "notes.tmp"
     for p in (stale, mine, other):
         p.write_bytes(b"partial")
-    assert bundle_module.remove_stale_temp_files(tmp_path) == [stale]
+    assert tensorfile.remove_stale_temp_files(tmp_path) == [stale]
     assert mine.exists() and other.exists() and not stale.exists()
 
 
@@ -254,7 +255,7 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temp_file(tmp_path, monk
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bundle_module, "save_file", crash)
+    monkeypatch.setattr(tensorfile, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         real_bundle(path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["b.safetensors"]
@@ -275,8 +276,8 @@ def test_every_tensor_dtype_of_the_format_reads_back_exactly(tmp_path):
     if hasattr(torch, "float8_e4m3fn"):
         tensors["f8"] = torch.randn(4).to(torch.float8_e4m3fn)
     path = tmp_path / "t.safetensors"
-    bundle_module.stream_tensors_with_meta(path, tensors, {"a": 1}, "k")
-    got = bundle_module.load_tensors(path, list(tensors))
+    tensorfile.stream_tensors_with_meta(path, tensors, {"a": 1}, "k")
+    got = tensorfile.load_tensors(path, list(tensors))
     for name, t in tensors.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape
         assert torch.equal(got[name].view(torch.uint8) if t.dtype.itemsize == 1 and t.is_floating_point() else got[name],

@@ -360,7 +360,7 @@ def kill_during_write(srv, folder: Path, prompt_id: str, after_states: int = 2, 
 
 def load_state(path: Path) -> dict:
     """Read a trainer-state file completely (metadata and every tensor), as resuming does."""
-    from c2c_core.bundle import load_tensors, read_header, read_meta
+    from c2c_core.tensorfile import load_tensors, read_header, read_meta
     from c2c_core.checkpoint import TRAINER_STATE_KEY
     meta = read_meta(path, TRAINER_STATE_KEY)
     load_tensors(path, list(read_header(path)[1]))
