@@ -16,8 +16,21 @@ ROOT = host.REPO_ROOT
 PUBLIC = {"comfy_api.latest": "comfy_api.latest", "folder_paths": "folder_paths",
           "comfy.patcher_extension": "comfy.patcher_extension", "server": "server.PromptServer"}
 # Top-level names of ComfyUI's own modules (its tree's root); ``nodes`` is ComfyUI's nodes.py.
-# ComfyUI internals reached through an object rather than an import.
-INTERNAL_ATTRS = {"current_patcher", "current_loaded_models", "EXTRA_RESERVED_VRAM", "in_training"}
+# ComfyUI internals reached through an object rather than an import: caught as an attribute
+# (``model.get_dtype()``) and as a string (``options["model_function_wrapper"]``, ``getattr(p, "pre_run")``).
+INTERNAL_ATTRS = {
+    "current_patcher", "current_loaded_models", "EXTRA_RESERVED_VRAM", "in_training",
+    # the model's compute dtype (BaseModel.manual_cast_dtype / get_dtype)
+    "manual_cast_dtype", "get_dtype",
+    # ModelPatcher: identity, weights, lifecycle, hooks
+    "patches_uuid", "clone_has_same_weights", "add_weight_wrapper", "pre_run",
+    "prepare_hook_patches_current_keyframe", "apply_hooks",
+    # calc_cond_batch's machinery (comfy.samplers), the patcher_extension helper it merges options with
+    "merge_nested_dicts", "get_control", "model_function_wrapper",
+}
+# Names too common to match as strings; caught as an attribute only. Every ``.cleanup`` in the pack is a
+# ModelPatcher's today; one on another object (a TemporaryDirectory) would have to be named here to pass.
+INTERNAL_METHODS = {"cleanup"}
 COMFY_TOP = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "comfy_config", "folder_paths", "nodes",
              "node_helpers", "latent_preview", "execution", "server", "comfyui_version", "app", "utils"}
 
@@ -38,7 +51,7 @@ def comfy_uses(path: Path) -> list[tuple[int, str]]:
             found.append((node.lineno, node.module))
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "comfy":
             found.append((node.lineno, f"comfy.{node.attr}"))
-        elif isinstance(node, ast.Attribute) and node.attr in INTERNAL_ATTRS and \
+        elif isinstance(node, ast.Attribute) and node.attr in INTERNAL_ATTRS | INTERNAL_METHODS and \
                 not (isinstance(node.value, ast.Name) and node.value.id == "compat"):
             found.append((node.lineno, f".{node.attr}"))
         elif isinstance(node, ast.Constant) and node.value in INTERNAL_ATTRS:
@@ -66,3 +79,36 @@ def test_the_check_sees_an_internal(tmp_path):
                       "    return comfy.model_management.x, getattr(model, 'current_patcher')\n")
     assert {name for _, name in comfy_uses(sample)} - set(PUBLIC) == {"nodes", "comfy.samplers", "comfy.model_management",
                                                                       ".current_patcher", "'current_patcher'"}
+
+
+def test_the_check_sees_every_internal_attribute_and_string(tmp_path):
+    sample = tmp_path / "sample.py"
+    lines = [f"x.{name}" for name in sorted(INTERNAL_ATTRS | INTERNAL_METHODS)]
+    lines += [f"o[{name!r}]" for name in sorted(INTERNAL_ATTRS)]
+    lines += [f"compat.{name}" for name in sorted(INTERNAL_ATTRS | INTERNAL_METHODS)]        # the door itself: allowed
+    sample.write_text("def f(x, o, compat):\n" + "".join(f"    {line}\n" for line in lines))
+    found = {name for _, name in comfy_uses(sample)}
+    assert found == {f".{name}" for name in INTERNAL_ATTRS | INTERNAL_METHODS} | {f"'{name}'" for name in INTERNAL_ATTRS}
+
+
+def test_the_check_sees_the_patterns_the_pack_used(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "def f(model, patcher, a, b, control, options, hooks):\n"
+        "    dtype = model.manual_cast_dtype or model.get_dtype()\n"
+        "    same = a.patches_uuid == b.patches_uuid or a.clone_has_same_weights(b)\n"
+        "    patcher.pre_run()\n    patcher.prepare_hook_patches_current_keyframe(0, hooks, options)\n"
+        "    merged = comfy.patcher_extension.merge_nested_dicts(patcher.apply_hooks(hooks=hooks), options)\n"
+        "    c = control.get_control(1, 2, 3, 4, options)\n"
+        "    if 'model_function_wrapper' in options:\n        options['model_function_wrapper'](1, {})\n"
+        "    patcher.add_weight_wrapper('k', None)\n    patcher.cleanup()\n")
+    found = {name for _, name in comfy_uses(sample)} - set(PUBLIC)
+    assert found == {".manual_cast_dtype", ".get_dtype", ".patches_uuid", ".clone_has_same_weights", ".pre_run",
+                     ".prepare_hook_patches_current_keyframe", ".merge_nested_dicts", ".apply_hooks", ".get_control",
+                     "'model_function_wrapper'", ".add_weight_wrapper", ".cleanup"}
+
+
+def test_generic_method_names_are_not_matched_as_strings(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("LOG = 'cleanup'\ndef cleanup():\n    return 'cleanup'\n")
+    assert comfy_uses(sample) == []
