@@ -52,16 +52,10 @@ def setup_host(device: str, tmp: Path):
     import host
     if device == "cpu":
         return host.setup_comfy_in_process(tmp / "models", tmp)
-    host._prepend_comfyui(host.comfyui_path())
-    import importlib
-    importlib.import_module("comfy.model_management")          # picks the GPU (no --cpu)
-    importlib.import_module("nodes")
-    import folder_paths
-    for name in ("input", "output", "temp", "user"):
-        (tmp / name).mkdir(parents=True, exist_ok=True)
-        getattr(folder_paths, f"set_{name}_directory")(str(tmp / name))
-    host._in_process = host.ComfyHost(host.comfyui_path(), tmp / "models", tmp / "input", tmp / "output",
-                                      tmp / "temp", tmp / "user")
+    import comfy_host
+    tree = comfy_host.boot(host.comfyui_path(), cpu=False)          # picks the GPU (no --cpu)
+    dirs = comfy_host.use_folders(tmp, tmp / "models")
+    host._in_process = host.ComfyHost(tree, tmp / "models", dirs["input"], dirs["output"], dirs["temp"], dirs["user"])
     return host._in_process
 
 

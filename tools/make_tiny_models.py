@@ -24,8 +24,10 @@ import json
 import math
 import os
 import struct
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +58,15 @@ HEAD_DIM = 128
 TEXT_DIM = 4096
 CLIP_DIM = 1280
 OUT_DIM = 16
+
+
+# File names of the tiny models, as UNETLoader's ``unet_name`` takes them.
+T2V_A = "tiny_wan_t2v_a.safetensors"
+T2V_B = "tiny_wan_t2v_b.safetensors"
+I2V = "tiny_wan_i2v.safetensors"
+T2V_WIDE = "tiny_wan_t2v_wide.safetensors"
+TI2V = "tiny_wan22_ti2v.safetensors"    # Wan2.2-TI2V-5B layout: 48-channel latent
+TINY_MODEL_FILES = (T2V_A, T2V_B, I2V, T2V_WIDE, TI2V)
 
 
 def log(message: str) -> None:
@@ -92,17 +103,10 @@ def is_up_to_date(path: Path, name: str) -> bool:
 
 
 def import_comfy():
-    """Put ComfyUI on sys.path (first, ahead of this repo's own ``nodes`` package) and import its Wan model."""
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    from install_host import comfyui_path
+    """ComfyUI booted on the CPU in this process (tools/comfy_host.py), then its Wan model and ops."""
+    import comfy_host
 
-    root = str(comfyui_path())
-    if root in sys.path:
-        sys.path.remove(root)
-    sys.path.insert(0, root)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    comfy_host.boot(cpu=True)
     import comfy.ldm.wan.model
     import comfy.ops
 
@@ -203,6 +207,43 @@ def make_models(out: Path, names: list[str] | None = None, force: bool = False) 
         for name in todo:
             write_model(name, paths[name], WanModel, operations)
     return paths
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """A ComfyUI models root holding the tiny Wan checkpoints in ``diffusion_models/``."""
+
+    root: Path
+
+    @property
+    def diffusion_models(self) -> Path:
+        return self.root / SUBFOLDER
+
+    def path(self, name: str) -> Path:
+        """Absolute path of a tiny model by file or model name: ``path(T2V_A)``, ``path("tiny_wan_t2v_a")``."""
+        name = name if name.endswith(".safetensors") else file_name(name)
+        if name.removesuffix(".safetensors") not in TINY_MODELS:
+            raise KeyError(f"no tiny model {name!r}; known: {sorted(TINY_MODELS)}")
+        return self.diffusion_models / name
+
+    __getitem__ = path  # tiny_models["tiny_wan_t2v_a"] -> Path
+
+    @staticmethod
+    def spec(name: str) -> dict:
+        """The spec of a tiny model (file or model name): model_type, dim, ffn_dim, num_layers, in_dim, seed, num_heads."""
+        spec = dict(TINY_MODELS[name.removesuffix(".safetensors")])
+        spec["num_heads"] = spec["dim"] // HEAD_DIM
+        return spec
+
+
+def ensure_tiny_models(root: Path | None = None, timeout: float = 300) -> TinyModels:
+    """Run this maker in a subprocess (so the caller stays free of ComfyUI imports); fast when up to date."""
+    root = Path(root) if root is not None else DEFAULT_OUT
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--out", str(root)],
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"make_tiny_models.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return TinyModels(root.resolve())
 
 
 def main(argv: list[str] | None = None) -> int:

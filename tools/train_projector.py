@@ -26,14 +26,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = "dit_cache_bridge"
+TOOLS_DIR = Path(__file__).resolve().parent
+if str(TOOLS_DIR) not in sys.path:      # loaded by path (tests/training/ddp_worker.py, experiments/miniature.py)
+    sys.path.append(str(TOOLS_DIR))
+import comfy_host  # noqa: E402
+
+PACK_NAME = comfy_host.PACK_NAME
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,32 +89,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def setup_comfyui(cpu: bool, local_rank: int):
-    """Put ComfyUI first on sys.path and configure it before comfy.model_management is imported."""
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    from install_host import comfyui_path, host_paths
-
-    entries = host_paths(comfyui_path())     # the tree, then its site folder if it has one
-    for entry in entries:
-        while entry in sys.path:
-            sys.path.remove(entry)
-    sys.path[:0] = entries
+    """ComfyUI booted in this process the one way (tools/comfy_host.py), on the CPU or this rank's GPU."""
     import torch
-    import comfy.cli_args
 
-    comfy.cli_args.args.cpu = cpu or not torch.cuda.is_available()
-    if not comfy.cli_args.args.cpu:
-        torch.cuda.set_device(local_rank)
-    import comfy.model_management  # noqa: F401  (reads the args now)
+    comfy_host.boot(cpu=cpu or not torch.cuda.is_available(), cuda_device=local_rank)
 
 
 def import_pack():
-    """This repository as the package ``dit_cache_bridge``, as ComfyUI loads it."""
-    if PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_NAME, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
-        spec.loader.exec_module(module)
+    """The pack's training module and nodes, the pack loaded as ComfyUI loads it (package ``dit_cache_bridge``)."""
+    comfy_host.load_pack()
     return importlib.import_module(f"{PACK_NAME}.c2c_comfy.training"), importlib.import_module(f"{PACK_NAME}.nodes")
 
 
