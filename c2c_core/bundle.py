@@ -184,7 +184,6 @@ def _check_bank_map(path: Path, bank: ProjectorBank, layer_map: LayerMap, which:
         raise BundleError(f"{path}: {which}layer map does not fit the bank's models: {exc}") from None
 
 
-
 def _materialize(bank: torch.nn.Module, device, dtype: torch.dtype) -> None:
     """Give every meta parameter and buffer uninitialised storage (``to_empty``, minus its per-tensor
     overhead: torch's meta ``empty_like`` costs ~1 ms a tensor, ~1 s for a 40-layer bank)."""
