@@ -338,6 +338,7 @@ class Snapshot:
 
 
 def file_identity(st: os.stat_result) -> tuple:
+    """One version of a file: device, inode, size and mtime (a replaced or rewritten file differs)."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 

@@ -1,8 +1,9 @@
 """Exactly one module touches ComfyUI internals: c2c_comfy/compat.py.
 
 The rest of the pack (c2c_comfy/, nodes/, the root __init__) may use only the public API that
-docs/architecture.md lists; everything else goes through compat. Checked on the source (imports and
-``comfy.<module>`` attribute chains), so a new internal fails here before it fails on some host.
+docs/architecture.md lists; everything else goes through compat. Checked on the source (imports,
+``comfy.<module>`` attribute chains, and internals reached through an object: ``model.get_dtype()``,
+``options["model_function_wrapper"]``), so a new internal fails here before it fails on some host.
 """
 from __future__ import annotations
 
