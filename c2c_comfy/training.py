@@ -41,8 +41,8 @@ from ..c2c_core import (LOSS_KINDS, FusionSchedule, LayerMap, ProjectorBank, Pro
                         save_bundle, velocity_loss)
 from ..c2c_core.bundle import tag_bank
 from ..c2c_core.runtime import FusionRun
-from ..c2c_core.samples import (ROLES, Conditioning, Draw, SampleDraws, SampleHost, TrainingDataError, TrainingSample,
-                                TrainingSet, json_value, save_sample)
+from ..c2c_core.samples import (CLIP_VISION, CROSS_ATTN, ROLES, Conditioning, Draw, SampleDraws, SampleHost,
+                                TrainingDataError, TrainingSample, TrainingSet, json_value, save_sample)
 from ..c2c_core.train import DataParallel, TrainSettings, provenance, run_training, trainable_copy
 from . import compat, files
 
@@ -50,7 +50,6 @@ log = logging.getLogger("dit_cache_bridge")
 
 SAMPLES_SUBFOLDER = "c2c_training"
 SAMPLES = SampleHost("comfyui", ROLES, "Save C2C Training Sample")
-_CROSS_ATTN, _CLIP_VISION = "cross_attn", "clip_vision_output"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,12 +76,12 @@ def flatten_conditioning(role: str, conditioning, index: int = 0, batch: int = 1
     (cross_attn, extras), = conditioning
     out, dropped = Conditioning(), []
     if cross_attn is not None:
-        out.tensors[_CROSS_ATTN] = _batch_item(cross_attn, index, batch)
+        out.tensors[CROSS_ATTN] = _batch_item(cross_attn, index, batch)
     for key, value in sorted(extras.items()):
         if torch.is_tensor(value):
             out.tensors[key] = _batch_item(value, index, batch)
-        elif key == _CLIP_VISION and torch.is_tensor(getattr(value, "penultimate_hidden_states", None)):
-            out.tensors[_CLIP_VISION] = _batch_item(value.penultimate_hidden_states, index, batch)
+        elif key == CLIP_VISION and torch.is_tensor(getattr(value, "penultimate_hidden_states", None)):
+            out.tensors[CLIP_VISION] = _batch_item(value.penultimate_hidden_states, index, batch)
         elif isinstance(value, (list, tuple)) and value and all(torch.is_tensor(v) for v in value):
             out.tensors.update({f"{key}.{i}": _batch_item(t, index, batch) for i, t in enumerate(value)})
         elif json_value(value):
@@ -99,12 +98,12 @@ def conditioning(role: Conditioning):
         key, _, position = name.rpartition(".")
         if key and position.isdigit():
             lists.setdefault(key, {})[int(position)] = tensor
-        elif name == _CLIP_VISION:
+        elif name == CLIP_VISION:
             extras[name] = compat.clip_vision_output(tensor)
-        elif name != _CROSS_ATTN:
+        elif name != CROSS_ATTN:
             extras[name] = tensor
     extras.update({key: [items[i] for i in sorted(items)] for key, items in lists.items()})
-    return [[role.tensors.get(_CROSS_ATTN), extras]]
+    return [[role.tensors.get(CROSS_ATTN), extras]]
 
 
 def save_training_samples(folder, latent: torch.Tensor, conditionings: dict) -> list[Path]:

@@ -33,12 +33,15 @@ from .bundle import load_tensors, read_header, read_meta, save_tensors_with_meta
 from .errors import C2CError
 from .health import FiniteWatch
 
-__all__ = ["SAMPLE_KEY", "FORMAT_VERSION", "ROLES", "SIGMA_RANGE", "TrainingDataError", "SampleHost", "Conditioning",
-           "TrainingSample", "TrainingSet", "save_sample", "json_value", "Draw", "SampleDraws", "seed_of"]
+__all__ = ["SAMPLE_KEY", "FORMAT_VERSION", "ROLES", "CROSS_ATTN", "CLIP_VISION", "SIGMA_RANGE", "TrainingDataError",
+           "SampleHost", "Conditioning", "TrainingSample", "TrainingSet", "save_sample", "json_value", "Draw",
+           "SampleDraws", "seed_of"]
 
 SAMPLE_KEY = "c2c_training_sample"
 FORMAT_VERSION = 2
 ROLES = ("receiver_positive", "receiver_negative", "sharer_positive", "sharer_negative")
+# Tensor names both hosts give the same thing: text-encoder embeddings, image-encoder penultimate hidden states.
+CROSS_ATTN, CLIP_VISION = "cross_attn", "clip_vision_output"
 # Sigma range of hosts that draw sigma uniformly (diffusers); ComfyUI follows the receiver's own shift.
 SIGMA_RANGE = (0.05, 0.95)
 _OLD_DIFFUSERS_KEY = "c2c_diffusers_training_sample"
@@ -190,9 +193,9 @@ def _layout_v1(path: Path, meta: dict, writer: str) -> _Layout:
                 f"expected exactly 1. Do not combine or area-split the conditioning you save for training.")
         entry, prefix = entries[0], f"{role}.0"
         try:
-            found = (["cross_attn"] if entry["cross_attn"] else []) + list(entry["tensors"])
+            found = ([CROSS_ATTN] if entry["cross_attn"] else []) + list(entry["tensors"])
             found += [f"{key}.{i}" for key, n in entry["tensor_lists"].items() for i in range(int(n))]
-            found += ["clip_vision_output"] if entry["clip_vision_output"] else []
+            found += [CLIP_VISION] if entry["clip_vision_output"] else []
             if not isinstance(entry["values"], dict):
                 raise TypeError("values")
         except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from c2c_core.samples import SIGMA_RANGE, Conditioning, SampleDraws, SampleHost, TrainingSet, save_sample
+from c2c_core.samples import (CLIP_VISION, CROSS_ATTN, SIGMA_RANGE, Conditioning, SampleDraws, SampleHost, TrainingSet,
+                              save_sample)
 
 from .errors import BridgeSetupError
 from .live import LiveSharer, SharerInputs
@@ -82,9 +83,9 @@ def bridged_velocity(bridge, receiver):
 # Sample files (c2c_core.samples): diffusers tensors <-> a sample's named conditioning tensors
 # ------------------------------------------------------------------------------------------------
 def _conditioning(prompt_embeds: Tensor, image_embeds: Optional[Tensor], condition: Optional[Tensor]) -> Conditioning:
-    """Text embeddings as ``cross_attn`` and image-encoder features as ``clip_vision_output`` (the names ComfyUI's
-    samples use for the same tensors); the I2V image latents (mask + latent, model space) as ``condition``."""
-    named = {"cross_attn": prompt_embeds, "clip_vision_output": image_embeds, "condition": condition}
+    """Text embeddings and image-encoder features under the names both hosts use (CROSS_ATTN, CLIP_VISION); the
+    I2V image latents (mask + latent, model space, diffusers' own) as ``condition``."""
+    named = {CROSS_ATTN: prompt_embeds, CLIP_VISION: image_embeds, "condition": condition}
     return Conditioning({name: t for name, t in named.items() if t is not None})
 
 
@@ -118,10 +119,10 @@ def sample_batches(dataset: TrainingSet, seed: int = 0, device="cpu", sigma_rang
         sample = dataset[draw.index]
         r, s = (sample.roles[role].tensors for role in ("receiver_positive", "sharer_positive"))
         on = lambda t: None if t is None else t.to(device)  # noqa: E731
-        sharer = SharerInputs(on(s["cross_attn"]), image_embeds=on(s.get("clip_vision_output")),
+        sharer = SharerInputs(on(s[CROSS_ATTN]), image_embeds=on(s.get(CLIP_VISION)),
                               condition=on(s.get("condition")))
         return TrainingBatch(x0=on(sample.latent), noise=on(draw.noise), sigma=lo + (hi - lo) * draw.t,
-                             prompt_embeds=on(r["cross_attn"]), sharer=sharer,
+                             prompt_embeds=on(r[CROSS_ATTN]), sharer=sharer,
                              receiver_condition=on(r.get("condition")),
-                             receiver_image_embeds=on(r.get("clip_vision_output")))
+                             receiver_image_embeds=on(r.get(CLIP_VISION)))
     return batches
