@@ -228,7 +228,7 @@ def save_model(patcher, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 def eval_batches(training, pair, videos, classes, texts, seed: int, batch: int = 16):
     """Fixed held-out TrainBatches: every video at every noise level of EVAL_T, same noise for every method."""
-    ms = pair.model_sampling
+    ms = pair.receiver.get_model_object("model_sampling")
     latents = pair.receiver.model.process_latent_out(videos)
     g = torch.Generator().manual_seed(seed)
     out = []
