@@ -415,13 +415,13 @@ def load_device(patcher):
 
 
 def process_latent_in(patcher, latent: torch.Tensor) -> torch.Tensor:
-    """A latent as VAE Encode gives it -> the model's latent space (what the diffusion model denoises)."""
+    """A start latent in the model's own scale, as sampling hands it over."""
     return patcher.model.process_latent_in(latent)
 
 
-def percent_to_sigma(patcher, percent: float) -> float:
-    """The model's sigma at ``percent`` of its schedule (its ModelSamplingSD3 shift included)."""
-    return float(patcher.get_model_object("model_sampling").percent_to_sigma(percent))
+def percent_to_sigma(patcher) -> Callable[[float], float]:
+    """The model's sigma-percent conversion (percent -> sigma), as ControlNet, hooks and EasyCache count."""
+    return patcher.get_model_object("model_sampling").percent_to_sigma
 
 
 def processed_model_conds(patcher, conditioning, x0: torch.Tensor, prompt_type: str, device) -> list:
@@ -463,7 +463,7 @@ def loaded_for_run(patchers):
     for p in patchers:
         if all(p.model is not q.model for q in distinct):
             distinct.append(p)
-    model_management.load_models_gpu(distinct)
+    load_models_gpu(distinct)
     for p in distinct:
         p.pre_run()
     try:

@@ -218,7 +218,7 @@ class SampleBatches:
         pair = self.pair
         sample: TrainingSample = self.dataset[draw.index]
         x0 = compat.process_latent_in(pair.receiver, sample.latent.float())
-        sigma = compat.percent_to_sigma(pair.receiver, 1.0 - draw.t)
+        sigma = float(compat.percent_to_sigma(pair.receiver)(1.0 - draw.t))
         which = "negative" if draw.negative else "positive"
         try:
             receiver = encode_conditioning(pair.receiver, conditioning(sample.roles[f"receiver_{which}"]), x0, which,
