@@ -402,3 +402,97 @@ def check_rope_gradient(device=None) -> None:
             f"gradient {switch} ({reason}); projector training backpropagates through it. Fix: run training on a "
             "ComfyUI whose RoPE is differentiable in training mode (see the README's supported hosts), or train "
             "with tools/train_projector.py against such a ComfyUI (COMFYUI_PATH).")
+
+
+# ------------------------------------------------------------------------------------------------
+# The training pair (c2c_comfy/training.py): everything it reaches on patchers, models and conds
+# ------------------------------------------------------------------------------------------------
+_RAW_OUTPUT_KEY = "dit_cache_bridge.training"
+
+
+def load_device(patcher):
+    return patcher.load_device
+
+
+def process_latent_in(patcher, latent: torch.Tensor) -> torch.Tensor:
+    """A start latent in the model's own scale, as sampling hands it over."""
+    return patcher.model.process_latent_in(latent)
+
+
+def percent_to_sigma(patcher) -> Callable[[float], float]:
+    """The model's sigma-percent conversion (percent -> sigma), as ControlNet, hooks and EasyCache count."""
+    return patcher.get_model_object("model_sampling").percent_to_sigma
+
+
+def processed_model_conds(patcher, conditioning, x0: torch.Tensor, prompt_type: str, device) -> list:
+    """CONDITIONING -> per entry the model's conds ({name: COND}) for latent x0, processed for its batch."""
+    return [{k: c.process_cond(batch_size=x0.shape[0], area=None) for k, c in entry["model_conds"].items()}
+            for entry in encode_model_conds(patcher, conditioning, x0, prompt_type, device)]
+
+
+def conds_concatenable(a: dict, b: dict) -> bool:
+    """Whether two processed cond dicts of one model can run as one batch."""
+    return a.keys() == b.keys() and all(a[k].can_concat(b[k]) for k in a)
+
+
+def _fresh_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Weight wrapper: a normal copy of an inference-mode weight, so autograd may save it."""
+    return weight.clone() if weight.is_inference() else weight
+
+
+def fresh_weights_per_forward(patcher) -> bool:
+    """On a (cloned) patcher whose model holds inference tensors (loaded inside a prompt, which ComfyUI runs
+    under ``torch.inference_mode``), hand every layer a normal copy of its weight per forward through
+    ComfyUI's weight wrappers, so a backward pass may go through it (ComfyUI's own LoRA trainer pays the
+    same). Returns whether wrappers were added."""
+    if not any(p.is_inference() for p in patcher.model.diffusion_model.parameters()):
+        return False
+    for name, module in patcher.model.named_modules():
+        if hasattr(module, "weight_function"):
+            for attr in ("weight", "bias"):
+                if getattr(module, attr, None) is not None:
+                    patcher.add_weight_wrapper(f"{name}.{attr}", _fresh_weight)
+    return True
+
+
+@contextlib.contextmanager
+def loaded_for_run(patchers):
+    """Load ``patchers`` the ComfyUI way (one copy of a model they share) and run their ``pre_run`` and
+    ``cleanup`` around the block, as a sampler does; yields their torch modules."""
+    distinct = []
+    for p in patchers:
+        if all(p.model is not q.model for q in distinct):
+            distinct.append(p)
+    load_models_gpu(distinct)
+    for p in distinct:
+        p.pre_run()
+    try:
+        yield [p.model for p in distinct]
+    finally:
+        for p in distinct:
+            p.cleanup()
+
+
+def diffusion_model_output(patcher, x: torch.Tensor, sigma: torch.Tensor, conds: dict, cond_or_uncond: list):
+    """One ``apply_model`` call as a sampler makes it (the patcher's wrappers and transformer_options,
+    ``cond_or_uncond``, per-row sigmas), returning the diffusion model's raw output (Wan: the flow velocity)
+    instead of the denoised latent, which would divide by a small sigma. Exceptions from hooks propagate."""
+    import comfy.patcher_extension
+
+    raw = {}
+
+    def keep_raw(executor, *args, **kwargs):
+        raw["out"] = executor(*args, **kwargs)
+        return raw["out"]
+
+    options = dict(patcher.model_options.get("transformer_options", {}))
+    wrappers = {kind: {key: list(fns) for key, fns in table.items()}
+                for kind, table in options.get("wrappers", {}).items()}
+    for kind, table in patcher.wrappers.items():
+        for key, fns in table.items():
+            wrappers.setdefault(kind, {}).setdefault(key, []).extend(fns)
+    wrappers.setdefault(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})[_RAW_OUTPUT_KEY] = [keep_raw]
+    options.update(wrappers=wrappers, cond_or_uncond=list(cond_or_uncond), sigmas=sigma,
+                   uuids=[None] * len(cond_or_uncond))
+    patcher.model.apply_model(x, sigma, **conds, transformer_options=options)
+    return raw["out"]

@@ -27,11 +27,12 @@ from .projectors import ProjectorBank
 from .tensorfile import load_tensors, read_header, read_meta, remove_stale_temp_files, save_tensors_with_meta
 
 __all__ = ["TRAINER_STATE_KEY", "STATE_FORMAT_VERSION", "Checkpoint", "save_checkpoint", "find_checkpoint", "load_checkpoint",
-           "prune_checkpoints"]
+           "prune_checkpoints", "has_checkpoint", "clear_checkpoints"]
 
 TRAINER_STATE_KEY = "c2c_trainer_state"
 STATE_FORMAT_VERSION = 1
 _STATE_NAME = re.compile(r"^step_(\d{6,})\.state\.safetensors$")
+_CHECKPOINT_NAME = re.compile(r"^step_\d{6,}(\.state)?\.safetensors$")
 
 
 def _paths(directory: Path, step: int) -> tuple[Path, Path]:
@@ -127,6 +128,24 @@ def find_checkpoint(resume: str | Path) -> Path:
     if not state.is_file():
         raise ResumeError(f"{state}: trainer state not found; a bundle alone cannot resume training (optimizer state is missing).")
     return state
+
+
+def has_checkpoint(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a checkpoint a run could resume from."""
+    try:
+        find_checkpoint(folder)
+        return True
+    except ResumeError:
+        return False
+
+
+def clear_checkpoints(folder: str | Path) -> None:
+    """Remove the step_NNNNNN[.state].safetensors files a trainer wrote there (and nothing else)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if _CHECKPOINT_NAME.match(p.name):
+                p.unlink()
 
 
 @dataclass

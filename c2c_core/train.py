@@ -1,4 +1,4 @@
-"""Projector training loop over caller-supplied callables (no ComfyUI, no dataset format).
+"""Projector training loop over caller-supplied callables (no host, no dataset format).
 
 As in Cache-to-Cache (C2C), both models stay frozen and only the bank learns, with the receiver's own
 objective. The caller supplies ``batches(step) -> batch`` (deterministic in ``step``) and
@@ -9,28 +9,40 @@ Determinism: a fresh run seeds torch's global RNG with ``config.seed`` (this cha
 global RNG); the LR and Gumbel temperature are pure functions of the step; checkpoints store the
 optimizer state and RNG states, so an interrupted run resumed from its checkpoint ends with the
 same weights, bit for bit, as an uninterrupted one (tests/core/test_train.py).
+
+:func:`run_training` is ``train_bank`` with what every front end adds around it (the node, both command
+lines): the checkpoint folder's resume/restart policy and data parallelism under torchrun
+(:class:`DataParallel`: same start weights on every rank, gradients averaged, rank 0 writes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import clear_checkpoints, has_checkpoint, load_checkpoint, save_checkpoint
 from .errors import C2CError, ResumeError, TrainError
 from .mapping import LayerMap
 from .projectors import ProjectorBank
 
 __all__ = [
     "TrainConfig",
+    "TrainSettings",
     "TrainResult",
     "train_bank",
+    "run_training",
+    "DataParallel",
+    "trainable_copy",
+    "provenance",
     "velocity_loss",
     "distill_loss",
     "kv_loss",
@@ -119,10 +131,27 @@ class TrainConfig:
 
 
 @dataclass
+class TrainSettings(TrainConfig):
+    """TrainConfig plus what feeding a host's training pair needs: samples per step (per process) and the
+    share of items that train on the negative conditioning."""
+    batch_size: int = 1
+    negative_share: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise TrainError(f"TrainConfig.batch_size={self.batch_size!r}; expected an integer >= 1.")
+        if isinstance(self.negative_share, bool) or not isinstance(self.negative_share, (int, float)) \
+                or not 0.0 <= self.negative_share <= 1.0:
+            raise TrainError(f"TrainConfig.negative_share={self.negative_share!r}; expected a number in [0, 1].")
+
+
+@dataclass
 class TrainResult:
     losses: list[float]
     bank: ProjectorBank
     last_checkpoint: Optional[str] = None
+    resumed_at: int = 0
 
 
 def train_bank(
@@ -197,6 +226,114 @@ def train_bank(
     finally:
         bank.eval()
     return TrainResult(losses=losses, bank=bank, last_checkpoint=last_checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------
+# front ends: data parallelism, checkpoint-folder policy, a fresh trainable bank
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place under torchrun (rank 0 of 1 without it): same weights on every rank, gradients averaged."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> "DataParallel":
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def broadcast(self, bank: ProjectorBank) -> None:
+        """Every rank starts from rank 0's weights."""
+        if self.active:
+            with torch.no_grad():
+                for tensor in list(bank.parameters()) + list(bank.buffers()):
+                    dist.broadcast(tensor, 0)
+
+    def reduce_grads(self, params: list[Tensor]) -> None:
+        """Average gradients over ranks in one flat all-reduce (fixed order: identical on every rank)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+
+def trainable_copy(bundle) -> ProjectorBank:
+    """A fresh float32 bank with the bundle's weights (inference-mode tensors from a node become normal ones)."""
+    bank = bundle.bank
+    with torch.inference_mode(False):
+        fresh = ProjectorBank.build(bank.kind, bank.sharer, bank.receiver, bank.layers, **bank.hparams)
+        with torch.no_grad():
+            fresh.load_state_dict({k: v.detach().clone().float() for k, v in bank.state_dict().items()})
+    return fresh.float()
+
+
+def run_training(
+    bank: ProjectorBank,
+    layer_map: LayerMap,
+    batches: Callable[[int], Any],
+    loss_fn: Callable[[ProjectorBank, Any], Tensor],
+    config: TrainConfig,
+    *,
+    checkpoint_dir=None,
+    resume: bool = True,
+    progress: Optional[Callable[[int, int, float], None]] = None,
+    parallel: Optional[DataParallel] = None,
+) -> TrainResult:
+    """:func:`train_bank` as the front ends run it; ``result.resumed_at`` is the step a resumed run began at.
+
+    Checkpoints go to ``checkpoint_dir`` (default ``config.checkpoint_dir``) every ``config.checkpoint_every``
+    steps, from rank 0 only. With ``resume`` the run continues from the latest checkpoint there (same
+    settings required); without, rank 0 deletes that folder's checkpoints first. ``progress(done, total,
+    loss)`` runs after every step (raise from it to stop: the checkpoints stay). Under torchrun every rank
+    calls this with the same arguments and its own ``batches``; rank 0's start weights are broadcast and
+    gradients are averaged.
+    """
+    parallel = parallel or DataParallel.current()
+    parallel.broadcast(bank)
+    writer = parallel.rank == 0
+    checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else config.checkpoint_dir
+    keeps = writer and checkpoint_dir is not None
+    config = dataclasses.replace(config, checkpoint_dir=str(checkpoint_dir) if keeps else None,
+                                 checkpoint_every=config.checkpoint_every if keeps else 0)
+    resume_from = None
+    if checkpoint_dir is not None:
+        if not resume and writer:
+            clear_checkpoints(checkpoint_dir)
+        if parallel.active:
+            dist.barrier()
+        if resume and has_checkpoint(checkpoint_dir):
+            resume_from = str(checkpoint_dir)
+    ran = [0]
+
+    def on_step(done, value):
+        ran[0] += 1
+        if progress is not None:
+            progress(done, config.steps, value)
+
+    result = train_bank(bank, layer_map, batches, loss_fn, config, resume=resume_from, progress=on_step,
+                        reduce_grads=parallel.reduce_grads if parallel.active else None)
+    result.resumed_at = len(result.losses) - ran[0]
+    return result
+
+
+def provenance(tool: str, config: TrainConfig, result: TrainResult, samples: int, processes: int = 1) -> dict:
+    """What a trained bundle records about its training run."""
+    return {"tool": tool, "loss": config.loss, "steps": config.steps,
+            "batch_size": getattr(config, "batch_size", 1), "lr": config.lr, "seed": config.seed,
+            "final_loss": result.losses[-1] if result.losses else None, "samples": samples,
+            "processes": processes, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Both transformers stay frozen; only the bank learns, with the receiver's flow-ma
 bridged receiver's velocity at x_t = (1 − σ)·x0 + σ·noise against noise − x0. The bridge fuses through
 ``FusionRun`` exactly as at inference, in a training session (``Bridge.session(training=True)``): the bank
 is always used in place (float32 master weights also for a bf16 receiver; never a placed copy that
-gradients would not reach), so what is trained is what runs.
+gradients would not reach), so what is trained is what runs. Sample files and their seeded draws are
+``c2c_core.samples`` (one format for both hosts); this module converts diffusers tensors to and from them.
 
     bridge = Bridge(bundle, LiveSharer(sharer, inputs)).attach(receiver)
     result = train_bank(bundle.bank, bundle.layer_map, batches, velocity_loss(bridged_velocity(bridge, receiver)),
@@ -12,7 +13,6 @@ gradients would not reach), so what is trained is what runs.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,15 +20,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from c2c_core.tensorfile import load_tensors, read_header, read_meta, save_tensors_with_meta
+from c2c_core.samples import (CLIP_VISION, CROSS_ATTN, SIGMA_RANGE, Conditioning, SampleDraws, SampleHost, TrainingSet,
+                              save_sample)
 
 from .errors import BridgeSetupError
 from .live import LiveSharer, SharerInputs
 
-__all__ = ["TrainingBatch", "bridged_velocity", "save_training_sample", "TrainingSet", "sample_batches"]
+__all__ = ["TrainingBatch", "bridged_velocity", "save_training_sample", "open_training_set", "sample_batches"]
 
-SAMPLE_KEY = "c2c_diffusers_training_sample"
-SAMPLE_VERSION = 1
+SAMPLES = SampleHost("diffusers", ("receiver_positive", "sharer_positive"), "c2c_diffusers.training.save_training_sample")
 
 
 @dataclass
@@ -80,82 +80,49 @@ def bridged_velocity(bridge, receiver):
 
 
 # ------------------------------------------------------------------------------------------------
-# Sample files: one .safetensors per clean latent with both models' conditioning; nothing pickled
+# Sample files (c2c_core.samples): diffusers tensors <-> a sample's named conditioning tensors
 # ------------------------------------------------------------------------------------------------
-def save_training_sample(path, x0: Tensor, prompt_embeds: Tensor, sharer: SharerInputs,
+def _conditioning(prompt_embeds: Tensor, image_embeds: Optional[Tensor], condition: Optional[Tensor]) -> Conditioning:
+    """Text embeddings and image-encoder features under the names both hosts use (CROSS_ATTN, CLIP_VISION); the
+    I2V image latents (mask + latent, model space, diffusers' own) as ``condition``."""
+    named = {CROSS_ATTN: prompt_embeds, CLIP_VISION: image_embeds, "condition": condition}
+    return Conditioning({name: t for name, t in named.items() if t is not None})
+
+
+def save_training_sample(folder, x0: Tensor, prompt_embeds: Tensor, sharer: SharerInputs,
                          receiver_condition: Optional[Tensor] = None,
                          receiver_image_embeds: Optional[Tensor] = None) -> Path:
-    """Write one training sample: the clean latent x0 (1, 16, T, H, W, as the pipeline's latents are) and the
-    conditioning of both models (the sharer's "cond" branch)."""
-    tensors = {"x0": x0, "prompt_embeds": prompt_embeds, "sharer_prompt_embeds": sharer.prompt_embeds}
-    optional = {"receiver_condition": receiver_condition, "receiver_image_embeds": receiver_image_embeds,
-                "sharer_image_embeds": sharer.image_embeds, "sharer_condition": sharer.condition}
-    tensors.update({k: v for k, v in optional.items() if v is not None})
+    """Write one training sample into ``folder`` as the next ``sample_NNNNN.safetensors`` (never replacing a file):
+    the clean latent x0 (1, 16, T, H, W, as the pipeline's latents are) and the conditioning of both models
+    (the sharer's "cond" branch). Returns the path."""
     if x0.dim() != 5 or x0.shape[0] != 1:
         raise BridgeSetupError(f"x0 has shape {tuple(x0.shape)}; expected one video latent (1, C, T, H, W).")
-    save_tensors_with_meta(path, {k: v.float() for k, v in tensors.items()},
-                           {"format_version": SAMPLE_VERSION, "tensors": sorted(tensors)}, SAMPLE_KEY)
-    return Path(path)
+    return save_sample(folder, SAMPLES, x0, {
+        "receiver_positive": _conditioning(prompt_embeds, receiver_image_embeds, receiver_condition),
+        "sharer_positive": _conditioning(sharer.prompt_embeds, sharer.image_embeds, sharer.condition)})
 
 
-class TrainingSet:
-    """The sample files of a folder, validated from their headers; tensors are read per step.
-
-    Samples holding NaN/Inf are refused with their index, file and the fix: every x0 when the folder is
-    opened (before any training step), the other tensors when a sample is loaded.
-    """
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self.paths = sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []
-        if not self.paths:
-            raise BridgeSetupError(f"{self.folder}: no .safetensors training samples; expected files written by "
-                                   f"c2c_diffusers.training.save_training_sample.")
-        for path in self.paths:
-            meta = read_meta(path, SAMPLE_KEY)
-            _, entries = read_header(path)
-            if meta.get("format_version") != SAMPLE_VERSION or sorted(entries) != sorted(meta.get("tensors", [])):
-                raise BridgeSetupError(f"{path}: not a version-{SAMPLE_VERSION} training sample with the tensors its "
-                                       f"metadata lists; re-write it with save_training_sample.")
-        for index, path in enumerate(self.paths):
-            self._check_finite(index, load_tensors(path, ["x0"]))
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, index: int, device="cpu") -> dict:
-        path = self.paths[index]
-        _, entries = read_header(path)
-        return self._check_finite(index, load_tensors(path, list(entries), device=device))
-
-    def _check_finite(self, index: int, tensors: dict) -> dict:
-        bad = [name for name, t in sorted(tensors.items()) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            name = self.paths[index].name
-            raise BridgeSetupError(f"training sample index {index} ({name}): {', '.join(bad)} hold NaN or Inf values; "
-                                   f"expected finite values. Delete {name} from {self.folder} or write it again with "
-                                   f"save_training_sample from finite latents and embeddings.")
-        return tensors
+def open_training_set(folder) -> TrainingSet:
+    """The samples ``save_training_sample`` wrote into ``folder``, validated from their headers (every x0
+    checked for NaN/Inf now; the other tensors when a sample is loaded)."""
+    return TrainingSet.open(folder, SAMPLES)
 
 
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def sample_batches(dataset: TrainingSet, seed: int = 0, device="cpu", sigma_range=(0.05, 0.95)):
-    """``batches(step) -> TrainingBatch``, deterministic in (seed, step): sample, noise and sigma are drawn
-    from a generator seeded by both, so a resumed run sees the same batches."""
+def sample_batches(dataset: TrainingSet, seed: int = 0, device="cpu", sigma_range=SIGMA_RANGE):
+    """``batches(step) -> TrainingBatch``: one sample per step, drawn by ``c2c_core.samples.SampleDraws`` (a pure
+    function of seed and step: a resumed run sees the same batches); sigma uniform in ``sigma_range``."""
     lo, hi = sigma_range
+    draws = SampleDraws(dataset, seed)
 
     def batches(step: int) -> TrainingBatch:
-        g = torch.Generator().manual_seed(_seed(seed, step))
-        index = int(torch.randint(len(dataset), (1,), generator=g))
-        t = dataset.load(index, device)
-        noise = torch.randn(t["x0"].shape, generator=g).to(device)
-        sigma = lo + (hi - lo) * float(torch.rand((), generator=g))
-        sharer = SharerInputs(t["sharer_prompt_embeds"], image_embeds=t.get("sharer_image_embeds"),
-                              condition=t.get("sharer_condition"))
-        return TrainingBatch(x0=t["x0"], noise=noise, sigma=sigma, prompt_embeds=t["prompt_embeds"], sharer=sharer,
-                             receiver_condition=t.get("receiver_condition"),
-                             receiver_image_embeds=t.get("receiver_image_embeds"))
+        (draw,) = draws(step)
+        sample = dataset[draw.index]
+        r, s = (sample.roles[role].tensors for role in ("receiver_positive", "sharer_positive"))
+        on = lambda t: None if t is None else t.to(device)  # noqa: E731
+        sharer = SharerInputs(on(s[CROSS_ATTN]), image_embeds=on(s.get(CLIP_VISION)),
+                              condition=on(s.get("condition")))
+        return TrainingBatch(x0=on(sample.latent), noise=on(draw.noise), sigma=lo + (hi - lo) * draw.t,
+                             prompt_embeds=on(r[CROSS_ATTN]), sharer=sharer,
+                             receiver_condition=on(r.get("condition")),
+                             receiver_image_embeds=on(r.get(CLIP_VISION)))
     return batches

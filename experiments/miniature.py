@@ -228,7 +228,7 @@ def save_model(patcher, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 def eval_batches(training, pair, videos, classes, texts, seed: int, batch: int = 16):
     """Fixed held-out TrainBatches: every video at every noise level of EVAL_T, same noise for every method."""
-    ms = pair.model_sampling
+    ms = pair.receiver.get_model_object("model_sampling")
     latents = pair.receiver.model.process_latent_out(videos)
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -249,8 +249,10 @@ def eval_batches(training, pair, videos, classes, texts, seed: int, batch: int =
 
 def velocity_mse(training, sharer, receiver, bundle, videos, classes, texts, seed, strength=1.0, use_sharer=False):
     """Mean velocity MSE over EVAL_T (and per t) of the bridged receiver (or the sharer itself)."""
+    from dit_cache_bridge.c2c_core.train import trainable_copy
+
     with torch.inference_mode(False), torch.no_grad():
-        bank = training.trainable_copy(bundle).eval()
+        bank = trainable_copy(bundle).eval()
         pair = training.TrainingPair(sharer, receiver, bank, bundle.layer_map, strength)
         per_t: dict[float, list[float]] = {}
         with pair.session():
@@ -308,17 +310,17 @@ def save_samples(training, receiver, videos, classes, texts, folder: Path):
     for start in range(0, videos.shape[0], 64):
         sl = slice(start, start + 64)
         training.save_training_samples(folder, latents[sl], conditionings(latents[sl], classes[sl], texts))
-    return training.TrainingSet.open(folder)
+    return training.open_training_set(folder)
 
 
 def train_and_save_projector(training, sharer, receiver, fresh, dataset, settings: Settings, seed: int, path: Path):
     """Train ``fresh`` (a projector bundle) with the pack's trainer, velocity loss; save it to ``path``."""
     from dit_cache_bridge.c2c_core import save_bundle
+    from dit_cache_bridge.c2c_core.train import TrainSettings
 
-    train_settings = training.TrainSettings(loss="velocity", steps=settings.projector_steps,
-                                            batch_size=settings.projector_batch, lr=settings.projector_lr,
-                                            warmup_steps=min(20, settings.projector_steps // 5),
-                                            checkpoint_every=0, seed=seed, negative_share=0.0)
+    train_settings = TrainSettings(loss="velocity", steps=settings.projector_steps, batch_size=settings.projector_batch,
+                                   lr=settings.projector_lr, warmup_steps=min(20, settings.projector_steps // 5),
+                                   checkpoint_every=0, seed=seed, negative_share=0.0)
     outcome = training.train_projector(sharer, receiver, fresh, dataset, train_settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_bundle(path, outcome.bundle.bank, outcome.bundle.layer_map, outcome.bundle.provenance)

@@ -1,7 +1,8 @@
 """Save C2C Training Sample and Train C2C Projector: collect data in a workflow, then train a projector on it.
 
-Both nodes are thin: files, folders and messages here; the sample format and the training loop in
-``training.py`` (shared with tools/train_projector.py).
+Both nodes are thin: files, folders, messages and the loss plot here; the CONDITIONING conversion and the
+bridged training forward in ``c2c_comfy/training.py`` (shared with tools/train_projector.py), the sample
+format and the loop in c2c_core (``samples.py``, ``train.py``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 from comfy_api.latest import io
 
 from ..c2c_core import DECAYS, LOSS_KINDS, C2CError, ResumeError
+from ..c2c_core.samples import TrainingDataError
+from ..c2c_core.train import TrainSettings
 from ..c2c_comfy import compat, paths, training
 from ..c2c_comfy.errors import BridgeInputError, check
 from ..c2c_comfy.validate import check_inputs
@@ -204,9 +207,9 @@ class TrainC2CProjector(io.ComfyNode):
         data_name = _checked_name(node, "dataset", dataset, "folder name")
         out_name = _checked_name(node, "output_name", output_name, "file name")
         try:
-            data = training.TrainingSet.open(samples_root() / data_name)
-        except training.TrainingDataError as e:
-            raise BridgeInputError(node, "dataset", str(e), e.expected or "a folder of samples written by Save C2C "
+            data = training.open_training_set(samples_root() / data_name)
+        except TrainingDataError as e:
+            raise BridgeInputError(node, "dataset", e.found, e.expected or "a folder of samples written by Save C2C "
                                    "Training Sample", e.fix or f"save samples into output/{training.SAMPLES_SUBFOLDER}/"
                                    f"{data_name}/ first, or pick the folder you saved them to") from e
         folder = samples_root() / "checkpoints" / out_name
@@ -217,16 +220,15 @@ class TrainC2CProjector(io.ComfyNode):
             compat.throw_if_interrupted()
 
         try:
-            settings = training.TrainSettings(loss=loss, steps=steps, batch_size=batch_size, lr=learning_rate,
+            settings = TrainSettings(loss=loss, steps=steps, batch_size=batch_size, lr=learning_rate,
                                               warmup_steps=warmup_steps, decay=schedule,
                                               checkpoint_every=checkpoint_every, checkpoint_dir=folder, seed=seed,
                                               negative_share=negative_share)
             outcome = training.train_projector(
                 sharer, receiver, projector, data, settings, resume=resume,
-                output_path=Path(projector_folder()) / f"{out_name}.safetensors",
-                plot_path=samples_root() / f"{out_name}_loss.png", progress=progress)
-        except training.TrainingDataError as e:
-            raise BridgeInputError(node, "dataset", str(e), e.expected or "samples that fit both models",
+                output_path=Path(projector_folder()) / f"{out_name}.safetensors", progress=progress)
+        except TrainingDataError as e:
+            raise BridgeInputError(node, "dataset", e.found, e.expected or "samples that fit both models",
                                    e.fix or "re-save the samples with Save C2C Training Sample for this pair") from e
         except ResumeError as e:    # a checkpoint made with other settings
             raise BridgeInputError(node, "resume", str(e), "settings that match the checkpoint being resumed",
@@ -236,7 +238,9 @@ class TrainC2CProjector(io.ComfyNode):
             field = re.search(r"TrainConfig\.(\w+)", str(e))
             input_name = _CONFIG_INPUTS.get(field.group(1), "steps") if field else "projector"
             raise BridgeInputError(node, input_name, str(e), "a valid training setting", "change that input") from e
-        return io.NodeOutput(outcome.bundle, outcome.plot)
+        plot = loss_plot(outcome.losses, f"{loss} loss, {outcome.bundle.bank.kind} projector")
+        write_png(plot, samples_root() / f"{out_name}_loss.png")
+        return io.NodeOutput(outcome.bundle, plot)
 
 
 def projector_folder() -> str:
@@ -244,3 +248,45 @@ def projector_folder() -> str:
     folder = folder_paths.get_folder_paths(paths.FOLDER)[0]
     os.makedirs(folder, exist_ok=True)
     return folder
+
+
+def loss_plot(losses: list[float], title: str = "loss") -> torch.Tensor:
+    """The loss curve as a ComfyUI IMAGE (1, H, W, 3) float in [0, 1]: raw per-step loss and a moving mean."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    import numpy as np
+
+    fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    steps = np.arange(1, len(losses) + 1)
+    values = np.asarray(losses, dtype=np.float64)
+    if len(values):
+        ax.plot(steps, values, color="#9db4d6", linewidth=0.8, label="per step")
+        window = max(1, len(values) // 20)
+        if window > 1:
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(steps[window - 1:], smooth, color="#1f4e99", linewidth=1.6, label=f"mean of {window}")
+        if (values > 0).all():
+            ax.set_yscale("log")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.canvas.draw()
+    rgba = np.asarray(fig.canvas.buffer_rgba())
+    return torch.from_numpy(rgba[..., :3].astype(np.float32) / 255.0).unsqueeze(0)
+
+
+def write_png(image: torch.Tensor, path) -> Path:
+    """An IMAGE (1, H, W, 3) as a PNG file (its folder created); returns the path."""
+    from PIL import Image
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(array).save(path)
+    return path

@@ -159,22 +159,24 @@ def main(argv=None) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
         training, nodes = import_pack()
+        core = importlib.import_module(f"{PACK_NAME}.c2c_core")
+        samples, train, checkpoint = (importlib.import_module(f"{PACK_NAME}.c2c_core.{m}")
+                                      for m in ("samples", "train", "checkpoint"))
         try:
-            dataset = training.TrainingSet.open(args.dataset)
-        except training.TrainingDataError as e:
+            dataset = training.open_training_set(args.dataset)
+        except samples.TrainingDataError as e:
             raise SystemExit(f"--dataset: {e}") from None
-        if not args.resume and not args.restart and training.has_checkpoint(args.checkpoint_dir):
+        if not args.resume and not args.restart and checkpoint.has_checkpoint(args.checkpoint_dir):
             raise SystemExit(f"{args.checkpoint_dir} holds checkpoints of an earlier run; pass --resume to continue "
                              f"it or --restart to delete them and start over.")
-        refused = (importlib.import_module(f"{PACK_NAME}.c2c_core").C2CError,
-                   importlib.import_module(f"{PACK_NAME}.c2c_comfy.errors").BridgeInputError)
+        refused = (core.C2CError, importlib.import_module(f"{PACK_NAME}.c2c_comfy.errors").BridgeInputError)
         try:        # the pack's own lists and checks (c2c_core, Create C2C Projector), before any model loads
-            settings = training.TrainSettings(loss=args.loss, steps=args.steps, batch_size=args.batch_size,
-                                              lr=args.lr, warmup_steps=args.warmup, decay=args.schedule,
-                                              checkpoint_every=args.checkpoint_every,
-                                              checkpoint_dir=args.checkpoint_dir, seed=args.seed,
-                                              negative_share=args.negative_share, weight_decay=args.weight_decay,
-                                              grad_clip=args.grad_clip)
+            settings = train.TrainSettings(loss=args.loss, steps=args.steps, batch_size=args.batch_size,
+                                           lr=args.lr, warmup_steps=args.warmup, decay=args.schedule,
+                                           checkpoint_every=args.checkpoint_every,
+                                           checkpoint_dir=args.checkpoint_dir, seed=args.seed,
+                                           negative_share=args.negative_share, weight_decay=args.weight_decay,
+                                           grad_clip=args.grad_clip)
             sharer, receiver = load_models(args)
             projector = make_projector(args, nodes, sharer, receiver)
         except refused as e:
@@ -195,7 +197,10 @@ def main(argv=None) -> int:
                 say(f"[train_projector] step {done}/{total} loss {loss:.5f} ({rate:.2f} s/step)", flush=True)
 
         outcome = training.train_projector(sharer, receiver, projector, dataset, settings, resume=not args.restart,
-                                           output_path=args.out, plot_path=args.plot, progress=progress)
+                                           output_path=args.out, progress=progress)
+        if rank == 0:
+            plot = nodes.train.loss_plot(outcome.losses, f"{args.loss} loss, {outcome.bundle.bank.kind} projector")
+            nodes.train.write_png(plot, args.plot)
         digest = weights_digest(outcome.bundle.bank)
         if world > 1:
             digests = [None] * world

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Train a C2C projector for a Wan-family sharer -> receiver pair with diffusers models.
 
-The same trainer as tools/train_projector.py (``c2c_core.train.train_bank``), fed by the diffusers
+The same trainer as tools/train_projector.py (``c2c_core.train.run_training``), fed by the diffusers
 bridge (``c2c_diffusers.training``); the bundle it writes loads in ComfyUI and in diffusers alike. Data:
-a folder of samples written by ``c2c_diffusers.training.save_training_sample`` (clean latent + both
-models' conditioning).
+a folder of samples (``c2c_core.samples``) written by ``c2c_diffusers.training.save_training_sample``
+(clean latent + both models' conditioning).
 
     python tools/train_projector_diffusers.py --receiver Wan2.1-T2V-14B-Diffusers \\
         --sharer ChronoEdit-14B-Diffusers --sharer-class chronoedit --dataset out/diffusers_samples \\
@@ -71,14 +71,20 @@ def main(argv=None) -> int:
 
     import torch
 
-    from c2c_core import C2CError, LayerMap, ProjectorBank, TrainConfig, save_bundle, train_bank, velocity_loss
+    from c2c_core import C2CError, LayerMap, ProjectorBank, TrainConfig, save_bundle, velocity_loss
     from c2c_core.bundle import ProjectorBundle
+    from c2c_core.checkpoint import has_checkpoint
+    from c2c_core.train import provenance, run_training
     from c2c_diffusers import Bridge, BridgeSetupError, LiveSharer, models
-    from c2c_diffusers.training import TrainingSet, bridged_velocity, sample_batches
+    from c2c_diffusers.training import bridged_velocity, open_training_set, sample_batches
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     try:
-        dataset = TrainingSet(args.dataset)
+        dataset = open_training_set(args.dataset)
+        checkpoints = args.out.parent / (args.out.stem + "_checkpoints")
+        if not args.resume and has_checkpoint(checkpoints):
+            parser.error(f"{checkpoints} holds checkpoints of an earlier run; pass --resume to continue it or "
+                         f"delete them to start over.")
         receiver = load_transformer(args.receiver, args.receiver_class, dtype).to(args.device).requires_grad_(False)
         sharer = load_transformer(args.sharer, args.sharer_class, dtype).to(args.device).requires_grad_(False)
         rs, ss = models.signature(receiver, args.receiver.stem), models.signature(sharer, args.sharer.stem)
@@ -88,19 +94,18 @@ def main(argv=None) -> int:
         bundle = ProjectorBundle(bank=bank, layer_map=layer_map, sharer=ss, receiver=rs)
         batches = sample_batches(dataset, seed=args.seed, device=args.device)
         bridge = Bridge(bundle, LiveSharer(sharer, batches(0).sharer)).attach(receiver)
-        checkpoints = args.out.parent / (args.out.stem + "_checkpoints")
         config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
                              checkpoint_every=args.checkpoint_every,
                              checkpoint_dir=str(checkpoints) if args.checkpoint_every or args.resume else None)
         try:
-            result = train_bank(bank, layer_map, batches, velocity_loss(bridged_velocity(bridge, receiver)), config,
-                                resume=str(checkpoints) if args.resume else None,
-                                progress=lambda done, loss: print(f"step {done}/{args.steps} loss {loss:.5f}", flush=True))
+            result = run_training(bank, layer_map, batches, velocity_loss(bridged_velocity(bridge, receiver)), config,
+                                  resume=args.resume,
+                                  progress=lambda done, total, loss: print(f"step {done}/{total} loss {loss:.5f}",
+                                                                           flush=True))
         finally:
             bridge.detach()
-        save_bundle(args.out, bank, layer_map, provenance={"trainer": "tools/train_projector_diffusers.py",
-                                                           "steps": args.steps, "kind": bank.kind,
-                                                           "final_loss": result.losses[-1]})
+        save_bundle(args.out, bank, layer_map,
+                    provenance=provenance("tools/train_projector_diffusers.py", config, result, len(dataset)))
     except (C2CError, BridgeSetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

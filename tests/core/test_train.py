@@ -220,3 +220,66 @@ def test_non_finite_loss_stops_training():
 def test_map_and_bank_must_cover_the_same_layers():
     with pytest.raises(TrainError, match=r"bank layers \[1\] differ from the layer map's \[0, 1\]"):
         train_bank(fresh_bank("full", hidden_dim=4), LayerMap.build("identity", 2, 2), synthetic_batch, kv_loss, TrainConfig(steps=1))
+
+
+# -- run_training: what the front ends add (checkpoint-folder policy, settings) ------------------------
+
+
+def test_run_training_resumes_from_the_folder_and_says_where(tmp_path):
+    from c2c_core.train import run_training
+
+    config = TrainConfig(steps=6, lr=1e-2, checkpoint_every=2, checkpoint_dir=str(tmp_path / "run"), seed=3)
+    straight = run_training(fresh_bank("c2c", hidden_dim=8), LAYER_MAP, synthetic_batch, velocity_loss(predict),
+                            config, checkpoint_dir=tmp_path / "straight")
+    seen = []
+
+    def stop_at_3(done, total, loss):
+        seen.append((done, total))
+        if done == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_training(fresh_bank("c2c", hidden_dim=8), LAYER_MAP, synthetic_batch, velocity_loss(predict), config,
+                     progress=stop_at_3)
+    assert seen == [(1, 6), (2, 6), (3, 6)]
+    resumed = run_training(fresh_bank("c2c", hidden_dim=8), LAYER_MAP, synthetic_batch, velocity_loss(predict), config)
+    assert (straight.resumed_at, resumed.resumed_at) == (0, 2)
+    assert resumed.losses == straight.losses
+    assert all(torch.equal(v, resumed.bank.state_dict()[k]) for k, v in straight.bank.state_dict().items())
+
+
+def test_run_training_without_resume_clears_only_the_checkpoints(tmp_path):
+    from c2c_core.checkpoint import clear_checkpoints, has_checkpoint
+    from c2c_core.train import run_training
+
+    config = TrainConfig(steps=2, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    run_training(fresh_bank("full", hidden_dim=8), LAYER_MAP, synthetic_batch, velocity_loss(predict), config)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert has_checkpoint(tmp_path) and not has_checkpoint(tmp_path / "nowhere")
+    again = run_training(fresh_bank("full", hidden_dim=8), LAYER_MAP, synthetic_batch, velocity_loss(predict), config,
+                         resume=False)
+    assert again.resumed_at == 0 and len(again.losses) == 2
+    clear_checkpoints(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_train_settings_check_what_feeding_needs():
+    from c2c_core.train import TrainSettings
+
+    with pytest.raises(TrainError, match=r"TrainConfig.batch_size=0; expected an integer >= 1"):
+        TrainSettings(steps=2, batch_size=0)
+    with pytest.raises(TrainError, match=r"TrainConfig.negative_share=1.5; expected a number in \[0, 1\]"):
+        TrainSettings(steps=2, negative_share=1.5)
+
+
+def test_trainable_copy_is_a_fresh_float32_bank_with_the_same_weights():
+    from c2c_core.bundle import ProjectorBundle
+    from c2c_core.train import trainable_copy
+
+    bank = fresh_bank("full", hidden_dim=8)
+    with torch.inference_mode():
+        frozen = ProjectorBank.build("full", SHARER, RECEIVER, LAYER_MAP.layers, hidden_dim=8)
+        frozen.load_state_dict(bank.state_dict())
+    copy = trainable_copy(ProjectorBundle(bank=frozen.half(), layer_map=LAYER_MAP, sharer=SHARER, receiver=RECEIVER))
+    assert all(p.dtype == torch.float32 and not p.is_inference() for p in copy.parameters())
+    assert all(torch.equal(v.half().float(), copy.state_dict()[k]) for k, v in bank.state_dict().items())

@@ -96,11 +96,10 @@ def test_cli_trains_from_sample_files_and_writes_a_loadable_bundle(tiny_models, 
     import sys
     from pathlib import Path
 
-    from c2c_diffusers.training import TrainingSet, save_training_sample
+    from c2c_diffusers.training import open_training_set, save_training_sample
     for i in range(2):
-        save_training_sample(tmp_path / "data" / f"s{i}.safetensors", tiny.latent(30 + i), tiny.embeds(40 + i),
-                             SharerInputs(tiny.embeds(50 + i)))
-    assert len(TrainingSet(tmp_path / "data")) == 2
+        save_training_sample(tmp_path / "data", tiny.latent(30 + i), tiny.embeds(40 + i), SharerInputs(tiny.embeds(50 + i)))
+    assert len(open_training_set(tmp_path / "data")) == 2
     out = subprocess.run(
         [sys.executable, "tools/train_projector_diffusers.py", "--receiver", str(tiny_models.path("tiny_wan_t2v_a")),
          "--sharer", str(tiny_models.path("tiny_wan_t2v_b")), "--dataset", str(tmp_path / "data"), "--kind", "full",
@@ -113,24 +112,28 @@ def test_cli_trains_from_sample_files_and_writes_a_loadable_bundle(tiny_models, 
 
 
 def test_a_folder_without_samples_is_refused(tmp_path):
-    from c2c_diffusers.training import TrainingSet
-    with pytest.raises(BridgeSetupError, match="no .safetensors training samples"):
-        TrainingSet(tmp_path)
+    from c2c_core.samples import TrainingDataError
+    from c2c_diffusers.training import open_training_set
+    with pytest.raises(TrainingDataError, match="holds no .safetensors samples"):
+        open_training_set(tmp_path)
 
 
 def test_samples_holding_nan_or_inf_are_refused_with_their_index(tmp_path):
     """x0 is checked when the folder is opened, before any step; embeddings when the sample is loaded."""
-    from c2c_diffusers.training import TrainingSet, save_training_sample
+    from c2c_core.samples import TrainingDataError
+    from c2c_diffusers.training import open_training_set, save_training_sample
     bad_latent = tiny.latent(31)
     bad_latent[0, 3, 1, 2, 2] = float("nan")
-    save_training_sample(tmp_path / "a" / "s0.safetensors", tiny.latent(30), tiny.embeds(40), SharerInputs(tiny.embeds(50)))
-    save_training_sample(tmp_path / "a" / "s1.safetensors", bad_latent, tiny.embeds(41), SharerInputs(tiny.embeds(51)))
-    with pytest.raises(BridgeSetupError, match=r"training sample index 1 \(s1\.safetensors\): x0 hold NaN or Inf values; "
-                                               r"expected finite values\. Delete s1\.safetensors from "):
-        TrainingSet(tmp_path / "a")
+    save_training_sample(tmp_path / "a", tiny.latent(30), tiny.embeds(40), SharerInputs(tiny.embeds(50)))
+    save_training_sample(tmp_path / "a", bad_latent, tiny.embeds(41), SharerInputs(tiny.embeds(51)))
+    with pytest.raises(TrainingDataError, match=r"the latents of samples index 1 \(sample_00002\.safetensors\) in .* "
+                                                r"hold NaN or Inf values; expected finite values .*Fix: delete "
+                                                r"sample_00002\.safetensors from "):
+        open_training_set(tmp_path / "a")
     embeds = tiny.embeds(42)
     embeds[0, 1, 7] = float("inf")
-    save_training_sample(tmp_path / "b" / "s0.safetensors", tiny.latent(30), tiny.embeds(40), SharerInputs(embeds))
-    data = TrainingSet(tmp_path / "b")
-    with pytest.raises(BridgeSetupError, match=r"index 0 \(s0\.safetensors\): sharer_prompt_embeds hold NaN or Inf"):
-        data.load(0)
+    save_training_sample(tmp_path / "b", tiny.latent(30), tiny.embeds(40), SharerInputs(embeds))
+    data = open_training_set(tmp_path / "b")
+    with pytest.raises(TrainingDataError, match=r"sample index 0 \(sample_00001\.safetensors\): tensor "
+                                                r"'sharer_positive\.cross_attn' holds NaN or Inf"):
+        data[0]

@@ -33,6 +33,18 @@ def training(pack):
 
 
 @pytest.fixture(scope="session")
+def train(pack):
+    """c2c_core's loop side (TrainSettings, trainable_copy), as the pack imports it."""
+    return importlib.import_module("dit_cache_bridge.c2c_core.train")
+
+
+@pytest.fixture(scope="session")
+def samples(pack):
+    """c2c_core's sample files, as the pack imports them."""
+    return importlib.import_module("dit_cache_bridge.c2c_core.samples")
+
+
+@pytest.fixture(scope="session")
 def models(tiny_models, comfy):
     """Tiny models loaded under inference_mode, as UNETLoader does inside a ComfyUI prompt."""
     import host

@@ -31,6 +31,7 @@ def main(samples: str, out_dir: str, batch_size: str, negative_share: str) -> No
     if world > 1:
         dist.init_process_group(backend="gloo")
     training, nodes = cli.import_pack()
+    from dit_cache_bridge.c2c_core.train import TrainSettings
     models = REPO_ROOT / ".models" / "diffusion_models"
     args = cli.parse_args(["--sharer", str(models / "tiny_wan_t2v_b.safetensors"),
                            "--receiver", str(models / "tiny_wan_t2v_a.safetensors"), "--dataset", samples,
@@ -38,9 +39,9 @@ def main(samples: str, out_dir: str, batch_size: str, negative_share: str) -> No
                            "--mapping", "identity", "--hidden-dim", "64"])
     sharer, receiver = cli.load_models(args)
     projector = cli.make_projector(args, nodes, sharer, receiver)
-    settings = training.TrainSettings(loss="distill", steps=5, batch_size=int(batch_size), lr=1e-3, seed=11,
-                                      negative_share=float(negative_share), checkpoint_every=0)
-    outcome = training.train_projector(sharer, receiver, projector, training.TrainingSet.open(samples), settings)
+    settings = TrainSettings(loss="distill", steps=5, batch_size=int(batch_size), lr=1e-3, seed=11,
+                             negative_share=float(negative_share), checkpoint_every=0)
+    outcome = training.train_projector(sharer, receiver, projector, training.open_training_set(samples), settings)
     save_file({k: v.contiguous() for k, v in outcome.bundle.bank.state_dict().items()},
               str(Path(out_dir) / f"rank{rank}.safetensors"))
     rank_losses = outcome.losses

@@ -41,19 +41,19 @@ def test_rope_kernel_without_gradient_is_what_training_mode_avoids(compat):
     pytest.skip("this host's RoPE has a gradient even outside training mode (no kernel to avoid)")
 
 
-def test_training_on_a_host_without_a_differentiable_rope_fails_before_the_first_step(
+def test_training_on_a_host_without_a_differentiable_rope_fails_before_the_first_step(train, 
         compat, training, pack, helpers, models, tmp_path, monkeypatch):
     import comfy.ldm.wan.model as wan_model
     import comfy.model_management as mm
 
     monkeypatch.setattr(wan_model, "apply_rope1", lambda x, freqs: x.detach() * 1.0)   # a kernel without autograd
     monkeypatch.delattr(mm, "in_training", raising=False)                                # and no switch
-    data = training.TrainingSet.open(helpers.t2v_samples(training, tmp_path / "samples", count=1))
+    data = training.open_training_set(helpers.t2v_samples(training, tmp_path / "samples", count=1))
     projector = helpers.make_projector(pack, models["b"], models["a"], "c2c")
     steps = []
     with pytest.raises(compat.HostFeatureMissing) as refused:
         training.train_projector(models["b"], models["a"], projector, data,
-                                 training.TrainSettings(loss="velocity", steps=2),
+                                 train.TrainSettings(loss="velocity", steps=2),
                                  progress=lambda done, total, loss: steps.append(done))
     message = str(refused.value)
     assert f"ComfyUI {compat.host_version()}" in message and "no training switch" in message and "Fix:" in message

@@ -208,7 +208,7 @@ def test_samples_holding_nan_or_inf_are_refused_naming_the_sample(pack, helpers,
     bad[0][0][0, 2, 5] = float("inf")
     save_unchecked(root / "inf_conditioning", latents[:1], conds | {"sharer_positive": bad})
     with pytest.raises(ValueError, match=r"Train C2C Projector › dataset: sample index 0 \(sample_00001\.safetensors\): "
-                                         r"tensor 'sharer_positive\.0\.cross_attn' holds NaN or Inf values; expected "
+                                         r"tensor 'sharer_positive\.cross_attn' holds NaN or Inf values; expected "
                                          r"finite values .*Fix: delete sample_00001\.safetensors from "):
         run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector,
                  **train_inputs(dataset="inf_conditioning", output_name="tiny_pair_inf", checkpoint_every=0))
