@@ -140,7 +140,7 @@ def plan(all_phases: list[Phase], steps: int) -> list[tuple[str, float]]:
     out = [("boot ComfyUI, CUDA init", BOOT_S)]
     for p in all_phases:
         total = expected_phase_setup(p) + sum(expected_seconds(p, m, steps) for m in p.modes)
-        out.append((f"{p.label}, {p.layers} layers: {', '.join(p.modes)}", total))
+        out.append((f"{p.label}, {p.layers} layers: {' / '.join(p.modes)}", total))
     return out
 
 
@@ -392,9 +392,9 @@ def measure(pair: Pair, mode: str, steps: int, device: Device, reserve: float = 
         row.skipped = "skipped: no recording (record did not run)"
         return row
     baseline = device.isolate()
-    run = pair.runner(mode)
     with HostRamPeak() as ram, reserved_vram(reserve):
         try:
+            run = pair.runner(mode)
             run(1)
             row.seconds_per_step = device.timed(lambda: run(row.steps)) / row.steps
             row.weights_on_device = weights_on_device()
@@ -507,16 +507,19 @@ def fit_summary(rows: list[Row], device: Device, card_gb: float) -> list[str]:
     if partial is None:
         return []
     full = next(r for r in rows if r.mode == "live lockstep" and (r.shape, r.layers) == (partial.shape, partial.layers))
+    if full.skipped:
+        return [f"live lockstep, two {full.layers}-layer {full.shape} models: {full.skipped}"]
     out = []
     if full.seconds_per_step is not None:
-        fits = full.weights_on_device is not None and full.weights_on_device >= 0.999
+        fits = (full.weights_on_device or 0.0) >= 0.999
+        memory = (f"peak reserved {gb_cell(full.vram_reserved)} GB above the baseline on a "
+                  f"{device.total_bytes() / GB:.0f} GB card" if device.cuda else "device memory n/a on the CPU")
         out.append(f"live lockstep, two {full.layers}-layer {full.shape} models: "
                    f"{'fits' if fits else 'does NOT fit'} fully loaded "
-                   f"({full.weights_on_device:.0%} of the weights on the device; peak reserved "
-                   f"{gb_cell(full.vram_reserved)} GB above the baseline of {device.total_bytes() / GB:.0f} GB)")
+                   f"({full.weights_on_device:.0%} of the weights on the device; {memory})")
     if partial.seconds_per_step is not None and full.seconds_per_step:
-        out.append(f"partial loading as on a {card_gb:.0f} GB card (on a GPU): {partial.weights_on_device:.0%} of the weights "
-                   f"on the device, {partial.seconds_per_step:.2f} s/step against {full.seconds_per_step:.2f} "
+        out.append(f"partial loading as on a {card_gb:.0f} GB card (on a GPU): {partial.weights_on_device:.0%} of the "
+                   f"weights on the device, {partial.seconds_per_step:.2f} s/step against {full.seconds_per_step:.2f} "
                    f"fully loaded (×{partial.seconds_per_step / full.seconds_per_step:.2f})")
     return out
 

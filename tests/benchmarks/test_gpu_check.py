@@ -98,3 +98,31 @@ def test_budget_scales_what_is_left_by_how_slow_the_check_has_run():
     assert budget.allows(30.0) and not budget.allows(31.0)
     budget.done(expected=100.0, took=10.0)          # faster than expected never shrinks the estimates
     assert budget.slowness() == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(comfy):
+    return gpu_check.Pair(gpu_check.phases(True, 10)[0], "cpu", "weighted")
+
+
+def test_the_watchdogs_interrupt_ends_a_running_mode_as_a_skipped_row(tiny_pair):
+    import comfy.model_management as mm
+    mm.interrupt_current_processing(True)           # what Budget.arm's timer does at the limit
+    try:
+        row = gpu_check.measure(tiny_pair, "receiver alone", 2, gpu_check.Device("cpu"))
+    finally:
+        mm.interrupt_current_processing(False)
+    assert row.skipped == "skipped: time budget (interrupted at the limit)"
+    assert row.seconds_per_step is None and row.host_ram is not None
+
+
+def test_a_failing_mode_becomes_a_failed_row_and_the_check_goes_on(tiny_pair, capsys):
+    row = gpu_check.measure(tiny_pair, "no such mode", 2, gpu_check.Device("cpu"))
+    assert row.skipped == "failed: ValueError: unknown mode 'no such mode'"
+    assert "Traceback" in capsys.readouterr().err
+    assert gpu_check.measure(tiny_pair, "receiver alone", 2, gpu_check.Device("cpu")).seconds_per_step > 0
+
+
+def test_replay_without_a_recording_of_its_length_is_skipped_not_failed(tiny_pair):
+    row = gpu_check.measure(tiny_pair, "replay", 2, gpu_check.Device("cpu"))
+    assert row.skipped == "skipped: no recording (record did not run)"
