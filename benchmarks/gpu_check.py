@@ -20,6 +20,7 @@ says "skipped: time budget" instead of the check running over.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -83,7 +84,7 @@ def timed_steps(mode: str, steps: int) -> int:
 # -- expected runtime on one H100 ----------------------------------------------------------------
 # Assumptions (BENCHMARKS.md, "On a GPU", derives them): bf16 dense matmul + flash attention at 350 TFLOP/s
 # effective (35 % of the H100 SXM's 989 peak); pageable host<->device copies at 10 GB/s; per run 1.0 s of
-# ComfyUI and bridge machinery (measured on the 2-core CPU at tiny shapes: 0.3-0.9 s) and 25 s to boot.
+# ComfyUI and bridge machinery (the CPU dry run: 0.5-1.4 s per mode of two tiny runs) and 25 s to boot.
 H100_FLOPS = 350e12
 COPY_BYTES_PER_S = 10e9
 RUN_OVERHEAD_S = 1.0
@@ -96,10 +97,10 @@ def block_flops_per_token(dim: int, ffn: int, tokens: int, text_tokens: int) -> 
     return 2.0 * macs
 
 
-def step_seconds(phase: Phase, layers: int | None = None) -> float:
+def step_seconds(phase: Phase) -> float:
     """One batched-CFG model call (2 chunks) on an H100, by FLOPs."""
     per_token = block_flops_per_token(phase.dim, phase.ffn, phase.tokens, phase.text_tokens)
-    return per_token * phase.tokens * 2 * (layers or phase.layers) / H100_FLOPS
+    return per_token * phase.tokens * 2 * phase.layers / H100_FLOPS
 
 
 def kv_step_bytes(phase: Phase) -> int:
@@ -107,11 +108,13 @@ def kv_step_bytes(phase: Phase) -> int:
     return 2 * 2 * phase.tokens * phase.dim * 2 * phase.layers
 
 
+@functools.cache
 def weight_bytes(phase: Phase) -> int:
+    """bf16 weights of one model of the phase (counted on the meta device, once per phase)."""
     return 2 * wan_params(phase.dim, phase.ffn, phase.layers)
 
 
-def expected_seconds(phase: Phase, mode: str, steps: int, card_bytes: float = 80e9, partial_card_gb: float = 48):
+def expected_seconds(phase: Phase, mode: str, steps: int, partial_card_gb: float = 48.0) -> float:
     """Seconds one mode takes on an H100: warm-up (1 step) + timed run, weight uploads, K/V copies, machinery."""
     step, copy = step_seconds(phase), COPY_BYTES_PER_S
     weights = weight_bytes(phase)
