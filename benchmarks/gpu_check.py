@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import importlib.util
 import json
 import math
 import platform
@@ -547,8 +548,18 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
+def require_lockstep() -> None:
+    """Without greenlet the pack falls back to buffered live with only a log line, and the "live lockstep"
+    rows would time another mode (and hold every layer's K/V: out of memory at 14B); stop before the device
+    minutes are spent."""
+    if importlib.util.find_spec("greenlet") is None:
+        raise SystemExit("gpu_check: the Python package greenlet is missing (requirements.txt): live lockstep needs "
+                         "it. Install it (BENCHMARKS.md, 'What the GPU machine needs') and run again.")
+
+
 def main(argv=None) -> list[Row]:
     args = parse(argv)
+    require_lockstep()
     budget = Budget(args.budget_s)
     with tempfile.TemporaryDirectory(prefix="c2c_gpu_check_") as tmp:
         setup_host(args.device, Path(tmp))          # ComfyUI's folders; nothing is written there

@@ -126,3 +126,10 @@ def test_a_failing_mode_becomes_a_failed_row_and_the_check_goes_on(tiny_pair, ca
 def test_replay_without_a_recording_of_its_length_is_skipped_not_failed(tiny_pair):
     row = gpu_check.measure(tiny_pair, "replay", 2, gpu_check.Device("cpu"))
     assert row.skipped == "skipped: no recording (record did not run)"
+
+
+def test_the_check_refuses_to_start_without_greenlet(monkeypatch):
+    real = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None if name == "greenlet" else real(name))
+    with pytest.raises(SystemExit, match="greenlet is missing"):
+        gpu_check.main(["--device", "cpu", "--tiny"])
