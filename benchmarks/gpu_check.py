@@ -429,7 +429,12 @@ def run_phase(phase: Phase, args, device: Device, budget: Budget) -> list[Row]:
         return skipped_rows(phase, phase.modes, args.steps)
     say(budget, f"{phase.label}, {phase.layers} layers: drawing two random models on {args.device} in bf16")
     took = time.monotonic()
-    pair = Pair(phase, args.device, args.projector)
+    try:
+        pair = Pair(phase, args.device, args.projector)
+    except Exception as exc:        # the next phase may still fit (a smaller pair)
+        traceback.print_exc()
+        return skipped_rows(phase, phase.modes, args.steps, f"failed: drawing the models: {type(exc).__name__}: "
+                                                            f"{first_line(exc)}")
     budget.done(setup, time.monotonic() - took)
     rows = []
     for mode in phase.modes:

@@ -133,3 +133,14 @@ def test_the_check_refuses_to_start_without_greenlet(monkeypatch):
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None if name == "greenlet" else real(name))
     with pytest.raises(SystemExit, match="greenlet is missing"):
         gpu_check.main(["--device", "cpu", "--tiny"])
+
+
+def test_a_phase_whose_models_cannot_be_made_fails_its_rows_and_the_check_goes_on(comfy, monkeypatch):
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory\ndetails")
+    monkeypatch.setattr(gpu_check, "Pair", out_of_memory)
+    phase = gpu_check.phases(True, 10)[0]
+    args = gpu_check.parse(["--device", "cpu", "--tiny"])
+    rows = gpu_check.run_phase(phase, args, gpu_check.Device("cpu"), gpu_check.Budget(60.0))
+    assert [r.mode for r in rows] == list(phase.modes)
+    assert {r.skipped for r in rows} == {"failed: drawing the models: RuntimeError: CUDA out of memory"}
