@@ -11,7 +11,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))     # gpu_check imports bench_setup by file name, as a script does
+    sys.path.append(str(BENCHMARKS))        # gpu_check imports bench_setup by file name, as a script does
 
 import gpu_check  # noqa: E402
 
