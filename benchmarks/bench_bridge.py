@@ -26,13 +26,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tools"), str(ROOT)]
+from bench_setup import GB, ROOT, setup_host, wan_model, wan_params
 
 SHAPES = {
     # issue 10's CPU config: dim 1024 (8 heads), 8 layers, ffn 4096, latent 16x4x32x32 (1,024 tokens)
@@ -43,50 +41,19 @@ SHAPES = {
     "smoke": dict(dim=256, ffn=512, layers=2, latent=(16, 2, 8, 8), dtype="fp32"),
 }
 WAN14B = dict(dim=5120, ffn=13824, layers=40)
-GB = 1024 ** 3
 
 
 # -- host and models ----------------------------------------------------------------------------
-def setup_host(device: str, tmp: Path):
-    """ComfyUI in this process: the tests' CPU setup, or the same folders with ComfyUI's own device choice."""
-    import host
-    if device == "cpu":
-        return host.setup_comfy_in_process(tmp / "models", tmp)
-    import comfy_host
-    tree = comfy_host.boot(host.comfyui_path(), cpu=False)          # picks the GPU (no --cpu)
-    dirs = comfy_host.use_folders(tmp, tmp / "models")
-    host._in_process = host.ComfyHost(tree, tmp / "models", dirs["input"], dirs["output"], dirs["temp"], dirs["user"])
-    return host._in_process
-
-
 def write_wan(path: Path, dim: int, ffn: int, layers: int, seed: int, dtype: str) -> Path:
     """A random-weight Wan2.1 T2V model at this shape, in ComfyUI's key layout (the tiny models' init)."""
     import torch
     from safetensors.torch import save_file
-    import comfy.ldm.wan.model
-    import comfy.ops
     import make_tiny_models as mtm
-    model = comfy.ldm.wan.model.WanModel(
-        model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=dim, ffn_dim=ffn, freq_dim=256,
-        text_dim=mtm.TEXT_DIM, out_dim=mtm.OUT_DIM, num_heads=dim // mtm.HEAD_DIM, num_layers=layers,
-        qk_norm=True, cross_attn_norm=True, eps=1e-6, device=torch.device("cpu"), dtype=torch.float32,
-        operations=comfy.ops.disable_weight_init)
+    model = wan_model(dim, ffn, layers, "cpu", torch.float32)
     mtm.initialise(model, seed)
     target = torch.bfloat16 if dtype == "bf16" else torch.float32
     save_file({k: v.detach().to(target).contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
-
-
-def wan_params(dim: int, ffn: int, layers: int) -> int:
-    """Parameters of a Wan2.1 T2V model at this shape (built on the meta device: nothing allocated)."""
-    import torch
-    import comfy.ldm.wan.model
-    import comfy.ops
-    model = comfy.ldm.wan.model.WanModel(
-        model_type="t2v", patch_size=(1, 2, 2), in_dim=16, dim=dim, ffn_dim=ffn, freq_dim=256, text_dim=4096,
-        out_dim=16, num_heads=dim // 128, num_layers=layers, qk_norm=True, cross_attn_norm=True, eps=1e-6,
-        device=torch.device("meta"), dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
-    return sum(p.numel() for p in model.parameters())
 
 
 # -- the bench ----------------------------------------------------------------------------------
