@@ -240,9 +240,9 @@ class TrainC2CProjector(io.ComfyNode):
             raise BridgeInputError(node, "dataset", e.found, e.expected or "samples that fit both models",
                                    e.fix or "re-save the samples with Save C2C Training Sample for this pair") from e
         except ResumeError as e:    # a checkpoint made with other settings, or a damaged one
-            raise BridgeInputError(node, "resume", str(e), "a checkpoint of this output_name, intact and made with "
-                                   "these settings", "use the settings of the interrupted run, switch resume off, "
-                                   "or pick a new output_name") from e
+            raise BridgeInputError(node, "resume", str(e).rstrip("."), "a checkpoint of this output_name, intact "
+                                   "and made with these settings", "use the settings of the interrupted run, switch "
+                                   "resume off, or pick a new output_name") from e
         except DivergedError as e:  # NaN/Inf loss or weights: nothing was saved from that step on
             raise BridgeInputError(node, "learning_rate", str(e), "a run whose loss and weights stay finite",
                                    "lower learning_rate, or switch resume off to start over") from e
