@@ -96,7 +96,9 @@ class ArchTag:
         return cls(**values)
 
     def describe(self) -> str:
-        """One line for messages, e.g. 'wan2.1 i2v (dim 5120, 40 layers, 40 heads, in 36, CLIP image input)'."""
+        """One line for messages, e.g. 'wan2.1 i2v (dim 5120, 40 layers, 40 heads, in 36, CLIP image input)'.
+
+        Safe to print raw: family and variant passed the alphabet check when the tag was made."""
         image = ", CLIP image input" if self.image_embedding else ""
         return (f"{self.family} {self.variant} (dim {self.dim}, {self.num_layers} layers, {self.num_heads} heads, "
                 f"ffn {self.ffn_dim}, in {self.in_channels}{image})")
