@@ -6,9 +6,11 @@ place); this module picks names so that a save never replaces an earlier file.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import folder_paths
@@ -72,13 +74,89 @@ def save_unique(path: str | os.PathLike, write) -> Path:
         return save_numbered(path.parent, path.stem, write, path.suffix)
 
 
+def save_in(node: str, input_name: str, root: str | os.PathLike, subfolder: str, name: str, write,
+            suffix: str = ".safetensors") -> Path:
+    """:func:`save_numbered` into ``root/subfolder`` for a node, refusing what would write elsewhere or fail raw.
+
+    A link inside ``root`` (or a file where a sub-folder should be) is refused before anything is created, and
+    the folder is checked again once made: resolved, it must stay inside ``root`` resolved (``root`` itself
+    may be a link, e.g. an output folder on another disk). A read-only or full disk is named with the
+    fix; the atomic writer leaves no partial file behind.
+    """
+    root = Path(root)
+    folder = root.joinpath(*[p for p in subfolder.split("/") if p])
+    shown = _shown(root, folder)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        step = root
+        for part in folder.relative_to(root).parts:
+            step = step / part
+            if step.is_symlink():
+                raise BridgeInputError(node, input_name, f"{_shown(root, step)} is a link to "
+                                       f"{quote(os.readlink(step), 200)}",
+                                       f"a real folder inside {root.name}/ (the pack writes only inside it)",
+                                       f"remove the link {step}, or choose another {input_name}")
+            if step.exists() and not step.is_dir():
+                raise BridgeInputError(node, input_name, f"{_shown(root, step)} is a file, not a folder",
+                                       f"a sub-folder name that is free or a folder",
+                                       f"rename or remove the file {step}, or choose another {input_name}")
+            step.mkdir(exist_ok=True)
+        if os.path.commonpath([os.path.realpath(root), os.path.realpath(folder)]) != os.path.realpath(root):
+            raise BridgeInputError(node, input_name, f"{shown} resolves to {quote(os.path.realpath(folder), 200)}",
+                                   f"a folder inside {root.name}/", f"remove the link under {root}")
+        return save_numbered(folder, name, write, suffix)
+    except BridgeInputError:
+        raise
+    except OSError as e:
+        raise _write_error(node, input_name, folder, shown, e) from e
+
+
+def _shown(root: Path, path: Path) -> str:
+    """``kv_cache/a/b``: a folder as a user finds it in ComfyUI's output folder."""
+    return "/".join((root.name,) + path.relative_to(root).parts)
+
+
+def _write_error(node: str, input_name: str, folder: Path, shown: str, e: OSError) -> BridgeInputError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MB free"
+        except OSError:
+            free = "no free space"
+        return BridgeInputError(node, input_name, f"the disk of {shown} is full ({free})", "room for the file",
+                                "free disk space there, or start ComfyUI with --output-directory on another disk")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return BridgeInputError(node, input_name, f"{shown} is not writable ({e.strerror})",
+                                "a folder ComfyUI may write to",
+                                f"give ComfyUI write access to {folder}, or start it with --output-directory on a "
+                                f"writable folder")
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return BridgeInputError(node, input_name, f"a file is in the way of the folder {shown} ({e.strerror})",
+                                "a sub-folder name that is free or a folder",
+                                f"rename or remove that file, or choose another {input_name}")
+    return BridgeInputError(node, input_name, f"writing into {shown} failed: {e.strerror or e}",
+                            "a writable folder", f"check {folder}, or choose another {input_name}")
+
+
+def temp_folder(node: str, input_name: str = "storage") -> Path:
+    """ComfyUI's temp folder, created when missing (it is emptied and re-made at start-up, and someone may
+    have removed it since)."""
+    folder = Path(folder_paths.get_temp_directory())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BridgeInputError(node, input_name, f"ComfyUI's temp folder {folder} is missing and cannot be created "
+                               f"({e.strerror or e})", "a writable temp folder for a disk recording",
+                               "start ComfyUI with --temp-directory on a writable folder, or set storage to 'ram'") from e
+    return folder
+
+
 def fingerprint(path) -> str:
     """A file's identity for a loader's cache key: changes when the file is replaced, rewritten or removed."""
     try:
         st = os.stat(path)
     except OSError:
         return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
 def inside(root: str | os.PathLike, relative: str) -> Path | None:

@@ -18,7 +18,7 @@ import comfy.patcher_extension
 import torch
 
 from ..c2c_core.recording import DiskStore, KVRecording, RamStore, RecordingWriteError, ReplayReader
-from . import compat, memory
+from . import compat, files, memory
 from .branches import NEGATIVE, ROLE_NAMES, call_roles, role_map
 from .errors import BridgeInputError
 
@@ -94,8 +94,9 @@ def record(node, sharer, positive, negative, layers, latent_image, seed, steps, 
     size = memory.recording_bytes(steps=evaluations, chunks=1 if cfg == 1.0 else 2, layers=len(layers),
                                   tokens=compat.token_grid(latent_image["samples"].shape).numel,
                                   heads=signature.num_heads, head_dim=signature.head_dim, storage_dtype=storage_dtype)
-    memory.check_recording_fits(node, size, storage, _temp_dir())
-    store = RamStore() if storage == "ram" else DiskStore.temporary(_temp_dir())   # deleted when dropped
+    temp = files.temp_folder(node) if storage == "disk" else None      # created when missing
+    memory.check_recording_fits(node, size, storage, temp)
+    store = RamStore() if storage == "ram" else DiskStore.temporary(temp)   # deleted when dropped
     recording = KVRecording(signature=signature, grid=compat.token_grid(latent_image["samples"].shape),
                             rope=compat.rope_spec(sharer), sigmas=[], layers=tuple(layers),
                             storage_dtype=storage_dtype, store=store)
@@ -124,11 +125,6 @@ def record(node, sharer, positive, negative, layers, latent_image, seed, steps, 
     recording.kinds = tuple(sorted({kind for _, kind, _ in recorder.seen})) or (0,)
     recording.forwards = recorder.forwards
     return recording
-
-
-def _temp_dir():
-    import folder_paths
-    return folder_paths.get_temp_directory()
 
 
 @dataclass(eq=False)

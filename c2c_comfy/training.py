@@ -49,6 +49,8 @@ from . import compat, files
 log = logging.getLogger("dit_cache_bridge")
 
 SAMPLES_SUBFOLDER = "c2c_training"
+#: the folder under SAMPLES_SUBFOLDER that holds Train C2C Projector's checkpoints: no sample folder may take its name
+CHECKPOINTS_SUBFOLDER = "checkpoints"
 SAMPLES = SampleHost("comfyui", ROLES, "Save C2C Training Sample")
 
 
@@ -468,6 +470,7 @@ def train_projector(sharer, receiver, projector: ProjectorBundle, dataset: Train
         bank = trainable_copy(projector).to(device)
         pair = TrainingPair(sharer, receiver, bank, projector.layer_map)
         _check_latent_formats(pair)
+        dataset.check_models(pair.receiver_signature.arch, pair.sharer_signature.arch)
         batches = SampleBatches(dataset, pair, settings.batch_size, settings.seed, settings.negative_share,
                                 parallel.rank, parallel.world)
         with pair.session():
@@ -495,6 +498,7 @@ def evaluate_projector(sharer, receiver, projector: ProjectorBundle, dataset: Tr
     with torch.inference_mode(False), torch.no_grad():
         bank = trainable_copy(projector).to(compat.load_device(receiver)).eval()
         pair = TrainingPair(sharer, receiver, bank, projector.layer_map, strength)
+        dataset.check_models(pair.receiver_signature.arch, pair.sharer_signature.arch)
         feed = SampleBatches(dataset, pair, batch_size, seed, negative_share)
         loss_fn = make_loss(pair, loss)
         with pair.session():

@@ -16,6 +16,7 @@ architecture and one tag.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -26,7 +27,10 @@ __all__ = ["ArchTag", "LATENT_FAMILIES", "arch_from_weights", "wan_rope_axes"]
 #: latent channels -> family name; the A14B Wan2.2 experts and ChronoEdit are Wan2.1-architecture networks
 LATENT_FAMILIES = {16: "wan2.1", 48: "wan2.2-ti2v"}
 _INT_LIMIT = 1 << 20
-_STR_LIMIT = 40
+#: family and variant names: lower-case letters, digits, '.', '_', '-' (1-40); a stranger's file cannot put control
+#: characters, ANSI colours or a right-to-left override into a message or the server log through them
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,39}")
+_NAME_RULE = "1-40 of a-z, 0-9, '.', '_', '-' (starting with a letter or digit)"
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,22 @@ class ArchTag:
     image_embedding: bool   # a CLIP image projection (Wan2.1-I2V, ChronoEdit); Wan2.2-I2V-A14B has none
     patch_size: tuple       # (t, h, w)
     rope_axes: tuple        # rotary widths per axis (t, y, x) of one head
+
+    def __post_init__(self) -> None:
+        """Every tag is checked where it is made (from a model, a file or a tool), so no bad tag is ever written."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("family", "variant"):
+                ok, expected = isinstance(value, str) and _NAME.fullmatch(value) is not None, _NAME_RULE
+            elif f.name == "image_embedding":
+                ok, expected = isinstance(value, bool), "true or false"
+            elif f.name in ("patch_size", "rope_axes"):
+                ok = isinstance(value, tuple) and len(value) == 3 and all(_count(v) for v in value)
+                expected = f"three integers from 1 to {_INT_LIMIT}"
+            else:
+                ok, expected = _count(value), f"an integer from 1 to {_INT_LIMIT}"
+            if not ok:
+                raise SignatureError(f"architecture tag {f.name} is {quote(value, 60)}; expected {expected}.")
 
     @classmethod
     def from_config(cls, *, dim: int, ffn_dim: int, num_heads: int, num_layers: int, in_channels: int,
@@ -71,26 +91,14 @@ class ArchTag:
         missing = [n for n in names if n not in d]
         if missing:
             raise SignatureError(f"architecture tag lacks {missing}; expected keys {names}.")
-        values = {}
-        for name in names:
-            value = d[name]
-            if name in ("family", "variant"):
-                ok = isinstance(value, str) and 0 < len(value) <= _STR_LIMIT
-            elif name == "image_embedding":
-                ok = isinstance(value, bool)
-            elif name in ("patch_size", "rope_axes"):
-                ok = isinstance(value, list) and len(value) == 3 and all(_count(v) for v in value)
-                value = tuple(value) if ok else value
-            else:
-                ok = _count(value)
-            if not ok:
-                raise SignatureError(f"architecture tag {name} is {quote(value, 60)}; expected "
-                                     f"{'a short string' if name in ('family', 'variant') else 'a valid value'}.")
-            values[name] = value
+        values = {name: tuple(d[name]) if name in ("patch_size", "rope_axes") and isinstance(d[name], list)
+                  else d[name] for name in names}
         return cls(**values)
 
     def describe(self) -> str:
-        """One line for messages, e.g. 'wan2.1 i2v (dim 5120, 40 layers, 40 heads, in 36, CLIP image input)'."""
+        """One line for messages, e.g. 'wan2.1 i2v (dim 5120, 40 layers, 40 heads, in 36, CLIP image input)'.
+
+        Safe to print raw: family and variant passed the alphabet check when the tag was made."""
         image = ", CLIP image input" if self.image_embedding else ""
         return (f"{self.family} {self.variant} (dim {self.dim}, {self.num_layers} layers, {self.num_heads} heads, "
                 f"ffn {self.ffn_dim}, in {self.in_channels}{image})")

@@ -161,6 +161,8 @@ def save_bundle(
         meta["backward"] = {"projector": {"kind": back.kind, "hparams": dict(back.hparams)},
                             "layer_map": back_map.to_dict()}
         tensors.update({BACKWARD_PREFIX + name: t for name, t in back.state_dict().items()})
+    for name, t in tensors.items():     # a file every loader would refuse is never written
+        check_finite(path, name, t, saving=True)
     save_tensors_with_meta(path, tensors, meta, BUNDLE_KEY, overwrite=overwrite)
 
 

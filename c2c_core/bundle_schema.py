@@ -185,6 +185,10 @@ def read_plan(path: Path) -> BundlePlan:
     forward = _bank_plan(path, meta, sharer, receiver, "")
     backward = None
     if "backward" in meta:
+        if version < 2:     # format 1 has no backward bank: such a header was edited or written by something else
+            raise InvalidMetadataError(
+                f"{short_path(path)}: bundle format version 1 carries a backward bank; expected format version 2 for "
+                f"a bundle with one. Save it again with DiT Cache Bridge (save_projector_bundle) or use another file.")
         backward = _bank_plan(path, _field(path, meta, "backward", dict), receiver, sharer, BACKWARD_PREFIX)
     return BundlePlan(meta, forward, backward, snap)
 
@@ -237,17 +241,22 @@ def check_tensors(path: Path, expected: Mapping[str, tuple], entries: Mapping[st
             )
 
 
-def check_finite(path, name: str, t: Tensor) -> None:
-    """Refuse NaN/Inf and magnitudes above MAX_WEIGHT in a loaded weight (once, at load time)."""
+def check_finite(path, name: str, t: Tensor, saving: bool = False) -> None:
+    """Refuse NaN/Inf and magnitudes above MAX_WEIGHT in a weight: once at load time, and before a save
+    (``saving``), so that no file is written that a loader would refuse."""
     if t.numel() == 0 or not t.is_floating_point():
         return
     worst = t.detach().abs().amax().float()
     if not bool(torch.isfinite(worst)) or float(worst) > MAX_WEIGHT:
         what = "NaN or Inf values" if not bool(torch.isfinite(worst)) else f"a weight of magnitude {float(worst):.3g}"
+        if saving:
+            raise NonFiniteWeightsError(
+                f"refusing to write {short_path(path)}: tensor {quote(name, 80)} holds {what}; expected finite "
+                f"weights below {MAX_WEIGHT:g} (Load C2C Projector would refuse the file). The training diverged: "
+                f"lower the learning rate, resume from an earlier checkpoint or start a new run."
+            )
         raise NonFiniteWeightsError(
             f"{short_path(path)}: tensor {quote(name, 80)} holds {what}; expected finite weights below "
             f"{MAX_WEIGHT:g} (the output would be NaN or black). The file is damaged or its training diverged; "
             f"use an earlier checkpoint or re-train."
         )
-
-

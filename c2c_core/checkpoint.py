@@ -227,14 +227,9 @@ def _load_checkpoint(state_path: Path, bank, layer_map, optimizer, config) -> Ch
                     f"{state_path}: optimizer {field} of parameter {index} has shape {list(entry[field].shape)}; "
                     f"expected {list(params[index].shape)}."
                 )
+        _check_optimizer_values(state_path, index, entry, step)
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    if "rng.cpu" not in tensors:
-        raise ResumeError(f"{state_path}: no 'rng.cpu' tensor; cannot resume bit-exactly.")
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda_names = sorted((n for n in tensors if n.startswith("rng.cuda.")), key=lambda n: int(n.rsplit(".", 1)[1]))
-    cuda_states = [tensors[n] for n in cuda_names]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    _restore_rng(state_path, tensors)
     losses = meta.get("losses") or []
     if not isinstance(losses, list) or not all(type(x) in (int, float) and math.isfinite(x) for x in losses):
         raise ResumeError(f"{state_path}: the saved losses hold a non-finite or non-numeric value; the run it comes "
@@ -242,3 +237,48 @@ def _load_checkpoint(state_path: Path, bank, layer_map, optimizer, config) -> Ch
     if len(losses) != step:
         raise ResumeError(f"{state_path}: {len(losses)} recorded losses for step {step}; the file is inconsistent.")
     return Checkpoint(step=step, losses=[float(x) for x in losses], bundle_path=bundle_path, meta=meta)
+
+
+_RESUME_FIX = "Resume from an earlier checkpoint, or start a new run (resume off)"
+
+
+def _check_optimizer_values(state_path: Path, index: int, entry: dict, step: int) -> None:
+    """A NaN anywhere in AdamW's state (its ``step`` counter included) makes every weight NaN at the next step,
+    and the run would then save a bundle no loader accepts: refuse the checkpoint before a step is taken."""
+    for field, value in sorted(entry.items()):
+        if not value.is_floating_point() and value.dtype not in (torch.int64, torch.int32):
+            raise ResumeError(f"{state_path}: optimizer {field} of parameter {index} is {value.dtype}; expected "
+                              f"float tensors (the file was not written by this trainer). {_RESUME_FIX}.")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ResumeError(f"{state_path}: optimizer {field} of parameter {index} holds NaN or Inf; expected "
+                              f"finite values (the run it comes from diverged, or the file was damaged). {_RESUME_FIX}.")
+    count = entry.get("step")
+    if count is not None and (count.numel() != 1 or float(count) != int(float(count)) or not 0 <= float(count) <= step):
+        raise ResumeError(f"{state_path}: optimizer step of parameter {index} is {count.flatten()[:4].tolist()}; expected "
+                          f"one whole number from 0 to the checkpoint's step {step}. {_RESUME_FIX}.")
+    if "exp_avg_sq" in entry and bool((entry["exp_avg_sq"] < 0).any()):
+        raise ResumeError(f"{state_path}: optimizer exp_avg_sq of parameter {index} holds negative values; expected "
+                          f"values >= 0 (a mean of squares). {_RESUME_FIX}.")
+
+
+def _restore_rng(state_path: Path, tensors: dict) -> None:
+    """Set the torch RNG states a checkpoint saved, refusing ones of another dtype or length (torch would raise a
+    bare TypeError or RuntimeError that names no file)."""
+    if "rng.cpu" not in tensors:
+        raise ResumeError(f"{state_path}: no 'rng.cpu' tensor; cannot resume bit-exactly.")
+    cuda_names = sorted((n for n in tensors if n.startswith("rng.cuda.")), key=lambda n: n.rsplit(".", 1)[1].zfill(8))
+    restore = [("rng.cpu", torch.get_rng_state(), torch.set_rng_state)]
+    if torch.cuda.is_available():
+        restore += [(n, torch.cuda.get_rng_state(i), lambda t, i=i: torch.cuda.set_rng_state(t, i))
+                    for i, n in enumerate(cuda_names[:torch.cuda.device_count()])]
+    for name, current, setter in restore:
+        saved = tensors[name]
+        if saved.dtype != torch.uint8 or saved.shape != current.shape:
+            raise ResumeError(f"{state_path}: random-number state {name!r} is {saved.dtype} of shape "
+                              f"{list(saved.shape)}; expected torch.uint8 of shape {list(current.shape)} (this torch's "
+                              f"generator). {_RESUME_FIX}.")
+        try:
+            setter(saved)
+        except (TypeError, RuntimeError, ValueError) as e:
+            raise ResumeError(f"{state_path}: random-number state {name!r} is not a valid generator state "
+                              f"({e}). {_RESUME_FIX}.") from None

@@ -49,6 +49,10 @@ class TrainError(C2CError, ValueError):
     """A training configuration is invalid."""
 
 
+class DivergedError(TrainError):
+    """A training run's loss or weights went NaN/Inf; nothing is saved from that step on."""
+
+
 class ResumeError(TrainError):
     """A training checkpoint cannot be resumed with the given bank and configuration."""
 

@@ -48,6 +48,9 @@ _OLD_DIFFUSERS_KEY = "c2c_diffusers_training_sample"
 _SAMPLE_NAME = re.compile(r"^sample_(\d{5,})\.safetensors$")
 _TENSOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]{0,127}$")
 _FINITE = "finite values (a latent from VAE Encode or a sampler, conditioning from the text/vision encoders)"
+#: the largest latent value a sample may hold: VAE latents stay within a few tens, so 1e4 is data gone wrong
+#: (a wrong scale, a broken encoder), which would otherwise surface as an infinite loss blamed on the projector
+LATENT_LIMIT = 1e4
 
 
 class TrainingDataError(C2CError, ValueError):
@@ -238,9 +241,11 @@ def _nonfinite_fix(folder: Path, names: list, writer: str) -> str:
 class TrainingSet:
     """The sample files of one folder for one host. Headers are validated up front; tensors are read per use."""
 
-    def __init__(self, folder: Path, host: SampleHost, paths: list, layouts: list, shapes: list):
+    def __init__(self, folder: Path, host: SampleHost, paths: list, layouts: list, shapes: list,
+                 text_widths: Optional[list] = None):
         self.folder, self.host, self.paths = folder, host, paths
         self._layouts, self._shapes = layouts, shapes
+        self._text_widths = text_widths or [{} for _ in paths]     # per sample {role: width of its cross_attn}
 
     @classmethod
     def open(cls, folder, host: SampleHost) -> "TrainingSet":
@@ -250,7 +255,7 @@ class TrainingSet:
         paths = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
         if not paths:
             raise TrainingDataError(f"training-sample folder {folder} holds no .safetensors samples")
-        layouts, shapes = [], []
+        layouts, shapes, widths = [], [], []
         for path in paths:
             layout = _read_layout(path, host)
             try:
@@ -270,7 +275,9 @@ class TrainingSet:
                                         f"(1, C, T, H, W) float latent and float conditioning.")
             layouts.append(layout)
             shapes.append(tuple(shape))
-        data = cls(folder, host, paths, layouts, shapes)
+            widths.append({role: entries[names[CROSS_ATTN]][0][-1] for role, names in layout.names.items()
+                           if CROSS_ATTN in names and entries[names[CROSS_ATTN]][0]})
+        data = cls(folder, host, paths, layouts, shapes, widths)
         data._check_finite_latents()
         return data
 
@@ -297,18 +304,56 @@ class TrainingSet:
                  for role, names in layout.names.items()}
         return TrainingSample(path, index, tensors["latent"], roles)
 
+    def check_models(self, receiver, sharer) -> None:
+        """Refuse samples made for other models before any of them loads: the latent's channels must be the
+        receiver's (``ArchTag.out_channels``) and each role's text embedding as wide as its model's text input
+        (``ArchTag.text_dim``). Untagged models (None) are not checked. Raises TrainingDataError."""
+        for side, arch in (("receiver", receiver), ("sharer", sharer)):
+            if arch is None:
+                continue
+            for index, path in enumerate(self.paths):
+                channels = self._shapes[index][1]
+                if side == "receiver" and channels != arch.out_channels:
+                    raise TrainingDataError(
+                        f"sample index {index} ({path.name}) in {self.folder}: the latent has {channels} channels",
+                        f"the models' {arch.out_channels}-channel latent ({arch.family})",
+                        f"save samples for these models with {self.host.writer} (its latent encoded by these models' "
+                        f"VAE), or pick the dataset made for them")
+                for role, width in sorted(self._text_widths[index].items()):
+                    if role.startswith(side) and width != arch.text_dim:
+                        raise TrainingDataError(
+                            f"sample index {index} ({path.name}) in {self.folder}: {role} has text embeddings "
+                            f"{width} wide", f"the {side}'s text width {arch.text_dim} ({arch.describe()})",
+                            f"save samples with the {side}'s own text encoder through {self.host.writer}, or pick "
+                            f"the dataset made for these models")
+
     def _check_finite_latents(self) -> None:
-        """Refuse samples whose latent holds NaN/Inf before any model loads (they would only show up as a NaN
-        loss steps later). Every latent is read once; conditioning is checked as each sample is used."""
+        """Refuse samples whose latent holds NaN/Inf or absurd magnitudes before any model loads (they would only
+        show up as a NaN or infinite loss steps later, blamed on the projector). Every latent is read once;
+        conditioning is checked as each sample is used."""
         watch = FiniteWatch()
+        huge = {}
         for index, path in enumerate(self.paths):
-            watch.observe(index, load_tensors(path, ["latent"])["latent"])
+            latent = load_tensors(path, ["latent"])["latent"]
+            watch.observe(index, latent)
+            worst = float(latent.abs().amax()) if latent.numel() else 0.0
+            if math.isfinite(worst) and worst > LATENT_LIMIT:
+                huge[index] = worst
         bad = watch.bad_layers()
         if bad:
             shown = [f"index {i} ({self.paths[i].name})" for i in bad[:8]] + (["…"] if len(bad) > 8 else [])
             raise TrainingDataError(f"the latents of samples {', '.join(shown)} in {self.folder} hold NaN or Inf values",
                                     _FINITE, _nonfinite_fix(self.folder, [self.paths[i].name for i in bad[:8]],
                                                             self.host.writer))
+        if huge:
+            ids = sorted(huge)[:8]
+            shown = [f"index {i} ({self.paths[i].name}, up to {huge[i]:.3g})" for i in ids] + (["…"] if len(huge) > 8 else [])
+            raise TrainingDataError(f"the latents of samples {', '.join(shown)} in {self.folder} hold values far beyond "
+                                    f"any VAE latent; this is the data, not the projector",
+                                    f"latent values within ±{LATENT_LIMIT:g} (a latent from VAE Encode or a sampler)",
+                                    f"delete {', '.join(self.paths[i].name for i in ids)} from {self.folder} (or "
+                                    f"save it again from VAE Encode's output: look upstream of {self.host.writer} "
+                                    f"for a scaling node or a broken encoder) and run again")
 
 
 # ------------------------------------------------------------------------------------------------

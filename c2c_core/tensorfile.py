@@ -338,8 +338,9 @@ class Snapshot:
 
 
 def file_identity(st: os.stat_result) -> tuple:
-    """One version of a file: device, inode, size and mtime (a replaced or rewritten file differs)."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    """One version of a file: device, inode, size, mtime and ctime (a replaced or rewritten file differs; ctime
+    catches a same-size rewrite whose mtime was set back, which no user process can set back in turn)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _tensor_from(buf: bytearray, e: TensorEntry) -> Tensor:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import clear_checkpoints, has_checkpoint, load_checkpoint, save_checkpoint
-from .errors import C2CError, ResumeError, TrainError
+from .errors import C2CError, DivergedError, ResumeError, TrainError
 from .mapping import LayerMap
 from .projectors import ProjectorBank
 
@@ -49,6 +49,7 @@ __all__ = [
     "DECAYS",
     "LOSS_KINDS",
     "TrainError",
+    "DivergedError",
     "ResumeError",
 ]
 
@@ -213,10 +214,11 @@ def train_bank(
             optimizer.step()
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise TrainError(f"train_bank: loss is {value} at step {step + 1}; lower lr or check the inputs for NaN/inf.")
+                raise DivergedError(f"train_bank: loss is {value} at step {step + 1}; lower lr or check the inputs for NaN/inf.")
             losses.append(value)
             done = step + 1
             if config.checkpoint_every and (done % config.checkpoint_every == 0 or done == config.steps):
+                _check_weights(bank, done)
                 path = save_checkpoint(
                     Path(config.checkpoint_dir), done, bank, layer_map, optimizer, losses, config, config.schedule_description()
                 )
@@ -225,7 +227,20 @@ def train_bank(
                 progress(done, value)
     finally:
         bank.eval()
+    _check_weights(bank, len(losses))
     return TrainResult(losses=losses, bank=bank, last_checkpoint=last_checkpoint)
+
+
+def _check_weights(bank: ProjectorBank, done: int) -> None:
+    """Refuse a bank whose weights went NaN/Inf (a step on a damaged optimizer state does that while the loss of
+    that step still looks fine): nothing is saved that Load C2C Projector would refuse."""
+    with torch.no_grad():
+        bad = [name for name, t in bank.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = bad[:4] + (["…"] if len(bad) > 4 else [])
+        raise DivergedError(f"train_bank: the projector's weights {shown} hold NaN or Inf after step {done}; expected "
+                         f"finite weights. Nothing was saved for this step. Lower lr, resume from an earlier "
+                         f"checkpoint, or start a new run (resume off).")
 
 
 # ----------------------------------------------------------------------------------------------

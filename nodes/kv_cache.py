@@ -54,8 +54,8 @@ class SaveKVCache(io.ComfyNode):
         check(isinstance(kv_source, RecordedSource), cls.NODE, "kv_source", "a live K/V source",
               "a recording", "feed it from Record KV Cache (Capture KV Cache is live)")
         subfolder, name = files.checked_prefix(cls.NODE, "filename_prefix", filename_prefix)
-        folder = os.path.join(recordings_folder(), subfolder)
-        path = files.save_numbered(folder, name, lambda p: save_recording(p, kv_source.recording))
+        path = files.save_in(cls.NODE, "filename_prefix", recordings_folder(), subfolder, name,
+                             lambda p: save_recording(p, kv_source.recording))
         return io.NodeOutput(kv_source, ui={"kv_cache": [{"filename": path.name, "type": "output",
                                                           "subfolder": "/".join(filter(None, (SUBFOLDER, subfolder)))}]})
 

@@ -14,7 +14,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..c2c_core import DECAYS, LOSS_KINDS, C2CError, ResumeError
+from ..c2c_core import DECAYS, LOSS_KINDS, C2CError, DivergedError, ResumeError
 from ..c2c_core.samples import TrainingDataError
 from ..c2c_core.train import TrainSettings
 from ..c2c_comfy import compat, paths, training
@@ -42,6 +42,15 @@ def _checked_name(node: str, input_name: str, value: str, what: str) -> str:
     check(bool(_NAME.match(name)) and ".." not in name, node, input_name, repr(value),
           f"a {what}: letters, digits, '_', '-' or '.', no slashes",
           "rename it, e.g. 'wan_chronoedit'")
+    return name
+
+
+def _checked_folder(node: str, input_name: str, value: str) -> str:
+    """A sample folder name; ``checkpoints`` (any case) is where Train C2C Projector keeps its checkpoints."""
+    name = _checked_name(node, input_name, value, "folder name")
+    check(name.lower() != training.CHECKPOINTS_SUBFOLDER, node, input_name, repr(value),
+          f"a sample folder other than output/{training.SAMPLES_SUBFOLDER}/{training.CHECKPOINTS_SUBFOLDER}/, where "
+          f"Train C2C Projector keeps its checkpoints", "rename it, e.g. 'wan_chronoedit'")
     return name
 
 
@@ -79,7 +88,7 @@ class SaveC2CTrainingSample(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, positive, negative, sharer_positive, sharer_negative, folder) -> io.NodeOutput:
-        name = _checked_name(cls.NODE, "folder", folder, "folder name")
+        name = _checked_folder(cls.NODE, "folder", folder)
         samples = latent["samples"]
         check(samples.dim() == 5, cls.NODE, "latent", f"a latent of shape {tuple(samples.shape)}",
               "a video latent (batch, 16, frames, height, width)", "encode a video or use an empty Wan video latent")
@@ -204,7 +213,7 @@ class TrainC2CProjector(io.ComfyNode):
               "use 'distill' or 'velocity' for this pair")
         check(warmup_steps < steps, node, "warmup_steps", str(warmup_steps), f"fewer than steps ({steps})",
               "lower warmup_steps or raise steps")
-        data_name = _checked_name(node, "dataset", dataset, "folder name")
+        data_name = _checked_folder(node, "dataset", dataset)
         out_name = _checked_name(node, "output_name", output_name, "file name")
         try:
             data = training.open_training_set(samples_root() / data_name)
@@ -212,7 +221,7 @@ class TrainC2CProjector(io.ComfyNode):
             raise BridgeInputError(node, "dataset", e.found, e.expected or "a folder of samples written by Save C2C "
                                    "Training Sample", e.fix or f"save samples into output/{training.SAMPLES_SUBFOLDER}/"
                                    f"{data_name}/ first, or pick the folder you saved them to") from e
-        folder = samples_root() / "checkpoints" / out_name
+        folder = samples_root() / training.CHECKPOINTS_SUBFOLDER / out_name
         bar = compat.progress_bar(steps, node_id=cls.hidden.unique_id if cls.hidden else None)
 
         def progress(done, total, value):
@@ -230,10 +239,13 @@ class TrainC2CProjector(io.ComfyNode):
         except TrainingDataError as e:
             raise BridgeInputError(node, "dataset", e.found, e.expected or "samples that fit both models",
                                    e.fix or "re-save the samples with Save C2C Training Sample for this pair") from e
-        except ResumeError as e:    # a checkpoint made with other settings
-            raise BridgeInputError(node, "resume", str(e), "settings that match the checkpoint being resumed",
-                                   "use the settings of the interrupted run, switch resume off, or pick a new "
-                                   "output_name") from e
+        except ResumeError as e:    # a checkpoint made with other settings, or a damaged one
+            raise BridgeInputError(node, "resume", str(e).rstrip("."), "a checkpoint of this output_name, intact "
+                                   "and made with these settings", "use the settings of the interrupted run, switch "
+                                   "resume off, or pick a new output_name") from e
+        except DivergedError as e:  # NaN/Inf loss or weights: nothing was saved from that step on
+            raise BridgeInputError(node, "learning_rate", str(e), "a run whose loss and weights stay finite",
+                                   "lower learning_rate, or switch resume off to start over") from e
         except C2CError as e:       # TrainConfig names the field it refused
             field = re.search(r"TrainConfig\.(\w+)", str(e))
             input_name = _CONFIG_INPUTS.get(field.group(1), "steps") if field else "projector"

@@ -42,7 +42,12 @@ def weight_shapes(path: Path) -> dict:
 
 def tagged(sig, path: Path, role: str):
     from c2c_core.arch import arch_from_weights
-    arch = arch_from_weights(weight_shapes(path), sig.num_heads)
+    from c2c_core.errors import SignatureError
+    try:        # the tag is range-checked where it is made: a tag load_bundle would refuse is never written
+        arch = arch_from_weights(weight_shapes(path), sig.num_heads)
+    except SignatureError as e:
+        raise SystemExit(f"--{role} {path}: {e} Nothing was written; pass the {role} model file (a Wan-family "
+                         f"checkpoint) the bundle was made for.") from None
     if (arch.num_layers, arch.dim) != (sig.num_layers, sig.width):
         raise SystemExit(f"--{role} {path}: a model of {arch.num_layers} layers, dim {arch.dim}; the bundle's {role} "
                          f"has {sig.num_layers} layers, dim {sig.width}. Pass the {role} the bundle was made for.")

@@ -88,6 +88,7 @@ def main(argv=None) -> int:
         receiver = load_transformer(args.receiver, args.receiver_class, dtype).to(args.device).requires_grad_(False)
         sharer = load_transformer(args.sharer, args.sharer_class, dtype).to(args.device).requires_grad_(False)
         rs, ss = models.signature(receiver, args.receiver.stem), models.signature(sharer, args.sharer.stem)
+        dataset.check_models(rs.arch, ss.arch)
         layer_map = LayerMap.build(args.mapping, ss.num_layers, rs.num_layers)
         hparams = {"hidden_dim": args.hidden_dim} if args.hidden_dim else {}
         bank = ProjectorBank.build(args.kind, ss, rs, layer_map.layers, **hparams).to(args.device, dtype)

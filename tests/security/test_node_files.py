@@ -7,6 +7,7 @@ import gc
 import hashlib
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -181,6 +182,109 @@ def test_save_kv_cache_streams_a_disk_recording_without_reading_it_into_memory(m
         k, v = loaded.get(step, 0, 1)
         k0, v0 = source.recording.get(step, 0, 1)
         assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+# -- saves that cannot land where asked (issue 23, item 9): clear errors, nothing written ------------------
+
+def test_save_kv_cache_refuses_a_link_inside_its_folder_and_writes_nothing_outside(model, conds, tmp_path):
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    source = record(model, conds)
+    os.makedirs(_folder(), exist_ok=True)
+    link = os.path.join(_folder(), "linked")
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(tmp_path, link)
+    try:
+        with pytest.raises(BridgeInputError) as info:
+            save(source, "linked/rec")
+    finally:
+        os.remove(link)
+    assert str(info.value) == (f"Save KV Cache › filename_prefix: kv_cache/linked is a link to {str(tmp_path)!r}; "
+                               f"expected a real folder inside kv_cache/ (the pack writes only inside it). Fix: remove "
+                               f"the link {link}, or choose another filename_prefix")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_kv_cache_refuses_a_file_where_its_sub_folder_should_be(model, conds):
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    source = record(model, conds)
+    os.makedirs(_folder(), exist_ok=True)
+    blocker = os.path.join(_folder(), "blocked")
+    open(blocker, "w").close()
+    try:
+        with pytest.raises(BridgeInputError) as info:
+            save(source, "blocked/deeper/rec")
+        assert os.path.isfile(blocker) and os.path.getsize(blocker) == 0
+    finally:
+        os.remove(blocker)
+    assert str(info.value) == (f"Save KV Cache › filename_prefix: kv_cache/blocked is a file, not a folder; expected a "
+                               f"sub-folder name that is free or a folder. Fix: rename or remove the file {blocker}, or "
+                               f"choose another filename_prefix")
+
+
+@pytest.mark.parametrize("code, found, expected, fix", [
+    (30, "kv_cache/ro is not writable (Read-only file system)", "a folder ComfyUI may write to",
+     "give ComfyUI write access to {folder}, or start it with --output-directory on a writable folder"),
+    (13, "kv_cache/ro is not writable (Permission denied)", "a folder ComfyUI may write to",
+     "give ComfyUI write access to {folder}, or start it with --output-directory on a writable folder"),
+    (28, "the disk of kv_cache/ro is full ({free})", "room for the file",
+     "free disk space there, or start ComfyUI with --output-directory on another disk"),
+])
+def test_save_kv_cache_into_a_read_only_or_full_folder_says_so_and_leaves_no_file(model, conds, monkeypatch, code,
+                                                                                    found, expected, fix):
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    from dit_cache_bridge.nodes import kv_cache
+    source = record(model, conds)
+
+    def failing_save(path, recording):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(kv_cache, "save_recording", failing_save)
+    folder = os.path.join(_folder(), "ro")
+    with pytest.raises(BridgeInputError) as info:
+        save(source, "ro/rec")
+    message = re.escape(f"Save KV Cache › filename_prefix: {found.format(free='FREE')}; expected {expected}. "
+                        f"Fix: {fix.format(folder=folder)}").replace("FREE", r"\d+ MB free")
+    assert re.fullmatch(message, str(info.value)), str(info.value)
+    assert os.listdir(folder) == []
+
+
+def test_record_kv_cache_on_disk_creates_a_missing_temp_folder(model, conds, tmp_path, monkeypatch):
+    import folder_paths
+    temp = tmp_path / "removed" / "temp"
+    monkeypatch.setattr(folder_paths, "get_temp_directory", lambda: str(temp))
+    source = record(model, conds, storage="disk")
+    assert temp.is_dir() and len(os.listdir(temp)) == 1
+    del source
+    gc.collect()
+
+
+def test_record_kv_cache_says_when_the_temp_folder_cannot_be_made(model, conds, tmp_path, monkeypatch):
+    import folder_paths
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    (tmp_path / "a_file").write_text("")
+    temp = tmp_path / "a_file" / "temp"
+    monkeypatch.setattr(folder_paths, "get_temp_directory", lambda: str(temp))
+    with pytest.raises(BridgeInputError) as info:
+        record(model, conds, storage="disk")
+    assert str(info.value) == (f"Record KV Cache › storage: ComfyUI's temp folder {temp} is missing and cannot be "
+                               f"created (Not a directory); expected a writable temp folder for a disk recording. Fix: "
+                               f"start ComfyUI with --temp-directory on a writable folder, or set storage to 'ram'")
+
+
+def test_load_kv_cache_fingerprint_sees_a_same_size_rewrite_with_its_mtime_restored(model, conds):
+    nodes = pack_nodes()
+    entry = save(record(model, conds, seed=3), "ctime/rec")
+    name = f"ctime/{entry['filename']}"
+    path = os.path.join(_folder(), name)
+    before_stat, before = os.stat(path), nodes.LoadKVCache.fingerprint_inputs(kv_cache=name)
+    with open(path, "r+b") as f:        # same inode and size, other bytes, mtime set back
+        f.seek(-2, os.SEEK_END)
+        last = f.read(2)
+        f.seek(-2, os.SEEK_END)
+        f.write(bytes(b ^ 0xFF for b in last))
+    os.utime(path, ns=(before_stat.st_atime_ns, before_stat.st_mtime_ns))
+    assert nodes.LoadKVCache.fingerprint_inputs(kv_cache=name) != before
 
 
 # -- values the UI would not produce -------------------------------------------------------------------

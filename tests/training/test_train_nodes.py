@@ -147,6 +147,93 @@ def test_bad_names_and_settings_are_refused(pack, helpers, models, dataset_name,
         run_node(pack.SaveC2CTrainingSample, latent={"samples": torch.zeros(1, 16, 3, 8, 8)}, folder="a/b", **conds)
 
 
+def test_a_sample_folder_named_checkpoints_is_refused_by_both_nodes(pack, helpers, models, conds, comfy):
+    """output/c2c_training/checkpoints/ holds Train C2C Projector's checkpoints: no sample folder may share it."""
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    a, b = models["a"], models["b"]
+    (comfy.output_dir / "c2c_training").mkdir(parents=True, exist_ok=True)
+    listing = sorted(p.name for p in (comfy.output_dir / "c2c_training").iterdir())
+    expected = ("expected a sample folder other than output/c2c_training/checkpoints/, where Train C2C Projector "
+                "keeps its checkpoints. Fix: rename it, e.g. 'wan_chronoedit'")
+    with pytest.raises(BridgeInputError) as info:
+        run_node(pack.SaveC2CTrainingSample, latent={"samples": torch.zeros(1, 16, 3, 8, 8)}, folder="checkpoints",
+                 **conds)
+    assert str(info.value) == f"Save C2C Training Sample › folder: 'checkpoints'; {expected}"
+    with pytest.raises(BridgeInputError) as info:
+        run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=helpers.make_projector(pack, b, a, "c2c"),
+                 **train_inputs(dataset="Checkpoints"))
+    assert str(info.value) == f"Train C2C Projector › dataset: 'Checkpoints'; {expected}"
+    assert sorted(p.name for p in (comfy.output_dir / "c2c_training").iterdir()) == listing
+
+
+@pytest.mark.parametrize("name, latent, text, found, expected, fix", [
+    ("other_channels", (1, 48, 3, 8, 8), 4096, "the latent has 48 channels", "the models' 16-channel latent (wan2.1)",
+     "save samples for these models with Save C2C Training Sample (its latent encoded by these models' VAE), or "
+     "pick the dataset made for them"),
+    ("other_text", (1, 16, 3, 8, 8), 512, "receiver_negative has text embeddings 512 wide",
+     "the receiver's text width 4096 ({arch})",
+     "save samples with the receiver's own text encoder through Save C2C Training Sample, or pick the dataset "
+     "made for these models"),
+])
+def test_a_dataset_made_for_other_models_is_refused_before_training(pack, helpers, models, conds, comfy, name,
+                                                                    latent, text, found, expected, fix):
+    from dit_cache_bridge.c2c_comfy import compat
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    a, b = models["a"], models["b"]
+    folder = comfy.output_dir / "c2c_training" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    save_unchecked(folder, torch.zeros(latent), conds | {"negative": [[torch.zeros(1, 5, text), {}]]})
+    with pytest.raises(BridgeInputError) as info:
+        run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=helpers.make_projector(pack, b, a, "c2c"),
+                 **train_inputs(dataset=name, output_name=f"tiny_pair_{name}", resume=False))
+    arch = compat.wan_signature(a).arch.describe()
+    assert str(info.value) == (f"Train C2C Projector › dataset: sample index 0 (sample_00001.safetensors) in {folder}: "
+                               f"{found}; expected {expected.format(arch=arch)}. Fix: {fix}")
+    assert not (comfy.output_dir / "c2c_training" / "checkpoints" / f"tiny_pair_{name}").exists(), "nothing written"
+
+
+def test_a_huge_latent_is_blamed_on_the_data_not_the_projector(pack, helpers, models, conds, comfy):
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    a, b = models["a"], models["b"]
+    folder = comfy.output_dir / "c2c_training" / "huge_latent"
+    shutil.rmtree(folder, ignore_errors=True)
+    save_unchecked(folder, torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 1e30, conds)
+    with pytest.raises(BridgeInputError, match=r"Train C2C Projector › dataset: the latents of samples index 0 "
+                                               r"\(sample_00001\.safetensors, up to [0-9.e+]+\) in .*huge_latent hold "
+                                               r"values far beyond any VAE latent; this is the data, not the projector; "
+                                               r"expected latent values within ±10000 \(a latent from VAE Encode or a "
+                                               r"sampler\)\. Fix: delete sample_00001\.safetensors from .*huge_latent"):
+        run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=helpers.make_projector(pack, b, a, "c2c"),
+                 **train_inputs(dataset="huge_latent"))
+
+
+def test_resuming_a_checkpoint_whose_optimizer_step_is_nan_is_refused_and_writes_nothing(pack, helpers, models,
+                                                                                         dataset_name, comfy):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    from dit_cache_bridge.nodes import train as train_nodes
+    a, b = models["a"], models["b"]
+    projector = helpers.make_projector(pack, b, a, "full")
+    inputs = train_inputs(output_name="tiny_pair_nan_step", resume=False, steps=2, checkpoint_every=1)
+    run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector, **inputs)
+    state = comfy.output_dir / "c2c_training" / "checkpoints" / "tiny_pair_nan_step" / "step_000002.state.safetensors"
+    with safe_open(str(state), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(state))
+    tensors["optimizer.0.step"] = torch.tensor(float("nan"))
+    save_file(tensors, str(state), metadata=metadata)
+    bundles = sorted(Path(train_nodes.projector_folder()).iterdir())
+    with pytest.raises(BridgeInputError) as info:
+        run_node(pack.TrainC2CProjector, sharer=b, receiver=a, projector=projector, **(inputs | {"resume": True}))
+    assert str(info.value) == (f"Train C2C Projector › resume: {state}: optimizer step of parameter 0 holds NaN or Inf; "
+                               f"expected finite values (the run it comes from diverged, or the file was damaged). "
+                               f"Resume from an earlier checkpoint, or start a new run (resume off); expected a "
+                               f"checkpoint of this output_name, intact and made with these settings. Fix: use the "
+                               f"settings of the interrupted run, switch resume off, or pick a new output_name")
+    assert sorted(Path(train_nodes.projector_folder()).iterdir()) == bundles
+
+
 def test_sample_with_mismatched_image_latent_is_refused(pack, conds):
     from comfy_test_nodes import i2v_conditioning
     wrong = i2v_conditioning(conds["sharer_positive"], torch.zeros(1, 16, 5, 8, 8))
