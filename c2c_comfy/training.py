@@ -47,13 +47,13 @@ import torch.distributed as dist
 
 import comfy.patcher_extension
 
-from ..c2c_core import (LOSS_KINDS, FusionSchedule, LayerMap, ProjectorBank, ProjectorBundle, TrainConfig,
+from c2c_core import (LOSS_KINDS, FusionSchedule, LayerMap, ProjectorBank, ProjectorBundle, TrainConfig,
                         distill_loss, kv_loss, save_bundle, save_tensors_with_meta, train_bank, velocity_loss)
-from ..c2c_core.bundle import read_header, read_meta, tag_bank
-from ..c2c_core.checkpoint import find_checkpoint
-from ..c2c_core.errors import C2CError, TrainError
-from ..c2c_core.health import FiniteWatch
-from ..c2c_core.runtime import FusionRun
+from c2c_core.bundle import read_header, read_meta, tag_bank
+from c2c_core.checkpoint import find_checkpoint
+from c2c_core.errors import C2CError, TrainError
+from c2c_core.health import FiniteWatch
+from c2c_core.runtime import FusionRun
 from . import compat, files
 
 log = logging.getLogger("dit_cache_bridge")

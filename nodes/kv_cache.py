@@ -11,9 +11,9 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..c2c_core import BundleError, align
-from ..c2c_core.errors import cut, quote
-from ..c2c_core.recording import load_recording, save_recording
+from c2c_core import BundleError, align
+from c2c_core.errors import cut, quote
+from c2c_core.recording import load_recording, save_recording
 from ..c2c_comfy import files
 from ..c2c_comfy.errors import BridgeInputError, check
 from ..c2c_comfy.recorded import RecordedSource

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..c2c_core.recording import STORAGE_DTYPES
+from c2c_core.recording import STORAGE_DTYPES
 from ..c2c_comfy import compat, recorded
 from ..c2c_comfy.errors import check
 from ..c2c_comfy.validate import check_inputs

@@ -13,7 +13,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..c2c_core import DECAYS, LOSS_KINDS, C2CError, ResumeError
+from c2c_core import DECAYS, LOSS_KINDS, C2CError, ResumeError
 from ..c2c_comfy import compat, paths, training
 from ..c2c_comfy.errors import BridgeInputError, check
 from ..c2c_comfy.validate import check_inputs
