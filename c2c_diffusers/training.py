@@ -6,7 +6,7 @@ bridged receiver's velocity at x_t = (1 − σ)·x0 + σ·noise against noise �
 is always used in place (float32 master weights also for a bf16 receiver; never a placed copy that
 gradients would not reach), so what is trained is what runs.
 
-    bridge = Bridge(bundle, LiveSharer(sharer, inputs)).attach(receiver)
+    bridge = Bridge(LiveSharer(sharer, inputs), bundle).attach(receiver)
     result = train_bank(bundle.bank, bundle.layer_map, batches, velocity_loss(bridged_velocity(bridge, receiver)),
                         TrainConfig(steps=1000, lr=1e-4))
 """
