@@ -313,7 +313,7 @@ def save_samples(training, receiver, videos, classes, texts, folder: Path):
 
 def train_and_save_projector(training, sharer, receiver, fresh, dataset, settings: Settings, seed: int, path: Path):
     """Train ``fresh`` (a projector bundle) with the pack's trainer, velocity loss; save it to ``path``."""
-    from dit_cache_bridge.c2c_core import save_bundle
+    from c2c_core import save_bundle
 
     train_settings = training.TrainSettings(loss="velocity", steps=settings.projector_steps,
                                             batch_size=settings.projector_batch, lr=settings.projector_lr,

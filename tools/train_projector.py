@@ -133,7 +133,7 @@ def load_models(args):
 
 
 def make_projector(args, nodes, sharer, receiver):
-    from dit_cache_bridge.c2c_core import load_bundle
+    from c2c_core import load_bundle
 
     if args.projector is not None:
         bundle = load_bundle(args.projector)
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         if not args.resume and not args.restart and training.has_checkpoint(args.checkpoint_dir):
             raise SystemExit(f"{args.checkpoint_dir} holds checkpoints of an earlier run; pass --resume to continue "
                              f"it or --restart to delete them and start over.")
-        refused = (importlib.import_module(f"{PACK_NAME}.c2c_core").C2CError,
+        refused = (importlib.import_module("c2c_core").C2CError,
                    importlib.import_module(f"{PACK_NAME}.c2c_comfy.errors").BridgeInputError)
         try:        # the pack's own lists and checks (c2c_core, Create C2C Projector), before any model loads
             settings = training.TrainSettings(loss=args.loss, steps=args.steps, batch_size=args.batch_size,

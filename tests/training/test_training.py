@@ -128,7 +128,7 @@ def test_kill_and_resume_gives_bit_identical_weights(training, pack, helpers, mo
 
 
 def test_resume_off_starts_over_and_other_settings_are_refused(training, pack, helpers, models, t2v_set, tmp_path):
-    from dit_cache_bridge.c2c_core import ResumeError
+    from c2c_core import ResumeError
     a, b = models["a"], models["b"]
     projector = helpers.make_projector(pack, b, a, "c2c")
     settings = training.TrainSettings(loss="velocity", steps=2, batch_size=1, checkpoint_every=1, checkpoint_dir=tmp_path)
@@ -192,8 +192,8 @@ def test_a_training_step_fuses_exactly_as_inference_and_only_the_bank_gets_gradi
     with ScaleROPE (ChronoEdit's scale_t 7), whose keys both paths re-rotate."""
     import host
     from dit_cache_bridge.c2c_comfy import compat
-    from dit_cache_bridge.c2c_core import FusionSchedule
-    from dit_cache_bridge.c2c_core.runtime import BankCache, FusionRun
+    from c2c_core import FusionSchedule
+    from c2c_core.runtime import BankCache, FusionRun
     a, b = models["a"], models["b"]
     if scale_t is not None:
         ScaleROPE = host.core_node("comfy_extras.nodes_rope", "ScaleROPE")
