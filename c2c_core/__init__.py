@@ -2,8 +2,7 @@
 
 Fuses one Diffusion Transformer's self-attention K/V into another's (Cache-to-Cache, adapted to
 Wan2.1-style video DiTs). Imports only torch, einops, safetensors, greenlet (optional: lockstep.py) and the
-standard library; never
-ComfyUI or diffusers, so every piece can be tested without a host. Start with docs/core_api.md.
+standard library; never ComfyUI or diffusers, so every piece can be tested without a host. Start with docs/core_api.md.
 
 What is exported here is the public API (docs/architecture.md, "c2c_core's public API"); the one
 fusion path every host uses is :class:`FusionRun` (``runtime.py``).

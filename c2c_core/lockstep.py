@@ -86,19 +86,24 @@ class Lockstep:
                 pass
         self._pending.append(_Forward(tuple(branches), greenlet(run)))
 
-    def kv(self, layer: int, branches) -> tuple[Tensor, Tensor]:
-        """Sharer K/V of ``layer`` for ``branches``: resume the sharer's forwards until they produced it.
-
-        Raises KeyError((layer, branch)) when no queued forward produces it.
-        """
+    def advance(self, layer: int, branches) -> bool:
+        """Resume the sharer's forwards until they produced ``layer`` for ``branches``; False when they never will."""
         if self.streams:
             self.captured.drop_below(layer)          # the receiver is past every layer that read them
         for branch in dict.fromkeys(branches):
             forward = next((f for f in self._pending if branch in f.branches), None)
             if forward is None:
-                raise KeyError((layer, branch))
+                return False
             while not self.captured.has(layer, branch) and not forward.coroutine.dead:
                 self._resume(forward)
+            if not self.captured.has(layer, branch):
+                return False
+        return True
+
+    def kv(self, layer: int, branches) -> tuple[Tensor, Tensor]:
+        """Sharer K/V of ``layer`` for ``branches`` (:meth:`advance`, then the store's); KeyError when never produced."""
+        if not self.advance(layer, branches):
+            raise KeyError((layer, tuple(branches)))
         return self.captured.get(layer, branches)
 
     def _resume(self, forward: _Forward) -> None:
