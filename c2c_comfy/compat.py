@@ -349,14 +349,6 @@ def calc_cond_batch(model, conds, x, timestep, model_options):
     return comfy.samplers.calc_cond_batch(model, conds, x, timestep, model_options)
 
 
-def get_area_and_mult(cond, x, timestep):
-    return comfy.samplers.get_area_and_mult(cond, x, timestep)
-
-
-def can_concat_cond(a, b) -> bool:
-    return comfy.samplers.can_concat_cond(a, b)
-
-
 def cond_part(patcher, cond, x, timestep, model_options):
     """The part of one encoded cond a model call on ``x`` at ``timestep`` takes (its hook keyframes prepared),
     or None when the cond is switched off at this sigma (a timestep range)."""
