@@ -144,7 +144,8 @@ class RecordedRun:
         """A recording cannot receive."""
 
     def capture(self, layer, k, v):
-        raise RuntimeError("a recorded source does not capture")
+        """No sharer runs during a replay: nothing to capture."""
+        return k, v
 
     def kv(self, layer, call: Call):
         """The recorded K/V (B, N, H*D) of sharer ``layer`` at the call's step and branch."""

@@ -147,3 +147,32 @@ def test_bf16_models_fuse_with_a_bf16_copy_of_the_bank_and_the_twin_stays_bit_id
     bridge.detach()
     assert torch.isfinite(fused).all() and not torch.equal(fused, plain)
     assert all(p.dtype == torch.float32 for p in bundle.bank.parameters()), "the user's bank is never cast"
+
+
+def test_every_source_run_implements_the_host_contract():
+    """Live, lockstep (bidirectional) and recorded runs are c2c_core.contract.KVSourceRun, as ComfyUI's are."""
+    from c2c_core.contract import KVSourceRun
+    from c2c_diffusers.lockstep import LockstepRun
+    from c2c_diffusers.live import LiveSharerRun
+    from c2c_diffusers.recorded import RecordedRun
+    sharer = tiny.wan_pipe(tiny.wan(2))
+    with KVRecorder(sharer.transformer, layers=[0, 1], storage_dtype="fp32") as recorder:
+        tiny.run_pipe(sharer, steps=2)
+    pipe = tiny.wan_pipe(tiny.wan(1))
+    sources = ((LiveSharer(tiny.wan(2), twin_inputs()), LiveSharerRun),
+               (LiveSharer(tiny.wan(2), twin_inputs(), backward=tiny.bundle("weighted")), LockstepRun),
+               (RecordedSharer(recorder.recording), RecordedRun))
+    for source, kind in sources:
+        bridge = Bridge(source, tiny.bundle("weighted")).attach(pipe)
+        with bridge.session():
+            tiny.run_pipe(pipe, steps=2)
+            run = bridge.source_run
+            assert type(run) is kind and isinstance(run, KVSourceRun)
+        bridge.detach()
+        assert bridge.last_report.model_calls == 4
+
+
+def test_a_bridge_with_its_arguments_swapped_is_refused_with_the_order():
+    with pytest.raises(BridgeSetupError, match=r"Bridge\(source, bundle, …\): bundle is a LiveSharer \(the arguments "
+                                               r"are swapped: the source comes first\)"):
+        Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs()))

@@ -249,3 +249,25 @@ def test_without_greenlet_live_mode_stays_buffered_and_bidirectional_is_refused(
                                                r"greenlet is not installed.*pip install -r requirements.txt"):
         pack_nodes().FuseCaches.execute(a, src, projector(b, a), 1.0, 0.0, 1.0, direction="bidirectional",
                                         backward_projector=projector(a, b))
+
+
+def test_every_source_run_implements_the_host_contract(models, conds, monkeypatch):
+    """Buffered, lockstep, bidirectional and recorded runs are c2c_core.contract.KVSourceRun, as diffusers' are."""
+    from c2c_core.contract import KVSourceRun
+    from bridge_helpers import empty_latent
+    pack_nodes()
+    from dit_cache_bridge.c2c_comfy import bridge, live, lockstep, recorded
+    seen = []
+    close = bridge.BridgeRun.close
+    monkeypatch.setattr(bridge.BridgeRun, "close", lambda self: (seen.append(self.source_run), close(self))[1])
+    a, b = models["a"], models["b"]
+    record = pack_nodes().RecordKVCache.execute(b, conds["sharer_pos"], conds["sharer_neg"], empty_latent(), 7, 4, 4.0,
+                                                "euler", "simple", 1.0, layers="all", storage_dtype="fp32").args[0]
+    sources = (live_source(b, conds["sharer_pos"], conds["sharer_neg"], streaming=False),
+               live_source(b, conds["sharer_pos"], conds["sharer_neg"], streaming=True),
+               bidirectional_source(b, a, conds["sharer_pos"], conds["sharer_neg"]), record)
+    for source in sources:
+        ksample(fused(a, source, projector(b, a)), conds["pos"], conds["neg"])
+    assert [type(run) for run in seen] == [live.LiveSharerRun, lockstep.LockstepRun, lockstep.LockstepRun,
+                                           recorded.RecordedRun]
+    assert all(isinstance(run, KVSourceRun) for run in seen)
