@@ -1,8 +1,8 @@
 """The host-free fusion runtime: one sampling run's worth of turning sharer K/V into fused receiver K/V.
 
 Every host (ComfyUI's bridge, the diffusers bridge, projector training) fuses through
-:class:`FusionRun`; hosts differ only in how they find the attention hook point and how they name
-CFG branches. One run is created per sampling run::
+:class:`FusionRun`; hosts differ only in how they find the attention hook point and how they tell
+a call's CFG branches apart (c2c_core.contract). One run is created per sampling run::
 
     run = FusionRun(bundle, schedule, strength, sharer_rope=..., receiver_rope=...,
                     sharer_grid=..., receiver_grid=..., device=..., dtype=...)
