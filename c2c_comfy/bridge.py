@@ -105,7 +105,7 @@ class Bridge(Shared):
     def _calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         run = self.run
         if run is not None:
-            run.begin_evaluation(x_in, timestep)
+            run.begin_evaluation(x_in)
         return executor(model, conds, x_in, timestep, model_options)
 
     def _apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
@@ -174,7 +174,7 @@ class BridgeRun:
         return p
 
     # -- per model evaluation and call ----------------------------------------------------------
-    def begin_evaluation(self, x_in, timestep):
+    def begin_evaluation(self, x_in):
         """One model evaluation (all CFG chunks at one sigma); checks the latent is the sampled one."""
         if tuple(x_in.shape) != self.noise_shape:
             raise BridgeInputError(
