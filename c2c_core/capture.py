@@ -38,7 +38,8 @@ class CapturedKV:
         return any(branch in have for _, _, have in self.batches.get(layer, ()))
 
     def drop(self, branches) -> None:
-        """Forget every layer's K/V of ``branches`` (before the sharer runs for them again)."""
+        """Forget every layer's K/V of ``branches``, with whatever was batched with them (before the sharer runs
+        for them again)."""
         for layer, entries in list(self.batches.items()):
             self.batches[layer] = [e for e in entries if not set(e[2]) & set(branches)]
 
