@@ -4,10 +4,10 @@
 copy the chosen layers' K/V into a ``KVRecording``, per model *evaluation* (a sampler such as heun
 evaluates the model twice per step; each evaluation's sigma is recorded too) and per branch
 (``c2c_core.contract.POSITIVE``/``NEGATIVE``, the recording's on-disk kinds 0/1), then asks ComfyUI to
-unload the sharer. ``RecordedSource``
-replays that recording into a bridged receiver, evaluation by evaluation: a recording that does not
-fit the run (sigmas, grid, seed, CFG, batch size) fails before the first step, and a sampler that
-evaluates at other sigmas than the recording's fails at the first evaluation that differs.
+unload the sharer. ``RecordedSharer`` (named as c2c_diffusers' replay source) replays that recording into
+a bridged receiver, evaluation by evaluation: a recording that does not fit the run (sigmas, grid, seed,
+CFG, batch size) fails before the first step, and a sampler that evaluates at other sigmas than the
+recording's fails at the first evaluation that fuses and differs.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def _temp_dir():
 
 
 @dataclass(eq=False)
-class RecordedSource:
+class RecordedSharer:
     """A K/V source that replays a recording (Record KV Cache, or Load KV Cache)."""
     recording: KVRecording
     signature: object
@@ -159,7 +159,7 @@ class RecordedRun:
     the sharer there.
     """
 
-    def __init__(self, source: RecordedSource, run, guider):
+    def __init__(self, source: RecordedSharer, run, guider):
         rec = source.recording
         self.source = source
         self.run = run

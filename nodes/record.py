@@ -74,7 +74,7 @@ class RecordKVCache(io.ComfyNode):
         check_latent_channels(cls.NODE, sharer, latent_image)
         recording = recorded.record(cls.NODE, sharer, positive, negative, chosen, latent_image, seed, steps, cfg,
                                     sampler_name, scheduler, denoise, storage_dtype, storage, signature)
-        return io.NodeOutput(recorded.RecordedSource(recording, signature, chosen, int(refresh_every),
+        return io.NodeOutput(recorded.RecordedSharer(recording, signature, chosen, int(refresh_every),
                                                      rope_alignment, grid_alignment, cls.NODE))
 
 
