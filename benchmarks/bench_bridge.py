@@ -95,7 +95,7 @@ class Bench:
         sig = compat.wan_signature(self.sharer)
         rec = recorded.record("Record KV Cache", self.sharer, self.sharer_pos, self.sharer_neg, tuple(layers),
                               self.latent, 7, steps, cfg, "euler", "simple", 1.0, "bf16", "ram", sig)
-        return recorded.RecordedSource(rec, sig, tuple(layers), 1, "auto", "refuse", "Record KV Cache")
+        return recorded.RecordedSharer(rec, sig, tuple(layers), 1, "auto", "refuse", "Record KV Cache")
 
     def sample(self, model, cfg, steps):
         from bridge_helpers import ksample
@@ -196,7 +196,7 @@ def sweep(b: Bench, cfg: float, steps: int, repeats: int) -> dict:
 def projector_cost(b: Bench, repeats: int) -> dict:
     """Seconds of one layer's K and V projection per type ÷ seconds of one transformer block (forward ÷ layers)."""
     torch = b.torch
-    from dit_cache_bridge.c2c_core import ProjectorBank
+    from c2c_core import ProjectorBank
     from dit_cache_bridge.c2c_comfy import compat
     dm = b.receiver.model.diffusion_model
     device = b.receiver.load_device
@@ -226,8 +226,8 @@ def projector_cost(b: Bench, repeats: int) -> dict:
 def fits_14b(card_gb: float = 80.0) -> dict:
     """Wan2.1-14B pair at 480p 81 frames, batched CFG, bf16: device bytes per mode, by arithmetic."""
     from dit_cache_bridge.c2c_comfy import memory
-    from dit_cache_bridge.c2c_core import ProjectorBank
-    from dit_cache_bridge.c2c_core import ModelSignature
+    from c2c_core import ProjectorBank
+    from c2c_core import ModelSignature
     tokens = 21 * 30 * 52
     weights = wan_params(**WAN14B) * 2
     # ComfyUI's own activation estimate for Wan with flash/pytorch attention: area x dtype x 0.01 MB x factor 1.0

@@ -1,28 +1,28 @@
-"""CFG branches by role: which of the sharer's conditionings feeds each chunk of a receiver call.
+"""CFG branches of ComfyUI's model calls: which of the sharer's conditionings feeds each chunk.
 
-ComfyUI hands each model call its chunks as ``transformer_options["cond_or_uncond"]`` (indexes into
-the *guider's own* cond list, so DualCFGGuider's (negative, middle, positive) arrive as 2, 1, 0) and
+A branch is ``c2c_core.contract.POSITIVE`` or ``NEGATIVE`` (the one word both hosts use). ComfyUI hands
+each model call its chunks as ``transformer_options["cond_or_uncond"]`` (indexes into the *guider's
+own* cond list, so DualCFGGuider's (negative, middle, positive) arrive as 2, 1, 0) and
 ``transformer_options["uuids"]`` (one per cond entry, stable for the whole run). A bridge therefore
-keys branches by uuid, never by list position: at the start of a run every uuid of the guider's
-named conds is mapped to the sharer's ``positive`` or ``negative`` role (DualCFG's ``middle`` and
-PerpNeg's ``empty_negative_prompt`` are what ComfyUI itself marks ``prompt_type: negative``), and a
-guider with other names is refused before the first step.
+keys branches by uuid, never by list position: at the start of a run every uuid of the guider's named
+conds is mapped to the sharer's positive or negative branch (DualCFG's ``middle`` and PerpNeg's
+``empty_negative_prompt`` are what ComfyUI itself marks ``prompt_type: negative``), and a guider with
+other names is refused before the first step.
 """
 from __future__ import annotations
 
+from c2c_core.contract import NEGATIVE, POSITIVE
+
 from .errors import BridgeInputError
 
-POSITIVE, NEGATIVE = 0, 1
-ROLE_NAMES = ("positive", "negative")
-
-# guider cond name -> the sharer conditioning (role) that feeds it
-ROLES = {"positive": POSITIVE, "negative": NEGATIVE, "middle": NEGATIVE, "empty_negative_prompt": NEGATIVE}
+# guider cond name -> the sharer conditioning (branch) that feeds it
+BRANCH_OF = {"positive": POSITIVE, "negative": NEGATIVE, "middle": NEGATIVE, "empty_negative_prompt": NEGATIVE}
 
 
-def role_map(guider, node: str, model_input: str = "model") -> dict:
-    """{cond uuid: role} for every cond of ``guider``; refuses a guider whose conds have other names."""
+def branch_map(guider, node: str, model_input: str = "model") -> dict:
+    """{cond uuid: branch} for every cond of ``guider``; refuses a guider whose conds have other names."""
     conds = getattr(guider, "conds", None) or getattr(guider, "original_conds", None) or {}
-    unknown = sorted(name for name in conds if name not in ROLES)
+    unknown = sorted(name for name in conds if name not in BRANCH_OF)
     if unknown:
         raise BridgeInputError(
             node, model_input, f"a {type(guider).__name__} guider whose conditionings are named "
@@ -30,16 +30,17 @@ def role_map(guider, node: str, model_input: str = "model") -> dict:
             "BasicGuider, DualCFGGuider, PerpNegGuider)",
             f"sample the bridged model with one of those guiders: the bridge cannot tell which of the sharer's "
             f"conditionings feeds {unknown}")
-    return {entry["uuid"]: ROLES[name] for name, entries in conds.items() for entry in entries or () if "uuid" in entry}
+    return {entry["uuid"]: BRANCH_OF[name] for name, entries in conds.items() for entry in entries or ()
+            if "uuid" in entry}
 
 
-def call_roles(transformer_options: dict, roles: dict, node: str, model_input: str = "model") -> list:
-    """Role of each chunk of one model call, in the call's order."""
+def call_branches(transformer_options: dict, branches: dict, node: str, model_input: str = "model") -> tuple:
+    """Branch of each chunk of one model call, in the call's order."""
     uuids = transformer_options.get("uuids")
     if uuids is None:       # a host without uuids: chunk indexes are then the guider's cond order (CFGGuider)
-        return [POSITIVE if i == 0 else NEGATIVE for i in transformer_options.get("cond_or_uncond", [0])]
+        return tuple(POSITIVE if i == 0 else NEGATIVE for i in transformer_options.get("cond_or_uncond", [0]))
     try:
-        return [roles[u] for u in uuids]
+        return tuple(branches[u] for u in uuids)
     except KeyError:
         raise BridgeInputError(
             node, model_input, "a model call for a conditioning that is none of the guider's own",

@@ -1,16 +1,16 @@
-"""Runtime that attaches a sharer's K/V to a clone of the receiver.
+"""Runtime that attaches a sharer's K/V to a clone of the receiver (the ComfyUI side of c2c_core.contract).
 
 Lifecycle, per sampling run of the bridged clone (K/V sources: c2c_comfy/live.py and c2c_comfy/recorded.py):
   OUTER_SAMPLE wrapper  -> ``BridgeRun`` is created (sharer conditioning, positions, projector on
-                           the run's device, the guider's conds mapped to roles by uuid) and always
+                           the run's device, the guider's conds mapped to branches by uuid) and always
                            torn down in ``finally``;
   CALC_COND_BATCH       -> per model evaluation (a sampler may evaluate several times per step):
-                           its index and sigma, for per-evaluation replay; the latent's shape is checked;
-  APPLY_MODEL wrapper   -> per model call: roles of its CFG chunks, sigma percent and strengths are
-                           resolved, and the K/V source makes sure the sharer's K/V for those roles exist
+                           its index, for per-evaluation replay; the latent's shape is checked;
+  APPLY_MODEL wrapper   -> per model call: branches of its CFG chunks, sigma percent and strengths are
+                           resolved, and the K/V source makes sure the sharer's K/V of that ``Call`` exist
                            (live: the sharer runs now on the same x and sigma; recorded: replayed);
   self-attention hook   -> per fused block: sharer K/V are aligned and fused into the receiver's
-                           (c2c_core.runtime.FusionRun).
+                           (c2c_core.runtime.FusionRun.fuse_tokens).
 Fusion windows are sigma percent, as ComfyUI's ControlNet, hooks and EasyCache count them
 (``model_sampling.percent_to_sigma``), so split samplers and partial denoise line up with core nodes.
 Nothing is written onto the models given to us: the receiver and sharer are cloned, and all state
@@ -24,10 +24,11 @@ import logging
 
 import comfy.patcher_extension
 
-from ..c2c_core import FusionSchedule, ModelSignature, health
-from ..c2c_core.runtime import BankCache, FusionRun, RunReport, percent_of, step_index
+from c2c_core import FusionSchedule, ModelSignature, health
+from c2c_core.contract import Call, refresh_window
+from c2c_core.runtime import BankCache, FusionRun, RunReport, percent_of, step_index
 from . import compat, memory
-from .branches import call_roles, role_map
+from .branches import branch_map, call_branches
 from .errors import BridgeInputError
 from .live import Shared
 
@@ -104,7 +105,7 @@ class Bridge(Shared):
     def _calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
         run = self.run
         if run is not None:
-            run.begin_evaluation(x_in, timestep)
+            run.begin_evaluation(x_in)
         return executor(model, conds, x_in, timestep, model_options)
 
     def _apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
@@ -120,16 +121,17 @@ class Bridge(Shared):
 
     # -- hooks ------------------------------------------------------------------------------
     def capture(self, layer, q, k, v, heads, transformer_options):
+        """The sharer's self-attention hook: its K/V go to the run's source."""
         run = self.run
         if run is None:
             return k, v
-        return run.source_run.capture(layer, q, k, v, heads, transformer_options)
+        return run.source_run.capture(layer, k, v)
 
     def _fuse(self, layer, q, k, v, heads, transformer_options):
         run = self.run
-        if run is None or not run.active:
+        if run is None or run.call is None:
             return k, v
-        return run.fuse(layer, k, v, heads)
+        return run.fuse(layer, k, v)
 
 
 class BridgeRun:
@@ -150,21 +152,18 @@ class BridgeRun:
         self.grid = compat.token_grid(noise.shape)
         self.receiver_rope = compat.rope_spec(receiver)
         self.guider = guider
-        self.roles = role_map(guider, bridge.node, bridge.model_input)
-        self._percent_to_sigma = receiver.get_model_object("model_sampling").percent_to_sigma
+        self.branches = branch_map(guider, bridge.node, bridge.model_input)
+        self._percent_to_sigma = compat.percent_to_sigma(receiver)
         self._percents: dict = {}
         self.evaluation = -1            # index of the current model evaluation (several per step for heun …)
-        self.sigma = None
-        self.kinds = None
-        self.active = False
+        self.call: Call | None = None   # the model call now running, while a layer of it fuses
         self.source_run = bridge.source.open_run(self, guider, noise, latent_image, denoise_mask, seed)
         self.sharer_rope = self.source_run.rope
-        model = receiver.model
         self.fusion = FusionRun(bridge.bundle, bridge.schedule, bridge.strength, sharer_rope=self.sharer_rope,
                                 receiver_rope=self.receiver_rope, sharer_grid=self.source_run.grid,
                                 receiver_grid=self.grid, rope_alignment=bridge.source.rope_alignment,
                                 grid_mode=self.source_run.grid_mode, device=self.device,
-                                dtype=model.manual_cast_dtype or model.get_dtype(), banks=bridge.banks)
+                                dtype=compat.compute_dtype(receiver), banks=bridge.banks)
 
     def percent(self, sigma: float) -> float:
         """Sigma percent of ``sigma`` (ComfyUI's convention), computed once per distinct sigma."""
@@ -175,7 +174,7 @@ class BridgeRun:
         return p
 
     # -- per model evaluation and call ----------------------------------------------------------
-    def begin_evaluation(self, x_in, timestep):
+    def begin_evaluation(self, x_in):
         """One model evaluation (all CFG chunks at one sigma); checks the latent is the sampled one."""
         if tuple(x_in.shape) != self.noise_shape:
             raise BridgeInputError(
@@ -184,37 +183,32 @@ class BridgeRun:
                 "remove context windows (context options) from the bridged model: the bridge fuses K/V of the "
                 "whole latent")
         self.evaluation += 1
-        self.sigma = float(timestep.flatten()[0])
-        begin = getattr(self.source_run, "begin_evaluation", None)
-        if begin is not None:
-            begin(self.evaluation, self.sigma)
 
     def begin_call(self, x, t, transformer_options):
-        """Resolve this call's chunk roles and per-layer strengths; fetch sharer K/V only if a layer fuses."""
+        """Resolve this call's chunk branches and per-layer strengths; fetch sharer K/V only if a layer fuses."""
         bridge = self.bridge
-        self.kinds = call_roles(transformer_options, self.roles, bridge.node, bridge.model_input)
+        branches = call_branches(transformer_options, self.branches, bridge.node, bridge.model_input)
         batch = self.noise_shape[0]
-        if x.shape[0] != len(self.kinds) * batch or tuple(x.shape[1:]) != self.noise_shape[1:]:
+        if x.shape[0] != len(branches) * batch or tuple(x.shape[1:]) != self.noise_shape[1:]:
             raise BridgeInputError(
-                bridge.node, bridge.model_input, f"a model call on {len(self.kinds)} chunk(s) of shape "
-                f"{(x.shape[0] // max(1, len(self.kinds)),) + tuple(x.shape[1:])}",
+                bridge.node, bridge.model_input, f"a model call on {len(branches)} chunk(s) of shape "
+                f"{(x.shape[0] // max(1, len(branches)),) + tuple(x.shape[1:])}",
                 f"whole-latent chunks of the sampled latent's shape {self.noise_shape}",
                 "remove area or mask conditioning (ConditioningSetArea/Mask) from the receiver's prompts: the bridge "
                 "fuses K/V of the whole latent")
         sigma = float(t.flatten()[0])
         step = step_index(self.sigmas, sigma)
-        self.active = self.fusion.begin_call(self.percent(sigma))
-        if not self.active:
+        if not self.fusion.begin_call(self.percent(sigma)):
             return
-        refresh = bridge.source.refresh_every
-        self.source_run.ensure(x, t, self.kinds, step, step // refresh if refresh > 1 else ("call", self.fusion.calls))
+        self.call = Call(x, t, branches, step, sigma, refresh_window(step, bridge.source.refresh_every,
+                                                                     self.fusion.calls), self.evaluation)
+        self.source_run.ensure(self.call)
 
     def end_call(self):
-        self.active = False
-        self.kinds = None
+        self.call = None
 
     # -- per fused layer ------------------------------------------------------------------------
-    def fuse(self, layer, k, v, heads):
+    def fuse(self, layer, k, v):
         """k, v (B, N, H*D) as the attention override hands them over -> fused (same layout)."""
         if self.fusion.strength(layer) == 0.0:
             return k, v                     # switched off for this step: no sharer K/V, no alignment
@@ -225,17 +219,9 @@ class BridgeRun:
                 f"the {self.grid.numel} tokens of the sampled latent ({self.grid.frames}×{self.grid.height}×"
                 f"{self.grid.width})", "remove conditioning that adds tokens to the receiver's attention (reference "
                 "latents, extra frames) or fuse a model without it")
-        sig = self.bridge.bundle.sharer
-        if getattr(self.source_run, "receives", False):
-            self.source_run.receive(layer, k, v)   # bidirectional lockstep: the sharer's next blocks read them
-        sk, sv = self.source_run.kv(self.fusion.sharer_layer(layer), self.kinds)
-        sk = sk.reshape(*sk.shape[:2], sig.num_heads, sig.head_dim)
-        sv = sv.reshape(*sv.shape[:2], sig.num_heads, sig.head_dim)
-        k2, v2 = self.fusion.fuse(layer, k.reshape(*k.shape[:2], heads, -1), v.reshape(*v.shape[:2], heads, -1), sk, sv)
-        return k2.reshape(k.shape), v2.reshape(v.shape)
+        self.source_run.offer(layer, k, v)         # bidirectional lockstep: the sharer's next blocks read them
+        sk, sv = self.source_run.kv(self.fusion.sharer_layer(layer), self.call)
+        return self.fusion.fuse_tokens(layer, k, v, sk, sv)
 
     def close(self) -> RunReport:
-        self.source_run.close()
-        return self.fusion.close(sharer_forwards=getattr(self.source_run, "forwards", 0),
-                                 peak_kv_bytes=getattr(self.source_run, "peak_bytes", 0),
-                                 copied_kv_bytes=getattr(self.source_run, "copied_bytes", 0))
+        return self.fusion.close(self.source_run.close())

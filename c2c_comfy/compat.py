@@ -26,11 +26,12 @@ import torch
 import comfy.ldm.wan.model as wan_model
 import comfy.model_management as model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
 
-from ..c2c_core import ModelSignature, RopeSpec, TokenGrid, wan_rope_axes
-from ..c2c_core.arch import ArchTag
+from c2c_core import ModelSignature, RopeSpec, TokenGrid, wan_rope_axes
+from c2c_core.arch import ArchTag
 
 log = logging.getLogger("dit_cache_bridge")
 
@@ -279,6 +280,48 @@ def model_options_clone(model_options: dict) -> dict:
     return comfy.model_patcher.create_model_options_clone(model_options)
 
 
+def compute_dtype(patcher) -> torch.dtype:
+    """The dtype a model computes in (its manual cast dtype where weights are stored in another)."""
+    model = patcher.model
+    return model.manual_cast_dtype or model.get_dtype()
+
+
+def memory_required(patcher, input_shape) -> int:
+    """ComfyUI's own estimate of the activation memory of one model call on ``input_shape``."""
+    return int(patcher.model.memory_required(list(input_shape)))
+
+
+def percent_to_sigma(patcher) -> Callable[[float], float]:
+    """The model's sigma-percent conversion (percent -> sigma), as ControlNet, hooks and EasyCache count."""
+    return patcher.get_model_object("model_sampling").percent_to_sigma
+
+
+def same_weights(a, b) -> bool:
+    """True when two patchers of one loaded model apply the same weight patches (none, or the same set)."""
+    if not a.patches and not b.patches:
+        return True
+    return a.patches_uuid == b.patches_uuid or a.clone_has_same_weights(b)
+
+
+def process_latent_in(patcher, latent: torch.Tensor) -> torch.Tensor:
+    """A start latent in the model's own scale, as sampling hands it over."""
+    return patcher.model.process_latent_in(latent)
+
+
+def start_patcher_run(patcher) -> None:
+    """Begin a sampling run of a patcher that is not sampled itself (ON_PRE_RUN callbacks), as sampling does."""
+    patcher.pre_run()
+
+
+def end_patcher_run(patcher) -> None:
+    """End that run (ON_CLEANUP callbacks, hooks); the model then runs under the patcher it ran under before."""
+    model = patcher.model
+    previous = current_patcher(model)
+    patcher.cleanup()
+    if previous is not None and previous is not patcher:
+        set_current_patcher(model, previous)
+
+
 # ------------------------------------------------------------------------------------------------
 # Sampler and cond helpers
 # ------------------------------------------------------------------------------------------------
@@ -306,12 +349,47 @@ def calc_cond_batch(model, conds, x, timestep, model_options):
     return comfy.samplers.calc_cond_batch(model, conds, x, timestep, model_options)
 
 
-def get_area_and_mult(cond, x, timestep):
-    return comfy.samplers.get_area_and_mult(cond, x, timestep)
+def cond_part(patcher, cond, x, timestep, model_options):
+    """The part of one encoded cond a model call on ``x`` at ``timestep`` takes (its hook keyframes prepared),
+    or None when the cond is switched off at this sigma (a timestep range)."""
+    part = comfy.samplers.get_area_and_mult(cond, x, timestep)
+    if part is not None and part.hooks is not None:
+        patcher.prepare_hook_patches_current_keyframe(timestep, part.hooks, model_options)
+    return part
 
 
-def can_concat_cond(a, b) -> bool:
-    return comfy.samplers.can_concat_cond(a, b)
+def can_batch(parts) -> bool:
+    """True when cond parts can run as one batch (same hooks, concatenable conds), as calc_cond_batch decides."""
+    first = parts[0]
+    return all(part.hooks == first.hooks and comfy.samplers.can_concat_cond(part, first) for part in parts[1:])
+
+
+def run_cond_batch(patcher, parts, timestep, model_options) -> None:
+    """One model call on cond ``parts`` batched in order, built as ComfyUI's calc_cond_batch builds it.
+
+    The batch's chunks are numbered in order (``cond_or_uncond`` 0..n-1); the model's output is not used.
+    """
+    model = patcher.model
+    n = len(parts)
+    input_x = torch.cat([part.input_x for part in parts])
+    c = comfy.samplers.cond_cat([part.conditioning for part in parts])
+    timesteps = torch.cat([timestep] * n)
+    options = comfy.patcher_extension.merge_nested_dicts(patcher.apply_hooks(hooks=parts[0].hooks),
+                                                         model_options["transformer_options"], copy_dict1=False)
+    if parts[0].patches is not None:
+        options["patches"] = comfy.patcher_extension.merge_nested_dicts(options.get("patches", {}), parts[0].patches)
+    options["cond_or_uncond"] = list(range(n))
+    options["uuids"] = [part.uuid for part in parts]
+    options["sigmas"] = timestep
+    c["transformer_options"] = options
+    control = parts[-1].control
+    if control is not None:
+        c["control"] = control.get_control(input_x, timesteps, c, n, options)
+    if "model_function_wrapper" in model_options:
+        model_options["model_function_wrapper"](model.apply_model, {"input": input_x, "timestep": timesteps, "c": c,
+                                                                    "cond_or_uncond": list(range(n))})
+    else:
+        model.apply_model(input_x, timesteps, **c)
 
 
 def encode_model_conds(patcher, conditioning, x0: torch.Tensor, prompt_type: str, device) -> list:

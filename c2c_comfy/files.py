@@ -15,8 +15,8 @@ from pathlib import Path
 
 import folder_paths
 
-from ..c2c_core.tensorfile import remove_stale_temp_files
-from ..c2c_core.errors import quote
+from c2c_core.tensorfile import remove_stale_temp_files
+from c2c_core.errors import quote
 from .errors import BridgeInputError
 
 log = logging.getLogger(__name__)

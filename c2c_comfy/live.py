@@ -4,27 +4,31 @@
 bridge is attached it clones the sharer, hooks the self-attention of the layers the projector reads,
 and registers the clone as an additional model of the receiver, so ComfyUI loads and offloads both
 together. Per run, ``LiveSharerRun`` prepares the sharer's own conditioning and, per model call,
-runs it on the same latent and sigma for the call's CFG chunks; its forward stops after the last
-layer the projector reads.
+runs it on the same latent and sigma for the call's CFG branches; its forward stops after the last
+layer the projector reads. Streaming (the default where greenlet is installed) and bidirectional
+fusion step the same run block by block with the receiver's (``lockstep.py``).
 
-CFG chunks are keyed by role (``branches.POSITIVE``/``NEGATIVE``: which of the sharer's conditionings
-feeds them), and the sharer's batch is built in the receiver call's chunk order, so a batched
-cond+uncond call gets the sharer's K/V as one tensor, handed over without a copy.
+Chunks are keyed by branch (``c2c_core.contract.POSITIVE``/``NEGATIVE``: which of the sharer's
+conditionings feeds them), and the sharer's batch is built in the receiver call's chunk order, so a
+batched cond+uncond call gets the sharer's K/V as one tensor, handed over without a copy.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 import comfy.patcher_extension
 
-from ..c2c_core import ModelSignature
-from . import compat, memory
-from .branches import NEGATIVE, POSITIVE, ROLE_NAMES
-from .errors import BridgeInputError
+from c2c_core import ModelSignature
+from c2c_core.capture import CapturedKV
+from c2c_core.contract import BRANCH_NAMES, DIRECTIONS, Call, SharerDone, SourceReport
+from c2c_core.runtime import BankCache
 
-COND, UNCOND = POSITIVE, NEGATIVE       # chunk "kinds" are roles: which sharer conditioning feeds a chunk
+from . import compat, lockstep, memory
+from .errors import BridgeInputError
 
 
 class Shared:
@@ -36,7 +40,13 @@ class Shared:
 
 @dataclass(eq=False)
 class LiveSharer(Shared):
-    """A sharer model evaluated in lockstep inside each receiver model call (Capture KV Cache, live)."""
+    """A sharer model evaluated in lockstep inside each receiver model call (Capture KV Cache, live).
+
+    backward: a projector bundle from the receiver (its sharer side) to this sharer (its receiver side),
+    for bidirectional fusion (``with_direction``): the sharer then steps block by block with the
+    receiver and its self-attention also reads the receiver's K/V, at ``backward_strength`` in every
+    model call in which the forward fusion of that receiver layer is on.
+    """
     model: object
     positive: list
     negative: list
@@ -48,10 +58,14 @@ class LiveSharer(Shared):
     node: str = "Capture KV Cache"
     cond_inputs: tuple = ("positive", "negative")   # input names, for error messages
     streaming: bool = True               # lockstep: stream sharer K/V block by block (c2c_comfy/lockstep.py)
+    backward: object = None
+    backward_strength: float = 1.0
+    backward_banks: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # bridge key -> BankCache
 
     def attach(self, bridge, patched, receiver):
-        """Clone the sharer with capture hooks; ComfyUI loads it with the receiver (additional model)."""
-        if self.model.model is receiver.model and not _same_weights(self.model, receiver):
+        """Clone the sharer with capture hooks; ComfyUI loads it with the receiver (additional model), and the
+        backward bank too (like the forward bank) when the sharer also receives."""
+        if self.model.model is receiver.model and not compat.same_weights(self.model, receiver):
             raise BridgeInputError(
                 self.node, "sharer", "a sharer that shares the receiver's loaded model but has other weight patches "
                 "(e.g. a LoRA on one branch of the same loader)", "a sharer with its own weights, or exactly the "
@@ -65,82 +79,58 @@ class LiveSharer(Shared):
             patched.set_additional_models(bridge.key, [sharer])
         bridge.sharer_patcher = sharer
         memory.reserve(patched, f"{bridge.key}.memory", memory.live_reservation(bridge, self))
+        if self.backward is not None:
+            bank = copy.deepcopy(self.backward.bank).to(dtype=compat.compute_dtype(sharer)).eval()
+            patched.set_additional_models(f"{bridge.key}.backward_projector",
+                                          [compat.module_patcher(bank, receiver.load_device, receiver.offload_device)])
+            self.backward_banks[bridge.key] = BankCache(bank)
 
     def open_run(self, run, guider, noise, latent_image, denoise_mask, seed):
-        from . import lockstep
-        if self.streaming and self.refresh_every == 1 and lockstep.available():
-            return lockstep.open_lockstep_run(self, run, run.bridge.sharer_patcher, run.bridge.sharer_layers,
-                                     noise.to(run.device), latent_image.to(run.device), denoise_mask, seed, run.device)
-        return LiveSharerRun(self, run.bridge.sharer_patcher, run.bridge.sharer_layers, noise.to(run.device),
+        """Lockstep where it can stream (greenlet, refresh_every 1) or must (bidirectional), else buffered."""
+        if self.backward is not None and self.refresh_every != 1:
+            raise BridgeInputError(self.node, "refresh_every", f"{self.refresh_every} with bidirectional fusion",
+                                   "1", "bidirectional fusion runs the two models block by block in every call; "
+                                   "set refresh_every to 1 or fuse one way")
+        live = LiveSharerRun(self, run.bridge.sharer_patcher, run.bridge.sharer_layers, noise.to(run.device),
                              latent_image.to(run.device), denoise_mask, seed, run.device)
+        if self.backward is not None or (self.streaming and self.refresh_every == 1 and lockstep.available()):
+            return lockstep.LockstepRun(live, run)
+        return live
 
 
-def _same_weights(a, b) -> bool:
-    """True when two patchers of one loaded model apply the same weight patches (none, or the same set)."""
-    if not a.patches and not b.patches:
-        return True
-    return a.patches_uuid == b.patches_uuid or a.clone_has_same_weights(b)
-
-
-class _CapturedKV:
-    """Sharer K/V of the current refresh window, by sharer layer and CFG chunk kind.
-
-    One sharer call yields (rows, N, H*D) tensors covering several chunk kinds; they are kept whole
-    and handed back whole when the receiver asks for the same kinds in the same order (no copy).
-    Any other request is assembled from slices; ``copied_bytes`` counts what that copied.
-    """
-
-    def __init__(self):
-        self.batches: dict[int, list] = {}     # layer -> [(k, v, kinds)]
-        self.window: dict[int, int] = {}       # kind -> refresh window of its K/V
-        self.peak_bytes = 0
-        self.copied_bytes = 0
-
-    def put(self, layer, k, v, kinds):
-        entries = [e for e in self.batches.get(layer, []) if not set(e[2]) & set(kinds)]
-        entries.append((k, v, tuple(kinds)))
-        self.batches[layer] = entries
-        self.peak_bytes = max(self.peak_bytes, self.nbytes)
-
-    def clear(self):
-        self.batches, self.window = {}, {}
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of K/V held (tensor sizes; they are the model's own tensors, referenced, not copied)."""
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for entries in self.batches.values() for k, v, _ in entries)
-
-    def get(self, layer, kinds):
-        kinds = tuple(kinds)
-        entries = self.batches.get(layer, [])
-        for k, v, have in entries:
-            if have == kinds:
-                return k, v
-        parts_k, parts_v = [], []
-        for kind in kinds:
-            for k, v, have in entries:
-                if kind in have:
-                    rows = k.shape[0] // len(have)
-                    i = have.index(kind)
-                    parts_k.append(k[i * rows:(i + 1) * rows])
-                    parts_v.append(v[i * rows:(i + 1) * rows])
-                    break
-            else:
-                raise KeyError((layer, kind))
-        if len(parts_k) == 1:
-            return parts_k[0], parts_v[0]
-        k, v = torch.cat(parts_k), torch.cat(parts_v)
-        self.copied_bytes += k.numel() * k.element_size() + v.numel() * v.element_size()
-        return k, v
-
-
-class _SharerDone(Exception):
-    """Raised inside the sharer once its last needed layer is captured: later blocks are skipped."""
+def with_direction(node: str, source, direction: str, backward, backward_strength: float, receiver_signature):
+    """The K/V source for a fusion ``direction``: unchanged one way, a receiving ``LiveSharer`` both ways."""
+    if direction == DIRECTIONS[0]:
+        return source
+    if direction not in DIRECTIONS:
+        raise BridgeInputError(node, "direction", repr(direction), f"one of {list(DIRECTIONS)}", "pick one from the list")
+    if not lockstep.available():
+        raise BridgeInputError(node, "direction", "bidirectional, but the Python package greenlet is not installed",
+                               "greenlet (listed in the pack's requirements.txt)",
+                               "run `python -m pip install -r requirements.txt` in the pack's folder with ComfyUI's "
+                               "Python and restart ComfyUI, or set direction to sharer_to_receiver")
+    if not isinstance(source, LiveSharer):
+        raise BridgeInputError(node, "direction", "bidirectional with a recorded K/V source",
+                               "a live sharer (Capture KV Cache)", "the sharer can only receive while it runs: use "
+                               "Capture KV Cache, or set direction to sharer_to_receiver")
+    if backward is None:
+        raise BridgeInputError(node, "backward_projector", "nothing connected, and the projector bundle holds no "
+                               "backward bank", "a projector from the receiver to the "
+                               "sharer", "load a bundle holding both banks, or connect Create C2C Projector with sharer = the receiver model and receiver = "
+                               "the sharer model (or a trained one from Load C2C Projector)")
+    if not (backward.sharer.same_shape(receiver_signature) and backward.receiver.same_shape(source.signature)):
+        raise BridgeInputError(node, "backward_projector", f"a projector from {backward.sharer} to {backward.receiver}",
+                               f"one from the receiver ({receiver_signature}) to the sharer ({source.signature})",
+                               "create it with the two models swapped (sharer = the receiver model)")
+    if source.refresh_every != 1:
+        raise BridgeInputError(node, "direction", f"bidirectional with refresh_every {source.refresh_every}",
+                               "refresh_every 1", "bidirectional fusion runs both models block by block in every "
+                               "model call: set refresh_every to 1 in Capture KV Cache, or fuse one way")
+    return dataclasses.replace(source, backward=backward, backward_strength=float(backward_strength))
 
 
 class LiveSharerRun:
-    """Per-run side of a LiveSharer: conditioning, options and captured K/V."""
+    """Per-run side of a LiveSharer (a ``c2c_core.contract.KVSourceRun``): conditioning, options, captured K/V."""
 
     def __init__(self, source: LiveSharer, sharer_patcher, capture_layers, noise, latent_image, denoise_mask, seed,
                  device):
@@ -148,9 +138,9 @@ class LiveSharerRun:
         self.patcher = sharer_patcher
         self.capture_layers = sorted(capture_layers)
         self.last_layer = self.capture_layers[-1] if self.capture_layers else -1
-        self.captured = _CapturedKV()
+        self.captured = CapturedKV()
         self.forwards = 0
-        self._call_kinds = None
+        self._call_branches = None
         self._started = False
         self.grid_mode = source.grid_alignment if source.grid_alignment != "refuse" else "nearest"
         sharer_shape = _sharer_latent_shape(source, latent_image)
@@ -161,13 +151,13 @@ class LiveSharerRun:
         conds = {"positive": compat.convert_cond(source.positive),
                  "negative": compat.convert_cond(source.negative)}
         if latent_image is not None and torch.count_nonzero(latent_image) > 0:
-            latent_image = sharer_patcher.model.process_latent_in(latent_image)
+            latent_image = compat.process_latent_in(sharer_patcher, latent_image)
         self.conds = compat.process_conds(sharer_patcher.model, noise, conds, device, latent_image, denoise_mask,
                                           seed)
-        for kind, name in enumerate(ROLE_NAMES):
+        for branch, name in enumerate(BRANCH_NAMES):
             if len(self.conds[name]) != 1:
                 raise BridgeInputError(
-                    source.node, source.cond_inputs[kind], f"{len(self.conds[name])} conditionings combined",
+                    source.node, source.cond_inputs[branch], f"{len(self.conds[name])} conditionings combined",
                     "one conditioning (one prompt) per input",
                     "give the sharer a single prompt per input, without Conditioning Combine or area conditioning")
         self.model_options = compat.model_options_clone(sharer_patcher.model_options)
@@ -175,109 +165,81 @@ class LiveSharerRun:
         self.grid = compat.token_grid(self.latent_shape)
         self.rope = compat.rope_spec(sharer_patcher)
 
-    def ensure(self, x, t, kinds, step, window):
-        """Run the sharer for the chunk roles whose K/V are missing or from an older refresh window.
+    def ensure(self, call: Call) -> None:
+        """Run the sharer for the call's branches whose K/V are missing or from an older refresh window.
 
-        ``x``/``t`` are the receiver call's batch, ``kinds`` its chunks' roles in order. When every
-        role is due, the sharer runs on one batch in exactly that order (a role twice, as DualCFG's
-        negative and middle, runs twice), so ``kv`` hands the receiver one tensor without a copy.
+        When every branch is due, the sharer runs on one batch in exactly the call's chunk order (a branch
+        twice, as DualCFG's negative and middle, runs twice), so ``kv`` hands the receiver one tensor
+        without a copy.
         """
-        missing = [kind for kind in dict.fromkeys(kinds) if self.captured.window.get(kind) != window]
+        branches = call.branches
+        missing = [branch for branch in dict.fromkeys(branches) if self.captured.window.get(branch) != call.window]
         if not missing:
             return
         if self.source.refresh_every == 1:
             self.captured.clear()           # lockstep: only this call's K/V are ever needed
-        order = list(kinds) if len(missing) == len(set(kinds)) else missing
-        rows = x.shape[0] // len(kinds)
+        order = list(branches) if len(missing) == len(set(branches)) else missing
+        rows = call.latent.shape[0] // len(branches)
         # the noisy latent is resampled with nearest: interpolation would lower its variance below sigma²
-        x = resample_latent(x[:rows], self.latent_shape, "nearest")
-        t = t[:rows]
+        x = resample_latent(call.latent[:rows], self.latent_shape, "nearest")
+        t = call.timestep[:rows]
         model = self.patcher.model
-        receiver_patcher = compat.current_patcher(model)
+        receiver_patcher = compat.current_patcher(model)      # before pre_run, which sets the sharer's
         if not self._started:
             self._started = True
-            self.patcher.pre_run()
+            compat.start_patcher_run(self.patcher)
         compat.set_current_patcher(model, self.patcher)
         try:
             compat.prepare_state(self.patcher, t, self.model_options)
             for group in self._batches(order, x, t):
-                self._call_kinds = [kind for kind, _ in group]
-                self._apply(model, [part for _, part in group], t)
+                self._call_branches = [branch for branch, _ in group]
+                compat.run_cond_batch(self.patcher, [part for _, part in group], t, self.model_options)
         finally:
-            self._call_kinds = None
+            self._call_branches = None
             compat.set_current_patcher(model, receiver_patcher)
-        for kind in missing:
-            self.captured.window[kind] = window
+        for branch in missing:
+            self.captured.window[branch] = call.window
 
     def _batches(self, order, x, t):
-        """[(role, cond part)] groups to run: one batch in ``order``, or one per role when they cannot batch."""
+        """[(branch, cond part)] groups to run: one batch in ``order``, or one per branch when they cannot batch."""
         parts = []
-        for kind in order:
-            part = compat.get_area_and_mult(self.conds[ROLE_NAMES[kind]][0], x, t)
+        for branch in order:
+            part = compat.cond_part(self.patcher, self.conds[BRANCH_NAMES[branch]][0], x, t, self.model_options)
             if part is None:
                 raise BridgeInputError(
-                    self.source.node, self.source.cond_inputs[kind], "a conditioning switched off at this sigma "
+                    self.source.node, self.source.cond_inputs[branch], "a conditioning switched off at this sigma "
                     "(a timestep range)", "a conditioning active over the whole run",
                     "remove ConditioningSetTimestepRange from the sharer's conditioning")
-            if part.hooks is not None:
-                self.patcher.prepare_hook_patches_current_keyframe(t, part.hooks, self.model_options)
-            parts.append((kind, part))
-        first = parts[0][1]
-        if all(part.hooks == first.hooks and compat.can_concat_cond(part, first) for _, part in parts[1:]):
+            parts.append((branch, part))
+        if compat.can_batch([part for _, part in parts]):
             return [parts]
         # e.g. sharer prompts of different lengths (real umT5 pads every prompt to 512 tokens, so never there)
-        return [[entry] for entry in dict((kind, (kind, part)) for kind, part in parts).values()]
+        return [[entry] for entry in dict((branch, (branch, part)) for branch, part in parts).values()]
 
-    def _apply(self, model, parts, t):
-        """One sharer model call on ``parts`` batched in order, as ComfyUI's calc_cond_batch makes it."""
-        n = len(parts)
-        input_x = torch.cat([part.input_x for part in parts])
-        c = compat.cond_cat([part.conditioning for part in parts])
-        timestep = torch.cat([t] * n)
-        options = comfy.patcher_extension.merge_nested_dicts(self.patcher.apply_hooks(hooks=parts[0].hooks),
-                                                             self.model_options["transformer_options"],
-                                                             copy_dict1=False)
-        if parts[0].patches is not None:
-            options["patches"] = comfy.patcher_extension.merge_nested_dicts(options.get("patches", {}),
-                                                                            parts[0].patches)
-        options["cond_or_uncond"] = list(range(n))
-        options["uuids"] = [part.uuid for part in parts]
-        options["sigmas"] = t
-        c["transformer_options"] = options
-        control = parts[-1].control
-        if control is not None:
-            c["control"] = control.get_control(input_x, timestep, c, n, options)
-        if "model_function_wrapper" in self.model_options:
-            self.model_options["model_function_wrapper"](model.apply_model, {"input": input_x, "timestep": timestep,
-                                                                             "c": c, "cond_or_uncond": list(range(n))})
-        else:
-            model.apply_model(input_x, timestep, **c)
+    def offer(self, layer, k, v) -> None:
+        """One way: the receiver's K/V are not read."""
 
-    def capture(self, layer, q, k, v, heads, transformer_options):
-        if self._call_kinds is None:
+    def capture(self, layer, k, v):
+        """The sharer's attention hook: keep the K/V of the layers the projector reads; stop after the last."""
+        if self._call_branches is None:
             return k, v
         if layer in self.capture_layers:
-            kinds = [self._call_kinds[i] for i in transformer_options["cond_or_uncond"]]
-            self.captured.put(layer, k, v, kinds)
+            self.captured.put(layer, k, v, self._call_branches)
             if layer == self.last_layer:
                 self.forwards += 1
-                raise _SharerDone()
+                raise SharerDone()
         return k, v
 
-    def kv(self, layer, kinds):
-        return self.captured.get(layer, kinds)
+    def kv(self, layer, call: Call):
+        return self.captured.get(layer, call.branches)
 
-    def close(self):
+    def close(self) -> SourceReport:
         """Release captured K/V and end the sharer's run (ON_CLEANUP callbacks, hooks)."""
-        self.peak_bytes = self.captured.peak_bytes
-        self.copied_bytes = self.captured.copied_bytes
-        self.captured = _CapturedKV()
+        report = SourceReport(self.forwards, self.captured.peak_bytes, self.captured.copied_bytes)
+        self.captured = CapturedKV()
         if self._started:
-            model = self.patcher.model
-            receiver_patcher = compat.current_patcher(model)
-            self.patcher.cleanup()
-            if receiver_patcher is not None and receiver_patcher is not self.patcher:
-                compat.set_current_patcher(model, receiver_patcher)
+            compat.end_patcher_run(self.patcher)
+        return report
 
 
 def _sharer_latent_shape(source: LiveSharer, latent_image) -> tuple:
@@ -316,7 +278,7 @@ def _sharer_apply_model(executor, x, *args, **kwargs):
     """APPLY_MODEL wrapper of the sharer clone: stop the forward once the last needed layer is captured."""
     try:
         return executor(x, *args, **kwargs)
-    except _SharerDone:
+    except SharerDone:
         return torch.zeros_like(x)
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import comfy.patcher_extension
 
-from ..c2c_core.recording import STORAGE_DTYPES
-from ..c2c_core.runtime import BankCache
+from c2c_core.recording import STORAGE_DTYPES
+from c2c_core.runtime import BankCache
 from . import compat
 from .errors import BridgeInputError
 
@@ -131,7 +131,7 @@ def check_recording_fits(node: str, nbytes: int, storage: str, folder=None, *, l
 
 def activation_bytes(patcher, noise_shape, chunks: int) -> int:
     """ComfyUI's own activation estimate of one model call of ``chunks`` CFG chunks."""
-    return int(patcher.model.memory_required([noise_shape[0] * chunks] + list(noise_shape[1:])))
+    return compat.memory_required(patcher, [noise_shape[0] * chunks] + list(noise_shape[1:]))
 
 
 def reserve(patched, key: str, estimate) -> None:
@@ -178,8 +178,7 @@ def register_bank(bridge, patched, receiver):
     model of the bridged clone; the bridge's runtime then uses that module where ComfyUI put it (no copy of
     its own on the device, nothing kept outside ComfyUI's memory manager). Returns the patcher.
     """
-    model = receiver.model
-    bank = copy.deepcopy(bridge.bundle.bank).to(dtype=model.manual_cast_dtype or model.get_dtype()).eval()
+    bank = copy.deepcopy(bridge.bundle.bank).to(dtype=compat.compute_dtype(receiver)).eval()
     patcher = compat.module_patcher(bank, receiver.load_device, receiver.offload_device)
     patched.set_additional_models(f"{bridge.key}.projector", [patcher])
     bridge.banks = BankCache(bank)
@@ -190,7 +189,7 @@ def live_reservation(bridge, source):
     """The estimate function ``reserve`` calls for a live source attached to ``bridge``."""
     def estimate(receiver, noise_shape, conds):
         sig, chunks = bridge.bundle.sharer, chunks_of(conds)
-        streaming = getattr(source, "streaming", False) and source.refresh_every == 1
+        streaming = source.streaming and source.refresh_every == 1
         return live_estimate(tokens=compat.token_grid(noise_shape).numel, chunks=chunks, sharer_heads=sig.num_heads,
                              sharer_head_dim=sig.head_dim, sharer_layers=len(bridge.sharer_layers),
                              itemsize=_compute_itemsize(bridge.sharer_patcher),
@@ -211,8 +210,7 @@ def replay_reservation(bridge, source):
 
 
 def _compute_itemsize(patcher) -> int:
-    model = patcher.model
-    return (model.manual_cast_dtype or model.get_dtype()).itemsize
+    return compat.compute_dtype(patcher).itemsize
 
 
 def release(patcher) -> int:

@@ -2,11 +2,12 @@
 
 ``record`` runs the stock KSampler code path on a clone of the sharer whose self-attention hooks
 copy the chosen layers' K/V into a ``KVRecording``, per model *evaluation* (a sampler such as heun
-evaluates the model twice per step; each evaluation's sigma is recorded too) and per role
-(``branches.POSITIVE``/``NEGATIVE``), then asks ComfyUI to unload the sharer. ``RecordedSource``
-replays that recording into a bridged receiver, evaluation by evaluation: a recording that does not
-fit the run (sigmas, grid, seed, CFG, batch size) fails before the first step, and a sampler that
-evaluates at other sigmas than the recording's fails at the first evaluation that differs.
+evaluates the model twice per step; each evaluation's sigma is recorded too) and per branch
+(``c2c_core.contract.POSITIVE``/``NEGATIVE``, the recording's on-disk kinds 0/1), then asks ComfyUI to
+unload the sharer. ``RecordedSharer`` (named as c2c_diffusers' replay source) replays that recording into
+a bridged receiver, evaluation by evaluation: a recording that does not fit the run (sigmas, grid, seed,
+CFG, batch size) fails before the first step, and a sampler that evaluates at other sigmas than the
+recording's fails at the first evaluation that fuses and differs.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import comfy.patcher_extension
 
 import torch
 
-from ..c2c_core.recording import DiskStore, KVRecording, RamStore, RecordingWriteError, ReplayReader
+from c2c_core.contract import BRANCH_NAMES, NEGATIVE, Call, SourceReport, same_sigma
+from c2c_core.recording import DiskStore, KVRecording, RamStore, RecordingWriteError, ReplayReader
 from . import compat, files, memory
-from .branches import NEGATIVE, ROLE_NAMES, call_roles, role_map
+from .branches import branch_map, call_branches
 from .errors import BridgeInputError
 
 _ids = itertools.count()
@@ -28,22 +30,16 @@ _ids = itertools.count()
 EVALUATIONS_PER_STEP = {"heun": 2, "heunpp2": 3, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestral": 2,
                         "dpmpp_2s_ancestral_cfg_pp": 2, "dpmpp_sde": 2, "dpmpp_sde_gpu": 2, "seeds_2": 2,
                         "seeds_3": 3, "sa_solver_pece": 2}
-SIGMA_RTOL = 1e-4      # recorded and replayed sigmas agree to this (float32 schedules, JSON round trip)
-
-
-def _same_sigma(a: float, b: float) -> bool:
-    return abs(a - b) <= SIGMA_RTOL * max(1.0, abs(a))
-
 
 class _Recorder:
-    """Hooks of the sharer clone during recording: which evaluation and roles each call is."""
+    """Hooks of the sharer clone during recording: which evaluation and branches each call is."""
 
     def __init__(self, recording: KVRecording, node: str):
         self.recording = recording
         self.node = node
-        self.roles = {}
+        self.branches = {}
         self.evaluation = -1
-        self.kinds = None
+        self.call_branches = None
         self.seen = set()
         self.forwards = 0
 
@@ -54,7 +50,7 @@ class _Recorder:
         self.recording.sigmas = [float(s) for s in sigmas]
         self.recording.evaluations = []
         self.recording.seed = args[3] if len(args) > 3 else kwargs.get("seed")
-        self.roles = role_map(executor.class_obj, self.node, "sharer")
+        self.branches = branch_map(executor.class_obj, self.node, "sharer")
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
     def calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
@@ -64,22 +60,22 @@ class _Recorder:
 
     def apply_model(self, executor, x, t, *args, **kwargs):
         transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
-        self.kinds = call_roles(transformer_options, self.roles, self.node, "sharer")
+        self.call_branches = call_branches(transformer_options, self.branches, self.node, "sharer")
         self.forwards += 1
         try:
             return executor(x, t, *args, **kwargs)
         finally:
-            self.kinds = None
+            self.call_branches = None
 
     def capture(self, layer, q, k, v, heads, transformer_options):
-        if self.kinds is None:
+        if self.call_branches is None:
             return k, v
-        rows = k.shape[0] // len(self.kinds)
-        for i, kind in enumerate(self.kinds):
-            key = (self.evaluation, kind, layer)
+        rows = k.shape[0] // len(self.call_branches)
+        for i, branch in enumerate(self.call_branches):
+            key = (self.evaluation, branch, layer)
             if key not in self.seen:
                 self.seen.add(key)
-                self.recording.put(self.evaluation, kind, layer, k[i * rows:(i + 1) * rows],
+                self.recording.put(self.evaluation, branch, layer, k[i * rows:(i + 1) * rows],
                                    v[i * rows:(i + 1) * rows])
         return k, v
 
@@ -122,13 +118,13 @@ def record(node, sharer, positive, negative, layers, latent_image, seed, steps, 
     except BaseException:
         recording.close()           # an interrupted or failed recording leaves no temp folder behind
         raise
-    recording.kinds = tuple(sorted({kind for _, kind, _ in recorder.seen})) or (0,)
+    recording.kinds = tuple(sorted({branch for _, branch, _ in recorder.seen})) or (0,)
     recording.forwards = recorder.forwards
     return recording
 
 
 @dataclass(eq=False)
-class RecordedSource:
+class RecordedSharer:
     """A K/V source that replays a recording (Record KV Cache, or Load KV Cache)."""
     recording: KVRecording
     signature: object
@@ -150,15 +146,16 @@ class RecordedSource:
 
 
 class RecordedRun:
-    """Per-run replay: checks the recording fits, then serves K/V of the current model evaluation.
+    """Per-run replay (a ``c2c_core.contract.KVSourceRun``): checks the recording fits, then serves K/V of the
+    current model evaluation.
 
     Evaluations are counted by the bridge (one per ``calc_cond_batch``); the receiver's e-th evaluation
-    replays the recording's e-th, after checking both are at the same sigma. With ``refresh_every`` k,
+    replays the recording's e-th, after checking both are at the same sigma (at the first call that fuses). With ``refresh_every`` k,
     the evaluation at which a k-step window began is replayed for the whole window, as live mode runs
     the sharer there.
     """
 
-    def __init__(self, source: RecordedSource, run, guider):
+    def __init__(self, source: RecordedSharer, run, guider):
         rec = source.recording
         self.source = source
         self.run = run
@@ -173,7 +170,7 @@ class RecordedRun:
         self._window = None
         self._replayed = None
         self.evaluations = list(rec.evaluations) if rec.evaluations is not None else list(rec.sigmas[:-1])
-        if len(rec.sigmas) != len(run.sigmas) or any(not _same_sigma(a, b) for a, b in zip(rec.sigmas, run.sigmas)):
+        if len(rec.sigmas) != len(run.sigmas) or any(not same_sigma(a, b) for a, b in zip(rec.sigmas, run.sigmas)):
             raise BridgeInputError(
                 node, "kv_source", f"a recording over {len(rec.sigmas) - 1} steps with sigmas "
                 f"{_short(rec.sigmas)}", f"the receiver's {len(run.sigmas) - 1} steps with sigmas {_short(run.sigmas)}",
@@ -188,7 +185,7 @@ class RecordedRun:
             raise BridgeInputError(
                 node, "kv_source", f"a recording sampled with seed {rec.seed}", f"the receiver's seed {run.seed}",
                 "give the receiver's sampler and the recording the same seed (set both to 'fixed'), or record again")
-        if NEGATIVE not in rec.kinds and NEGATIVE in run.roles.values() and getattr(guider, "cfg", 1.0) != 1.0:
+        if NEGATIVE not in rec.kinds and NEGATIVE in run.branches.values() and getattr(guider, "cfg", 1.0) != 1.0:
             raise BridgeInputError(node, "kv_source", "a recording made with cfg 1 (no negative pass)",
                                    "a recording with the negative pass the receiver's CFG needs",
                                    "record with cfg > 1, like the receiver's sampler")
@@ -202,9 +199,9 @@ class RecordedRun:
     def _recorded_batch(self) -> int:
         return self.recording.batch_size
 
-    def begin_evaluation(self, index: int, sigma: float):
+    def _check_evaluation(self, index: int, sigma: float):
         """Check the receiver's ``index``-th model evaluation has a recorded counterpart at its sigma."""
-        if index >= len(self.evaluations) or not _same_sigma(self.evaluations[index], sigma):
+        if index >= len(self.evaluations) or not same_sigma(self.evaluations[index], sigma):
             found = (f"a recording of {len(self.evaluations)} model evaluations" if index >= len(self.evaluations)
                      else f"a recording whose model evaluation {index} is at sigma {self.evaluations[index]:.4g}")
             raise BridgeInputError(
@@ -212,38 +209,44 @@ class RecordedRun:
                 f"(evaluation {index})", "record with the receiver's sampler_name (samplers such as heun or dpm_2 "
                 "evaluate the model more than once per step), steps, scheduler and denoise")
 
-    def ensure(self, x, t, kinds, step, window):
-        evaluation = self.run.evaluation
+    def ensure(self, call: Call) -> None:
+        self._check_evaluation(call.evaluation, call.sigma)
+        evaluation = call.evaluation
         if self.source.refresh_every > 1:
-            if self._window != window:
-                self._window, self._replayed = window, evaluation
+            if self._window != call.window:
+                self._window, self._replayed = call.window, evaluation
             evaluation = self._replayed
         if self._loaded != evaluation:
             self._loaded = evaluation
             self.forwards += 1
 
-    def capture(self, *args):
-        raise RuntimeError("a recorded source does not capture")
+    def offer(self, layer, k, v) -> None:
+        """A recording cannot receive."""
 
-    def kv(self, layer, kinds):
-        """The recorded K/V of sharer ``layer`` for this call's chunks, on the receiver's device."""
-        for kind in dict.fromkeys(kinds):
-            if kind not in self.recording.kinds:
+    def capture(self, layer, k, v):
+        """No sharer runs during a replay: nothing to capture."""
+        return k, v
+
+    def kv(self, layer, call: Call):
+        """The recorded K/V of sharer ``layer`` for this call's branches, on the receiver's device."""
+        for branch in dict.fromkeys(call.branches):
+            if branch not in self.recording.kinds:
                 raise BridgeInputError(
-                    self.node, "kv_source", f"a recording without the sharer's {ROLE_NAMES[kind]} pass",
-                    f"the {ROLE_NAMES[kind]} pass the receiver's guider evaluates",
+                    self.node, "kv_source", f"a recording without the sharer's {BRANCH_NAMES[branch]} pass",
+                    f"the {BRANCH_NAMES[branch]} pass the receiver's guider evaluates",
                     "record with cfg > 1 so both passes are recorded")
         if self._reader is None:
             self._reader = ReplayReader(self.recording, self.run.device)
-        parts = [self._reader.get(self._loaded, kind, layer) for kind in kinds]
+        parts = [self._reader.get(self._loaded, branch, layer) for branch in call.branches]
         if len(parts) == 1:
             return parts[0]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def close(self):
+    def close(self) -> SourceReport:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        return SourceReport(sharer_forwards=self.forwards)
 
 
 def _short(sigmas):

@@ -37,13 +37,13 @@ from typing import Callable, Optional
 
 import torch
 
-from ..c2c_core import (LOSS_KINDS, FusionSchedule, LayerMap, ProjectorBank, ProjectorBundle, distill_loss, kv_loss,
-                        save_bundle, velocity_loss)
-from ..c2c_core.bundle import tag_bank
-from ..c2c_core.runtime import FusionRun
-from ..c2c_core.samples import (CLIP_VISION, CROSS_ATTN, ROLES, Conditioning, Draw, SampleDraws, SampleHost,
-                                TrainingDataError, TrainingSample, TrainingSet, json_value, save_sample)
-from ..c2c_core.train import DataParallel, TrainSettings, provenance, run_training, trainable_copy
+from c2c_core import (LOSS_KINDS, FusionSchedule, LayerMap, ProjectorBank, ProjectorBundle, distill_loss, kv_loss,
+                      save_bundle, velocity_loss)
+from c2c_core.bundle import tag_bank
+from c2c_core.runtime import FusionRun
+from c2c_core.samples import (CLIP_VISION, CROSS_ATTN, ROLES, Conditioning, Draw, SampleDraws, SampleHost,
+                              TrainingDataError, TrainingSample, TrainingSet, json_value, save_sample)
+from c2c_core.train import DataParallel, TrainSettings, provenance, run_training, trainable_copy
 from . import compat, files
 
 log = logging.getLogger("dit_cache_bridge")
@@ -340,9 +340,7 @@ class TrainingPair:
             if run.strength(layer) == 0.0:
                 return k, v
             sk, sv = self._captured[self.layer_map.pairs[layer]]
-            kh, vh = k.reshape(*k.shape[:2], heads, -1), v.reshape(*v.shape[:2], heads, -1)
-            k2, v2 = run.fuse(layer, kh, vh, sk, sv)
-            return k2.reshape(k.shape), v2.reshape(v.shape)
+            return run.fuse_tokens(layer, k, v, sk, sv)
         if self._mode == "observe":
             self._observed[layer] = (k.reshape(*k.shape[:2], heads, -1), v.reshape(*v.shape[:2], heads, -1))
             if layer == self._stop_after:

@@ -11,7 +11,7 @@ import math
 
 from comfy_api.latest import io
 
-from ..c2c_core.errors import quote
+from c2c_core.errors import quote
 from .errors import BridgeInputError
 
 

@@ -1,8 +1,8 @@
 """c2c_core: the framework-free fusion engine of DiT Cache Bridge.
 
 Fuses one Diffusion Transformer's self-attention K/V into another's (Cache-to-Cache, adapted to
-Wan2.1-style video DiTs). Imports only torch, einops, safetensors and the standard library; never
-ComfyUI or diffusers, so every piece can be tested without a host. Start with docs/core_api.md.
+Wan2.1-style video DiTs). Imports only torch, einops, safetensors, greenlet (optional: lockstep.py) and the
+standard library; never ComfyUI or diffusers, so every piece can be tested without a host. Start with docs/core_api.md.
 
 What is exported here is the public API (docs/architecture.md, "c2c_core's public API"); the one
 fusion path every host uses is :class:`FusionRun` (``runtime.py``).
@@ -46,7 +46,7 @@ from .errors import (
     UnknownProjectorError,
     UnsafeFormatError,
 )
-from .fusion import LayerFuser, fuse
+from .fusion import fuse
 from .signature import ModelSignature, TokenGrid, from_heads, to_heads
 from .mapping import COMPUTED_MAP_KINDS, LAYER_MAP_KINDS, LayerMap, parse_layer_spec
 from .projectors import (
@@ -103,7 +103,6 @@ __all__ = [
     "UnexpectedTensorError",
     "UnknownProjectorError",
     "UnsafeFormatError",
-    "LayerFuser",
     "fuse",
     "ModelSignature",
     "TokenGrid",

@@ -1,15 +1,15 @@
 """The host-free fusion runtime: one sampling run's worth of turning sharer K/V into fused receiver K/V.
 
 Every host (ComfyUI's bridge, the diffusers bridge, projector training) fuses through
-:class:`FusionRun`; hosts differ only in how they find the attention hook point and how they name
-CFG branches. One run is created per sampling run::
+:class:`FusionRun`; hosts differ only in how they find the attention hook point and how they tell
+a call's CFG branches apart (c2c_core.contract). One run is created per sampling run::
 
     run = FusionRun(bundle, schedule, strength, sharer_rope=..., receiver_rope=...,
                     sharer_grid=..., receiver_grid=..., device=..., dtype=...)
     for each model call:
         if run.begin_call(percent):             # percent through the noise schedule, a Python float
-            for each fused layer: k, v = run.fuse(layer, k, v, sk, sv)   # (B, N, H, D) each
-    report = run.close()
+            for each fused layer: k, v = run.fuse_tokens(layer, k, v, sk, sv)   # as the host's attention has them
+    report = run.close(source_report)            # c2c_core.contract.SourceReport of the K/V source
 
 The per-layer path stays sync-free, because it runs for every fused layer of every model call:
 strengths are Python floats decided before any tensor is touched, RoPE
@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 
 from .align import RopeRerotation, RopeSpec, resample_tokens
-from .errors import KVShapeError
-from .fusion import LayerFuser, fuse
+from .contract import SourceReport
+from .errors import FusionError, KVShapeError
+from .fusion import check_fusion, fuse
 from .health import FiniteWatch, strict_json
 from .signature import TokenGrid
 from .projectors import ProjectorBank, static_gate
@@ -159,13 +160,13 @@ class FusionRun:
         overrides = dict(layer_strengths or {})
         self._base = {layer: float(strength) * overrides.get(layer, self.layer_map.strength(layer))
                       for layer in self.layers}
+        check_fusion(bundle.bank, self.layer_map, float(strength))   # a map that fits the bank, a strength >= 0
         self.sharer_rope, self.receiver_rope = sharer_rope, receiver_rope
         self.sharer_grid, self.receiver_grid = sharer_grid, receiver_grid
         self.rope_alignment = rope_alignment
         self.grid_mode = grid_mode
         self._banks = banks if banks is not None else BankCache(bundle.bank)
         self._device, self._dtype, self._bank = device, dtype, None
-        LayerFuser(bundle.bank, self.layer_map, schedule, float(strength))   # validates map against bank
         self._align = None
         self._strengths = {layer: 0.0 for layer in self.layers}
         self.active = False
@@ -224,7 +225,9 @@ class FusionRun:
         positions, projected and blended at this call's strength. Strength 0 returns ``k, v``
         themselves without touching the sharer's.
         """
-        s = self._strengths[layer]
+        s = self._strengths.get(layer)
+        if s is None:
+            raise FusionError(f"FusionRun.fuse: receiver layer {layer} is not fused; fused layers are {self.layers}.")
         if s == 0.0:
             return k, v
         sk = sk.to(device=k.device, dtype=k.dtype)
@@ -238,6 +241,16 @@ class FusionRun:
             self._measure(layer, k, k2, v, v2)
         self._finite.observe(layer, k2, v2)
         return k2, v2
+
+    def fuse_tokens(self, layer: int, k: Tensor, v: Tensor, sk: Tensor, sv: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`fuse` for K/V as a host's attention hands them over, (B, N, H*D) or (B, N, H, D) each: brought
+        to heads by the bundle's signatures, fused, and returned in the receiver's own layout."""
+        src, dst = self.bundle.sharer, self.bundle.receiver
+        k2, v2 = self.fuse(layer, k.reshape(*k.shape[:2], dst.num_heads, dst.head_dim),
+                           v.reshape(*v.shape[:2], dst.num_heads, dst.head_dim),
+                           sk.reshape(*sk.shape[:2], src.num_heads, src.head_dim),
+                           sv.reshape(*sv.shape[:2], src.num_heads, src.head_dim))
+        return k2.reshape(k.shape), v2.reshape(v.shape)
 
     def align(self, sk: Tensor, sv: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """Sharer ``sk, sv`` as :meth:`fuse` projects them: on ``like``'s device/dtype, the receiver's grid
@@ -290,10 +303,10 @@ class FusionRun:
         self._measured[layer] += 1
 
     # -- end of run -------------------------------------------------------------------------------
-    def close(self, sharer_forwards: int = 0, peak_kv_bytes: int = 0, copied_kv_bytes: int = 0) -> RunReport:
-        """The run's report; the only place device tensors are read back."""
-        r = RunReport(layers=list(self.layers), model_calls=self._calls, sharer_forwards=int(sharer_forwards),
-                      peak_kv_bytes=int(peak_kv_bytes), copied_kv_bytes=int(copied_kv_bytes))
+    def close(self, source: SourceReport = SourceReport()) -> RunReport:
+        """The run's report, with what the K/V source did; the only place device tensors are read back."""
+        r = RunReport(layers=list(self.layers), model_calls=self._calls, sharer_forwards=int(source.sharer_forwards),
+                      peak_kv_bytes=int(source.peak_kv_bytes), copied_kv_bytes=int(source.copied_kv_bytes))
         sums = self._change.tolist() if self._change is not None else [[0.0, 0.0]] * len(self.layers)
         for layer, (k_sum, v_sum) in zip(self.layers, sums):
             if self.stats:

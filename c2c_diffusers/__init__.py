@@ -3,16 +3,17 @@
 Imports diffusers and c2c_core, never ComfyUI; diffusers is an optional extra
 (``pip install dit-cache-bridge[diffusers]``). Two-line attach::
 
-    bridge = Bridge(load_bundle("projector.safetensors"), LiveSharer(chronoedit.transformer, inputs))
+    bridge = Bridge(LiveSharer(chronoedit.transformer, inputs), load_bundle("projector.safetensors"))
     bridge.attach(wan_pipe)          # ... wan_pipe(...) now fuses; bridge.detach() undoes it
 
 Or the one-call API: ``WanChronoEditBridge(BridgeConfig(...), wan_pipe, chronoedit_pipe).generate_with_fusion(...)``.
 See docs/diffusers.md.
 """
 from .api import BridgeConfig, WanChronoEditBridge
-from .bridge import COND, UNCOND, Bridge
+from .bridge import Bridge
 from .errors import BridgeSetupError
 from .live import LiveSharer, SharerInputs
 from .recorded import KVRecorder, RecordedSharer
 
-__all__ = ["Bridge", "BridgeConfig", "BridgeSetupError", "COND", "KVRecorder", "LiveSharer", "RecordedSharer", "SharerInputs", "UNCOND", "WanChronoEditBridge"]
+__all__ = ["Bridge", "BridgeConfig", "BridgeSetupError", "KVRecorder", "LiveSharer", "RecordedSharer", "SharerInputs",
+           "WanChronoEditBridge"]

@@ -24,6 +24,7 @@ import torch
 
 from c2c_core import FusionSchedule, LayerMap, ProjectorBank, load_bundle
 from c2c_core.bundle import ProjectorBundle
+from c2c_core.contract import DIRECTIONS
 from c2c_core.recording import DiskStore, RamStore, STORAGE_DTYPES
 
 from . import lockstep, models
@@ -36,7 +37,6 @@ __all__ = ["BridgeConfig", "WanChronoEditBridge"]
 
 TARGETS = ("wan", "chronoedit")
 MODES = ("live", "recorded")
-DIRECTIONS = ("sharer_to_receiver", "bidirectional")
 
 
 def _choice(name, value, allowed):
@@ -175,7 +175,7 @@ class WanChronoEditBridge:
                                 backward=self.backward, backward_strength=cfg.backward_strength)
         else:
             source = RecordedSharer(self._record(image, common, inputs, generator), grid_alignment=cfg.grid_alignment)
-        bridge = Bridge(self.bundle, source, strength=cfg.strength, schedule=cfg.schedule(),
+        bridge = Bridge(source, self.bundle, strength=cfg.strength, schedule=cfg.schedule(),
                         rope_alignment=cfg.rope_alignment).attach(self.receiver)
         kwargs = dict(common, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                       generator=generator, **receiver_kwargs)

@@ -1,18 +1,19 @@
 """Attach a sharer's K/V (live or recorded) to a diffusers receiver transformer, and detach it bit-for-bit.
 
+The diffusers side of the host contract (c2c_core.contract; c2c_comfy/bridge.py is the ComfyUI side).
 Lifecycle, per sampling run (one pipeline call):
   ``CallHook`` (pre_forward)   -> per model call: the CFG branch, step and noise percent are resolved,
                                   ``FusionRun.begin_call`` sets per-layer strengths and, when a layer
-                                  fuses, the K/V source makes sure the sharer's K/V for this branch exist
+                                  fuses, the K/V source makes sure the sharer's K/V of this ``Call`` exist
                                   (live: the sharer runs now on the same latent and timestep);
-  ``SelfAttentionTap``         -> per fused block: ``FusionRun.fuse`` aligns, projects and blends.
+  ``SelfAttentionTap``         -> per fused block: ``FusionRun.fuse_tokens`` aligns, projects and blends.
 A run opens at the first call (or with :meth:`Bridge.session`) and closes when the session ends, when
 sampling starts over (the timestep goes up), or at :meth:`Bridge.detach`; its report is ``last_report``.
 
-CFG branches come from ``transformer.cache_context("cond"/"uncond")`` (WanPipeline). Pipelines that
-call the transformer without a cache context (WanImageToVideoPipeline, ChronoEditPipeline in
-diffusers 0.42) get the documented fallback: within one timestep the first call is "cond", the second
-"uncond" — the order every diffusers Wan pipeline uses. The step index comes from the context, else
+CFG branches (``POSITIVE``/``NEGATIVE``) come from ``transformer.cache_context("cond"/"uncond")``
+(WanPipeline). Pipelines that call the transformer without a cache context (WanImageToVideoPipeline,
+ChronoEditPipeline in diffusers 0.42) get the documented fallback: within one timestep the first call is
+"cond", the second "uncond" — the order every diffusers Wan pipeline uses. The step index comes from the context, else
 from the timestep (a new value is a new step). The noise percent of a call (windows) follows ComfyUI's
 convention for flow models, sigma = shift·(1−p) / (1 + (shift−1)·(1−p)), with the scheduler's shift,
 so a window means the same steps in both hosts.
@@ -26,16 +27,17 @@ import itertools
 from contextlib import contextmanager
 
 from c2c_core import FusionSchedule
-from c2c_core.bundle import arch_mismatches
+from c2c_core.bundle import ProjectorBundle, arch_mismatches
+from c2c_core.contract import NEGATIVE, POSITIVE, Call, refresh_window
 from c2c_core.runtime import BankCache, FusionRun, percent_of
 
 from . import models
 from .errors import BridgeSetupError
 from .hooks import add_taps, register_call_hook, remove_call_hook, remove_taps
 
-__all__ = ["Bridge", "CallClock", "CallInfo", "COND", "UNCOND", "flow_sigma"]
+__all__ = ["Bridge", "CallClock", "flow_sigma"]
 
-COND, UNCOND = "cond", "uncond"
+_CONTEXT_BRANCH = {"cond": POSITIVE, "uncond": NEGATIVE}     # diffusers' cache_context names
 _ids = itertools.count()
 
 
@@ -74,7 +76,8 @@ class CallClock:
 
     A context's ``step_index`` and name win (WanPipeline gives both; then the timestep is never read back
     from the device). Otherwise a new timestep value is a new step, and within one step the first call is
-    "cond", the second "uncond" — the fallback for pipelines without ``cache_context``.
+    the positive branch ("cond"), the second the negative ("uncond") — the fallback for pipelines without
+    ``cache_context``.
     """
 
     def __init__(self):
@@ -93,7 +96,8 @@ class CallClock:
             return 0 <= context.step_index < self.step
         return self.value is not None and value > self.value
 
-    def tick(self, value, context) -> tuple[str, int]:
+    def tick(self, value, context) -> tuple[int, int]:
+        """(branch, step) of this call."""
         if context is not None and context.step_index is not None:
             new_step = int(context.step_index) != self.step
             step = int(context.step_index)
@@ -102,9 +106,9 @@ class CallClock:
             step = self.step + 1 if new_step else self.step
         self.calls = 0 if new_step else self.calls + 1
         self.step, self.value = step, value
-        if context is not None and context.name in (COND, UNCOND):
-            return context.name, step
-        return (COND if self.calls % 2 == 0 else UNCOND), step
+        if context is not None and context.name in _CONTEXT_BRANCH:
+            return _CONTEXT_BRANCH[context.name], step
+        return (POSITIVE if self.calls % 2 == 0 else NEGATIVE), step
 
 
 def call_inputs(args, kwargs, context=None):
@@ -132,26 +136,23 @@ def _offload_lifted(pipeline, transformers):
         pipeline.enable_model_cpu_offload(device=device)
 
 
-class CallInfo:
-    """One receiver call as the K/V source sees it."""
-
-    __slots__ = ("latent", "timestep", "branch", "step", "sigma")
-
-    def __init__(self, latent, timestep, branch, step, sigma):
-        self.latent, self.timestep, self.branch, self.step, self.sigma = latent, timestep, branch, step, sigma
-
-
 class Bridge:
     """Fuses one K/V source into one receiver (or a Wan2.2 pair of experts) through one projector bundle.
 
-    bundle: a ``c2c_core.ProjectorBundle`` (``load_bundle(path)``) whose receiver signature matches the
-        receiver transformer. source: a ``LiveSharer`` or ``RecordedSharer``. strength, schedule,
+    source: a ``LiveSharer`` or ``RecordedSharer``. bundle: a ``c2c_core.ProjectorBundle``
+        (``load_bundle(path)``) whose receiver signature matches the receiver transformer. strength, schedule,
         layer_strengths, rope_alignment: as in ``c2c_core.runtime.FusionRun``. scheduler: the receiver pipeline's
-        scheduler (its shift places windows; without one, shift 1).
+        scheduler (its shift places windows; without one, shift 1). The argument order is the ComfyUI
+        bridge's: ``Bridge(source, bundle, strength, schedule, …)``.
     """
 
-    def __init__(self, bundle, source, strength: float = 1.0, schedule: FusionSchedule = FusionSchedule(),
+    def __init__(self, source, bundle, strength: float = 1.0, schedule: FusionSchedule = FusionSchedule(),
                  layer_strengths=None, rope_alignment: str = "auto", scheduler=None):
+        if not isinstance(bundle, ProjectorBundle):
+            swapped = " (the arguments are swapped: the source comes first)" if isinstance(source, ProjectorBundle) else ""
+            raise BridgeSetupError(f"Bridge(source, bundle, …): bundle is a {type(bundle).__name__}{swapped}; expected a "
+                                   f"c2c_core.ProjectorBundle (load_bundle(path)). Call Bridge(LiveSharer(...) or "
+                                   f"RecordedSharer(...), bundle, …).")
         if rope_alignment not in ("auto", "off"):
             raise BridgeSetupError(f"rope_alignment={rope_alignment!r}; expected 'auto' or 'off'.")
         self.bundle = bundle
@@ -260,8 +261,7 @@ class Bridge:
         self._clock.reset()
         if run is None:
             return self.last_report
-        forwards, peak = (source_run.close() if source_run is not None else (0, 0))
-        self.last_report = run.close(sharer_forwards=forwards, peak_kv_bytes=peak)
+        self.last_report = run.close(source_run.close())
         return self.last_report
 
     # -- per model call (CallHook listener) ----------------------------------------------------------
@@ -279,7 +279,8 @@ class Bridge:
         shift = scheduler_shift(self.scheduler)
         percent = percent_of(sigma, lambda p: flow_sigma(p, shift), snap=(self.schedule.start, self.schedule.end))
         if self.run.begin_call(percent):
-            self._call = CallInfo(latent, timestep, branch, step, float(sigma))
+            self._call = Call(latent, timestep, (branch,), step, float(sigma),
+                              refresh_window(step, self.schedule.refresh_every, self.run.calls), step)
             self.source_run.ensure(self._call)
         return args, kwargs
 
@@ -306,8 +307,7 @@ class Bridge:
         call, run = self._call, self.run
         if call is None or self.in_sharer or run.strength(layer) == 0.0:
             return k, v
-        if getattr(self.source_run, "receives", False):
-            self.source_run.receive(layer, k, v)     # bidirectional: the sharer's next blocks read them
+        self.source_run.offer(layer, k, v)        # bidirectional: the sharer's next blocks read them
         sk, sv = self.source_run.kv(run.sharer_layer(layer), call)
-        return run.fuse(layer, k, v, sk, sv)
+        return run.fuse_tokens(layer, k, v, sk, sv)
 

@@ -12,18 +12,19 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from c2c_core.align import GRID_ALIGNMENTS
 from torch import Tensor
 
+from c2c_core.align import GRID_ALIGNMENTS
+from c2c_core.capture import CapturedKV
+from c2c_core.contract import POSITIVE, Call, SharerDone, SourceReport
 from c2c_core.runtime import BankCache
 
 from . import lockstep, models
-from .bridge import check_architecture, COND, UNCOND
+from .bridge import check_architecture
 from .errors import BridgeSetupError
 from .hooks import add_taps, remove_taps
 
-__all__ = ["SharerInputs", "LiveSharer"]
-
+__all__ = ["SharerInputs", "LiveSharer", "LiveSharerRun"]
 
 
 @dataclass
@@ -40,10 +41,6 @@ class SharerInputs:
     negative_prompt_embeds: Optional[Tensor] = None
     image_embeds: Optional[Tensor] = None
     condition: Optional[Tensor] = None
-
-
-class _SharerDone(Exception):
-    """Raised inside the sharer once its last needed layer is captured: later blocks are skipped."""
 
 
 def _batch(t: Optional[Tensor], rows: int, device, dtype) -> Optional[Tensor]:
@@ -130,7 +127,7 @@ class LiveSharer:
             self._key = None
 
     def open_run(self, bridge, receiver_shape):
-        run = _LiveRun(self, bridge, receiver_shape)
+        run = LiveSharerRun(self, bridge, receiver_shape)
         if self.backward is not None:
             if any(t is self.transformer for t in bridge.receivers):
                 raise BridgeSetupError("bidirectional fusion needs two transformer objects; the sharer is the "
@@ -146,8 +143,9 @@ class LiveSharer:
         return k, v
 
 
-class _LiveRun:
-    """Per-run side of a LiveSharer: the sharer's grid and positions, and the captured K/V."""
+class LiveSharerRun:
+    """Per-run side of a LiveSharer (a ``c2c_core.contract.KVSourceRun``): the sharer's grid and positions, and
+    its captured K/V (one branch per call: diffusers' pipelines call the transformer once per branch)."""
 
     def __init__(self, source: LiveSharer, bridge, receiver_shape):
         self.source, self.bridge = source, bridge
@@ -166,30 +164,24 @@ class _LiveRun:
         self.grid_mode = "nearest" if source.grid_alignment == "refuse" else source.grid_alignment
         self.grid = models.token_grid(self.transformer, shape)
         self.rope = models.rope_spec(self.transformer, shape)
-        self.captured: dict = {}          # branch -> {layer: (k, v)}
-        self.window: dict = {}            # branch -> refresh window of its K/V
+        self.captured = CapturedKV()
         self.capturing = False
-        self._into = None
         self.forwards = 0
-        self.peak_bytes = 0
-        self._calls = 0
+        self._branch = None
 
-    def ensure(self, call) -> None:
-        self._calls += 1
-        window = call.step // self.refresh if self.refresh > 1 else ("call", self._calls)
-        if self.window.get(call.branch) == window:
+    def ensure(self, call: Call) -> None:
+        (branch,) = call.branches
+        if self.captured.window.get(branch) == call.window:
             return
         if self.refresh == 1:
             self.captured.clear()        # lockstep: only this call's K/V are ever needed
-            self.window.clear()
-        self.captured[call.branch] = self._into = {}
+        else:
+            self.captured.drop((branch,))
+        self._branch = branch
         self._run_sharer(call)
-        self.window[call.branch] = window
-        held = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for layers in self.captured.values() for k, v in layers.values())
-        self.peak_bytes = max(self.peak_bytes, held)
+        self.captured.window[branch] = call.window
 
-    def sharer_kwargs(self, call) -> dict:
+    def sharer_kwargs(self, call: Call) -> dict:
         """The sharer's forward arguments for ``call``: its latent (resampled to its grid), timestep, conditioning."""
         t, inputs = self.transformer, self.source.inputs
         param = next(t.parameters())
@@ -203,18 +195,19 @@ class _LiveRun:
         condition = _batch(inputs.condition, rows, device, dtype)
         if condition is not None:
             x = torch.cat([x, condition], dim=1)
-        embeds = inputs.prompt_embeds if call.branch == COND else inputs.negative_prompt_embeds
+        (branch,) = call.branches
+        embeds = inputs.prompt_embeds if branch == POSITIVE else inputs.negative_prompt_embeds
         if embeds is None:
             raise BridgeSetupError(
-                f"the receiver runs an '{UNCOND}' (negative) branch but SharerInputs.negative_prompt_embeds is None; "
-                f"pass the sharer's negative prompt embeddings, or sample the receiver with guidance_scale 1.")
+                "the receiver runs a negative ('uncond') branch but SharerInputs.negative_prompt_embeds is None; "
+                "pass the sharer's negative prompt embeddings, or sample the receiver with guidance_scale 1.")
         kwargs = dict(hidden_states=x, timestep=call.timestep, encoder_hidden_states=_batch(embeds, rows, device, dtype),
                       return_dict=False)
         if inputs.image_embeds is not None:
             kwargs["encoder_hidden_states_image"] = _batch(inputs.image_embeds, rows, device, dtype)
         return kwargs
 
-    def _run_sharer(self, call) -> None:
+    def _run_sharer(self, call: Call) -> None:
         kwargs = self.sharer_kwargs(call)
         t = self.transformer
         self.bridge.in_sharer = True
@@ -222,28 +215,32 @@ class _LiveRun:
         try:
             with torch.no_grad():        # the sharer is never trained through: no graph for its forward
                 t(**kwargs)
-        except _SharerDone:
+        except SharerDone:
             pass
         finally:
             self.capturing = False
             self.bridge.in_sharer = False
         self.forwards += 1
-        missing = [layer for layer in self.layers if layer not in self._into]
+        missing = [layer for layer in self.layers if not self.captured.has(layer, self._branch)]
         if missing:
             raise BridgeSetupError(f"the sharer's forward never reached self-attention of layers {missing}; expected "
                                    f"a Wan-family transformer that runs every block.")
 
+    def offer(self, layer, k, v) -> None:
+        """One way: the receiver's K/V are not read."""
+
     def capture(self, layer, k, v):
         if layer in self.layers:
-            self._into[layer] = (k, v)
+            self.captured.put(layer, k, v, (self._branch,))
             if layer == self.layers[-1]:
-                raise _SharerDone()
+                raise SharerDone()
         return k, v
 
-    def kv(self, layer, call):
-        return self.captured[call.branch][layer]
+    def kv(self, layer, call: Call):
+        return self.captured.get(layer, call.branches)
 
-    def close(self):
-        self.captured, self.window = {}, {}
+    def close(self) -> SourceReport:
+        report = SourceReport(self.forwards, self.captured.peak_bytes, self.captured.copied_bytes)
+        self.captured = CapturedKV()
         self.source._run = None
-        return self.forwards, self.peak_bytes
+        return report

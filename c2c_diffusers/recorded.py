@@ -7,7 +7,7 @@ CFG branch pick the recorded K/V, so only one model has to be resident at a time
 """
 from __future__ import annotations
 
-from c2c_core import RopeSpec, TokenGrid
+from c2c_core.contract import BRANCH_NAMES, Call, SourceReport, same_sigma
 from c2c_core.recording import KVRecording, RamStore
 
 from . import models
@@ -15,10 +15,7 @@ from .bridge import check_architecture, CallClock, call_inputs
 from .errors import BridgeSetupError
 from .hooks import add_taps, register_call_hook, remove_call_hook, remove_taps
 
-__all__ = ["KVRecorder", "RecordedSharer", "KIND"]
-
-KIND = {"cond": 0, "uncond": 1}       # the kinds ComfyUI's recordings use (0 positive, 1 negative)
-SIGMA_RTOL = 1e-4                      # recorded and replayed sigmas agree to this (as ComfyUI's replay checks)
+__all__ = ["KVRecorder", "RecordedSharer", "RecordedRun"]
 
 
 class KVRecorder:
@@ -64,8 +61,8 @@ class KVRecorder:
         if step == len(self._sigmas):
             sigma = context.sigma if context is not None and context.sigma is not None else value / 1000.0
             self._sigmas.append(float(sigma))
-        self._now = (step, KIND[branch])
-        self._kinds.add(KIND[branch])
+        self._now = (step, branch)         # recordings keep branches as their on-disk kinds 0/1
+        self._kinds.add(branch)
         return args, kwargs
 
     def end_call(self):
@@ -107,16 +104,17 @@ class RecordedSharer:
     def detach(self, bridge) -> None:
         pass
 
-    def open_run(self, bridge, receiver_shape) -> "_ReplayRun":
-        return _ReplayRun(self, bridge, receiver_shape)
+    def open_run(self, bridge, receiver_shape) -> "RecordedRun":
+        return RecordedRun(self, bridge, receiver_shape)
 
 
-class _ReplayRun:
+class RecordedRun:
+    """Per-run replay (a ``c2c_core.contract.KVSourceRun``): the receiver's step and branch pick the K/V."""
+
     def __init__(self, source: RecordedSharer, bridge, receiver_shape):
         rec = source.recording
         self.recording = rec
-        # plain values, so a recording made by another copy of c2c_core (the ComfyUI pack's) compares equal
-        self.grid, self.rope = TokenGrid(*rec.grid.shape), RopeSpec.from_dict(rec.rope.to_dict())
+        self.grid, self.rope = rec.grid, rec.rope
         self.grid_mode = "nearest" if source.grid_alignment == "refuse" else source.grid_alignment
         receiver_grid = models.token_grid(bridge.receivers[0], receiver_shape)
         if self.grid != receiver_grid and source.grid_alignment == "refuse":
@@ -125,27 +123,33 @@ class _ReplayRun:
                 f"{receiver_grid.shape}; expected equal. Record at the receiver's size, or use "
                 f"RecordedSharer(recording, grid_alignment='nearest' or 'trilinear').")
 
-    def ensure(self, call) -> None:
+    def ensure(self, call: Call) -> None:
         rec = self.recording
         if call.step >= rec.steps:
             raise BridgeSetupError(f"the receiver is at step {call.step + 1} but the K/V recording holds {rec.steps} "
                                    f"steps; record with the receiver's num_inference_steps.")
         recorded = rec.sigmas[call.step]
-        if abs(recorded - call.sigma) > SIGMA_RTOL * max(1.0, abs(recorded)):
+        if not same_sigma(recorded, call.sigma):
             raise BridgeSetupError(
                 f"the receiver's step {call.step + 1} is at sigma {call.sigma:.6g} but the K/V recording's is at "
                 f"{recorded:.6g}; expected the same noise schedule. Record with the receiver's scheduler, shift and "
                 f"num_inference_steps.")
-        if KIND[call.branch] not in rec.kinds:
-            raise BridgeSetupError(f"the receiver runs a '{call.branch}' branch the K/V recording does not hold "
-                                   f"(it was sampled without classifier-free guidance); record with the receiver's "
-                                   f"guidance_scale.")
+        (branch,) = call.branches
+        if branch not in rec.kinds:
+            raise BridgeSetupError(f"the receiver runs a {BRANCH_NAMES[branch]} branch the K/V recording does not "
+                                   f"hold (it was sampled without classifier-free guidance); record with the "
+                                   f"receiver's guidance_scale.")
 
-    def kv(self, layer, call):
-        k, v = self.recording.get(call.step, KIND[call.branch], layer)
-        heads = self.recording.signature.num_heads
-        return k.unflatten(-1, (heads, -1)), v.unflatten(-1, (heads, -1))
+    def offer(self, layer, k, v) -> None:
+        """A recording cannot receive."""
 
-    def close(self):
-        return 0, 0
+    def capture(self, layer, k, v):
+        """No sharer runs during a replay: nothing to capture."""
+        return k, v
 
+    def kv(self, layer, call: Call):
+        """The recorded K/V (B, N, H*D) of sharer ``layer`` at the call's step and branch."""
+        return self.recording.get(call.step, call.branches[0], layer)
+
+    def close(self) -> SourceReport:
+        return SourceReport()

@@ -7,7 +7,7 @@ is always used in place (float32 master weights also for a bf16 receiver; never 
 gradients would not reach), so what is trained is what runs. Sample files and their seeded draws are
 ``c2c_core.samples`` (one format for both hosts); this module converts diffusers tensors to and from them.
 
-    bridge = Bridge(bundle, LiveSharer(sharer, inputs)).attach(receiver)
+    bridge = Bridge(LiveSharer(sharer, inputs), bundle).attach(receiver)
     result = train_bank(bundle.bank, bundle.layer_map, batches, velocity_loss(bridged_velocity(bridge, receiver)),
                         TrainConfig(steps=1000, lr=1e-4))
 """

@@ -249,7 +249,7 @@ def eval_batches(training, pair, videos, classes, texts, seed: int, batch: int =
 
 def velocity_mse(training, sharer, receiver, bundle, videos, classes, texts, seed, strength=1.0, use_sharer=False):
     """Mean velocity MSE over EVAL_T (and per t) of the bridged receiver (or the sharer itself)."""
-    from dit_cache_bridge.c2c_core.train import trainable_copy
+    from c2c_core.train import trainable_copy
 
     with torch.inference_mode(False), torch.no_grad():
         bank = trainable_copy(bundle).eval()
@@ -315,8 +315,8 @@ def save_samples(training, receiver, videos, classes, texts, folder: Path):
 
 def train_and_save_projector(training, sharer, receiver, fresh, dataset, settings: Settings, seed: int, path: Path):
     """Train ``fresh`` (a projector bundle) with the pack's trainer, velocity loss; save it to ``path``."""
-    from dit_cache_bridge.c2c_core import save_bundle
-    from dit_cache_bridge.c2c_core.train import TrainSettings
+    from c2c_core import save_bundle
+    from c2c_core.train import TrainSettings
 
     train_settings = TrainSettings(loss="velocity", steps=settings.projector_steps, batch_size=settings.projector_batch,
                                    lr=settings.projector_lr, warmup_steps=min(20, settings.projector_steps // 5),

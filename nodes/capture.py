@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..c2c_core import LayerMapError, align, parse_layer_spec
+from c2c_core import LayerMapError, align, parse_layer_spec
 from ..c2c_comfy.live import LiveSharer
 from ..c2c_comfy.errors import BridgeInputError
 from ..c2c_comfy.validate import check_inputs

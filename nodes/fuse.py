@@ -7,10 +7,11 @@ import math
 
 from comfy_api.latest import io
 
-from ..c2c_core import RAMPS, FusionSchedule, ScheduleError
+from c2c_core import RAMPS, FusionSchedule, ScheduleError
+from c2c_core.contract import DIRECTIONS
 from ..c2c_comfy.bridge import Bridge
 from ..c2c_comfy.errors import BridgeInputError, check
-from ..c2c_comfy.lockstep import DIRECTIONS, with_direction
+from ..c2c_comfy.live import with_direction
 from ..c2c_comfy.validate import check_inputs
 from .projector import check_projector_fits, check_same_latent, model_signature, untrained_warning
 from .types import CATEGORY, KVSource, Projector

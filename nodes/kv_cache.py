@@ -11,12 +11,12 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..c2c_core import BundleError, align
-from ..c2c_core.errors import cut, quote
-from ..c2c_core.recording import load_recording, save_recording
+from c2c_core import BundleError, align
+from c2c_core.errors import cut, quote
+from c2c_core.recording import load_recording, save_recording
 from ..c2c_comfy import files
 from ..c2c_comfy.errors import BridgeInputError, check
-from ..c2c_comfy.recorded import RecordedSource
+from ..c2c_comfy.recorded import RecordedSharer
 from .types import CATEGORY, KVSource
 
 SUBFOLDER = "kv_cache"
@@ -51,7 +51,7 @@ class SaveKVCache(io.ComfyNode):
 
     @classmethod
     def execute(cls, kv_source, filename_prefix) -> io.NodeOutput:
-        check(isinstance(kv_source, RecordedSource), cls.NODE, "kv_source", "a live K/V source",
+        check(isinstance(kv_source, RecordedSharer), cls.NODE, "kv_source", "a live K/V source",
               "a recording", "feed it from Record KV Cache (Capture KV Cache is live)")
         subfolder, name = files.checked_prefix(cls.NODE, "filename_prefix", filename_prefix)
         path = files.save_in(cls.NODE, "filename_prefix", recordings_folder(), subfolder, name,
@@ -97,5 +97,5 @@ class LoadKVCache(io.ComfyNode):
         except (BundleError, FileNotFoundError) as e:
             raise BridgeInputError(cls.NODE, "kv_cache", cut(str(e)), "a recording saved by Save KV Cache",
                                    "pick another file, or record again") from e
-        return io.NodeOutput(RecordedSource(recording, recording.signature, recording.layers, int(refresh_every),
+        return io.NodeOutput(RecordedSharer(recording, recording.signature, recording.layers, int(refresh_every),
                                             "auto", grid_alignment, cls.NODE))

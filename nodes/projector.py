@@ -7,11 +7,11 @@ import math
 import torch
 from comfy_api.latest import io
 
-from ..c2c_core import (COMPUTED_MAP_KINDS, PROJECTOR_KINDS as CORE_PROJECTOR_KINDS, BundleError, LayerMap,
+from c2c_core import (COMPUTED_MAP_KINDS, PROJECTOR_KINDS as CORE_PROJECTOR_KINDS, BundleError, LayerMap,
                         LayerMapError, ProjectorBank, ProjectorBundle, ProjectorConfigError, load_bundle,
                         parse_layer_spec)
-from ..c2c_core.bundle import arch_mismatches
-from ..c2c_core.errors import cut, quote
+from c2c_core.bundle import arch_mismatches
+from c2c_core.errors import cut, quote
 from ..c2c_comfy import compat, paths
 from ..c2c_comfy.errors import BridgeInputError, check
 from .types import CATEGORY, Projector

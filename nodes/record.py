@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..c2c_core.recording import STORAGE_DTYPES
+from c2c_core.recording import STORAGE_DTYPES
 from ..c2c_comfy import compat, recorded
 from ..c2c_comfy.errors import check
 from ..c2c_comfy.validate import check_inputs
@@ -74,7 +74,7 @@ class RecordKVCache(io.ComfyNode):
         check_latent_channels(cls.NODE, sharer, latent_image)
         recording = recorded.record(cls.NODE, sharer, positive, negative, chosen, latent_image, seed, steps, cfg,
                                     sampler_name, scheduler, denoise, storage_dtype, storage, signature)
-        return io.NodeOutput(recorded.RecordedSource(recording, signature, chosen, int(refresh_every),
+        return io.NodeOutput(recorded.RecordedSharer(recording, signature, chosen, int(refresh_every),
                                                      rope_alignment, grid_alignment, cls.NODE))
 
 

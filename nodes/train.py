@@ -14,9 +14,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..c2c_core import DECAYS, LOSS_KINDS, C2CError, DivergedError, ResumeError
-from ..c2c_core.samples import TrainingDataError
-from ..c2c_core.train import TrainSettings
+from c2c_core import DECAYS, LOSS_KINDS, C2CError, DivergedError, ResumeError
+from c2c_core.samples import TrainingDataError
+from c2c_core.train import TrainSettings
 from ..c2c_comfy import compat, paths, training
 from ..c2c_comfy.errors import BridgeInputError, check
 from ..c2c_comfy.validate import check_inputs

@@ -51,7 +51,7 @@ def test_trained_models_load_as_unet_loader_loads_them(comfy, quick_root):
 
 def test_trained_projector_bundle_loads_for_every_receiver_layer(comfy, quick_root):
     host.load_pack()
-    from dit_cache_bridge.c2c_core import load_bundle
+    from c2c_core import load_bundle
 
     root, _ = quick_root
     bundle = load_bundle(assets.linked_paths(root)["projector"])

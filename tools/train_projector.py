@@ -119,7 +119,7 @@ def load_models(args):
 
 
 def make_projector(args, nodes, sharer, receiver):
-    from dit_cache_bridge.c2c_core import load_bundle
+    from c2c_core import load_bundle
 
     if args.projector is not None:
         bundle = load_bundle(args.projector)
@@ -159,8 +159,8 @@ def main(argv=None) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
         training, nodes = import_pack()
-        core = importlib.import_module(f"{PACK_NAME}.c2c_core")
-        samples, train, checkpoint = (importlib.import_module(f"{PACK_NAME}.c2c_core.{m}")
+        core = importlib.import_module("c2c_core")
+        samples, train, checkpoint = (importlib.import_module(f"c2c_core.{m}")
                                       for m in ("samples", "train", "checkpoint"))
         try:
             dataset = training.open_training_set(args.dataset)

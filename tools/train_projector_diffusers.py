@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         bank = ProjectorBank.build(args.kind, ss, rs, layer_map.layers, **hparams).to(args.device, dtype)
         bundle = ProjectorBundle(bank=bank, layer_map=layer_map, sharer=ss, receiver=rs)
         batches = sample_batches(dataset, seed=args.seed, device=args.device)
-        bridge = Bridge(bundle, LiveSharer(sharer, batches(0).sharer)).attach(receiver)
+        bridge = Bridge(LiveSharer(sharer, batches(0).sharer), bundle).attach(receiver)
         config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, seed=args.seed,
                              checkpoint_every=args.checkpoint_every,
                              checkpoint_dir=str(checkpoints) if args.checkpoint_every or args.resume else None)

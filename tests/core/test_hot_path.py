@@ -112,3 +112,21 @@ def test_statistics_equal_the_simple_formula(dtype):
                 after = outs[2 * c + i][which][:, ::s].double()
                 ratios.append(((after - before).norm() / before.norm()).item())
             assert change[layer] == pytest.approx(sum(ratios) / len(ratios), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["identity", "c2c"])
+def test_fuse_tokens_takes_either_layout_bit_for_bit_without_host_reads(monkeypatch, kind):
+    """The one fuse tail every host calls: (B, N, H*D) as ComfyUI's attention has K/V, (B, N, H, D) as diffusers'."""
+    runs = [FusionRun(bundle(kind), FusionSchedule(), 0.7, sharer_grid=GRID, receiver_grid=GRID, sharer_rope=SCALED)
+            for _ in range(3)]
+    k, v, sk, sv = (tokens(GRID, seed) for seed in range(4))
+    with torch.no_grad():
+        for run in runs:
+            run.begin_call(0.0)
+        expected = runs[0].fuse(0, k.clone(), v.clone(), sk, sv)
+        with no_host_reads(monkeypatch):
+            heads = runs[1].fuse_tokens(0, k.clone(), v.clone(), sk, sv)
+            flat = runs[2].fuse_tokens(0, k.flatten(2), v.flatten(2), sk.flatten(2), sv.flatten(2))
+    assert heads[0].shape == k.shape and flat[0].shape == k.flatten(2).shape
+    assert torch.equal(heads[0], expected[0]) and torch.equal(heads[1], expected[1])
+    assert torch.equal(flat[0], expected[0].flatten(2)) and torch.equal(flat[1], expected[1].flatten(2))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "c2c_core"
-ALLOWED_THIRD_PARTY = {"torch", "einops", "safetensors"}
+ALLOWED_THIRD_PARTY = {"torch", "einops", "safetensors", "greenlet"}   # greenlet: optional, lockstep.py
 
 
 def _sources() -> list[Path]:

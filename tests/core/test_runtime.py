@@ -8,6 +8,7 @@ import torch
 from c2c_core import FusionSchedule, LayerMap, ProjectorBank, RopeSpec, TokenGrid, align_kv
 from c2c_core import align as align_module
 from c2c_core.bundle import ProjectorBundle
+from c2c_core.contract import SourceReport
 from c2c_core.runtime import BankCache, FusionRun, percent_of, step_index
 from core_helpers import kv, signature
 
@@ -150,7 +151,7 @@ def test_close_reports_strengths_changes_and_gates():
     for percent in (0.0, 0.25, 0.75):
         if run.begin_call(percent):
             run.fuse(0, tokens(GRID, 1), tokens(GRID, 2), tokens(GRID, 3), tokens(GRID, 4))
-    report = run.close(sharer_forwards=2, peak_kv_bytes=10)
+    report = run.close(SourceReport(sharer_forwards=2, peak_kv_bytes=10))
     assert report.model_calls == 3 and report.sharer_forwards == 2 and report.peak_kv_bytes == 10
     assert report.strength == {0: 1.0, 2: 1.0}
     assert report.k_change[0] > 0 and report.k_change[2] == 0.0     # layer 2 was never fused here

@@ -71,7 +71,7 @@ def test_bridge_realigns_a_chronoedit_sharer_into_a_wan_receiver(pair):
                                  condition=condition)
     results = {}     # block 0 only: from block 1 on the two models' hidden states differ (positions differ)
     for alignment in ("auto", "off"):
-        bridge = Bridge(tiny.bundle("identity", layers=(0,)), LiveSharer(chrono, sharer_inputs),
+        bridge = Bridge(LiveSharer(chrono, sharer_inputs), tiny.bundle("identity", layers=(0,)),
                         rope_alignment=alignment).attach(wan)
         with torch.no_grad():
             results[alignment] = wan(**inputs, return_dict=False)[0]
@@ -84,12 +84,12 @@ def test_a_sharer_on_another_grid_is_refused_unless_resampling_is_asked_for(pair
     chrono, wan, _, inputs = pair
     other = SharerInputs(inputs["encoder_hidden_states"], image_embeds=inputs["encoder_hidden_states_image"],
                          condition=tiny.latent(5, channels=20, size=6))
-    bridge = Bridge(tiny.bundle("identity", layers=(1,)), LiveSharer(chrono, other)).attach(wan)
+    bridge = Bridge(LiveSharer(chrono, other), tiny.bundle("identity", layers=(1,))).attach(wan)
     with pytest.raises(BridgeSetupError, match=r"condition latent is \(2, 6, 6\).*receiver samples \(2, 4, 4\)"):
         with torch.no_grad():
             wan(**inputs, return_dict=False)
     bridge.detach()
-    bridge = Bridge(tiny.bundle("identity", layers=(1,)), LiveSharer(chrono, other, grid_alignment="nearest"),
+    bridge = Bridge(LiveSharer(chrono, other, grid_alignment="nearest"), tiny.bundle("identity", layers=(1,)),
                     strength=0.5).attach(wan)
     with torch.no_grad():
         out = wan(**inputs, return_dict=False)[0]

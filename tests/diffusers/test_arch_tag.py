@@ -65,11 +65,11 @@ def test_the_diffusers_bridge_refuses_a_projector_for_another_pair_of_the_same_s
     with pytest.raises(BridgeSetupError, match=r"a projector made for a receiver .* but the receiver model is .*which "
                                                r"differs in variant t2v vs i2v, in_channels 16 vs 36\. Use the projector "
                                                r"trained for this pair"):
-        Bridge(bundle, sharer).attach(i2v)
+        Bridge(sharer, bundle).attach(i2v)
     wrong_sharer = LiveSharer(tiny.wan(4, ffn_dim=1024), SharerInputs(tiny.embeds(10), tiny.embeds(11)))
     with pytest.raises(BridgeSetupError, match=r"a projector made for a sharer .*differs in ffn_dim 512 vs 1024"):
-        Bridge(bundle, wrong_sharer).attach(t2v)
-    bridge = Bridge(bundle, sharer).attach(t2v)       # the pair it was made for
+        Bridge(wrong_sharer, bundle).attach(t2v)
+    bridge = Bridge(sharer, bundle).attach(t2v)       # the pair it was made for
     bridge.detach()
 
 

@@ -6,7 +6,7 @@ import tiny
 from c2c_core import LayerMap, ModelSignature, ProjectorBank
 from c2c_core.bundle import ProjectorBundle
 from c2c_diffusers import Bridge, BridgeSetupError, LiveSharer, SharerInputs
-from c2c_diffusers import lockstep
+from c2c_core import lockstep
 
 STEPS = 3
 
@@ -17,7 +17,7 @@ def inputs():
 
 def sample(pipe, bundle, sharer=None, strength=1.0, **live):
     """A bridged WanPipeline run (CFG 4); returns the latents and the bridge (detached)."""
-    bridge = Bridge(bundle, LiveSharer(sharer if sharer is not None else tiny.wan(2), inputs(), **live),
+    bridge = Bridge(LiveSharer(sharer if sharer is not None else tiny.wan(2), inputs(), **live), bundle,
                     strength=strength).attach(pipe)
     try:
         return tiny.run_pipe(pipe, steps=STEPS), bridge
@@ -66,8 +66,8 @@ def test_receiving_changes_the_output_through_later_sharer_layers(pipe):
 def test_the_receivers_grad_mode_survives_the_switches():
     """The sharer runs without grad in its coroutine; the receiver's forward keeps its own grad mode."""
     receiver = tiny.wan(1)
-    bridge = Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), inputs(),
-                                                        backward=tiny.bundle("weighted"))).attach(receiver)
+    bridge = Bridge(LiveSharer(tiny.wan(2), inputs(), backward=tiny.bundle("weighted")),
+                    tiny.bundle("weighted")).attach(receiver)
     with torch.enable_grad(), bridge.session():
         out = receiver(hidden_states=tiny.latent(), timestep=torch.tensor([500.0]),
                        encoder_hidden_states=tiny.embeds(10), return_dict=False)[0]
@@ -87,10 +87,10 @@ def test_what_cannot_be_fused_both_ways_is_refused():
     with pytest.raises(BridgeSetupError, match=r"backward_strength=-1; expected a number in \[0, 10\]"):
         LiveSharer(tiny.wan(2), inputs(), backward=tiny.bundle("weighted"), backward_strength=-1)
     with pytest.raises(BridgeSetupError, match=r"bidirectional fusion with refresh_every 2; expected 1"):
-        Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), inputs(), backward=tiny.bundle("weighted")),
+        Bridge(LiveSharer(tiny.wan(2), inputs(), backward=tiny.bundle("weighted")), tiny.bundle("weighted"),
                schedule=FusionSchedule(refresh_every=2)).attach(tiny.wan(1))
     receiver = tiny.wan(1)
-    bridge = Bridge(tiny.bundle("weighted"), LiveSharer(receiver, inputs(), backward=tiny.bundle("weighted")))
+    bridge = Bridge(LiveSharer(receiver, inputs(), backward=tiny.bundle("weighted")), tiny.bundle("weighted"))
     bridge.attach(receiver)
     with pytest.raises(BridgeSetupError, match="needs two transformer objects"):
         receiver(hidden_states=tiny.latent(), timestep=torch.tensor([500.0]), encoder_hidden_states=tiny.embeds(1),

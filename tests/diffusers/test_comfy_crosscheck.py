@@ -103,7 +103,7 @@ def diffusers_trained_bundle(tiny_models, path):
     receiver = convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_a"))).requires_grad_(False)
     sharer = convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_b"))).requires_grad_(False)
     bundle = ProjectorBundle(bank=bank, layer_map=layer_map, sharer=sig, receiver=sig)
-    bridge = Bridge(bundle, LiveSharer(sharer, SharerInputs(tiny.embeds(3)))).attach(receiver)
+    bridge = Bridge(LiveSharer(sharer, SharerInputs(tiny.embeds(3))), bundle).attach(receiver)
 
     def batches(step):
         g = torch.Generator().manual_seed(step)
@@ -133,7 +133,7 @@ def test_a_bundle_fused_in_diffusers_gives_the_comfy_bridged_latents(tiny_models
     receiver = load_model(tiny_models.path("tiny_wan_t2v_a"))
     sharer = load_model(tiny_models.path("tiny_wan_t2v_b"))
     nodes = pack_nodes()
-    comfy_bundle = importlib.import_module("dit_cache_bridge.c2c_core").load_bundle(path)
+    comfy_bundle = importlib.import_module("c2c_core").load_bundle(path)
     source = nodes.CaptureKVCache.execute(sharer, conds["sharer_pos"], conds["sharer_neg"], layers="auto",
                                           refresh_every=1, rope_alignment="auto").args[0]
     fused = nodes.FuseCaches.execute(receiver, source, comfy_bundle, strength, 0.0, 1.0, "constant", "").args[0]
@@ -145,7 +145,7 @@ def test_a_bundle_fused_in_diffusers_gives_the_comfy_bridged_latents(tiny_models
 
     wan = convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_a")))
     inputs = SharerInputs(conds["sharer_pos"][0][0], conds["sharer_neg"][0][0])
-    bridge = Bridge(load_bundle(path), LiveSharer(convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_b"))), inputs),
+    bridge = Bridge(LiveSharer(convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_b"))), inputs), load_bundle(path),
                     strength=strength, schedule=FusionSchedule()).attach(wan)
     x = euler_cfg(wan, x, sigmas, conds, cfg, bridge)
     bridge.detach()
@@ -174,7 +174,7 @@ def test_bidirectional_fusion_in_diffusers_gives_the_comfy_bidirectional_latents
     receiver = load_model(tiny_models.path("tiny_wan_t2v_a"))
     sharer = load_model(tiny_models.path("tiny_wan_t2v_b"))
     nodes = pack_nodes()
-    pack_load = importlib.import_module("dit_cache_bridge.c2c_core").load_bundle
+    pack_load = importlib.import_module("c2c_core").load_bundle
     source = nodes.CaptureKVCache.execute(sharer, conds["sharer_pos"], conds["sharer_neg"], layers="auto",
                                           refresh_every=1, rope_alignment="auto").args[0]
     one_way = nodes.FuseCaches.execute(receiver, source, pack_load(tmp_path / "forward.safetensors"), strength, 0.0,
@@ -193,7 +193,7 @@ def test_bidirectional_fusion_in_diffusers_gives_the_comfy_bidirectional_latents
     inputs = SharerInputs(conds["sharer_pos"][0][0], conds["sharer_neg"][0][0])
     live = LiveSharer(convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_b"))), inputs,
                       backward=load_bundle(tmp_path / "backward.safetensors"), backward_strength=back)
-    bridge = Bridge(load_bundle(tmp_path / "forward.safetensors"), live, strength=strength).attach(wan)
+    bridge = Bridge(live, load_bundle(tmp_path / "forward.safetensors"), strength=strength).attach(wan)
     x = euler_cfg(wan, x, sigmas, conds, cfg, bridge)
     bridge.detach()
     ours = receiver.model.process_latent_out(x)
@@ -231,20 +231,20 @@ def test_a_comfy_recording_replayed_in_diffusers_gives_the_comfy_recorded_latent
     steps, cfg, seed, strength = 4, 4.0, 7, 0.7
     receiver = load_model(tiny_models.path("tiny_wan_t2v_a"))
     nodes = pack_nodes()
-    pack_core = importlib.import_module("dit_cache_bridge.c2c_core")
+    pack_core = importlib.import_module("c2c_core")
     source = nodes.RecordKVCache.execute(load_model(tiny_models.path("tiny_wan_t2v_b")), conds["sharer_pos"],
                                          conds["sharer_neg"], empty_latent(), seed, steps, cfg, "euler", "simple", 1.0,
                                          layers="all", storage_dtype="fp32").args[0]
     fused = nodes.FuseCaches.execute(receiver, source, pack_core.load_bundle(bundle_path), strength, 0.0, 1.0,
                                      "constant", "").args[0]
     theirs = ksample(fused, conds["pos"], conds["neg"], cfg=cfg, seed=seed, steps=steps)
-    importlib.import_module("dit_cache_bridge.c2c_core.recording").save_recording(tmp_path / "rec.safetensors",
+    importlib.import_module("c2c_core.recording").save_recording(tmp_path / "rec.safetensors",
                                                                                   source.recording)
 
     sigmas = [float(s) for s in comfy.samplers.calculate_sigmas(receiver.get_model_object("model_sampling"), "simple", steps)]
     x = comfy.sample.prepare_noise(empty_latent()["samples"], seed) * sigmas[0]
     wan = convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_a")))
-    bridge = Bridge(load_bundle(bundle_path), RecordedSharer(load_recording(tmp_path / "rec.safetensors")),
+    bridge = Bridge(RecordedSharer(load_recording(tmp_path / "rec.safetensors")), load_bundle(bundle_path),
                     strength=strength).attach(wan)
     ours = receiver.model.process_latent_out(euler_cfg(wan, x, sigmas, conds, cfg, bridge))
     bridge.detach()

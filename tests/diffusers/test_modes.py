@@ -15,7 +15,7 @@ def twin_inputs():
 @pytest.mark.parametrize("refresh, forwards", [(1, 8), (2, 4), (3, 4)])
 def test_refresh_every_k_steps_reuses_the_sharers_kv(refresh, forwards):
     pipe = tiny.wan_pipe(tiny.wan(1))
-    bridge = Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs()),
+    bridge = Bridge(LiveSharer(tiny.wan(2), twin_inputs()), tiny.bundle("weighted"),
                     schedule=FusionSchedule(refresh_every=refresh)).attach(pipe)
     out = tiny.run_pipe(pipe, steps=4)
     bridge.detach()
@@ -25,7 +25,7 @@ def test_refresh_every_k_steps_reuses_the_sharers_kv(refresh, forwards):
 
 def test_fusion_window_runs_the_sharer_only_inside_it():
     pipe = tiny.wan_pipe(tiny.wan(1))
-    bridge = Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs()),
+    bridge = Bridge(LiveSharer(tiny.wan(2), twin_inputs()), tiny.bundle("weighted"),
                     schedule=FusionSchedule(start=0.0, end=0.5)).attach(pipe)
     tiny.run_pipe(pipe, steps=4)
     bridge.detach()
@@ -42,14 +42,14 @@ def test_recorded_twin_replays_bit_identically_from_ram_and_disk(tmp_path):
     assert recording.steps == 3 and recording.kinds == (0, 1) and recording.sigmas[-1] == 0.0
     save_recording(tmp_path / "rec.safetensors", recording)
     for rec in (recording, load_recording(tmp_path / "rec.safetensors")):
-        bridge = Bridge(tiny.bundle("identity"), RecordedSharer(rec)).attach(pipe)
+        bridge = Bridge(RecordedSharer(rec), tiny.bundle("identity")).attach(pipe)
         assert torch.equal(tiny.run_pipe(pipe, steps=3), plain)
         bridge.detach()
         assert bridge.last_report.strength == {0: 1.0, 1: 1.0}
     other = tiny.wan_pipe(tiny.wan(2))
     with KVRecorder(other.transformer, layers=[0, 1], store=DiskStore(tmp_path / "steps")) as recorder:
         tiny.run_pipe(other, steps=3)
-    bridge = Bridge(tiny.bundle("identity"), RecordedSharer(recorder.recording), strength=0.5).attach(pipe)
+    bridge = Bridge(RecordedSharer(recorder.recording), tiny.bundle("identity"), strength=0.5).attach(pipe)
     assert (tiny.run_pipe(pipe, steps=3) - plain).abs().max() > 1e-3
     bridge.detach()
 
@@ -59,7 +59,7 @@ def test_a_recording_shorter_than_the_run_is_refused():
     with KVRecorder(sharer.transformer, layers=[0, 1]) as recorder:
         tiny.run_pipe(sharer, steps=2)
     pipe = tiny.wan_pipe(tiny.wan(1))
-    bridge = Bridge(tiny.bundle("identity"), RecordedSharer(recorder.recording)).attach(pipe)
+    bridge = Bridge(RecordedSharer(recorder.recording), tiny.bundle("identity")).attach(pipe)
     with pytest.raises(BridgeSetupError, match="K/V recording.*Record with the receiver's .*num_inference_steps"):
         tiny.run_pipe(pipe, steps=3)
     bridge.detach()
@@ -69,7 +69,7 @@ def test_wan22_two_experts_both_fuse_and_detach():
     high, low = tiny.wan(1), tiny.wan(4)
     pipe = tiny.wan_pipe(high, low, boundary_ratio=0.5)
     plain = tiny.run_pipe(pipe, steps=4)
-    bridge = Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs())).attach(pipe)
+    bridge = Bridge(LiveSharer(tiny.wan(2), twin_inputs()), tiny.bundle("weighted")).attach(pipe)
     assert bridge.receivers == [high, low]
     fused = tiny.run_pipe(pipe, steps=4)
     bridge.detach()
@@ -96,7 +96,7 @@ def offload_calls(monkeypatch):
 def test_model_cpu_offload_keeps_both_the_bridge_and_accelerate_in_either_order(offload_calls, offload_first):
     pipe = tiny.wan_pipe(tiny.wan(1))
     plain = tiny.run_pipe(pipe, steps=2)
-    bridge = Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs()))
+    bridge = Bridge(LiveSharer(tiny.wan(2), twin_inputs()), tiny.bundle("weighted"))
     if offload_first:
         pipe.enable_model_cpu_offload(device="cpu")
         bridge.attach(pipe)
@@ -120,7 +120,7 @@ def test_a_bare_transformer_with_offload_hooks_is_refused():
     pipe = tiny.wan_pipe(tiny.wan(1))
     pipe.enable_model_cpu_offload(device="cpu")
     with pytest.raises(BridgeSetupError, match=r"carries accelerate hooks .* Attach to the pipeline instead"):
-        Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs())).attach(pipe.transformer)
+        Bridge(LiveSharer(tiny.wan(2), twin_inputs()), tiny.bundle("weighted")).attach(pipe.transformer)
 
 
 def test_a_recording_from_another_noise_schedule_is_refused():
@@ -129,7 +129,7 @@ def test_a_recording_from_another_noise_schedule_is_refused():
         tiny.run_pipe(sharer, steps=3)
     pipe = tiny.wan_pipe(tiny.wan(1))
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=3.0)
-    bridge = Bridge(tiny.bundle("identity"), RecordedSharer(recorder.recording)).attach(pipe)
+    bridge = Bridge(RecordedSharer(recorder.recording), tiny.bundle("identity")).attach(pipe)
     with pytest.raises(BridgeSetupError, match=r"step 2 is at sigma .* but the K/V recording's is at"):
         tiny.run_pipe(pipe, steps=3)
     bridge.detach()
@@ -138,12 +138,41 @@ def test_a_recording_from_another_noise_schedule_is_refused():
 def test_bf16_models_fuse_with_a_bf16_copy_of_the_bank_and_the_twin_stays_bit_identical():
     pipe = tiny.wan_pipe(tiny.wan(1).to(torch.bfloat16))
     plain = tiny.run_pipe(pipe, steps=2)
-    twin = Bridge(tiny.bundle("identity"), LiveSharer(tiny.wan(1).to(torch.bfloat16), twin_inputs())).attach(pipe)
+    twin = Bridge(LiveSharer(tiny.wan(1).to(torch.bfloat16), twin_inputs()), tiny.bundle("identity")).attach(pipe)
     assert torch.equal(tiny.run_pipe(pipe, steps=2), plain)
     twin.detach()
     bundle = tiny.bundle("full", seed=1, hidden_dim=16)
-    bridge = Bridge(bundle, LiveSharer(tiny.wan(2).to(torch.bfloat16), twin_inputs())).attach(pipe)
+    bridge = Bridge(LiveSharer(tiny.wan(2).to(torch.bfloat16), twin_inputs()), bundle).attach(pipe)
     fused = tiny.run_pipe(pipe, steps=2)
     bridge.detach()
     assert torch.isfinite(fused).all() and not torch.equal(fused, plain)
     assert all(p.dtype == torch.float32 for p in bundle.bank.parameters()), "the user's bank is never cast"
+
+
+def test_every_source_run_implements_the_host_contract():
+    """Live, lockstep (bidirectional) and recorded runs are c2c_core.contract.KVSourceRun, as ComfyUI's are."""
+    from c2c_core.contract import KVSourceRun
+    from c2c_diffusers.lockstep import LockstepRun
+    from c2c_diffusers.live import LiveSharerRun
+    from c2c_diffusers.recorded import RecordedRun
+    sharer = tiny.wan_pipe(tiny.wan(2))
+    with KVRecorder(sharer.transformer, layers=[0, 1], storage_dtype="fp32") as recorder:
+        tiny.run_pipe(sharer, steps=2)
+    pipe = tiny.wan_pipe(tiny.wan(1))
+    sources = ((LiveSharer(tiny.wan(2), twin_inputs()), LiveSharerRun),
+               (LiveSharer(tiny.wan(2), twin_inputs(), backward=tiny.bundle("weighted")), LockstepRun),
+               (RecordedSharer(recorder.recording), RecordedRun))
+    for source, kind in sources:
+        bridge = Bridge(source, tiny.bundle("weighted")).attach(pipe)
+        with bridge.session():
+            tiny.run_pipe(pipe, steps=2)
+            run = bridge.source_run
+            assert type(run) is kind and isinstance(run, KVSourceRun)
+        bridge.detach()
+        assert bridge.last_report.model_calls == 4
+
+
+def test_a_bridge_with_its_arguments_swapped_is_refused_with_the_order():
+    with pytest.raises(BridgeSetupError, match=r"Bridge\(source, bundle, …\): bundle is a LiveSharer \(the arguments "
+                                               r"are swapped: the source comes first\)"):
+        Bridge(tiny.bundle("weighted"), LiveSharer(tiny.wan(2), twin_inputs()))

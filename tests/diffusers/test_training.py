@@ -22,7 +22,7 @@ def test_a_full_projector_learns_through_the_diffusers_bridge_and_its_bundle_run
     layer_map = LayerMap.build("identity", 2, 2)
     bank = ProjectorBank.build("full", sig, sig, layer_map.layers, hidden_dim=32)
     bundle = ProjectorBundle(bank=bank, layer_map=layer_map, sharer=sig, receiver=sig)
-    bridge = Bridge(bundle, LiveSharer(sharer, SharerInputs(tiny.embeds(20)))).attach(receiver)
+    bridge = Bridge(LiveSharer(sharer, SharerInputs(tiny.embeds(20))), bundle).attach(receiver)
     result = train_bank(bank, layer_map, lambda step: batch(step % 2), velocity_loss(bridged_velocity(bridge, receiver)),
                         TrainConfig(steps=30, lr=3e-3, seed=0))
     bridge.detach()
@@ -36,7 +36,7 @@ def test_a_full_projector_learns_through_the_diffusers_bridge_and_its_bundle_run
                   return_dict=False)
     outs = []
     for b in (bundle, loaded):
-        bridge = Bridge(b, LiveSharer(sharer, SharerInputs(tiny.embeds(20)))).attach(receiver)
+        bridge = Bridge(LiveSharer(sharer, SharerInputs(tiny.embeds(20))), b).attach(receiver)
         with torch.no_grad():
             outs.append(receiver(**inputs)[0])
         bridge.detach()
@@ -49,7 +49,7 @@ def test_a_training_step_is_the_inference_forward_and_only_the_bank_gets_gradien
     receiver, sharer = tiny.wan(1).requires_grad_(False), tiny.wan(2).requires_grad_(False)
     bundle = tiny.bundle("full", hidden_dim=32, seed=4)
     bank = bundle.bank.train()
-    bridge = Bridge(bundle, LiveSharer(sharer, SharerInputs(tiny.embeds(20))), strength=0.6).attach(receiver)
+    bridge = Bridge(LiveSharer(sharer, SharerInputs(tiny.embeds(20))), bundle, strength=0.6).attach(receiver)
     b = batch(0)
     velocity, _ = bridged_velocity(bridge, receiver)(bank, b)
     velocity.square().mean().backward()
@@ -71,7 +71,7 @@ def test_a_bf16_receiver_trains_the_float32_bank_itself():
     sharer = tiny.wan(2).to(torch.bfloat16).requires_grad_(False)
     bundle = tiny.bundle("full", hidden_dim=32, seed=4)
     bank = bundle.bank.train()
-    bridge = Bridge(bundle, LiveSharer(sharer, SharerInputs(tiny.embeds(20)))).attach(receiver)
+    bridge = Bridge(LiveSharer(sharer, SharerInputs(tiny.embeds(20))), bundle).attach(receiver)
     velocity, target = bridged_velocity(bridge, receiver)(bank, batch(1))
     torch.nn.functional.mse_loss(velocity.float(), target).backward()
     bridge.detach()
@@ -85,7 +85,7 @@ def test_training_needs_a_live_sharer():
         with torch.no_grad():
             rec.transformer(hidden_states=tiny.latent(), timestep=torch.tensor([500.0]),
                             encoder_hidden_states=tiny.embeds(1), return_dict=False)
-    bridge = Bridge(tiny.bundle("weighted"), RecordedSharer(rec.recording)).attach(receiver)
+    bridge = Bridge(RecordedSharer(rec.recording), tiny.bundle("weighted")).attach(receiver)
     with pytest.raises(BridgeSetupError, match="training needs a LiveSharer"):
         bridged_velocity(bridge, receiver)
     bridge.detach()

@@ -31,11 +31,11 @@ def projector(sharer, receiver):
 def test_backward_fuses_through_a_fusion_run_on_the_bank_comfyui_loaded(models, conds, monkeypatch):
     import comfy.model_management as mm
     pack_nodes()
-    from dit_cache_bridge.c2c_comfy import compat, lockstep
+    from dit_cache_bridge.c2c_comfy import compat, live, lockstep
     a, b = models["a"], models["b"]
     backward = projector(a, b)
-    src = lockstep.BidirectionalSharer(model=b, positive=conds["sharer_pos"], negative=conds["sharer_neg"],
-                                       signature=compat.wan_signature(b), backward=backward, backward_strength=0.7)
+    src = live.LiveSharer(model=b, positive=conds["sharer_pos"], negative=conds["sharer_neg"],
+                          signature=compat.wan_signature(b), backward=backward, backward_strength=0.7)
     patched = pack_nodes().FuseCaches.execute(a, src, projector(b, a), 1.0, 0.0, 1.0, "constant", "").args[0]
     (key, banks), = src.backward_banks.items()
     bank_module = banks.bank

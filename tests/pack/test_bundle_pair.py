@@ -64,7 +64,7 @@ def projector_folder() -> Path:
 
 def save_both(name, forward, backward) -> str:
     """Save forward + backward as one file in models/c2c_projectors and load it with Load C2C Projector."""
-    from dit_cache_bridge.c2c_core.bundle import save_projector_bundle, with_backward
+    from c2c_core.bundle import save_projector_bundle, with_backward
     save_projector_bundle(projector_folder() / name, with_backward(forward, backward))
     return name
 
@@ -86,7 +86,7 @@ def test_comfyui_tags_the_tiny_models_by_architecture(models):
 
 
 def test_a_saved_and_loaded_bundle_keeps_the_tags(models):
-    from dit_cache_bridge.c2c_core import save_bundle
+    from c2c_core import save_bundle
     forward = create(models["b"], models["a"])
     save_bundle(projector_folder() / "tagged_pair.safetensors", forward.bank, forward.layer_map)
     loaded = load("tagged_pair.safetensors")
@@ -122,7 +122,7 @@ def test_bridged_ksampler_refuses_it_too(models, conds):
 def untag(name, new_name):
     """An older bundle: the same file without the architecture tags."""
     folder = projector_folder()
-    from dit_cache_bridge.c2c_core import read_meta
+    from c2c_core import read_meta
     meta = read_meta(folder / name, "c2c_bundle")
     for role in ("sharer", "receiver"):
         del meta[role]["arch"]
@@ -133,7 +133,7 @@ def untag(name, new_name):
 
 def test_an_untagged_older_bundle_loads_with_one_warning_and_fuses(models, conds, caplog):
     twin = create(models["a_again"], models["a"], "identity")
-    from dit_cache_bridge.c2c_core import save_bundle
+    from c2c_core import save_bundle
     save_bundle(projector_folder() / "twin_tagged.safetensors", twin.bank, twin.layer_map)
     with caplog.at_level(logging.WARNING, logger="dit_cache_bridge"):
         old = load(untag("twin_tagged.safetensors", "twin_untagged.safetensors"))
@@ -218,7 +218,7 @@ def test_retag_projector_gives_an_old_bundle_the_tags_comfyui_reads(models, tiny
     folder = projector_folder()
     both = save_both("retag_src.safetensors", create(models["b"], models["a"]), create(models["a"], models["b"], "c2c"))
     meta_edit = untag(both, "retag_old.safetensors")
-    from dit_cache_bridge.c2c_core import read_meta
+    from c2c_core import read_meta
     meta = read_meta(folder / meta_edit, "c2c_bundle")
     assert "arch" not in meta["sharer"] and "backward" in meta
     out = folder / "retag_new.safetensors"

@@ -1,4 +1,4 @@
-"""Lockstep streaming (c2c_comfy/lockstep.py) through the real ComfyUI host, in-process.
+"""Lockstep streaming (c2c_comfy/lockstep.py over c2c_core/lockstep.py) through the real ComfyUI host, in-process.
 
 The sharer's forward is resumed block by block from inside the receiver's; the contracts: the
 bridged output is bit-identical to buffered live mode (the sharer computes the same K/V, only
@@ -155,21 +155,14 @@ def test_error_in_the_receiver_unwinds_the_sharer_and_leaves_models_clean(models
     assert torch.equal(ksample(again, conds["pos"], conds["neg"]), ksample(buffered, conds["pos"], conds["neg"]))
 
 
-def test_a_map_that_reads_sharer_layers_out_of_order_does_not_stream():
-    from dit_cache_bridge.c2c_comfy.lockstep import is_monotone
-    assert is_monotone({0: 0, 1: 1, 2: 1, 3: 2})
-    assert not is_monotone({0: 1, 1: 0})
-
-
-
 # -- bidirectional fusion ------------------------------------------------------------------------
 def bidirectional_source(sharer, receiver, pos, neg, kind="weighted", backward_strength=1.0, refresh_every=1):
     pack_nodes()
     from dit_cache_bridge.c2c_comfy import compat
-    from dit_cache_bridge.c2c_comfy.lockstep import BidirectionalSharer
-    return BidirectionalSharer(model=sharer, positive=pos, negative=neg, signature=compat.wan_signature(sharer),
-                               refresh_every=refresh_every, backward=projector(receiver, sharer, kind),
-                               backward_strength=backward_strength)
+    from dit_cache_bridge.c2c_comfy.live import LiveSharer
+    return LiveSharer(model=sharer, positive=pos, negative=neg, signature=compat.wan_signature(sharer),
+                      refresh_every=refresh_every, backward=projector(receiver, sharer, kind),
+                      backward_strength=backward_strength)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
@@ -219,7 +212,7 @@ def test_bidirectional_with_refresh_every_k_is_refused(models, conds):
         ksample(fused(a, src, projector(b, a)), conds["pos"], conds["neg"])
 
 
-def test_fuse_caches_direction_bidirectional_equals_the_bidirectional_sharer(models, conds):
+def test_fuse_caches_direction_bidirectional_equals_the_receiving_live_sharer(models, conds):
     a, b = models["a"], models["b"]
     direct = fused(a, bidirectional_source(b, a, conds["sharer_pos"], conds["sharer_neg"], backward_strength=0.7),
                    projector(b, a))
@@ -243,7 +236,7 @@ def test_bidirectional_without_a_fitting_backward_projector_is_refused(models, c
 
 def test_without_greenlet_live_mode_stays_buffered_and_bidirectional_is_refused(models, conds, monkeypatch):
     """A user who skipped requirements.txt still gets the pack: same output, buffered memory, a clear refusal."""
-    from dit_cache_bridge.c2c_comfy import lockstep
+    from c2c_core import lockstep
     from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
     a, b = models["a"], models["b"]
     buffered, streamed, r_buf, _ = both_modes(a, b, conds, projector(b, a), 4.0)
@@ -256,3 +249,25 @@ def test_without_greenlet_live_mode_stays_buffered_and_bidirectional_is_refused(
                                                r"greenlet is not installed.*pip install -r requirements.txt"):
         pack_nodes().FuseCaches.execute(a, src, projector(b, a), 1.0, 0.0, 1.0, direction="bidirectional",
                                         backward_projector=projector(a, b))
+
+
+def test_every_source_run_implements_the_host_contract(models, conds, monkeypatch):
+    """Buffered, lockstep, bidirectional and recorded runs are c2c_core.contract.KVSourceRun, as diffusers' are."""
+    from c2c_core.contract import KVSourceRun
+    from bridge_helpers import empty_latent
+    pack_nodes()
+    from dit_cache_bridge.c2c_comfy import bridge, live, lockstep, recorded
+    seen = []
+    close = bridge.BridgeRun.close
+    monkeypatch.setattr(bridge.BridgeRun, "close", lambda self: (seen.append(self.source_run), close(self))[1])
+    a, b = models["a"], models["b"]
+    record = pack_nodes().RecordKVCache.execute(b, conds["sharer_pos"], conds["sharer_neg"], empty_latent(), 7, 4, 4.0,
+                                                "euler", "simple", 1.0, layers="all", storage_dtype="fp32").args[0]
+    sources = (live_source(b, conds["sharer_pos"], conds["sharer_neg"], streaming=False),
+               live_source(b, conds["sharer_pos"], conds["sharer_neg"], streaming=True),
+               bidirectional_source(b, a, conds["sharer_pos"], conds["sharer_neg"]), record)
+    for source in sources:
+        ksample(fused(a, source, projector(b, a)), conds["pos"], conds["neg"])
+    assert [type(run) for run in seen] == [live.LiveSharerRun, lockstep.LockstepRun, lockstep.LockstepRun,
+                                           recorded.RecordedRun]
+    assert all(isinstance(run, KVSourceRun) for run in seen)

@@ -56,7 +56,7 @@ def test_a_disk_recording_replays_bit_for_bit_like_a_ram_recording(models, conds
 def test_a_failed_background_write_is_raised_by_record_kv_cache(models, conds, monkeypatch):
     pack_nodes()
     from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
-    from dit_cache_bridge.c2c_core.recording import store as recording
+    from c2c_core.recording import store as recording
     real = recording.save_tensors_with_meta
     folders = []
 

@@ -96,7 +96,7 @@ def test_load_kv_cache_fingerprint_changes_when_the_file_is_replaced(model, cond
 
 
 def test_a_loaded_recording_refuses_to_read_a_file_replaced_under_it(model, conds):
-    from dit_cache_bridge.c2c_core.errors import FileChangedError
+    from c2c_core.errors import FileChangedError
     nodes = pack_nodes()
     entry = save(record(model, conds, seed=3), "swap/rec")
     name = f"swap/{entry['filename']}"
@@ -130,7 +130,7 @@ def test_load_kv_cache_refuses_names_outside_its_folder():
 
 def test_load_c2c_projector_fingerprint_follows_the_file(tmp_path):
     import folder_paths
-    from dit_cache_bridge.c2c_core import LayerMap, ModelSignature, ProjectorBank, save_bundle
+    from c2c_core import LayerMap, ModelSignature, ProjectorBank, save_bundle
     folder_paths.add_model_folder_path("c2c_projectors", str(tmp_path))
     sig = ModelSignature(2, 2, 4)
     layer_map = LayerMap.build("identity", 2, 2)
@@ -170,7 +170,7 @@ def test_an_interrupted_disk_recording_leaves_no_temp_folder(model, conds):
 
 
 def test_save_kv_cache_streams_a_disk_recording_without_reading_it_into_memory(model, conds, monkeypatch):
-    from dit_cache_bridge.c2c_core import recording as recording_module
+    from c2c_core import recording as recording_module
     source = record(model, conds, storage="disk", layers="all")
     reads = []
     monkeypatch.setattr(recording_module.DiskStore, "get", lambda self, names: reads.append(names) or {})
@@ -403,7 +403,7 @@ def test_an_interrupted_training_run_leaves_complete_checkpoints_and_resumes_to_
 
     import comfy.model_management as mm
     nodes = pack_nodes()
-    from dit_cache_bridge.c2c_core import load_bundle
+    from c2c_core import load_bundle
     from dit_cache_bridge.nodes import train as train_nodes
     pos, neg = conds
     name = "security_interrupt"

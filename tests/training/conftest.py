@@ -35,13 +35,13 @@ def training(pack):
 @pytest.fixture(scope="session")
 def train(pack):
     """c2c_core's loop side (TrainSettings, trainable_copy), as the pack imports it."""
-    return importlib.import_module("dit_cache_bridge.c2c_core.train")
+    return importlib.import_module("c2c_core.train")
 
 
 @pytest.fixture(scope="session")
 def samples(pack):
     """c2c_core's sample files, as the pack imports them."""
-    return importlib.import_module("dit_cache_bridge.c2c_core.samples")
+    return importlib.import_module("c2c_core.samples")
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ def main(samples: str, out_dir: str, batch_size: str, negative_share: str) -> No
     if world > 1:
         dist.init_process_group(backend="gloo")
     training, nodes = cli.import_pack()
-    from dit_cache_bridge.c2c_core.train import TrainSettings
+    from c2c_core.train import TrainSettings
     models = REPO_ROOT / ".models" / "diffusion_models"
     args = cli.parse_args(["--sharer", str(models / "tiny_wan_t2v_b.safetensors"),
                            "--receiver", str(models / "tiny_wan_t2v_a.safetensors"), "--dataset", samples,

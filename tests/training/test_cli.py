@@ -38,7 +38,7 @@ def digest(result):
 
 
 def test_cli_trains_writes_a_bundle_and_resumes(tiny_models, samples, tmp_path):
-    from dit_cache_bridge.c2c_core import load_bundle
+    from c2c_core import load_bundle
     out = tmp_path / "pair.safetensors"
     first = cli(*common(tiny_models, samples, out))
     assert first.returncode == 0, first.stdout + first.stderr

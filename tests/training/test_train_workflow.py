@@ -34,7 +34,7 @@ def test_shipped_workflow_collects_only_until_training_is_unmuted(comfy_server):
 
 
 def test_unmuted_workflow_saves_a_sample_trains_and_samples_with_the_projector(comfy_server, bundle_path, pack):
-    from dit_cache_bridge.c2c_core import load_bundle
+    from c2c_core import load_bundle
     workflow = json.loads(WORKFLOW.read_text(encoding="utf-8"))
     for node in workflow["nodes"]:
         node["mode"] = 0

@@ -128,7 +128,7 @@ def test_kill_and_resume_gives_bit_identical_weights(train, training, pack, help
 
 
 def test_resume_off_starts_over_and_other_settings_are_refused(train, training, pack, helpers, models, t2v_set, tmp_path):
-    from dit_cache_bridge.c2c_core import ResumeError
+    from c2c_core import ResumeError
     a, b = models["a"], models["b"]
     projector = helpers.make_projector(pack, b, a, "c2c")
     settings = train.TrainSettings(loss="velocity", steps=2, batch_size=1, checkpoint_every=1, checkpoint_dir=tmp_path)
@@ -163,7 +163,7 @@ def test_sample_files_round_trip_i2v_conditioning_without_pickle(samples, traini
 def test_format_1_samples_written_by_earlier_versions_still_load(samples, training, i2v_folder, tmp_path):
     """A sample as the pack wrote it before format 2 (tensors ``<role>.0.<name>``, per role a list of one
     entry) gives the same latent and CONDITIONING as the format-2 file of the same data."""
-    from dit_cache_bridge.c2c_core import save_tensors_with_meta
+    from c2c_core import save_tensors_with_meta
     new = training.open_training_set(i2v_folder)[0]
     tensors, roles = {"latent": new.latent}, {}
     for role, cond in new.roles.items():
@@ -224,8 +224,8 @@ def test_a_training_step_fuses_exactly_as_inference_and_only_the_bank_gets_gradi
     with ScaleROPE (ChronoEdit's scale_t 7), whose keys both paths re-rotate."""
     import host
     from dit_cache_bridge.c2c_comfy import compat
-    from dit_cache_bridge.c2c_core import FusionSchedule
-    from dit_cache_bridge.c2c_core.runtime import BankCache, FusionRun
+    from c2c_core import FusionSchedule
+    from c2c_core.runtime import BankCache, FusionRun
     a, b = models["a"], models["b"]
     if scale_t is not None:
         ScaleROPE = host.core_node("comfy_extras.nodes_rope", "ScaleROPE")

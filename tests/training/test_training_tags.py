@@ -11,7 +11,7 @@ pytestmark = pytest.mark.usefixtures("comfy")
 
 def test_training_an_untagged_projector_saves_a_tagged_bundle(train, training, pack, helpers, models, tmp_path):
     from dit_cache_bridge.c2c_comfy import compat
-    from dit_cache_bridge.c2c_core import load_bundle
+    from c2c_core import load_bundle
     a, b = models["a"], models["b"]
     projector = helpers.make_projector(pack, b, a, "gating", hidden_dim=8)
     bank = projector.bank
