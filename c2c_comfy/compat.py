@@ -492,16 +492,6 @@ def load_device(patcher):
     return patcher.load_device
 
 
-def process_latent_in(patcher, latent: torch.Tensor) -> torch.Tensor:
-    """A start latent in the model's own scale, as sampling hands it over."""
-    return patcher.model.process_latent_in(latent)
-
-
-def percent_to_sigma(patcher) -> Callable[[float], float]:
-    """The model's sigma-percent conversion (percent -> sigma), as ControlNet, hooks and EasyCache count."""
-    return patcher.get_model_object("model_sampling").percent_to_sigma
-
-
 def processed_model_conds(patcher, conditioning, x0: torch.Tensor, prompt_type: str, device) -> list:
     """CONDITIONING -> per entry the model's conds ({name: COND}) for latent x0, processed for its batch."""
     return [{k: c.process_cond(batch_size=x0.shape[0], area=None) for k, c in entry["model_conds"].items()}
