@@ -13,10 +13,10 @@ PIP := $(PY) -m pip
 TORCH := torch==2.14.1 torchvision==0.29.1
 MODELS_DIR := .models
 PYTEST_ARGS ?=
-# Two workers for two cores. loadgroup keeps each module on one worker (tests/conftest.py gives every module its
-# group) and every server test on one worker; the units are sent longest first, in the order conftest sorts them.
+# Two workers for two cores; loadfile keeps each module on one worker (its module fixtures are built once), and
+# modules are handed out in the order tests/conftest.py sorts them (slow ones first). PYTEST_WORKERS=0: one process.
 PYTEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+PYTEST := $(PY) -m pytest -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 QUICK_TESTS := not host or smoke
 # Known gaps on newer hosts (pytest arguments for every host after the pinned one): none at present.
 NEWER_HOST_GAPS :=

@@ -16,9 +16,13 @@ Markers (registered in pyproject.toml; unknown ones are an error):
   after the pinned one). Added here to every test that uses a host fixture; a test that starts a host
   another way carries the marker itself.
 - ``server``: runs a ComfyUI server. Added here to users of ``comfy_server``; a module with its own server
-  carries it. Under pytest-xdist all of them share one worker (xdist group "server"), so the session
-  server starts once; every other module is its own group, so module fixtures are built once.
+  carries it.
 - ``browser``, ``slow``, ``smoke``: see pyproject.toml; ``make test-quick`` runs ``not host or smoke``.
+
+``make test`` runs two pytest-xdist workers with ``--dist loadfile``: a module never leaves its worker, so
+its module fixtures are built once (each worker that runs a ``comfy_server`` test starts its own session
+server). Not ``loadgroup``: pytest-xdist 3.8 marks groups by setting ``item._nodeid``, which pytest 9.2 no
+longer reads, so every test would become its own unit (docs/testing.md).
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import host
 # Every host fixture (tiny_models, comfy, comfy_server) builds on this one.
 HOST_FIXTURE = "comfyui_root"
 SERVER_FIXTURE = "comfy_server"
-SERVER_GROUP = "server"
 
 
 def pytest_configure(config):
@@ -44,26 +47,20 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)      # before -m deselects and xdist reads the groups
+@pytest.hookimpl(tryfirst=True)      # before -m deselects
 def pytest_collection_modifyitems(config, items):
-    """Add the derived markers, give every test its xdist group, and order the units longest first: the
-    server group, then the slow modules (with two workers, a long unit started last would run alone)."""
+    """Add the derived markers and put the slow modules first: xdist hands out whole modules in this order
+    (``--no-loadscope-reorder``), and with two workers a long module started last would run alone."""
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         if HOST_FIXTURE in fixtures and item.get_closest_marker("host") is None:
             item.add_marker(pytest.mark.host)
         if SERVER_FIXTURE in fixtures and item.get_closest_marker("server") is None:
             item.add_marker(pytest.mark.server)
-        if item.get_closest_marker("server") is not None:
-            if item.get_closest_marker("host") is None:
-                raise pytest.UsageError(f"{item.nodeid}: a server test must also be marked host")
-            group = SERVER_GROUP
-        else:
-            group = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        if item.get_closest_marker("server") is not None and item.get_closest_marker("host") is None:
+            raise pytest.UsageError(f"{item.nodeid}: a server test must also be marked host")
     order = {id(item): index for index, item in enumerate(items)}
-    items.sort(key=lambda item: (item.get_closest_marker("server") is None, item.get_closest_marker("slow") is None,
-                                 order[id(item)]))
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, order[id(item)]))
 
 
 def pytest_report_header(config):
