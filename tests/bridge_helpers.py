@@ -1,4 +1,5 @@
-"""Small helpers shared by the in-process bridge tests: load tiny models, sample with stock nodes."""
+"""Small helpers shared by the bridge tests: load tiny models and sample with stock nodes in-process, and the
+bridged API graph the server tests queue."""
 from __future__ import annotations
 
 import importlib
@@ -39,3 +40,37 @@ def model_options_snapshot(model):
     to = model.model_options.get("transformer_options", {})
     return (sorted(model.model_options), sorted(to), repr(to.get("patches_replace")), repr(model.wrappers),
             sorted(model.additional_models))
+
+
+def bridge_prompt(strength: float = 1.0, use_bridged_sampler: bool = False) -> dict:
+    """API-format graph: two tiny Wan models, a weighted projector, live capture and fusion."""
+    import host
+    graph = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": host.T2V_A, "weight_dtype": "default"}},
+        "2": {"class_type": "UNETLoader", "inputs": {"unet_name": host.T2V_B, "weight_dtype": "default"}},
+        "3": {"class_type": "DCBTestWanConditioning", "inputs": {"seed": 1, "length": 8, "batch_size": 1}},
+        "4": {"class_type": "DCBTestWanConditioning", "inputs": {"seed": 2, "length": 5, "batch_size": 1}},
+        "5": {"class_type": "DiTCacheBridge_CreateC2CProjector",
+              "inputs": {"sharer": ["2", 0], "receiver": ["1", 0], "kind": "weighted", "mapping": "identity",
+                         "layers": "all", "alpha": 0.5, "hidden_dim": 0, "seed": 0}},
+        "6": {"class_type": "EmptyHunyuanLatentVideo",
+              "inputs": {"width": 64, "height": 64, "length": 9, "batch_size": 1}},
+        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "bridge/out"}},
+    }
+    sampling = {"seed": 7, "steps": 3, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+                "latent_image": ["6", 0], "denoise": 1.0}
+    fusion = {"strength": strength, "start_percent": 0.0, "end_percent": 1.0}
+    if use_bridged_sampler:
+        graph["8"] = {"class_type": "DiTCacheBridge_BridgedKSampler", "inputs": {
+            "receiver": ["1", 0], "positive": ["3", 0], "negative": ["4", 0], "sharer": ["2", 0],
+            "sharer_positive": ["3", 0], "sharer_negative": ["4", 0], "projector": ["5", 0], **fusion, **sampling}}
+    else:
+        graph["7a"] = {"class_type": "DiTCacheBridge_CaptureKVCache", "inputs": {
+            "sharer": ["2", 0], "positive": ["3", 0], "negative": ["4", 0], "mode": "live", "layers": "auto",
+            "refresh_every": 1, "grid_alignment": "refuse",
+            "rope_alignment": "auto"}}
+        graph["7"] = {"class_type": "DiTCacheBridge_FuseCaches", "inputs": {
+            "model": ["1", 0], "kv_source": ["7a", 0], "projector": ["5", 0], **fusion}}
+        graph["8"] = {"class_type": "KSampler", "inputs": {
+            "model": ["7", 0], "positive": ["3", 0], "negative": ["4", 0], **sampling}}
+    return graph

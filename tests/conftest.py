@@ -1,4 +1,5 @@
-"""Session fixtures for tests that need a real ComfyUI (see tests/host.py for the harness itself).
+"""Session fixtures for tests that need a real ComfyUI (see tests/host.py for the harness itself), and the
+markers that sort the suite (docs/testing.md).
 
 - ``comfyui_root`` -> Path: the ComfyUI tree (COMFYUI_PATH, else .host/ComfyUI).
 - ``tiny_models`` -> host.TinyModels: the tiny Wan checkpoints, made into the repo's .models/ if missing.
@@ -9,12 +10,24 @@
 Without a ComfyUI host these fixtures skip the test (run ``make host``); with CI set, or with a
 COMFYUI_PATH that is not a ComfyUI tree, they fail it instead. The report header names the host, since
 ``make test`` runs the suite once per host.
+
+Markers (registered in pyproject.toml; unknown ones are an error):
+- ``host``: the outcome can depend on the ComfyUI host, so ``make test`` runs it on every host (``-m host``
+  after the pinned one). Added here to every test that uses a host fixture; a test that starts a host
+  another way carries the marker itself.
+- ``server``: runs a ComfyUI server. Added here to users of ``comfy_server``; a module with its own server
+  carries it.
+- ``browser``, ``slow``, ``smoke``: see pyproject.toml; ``make test-quick`` runs ``not host or smoke``.
+
+``make test`` runs two pytest-xdist workers with ``--dist loadfile``: a module never leaves its worker, so
+its module fixtures are built once (each worker that runs a ``comfy_server`` test starts its own session
+server). Not ``loadgroup``: pytest-xdist 3.8 marks groups by setting ``item._nodeid``, which pytest 9.2 no
+longer reads, so every test would become its own unit (docs/testing.md).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -22,24 +35,32 @@ import host
 
 # Every host fixture (tiny_models, comfy, comfy_server) builds on this one.
 HOST_FIXTURE = "comfyui_root"
-HOST_DEPENDENT_ONLY = "DCB_HOST_DEPENDENT_ONLY"
+SERVER_FIXTURE = "comfy_server"
 
 
+def pytest_configure(config):
+    """Under xdist each worker gets one torch thread (and so do the servers and CLIs it starts): two workers
+    on two cores, each with its own OpenMP pool, would fight over them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)      # before -m deselects
 def pytest_collection_modifyitems(config, items):
-    """With DCB_HOST_DEPENDENT_ONLY=1 (make test's runs on extra hosts) only tests whose outcome can depend on
-    the host run: those using a host fixture, or naming COMFYUI_PATH (a host started another way)."""
-    if os.environ.get(HOST_DEPENDENT_ONLY) != "1":
-        return
-    sources, keep, drop = {}, [], []
+    """Add the derived markers and put the slow modules first: xdist hands out whole modules in this order
+    (``--no-loadscope-reorder``), and with two workers a long module started last would run alone."""
     for item in items:
-        path = Path(str(item.fspath))
-        if path not in sources:
-            sources[path] = path.read_text(encoding="utf-8", errors="replace")
-        uses_host = HOST_FIXTURE in getattr(item, "fixturenames", ()) or "COMFYUI_PATH" in sources[path]
-        (keep if uses_host else drop).append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+        fixtures = getattr(item, "fixturenames", ())
+        if HOST_FIXTURE in fixtures and item.get_closest_marker("host") is None:
+            item.add_marker(pytest.mark.host)
+        if SERVER_FIXTURE in fixtures and item.get_closest_marker("server") is None:
+            item.add_marker(pytest.mark.server)
+        if item.get_closest_marker("server") is not None and item.get_closest_marker("host") is None:
+            raise pytest.UsageError(f"{item.nodeid}: a server test must also be marked host")
+    order = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, order[id(item)]))
 
 
 def pytest_report_header(config):

@@ -6,6 +6,8 @@ import pytest
 
 import host
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 demo = host._load_tool("demo")
 
 

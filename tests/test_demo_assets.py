@@ -1,10 +1,15 @@
 """The demo's trained default, made in the --quick setting: files load, the stamp makes a second call
-instant, and the demo graph runs on them end to end (the full-size training is `make demo`'s job)."""
+instant, and the demo graph runs on them end to end (the full-size training is `make demo`'s job).
+
+The quick assets are trained once into .models/demo-quick (or DCB_DEMO_QUICK_ROOT) and stamped: later
+runs, and the run on the next host, find the stamp and only re-link them."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,10 +18,12 @@ import host
 demo = host._load_tool("demo")
 assets = host._load_tool("make_demo_assets")
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
-def quick_root(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo_models")
+def quick_root(tiny_models):
+    root = Path(os.environ.get("DCB_DEMO_QUICK_ROOT", assets.QUICK_ROOT))
     result = subprocess.run([sys.executable, str(host.TOOLS_DIR / "make_demo_assets.py"), "--root", str(root),
                              "--quick"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -3,21 +3,14 @@ nodes say why when they are used. The host is a copy of the one under test with 
 override hook (``transformer_options["optimized_attention_override"]``) removed."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 import host
+from bridge_helpers import bridge_prompt
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 HOOK = '"optimized_attention_override"'
-
-
-def bridge_prompt(*args, **kwargs) -> dict:
-    spec = importlib.util.spec_from_file_location("_dcb_server_api", host.REPO_ROOT / "tests" / "pack" /
-                                                  "test_server_api.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.bridge_prompt(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,9 @@ A second call finds the stamp and only re-links (instant). Runs in a subprocess 
 demo's own process stays free of ComfyUI imports.
 
     python tools/make_demo_assets.py [--root .models] [--quick] [--force] [--check]
+
+``--quick`` (the tests' setting) keeps its own root, ``.models/demo-quick``, so it never replaces the
+full assets: tests/test_demo_assets.py trains it once and every later run, on every host, finds the stamp.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO_ROOT / ".models"
+QUICK_ROOT = DEFAULT_ROOT / "demo-quick"       # --quick's default: beside the full assets, never over them
 SUBFOLDER = "demo"
 STAMP = "stamp.json"
 # Bump when the recipe changes in a way the settings do not show (data, training code): forces a rebuild.
@@ -103,11 +107,14 @@ def ensure(root: Path = DEFAULT_ROOT, quick: bool = False, force: bool = False, 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="ComfyUI models root (default .models)")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="ComfyUI models root (default .models, with --quick .models/demo-quick)")
     parser.add_argument("--quick", action="store_true", help="tiny training (under a minute; the effect is not there)")
     parser.add_argument("--force", action="store_true", help="retrain even when the stamp is up to date")
     parser.add_argument("--check", action="store_true", help="train nothing; exit 0 when up to date, 1 when not")
     args = parser.parse_args(argv)
+    if args.root is None:
+        args.root = QUICK_ROOT if args.quick else DEFAULT_ROOT
     if args.check:
         return 0 if up_to_date(args.root, args.quick) else 1
     stamp = ensure(args.root, args.quick, args.force, log=lambda message: print(message, flush=True))

@@ -157,8 +157,10 @@ def test_dict_roundtrip_through_json(sr, kind):
     assert LayerMap.from_dict(json.loads(json.dumps(m.to_dict()))) == m
 
 
-def test_validate_accepts_matching_signatures():
-    LayerMap.build("terminal", 30, 40).validate(ModelSignature(30, 12, 128), ModelSignature(40, 40, 128))
+def test_validate_accepts_matching_depths_whatever_the_heads():
+    m = LayerMap.build("terminal", 30, 40)
+    for heads, head_dim in ((12, 128), (1, 8), (40, 64)):
+        assert m.validate(ModelSignature(30, heads, head_dim), ModelSignature(40, heads, head_dim)) is None
 
 
 def test_validate_rejects_other_depths():

@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_file
 import tiny
 from c2c_diffusers import BridgeSetupError, convert
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -10,7 +10,7 @@ import torch
 
 from bridge_helpers import empty_latent, ksample, load_model, pack_nodes
 
-pytestmark = pytest.mark.usefixtures("comfy")
+pytestmark = [pytest.mark.usefixtures("comfy"), pytest.mark.slow]
 
 # RoPE re-rotation is computed in float64 angles / float32 rotation; against keys computed at the
 # receiver's own positions it agrees to ~1e-6 relative, which after 4 euler steps stays below this.

@@ -11,7 +11,7 @@ import torch
 
 from bridge_helpers import empty_latent, ksample, load_model, model_options_snapshot, pack_nodes
 
-pytestmark = pytest.mark.usefixtures("comfy")
+pytestmark = [pytest.mark.usefixtures("comfy"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,21 @@ def conds():
     from comfy_test_nodes import wan_conditioning
     return {"pos": wan_conditioning(1), "neg": wan_conditioning(2, length=5),
             "sharer_pos": wan_conditioning(3), "sharer_neg": wan_conditioning(4, length=5)}
+
+
+@pytest.fixture(scope="module")
+def stock_a(models, conds):
+    """The receiver's stock KSampler output for the module's text, computed once per setting: ``stock_a(cfg=1.0)``.
+
+    Tests that check a run left the model clean still sample it again afterwards and compare with this."""
+    outputs = {}
+
+    def sample(**settings):
+        key = tuple(sorted(settings.items()))
+        if key not in outputs:
+            outputs[key] = ksample(models["a"], conds["pos"], conds["neg"], **settings)
+        return outputs[key]
+    return sample
 
 
 def projector(sharer, receiver, kind="identity", mapping="identity", layers="all", **kw):
@@ -55,19 +70,21 @@ def bridge_of(patched):
     return wrappers[key][0].__self__
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
-def test_strength_zero_is_bit_identical_to_stock_ksampler(models, conds, cfg):
+def test_strength_zero_is_bit_identical_to_stock_ksampler(models, conds, stock_a, cfg):
     a, b = models["a"], models["b"]
-    stock = ksample(a, conds["pos"], conds["neg"], cfg=cfg)
+    stock = stock_a(cfg=cfg)
     src = source(b, conds["sharer_pos"], conds["sharer_neg"])
     bridged = ksample(fused(a, src, projector(b, a), strength=0.0), conds["pos"], conds["neg"], cfg=cfg)
     assert torch.equal(bridged, stock)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
-def test_identity_with_identical_sharer_is_bit_identical_to_stock(models, conds, cfg):
+def test_identity_with_identical_sharer_is_bit_identical_to_stock(models, conds, stock_a, cfg):
     a, twin = models["a"], models["a_again"]
-    stock = ksample(a, conds["pos"], conds["neg"], cfg=cfg)
+    stock = stock_a(cfg=cfg)
     src = source(twin, conds["pos"], conds["neg"])
     patched = fused(a, src, projector(twin, a, "identity"), strength=1.0)
     bridged = ksample(patched, conds["pos"], conds["neg"], cfg=cfg)
@@ -77,9 +94,9 @@ def test_identity_with_identical_sharer_is_bit_identical_to_stock(models, conds,
     assert all(report.strength[layer] == 1.0 for layer in report.layers)
 
 
-def test_different_sharer_changes_output_deterministically(models, conds):
+def test_different_sharer_changes_output_deterministically(models, conds, stock_a):
     a, b = models["a"], models["b"]
-    stock = ksample(a, conds["pos"], conds["neg"])
+    stock = stock_a()
     patched = fused(a, source(b, conds["sharer_pos"], conds["sharer_neg"]), projector(b, a, "weighted"), 1.0)
     first = ksample(patched, conds["pos"], conds["neg"])
     second = ksample(patched, conds["pos"], conds["neg"])
@@ -92,20 +109,20 @@ def test_different_sharer_changes_output_deterministically(models, conds):
     assert report.gate == {layer: {"k": 0.5, "v": 0.5} for layer in report.layers}   # weighted, alpha 0.5
 
 
-def test_no_patch_leaks_after_a_bridged_run(models, conds):
+def test_no_patch_leaks_after_a_bridged_run(models, conds, stock_a):
     a, b = models["a"], models["b"]
     before = model_options_snapshot(a), model_options_snapshot(b)
-    stock = ksample(a, conds["pos"], conds["neg"])
+    stock = stock_a()
     ksample(fused(a, source(b, conds["sharer_pos"], conds["sharer_neg"]), projector(b, a, "weighted"), 1.0),
             conds["pos"], conds["neg"])
     assert (model_options_snapshot(a), model_options_snapshot(b)) == before
     assert torch.equal(ksample(a, conds["pos"], conds["neg"]), stock)
 
 
-def test_no_patch_leaks_after_a_run_that_raised(models, conds):
+def test_no_patch_leaks_after_a_run_that_raised(models, conds, stock_a):
     from comfy_test_nodes import i2v_conditioning
     a, i2v = models["a"], models["i2v"]
-    stock = ksample(a, conds["pos"], conds["neg"])
+    stock = stock_a()
     wrong = i2v_conditioning(conds["sharer_pos"], torch.zeros(1, 16, 5, 8, 8))   # 5 frames, latent has 3
     patched = fused(a, source(i2v, wrong, conds["sharer_neg"]), projector(i2v, a), 1.0)
     with pytest.raises(ValueError, match=r"Capture KV Cache › positive: its image latent is \(5, 8, 8\)"):
@@ -116,10 +133,10 @@ def test_no_patch_leaks_after_a_run_that_raised(models, conds):
                        ksample(i2v, conds["sharer_pos"], conds["sharer_neg"]))
 
 
-def test_interrupt_stops_the_run_and_leaves_models_clean(models, conds, monkeypatch):
+def test_interrupt_stops_the_run_and_leaves_models_clean(models, conds, stock_a, monkeypatch):
     import comfy.model_management as mm
     a, b = models["a"], models["b"]
-    stock = ksample(a, conds["pos"], conds["neg"])
+    stock = stock_a()
     patched = fused(a, source(b, conds["sharer_pos"], conds["sharer_neg"]), projector(b, a, "weighted"), 1.0)
     mm.interrupt_current_processing(True)
     try:
@@ -161,11 +178,11 @@ def test_fused_model_works_with_ksampler_advanced_and_sampler_custom_advanced(mo
     assert torch.equal(out["samples"], reference)
 
 
-def test_mismatched_pair_runs_through_full_projector_with_terminal_mapping(models, conds):
+def test_mismatched_pair_runs_through_full_projector_with_terminal_mapping(models, conds, stock_a):
     a, wide = models["a"], models["wide"]          # receiver 2 layers × 2 heads, sharer 3 layers × 4 heads
     proj = projector(wide, a, "full", "terminal")
     assert proj.layer_map.pairs == {0: 1, 1: 2}
-    stock = ksample(a, conds["pos"], conds["neg"])
+    stock = stock_a()
     out = ksample(fused(a, source(wide, conds["sharer_pos"], conds["sharer_neg"]), proj, 1.0),
                   conds["pos"], conds["neg"])
     assert torch.isfinite(out).all() and not torch.equal(out, stock)
@@ -291,10 +308,10 @@ def test_bridged_ksampler_errors_name_its_own_inputs(models, conds):
                                              empty_latent())
 
 
-def test_chained_fuse_caches_add_a_second_sharer(models, conds):
+def test_chained_fuse_caches_add_a_second_sharer(models, conds, stock_a):
     """Two Fuse Caches in a row fuse two sharers in sequence; each keeps its own wrappers and report."""
     a, b, wide = models["a"], models["b"], models["wide"]
-    stock = ksample(a, conds["pos"], conds["neg"])
+    stock = stock_a()
     first = fused(a, source(b, conds["sharer_pos"], conds["sharer_neg"]), projector(b, a, "weighted"), 1.0)
     both = fused(first, source(wide, conds["sharer_pos"], conds["sharer_neg"]),
                  projector(wide, a, "full", "terminal"), 1.0)

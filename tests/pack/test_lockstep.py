@@ -12,7 +12,7 @@ import torch
 
 from bridge_helpers import ksample, load_model, model_options_snapshot, pack_nodes
 
-pytestmark = pytest.mark.usefixtures("comfy")
+pytestmark = [pytest.mark.usefixtures("comfy"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 
 def dual_cfg_prompt(strength: float | None, lora: str | None = None) -> dict:
     """Receiver and sharer from one UNETLoader, equal-length texts (batched CFG), DualCFGGuider, identity

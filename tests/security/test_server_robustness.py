@@ -29,6 +29,8 @@ import torch
 
 import host
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 SOAK_RSS_BOUND_MB = 120
 LATENT = {"width": 32, "height": 32, "length": 5, "batch_size": 1}     # 2 latent frames of 4×4: 8 tokens
 
@@ -224,7 +226,8 @@ def test_interrupt_leaves_no_temp_folder_and_the_next_prompt_correct(server, mak
     server.interrupt()
     entry = server.wait(pid, timeout=300, check=False)
     assert entry["status"]["status_str"] == "error"
-    assert not server.output_files(entry, "9") if entry.get("outputs", {}).get("9") else True
+    assert not entry.get("outputs", {}).get("9"), "the interrupted prompt reported a saved latent"
+    assert not list(server.output_dir.glob("soak/s32_*")), "the interrupted prompt saved a latent"
     time.sleep(0.5)
     assert len(temp_recordings(server)) <= 1          # at most the cached recording of an earlier prompt
     assert torch.equal(latent_of(server, server.run(plain(31), timeout=300)), reference)
@@ -256,6 +259,27 @@ def copy_prompt(name: str) -> dict:
                                                                         "filename_prefix": "copies/copy"}}}
 
 
+def kill_during_write(srv, folder: Path, prompt_id: str, after_states: int = 2, timeout: float = 300) -> bool:
+    """SIGKILL the server's process group as soon as a temp file appears in ``folder`` once ``after_states``
+    checkpoints are complete; False when the prompt finished first. Looks at the folder every 0.5 ms but
+    asks the server (an HTTP request it must answer) only every 0.5 s."""
+    deadline = next_look = time.monotonic()
+    deadline += timeout
+    while time.monotonic() < deadline:
+        names = os.listdir(folder) if folder.is_dir() else []
+        if (sum(n.endswith(".state.safetensors") for n in names) >= after_states
+                and any(n.endswith(".tmp") for n in names)):
+            os.killpg(srv._process.pid, signal.SIGKILL)
+            srv._process.wait(timeout=30)
+            return True
+        if time.monotonic() > next_look:             # ask the server now and then, not every poll
+            if srv.history(prompt_id):
+                return False
+            next_look = time.monotonic() + 0.5
+        time.sleep(0.0005)
+    raise TimeoutError("training neither wrote a checkpoint nor finished")
+
+
 def test_kill_9_while_saving_leaves_the_source_intact_and_no_loadable_half_file(running):
     from c2c_core.errors import BundleError
     from c2c_core.recording import load_recording
@@ -265,17 +289,8 @@ def test_kill_9_while_saving_leaves_the_source_intact_and_no_loadable_half_file(
     copies = srv.output_dir / "kv_cache" / "copies"
     killed = False
     for attempt in range(6):
-        pid = srv.post_prompt(copy_prompt("big.safetensors"))
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
-            if copies.is_dir() and any(p.suffix == ".tmp" for p in copies.iterdir()):
-                os.killpg(srv._process.pid, signal.SIGKILL)
-                srv._process.wait(timeout=30)
-                killed = True
-            elif srv.history(pid):
-                break
-            time.sleep(0.001)
-        if killed:
+        if kill_during_write(srv, copies, srv.post_prompt(copy_prompt("big.safetensors")), after_states=0, timeout=120):
+            killed = True
             break
     assert killed, "the save was never caught in progress"
     leftovers = [p for p in copies.iterdir() if p.suffix == ".tmp"]
@@ -336,26 +351,6 @@ def own_models_root(tiny_models, root: Path) -> Path:
     (root / "diffusion_models").symlink_to(Path(tiny_models.root) / "diffusion_models", target_is_directory=True)
     (root / "c2c_projectors").mkdir()
     return root
-
-
-def kill_during_write(srv, folder: Path, prompt_id: str, after_states: int = 2, timeout: float = 300) -> bool:
-    """SIGKILL the server's process group as soon as a temp file appears in ``folder`` once ``after_states``
-    checkpoints are complete; False when the prompt finished first."""
-    deadline = next_look = time.monotonic()
-    deadline += timeout
-    while time.monotonic() < deadline:
-        names = os.listdir(folder) if folder.is_dir() else []
-        if (sum(n.endswith(".state.safetensors") for n in names) >= after_states
-                and any(n.endswith(".tmp") for n in names)):
-            os.killpg(srv._process.pid, signal.SIGKILL)
-            srv._process.wait(timeout=30)
-            return True
-        if time.monotonic() > next_look:             # ask the server now and then, not every poll
-            if srv.history(prompt_id):
-                return False
-            next_look = time.monotonic() + 0.5
-        time.sleep(0.0005)
-    raise TimeoutError("training neither wrote a checkpoint nor finished")
 
 
 def load_state(path: Path) -> dict:

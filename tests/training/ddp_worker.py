@@ -1,10 +1,13 @@
-"""One training process for tests/training/test_distributed.py, launched by torchrun (or alone).
+"""The training processes for tests/training/test_distributed.py: one torchrun launch trains every run the
+tests compare, so ComfyUI starts once per process instead of once per run.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/training/ddp_worker.py SAMPLES OUT_DIR BATCH_SIZE NEGATIVE_SHARE
+    python -m torch.distributed.run --nproc_per_node 2 tests/training/ddp_worker.py SAMPLES OUT_DIR RUN [RUN ...]
 
-Sets up ComfyUI and the pack exactly as tools/train_projector.py does, trains a c2c projector for the
-tiny pair with ``training.train_projector`` and writes this rank's final weights and losses to
-OUT_DIR/rank<r>.safetensors and OUT_DIR/rank<r>.json.
+RUN is NAME=BATCH_SIZE,NEGATIVE_SHARE: a data-parallel run of every rank; NAME=BATCH_SIZE,NEGATIVE_SHARE,alone
+runs after the process group is closed, on rank 0 alone (world 1: the one-process reference). Sets up ComfyUI
+and the pack exactly as tools/train_projector.py does, trains a c2c projector for the tiny pair with
+``training.train_projector`` and writes each run's final weights and losses to OUT_DIR/NAME/rank<r>.safetensors
+and OUT_DIR/NAME/rank<r>.json.
 """
 from __future__ import annotations
 
@@ -17,7 +20,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def main(samples: str, out_dir: str, batch_size: str, negative_share: str) -> None:
+def parse_run(text: str) -> tuple[str, int, float, bool]:
+    name, settings = text.split("=", 1)
+    batch_size, negative_share, *alone = settings.split(",")
+    return name, int(batch_size), float(negative_share), alone == ["alone"]
+
+
+def main(samples: str, out_dir: str, *runs: str) -> None:
     spec = importlib.util.spec_from_file_location("_dcb_train_projector", REPO_ROOT / "tools" / "train_projector.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
@@ -38,17 +47,29 @@ def main(samples: str, out_dir: str, batch_size: str, negative_share: str) -> No
                            "--out", str(Path(out_dir) / "unused.safetensors"), "--kind", "c2c",
                            "--mapping", "identity", "--hidden-dim", "64"])
     sharer, receiver = cli.load_models(args)
-    projector = cli.make_projector(args, nodes, sharer, receiver)
-    settings = TrainSettings(loss="distill", steps=5, batch_size=int(batch_size), lr=1e-3, seed=11,
-                             negative_share=float(negative_share), checkpoint_every=0)
-    outcome = training.train_projector(sharer, receiver, projector, training.open_training_set(samples), settings)
-    save_file({k: v.contiguous() for k, v in outcome.bundle.bank.state_dict().items()},
-              str(Path(out_dir) / f"rank{rank}.safetensors"))
-    rank_losses = outcome.losses
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"losses": rank_losses, "world": world}))
+
+    def train(name: str, batch_size: int, negative_share: float, world: int) -> None:
+        projector = cli.make_projector(args, nodes, sharer, receiver)
+        settings = TrainSettings(loss="distill", steps=5, batch_size=batch_size, lr=1e-3, seed=11,
+                                 negative_share=negative_share, checkpoint_every=0)
+        outcome = training.train_projector(sharer, receiver, projector, training.open_training_set(samples), settings)
+        out = Path(out_dir) / name
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in outcome.bundle.bank.state_dict().items()},
+                  str(out / f"rank{rank}.safetensors"))
+        rank_losses = outcome.losses
+        (out / f"rank{rank}.json").write_text(json.dumps({"losses": rank_losses, "world": world}))
+
+    plan = [parse_run(run) for run in runs]
+    for name, batch_size, negative_share, alone in plan:
+        if not alone:
+            train(name, batch_size, negative_share, world)
     if world > 1:
         dist.destroy_process_group()
+    for name, batch_size, negative_share, alone in plan:
+        if alone and rank == 0:
+            train(name, batch_size, negative_share, 1)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:])

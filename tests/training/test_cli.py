@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 CLI = Path(__file__).resolve().parents[2] / "tools" / "train_projector.py"
 
 

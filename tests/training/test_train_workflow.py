@@ -11,6 +11,8 @@ import pytest
 
 import host
 
+pytestmark = pytest.mark.slow
+
 workflow_api = host._load_tool("workflow_api")
 WORKFLOW = host.REPO_ROOT / "workflows" / "train_projector.json"
 TINY = workflow_api.TinySettings(width=64, height=64, length=5, steps=2)

@@ -11,7 +11,7 @@ import struct
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("comfy")
+pytestmark = [pytest.mark.usefixtures("comfy"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ import requests
 
 import host
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 WEB_TESTS = Path(__file__).resolve().parent
 DRIVER = WEB_TESTS / "driver.mjs"
 ARTIFACTS = host.REPO_ROOT / "test-artifacts" / "web"

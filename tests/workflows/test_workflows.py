@@ -9,6 +9,8 @@ import pytest
 
 import host
 
+pytestmark = pytest.mark.slow
+
 workflow_api = host._load_tool("workflow_api")
 
 WORKFLOWS_DIR = host.REPO_ROOT / "workflows"
