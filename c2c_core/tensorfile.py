@@ -17,6 +17,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -114,10 +115,39 @@ def _publish(tmp: str, path: Path, overwrite: bool) -> None:
     os.remove(tmp)
 
 
+# Tests only (the kill -9 tests): with this variable set to 1, writes into a folder holding a file PAUSE_FILE
+# pause half-way.
+PAUSE_ENV, PAUSE_FILE = "DCB_TEST_PAUSE_WRITES", ".pause-writes"
+
+
+def _pause_half_way(tmp: str, path: Path) -> None:
+    """Armed (``PAUSE_ENV`` and ``PAUSE_FILE`` beside ``path``): cut ``tmp`` to half its length (what a writer
+    killed half-way leaves), wait while ``<tmp>.paused`` exists, then restore the rest. A test that finds the
+    marker kills the process then, or removes the marker to let the write go on: a kill lands mid-write at once."""
+    if os.environ.get(PAUSE_ENV) != "1" or not (path.parent / PAUSE_FILE).exists():
+        return
+    with open(tmp, "r+b") as f:
+        half = os.fstat(f.fileno()).st_size // 2
+        f.seek(half)
+        rest = f.read()
+        f.truncate(half)
+        f.flush()
+        os.fsync(f.fileno())
+        marker = Path(tmp + ".paused")
+        marker.touch()
+        while marker.exists():
+            time.sleep(0.01)
+        f.seek(half)
+        f.write(rest)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _atomic_write(path: Path, write, overwrite: bool) -> None:
     tmp = _temp_for(path)
     try:
         write(tmp)
+        _pause_half_way(tmp, path)
         _publish(tmp, path, overwrite)
     finally:
         if os.path.exists(tmp):

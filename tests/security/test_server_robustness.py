@@ -28,6 +28,10 @@ import pytest
 import torch
 
 import host
+from c2c_core.tensorfile import PAUSE_ENV, PAUSE_FILE
+
+COPIES = Path("kv_cache") / "copies"                    # where the kill -9 save test's copy is written
+CHECKPOINTS, KILLED = Path("c2c_training") / "checkpoints", "killed"   # the killed training run's checkpoints
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -139,8 +143,10 @@ def server(tiny_models, tmp_path_factory):
     """One server for the whole module (each start costs seconds): the soak first, then interrupts, then the
     kill -9 tests, which restart it. Its own c2c_projectors folder receives what training writes."""
     base = tmp_path_factory.mktemp("robust_server")
-    with host.ComfyServer(base, own_models_root(tiny_models, base / "models"), startup_timeout=300) as srv:
-        yield srv
+    with pytest.MonkeyPatch.context() as mp:     # the kill -9 tests arm c2c_core's test pause in their folders
+        mp.setenv(PAUSE_ENV, "1")
+        with host.ComfyServer(base, own_models_root(tiny_models, base / "models"), startup_timeout=300) as srv:
+            yield srv
 
 
 @pytest.fixture
@@ -235,18 +241,17 @@ def test_interrupt_leaves_no_temp_folder_and_the_next_prompt_correct(server, mak
 
 # -- kill -9 ------------------------------------------------------------------------------------------
 
-def big_recording(path: Path) -> str:
-    """~200 MB recording written from the test process: copying it takes long enough to be killed."""
+def recording_to_copy(path: Path) -> str:
+    """A small recording written from the test process (the server's copy of it pauses half-way: kill_at_pause)."""
     from c2c_core import ModelSignature, TokenGrid
     from c2c_core.align import RopeSpec
     from c2c_core.recording import KVRecording, RamStore, save_recording
     torch.manual_seed(0)
-    rec = KVRecording(ModelSignature(2, 2, 128), TokenGrid(4, 32, 32), RopeSpec(), [1.0, 0.5, 0.0], (0, 1), (0,),
+    rec = KVRecording(ModelSignature(2, 2, 128), TokenGrid(2, 8, 8), RopeSpec(), [1.0, 0.5, 0.0], (0, 1), (0,),
                       "fp32", RamStore(), 1)
     for step in range(2):
         for layer in (0, 1):
-            for _ in range(1):
-                rec.put(step, 0, layer, torch.randn(3, 4096, 256), torch.randn(3, 4096, 256))
+            rec.put(step, 0, layer, torch.randn(3, 128, 256), torch.randn(3, 128, 256))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_recording(path, rec)
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -256,47 +261,54 @@ def copy_prompt(name: str) -> dict:
     return {"1": {"class_type": "DiTCacheBridge_LoadKVCache", "inputs": {"kv_cache": name, "refresh_every": 1,
                                                                         "grid_alignment": "refuse"}},
             "2": {"class_type": "DiTCacheBridge_SaveKVCache", "inputs": {"kv_source": ["1", 0],
-                                                                        "filename_prefix": "copies/copy"}}}
+                                                                        "filename_prefix": f"{COPIES.name}/copy"}}}
 
 
-def kill_during_write(srv, folder: Path, prompt_id: str, after_states: int = 2, timeout: float = 300) -> bool:
-    """SIGKILL the server's process group as soon as a temp file appears in ``folder`` once ``after_states``
-    checkpoints are complete; False when the prompt finished first. Looks at the folder every 0.5 ms but
-    asks the server (an HTTP request it must answer) only every 0.5 s."""
+def kill_at_pause(srv, folder: Path, prompt: dict, after_states: int = 0, timeout: float = 300) -> None:
+    """Queue ``prompt`` with c2c_core's test pause armed in ``folder`` (PAUSE_FILE) and SIGKILL the server's
+    process group while its writer is paused half-way there, once ``after_states`` checkpoints are complete
+    (earlier writes are let go on). Waits on the writer's marker file: the kill lands mid-write on the first try."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PAUSE_FILE).touch()
+    try:
+        _kill_at_pause(srv, folder, srv.post_prompt(prompt), after_states, timeout)
+    finally:
+        (folder / PAUSE_FILE).unlink()
+
+
+def _kill_at_pause(srv, folder: Path, prompt_id: str, after_states: int, timeout: float) -> None:
     deadline = next_look = time.monotonic()
     deadline += timeout
     while time.monotonic() < deadline:
-        names = os.listdir(folder) if folder.is_dir() else []
-        if (sum(n.endswith(".state.safetensors") for n in names) >= after_states
-                and any(n.endswith(".tmp") for n in names)):
-            os.killpg(srv._process.pid, signal.SIGKILL)
-            srv._process.wait(timeout=30)
-            return True
-        if time.monotonic() > next_look:             # ask the server now and then, not every poll
-            if srv.history(prompt_id):
-                return False
+        markers = sorted(folder.glob("*.tmp.paused"))
+        if markers:
+            states = sum(n.endswith(".state.safetensors") for n in os.listdir(folder))
+            if states >= after_states:
+                os.killpg(srv._process.pid, signal.SIGKILL)
+                srv._process.wait(timeout=30)
+                for marker in markers:
+                    marker.unlink()
+                return
+            for marker in markers:                     # not yet: let this write finish
+                marker.unlink()
+        elif time.monotonic() > next_look:            # ask the server now and then, not every look
+            assert not srv.history(prompt_id), f"the prompt finished without a write paused in {folder}"
             next_look = time.monotonic() + 0.5
-        time.sleep(0.0005)
-    raise TimeoutError("training neither wrote a checkpoint nor finished")
+        time.sleep(0.01)
+    raise TimeoutError(f"no write paused in {folder}")
 
 
 def test_kill_9_while_saving_leaves_the_source_intact_and_no_loadable_half_file(running):
     from c2c_core.errors import BundleError
     from c2c_core.recording import load_recording
     srv = running
-    source = srv.output_dir / "kv_cache" / "big.safetensors"
-    digest = big_recording(source)
-    copies = srv.output_dir / "kv_cache" / "copies"
-    killed = False
-    for attempt in range(6):
-        if kill_during_write(srv, copies, srv.post_prompt(copy_prompt("big.safetensors")), after_states=0, timeout=120):
-            killed = True
-            break
-    assert killed, "the save was never caught in progress"
+    source = srv.output_dir / "kv_cache" / "to_copy.safetensors"
+    digest = recording_to_copy(source)
+    copies = srv.output_dir / COPIES
+    kill_at_pause(srv, copies, copy_prompt("to_copy.safetensors"), timeout=120)
     leftovers = [p for p in copies.iterdir() if p.suffix == ".tmp"]
     assert leftovers, "the kill should have left the temp file of the interrupted save"
-    for done in copies.glob("*.safetensors"):       # earlier attempts that finished: complete and loadable
-        load_recording(done)
+    assert not list(copies.glob("*.safetensors")), "the killed save published a file"
     for partial in leftovers:
         with pytest.raises(BundleError):
             load_recording(partial)
@@ -304,7 +316,7 @@ def test_kill_9_while_saving_leaves_the_source_intact_and_no_loadable_half_file(
     srv.stop()
     srv.start()                                    # start-up removes the dead writer's temp file
     assert not [p for p in copies.iterdir() if p.suffix == ".tmp"]
-    entry = srv.run(copy_prompt("big.safetensors"), timeout=300)
+    entry = srv.run(copy_prompt("to_copy.safetensors"), timeout=300)
     (saved,) = entry["outputs"]["2"]["kv_cache"]
     copy = load_recording(copies / saved["filename"])
     original = load_recording(source)
@@ -329,14 +341,14 @@ def sample_prompt() -> dict:
 
 
 def training_prompt(output_name: str) -> dict:
-    """checkpoint_every 1 with an 8 MB bank (+ 16 MB AdamW state): every step writes ~24 MB, long enough to
-    be caught mid-write by a test that polls the folder."""
+    """checkpoint_every 1: every step writes a checkpoint (a bundle and a trainer state), each pausing half-way
+    in the killed run's folder while kill_at_pause arms it."""
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": host.T2V_A, "weight_dtype": "default"}},
         "2": {"class_type": "UNETLoader", "inputs": {"unet_name": host.T2V_B, "weight_dtype": "default"}},
         "5": {"class_type": "DiTCacheBridge_CreateC2CProjector",
               "inputs": {"sharer": ["2", 0], "receiver": ["1", 0], "kind": "full", "mapping": "identity",
-                         "layers": "all", "alpha": 0.5, "hidden_dim": 1024, "seed": 0}},
+                         "layers": "all", "alpha": 0.5, "hidden_dim": 64, "seed": 0}},
         "12": {"class_type": "DiTCacheBridge_TrainC2CProjector", "inputs": {
             "sharer": ["2", 0], "receiver": ["1", 0], "projector": ["5", 0], "dataset": SAMPLES,
             "loss": "distill", "steps": TRAIN_STEPS, "batch_size": 1, "learning_rate": 1e-3, "warmup_steps": 0,
@@ -369,14 +381,9 @@ def test_kill_9_while_checkpointing_leaves_old_or_new_checkpoint_and_resumes_exa
     srv = running
     projectors = srv.base_dir / "models" / "c2c_projectors"
     checkpoints = srv.output_dir / "c2c_training" / "checkpoints"
-    killed = None
     srv.run(sample_prompt(), timeout=300)
-    for attempt in range(4):                    # a fresh output_name each time: a new run, no resume
-        name = f"killed{attempt}"
-        if kill_during_write(srv, checkpoints / name, srv.post_prompt(training_prompt(name))):
-            killed = checkpoints / name
-            break
-    assert killed, "no checkpoint write was caught in progress"
+    killed = srv.output_dir / CHECKPOINTS / KILLED
+    kill_at_pause(srv, killed, training_prompt(KILLED), after_states=2)
     names = sorted(p.name for p in killed.iterdir())
     temps = [killed / n for n in names if n.endswith(".tmp")]
     assert temps, names
