@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 from contextlib import contextmanager
 
-from c2c_core import FusionSchedule
+from c2c_core import FusionSchedule, health
 from c2c_core.bundle import ProjectorBundle, arch_mismatches
 from c2c_core.contract import NEGATIVE, POSITIVE, Call, refresh_window
 from c2c_core.runtime import BankCache, FusionRun, percent_of
@@ -252,7 +252,10 @@ class Bridge:
             yield self
         finally:
             self._session = self._training = False
-            self.close_run()
+            report = self.close_run()
+        if report is not None and report.nonfinite_layers:   # as ComfyUI: never a silent black video
+            raise BridgeSetupError(f"{health.nonfinite_hint(report.nonfinite_layers)} (Bridge strength="
+                                   f"{self.strength!r}; bridge.last_report has the details).")
 
     def close_run(self):
         run, source_run = self.run, self.source_run
