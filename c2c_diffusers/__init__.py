@@ -11,10 +11,10 @@ chronoedit_model=chronoedit_pipe).generate_with_fusion(...)`` (also importable a
 See docs/diffusers.md.
 """
 from .api import BridgeConfig, WanChronoEditBridge, WanChronoEditConfig
-from .bridge import Bridge
+from .bridge import Bridge, C2CBridgeConfig, apply_c2c_bridge, remove_c2c_bridge
 from .errors import BridgeSetupError
 from .live import LiveSharer, SharerInputs
 from .recorded import KVRecorder, RecordedSharer
 
-__all__ = ["Bridge", "BridgeConfig", "BridgeSetupError", "KVRecorder", "LiveSharer", "RecordedSharer", "SharerInputs",
-           "WanChronoEditBridge", "WanChronoEditConfig"]
+__all__ = ["Bridge", "BridgeConfig", "BridgeSetupError", "C2CBridgeConfig", "KVRecorder", "LiveSharer", "RecordedSharer",
+           "SharerInputs", "WanChronoEditBridge", "WanChronoEditConfig", "apply_c2c_bridge", "remove_c2c_bridge"]
