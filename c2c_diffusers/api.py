@@ -234,8 +234,10 @@ class WanChronoEditBridge:
         self.wan, self.chronoedit = wan_model, chronoedit_model
         for name, pipe in (("wan_model", wan_model), ("chronoedit_model", chronoedit_model)):
             if getattr(pipe, "transformer", None) is None:
-                raise BridgeSetupError(f"{name} has no transformer; expected a diffusers Wan or ChronoEdit pipeline "
-                                       f"(WanPipeline, WanImageToVideoPipeline, ChronoEditPipeline; "
+                bare = " (a bare transformer: wrap it in its pipeline, e.g. WanPipeline(transformer=…, vae=…, " \
+                       "scheduler=…), or attach it with Bridge / apply_c2c_bridge)" if hasattr(pipe, "config") else ""
+                raise BridgeSetupError(f"{name} is a {type(pipe).__name__}{bare}; expected a diffusers Wan or "
+                                       f"ChronoEdit pipeline (WanPipeline, WanImageToVideoPipeline, ChronoEditPipeline; "
                                        f"WanChronoEditBridge.from_pretrained loads them from folders).")
         if _is_chronoedit(wan_model) and not _is_chronoedit(chronoedit_model):
             raise BridgeSetupError(f"wan_model is a {type(wan_model).__name__} ({type(wan_model.transformer).__name__}) "

@@ -272,3 +272,25 @@ def test_prompt_embeddings_of_the_wrong_width_are_refused_before_sampling(models
                                     **given)
     assert bridge.last_report is None, "nothing sampled"
 
+
+
+def test_an_image_to_video_sharer_without_image_features_is_refused():
+    """ComfyUI would run it with its image cross-attention reading the text; diffusers cannot match that: refused."""
+    from c2c_diffusers import LiveSharer
+    inputs = SharerInputs(tiny.embeds(20), condition=torch.zeros(1, 20, 2, 4, 4))
+    with pytest.raises(BridgeSetupError, match=r"^sharer ChronoEditTransformer3DModel has a CLIP image projection "
+                                               r"\(image_dim 1280\) and SharerInputs\.image_embeds is None; pass the "
+                                               r"image encoder's features \(pipe\.encode_image\(image\), or "
+                                               r"WanChronoEditBridge, which encodes the image itself\)\.$"):
+        LiveSharer(tiny.chronoedit(3), inputs)
+
+
+def test_a_bare_transformer_is_refused_with_the_fix(models):
+    wan, chrono = models
+    with pytest.raises(BridgeSetupError, match=r"^wan_model is a WanTransformer3DModel \(a bare transformer: wrap it in "
+                                               r"its pipeline, e\.g\. WanPipeline\(transformer=…, vae=…, scheduler=…\), "
+                                               r"or attach it with Bridge / apply_c2c_bridge\); expected a diffusers Wan "
+                                               r"or ChronoEdit pipeline \(WanPipeline, WanImageToVideoPipeline, "
+                                               r"ChronoEditPipeline; WanChronoEditBridge\.from_pretrained loads them "
+                                               r"from folders\)\.$"):
+        ApiBridge(BridgeConfig(), wan.transformer, chrono)
