@@ -80,3 +80,22 @@ def test_apply_refuses_a_wrong_config_or_strength():
     with pytest.raises(BridgeSetupError, match=r"^C2CBridgeConfig\.strength=3\.0; expected a number from 0 to 2\.0\. "
                                                r"Pass a value in that range\.$"):
         apply_c2c_bridge(transformer, C2CBridgeConfig(projector=tiny.bundle(), strength=3.0), sharer=sharer())
+
+
+def test_apply_stacks_with_group_offloading():
+    from diffusers.hooks import apply_group_offloading
+    pipe = tiny.wan_pipe(tiny.wan(1))
+    plain = tiny.run_pipe(pipe, steps=2)
+    apply_group_offloading(pipe.transformer, onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1)
+    assert torch.equal(tiny.run_pipe(pipe, steps=2), plain)
+    bundle = tiny.bundle("weighted")
+    off = apply_c2c_bridge(pipe.transformer, C2CBridgeConfig(projector=bundle, strength=0.0), sharer=sharer())
+    assert torch.equal(tiny.run_pipe(pipe, steps=2), plain)
+    remove_c2c_bridge(pipe.transformer)
+    assert off.last_report.model_calls == 4
+    on = apply_c2c_bridge(pipe.transformer, C2CBridgeConfig(projector=bundle), sharer=sharer())
+    fused = tiny.run_pipe(pipe, steps=2)
+    remove_c2c_bridge(pipe.transformer)
+    assert on.last_report.sharer_forwards == 4 and (fused - plain).abs().max() > 1e-3
+    assert torch.equal(tiny.run_pipe(pipe, steps=2), plain)
