@@ -189,7 +189,8 @@ HIDDEN_DIM_KINDS = ("gating", "full", "c2c")
 
 # The design's per-model input dicts: key -> the pipeline keyword it feeds.
 INPUT_KEYS = {"video_latents": "latents", "text_embeddings": "prompt_embeds",
-              "negative_text_embeddings": "negative_prompt_embeds", "image": "image", "image_embeds": "image_embeds"}
+              "negative_text_embeddings": "negative_prompt_embeds", "image": "image", "image_embeds": "image_embeds",
+              "condition_latents": "condition"}
 
 
 def _same_noise(generator):
@@ -215,6 +216,22 @@ def _model_inputs(name: str, inputs) -> dict:
     return {INPUT_KEYS[k]: v for k, v in inputs.items() if v is not None}
 
 
+def _pipeline_of(name: str, model, scheduler):
+    """A bare Wan-family transformer in a WanPipeline without text encoder and VAE (latents in, latents out);
+    a pipeline as it is. Such a model takes embeddings, and an image-to-video one only shares (given its
+    ``image_embeds`` and ``condition_latents``): generating from an image needs its pipeline's VAE."""
+    if getattr(model, "transformer", None) is not None or not hasattr(model, "blocks"):
+        return model
+    if scheduler is None:
+        raise BridgeSetupError(f"{name} is a bare {type(model).__name__}; pass scheduler= (e.g. the "
+                               f"FlowMatchEulerDiscreteScheduler of its pipeline) or the pipeline itself.")
+    from diffusers import WanPipeline
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                       scheduler=type(scheduler).from_config(scheduler.config))
+    pipe.bare = True
+    return pipe
+
+
 def _is_chronoedit(pipe) -> bool:
     return "ChronoEdit" in type(pipe.transformer).__name__
 
@@ -225,7 +242,9 @@ class WanChronoEditBridge:
     ``config`` is a BridgeConfig or the design's WanChronoEditConfig (run as its ``bridge_config()``).
     """
 
-    def __init__(self, config, wan_model, chronoedit_model):
+    def __init__(self, config, wan_model, chronoedit_model, scheduler=None):
+        wan_model, chronoedit_model = (_pipeline_of(name, m, scheduler) for name, m in
+                                       (("wan_model", wan_model), ("chronoedit_model", chronoedit_model)))
         if isinstance(config, WanChronoEditConfig):
             config = config.bridge_config()
         if not isinstance(config, BridgeConfig):
@@ -234,11 +253,10 @@ class WanChronoEditBridge:
         self.wan, self.chronoedit = wan_model, chronoedit_model
         for name, pipe in (("wan_model", wan_model), ("chronoedit_model", chronoedit_model)):
             if getattr(pipe, "transformer", None) is None:
-                bare = " (a bare transformer: wrap it in its pipeline, e.g. WanPipeline(transformer=…, vae=…, " \
-                       "scheduler=…), or attach it with Bridge / apply_c2c_bridge)" if hasattr(pipe, "config") else ""
-                raise BridgeSetupError(f"{name} is a {type(pipe).__name__}{bare}; expected a diffusers Wan or "
-                                       f"ChronoEdit pipeline (WanPipeline, WanImageToVideoPipeline, ChronoEditPipeline; "
-                                       f"WanChronoEditBridge.from_pretrained loads them from folders).")
+                raise BridgeSetupError(f"{name} is a {type(pipe).__name__}; expected a diffusers Wan or ChronoEdit "
+                                       f"pipeline (WanPipeline, WanImageToVideoPipeline, ChronoEditPipeline; "
+                                       f"WanChronoEditBridge.from_pretrained loads them from folders) or its "
+                                       f"transformer with scheduler=.")
         if _is_chronoedit(wan_model) and not _is_chronoedit(chronoedit_model):
             raise BridgeSetupError(f"wan_model is a {type(wan_model).__name__} ({type(wan_model.transformer).__name__}) "
                                    f"and chronoedit_model a {type(chronoedit_model).__name__}: the pipelines are "
@@ -327,6 +345,15 @@ class WanChronoEditBridge:
         cfg = self.config
         target = self._target(target_model)
         self.receiver, self.sharer, self.bundle, self.backward = self._roles_for(target)
+        sharer_condition = None
+        if getattr(self.receiver, "bare", False):
+            if models.is_image_to_video(self.receiver.transformer):
+                raise BridgeSetupError(f"target_model={target!r} is a bare image-to-video "
+                                       f"{type(self.receiver.transformer).__name__}: it can share but not generate "
+                                       f"(its pipeline's VAE encodes the image). Pass its pipeline to generate with it.")
+            if output_type != "latent":
+                raise BridgeSetupError(f"output_type={output_type!r} with a bare transformer (no VAE to decode); "
+                                       f"pass output_type='latent' or the pipeline.")
         if wan_inputs is not None or chronoedit_inputs is not None:
             own = {"wan": _model_inputs("wan_inputs", wan_inputs),
                    "chronoedit": _model_inputs("chronoedit_inputs", chronoedit_inputs)}
@@ -340,6 +367,11 @@ class WanChronoEditBridge:
             sharer_negative_prompt_embeds = theirs.get("negative_prompt_embeds", sharer_negative_prompt_embeds)
             if sharer_prompt_embeds is not None and sharer_negative_prompt_embeds is None:
                 sharer_negative_prompt_embeds = negative_prompt_embeds
+            sharer_condition = theirs.get("condition")
+            if mine.get("condition") is not None:
+                raise BridgeSetupError(f"{target}_inputs has condition_latents; the model that generates gets its "
+                                       f"image through image= and its pipeline's VAE. Give condition_latents only "
+                                       f"to the sharer.")
             latents = mine.get("latents", theirs.get("latents"))
             if latents is not None:
                 receiver_kwargs["latents"] = latents
@@ -356,7 +388,7 @@ class WanChronoEditBridge:
                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type)
         inputs = self._sharer_inputs(image, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, image_embeds,
                                      sharer_prompt_embeds, sharer_negative_prompt_embeds, height, width, num_frames,
-                                     guidance_scale)
+                                     guidance_scale, sharer_condition)
         if cfg.mode == "live":
             source = LiveSharer(self.sharer.transformer, inputs, grid_alignment=cfg.grid_alignment,
                                 backward=self.backward, backward_strength=cfg.backward_strength)
@@ -474,7 +506,7 @@ class WanChronoEditBridge:
 
     def _sharer_inputs(self, image, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, image_embeds,
                        sharer_prompt_embeds, sharer_negative_prompt_embeds, height, width, num_frames,
-                       guidance_scale) -> SharerInputs:
+                       guidance_scale, condition=None) -> SharerInputs:
         pipe = self.sharer
         device = self.receiver._execution_device
         dtype = pipe.transformer.dtype
@@ -485,6 +517,8 @@ class WanChronoEditBridge:
                                         max_sequence_length=512, device=device, dtype=dtype)
         if not models.is_image_to_video(pipe.transformer):
             return SharerInputs(pe, ne)
+        if condition is not None:                # given with image_embeds (a bare transformer: no VAE here)
+            return SharerInputs(pe, ne, image_embeds=image_embeds, condition=condition)
         if image is None:
             raise BridgeSetupError(f"the sharer {type(pipe.transformer).__name__} is image-to-video and needs image=; "
                                    f"got None.")

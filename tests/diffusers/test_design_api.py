@@ -119,7 +119,7 @@ def test_design_inputs_are_the_pipeline_keywords(models):
     assert torch.equal(design, keywords)
     with pytest.raises(BridgeSetupError, match=r"^wan_inputs has the key\(s\) \['prompt'\]; expected keys from "
                                                r"\('video_latents', 'text_embeddings', 'negative_text_embeddings', "
-                                               r"'image', 'image_embeds'\)\.$"):
+                                               r"'image', 'image_embeds', 'condition_latents'\)\.$"):
         bridge.generate_with_fusion(wan_inputs={"prompt": "a cat"})
     with pytest.raises(BridgeSetupError, match=r"^height=48 but video_latents \(1, 16, 2, 4, 4\) make 32; leave "
                                                r"height out or pass latents of that size\.$"):
@@ -285,12 +285,50 @@ def test_an_image_to_video_sharer_without_image_features_is_refused():
         LiveSharer(tiny.chronoedit(3), inputs)
 
 
-def test_a_bare_transformer_is_refused_with_the_fix(models):
+def test_bare_transformers_with_a_scheduler(models):
+    """Bare transformers run in a VAE-less WanPipeline: latents in, latents out; the image-to-video one shares
+    from its image_embeds and condition_latents, exactly as a LiveSharer given them."""
+    from c2c_diffusers import Bridge, LiveSharer
+    from wan_chronoedit import WanChronoEditBridge, WanChronoEditConfig
     wan, chrono = models
-    with pytest.raises(BridgeSetupError, match=r"^wan_model is a WanTransformer3DModel \(a bare transformer: wrap it in "
-                                               r"its pipeline, e\.g\. WanPipeline\(transformer=…, vae=…, scheduler=…\), "
-                                               r"or attach it with Bridge / apply_c2c_bridge\); expected a diffusers Wan "
-                                               r"or ChronoEdit pipeline \(WanPipeline, WanImageToVideoPipeline, "
-                                               r"ChronoEditPipeline; WanChronoEditBridge\.from_pretrained loads them "
-                                               r"from folders\)\.$"):
+    g = torch.Generator().manual_seed(0)
+    image_embeds, condition = torch.randn(1, 5, 1280, generator=g), torch.randn(1, 20, 2, 4, 4, generator=g)
+    bridge = WanChronoEditBridge(config=WanChronoEditConfig(projector_type="weighted"), wan_model=wan.transformer,
+                                 chronoedit_model=chrono.transformer, scheduler=wan.scheduler)
+    run = dict(wan_inputs={"video_latents": tiny.latent(0), "text_embeddings": tiny.embeds(10)},
+               chronoedit_inputs={"text_embeddings": tiny.embeds(12), "image_embeds": image_embeds,
+                                  "condition_latents": condition},
+               num_inference_steps=STEPS, output_type="latent")
+    fused = bridge.generate_with_fusion(**run).frames
+    assert bridge.last_report.sharer_forwards == STEPS
+    by_hand = Bridge(LiveSharer(chrono.transformer, SharerInputs(tiny.embeds(12), image_embeds=image_embeds,
+                                                                 condition=condition)),
+                     bridge.bundle).attach(wan)
+    try:
+        expected = wan(prompt_embeds=tiny.embeds(10), latents=tiny.latent(0), height=tiny.HEIGHT, width=tiny.WIDTH,
+                       num_frames=tiny.FRAMES, guidance_scale=1.0, num_inference_steps=STEPS,
+                       output_type="latent").frames
+    finally:
+        by_hand.detach()
+    assert torch.equal(fused, expected)
+    with pytest.raises(BridgeSetupError, match=r"^output_type='np' with a bare transformer \(no VAE to decode\); "
+                                               r"pass output_type='latent' or the pipeline\.$"):
+        bridge.generate_with_fusion(**{**run, "output_type": "np"})
+    both = WanChronoEditBridge(config=WanChronoEditConfig(fusion_direction="wan_to_chrono"), wan_model=wan.transformer,
+                               chronoedit_model=chrono.transformer, scheduler=wan.scheduler)
+    with pytest.raises(BridgeSetupError, match=r"^target_model='chronoedit' is a bare image-to-video "
+                                               r"ChronoEditTransformer3DModel: it can share but not generate \(its "
+                                               r"pipeline's VAE encodes the image\)\. Pass its pipeline to generate "
+                                               r"with it\.$"):
+        both.generate_with_fusion(**run)
+
+
+def test_a_bare_transformer_without_a_scheduler_is_refused(models):
+    wan, chrono = models
+    with pytest.raises(BridgeSetupError, match=r"^wan_model is a bare WanTransformer3DModel; pass scheduler= \(e\.g\. "
+                                               r"the FlowMatchEulerDiscreteScheduler of its pipeline\) or the pipeline "
+                                               r"itself\.$"):
         ApiBridge(BridgeConfig(), wan.transformer, chrono)
+    with pytest.raises(BridgeSetupError, match=r"^chronoedit_model is a str; expected a diffusers Wan or ChronoEdit "
+                                               r"pipeline"):
+        ApiBridge(BridgeConfig(), wan, "nvidia/ChronoEdit-14B-Diffusers")
