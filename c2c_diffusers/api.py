@@ -5,6 +5,13 @@
     video = bridge.generate_with_fusion(image, prompt="...", num_inference_steps=20).frames[0]
     bridge.last_report          # what fused: strengths, K/V change per layer, sharer forwards
 
+The design document's spelling runs through the same code (``WanChronoEditConfig.bridge_config()``)::
+
+    config = WanChronoEditConfig(projector_type="gating", fusion_direction="bidirectional")
+    bridge = WanChronoEditBridge(config=config, wan_model=wan_pipe, chronoedit_model=chronoedit_pipe)
+    bridge.generate_with_fusion(wan_inputs={"video_latents": ..., "text_embeddings": ...},
+                                chronoedit_inputs={"text_embeddings": ..., "image": image}, target_model="wan")
+
 ``target`` names the receiver (the model that generates); the other one shares (``direction``
 "bidirectional": it also receives the receiver's K/V, block by block, through ``backward_projector``).
 Live mode runs the sharer inside every receiver call; recorded mode samples the sharer alone first (its own trajectory,
@@ -406,7 +413,6 @@ class WanChronoEditBridge:
             bridge.detach()
             self.last_report = bridge.last_report
             self.last_backward_report = bridge.last_backward_report
-        # (a non-finite fused K/V raises inside the run: see Bridge, as ComfyUI does)
 
     def _size_of(self, latents, height, width, num_frames):
         """height, width, num_frames from a B×C×F×H×W latent (the receiver's VAE factors); given values must agree."""
