@@ -6,14 +6,15 @@ Imports diffusers and c2c_core, never ComfyUI; diffusers is an optional extra
     bridge = Bridge(LiveSharer(chronoedit.transformer, inputs), load_bundle("projector.safetensors"))
     bridge.attach(wan_pipe)          # ... wan_pipe(...) now fuses; bridge.detach() undoes it
 
-Or the one-call API: ``WanChronoEditBridge(BridgeConfig(...), wan_pipe, chronoedit_pipe).generate_with_fusion(...)``.
+Or the one-call API: ``WanChronoEditBridge(config=WanChronoEditConfig(...) or BridgeConfig(...), wan_model=wan_pipe,
+chronoedit_model=chronoedit_pipe).generate_with_fusion(...)`` (also importable as ``wan_chronoedit``).
 See docs/diffusers.md.
 """
-from .api import BridgeConfig, WanChronoEditBridge
-from .bridge import Bridge
+from .api import BridgeConfig, WanChronoEditBridge, WanChronoEditConfig
+from .bridge import Bridge, C2CBridgeConfig, apply_c2c_bridge, remove_c2c_bridge
 from .errors import BridgeSetupError
 from .live import LiveSharer, SharerInputs
 from .recorded import KVRecorder, RecordedSharer
 
-__all__ = ["Bridge", "BridgeConfig", "BridgeSetupError", "KVRecorder", "LiveSharer", "RecordedSharer", "SharerInputs",
-           "WanChronoEditBridge"]
+__all__ = ["Bridge", "BridgeConfig", "BridgeSetupError", "C2CBridgeConfig", "KVRecorder", "LiveSharer", "RecordedSharer",
+           "SharerInputs", "WanChronoEditBridge", "WanChronoEditConfig", "apply_c2c_bridge", "remove_c2c_bridge"]

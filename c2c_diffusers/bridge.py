@@ -24,9 +24,13 @@ Nothing is written onto the models beyond diffusers' own extension points (``set
 from __future__ import annotations
 
 import itertools
+import os
+import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
 
-from c2c_core import FusionSchedule
+from c2c_core import FusionSchedule, health
 from c2c_core.bundle import ProjectorBundle, arch_mismatches
 from c2c_core.contract import NEGATIVE, POSITIVE, Call, refresh_window
 from c2c_core.runtime import BankCache, FusionRun, percent_of
@@ -35,7 +39,7 @@ from . import models
 from .errors import BridgeSetupError
 from .hooks import add_taps, register_call_hook, remove_call_hook, remove_taps
 
-__all__ = ["Bridge", "CallClock", "flow_sigma"]
+__all__ = ["Bridge", "C2CBridgeConfig", "CallClock", "apply_c2c_bridge", "flow_sigma", "remove_c2c_bridge"]
 
 _CONTEXT_BRANCH = {"cond": POSITIVE, "uncond": NEGATIVE}     # diffusers' cache_context names
 _ids = itertools.count()
@@ -252,7 +256,10 @@ class Bridge:
             yield self
         finally:
             self._session = self._training = False
-            self.close_run()
+            report = self.close_run()
+        if report is not None and report.nonfinite_layers:   # as ComfyUI: never a silent black video
+            raise BridgeSetupError(f"{health.nonfinite_hint(report.nonfinite_layers)} (Bridge strength="
+                                   f"{self.strength!r}; bridge.last_report has the details).")
 
     def close_run(self):
         run, source_run = self.run, self.source_run
@@ -311,3 +318,53 @@ class Bridge:
         sk, sv = self.source_run.kv(run.sharer_layer(layer), call)
         return run.fuse_tokens(layer, k, v, sk, sv)
 
+
+
+# -- diffusers' own shape: a config dataclass, apply_…(module, config) / remove_…(module) -------------------------
+
+@dataclass
+class C2CBridgeConfig:
+    """What ``apply_c2c_bridge`` fuses, as diffusers' ``FirstBlockCacheConfig`` says what ``apply_first_block_cache``
+    caches. projector: a bundle file or ``ProjectorBundle``; strength (0..2), start/end (percent of the noise
+    schedule), ramp, refresh_every: ``c2c_core.FusionSchedule``; layer_strengths: per receiver layer, or None;
+    rope_alignment: "auto" or "off"."""
+
+    projector: object
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    ramp: str = "constant"
+    refresh_every: int = 1
+    layer_strengths: Optional[dict] = None
+    rope_alignment: str = "auto"
+
+
+_applied: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()     # module -> bridges apply_c2c_bridge attached
+
+
+def apply_c2c_bridge(module, config: C2CBridgeConfig, sharer, scheduler=None) -> Bridge:
+    """Fuse ``sharer`` (a LiveSharer or RecordedSharer) into ``module``: a Wan-family transformer, or its pipeline
+    (needed under model CPU offload; Wan2.2's two experts). Stacks with diffusers' caches and offloading;
+    ``remove_c2c_bridge(module)`` gives the module back bit for bit. Returns the Bridge (its ``last_report``)."""
+    from c2c_core import load_bundle
+    if not isinstance(config, C2CBridgeConfig):
+        raise BridgeSetupError(f"apply_c2c_bridge(module, config, sharer=…): config is a {type(config).__name__}; "
+                               f"expected a C2CBridgeConfig.")
+    if not 0.0 <= float(config.strength) <= 2.0:
+        raise BridgeSetupError(f"C2CBridgeConfig.strength={config.strength!r}; expected a number from 0 to 2.0. "
+                               f"Pass a value in that range.")
+    bundle = config.projector
+    if isinstance(bundle, (str, os.PathLike)):
+        bundle = load_bundle(bundle)
+    schedule = FusionSchedule(start=config.start, end=config.end, ramp=config.ramp, refresh_every=config.refresh_every)
+    bridge = Bridge(sharer, bundle, strength=config.strength, schedule=schedule,
+                    layer_strengths=config.layer_strengths, rope_alignment=config.rope_alignment,
+                    scheduler=scheduler).attach(module)
+    _applied.setdefault(module, []).append(bridge)
+    return bridge
+
+
+def remove_c2c_bridge(module) -> None:
+    """Detach every bridge ``apply_c2c_bridge`` put on ``module`` (most recent first); a no-op when there is none."""
+    for bridge in reversed(_applied.pop(module, [])):
+        bridge.detach()

@@ -1,4 +1,7 @@
-"""Where the bridge touches a diffusers transformer: self-attention taps and a per-call model hook.
+"""The diffusers compatibility layer: the one module that touches diffusers' attention processors and hook
+registry (as c2c_comfy/compat.py is for ComfyUI), so a diffusers release that changes them is met here alone.
+Tested against the version the ``diffusers`` extra pins (pyproject.toml). Two things live here:
+self-attention taps and a per-call model hook.
 
 Self-attention tap. diffusers' Wan processors compute q/k/v, apply ``norm_q``/``norm_k``, view them as
 (B, N, H, D), apply RoPE and call ``dispatch_attention_fn`` — the point ComfyUI's attention override

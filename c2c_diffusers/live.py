@@ -93,6 +93,14 @@ class LiveSharer:
                 f"{out_channels} and SharerInputs.condition adds {extra}. "
                 + ("Pass the condition (mask + image latent) its pipeline's prepare_latents returns."
                    if extra == 0 else "Drop SharerInputs.condition for a text-to-video sharer."))
+        image_dim = getattr(transformer.config, "image_dim", None)
+        if image_dim is not None and inputs.image_embeds is None:
+            # ComfyUI runs such a model without CLIP-vision features (its image cross-attention then reads the
+            # text tokens); diffusers' processor reads no image tokens instead. The two would differ: refuse.
+            raise BridgeSetupError(
+                f"sharer {type(transformer).__name__} has a CLIP image projection (image_dim {image_dim}) and "
+                f"SharerInputs.image_embeds is None; pass the image encoder's features (pipe.encode_image(image), "
+                f"or WanChronoEditBridge, which encodes the image itself).")
         self._key = None
 
     def attach(self, bridge) -> None:

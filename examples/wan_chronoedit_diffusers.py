@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from c2c_diffusers import BridgeConfig, WanChronoEditBridge  # noqa: E402
+from wan_chronoedit import WanChronoEditBridge, WanChronoEditConfig  # noqa: E402  (pip install ".[diffusers]")
 
 WAN_ID = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 CHRONOEDIT_ID = "nvidia/ChronoEdit-14B-Diffusers"
@@ -79,8 +79,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "diffusers_example" / "fused.mp4")
     args = parser.parse_args(argv)
 
-    config = BridgeConfig(projector=str(args.projector) if args.projector else None, projector_kind="weighted",
-                          mode=args.mode, strength=args.strength, end=args.end)
+    config = WanChronoEditConfig(projector=str(args.projector) if args.projector else None, projector_type="weighted",
+                                 fusion_direction="chrono_to_wan", mode=args.mode, fusion_alpha=args.strength,
+                                 end=args.end)
     if args.tiny:
         from PIL import Image
         wan, chronoedit = tiny_pipelines()
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
         text = dict(prompt=args.prompt, negative_prompt=args.negative_prompt)
         size = dict(height=480, width=832, num_inference_steps=args.steps, output_type="np")
 
-    bridge = WanChronoEditBridge(config, wan, chronoedit)
+    bridge = WanChronoEditBridge(config=config, wan_model=wan, chronoedit_model=chronoedit)
     result = bridge.generate_with_fusion(image, num_frames=5, guidance_scale=4.0,
                                          generator=torch.Generator().manual_seed(args.seed), **text, **size)
     report = bridge.last_report
