@@ -1,6 +1,9 @@
 """What the graph editor shows on each pack node, read from the server's /object_info as the frontend reads it."""
 from __future__ import annotations
 
+import pytest
+from comfy_server import PromptRejected
+
 P = "DiTCacheBridge_"
 RECORDING_SETTINGS = {"seed", "steps", "cfg", "sampler_name", "scheduler", "denoise", "latent_image", "storage",
                       "storage_dtype", "mode"}
@@ -35,6 +38,7 @@ def test_only_noise_seeds_get_a_control_after_generate_widget(comfy_server):
     assert control(P + "RecordKVCache") is True
     assert control(P + "BridgedKSampler") is True
     assert control(P + "CreateC2CProjector") is False     # an init seed: 'randomize' would rebuild it every run
+    assert control(P + "TrainC2CProjector") is False      # a training seed: 'randomize' would retrain every run
 
 
 def test_bridged_ksampler_starts_with_the_ksamplers_inputs_in_the_ksamplers_order(comfy_server):
@@ -43,3 +47,14 @@ def test_bridged_ksampler_starts_with_the_ksamplers_inputs_in_the_ksamplers_orde
     assert order(bridged)[:len(expected)] == expected
     for name in ("seed", "steps", "cfg", "denoise"):
         assert inputs(bridged)[name][1]["default"] == inputs(ksampler)[name][1]["default"], name
+
+
+def test_an_empty_load_c2c_projector_says_where_projector_files_go(comfy_server):
+    """The test server has no projector files: the list is empty, and the answer is where they go, not 'Invalid input'."""
+    graph = {"1": {"class_type": P + "LoadC2CProjector", "inputs": {"projector_name": ""}},
+             "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+    with pytest.raises(PromptRejected) as rejected:
+        comfy_server.post_prompt(graph)
+    (error,) = rejected.value.node_errors["1"]["errors"]
+    assert "no projector in models/c2c_projectors/" in error["details"], error
+    assert "Train C2C Projector" in error["details"] and "Create C2C Projector" in error["details"], error
