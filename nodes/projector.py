@@ -116,8 +116,8 @@ class CreateC2CProjector(io.ComfyNode):
         try:
             fused = parse_layer_spec(layers, receiver_sig.num_layers)
         except (LayerMapError, ValueError) as e:
-            raise BridgeInputError(cls.NODE, "layers", quote(layers), "a layer list such as 'all', '0-3,7' or 'last4'",
-                                   str(e)) from e
+            # the core's message says what is wrong and lists the accepted forms: the one list the user reads
+            raise BridgeInputError(cls.NODE, "layers", quote(layers), "a layer list", str(e)) from e
         try:
             layer_map = LayerMap.build(mapping, sharer_sig.num_layers, receiver_sig.num_layers, layers=fused)
         except LayerMapError as e:

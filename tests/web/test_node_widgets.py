@@ -49,12 +49,29 @@ def test_bridged_ksampler_starts_with_the_ksamplers_inputs_in_the_ksamplers_orde
         assert inputs(bridged)[name][1]["default"] == inputs(ksampler)[name][1]["default"], name
 
 
-def test_an_empty_load_c2c_projector_says_where_projector_files_go(comfy_server):
-    """The test server has no projector files: the list is empty, and the answer is where they go, not 'Invalid input'."""
+def test_load_c2c_projector_without_a_listed_file_says_where_projector_files_go(comfy_server):
+    """An empty choice (what an empty list sends) is answered with the folder, not the host's 'Invalid input'."""
     graph = {"1": {"class_type": P + "LoadC2CProjector", "inputs": {"projector_name": ""}},
              "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
     with pytest.raises(PromptRejected) as rejected:
         comfy_server.post_prompt(graph)
     (error,) = rejected.value.node_errors["1"]["errors"]
-    assert "no projector in models/c2c_projectors/" in error["details"], error
-    assert "Train C2C Projector" in error["details"] and "Create C2C Projector" in error["details"], error
+    assert error["details"].startswith("projector_name - Load C2C Projector: "), error
+    assert "models/c2c_projectors/" in error["details"] and "press R" in error["details"], error
+
+
+def test_an_input_error_is_named_for_the_pack_not_for_its_folder(comfy_server):
+    """ComfyUI names an error by module and class; the pack's module path is a temp folder the reader cannot use."""
+    import host
+
+    graph = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": host.T2V_A, "weight_dtype": "default"}},
+             "2": {"class_type": P + "CreateC2CProjector",
+                   "inputs": {"sharer": ["1", 0], "receiver": ["1", 0], "kind": "weighted", "mapping": "identity",
+                              "layers": "not a layer list", "alpha": 0.5, "hidden_dim": 0, "seed": 0}},
+             "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    entry = comfy_server.wait(comfy_server.post_prompt(graph), timeout=120, check=False)
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["exception_type"] == "DiTCacheBridge.BridgeInputError", error["exception_type"]
+    message = error["exception_message"]
+    assert message.startswith("Create C2C Projector › layers: 'not a layer list'; expected a layer list. Fix: "), message
+    assert message.count("accepted:") == 1 and message.count("Fix:") == 1, f"the fix given twice: {message}"

@@ -145,7 +145,8 @@ def test_the_training_workflow_collects_as_loaded_and_trains_as_its_note_says(ui
 
     def train_briefly(api):
         (train,) = workflow_api.nodes_of_type(api, "DiTCacheBridge_TrainC2CProjector")
-        api[train]["inputs"].update(steps=2, checkpoint_every=0, output_name="web_note_test_c2c", resume=False)
+        api[train]["inputs"].update(steps=2, warmup_steps=0, checkpoint_every=0, output_name="web_note_test_c2c",
+                                    resume=False)
         for node_id in workflow_api.nodes_of_type(api, "DiTCacheBridge_CreateC2CProjector"):
             api[node_id]["inputs"]["hidden_dim"] = 16
 
