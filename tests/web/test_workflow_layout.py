@@ -103,8 +103,18 @@ def follow(server, tmp_path, workflow: dict, mute=(), unmute=()) -> dict:
     return result["workflow"]
 
 
+def missing_inputs(api: dict, object_info: dict) -> list[str]:
+    """Required inputs the graph leaves unset, as the server would refuse them with the real models (the tiny
+    substitution drops the image branch and the decoders, so it alone would not notice a muted VAE)."""
+    needed = workflow_api.keep_needed(api, object_info)
+    return [f"{node['class_type']} {node_id}.{name}" for node_id, node in needed.items()
+            for name in object_info[node["class_type"]]["input"].get("required", {}) if name not in node["inputs"]]
+
+
 def queue(server, workflow: dict, object_info: dict, edit=None) -> dict:
-    api = workflow_api.substitute_tiny(workflow_api.to_api(workflow, object_info), TINY, object_info)
+    real = workflow_api.to_api(workflow, object_info)
+    assert missing_inputs(real, object_info) == [], "the graph as the editor would queue it lacks inputs"
+    api = workflow_api.substitute_tiny(real, TINY, object_info)
     if edit:
         edit(api)
     return api, server.run(api, timeout=400)
