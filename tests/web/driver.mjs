@@ -192,13 +192,14 @@ function readGeometry() {
     id: n.id, type: n.type, title: n.title, mode: n.mode, size: [...n.size],
     minSize: n.computeSize ? [...n.computeSize()] : null, bounding: [...n.boundingRect],
     widgets: (n.widgets ?? []).filter((w) => !w.hidden && w.type !== "hidden" && !w.options?.hidden).map((w) => w.name),
-    // Nodes 2.0: widget and socket labels the node's own element cuts short (a value, such as a long file
+    // Nodes 2.0: widget and input labels the node's own element cuts short (a value, such as a long file
     // name in a combo, may be shortened: it is not what tells the reader what the widget is)
     cut: ((labels) => [...(document.querySelector(`[data-node-id="${n.id}"]`)?.querySelectorAll("*") ?? [])]
       .filter((e) => labels.has(e.textContent.trim()) && e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)
       .map((e) => e.textContent.trim()))(new Set([...(n.widgets ?? []).map((w) => w.label ?? w.name),
-                                                   ...(n.inputs ?? []).map((i) => i.label ?? i.localized_name ?? i.name),
-                                                   ...(n.outputs ?? []).map((o) => o.label ?? o.localized_name ?? o.name)])),
+                                                   ...(n.inputs ?? []).map((i) => i.label ?? i.localized_name ?? i.name)]
+      // an output's label overflows its own zero-width box by design; a widget of the same name is not told apart
+      .filter((label) => !(n.outputs ?? []).some((o) => [o.label, o.localized_name, o.name].includes(label))))),
   }));
   const width = window.innerWidth, height = window.innerHeight;
   const notes = app.graph.nodes.filter((n) => ["Note", "MarkdownNote"].includes(n.type)).map((n) => {

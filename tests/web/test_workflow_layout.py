@@ -70,7 +70,7 @@ def test_every_node_fits_its_widgets_without_empty_bands(geometry):
                 assert h <= min_h + SLACK, f"{label}: an empty band below its widgets (they need {min_h:.0f})"
 
 
-def test_nodes_2_cuts_no_widget_or_socket_label_of_a_pack_node(geometry):
+def test_nodes_2_cuts_no_widget_or_input_label_of_a_pack_node(geometry):
     for name, view in geometry["vue"].items():
         for node in view["nodes"]:
             if node["type"].startswith("DiTCacheBridge_"):
