@@ -192,10 +192,18 @@ function readGeometry() {
     id: n.id, type: n.type, title: n.title, mode: n.mode, size: [...n.size],
     minSize: n.computeSize ? [...n.computeSize()] : null, bounding: [...n.boundingRect],
     widgets: (n.widgets ?? []).filter((w) => !w.hidden && w.type !== "hidden" && !w.options?.hidden).map((w) => w.name),
-    // Nodes 2.0: widget and input labels the node's own element cuts short (a value, such as a long file
-    // name in a combo, may be shortened: it is not what tells the reader what the widget is)
+    // Nodes 2.0: widget and input labels the node's own element cuts short: the label's own text is wider
+    // than its box (a row may overflow by its toggle; a value such as a long file name may be shortened)
     cut: ((labels) => [...(document.querySelector(`[data-node-id="${n.id}"]`)?.querySelectorAll("*") ?? [])]
-      .filter((e) => labels.has(e.textContent.trim()) && e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)
+      .filter((e) => labels.has(e.textContent.trim()) && e.clientWidth > 1)
+      .filter((e) => {
+        const zoom = e.getBoundingClientRect().width / (e.offsetWidth || 1);   // the graph's scale on screen
+        const range = document.createRange();
+        return [...e.childNodes].filter((c) => c.nodeType === 3 && c.textContent.trim()).some((c) => {
+          range.selectNodeContents(c);
+          return range.getBoundingClientRect().width / zoom > e.clientWidth + 1;
+        });
+      })
       .map((e) => e.textContent.trim()))(new Set([...(n.widgets ?? []).map((w) => w.label ?? w.name),
                                                    ...(n.inputs ?? []).map((i) => i.label ?? i.localized_name ?? i.name)]
       // an output's label overflows its own zero-width box by design; a widget of the same name is not told apart
