@@ -17,6 +17,11 @@ class BridgeInputError(ValueError):
         super().__init__(f"{node} › {input_name}: {found}; expected {expected}. Fix: {fix}")
 
 
+# ComfyUI names an error by module + class, and loads this pack under its folder's path: without this, the
+# error panel (frontend 1.49) leads with ".../custom_nodes/dit_cache_bridge.c2c_comfy.errors.BridgeInputError".
+BridgeInputError.__module__ = "DiTCacheBridge"
+
+
 def check(condition: bool, node: str, input_name: str, found: str, expected: str, fix: str) -> None:
     if not condition:
         raise BridgeInputError(node, input_name, found, expected, fix)

@@ -68,8 +68,8 @@ def capture_layers(node, signature, layers="auto", projector=None):
         try:
             return tuple(parse_layer_spec(layers, signature.num_layers))
         except (LayerMapError, ValueError) as e:
-            raise BridgeInputError(node, "layers", repr(layers), "'auto' or a layer list such as 'all', '0-3,7'",
-                                   str(e)) from e
+            # the core's message says what is wrong and lists the accepted forms: the one list the user reads
+            raise BridgeInputError(node, "layers", repr(layers), "'auto' or a layer list", str(e)) from e
     if projector is not None:
         check_projector_fits(node, projector, signature, projector.receiver)
         return tuple(sorted(set(projector.layer_map.pairs.values())))

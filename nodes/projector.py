@@ -39,6 +39,21 @@ class LoadC2CProjector(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, projector_name):
+        """Where projector files go, instead of the host's bare "Invalid input" / "Value not in list" (an empty list
+        is what a new user meets first)."""
+        files = paths.projector_files()
+        if isinstance(projector_name, str) and projector_name in files:
+            return True
+        folder = "models/c2c_projectors/"
+        if not files:
+            return (f"{cls.NODE}: no projector in {folder}. Put a bundle (.safetensors from Train C2C Projector or "
+                    f"tools/train_projector.py) there and press R in the editor to refresh the list, or use Create "
+                    f"C2C Projector (identity/weighted need no training).")
+        return (f"{cls.NODE}: {quote(projector_name, 60)} is not in {folder}; pick a bundle from the list (press R "
+                f"after adding files).")
+
+    @classmethod
     def fingerprint_inputs(cls, projector_name, **kwargs):
         """Re-run when the bundle under the name changes (replaced, re-trained, removed)."""
         return paths.projector_fingerprint(projector_name)
@@ -101,8 +116,8 @@ class CreateC2CProjector(io.ComfyNode):
         try:
             fused = parse_layer_spec(layers, receiver_sig.num_layers)
         except (LayerMapError, ValueError) as e:
-            raise BridgeInputError(cls.NODE, "layers", quote(layers), "a layer list such as 'all', '0-3,7' or 'last4'",
-                                   str(e)) from e
+            # the core's message says what is wrong and lists the accepted forms: the one list the user reads
+            raise BridgeInputError(cls.NODE, "layers", quote(layers), "a layer list", str(e)) from e
         try:
             layer_map = LayerMap.build(mapping, sharer_sig.num_layers, receiver_sig.num_layers, layers=fused)
         except LayerMapError as e:
@@ -145,9 +160,9 @@ def untrained_warning(bundle) -> str | None:
     """A learnable projector straight from Create C2C Projector has random weights: it fuses noise, not knowledge."""
     if bundle.provenance.get("trained") is not False:
         return None
-    return (f"untrained '{bundle.bank.kind}' projector (random initial weights from {CreateC2CProjector.NODE}): "
-            "it changes the output without carrying the sharer's knowledge. Train it with Train C2C Projector "
-            "and load the result with Load C2C Projector, or use kind 'identity'/'weighted' (training-free).")
+    return (f"untrained '{bundle.bank.kind}' projector: its random weights change the output but carry none of "
+            f"the sharer's knowledge. Train it (Train C2C Projector) and load it with Load C2C Projector, or set "
+            f"{CreateC2CProjector.NODE}'s kind to 'identity' or 'weighted' (training-free).")
 
 
 def model_signature(node: str, input_name: str, model):

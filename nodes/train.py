@@ -166,9 +166,9 @@ class TrainC2CProjector(io.ComfyNode):
                 io.Int.Input("checkpoint_every", default=100, min=0, max=1_000_000,
                              tooltip="Write a checkpoint every N steps (0: only at the end). An interrupted run "
                                      "loses at most the steps since the last one."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Seed of sample order, noise and timesteps. Same seed and settings, same "
-                                     "weights."),
+                                     "weights (and a re-queue reuses the trained result instead of retraining)."),
                 io.String.Input("output_name", default="c2c_projector",
                                 tooltip="Bundle name in models/c2c_projectors/ (.safetensors is added); also names "
                                         "the checkpoint folder and the loss plot."),

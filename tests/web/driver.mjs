@@ -176,6 +176,64 @@ function savedNodes(page, ids) {
   }, ids);
 }
 
+/**
+ * Where the workflow puts things in the editor: groups, every node's size against the size its widgets
+ * need, and each note's screen rectangle with whether something of the page (the sidebar, the
+ * workflow-name pill, a toolbar) covers it there.
+ */
+function readGeometry() {
+  const ds = app.canvas.ds, origin = app.canvas.canvas.getBoundingClientRect();
+  const toScreen = (x, y) => [origin.left + (x + ds.offset[0]) * ds.scale, origin.top + (y + ds.offset[1]) * ds.scale];
+  const groups = app.graph.groups.map((g) => {
+    g.recomputeInsideNodes();
+    return { title: g.title, bounding: [...g._bounding], nodes: [...(g._nodes ?? g.nodes ?? [])].map((n) => n.id) };
+  });
+  const nodes = app.graph.nodes.map((n) => ({
+    id: n.id, type: n.type, title: n.title, mode: n.mode, size: [...n.size],
+    minSize: n.computeSize ? [...n.computeSize()] : null, bounding: [...n.boundingRect],
+    widgets: (n.widgets ?? []).filter((w) => !w.hidden && w.type !== "hidden" && !w.options?.hidden).map((w) => w.name),
+    // Nodes 2.0: widget and input labels the node's own element cuts short: the label's own text is wider
+    // than its box (a row may overflow by its toggle; a value such as a long file name may be shortened)
+    cut: ((labels) => [...(document.querySelector(`[data-node-id="${n.id}"]`)?.querySelectorAll("*") ?? [])]
+      .filter((e) => labels.has(e.textContent.trim()) && e.clientWidth > 1)
+      .filter((e) => {
+        const zoom = e.getBoundingClientRect().width / (e.offsetWidth || 1);   // the graph's scale on screen
+        const range = document.createRange();
+        return [...e.childNodes].filter((c) => c.nodeType === 3 && c.textContent.trim()).some((c) => {
+          range.selectNodeContents(c);
+          return range.getBoundingClientRect().width / zoom > e.clientWidth + 1;
+        });
+      })
+      .map((e) => e.textContent.trim()))(new Set([...(n.widgets ?? []).map((w) => w.label ?? w.name),
+                                                   ...(n.inputs ?? []).map((i) => i.label ?? i.localized_name ?? i.name)]
+      // an output's label overflows its own zero-width box by design; a widget of the same name is not told apart
+      .filter((label) => !(n.outputs ?? []).some((o) => [o.label, o.localized_name, o.name].includes(label))))),
+  }));
+  const width = window.innerWidth, height = window.innerHeight;
+  const notes = app.graph.nodes.filter((n) => ["Note", "MarkdownNote"].includes(n.type)).map((n) => {
+    // Nodes 2.0 draws a node as its own element, whose box is what the reader sees
+    const box = document.querySelector(`[data-node-id="${n.id}"]`)?.getBoundingClientRect();
+    const [x0, y0, w, h] = n.boundingRect;
+    const [left, top] = box ? [box.left, box.top] : toScreen(x0, y0);
+    const [right, bottom] = box ? [box.right, box.bottom] : toScreen(x0 + w, y0 + h);
+    // Points along the title bar and the left edge: the topmost element there must be the graph itself.
+    const points = [];
+    for (let i = 0; i <= 8; i++) points.push([left + 4 + (right - left - 8) * i / 8, top + 6]);
+    for (let i = 1; i <= 6; i++) points.push([left + 6, top + (bottom - top - 8) * i / 6]);
+    const covered = [];
+    for (const [x, y] of points) {
+      if (x < 0 || y < 0 || x >= width || y >= height) continue;
+      const hit = document.elementFromPoint(x, y);
+      // a toast (the renderer's announcement) is transient: not a panel that hides the note
+      const ok = hit === app.canvas.canvas || hit?.closest?.("[data-node-id], .comfy-multiline-input, .dom-widget, .lg-node, .p-toast");
+      if (!ok) covered.push(hit ? `${hit.tagName.toLowerCase()}.${[...hit.classList].slice(0, 3).join(".")}` : "nothing");
+    }
+    return { id: n.id, title: n.title, rect: [left, top, right, bottom], covered: [...new Set(covered)],
+             onScreen: left >= 0 && top >= 0 && right <= width && bottom <= height };
+  });
+  return { scale: ds.scale, viewport: [width, height], groups, nodes, notes };
+}
+
 const scenarios = {
   /** (a) Double-click the canvas, type the query, read the result list; Enter adds the node. */
   async search(page) {
@@ -202,7 +260,10 @@ const scenarios = {
     const screenshot = await shot(page, "search");
     await page.keyboard.press("Enter");
     await page.waitForFunction(() => app.graph.nodes.length > 0, null, { timeout: 10_000 });
-    const added = await page.evaluate(() => app.graph.nodes.map((n) => ({ type: n.type, color: n.color, bgcolor: n.bgcolor })));
+    await page.waitForTimeout(400);
+    const added = await page.evaluate(() => app.graph.nodes.map((n) => ({
+      type: n.type, color: n.color, bgcolor: n.bgcolor, size: [...n.size], minSize: n.computeSize ? [...n.computeSize()] : null,
+      widgets: (n.widgets ?? []).filter((w) => !w.hidden).map((w) => w.name) })));
     return { options: options.map((t) => t.replace(/\s+/g, " ").trim()), added, screenshot };
   },
 
@@ -248,14 +309,49 @@ const scenarios = {
     const before = await page.evaluate((ids) => ids.map((id) => [...app.graph.getNodeById(id).size]), job.inspect);
     const nodes = [];
     const screenshots = [];
+    const toasts = [];   // the toasts on screen after each event
     for (const [id, payload] of job.events) {
       await page.evaluate(([nodeId, report]) => {
         window.comfyAPI.api.api.dispatchCustomEvent("dit_cache_bridge.report", { node: String(nodeId), report });
       }, [id, payload]);
       nodes.push(await inspectNode(page, id));
       screenshots.push(await shot(page, `inspector-synthetic-${job.renderer}-${id}-${nodes.length}`));
+      toasts.push(await page.evaluate(() => [...document.querySelectorAll(".p-toast-message")]
+        .map((t) => t.innerText.replace(/\s+/g, " ").trim())));
     }
-    return { renderer: job.renderer, vueNodes, loaded, before, nodes, screenshots };
+    return { renderer: job.renderer, vueNodes, loaded, before, nodes, screenshots, toasts };
+  },
+
+  /** (e) Each workflow as it opens: groups, node sizes against their widgets, notes against the page's panels. */
+  async geometry(page) {
+    const vueNodes = await useRenderer(page, job.renderer);
+    const results = {};
+    for (const [name, workflow] of Object.entries(job.workflows)) {
+      await loadWorkflow(page, workflow);
+      await page.waitForTimeout(300);
+      results[name] = await page.evaluate(readGeometry);
+      await shot(page, `geometry-${job.renderer}-${name.replace(/\.json$/, "")}`);
+    }
+    return { renderer: job.renderer, vueNodes, results };
+  },
+
+  /** (f) Do what a note says: mute and unmute the numbered groups in the editor; return the graph it would queue. */
+  async follow(page) {
+    await loadWorkflow(page, job.workflows.run);
+    const groups = await page.evaluate((steps) => {
+      const members = {};
+      for (const [number, mode] of [...steps.mute.map((g) => [g, 2]), ...steps.unmute.map((g) => [g, 0])]) {
+        // the workflows number their groups ("6 · Run 1: …") and their notes name them by number
+        const group = app.graph.groups.find((g) => g.title.trim().startsWith(`${number} ·`));
+        if (!group) throw new Error(`no group titled "${number} · …"`);
+        group.recomputeInsideNodes();
+        members[number] = [...group._nodes].map((n) => n.id);
+        for (const node of group._nodes) node.mode = mode;
+      }
+      return members;
+    }, { mute: job.mute, unmute: job.unmute });
+    const workflow = await page.evaluate(() => app.graph.serialize());
+    return { groups, workflow };
   },
 
   /** (d) Each shipped workflow as saved: every fusion node's inspector is on screen and meets no other node. */

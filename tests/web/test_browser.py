@@ -230,6 +230,8 @@ def test_fuse_caches_is_found_by_the_node_search_and_gets_the_pack_colours(ui_se
     (added,) = result["added"]
     assert added["type"] == "DiTCacheBridge_FuseCaches"
     assert added["color"] and added["bgcolor"], f"pack colours not applied: {added}"
+    assert added["size"][1] >= added["minSize"][1] - 1, f"a new Fuse Caches is shorter than its widgets: {added}"
+    assert not any(w.startswith("backward_") for w in added["widgets"]), "backward_* shown for one-way fusion"
 
 
 def test_workflows_load_without_missing_node_warning(ui_server, workflow, tmp_path):
@@ -303,6 +305,8 @@ def test_inspector_draws_a_synthetic_report_and_ignores_an_empty_one(ui_server, 
     assert forty["report"]["layers"] == list(range(40)) and forty["report"]["sharerForwards"] == 12
     assert three["report"]["layers"] == [0, 1, 2] and three["report"]["warnings"] == untrained["warnings"]
     assert three["warningPixels"] > 0 and forty["warningPixels"] == 0, "the warning line is drawn in its colour"
+    assert not any("untrained" in t for t in result["toasts"][1]), "a report without warnings raises no toast"
+    assert any(untrained["warnings"][0] in t for t in result["toasts"][2]), f"no toast: {result['toasts'][2]}"
     for node, before in ((empty, result["before"][1]), (forty, result["before"][0]), (three, result["before"][1])):
         assert node["size"] == before, "a report must never resize the node (it would slide under its neighbours)"
     for node in (forty, three):

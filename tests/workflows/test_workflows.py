@@ -186,3 +186,28 @@ def test_recorded_workflow_later_runs_replay_the_saved_recording(comfy_server, o
     replayed = saved_latent(comfy_server, comfy_server.run(later, timeout=300), later_out)
 
     assert torch.equal(replayed, saved_latent(comfy_server, entry, first_out))
+
+
+def test_recorded_workflow_feeds_one_seed_to_the_recording_and_the_receiver(object_info):
+    """Record KV Cache's seed is a noise seed: the replay fits only the receiver run that uses the same one."""
+    workflow = load(RECORDED)
+    links = workflow_api.links_of(workflow)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+
+    def seed_source(node):
+        (slot,) = [s for s in node["inputs"] if workflow_api.input_name(s) == "seed"]
+        assert slot.get("link") is not None, f"node {node['id']} ({node['type']}): seed is a widget, not the shared one"
+        return links[slot["link"]].origin_id
+
+    (record,) = [n for n in workflow["nodes"] if n["type"] == "DiTCacheBridge_RecordKVCache"]
+    samplers = [n for n in workflow["nodes"] if n["type"] == "KSampler"]
+    assert samplers and {seed_source(n) for n in samplers} == {seed_source(record)}
+    assert nodes[seed_source(record)]["title"] == "seed"
+
+
+def test_train_projector_workflow_saves_no_control_after_generate_for_the_training_seed(object_info):
+    """The training seed has no 'randomize' widget (a re-queue must reuse the trained result, not retrain)."""
+    (train,) = [n for n in load(WORKFLOWS_DIR / "train_projector.json")["nodes"]
+                if n["type"] == "DiTCacheBridge_TrainC2CProjector"]
+    values = workflow_api.widget_values(train, object_info[train["type"]])
+    assert values["seed"] == 0 and not set(train["widgets_values"]) & workflow_api.CONTROL_AFTER_GENERATE

@@ -96,6 +96,34 @@ function onReport(event) {
   node.dcbFusionReport = normaliseReport(detail.report); // read by the inspector (and the browser test)
   node.dcbInspector?.render();
   node.setDirtyCanvas?.(true, true);
+  for (const warning of node.dcbFusionReport?.warnings ?? []) announce(node, warning);
+}
+
+/** A warning about a run that "succeeded": a toast as well as the inspector, since nobody reads a chart they did not open. */
+function announce(node, warning) {
+  const toast = app.extensionManager?.toast;
+  if (typeof toast?.add === "function") {
+    toast.add({ severity: "warn", summary: `${node.title ?? "DiT Cache Bridge"} (node ${node.id})`, detail: warning, life: 15000 });
+  } else {
+    console.info(`${EXTENSION}: node ${node.id}: ${warning}`);
+  }
+}
+
+/** `text` cut into lines of at most `width` pixels; the last kept line ends in "…" when text is left over. */
+function wrap(ctx, text, width, maxLines) {
+  const lines = [];
+  let line = "";
+  for (const word of text.split(/\s+/)) {
+    const next = line ? `${line} ${word}` : word;
+    if (ctx.measureText(next).width <= width || !line) line = next;
+    else { lines.push(line); line = word; }
+  }
+  if (line) lines.push(line);
+  if (lines.length > maxLines) {
+    lines.length = maxLines;
+    lines[maxLines - 1] = `${lines[maxLines - 1].replace(/\s*\S*$/, "")} …`;
+  }
+  return lines;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -103,6 +131,7 @@ function onReport(event) {
 // ---------------------------------------------------------------------------------------------
 const CHART = { height: 112, minWidth: 300, pad: 8, text: 11 };
 export const INSPECTOR_WIDGET = "fusion_inspector";
+const WARNING_LINES = 3;   // the rest of a longer warning is in its toast and the server log
 const BAR = { strength: "#e0b84c", k: "#5aa9e6", v: "#e5735c", warning: "#ff9f43" };
 
 function fmt(x) {
@@ -121,19 +150,24 @@ export function drawInspector(ctx, report, x, y, w, h) {
   ctx.font = `${text}px sans-serif`;
   ctx.textBaseline = "top";
 
-  // Line 1: what the run did, or what the user must know about it (e.g. an untrained projector).
+  // First: what the user must know about the run (e.g. an untrained projector), wrapped so it can be read
+  // (the toast has it too), or else what the run did.
   ctx.textAlign = "left";
   const warning = report.warnings?.[0];
+  const lines = warning ? wrap(ctx, `⚠ ${warning}`, w - 2 * pad, WARNING_LINES) :
+    [`fused ${n} layer${n === 1 ? "" : "s"} · sharer ${report.sharerForwards} fwd / ${report.modelCalls} model calls`];
+  if (warning) {
+    ctx.fillStyle = "rgba(255, 159, 67, 0.16)";
+    ctx.fillRect(x, y, w, 4 + lines.length * (text + 2));
+  }
   ctx.fillStyle = warning ? BAR.warning : "#ddd";
-  ctx.fillText(warning ? `⚠ ${warning}` :
-    `fused ${n} layer${n === 1 ? "" : "s"} · sharer ${report.sharerForwards} fwd / ${report.modelCalls} model calls`,
-    x + pad, y + 4, w - 2 * pad);
+  lines.forEach((line, i) => ctx.fillText(line, x + pad, y + 3 + i * (text + 2), w - 2 * pad));
 
-  // Line 2: legend with each series' full scale.
+  // Then the legend with each series' full scale.
   const sMax = Math.max(1, ...report.strength);
   const cMax = Math.max(...report.k, ...report.v) || 1;
   let lx = x + pad;
-  const ly = y + 6 + text;
+  const ly = y + 6 + lines.length * (text + 2);
   for (const [label, colour] of [[`strength 0–${fmt(sMax)}`, BAR.strength], ["K", BAR.k], [`V change 0–${fmt(cMax)}`, BAR.v]]) {
     ctx.fillStyle = colour;
     ctx.fillRect(lx, ly + 2, 8, 8);
@@ -236,11 +270,53 @@ function addInspector(node) {
   if (typeof ResizeObserver === "function") new ResizeObserver(render).observe(canvas);
   node.dcbInspector = { widget, element, render };
   // Room for the chart from the start (a workflow's saved size, applied after this, wins).
-  const min = node.computeSize?.();
-  if (min && Array.isArray(node.size)) {
-    node.setSize?.([Math.max(node.size[0], min[0], CHART.minWidth), Math.max(node.size[1], min[1])]);
-  }
-  requestAnimationFrame(render);
+  const fit = () => {
+    const min = node.computeSize?.();
+    if (min && Array.isArray(node.size)) {
+      node.setSize?.([Math.max(node.size[0], min[0], CHART.minWidth), Math.max(node.size[1], min[1])]);
+    }
+  };
+  fit();
+  // Once more after the frontend has laid out the new node (its widgets are measured by then); a saved
+  // workflow's size was set before this frame and is never below what its widgets need.
+  requestAnimationFrame(() => {
+    fit();
+    render();
+  });
+}
+
+/**
+ * The backward_* widgets matter only for direction "bidirectional": hidden otherwise, and the node's height
+ * follows, so one-way fusion shows no dead settings.
+ */
+function showBackwardOnlyWhenBidirectional(node) {
+  const direction = node.widgets?.find((w) => w.name === "direction");
+  const backward = (node.widgets ?? []).filter((w) => w.name.startsWith("backward_"));
+  if (!direction || !backward.length) return;
+  const sync = () => {
+    const hide = direction.value !== "bidirectional";
+    if (backward.every((w) => Boolean(w.hidden) === hide)) return;
+    for (const w of backward) {   // the canvas reads widget.hidden, Nodes 2.0 widget.options.hidden
+      w.hidden = hide;
+      w.options = { ...(w.options ?? {}), hidden: hide };
+    }
+    const min = node.computeSize?.();
+    if (min) node.setSize?.([node.size[0], min[1]]);
+    node.setDirtyCanvas?.(true, true);
+  };
+  const callback = direction.callback;
+  direction.callback = function (...args) {
+    const result = callback?.apply(this, args);
+    sync();
+    return result;
+  };
+  const configure = node.onConfigure;
+  node.onConfigure = function (...args) {   // a loaded workflow sets the value after nodeCreated
+    const result = configure?.apply(this, args);
+    sync();
+    return result;
+  };
+  sync();
 }
 
 app.registerExtension({
@@ -255,6 +331,9 @@ app.registerExtension({
     if (!role) return;
     node.color ??= COLOURS[role].color;
     node.bgcolor ??= COLOURS[role].bgcolor;
-    if (role === "fusion") addInspector(node);
+    if (role === "fusion") {
+      addInspector(node);
+      showBackwardOnlyWhenBidirectional(node);
+    }
   },
 });
