@@ -133,6 +133,7 @@ class RecordedSharer:
     rope_alignment: str = "auto"
     grid_alignment: str = "refuse"
     node: str = "Record KV Cache"
+    has_middle = False      # a recording holds positive/negative only: DualCFG's middle replays the negative
 
     def __deepcopy__(self, memo):
         return self
