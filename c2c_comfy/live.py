@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from c2c_core.runtime import BankCache
 from . import compat, lockstep, memory
 from .errors import BridgeInputError
 
+log = logging.getLogger("dit_cache_bridge")
 
 class Shared:
     """Mixin: survive ModelPatcher.clone()'s deepcopy of model_options by reference."""
@@ -58,6 +60,7 @@ class LiveSharer(Shared):
     node: str = "Capture KV Cache"
     cond_inputs: tuple = ("positive", "negative", "middle")   # input names by branch, for error messages
     middle: list | None = None           # DualCFGGuider's middle for the sharer; None: its negative feeds it
+    warnings: tuple = ()                 # what the user should know about this sharer (missing_image_warnings)
     streaming: bool = True               # lockstep: stream sharer K/V block by block (c2c_comfy/lockstep.py)
     backward: object = None
     backward_strength: float = 1.0
@@ -107,6 +110,31 @@ class LiveSharer(Shared):
         if self.backward is not None or (self.streaming and self.refresh_every == 1 and lockstep.available()):
             return lockstep.LockstepRun(live, run)
         return live
+
+
+def missing_image_warnings(node: str, model, conditionings: dict) -> tuple:
+    """An image-to-video sharer whose conditioning carries no image still runs: ComfyUI zero-fills the image
+    channels, so its K/V describe a blank start frame. Logged now, naming the node, the inputs and the fix,
+    and returned for the run report (the fusion inspector)."""
+    warning = _missing_image_warning(node, model, conditionings)
+    if warning is None:
+        return ()
+    log.warning("%s", warning)
+    return (warning,)
+
+
+def _missing_image_warning(node: str, model, conditionings: dict) -> str | None:
+    if not compat.is_image_to_video(model):
+        return None
+    missing = [name for name, conditioning in conditionings.items() if conditioning is not None
+               and not any(extras.get("concat_latent_image") is not None for _, extras in conditioning)]
+    if not missing:
+        return None
+    return (f"{node} › {', '.join(missing)}: the sharer is an image-to-video model but this conditioning carries no "
+            "image, so ComfyUI fills the sharer's image input with zeros and its K/V describe a blank start frame. "
+            "Fix: give the sharer its image: feed its positive and negative through WanImageToVideo (start_image, "
+            "and clip_vision_output from CLIP Vision Encode for Wan2.1 I2V) or its ChronoEdit node, or use a "
+            "text-to-video sharer.")
 
 
 def with_direction(node: str, source, direction: str, backward, backward_strength: float, receiver_signature):

@@ -134,6 +134,7 @@ class RecordedSharer:
     grid_alignment: str = "refuse"
     node: str = "Record KV Cache"
     has_middle = False      # a recording holds positive/negative only: DualCFG's middle replays the negative
+    warnings: tuple = ()    # what the user should know about the recorded sharer (live.missing_image_warnings)
 
     def __deepcopy__(self, memo):
         return self

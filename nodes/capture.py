@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from c2c_core import LayerMapError, align, parse_layer_spec
-from ..c2c_comfy.live import LiveSharer
+from ..c2c_comfy.live import LiveSharer, missing_image_warnings
 from ..c2c_comfy.errors import BridgeInputError
 from ..c2c_comfy.validate import check_inputs
 from .projector import check_projector_fits, model_signature
@@ -99,6 +99,8 @@ def make_live_source(node, sharer, positive, negative, layers="auto", refresh_ev
                      middle=None):
     signature = model_signature(node, "sharer", sharer)
     chosen = capture_layers(node, signature, layers, projector)
+    warnings = missing_image_warnings(node, sharer, dict(zip(cond_inputs, (positive, negative, middle))))
     return LiveSharer(model=sharer, positive=positive, negative=negative, signature=signature, layers=chosen,
                       refresh_every=int(refresh_every), rope_alignment=rope_alignment,
-                      grid_alignment=grid_alignment, node=node, cond_inputs=cond_inputs, middle=middle)
+                      grid_alignment=grid_alignment, node=node, cond_inputs=cond_inputs, middle=middle,
+                      warnings=warnings)
