@@ -160,7 +160,7 @@ class RecordedRun:
     def __init__(self, source: RecordedSharer, run, guider):
         rec = source.recording
         self.source = source
-        self.run = run
+        self.device = run.device        # not the run itself: a run <-> source cycle would keep the recording alive
         self.node = node = run.bridge.node
         self.recording = rec
         self.rope = rec.rope
@@ -238,7 +238,7 @@ class RecordedRun:
                     f"the {BRANCH_NAMES[branch]} pass the receiver's guider evaluates",
                     "record with cfg > 1 so both passes are recorded")
         if self._reader is None:
-            self._reader = ReplayReader(self.recording, self.run.device)
+            self._reader = ReplayReader(self.recording, self.device)
         parts = [self._reader.get(self._loaded, branch, layer) for branch in call.branches]
         if len(parts) == 1:
             return parts[0]

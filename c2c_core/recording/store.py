@@ -219,8 +219,9 @@ class DiskStore:
     begins (or on the first read), to a background writer (``background=True``, the default) that
     writes each file once, in order, while sampling goes on; memory holds about three steps at most.
     Reads wait for the writer and raise its failure. A store made by :meth:`temporary` owns its folder
-    and deletes it when closed, when it is garbage collected (ComfyUI dropped the cached recording) or
-    at interpreter exit.
+    and deletes it when closed, when its last reference goes (the hosts' sources and runs hold no
+    reference cycle, so that is when ComfyUI's cache drops the last output using the recording, not
+    at the next garbage collection) or at interpreter exit.
     """
 
     def __init__(self, folder: str | os.PathLike | None = None, files: list[Path] | None = None,

@@ -184,11 +184,12 @@ def test_thirty_queued_prompts_stay_correct_lean_and_clean(server):
             for pid in filter(None, ids):
                 server.wait(pid, timeout=300, check=False)
             warm_rss = rss_mb(server)
-    outputs = []
+    outputs, alive = [], []
     for (kind, case), pid in zip(plan, ids):
         if pid is None:
             continue
         entry = server.wait(pid, timeout=300, check=False)
+        alive.append(temp_recordings(server))       # only the recording a cached output still uses
         status = entry["status"]["status_str"]
         if kind == "broken":
             assert status == "error"
@@ -200,6 +201,7 @@ def test_thirty_queued_prompts_stay_correct_lean_and_clean(server):
     growth = rss_mb(server) - warm_rss
     assert growth < SOAK_RSS_BOUND_MB, f"RSS grew {growth:.1f} MB over 21 prompts"
     time.sleep(1.0)
+    assert max(map(len, alive)) <= 1, alive
     assert len(temp_recordings(server)) <= 1, temp_recordings(server)
     assert torch.equal(outputs[-1], references[goods[0][0], goods[0][2]])
 
