@@ -11,6 +11,7 @@ recording's fails at the first evaluation that fuses and differs.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 from dataclasses import dataclass
 
@@ -91,6 +92,10 @@ def record(node, sharer, positive, negative, layers, latent_image, seed, steps, 
                                   tokens=compat.token_grid(latent_image["samples"].shape).numel,
                                   heads=signature.num_heads, head_dim=signature.head_dim, storage_dtype=storage_dtype)
     temp = files.temp_folder(node) if storage == "disk" else None      # created when missing
+    if temp is not None and DiskStore.temporaries():
+        # a dropped recording that a reference cycle still holds (ComfyUI keeps a failed node's inputs in its
+        # traceback) is deleted now, before another is made: only recordings an output still uses remain
+        gc.collect()
     memory.check_recording_fits(node, size, storage, temp)
     store = RamStore() if storage == "ram" else DiskStore.temporary(temp)   # deleted when dropped
     recording = KVRecording(signature=signature, grid=compat.token_grid(latent_image["samples"].shape),

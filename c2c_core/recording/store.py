@@ -212,6 +212,9 @@ class _Writer:
                                       f"{short_path(job.path)} ({quote(why, 200)})") from exc
 
 
+_temporaries: "weakref.WeakSet[DiskStore]" = weakref.WeakSet()
+
+
 class DiskStore:
     """Recorded tensors spilled to safetensors files, one per step; reads open them lazily.
 
@@ -241,7 +244,13 @@ class DiskStore:
         Path(parent).mkdir(parents=True, exist_ok=True)
         store = cls(tempfile.mkdtemp(prefix=prefix, dir=parent))
         store._cleanup = weakref.finalize(store, shutil.rmtree, str(store.folder), ignore_errors=True)
+        _temporaries.add(store)
         return store
+
+    @staticmethod
+    def temporaries() -> int:
+        """How many temporary stores still hold their folder (referenced, or dropped inside a reference cycle)."""
+        return sum(1 for store in list(_temporaries) if store._cleanup.alive)
 
     def add(self, snap) -> None:
         self.index.update({name: (snap, name) for name in snap.entries})

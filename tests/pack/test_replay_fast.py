@@ -78,6 +78,24 @@ def test_a_disk_recording_is_deleted_when_the_last_output_using_it_goes_not_at_t
         gc.enable()
 
 
+def test_a_dropped_recording_a_reference_cycle_still_holds_goes_before_the_next_disk_recording(models, conds):
+    """ComfyUI keeps a failed node's inputs in its traceback (a reference cycle): such a recording is deleted when
+    the next disk recording starts, not at ComfyUI's next periodic garbage collection."""
+    gc.collect()
+    gc.disable()
+    try:
+        held = record(models, conds, "disk")
+        folder = held.recording.store.folder
+        cycle = [held]
+        cycle.append(cycle)
+        del held, cycle
+        assert folder.is_dir()
+        src = record(models, conds, "disk")
+        assert not folder.exists() and src.recording.store.folder.is_dir()
+    finally:
+        gc.enable()
+
+
 def test_a_failed_background_write_is_raised_by_record_kv_cache(models, conds, monkeypatch):
     pack_nodes()
     from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
