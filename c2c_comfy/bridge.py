@@ -152,7 +152,7 @@ class BridgeRun:
         self.grid = compat.token_grid(noise.shape)
         self.receiver_rope = compat.rope_spec(receiver)
         self.guider = guider
-        self.branches = branch_map(guider, bridge.node, bridge.model_input)
+        self.branches = branch_map(guider, bridge.node, bridge.model_input, middle=bridge.source.has_middle)
         self._percent_to_sigma = compat.percent_to_sigma(receiver)
         self._percents: dict = {}
         self.evaluation = -1            # index of the current model evaluation (several per step for heun …)

@@ -8,14 +8,15 @@ runs it on the same latent and sigma for the call's CFG branches; its forward st
 layer the projector reads. Streaming (the default where greenlet is installed) and bidirectional
 fusion step the same run block by block with the receiver's (``lockstep.py``).
 
-Chunks are keyed by branch (``c2c_core.contract.POSITIVE``/``NEGATIVE``: which of the sharer's
-conditionings feeds them), and the sharer's batch is built in the receiver call's chunk order, so a
+Chunks are keyed by branch (``c2c_core.contract.POSITIVE``/``NEGATIVE``, and ``MIDDLE`` when the sharer
+has its own middle conditioning for DualCFGGuider: which of the sharer's conditionings feeds them), and the sharer's batch is built in the receiver call's chunk order, so a
 batched cond+uncond call gets the sharer's K/V as one tensor, handed over without a copy.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from c2c_core.runtime import BankCache
 from . import compat, lockstep, memory
 from .errors import BridgeInputError
 
+log = logging.getLogger("dit_cache_bridge")
 
 class Shared:
     """Mixin: survive ModelPatcher.clone()'s deepcopy of model_options by reference."""
@@ -56,11 +58,23 @@ class LiveSharer(Shared):
     rope_alignment: str = "auto"         # "auto": re-rotate keys when the two models' RoPE positions differ
     grid_alignment: str = "refuse"       # or "nearest"/"trilinear": run the sharer on its own latent grid
     node: str = "Capture KV Cache"
-    cond_inputs: tuple = ("positive", "negative")   # input names, for error messages
+    cond_inputs: tuple = ("positive", "negative", "middle")   # input names by branch, for error messages
+    middle: list | None = None           # DualCFGGuider's middle for the sharer; None: its negative feeds it
+    warnings: tuple = ()                 # what the user should know about this sharer (missing_image_warnings)
     streaming: bool = True               # lockstep: stream sharer K/V block by block (c2c_comfy/lockstep.py)
     backward: object = None
     backward_strength: float = 1.0
     backward_banks: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # bridge key -> BankCache
+
+    @property
+    def has_middle(self) -> bool:
+        return self.middle is not None
+
+    @property
+    def conditionings(self) -> dict:
+        """{branch name: the sharer's conditioning} (the middle only when given)."""
+        conds = {"positive": self.positive, "negative": self.negative}
+        return conds | {"middle": self.middle} if self.has_middle else conds
 
     def attach(self, bridge, patched, receiver):
         """Clone the sharer with capture hooks; ComfyUI loads it with the receiver (additional model), and the
@@ -96,6 +110,31 @@ class LiveSharer(Shared):
         if self.backward is not None or (self.streaming and self.refresh_every == 1 and lockstep.available()):
             return lockstep.LockstepRun(live, run)
         return live
+
+
+def missing_image_warnings(node: str, model, conditionings: dict) -> tuple:
+    """An image-to-video sharer whose conditioning carries no image still runs: ComfyUI zero-fills the image
+    channels, so its K/V describe a blank start frame. Logged now, naming the node, the inputs and the fix,
+    and returned for the run report (the fusion inspector)."""
+    warning = _missing_image_warning(node, model, conditionings)
+    if warning is None:
+        return ()
+    log.warning("%s", warning)
+    return (warning,)
+
+
+def _missing_image_warning(node: str, model, conditionings: dict) -> str | None:
+    if not compat.is_image_to_video(model):
+        return None
+    missing = [name for name, conditioning in conditionings.items() if conditioning is not None
+               and not any(extras.get("concat_latent_image") is not None for _, extras in conditioning)]
+    if not missing:
+        return None
+    return (f"{node} › {', '.join(missing)}: the sharer is an image-to-video model but this conditioning carries no "
+            "image, so ComfyUI fills the sharer's image input with zeros and its K/V describe a blank start frame. "
+            "Fix: give the sharer its image: feed its positive and negative through WanImageToVideo (start_image, "
+            "and clip_vision_output from CLIP Vision Encode for Wan2.1 I2V) or its ChronoEdit node, or use a "
+            "text-to-video sharer.")
 
 
 def with_direction(node: str, source, direction: str, backward, backward_strength: float, receiver_signature):
@@ -148,13 +187,12 @@ class LiveSharerRun:
             noise = torch.zeros(*noise.shape[:-3], *sharer_shape, dtype=noise.dtype, device=noise.device)
             latent_image = resample_latent(latent_image, sharer_shape, self.grid_mode)
         self.latent_shape = sharer_shape
-        conds = {"positive": compat.convert_cond(source.positive),
-                 "negative": compat.convert_cond(source.negative)}
+        conds = {name: compat.convert_cond(conditioning) for name, conditioning in source.conditionings.items()}
         if latent_image is not None and torch.count_nonzero(latent_image) > 0:
             latent_image = compat.process_latent_in(sharer_patcher, latent_image)
         self.conds = compat.process_conds(sharer_patcher.model, noise, conds, device, latent_image, denoise_mask,
                                           seed)
-        for branch, name in enumerate(BRANCH_NAMES):
+        for branch, name in enumerate(BRANCH_NAMES[:len(conds)]):
             if len(self.conds[name]) != 1:
                 raise BridgeInputError(
                     source.node, source.cond_inputs[branch], f"{len(self.conds[name])} conditionings combined",
@@ -249,7 +287,7 @@ def _sharer_latent_shape(source: LiveSharer, latent_image) -> tuple:
     receiver's latent resampled to that size and its K/V are resampled back to the receiver's grid.
     """
     target = tuple(latent_image.shape[-3:])
-    for input_name, conditioning in zip(source.cond_inputs, (source.positive, source.negative)):
+    for input_name, conditioning in zip(source.cond_inputs, source.conditionings.values()):
         for _, extras in conditioning:
             image = extras.get("concat_latent_image")
             if image is None or tuple(image.shape[-3:]) == target:

@@ -11,6 +11,7 @@ recording's fails at the first evaluation that fuses and differs.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 from dataclasses import dataclass
 
@@ -91,6 +92,10 @@ def record(node, sharer, positive, negative, layers, latent_image, seed, steps, 
                                   tokens=compat.token_grid(latent_image["samples"].shape).numel,
                                   heads=signature.num_heads, head_dim=signature.head_dim, storage_dtype=storage_dtype)
     temp = files.temp_folder(node) if storage == "disk" else None      # created when missing
+    if temp is not None and DiskStore.temporaries():
+        # a dropped recording that a reference cycle still holds (ComfyUI keeps a failed node's inputs in its
+        # traceback) is deleted now, before another is made: only recordings an output still uses remain
+        gc.collect()
     memory.check_recording_fits(node, size, storage, temp)
     store = RamStore() if storage == "ram" else DiskStore.temporary(temp)   # deleted when dropped
     recording = KVRecording(signature=signature, grid=compat.token_grid(latent_image["samples"].shape),
@@ -133,6 +138,8 @@ class RecordedSharer:
     rope_alignment: str = "auto"
     grid_alignment: str = "refuse"
     node: str = "Record KV Cache"
+    has_middle = False      # a recording holds positive/negative only: DualCFG's middle replays the negative
+    warnings: tuple = ()    # what the user should know about the recorded sharer (live.missing_image_warnings)
 
     def __deepcopy__(self, memo):
         return self
@@ -158,7 +165,7 @@ class RecordedRun:
     def __init__(self, source: RecordedSharer, run, guider):
         rec = source.recording
         self.source = source
-        self.run = run
+        self.device = run.device        # not the run itself: a run <-> source cycle would keep the recording alive
         self.node = node = run.bridge.node
         self.recording = rec
         self.rope = rec.rope
@@ -236,7 +243,7 @@ class RecordedRun:
                     f"the {BRANCH_NAMES[branch]} pass the receiver's guider evaluates",
                     "record with cfg > 1 so both passes are recorded")
         if self._reader is None:
-            self._reader = ReplayReader(self.recording, self.run.device)
+            self._reader = ReplayReader(self.recording, self.device)
         parts = [self._reader.get(self._loaded, branch, layer) for branch in call.branches]
         if len(parts) == 1:
             return parts[0]

@@ -11,8 +11,9 @@ sharer's K/V from a source run that implements :class:`KVSourceRun`, so a reader
     k, v = run.capture(layer, k, v)            # the sharer's attention hook -> the source (live sources)
     report = run.close()                       # SourceReport, fed to FusionRun.close
 
-CFG branches have one name in both hosts, ``branch``: :data:`POSITIVE` or :data:`NEGATIVE` (which of
-the sharer's conditionings feeds a chunk). Recordings store the same 0/1 on disk.
+CFG branches have one name in both hosts, ``branch``: :data:`POSITIVE`, :data:`NEGATIVE` or :data:`MIDDLE`
+(which of the sharer's conditionings feeds a chunk; MIDDLE only for a live sharer given its own middle
+conditioning, for ComfyUI's DualCFGGuider). Recordings store positive/negative as 0/1 on disk and never a middle.
 """
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ from torch import Tensor
 from .align import RopeSpec
 from .signature import TokenGrid
 
-__all__ = ["POSITIVE", "NEGATIVE", "BRANCHES", "BRANCH_NAMES", "DIRECTIONS", "SIGMA_RTOL", "same_sigma",
+__all__ = ["POSITIVE", "NEGATIVE", "MIDDLE", "BRANCHES", "BRANCH_NAMES", "DIRECTIONS", "SIGMA_RTOL", "same_sigma",
            "refresh_window", "Call", "SourceReport", "KVSourceRun", "SharerDone"]
 
-POSITIVE, NEGATIVE = 0, 1
-BRANCHES = (POSITIVE, NEGATIVE)
-BRANCH_NAMES = ("positive", "negative")          # BRANCH_NAMES[branch], for messages and conditioning inputs
+POSITIVE, NEGATIVE, MIDDLE = 0, 1, 2
+BRANCHES = (POSITIVE, NEGATIVE, MIDDLE)
+BRANCH_NAMES = ("positive", "negative", "middle")    # BRANCH_NAMES[branch], for messages and conditioning inputs
 DIRECTIONS = ("sharer_to_receiver", "bidirectional")
 
 SIGMA_RTOL = 1e-4      # recorded and replayed sigmas agree to this (float32 schedules, JSON round trip)

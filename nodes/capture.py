@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from c2c_core import LayerMapError, align, parse_layer_spec
-from ..c2c_comfy.live import LiveSharer
+from ..c2c_comfy.live import LiveSharer, missing_image_warnings
 from ..c2c_comfy.errors import BridgeInputError
 from ..c2c_comfy.validate import check_inputs
 from .projector import check_projector_fits, model_signature
@@ -39,17 +39,20 @@ class CaptureKVCache(io.ComfyNode):
                                        "resampled to its own grid and resample its K/V back (nearest/trilinear)."),
                 Projector.Input("projector", optional=True,
                                 tooltip="Optional: checks early that 'layers' covers what this projector reads."),
+                io.Conditioning.Input("middle", optional=True,
+                                      tooltip="Optional, for a receiver sampled with DualCFGGuider: the sharer's own "
+                                              "middle conditioning (cond2). Not connected: its negative feeds the middle."),
             ],
             outputs=[KVSource.Output(tooltip="A live K/V source for Fuse Caches.")],
         )
 
     @classmethod
     def execute(cls, sharer, positive, negative, layers="auto", refresh_every=1, rope_alignment="auto",
-                grid_alignment="refuse", projector=None) -> io.NodeOutput:
+                grid_alignment="refuse", projector=None, middle=None) -> io.NodeOutput:
         check_inputs(cls, locals())
-        check_same_image_grid(cls.NODE, {"positive": positive, "negative": negative})
+        check_same_image_grid(cls.NODE, {"positive": positive, "negative": negative, "middle": middle or []})
         return io.NodeOutput(make_live_source(cls.NODE, sharer, positive, negative, layers, refresh_every,
-                                              rope_alignment, grid_alignment, projector))
+                                              rope_alignment, grid_alignment, projector, middle=middle))
 
 
 def sharer_inputs(prefix: str = ""):
@@ -92,9 +95,12 @@ def check_same_image_grid(node: str, conditionings: dict) -> None:
 
 
 def make_live_source(node, sharer, positive, negative, layers="auto", refresh_every=1, rope_alignment="auto",
-                     grid_alignment="refuse", projector=None, cond_inputs=("positive", "negative")):
+                     grid_alignment="refuse", projector=None, cond_inputs=("positive", "negative", "middle"),
+                     middle=None):
     signature = model_signature(node, "sharer", sharer)
     chosen = capture_layers(node, signature, layers, projector)
+    warnings = missing_image_warnings(node, sharer, dict(zip(cond_inputs, (positive, negative, middle))))
     return LiveSharer(model=sharer, positive=positive, negative=negative, signature=signature, layers=chosen,
                       refresh_every=int(refresh_every), rope_alignment=rope_alignment,
-                      grid_alignment=grid_alignment, node=node, cond_inputs=cond_inputs)
+                      grid_alignment=grid_alignment, node=node, cond_inputs=cond_inputs, middle=middle,
+                      warnings=warnings)

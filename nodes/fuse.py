@@ -126,6 +126,7 @@ def bridge_model(node, model, source, bundle, strength, start_percent, end_perce
     warnings = [w for w in (untrained_warning(bundle),) if w]
     for warning in warnings:
         log.warning("%s: %s", node, warning)
+    warnings += source.warnings         # logged by the node that made the source
     per_layer = parse_layer_strengths(node, layer_strengths, set(bundle.layer_map.pairs))
     if per_layer:
         layer_map = dataclasses.replace(bundle.layer_map, strengths={**bundle.layer_map.strengths, **per_layer})

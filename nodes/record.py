@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from c2c_core.recording import STORAGE_DTYPES
 from ..c2c_comfy import compat, recorded
+from ..c2c_comfy.live import missing_image_warnings
 from ..c2c_comfy.errors import check
 from ..c2c_comfy.validate import check_inputs
 from .capture import GRID_ALIGNMENTS, capture_layers, sharer_inputs
@@ -72,10 +73,11 @@ class RecordKVCache(io.ComfyNode):
             chosen = tuple(range(signature.num_layers))
         check_image_latents(cls.NODE, {"positive": positive, "negative": negative}, latent_image)
         check_latent_channels(cls.NODE, sharer, latent_image)
+        warnings = missing_image_warnings(cls.NODE, sharer, {"positive": positive, "negative": negative})
         recording = recorded.record(cls.NODE, sharer, positive, negative, chosen, latent_image, seed, steps, cfg,
                                     sampler_name, scheduler, denoise, storage_dtype, storage, signature)
         return io.NodeOutput(recorded.RecordedSharer(recording, signature, chosen, int(refresh_every),
-                                                     rope_alignment, grid_alignment, cls.NODE))
+                                                     rope_alignment, grid_alignment, cls.NODE, warnings))
 
 
 def check_latent_channels(node: str, sharer, latent_image) -> None:

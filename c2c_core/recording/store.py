@@ -212,6 +212,9 @@ class _Writer:
                                       f"{short_path(job.path)} ({quote(why, 200)})") from exc
 
 
+_temporaries: "weakref.WeakSet[DiskStore]" = weakref.WeakSet()
+
+
 class DiskStore:
     """Recorded tensors spilled to safetensors files, one per step; reads open them lazily.
 
@@ -219,8 +222,9 @@ class DiskStore:
     begins (or on the first read), to a background writer (``background=True``, the default) that
     writes each file once, in order, while sampling goes on; memory holds about three steps at most.
     Reads wait for the writer and raise its failure. A store made by :meth:`temporary` owns its folder
-    and deletes it when closed, when it is garbage collected (ComfyUI dropped the cached recording) or
-    at interpreter exit.
+    and deletes it when closed, when its last reference goes (the hosts' sources and runs hold no
+    reference cycle, so that is when ComfyUI's cache drops the last output using the recording, not
+    at the next garbage collection) or at interpreter exit.
     """
 
     def __init__(self, folder: str | os.PathLike | None = None, files: list[Path] | None = None,
@@ -240,7 +244,13 @@ class DiskStore:
         Path(parent).mkdir(parents=True, exist_ok=True)
         store = cls(tempfile.mkdtemp(prefix=prefix, dir=parent))
         store._cleanup = weakref.finalize(store, shutil.rmtree, str(store.folder), ignore_errors=True)
+        _temporaries.add(store)
         return store
+
+    @staticmethod
+    def temporaries() -> int:
+        """How many temporary stores still hold their folder (referenced, or dropped inside a reference cycle)."""
+        return sum(1 for store in list(_temporaries) if store._cleanup.alive)
 
     def add(self, snap) -> None:
         self.index.update({name: (snap, name) for name in snap.entries})

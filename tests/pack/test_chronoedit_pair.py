@@ -255,3 +255,57 @@ def test_load_kv_cache_refuses_a_file_that_is_not_a_recording(models, tmp_path):
     save_file({"x": torch.zeros(1)}, os.path.join(folder, "not_a_recording.safetensors"))
     with pytest.raises(ValueError, match=r"Load KV Cache › kv_cache: .*no 'c2c_kv_recording' metadata"):
         pack_nodes().LoadKVCache.execute("not_a_recording.safetensors")
+
+
+# --- an image-to-video sharer without its image ----------------------------------------------------
+def i2v_warning(node, inputs):
+    return (f"{node} › {inputs}: the sharer is an image-to-video model but this conditioning carries no image, so "
+            "ComfyUI fills the sharer's image input with zeros and its K/V describe a blank start frame. Fix: give "
+            "the sharer its image: feed its positive and negative through WanImageToVideo (start_image, and "
+            "clip_vision_output from CLIP Vision Encode for Wan2.1 I2V) or its ChronoEdit node, or use a "
+            "text-to-video sharer.")
+
+
+def warnings_logged(caplog):
+    return [r.getMessage() for r in caplog.records if "image-to-video" in r.getMessage()]
+
+
+def test_an_i2v_sharer_without_image_conditioning_is_warned_about_in_the_log_and_the_run_report(models, conds,
+                                                                                                caplog, monkeypatch):
+    import logging
+
+    import server
+    pack_nodes()                    # imports the pack as dit_cache_bridge
+    from dit_cache_bridge.nodes import fuse as fuse_module
+    sent = []
+
+    class Server:
+        def send_sync(self, event, data):
+            sent.append(data)
+
+    monkeypatch.setattr(server.PromptServer, "instance", Server(), raising=False)
+    expected = i2v_warning("Capture KV Cache", "positive, negative")
+    with caplog.at_level(logging.WARNING, logger="dit_cache_bridge"):
+        src = capture(models["i2v"], conds["pos"], conds["neg"])
+    assert warnings_logged(caplog) == [expected]
+    assert src.warnings == (expected,)
+    patched = fuse_module.bridge_model("Fuse Caches", models["a"], src, projector(models["i2v"], models["a"]), 1.0,
+                                       0.0, 1.0, report_to="7")
+    sample(patched, conds["pos"], conds["neg"], steps=1)
+    assert [data["report"]["warnings"] for data in sent] == [[expected]]
+
+
+def test_an_i2v_sharer_missing_the_image_on_one_input_names_that_input(models, conds, caplog):
+    import logging
+    with caplog.at_level(logging.WARNING, logger="dit_cache_bridge"):
+        rec = record(models["i2v"], conds["i2v_pos"], conds["neg"], layers="0", steps=1)
+    assert warnings_logged(caplog) == [i2v_warning("Record KV Cache", "negative")]
+    assert rec.warnings == (i2v_warning("Record KV Cache", "negative"),)
+
+
+def test_sharers_with_their_image_or_without_image_input_are_not_warned_about(models, conds, caplog):
+    import logging
+    with caplog.at_level(logging.WARNING, logger="dit_cache_bridge"):
+        assert capture(models["i2v"], conds["i2v_pos"], conds["i2v_neg"]).warnings == ()
+        assert capture(models["b"], conds["pos"], conds["neg"]).warnings == ()
+    assert warnings_logged(caplog) == []

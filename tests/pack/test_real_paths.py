@@ -193,6 +193,22 @@ def test_dual_cfg_sharers_positive_reaches_the_positive_branch(models, conds):
     assert not torch.equal(custom_sample(dual_cfg(wrong, conds["pos"], conds["neg"], conds["neg"], 1.0, 1.0)), stock)
 
 
+@pytest.mark.parametrize("streaming", [True, False])
+def test_dual_cfg_middle_takes_the_sharers_own_middle(models, conds, streaming):
+    """Capture KV Cache's optional middle feeds DualCFG's middle (cond2): an identity twin given the receiver's
+    positive-like middle reproduces stock bit for bit; without it the twin's negative feeds the middle (today's
+    mapping), so the output differs."""
+    a, twin = models["a"], models["a_again"]
+    proj = projector(twin, a)
+    stock = custom_sample(dual_cfg(a, conds["pos"], conds["other"], conds["neg"]))
+    own = fused(a, capture(twin, conds["pos"], conds["neg"], streaming, middle=conds["other"]), proj)
+    out = custom_sample(dual_cfg(own, conds["pos"], conds["other"], conds["neg"]))
+    assert torch.equal(out, stock)
+    negative_as_middle = fused(a, capture(twin, conds["pos"], conds["neg"], streaming), proj)
+    assert not torch.equal(custom_sample(dual_cfg(negative_as_middle, conds["pos"], conds["other"], conds["neg"])),
+                           out)
+
+
 def test_dual_cfg_with_a_different_sharer_changes_the_output_deterministically(models, conds):
     a, b = models["a"], models["b"]
     patched = fused(a, capture(b, conds["sharer_pos"], conds["sharer_neg"]), projector(b, a, "weighted"))

@@ -6,6 +6,7 @@ Record KV Cache, naming the node, the storage input and the step, and leaves no 
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -51,6 +52,48 @@ def test_a_disk_recording_replays_bit_for_bit_like_a_ram_recording(models, conds
     assert torch.equal(out, replayed(models, conds, ram))
     assert not torch.equal(out, ksample(models["a"], conds["pos"], conds["neg"], cfg=4.0, seed=7, steps=3,
                                         latent=empty_latent((1, 16, 3, 8, 8))))
+
+
+def test_a_disk_recording_is_deleted_when_the_last_output_using_it_goes_not_at_the_next_garbage_collection(
+        models, conds):
+    """No reference cycle holds a replayed recording: its temp folder lives exactly as long as an output (Record KV
+    Cache's, or a bridged model that replays it, as ComfyUI's node cache holds them) references it."""
+    nodes = pack_nodes()
+    proj = nodes.CreateC2CProjector.execute(models["b"], models["a"], "weighted", "identity", "all", alpha=0.5,
+                                            hidden_dim=0, seed=0).args[0]
+    gc.collect()
+    gc.disable()                    # ComfyUI collects every few seconds at most; the folder must not wait for it
+    try:
+        src = record(models, conds, "disk")
+        folder = src.recording.store.folder
+        patched = nodes.FuseCaches.execute(models["a"], src, proj, 1.0, 0.0, 1.0).args[0]
+        first = ksample(patched, conds["pos"], conds["neg"], steps=3, latent=empty_latent((1, 16, 3, 8, 8)))
+        del src
+        assert folder.is_dir()      # the bridged model still replays it, as the next prompt may
+        assert torch.equal(ksample(patched, conds["pos"], conds["neg"], steps=3, latent=empty_latent((1, 16, 3, 8, 8))),
+                           first)
+        del patched
+        assert not folder.exists()
+    finally:
+        gc.enable()
+
+
+def test_a_dropped_recording_a_reference_cycle_still_holds_goes_before_the_next_disk_recording(models, conds):
+    """ComfyUI keeps a failed node's inputs in its traceback (a reference cycle): such a recording is deleted when
+    the next disk recording starts, not at ComfyUI's next periodic garbage collection."""
+    gc.collect()
+    gc.disable()
+    try:
+        held = record(models, conds, "disk")
+        folder = held.recording.store.folder
+        cycle = [held]
+        cycle.append(cycle)
+        del held, cycle
+        assert folder.is_dir()
+        src = record(models, conds, "disk")
+        assert not folder.exists() and src.recording.store.folder.is_dir()
+    finally:
+        gc.enable()
 
 
 def test_a_failed_background_write_is_raised_by_record_kv_cache(models, conds, monkeypatch):

@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,8 @@ def rss_mb(server) -> float:
 
 
 def temp_recordings(server) -> list[str]:
-    return sorted(p.name for p in server.temp_dir.glob("c2c_kv_*")) if server.temp_dir.is_dir() else []
+    """Temp recording folders: ComfyUI's temp folder is ``temp/`` inside the server's --temp-directory."""
+    return sorted(p.name for p in server.temp_dir.glob("**/c2c_kv_*") if p.is_dir())
 
 
 def error_text(entry) -> str:
@@ -179,6 +181,14 @@ def test_thirty_queued_prompts_stay_correct_lean_and_clean(server):
     assert plan[-1][1][1] == (goods[0][0], goods[0][2])
     warm_rss = None
     ids = []
+    alive, done = [], threading.Event()
+
+    def poll():         # temp recordings alive while the queue runs: at most the one a cached output still uses
+        while not done.is_set():
+            alive.append(temp_recordings(server))
+            time.sleep(0.02)
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
     for index, (kind, case) in enumerate(plan):
         try:
             ids.append(server.post_prompt(case.graph if kind == "broken" else case[0]))
@@ -203,9 +213,12 @@ def test_thirty_queued_prompts_stay_correct_lean_and_clean(server):
             assert status == "success", error_text(entry)[:500]
             outputs.append(latent_of(server, entry))
             assert torch.equal(outputs[-1], references[case[1]]), f"{kind} {case[1]} differs"
+    done.set()
+    poller.join()
     growth = rss_mb(server) - warm_rss
     assert growth < SOAK_RSS_BOUND_MB, f"RSS grew {growth:.1f} MB over 21 prompts"
     time.sleep(1.0)
+    assert max(map(len, alive)) <= 1, max(alive, key=len)
     assert len(temp_recordings(server)) <= 1, temp_recordings(server)
     assert torch.equal(outputs[-1], references[goods[0][0], goods[0][2]])
 
