@@ -147,8 +147,18 @@ def server(tiny_models, tmp_path_factory):
     base = tmp_path_factory.mktemp("robust_server")
     with pytest.MonkeyPatch.context() as mp:     # the kill -9 tests arm c2c_core's test pause in their folders
         mp.setenv(PAUSE_ENV, "1")
-        with host.ComfyServer(base, own_models_root(tiny_models, base / "models"), startup_timeout=300) as srv:
+        with host.ComfyServer(base, own_models_root(tiny_models, base / "models"), startup_timeout=300,
+                              extra_args=classic_cache_args(host.comfyui_path())) as srv:
             yield srv
+
+
+def classic_cache_args(comfyui: Path) -> tuple[str, ...]:
+    """``--cache-classic`` on hosts that have it (feature, not version). Their default, RAM-pressure caching,
+    keeps earlier prompts' node outputs while RAM allows: a recording a cached output holds stays alive by design
+    (a re-queued prompt reuses it). The classic cache keeps only the current graph's outputs, so the soak's bound
+    on temp recordings measures what the pack removes, not what the host chooses to cache."""
+    cli_args = (comfyui / "comfy" / "cli_args.py").read_text(encoding="utf-8")
+    return ("--cache-classic",) if '"--cache-classic"' in cli_args else ()
 
 
 @pytest.fixture
