@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -57,7 +57,24 @@ def _choice_arg(name, value, allowed):
 
 
 @dataclass
-class BridgeConfig:
+class RunSettings:
+    """The settings both spellings share under one name (BridgeConfig's docstring says what each does)."""
+
+    mode: str = "live"
+    start: float = 0.0
+    end: float = 1.0
+    ramp: str = "constant"
+    refresh_every: int = 1
+    rope_alignment: str = "auto"
+    grid_alignment: str = "refuse"
+    storage_dtype: str = "bf16"
+    record_folder: Optional[str] = None
+    backward_projector: object = None
+    backward_strength: float = 1.0
+
+
+@dataclass
+class BridgeConfig(RunSettings):
     """What to fuse, how strongly and when.
 
     projector: a bundle file (.safetensors written by DiT Cache Bridge, in ComfyUI or here) or a loaded
@@ -81,18 +98,7 @@ class BridgeConfig:
     projector_hparams: Optional[dict] = None
     target: str = "wan"
     direction: str = "sharer_to_receiver"
-    mode: str = "live"
     strength: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    ramp: str = "constant"
-    refresh_every: int = 1
-    rope_alignment: str = "auto"
-    grid_alignment: str = "refuse"
-    storage_dtype: str = "bf16"
-    record_folder: Optional[str] = None
-    backward_projector: object = None
-    backward_strength: float = 1.0
 
     def __post_init__(self):
         _choice("target", self.target, TARGETS)
@@ -138,7 +144,7 @@ FUSION_DIRECTIONS = {"chrono_to_wan": ("wan", "sharer_to_receiver"),      # Chro
 
 
 @dataclass
-class WanChronoEditConfig:
+class WanChronoEditConfig(RunSettings):
     """The design document's spelling of ``BridgeConfig`` (docs/diffusers.md puts the two side by side).
 
     projector_type: the bank's kind (identity, weighted, gating, full, c2c, auto); projector_hidden_dim its
@@ -154,17 +160,6 @@ class WanChronoEditConfig:
     fusion_alpha: float = 1.0
     layer_mapping_strategy: str = "terminal"
     projector: object = None
-    mode: str = "live"
-    start: float = 0.0
-    end: float = 1.0
-    ramp: str = "constant"
-    refresh_every: int = 1
-    rope_alignment: str = "auto"
-    grid_alignment: str = "refuse"
-    storage_dtype: str = "bf16"
-    record_folder: Optional[str] = None
-    backward_projector: object = None
-    backward_strength: float = 1.0
 
     def __post_init__(self):
         if self.fusion_direction not in FUSION_DIRECTIONS:
@@ -183,13 +178,10 @@ class WanChronoEditConfig:
     def bridge_config(self) -> BridgeConfig:
         target, direction = FUSION_DIRECTIONS[self.fusion_direction]
         hparams = None if self.projector_hidden_dim is None else {"hidden_dim": self.projector_hidden_dim}
+        shared = {f.name: getattr(self, f.name) for f in fields(RunSettings)}
         return BridgeConfig(projector=self.projector, projector_kind=self.projector_type,
                             mapping=self.layer_mapping_strategy, projector_hparams=hparams, target=target,
-                            direction=direction, mode=self.mode, strength=self.fusion_alpha, start=self.start,
-                            end=self.end, ramp=self.ramp, refresh_every=self.refresh_every,
-                            rope_alignment=self.rope_alignment, grid_alignment=self.grid_alignment,
-                            storage_dtype=self.storage_dtype, record_folder=self.record_folder,
-                            backward_projector=self.backward_projector, backward_strength=self.backward_strength)
+                            direction=direction, strength=self.fusion_alpha, **shared)
 
 
 HIDDEN_DIM_KINDS = ("gating", "full", "c2c")
