@@ -99,4 +99,3 @@ def test_installed_library_imports_from_the_virtualenv_outside_the_checkout(dist
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     check_installed(install_and_import(python, what[kind], outside), venv)
-
