@@ -3,10 +3,11 @@
 Users run Wan as community GGUF conversions (Q8_0, Q4_0, F16 …); the tests load these through
 ComfyUI-GGUF's own loader (tools/install_host.py installs it into the test hosts) to keep the bridge working
 with its quantized ops. Written with the ``gguf`` package (llama.cpp's gguf-py): architecture ``wan``, the
-safetensors keys unchanged, every 2-D weight whose rows split into 32-value blocks stored in the file's type,
-everything else (norms, biases, modulation, the patch embedding's Conv3d weight) float32; a tensor of more than
-four dimensions (that 5-D weight) is stored flattened to 2-D with its shape under
-``comfy.gguf.orig_shape.<name>``, the key ComfyUI-GGUF restores it from.
+safetensors keys unchanged, the transformer blocks' Linear weights (self- and cross-attention, FFN) stored in
+the file's type, everything else float32 as conversions keep the small embedding and head layers precise
+(and ComfyUI-GGUF dequantizes every quantized weight in every forward: fewer keeps the tests fast). The
+patch embedding's 5-D Conv3d weight is stored flattened to 2-D (GGUF holds at most four dimensions) with its
+shape under ``comfy.gguf.orig_shape.<name>``, the key ComfyUI-GGUF restores it from.
 
     python tools/make_tiny_gguf.py [--out .models] [--force]
 
@@ -34,7 +35,7 @@ SUBFOLDER = "diffusion_models"
 METADATA_KEY = "dit_cache_bridge.tiny_model"
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 # Bump when the conversion below changes, so existing files are rewritten.
-CONVERT_VERSION = 1
+CONVERT_VERSION = 2
 BLOCK = 32      # values per block of Q8_0 and Q4_0
 
 # GGUF file stem -> (tiny safetensors model, GGML type of its 2-D weights).
@@ -73,11 +74,12 @@ def recorded_spec(path: Path) -> str | None:
     return None if field is None else str(field.parts[field.data[-1]], encoding="utf-8")
 
 
-def stored_type(shape: tuple[int, ...], qtype: str):
-    """The GGML type one tensor is stored in: the file's type for 2-D weights in whole blocks, else F32."""
+def stored_type(name: str, shape: tuple[int, ...], qtype: str):
+    """The GGML type one tensor is stored in: the file's type for the transformer blocks' Linear weights (in
+    whole blocks of values), F32 for everything else."""
     import gguf
 
-    if len(shape) == 2 and (qtype == "F16" or shape[-1] % BLOCK == 0):
+    if name.startswith("blocks.") and len(shape) == 2 and (qtype == "F16" or shape[-1] % BLOCK == 0):
         return gguf.GGMLQuantizationType[qtype]
     return gguf.GGMLQuantizationType.F32
 
@@ -94,7 +96,7 @@ def write_gguf(stem: str, source: Path, path: Path) -> None:
     counts: dict[str, int] = {}
     for name, tensor in sorted(load_file(str(source)).items()):
         tensor = np.ascontiguousarray(tensor, dtype=np.float32)
-        kind = stored_type(tensor.shape, qtype)
+        kind = stored_type(name, tensor.shape, qtype)
         if tensor.ndim > 4:      # GGUF holds at most four dimensions
             writer.add_array(ORIG_SHAPE_KEY + name, [int(n) for n in tensor.shape])
             tensor = tensor.reshape(tensor.shape[0], -1)

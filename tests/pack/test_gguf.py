@@ -10,6 +10,7 @@ sharer, and the reverse) fuses exactly like a stock model holding the weights it
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,41 @@ def test_a_recorded_gguf_sharer_replays_into_a_safetensors_receiver_like_its_deq
     out = run("Q4_0")
     assert torch.equal(out, run("Q4_0_dequantized"))
     assert not torch.equal(out, stock("a"))
+
+
+def test_install_host_installs_comfyui_gguf_only_with_the_pinned_files_and_then_reads_its_stamp(tmp_path,
+                                                                                               monkeypatch):
+    import tarfile
+
+    import host
+    install_host = host.install_host
+
+    def tarball(name: str, text: str) -> Path:
+        src = tmp_path / name / f"ComfyUI-GGUF-{install_host.GGUF_COMMIT}"
+        src.mkdir(parents=True)
+        (src / "__init__.py").write_text(text)
+        path = tmp_path / f"{name}.tar.gz"
+        with tarfile.open(path, "w:gz") as tf:
+            tf.add(src, arcname=src.name)
+        return path, install_host.tree_digest(src)
+
+    pinned, digest = tarball("pinned", "pinned = True\n")
+    other, _ = tarball("other", "pinned = False\n")
+    monkeypatch.setattr(install_host, "GGUF_TREE_SHA256", digest)
+    tree = tmp_path / "ComfyUI"
+    target = install_host.gguf_folder(tree)
+
+    with pytest.raises(SystemExit, match="refusing to install it"):
+        install_host.install_gguf_node(tree, other)
+    assert not target.exists() and list(target.parent.iterdir()) == []      # no partial folder left behind
+
+    install_host.install_gguf_node(tree, pinned)
+    assert (target / "__init__.py").read_text() == "pinned = True\n"
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("a second run must only read the stamp"))
+    install_host.install_gguf_node(tree, pinned)
+
+    own = install_host.gguf_folder(tmp_path / "UsersComfyUI")              # a user's own ComfyUI-GGUF stays
+    own.mkdir(parents=True)
+    (own / "__init__.py").write_text("mine = True\n")
+    install_host.install_gguf_node(tmp_path / "UsersComfyUI", pinned)
+    assert (own / "__init__.py").read_text() == "mine = True\n"
