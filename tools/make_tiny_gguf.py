@@ -35,7 +35,7 @@ SUBFOLDER = "diffusion_models"
 METADATA_KEY = "dit_cache_bridge.tiny_model"
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
 # Bump when the conversion below changes, so existing files are rewritten.
-CONVERT_VERSION = 2
+CONVERT_VERSION = 1
 BLOCK = 32      # values per block of Q8_0 and Q4_0
 
 # GGUF file stem -> (tiny safetensors model, GGML type of its 2-D weights).
