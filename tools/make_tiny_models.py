@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from make_tiny_gguf import make_gguf_models
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / ".models"
 SUBFOLDER = "diffusion_models"
@@ -255,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.monotonic()
     make_models(args.out.resolve(), args.only, args.force)
+    make_gguf_models(args.out.resolve(), args.force)     # their GGUF copies (tools/make_tiny_gguf.py)
     log(f"done in {time.monotonic() - started:.1f} s")
     return 0
 
