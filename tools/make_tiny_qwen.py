@@ -279,6 +279,18 @@ def make_models(out: Path, force: bool = False) -> dict[str, Path]:
     return paths
 
 
+def ensure_models(root: Path, timeout: float = 300) -> Path:
+    """Run this maker in a subprocess (ComfyUI may already be booted here with other settings); fast when up to
+    date. Returns the models root."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--out", str(root)],
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"make_tiny_qwen.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return Path(root).resolve()
+
+
 def _host_has_qwen3vl() -> bool:
     """Whether the host this maker boots (COMFYUI_PATH, else .host/ComfyUI) has Qwen3-VL, read from its tree."""
     import install_host

@@ -25,7 +25,7 @@ def qwen(tiny_models, comfy):
 
     tiny = host._load_tool("make_tiny_qwen")
     root = Path(os.environ.get("DCB_TINY_QWEN_ROOT") or tiny_models.root)
-    tiny.make_models(root)     # idempotent; writes the Qwen3-VL file on a host that has it
+    tiny.ensure_models(root)     # idempotent; writes the Qwen3-VL file on a host that has it
     paths = {name: root / spec["folder"] / name for name, spec in tiny.SPECS.items()}
     out = {"tiny": tiny, "receiver": tiny.load_tiny_clip(paths[tiny.RECEIVER]),
            "dit": tiny.load_tiny_qwen_image(paths[tiny.DIT]), "sharer": None,
