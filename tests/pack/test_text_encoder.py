@@ -15,6 +15,8 @@ import torch
 
 from bridge_helpers import load_model, pack_nodes
 
+pytestmark = pytest.mark.slow
+
 PROMPT = "turn the red cube blue and write 'C2C' on it"
 
 
