@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from make_tiny_gguf import make_gguf_models
-from make_tiny_qwen import make_models as make_qwen_models
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / ".models"
@@ -259,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     make_models(args.out.resolve(), args.only, args.force)
     make_gguf_models(args.out.resolve(), args.force)     # their GGUF copies (tools/make_tiny_gguf.py)
+    from make_tiny_qwen import make_models as make_qwen_models   # here: it imports this module's helpers
     make_qwen_models(args.out.resolve(), args.force)     # tiny Qwen encoders and DiT (tools/make_tiny_qwen.py)
     log(f"done in {time.monotonic() - started:.1f} s")
     return 0
