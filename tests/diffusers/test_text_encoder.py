@@ -1,0 +1,239 @@
+"""The text-encoder bridge for diffusers' Qwen-Image pipelines (c2c_diffusers/text_encoder.py).
+
+Tiny random transformers Qwen2.5-VL (receiver) and Qwen3-VL (sharer) built here from configs (hidden 64,
+2 layers, 4 query heads over 2 K/V heads of 16), with the Qwen tokenizer files ComfyUI ships; a tiny
+Qwen-Image DiT and VAE complete the pipelines. Prompt embeddings are compared bit for bit where the
+math promises it: strength 0 and an identity twin (the receiver's own copy as sharer) are the stock
+encoder exactly, text-only, batched with padding and with an edit image.
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from c2c_core import LayerMap, ModelSignature, ProjectorBank, load_bundle, save_bundle
+from c2c_core.bundle import ProjectorBundle
+from c2c_diffusers import BridgeSetupError, TextEncoderBridge, TextEncoderBridgeConfig
+from c2c_diffusers import apply_text_encoder_bridge, remove_text_encoder_bridge
+from c2c_diffusers.text_encoder import encoder_signature, recover_images
+from host import require_comfyui
+
+transformers = pytest.importorskip("transformers")
+from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline,  # noqa: E402
+                       QwenImagePipeline, QwenImageTransformer2DModel)
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer,  # noqa: E402
+                          Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
+
+TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+            vocab_size=151936)
+VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+PROMPTS = ["a red cat on a blue chair", "the sign reads OPEN"]
+
+
+def seeded(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
+    return model.eval()
+
+
+def qwen25(seed=0):
+    config = Qwen2_5_VLConfig(text_config=dict(TEXT, rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3],
+                                                                           rope_theta=1e6)),
+                              vision_config=dict(VISION, fullatt_block_indexes=[0]))
+    return seeded(Qwen2_5_VLForConditionalGeneration(config), seed)
+
+
+def qwen3(seed=1):
+    config = Qwen3VLConfig(text_config=dict(TEXT, head_dim=16, rope_parameters=dict(
+                               rope_type="default", mrope_section=[2, 3, 3], mrope_interleaved=True, rope_theta=5e6)),
+                           vision_config=dict(VISION, deepstack_visual_indexes=[0], num_position_embeddings=64))
+    return seeded(Qwen3VLForConditionalGeneration(config), seed)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Qwen2Tokenizer.from_pretrained(require_comfyui() / "comfy" / "text_encoders" / "qwen25_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def receiver_processor(tok):
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
+                            video_processor=Qwen2VLVideoProcessor())
+
+
+@pytest.fixture(scope="module")
+def sharer_processor(tok):
+    image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=Qwen3VLVideoProcessor())
+
+
+@pytest.fixture(scope="module")
+def dit_vae():
+    torch.manual_seed(0)
+    dit = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                      num_attention_heads=2, joint_attention_dim=64, guidance_embeds=False,
+                                      axes_dims_rope=(8, 4, 4)).eval()
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    return dit, vae
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    return qwen25()
+
+
+@pytest.fixture(scope="module")
+def sharer():
+    return qwen3()
+
+
+@pytest.fixture(scope="module")
+def pipe(receiver, tok, dit_vae):
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=dit_vae[1], text_encoder=receiver,
+                             tokenizer=tok, transformer=dit_vae[0])
+
+
+@pytest.fixture(scope="module")
+def edit_pipe(receiver, tok, receiver_processor, dit_vae):
+    return QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=dit_vae[1], text_encoder=receiver,
+                                 tokenizer=tok, processor=receiver_processor, transformer=dit_vae[0])
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.fromarray((np.random.RandomState(0).rand(56, 84, 3) * 255).astype("uint8"))
+
+
+def bundle_for(sharer_model, receiver_model, kind="identity", **hparams) -> ProjectorBundle:
+    s, r = encoder_signature(sharer_model), encoder_signature(receiver_model)
+    layer_map = LayerMap.build("terminal", s.num_layers, r.num_layers)
+    torch.manual_seed(0)
+    bank = ProjectorBank.build(kind, s, r, layer_map.layers, **hparams).eval()
+    return ProjectorBundle(bank=bank, layer_map=layer_map, sharer=s, receiver=r)
+
+
+def encode(pipe, prompt=PROMPTS[0], **kwargs):
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt, device="cpu", **kwargs)[0]
+
+
+def test_strength_zero_is_the_stock_encoder_bit_for_bit(pipe, edit_pipe, sharer, sharer_processor, image):
+    stock, stock_batch = encode(pipe), encode(pipe, PROMPTS)
+    stock_edit = encode(edit_pipe, image=image)
+    bridge = TextEncoderBridge(sharer, sharer_processor, bundle_for(sharer, pipe.text_encoder, "c2c"), strength=0.0)
+    with bridge.attach(pipe):
+        assert torch.equal(encode(pipe), stock)
+        assert torch.equal(encode(pipe, PROMPTS), stock_batch)
+        assert bridge.last_report.sharer_forwards == 0
+    with bridge.attach(edit_pipe):
+        assert torch.equal(encode(edit_pipe, image=image), stock_edit)
+
+
+def test_identity_twin_is_the_stock_encoder_bit_for_bit(pipe, edit_pipe, receiver_processor, image):
+    """The receiver's own copy as sharer through an identity projector at strength 1: each fused layer's K/V are
+    replaced by themselves (same text, same image, same positions), so the embeddings are the stock ones."""
+    stock, stock_batch, stock_edit = encode(pipe), encode(pipe, PROMPTS), encode(edit_pipe, image=image)
+    twin = copy.deepcopy(pipe.text_encoder)
+    bridge = TextEncoderBridge(twin, receiver_processor, bundle_for(twin, pipe.text_encoder), strength=1.0)
+    with bridge.attach(pipe):
+        assert torch.equal(encode(pipe), stock)
+        assert torch.equal(encode(pipe, PROMPTS), stock_batch)
+        report = bridge.last_report
+    assert report.sharer_forwards == 1 and report.layers == [0, 1]
+    assert report.strength == {0: 1.0, 1: 1.0}
+    with bridge.attach(edit_pipe):
+        assert torch.equal(encode(edit_pipe, image=image), stock_edit)
+    # not a test that cannot fail: a twin with other weights changes the embeddings
+    other = qwen25(seed=5)
+    with TextEncoderBridge(other, receiver_processor, bundle_for(other, pipe.text_encoder)).attach(pipe):
+        assert not torch.allclose(encode(pipe), stock, atol=1e-3)
+    assert torch.equal(encode(pipe), stock)
+
+
+def test_qwen3vl_sharer_changes_the_embeddings_and_detach_restores(pipe, sharer, sharer_processor):
+    stock = encode(pipe)
+    bridge = TextEncoderBridge(sharer, sharer_processor, bundle_for(sharer, pipe.text_encoder, "c2c"), strength=1.0)
+    with bridge.attach(pipe):
+        fused = encode(pipe)
+    assert fused.shape == stock.shape and torch.isfinite(fused).all()
+    assert not torch.allclose(fused, stock, atol=1e-4)
+    assert set(bridge.last_report.k_change) == {0, 1} and min(bridge.last_report.k_change.values()) > 0
+    assert torch.equal(encode(pipe), stock)
+    assert not pipe.text_encoder._forward_pre_hooks and not pipe.text_encoder._forward_hooks
+    with TextEncoderBridge(sharer, sharer_processor, bundle_for(sharer, pipe.text_encoder, "c2c"),
+                           layer_strengths={0: 0.0, 1: 0.0}).attach(pipe):
+        assert torch.equal(encode(pipe), stock)
+
+
+def test_a_pipeline_call_runs_fused(pipe, sharer, sharer_processor):
+    def run():
+        return pipe(prompt=PROMPTS[1], height=32, width=32, num_inference_steps=2, true_cfg_scale=1.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    stock = run()
+    apply_text_encoder_bridge(pipe, TextEncoderBridgeConfig(bundle_for(sharer, pipe.text_encoder, "c2c")), sharer,
+                              sharer_processor)
+    try:
+        fused = run()
+    finally:
+        remove_text_encoder_bridge(pipe)
+    assert not torch.allclose(fused, stock, atol=1e-5)
+    assert torch.equal(run(), stock)
+
+
+def test_bundle_file_round_trip(tmp_path, pipe, sharer, sharer_processor):
+    made = bundle_for(sharer, pipe.text_encoder, "c2c")
+    path = tmp_path / "qwen3vl_to_qwen25vl.safetensors"
+    save_bundle(path, made.bank, made.layer_map)
+    loaded = load_bundle(path)
+    with TextEncoderBridge(sharer, sharer_processor, made).attach(pipe):
+        in_memory = encode(pipe)
+    apply_text_encoder_bridge(pipe, TextEncoderBridgeConfig(str(path)), sharer, sharer_processor)
+    try:
+        from_file = encode(pipe)
+    finally:
+        remove_text_encoder_bridge(pipe)
+    assert loaded.sharer.same_shape(encoder_signature(sharer))
+    assert torch.equal(from_file, in_memory)
+
+
+def test_recovered_edit_image_is_the_one_the_receiver_read(receiver_processor, image):
+    inputs = receiver_processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[image], return_tensors="pt")
+    (recovered,) = recover_images(inputs["pixel_values"], inputs["image_grid_thw"], receiver_processor.image_processor)
+    assert recovered.size == image.size            # 56 x 84 is already on the 28-pixel grid
+    assert np.array_equal(np.asarray(recovered), np.asarray(image))
+
+
+def test_bad_input_is_refused(pipe, edit_pipe, sharer, sharer_processor, tok, image):
+    import tiny
+    wan_bundle = tiny.bundle()
+    with pytest.raises(BridgeSetupError, match=r"sharer .* 2 layers × 2 K/V heads × 16; the projector bundle was made "
+                                               r"for 2 × 2 × 128"):
+        TextEncoderBridge(sharer, sharer_processor, wan_bundle)
+    with pytest.raises(BridgeSetupError, match="expected a transformers Qwen2.5-VL or Qwen3-VL model.*got WanTransformer3DModel"):
+        TextEncoderBridge(tiny.wan(), sharer_processor, wan_bundle)
+    bundle = bundle_for(sharer, pipe.text_encoder, "c2c")
+    with pytest.raises(BridgeSetupError, match="expected a c2c_core.ProjectorBundle"):
+        TextEncoderBridge(sharer, sharer_processor, "projector.safetensors")
+    with pytest.raises(BridgeSetupError, match="strength=3.0; expected a number from 0 to 2.0"):
+        TextEncoderBridge(sharer, sharer_processor, bundle, strength=3.0)
+    with pytest.raises(BridgeSetupError, match="WanPipeline has no text_encoder"):
+        TextEncoderBridge(sharer, sharer_processor, bundle).attach(tiny.wan_pipe(transformer=tiny.wan()))
+    qwen2_lm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TEXT))
+    with pytest.raises(BridgeSetupError, match=r"got Qwen2ForCausalLM \(model_type 'qwen2'\)"):
+        TextEncoderBridge(sharer, sharer_processor, bundle).attach(qwen2_lm, tokenizer=tok)
+    # an edit prompt whose sharer cannot read images, and a receiver call with image placeholders but no image
+    with TextEncoderBridge(sharer, tok, bundle).attach(edit_pipe):
+        with pytest.raises(BridgeSetupError, match="sharer_processor is a Qwen2Tokenizer without an image processor"):
+            encode(edit_pipe, image=image)
+    with TextEncoderBridge(sharer, sharer_processor, bundle).attach(edit_pipe) as bridge:
+        ids = tok(["<|vision_start|><|image_pad|><|vision_end|>x"], return_tensors="pt")
+        with pytest.raises(BridgeSetupError, match="no pixel_values; pass the edit image"):
+            edit_pipe.text_encoder(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
+        assert bridge.encoder is edit_pipe.text_encoder
+    assert not edit_pipe.text_encoder._forward_pre_hooks
