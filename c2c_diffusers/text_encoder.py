@@ -11,24 +11,23 @@ trained on, enriched by the stronger model. ``pipe(...)`` is called as usual::
     with TextEncoderBridge(qwen3vl, qwen3vl_processor, load_bundle("qwen3vl-to-qwen25vl.safetensors")).attach(pipe):
         image = pipe(prompt="...", image=edit_image).images[0]
 
-Hook points, all transformers' own extension points (nothing copied, nothing patched):
-  * a forward pre-hook on ``pipe.text_encoder`` sees each encoding call (the pipeline's template
-    already applied, the image already preprocessed) and runs the sharer on the same text and image;
-  * the receiver's K/V reach the bridge through the call's KV cache: transformers hands each layer's
-    K/V, after k_norm and M-RoPE, to ``cache.update`` and attends with what it returns, so a
-    ``DynamicCache`` whose ``update`` fuses is the prefill-fusion point of C2C itself (the stock call
-    already builds a ``DynamicCache``; the bridge passes its own);
-  * forward hooks on both language models' ``rotary_emb`` read the M-RoPE positions each model
-    really used, so re-rotation goes from where the sharer's keys were made to where the receiver's are.
-    With transformers 5 the Edit pipelines' receiver gets sequential positions for its image tokens
-    (diffusers 0.42 passes no ``mm_token_type_ids``, without which transformers' Qwen2.5-VL builds no
-    M-RoPE grid). A Qwen2.5-VL sharer is then called the same way (so an identity twin is the stock
-    encoder bit for bit); Qwen3-VL refuses images without them and always gets its own grid positions.
+Where: pre-RoPE keys and values, as the ComfyUI host fuses them (c2c_comfy/text_encoder.py), so one
+bundle means the same in both hosts: forward hooks on each fused layer's ``self_attn.k_proj`` (Qwen2.5-VL;
+Qwen3-VL's keys are read after its ``k_norm``) and ``self_attn.v_proj``, transformers' own modules (no
+forward is copied). The receiver then rotates the fused keys at its own M-RoPE positions, so the sharer's
+other M-RoPE layout (Qwen3-VL interleaves its sections, with another theta) and its other image grid need
+no re-rotation: only token alignment (``c2c_core.tokens``: text tokens by their characters, image tokens
+on their 2-D grids). A forward pre-hook on ``pipe.text_encoder`` sees each encoding call (the pipeline's
+template applied, the image preprocessed) and runs the sharer on the same text and image first.
 
 The sharer reads the receiver's text decoded from its token ids (Qwen's byte-level tokenizer decodes
 exactly; checked), with each run of image placeholders collapsed to one for the sharer's processor to
 expand for its own patch grid, and the receiver's preprocessed edit image recovered from its pixel
-values (checked by preprocessing it again).
+values (checked by preprocessing it again). With transformers 5 the Edit pipelines' receiver gets
+sequential positions for its image tokens (diffusers 0.42 passes no ``mm_token_type_ids``, without which
+transformers' Qwen2.5-VL builds no M-RoPE grid); a Qwen2.5-VL sharer is called the same way (so an
+identity twin is the stock encoder bit for bit), while Qwen3-VL, which refuses images without them,
+always gets its own grid positions.
 """
 from __future__ import annotations
 
@@ -41,21 +40,28 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from c2c_core import FusionSchedule, ModelSignature, TokenGrid, health
+from c2c_core import FusionSchedule, ModelSignature, health
+from c2c_core.arch import TextEncoderArch
 from c2c_core.bundle import ProjectorBundle
 from c2c_core.contract import SourceReport
+from c2c_core.mrope import VisionGrid
 from c2c_core.runtime import BankCache, FusionRun
+from c2c_core.signature import text_encoder_signature
+from c2c_core.tokens import TokenLayout, align_tokens
 
 from .bridge import check_architecture
 from .errors import BridgeSetupError
 
-__all__ = ["QWEN_VL_FAMILIES", "TextEncoderBridge", "TextEncoderBridgeConfig", "apply_text_encoder_bridge",
-           "remove_text_encoder_bridge", "encoder_signature", "language_model"]
+__all__ = ["TextEncoderBridge", "TextEncoderBridgeConfig", "apply_text_encoder_bridge", "remove_text_encoder_bridge",
+           "encoder_arch", "encoder_signature", "language_model", "kv_hooks", "recover_images"]
 
-#: transformers ``model_type`` -> whether its M-RoPE interleaves the (t, h, w) sections (Qwen3-VL) or not
-QWEN_VL_FAMILIES = {"qwen2_5_vl": False, "qwen3_vl": True}
+#: transformers ``model_type`` -> c2c_core text-encoder family (c2c_core.arch.TEXT_ENCODER_FAMILIES)
+FAMILIES = {"qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
+#: the published sizes, by (family, hidden size): the tag's human-readable variant
+VARIANTS = {("qwen2.5-vl", 2048): "3b", ("qwen2.5-vl", 3584): "7b", ("qwen2.5-vl", 8192): "72b",
+            ("qwen3-vl", 2048): "2b", ("qwen3-vl", 2560): "4b", ("qwen3-vl", 4096): "8b", ("qwen3-vl", 5120): "32b"}
 #: families whose forward refuses image inputs without ``mm_token_type_ids`` (so the sharer always gets them)
-_NEEDS_TOKEN_TYPES = {"qwen2_5_vl": False, "qwen3_vl": True}
+NEEDS_TOKEN_TYPES = {"qwen2.5-vl": False, "qwen3-vl": True}
 _PLACEHOLDER_RUN = re.compile(r"(<\|(?:image|video)_pad\|>)\1+")
 
 
@@ -64,98 +70,80 @@ _PLACEHOLDER_RUN = re.compile(r"(<\|(?:image|video)_pad\|>)\1+")
 def language_model(encoder):
     """The decoder a Qwen-VL model prefills with (``encoder.model.language_model``), refusing anything else."""
     model_type = getattr(getattr(encoder, "config", None), "model_type", None)
-    if model_type not in QWEN_VL_FAMILIES:
+    if model_type not in FAMILIES:
         raise BridgeSetupError(
             f"expected a transformers Qwen2.5-VL or Qwen3-VL model (Qwen2_5_VLForConditionalGeneration, "
             f"Qwen3VLForConditionalGeneration or their *Model); got {type(encoder).__name__}"
             f"{f' (model_type {model_type!r})' if model_type else ''}. Pass pipe.text_encoder of a Qwen-Image pipeline "
             f"as the receiver and a Qwen3-VL model as the sharer.")
-    inner = getattr(encoder, "model", encoder)
-    text = getattr(inner, "language_model", None)
-    if text is None or not hasattr(text, "rotary_emb") or not len(getattr(text, "layers", ())):
-        raise BridgeSetupError(f"{type(encoder).__name__} has no language_model with layers and rotary_emb; expected "
-                               f"transformers' Qwen-VL layout (model.language_model.layers[i].self_attn).")
+    text = getattr(getattr(encoder, "model", encoder), "language_model", None)
+    if text is None or not len(getattr(text, "layers", ())) or not hasattr(text.layers[0], "self_attn"):
+        raise BridgeSetupError(f"{type(encoder).__name__} has no language_model.layers[i].self_attn; expected "
+                               f"transformers' Qwen-VL layout.")
     return text
 
 
-def encoder_signature(encoder, name: str = "") -> ModelSignature:
+def encoder_arch(encoder) -> TextEncoderArch:
+    """The host-neutral architecture tag of a Qwen-VL model, from its configuration (c2c_core.arch)."""
+    language_model(encoder)
+    family = FAMILIES[encoder.config.model_type]
+    text, vision = encoder.config.text_config, encoder.config.vision_config
+    attn = language_model(encoder).layers[0].self_attn
+    rope = text.rope_parameters
+    return TextEncoderArch.from_config(
+        family, VARIANTS.get((family, text.hidden_size), "custom"), hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size, num_layers=text.num_hidden_layers, num_heads=text.num_attention_heads,
+        num_kv_heads=text.num_key_value_heads, head_dim=attn.head_dim, vocab_size=text.vocab_size,
+        rope_theta=int(rope["rope_theta"]), vision_patch=vision.patch_size, mrope_sections=rope.get("mrope_section"))
+
+
+def encoder_signature(encoder) -> ModelSignature:
     """Layers, K/V heads and head_dim of the decoder's self-attention (grouped-query models count K/V heads,
-    the width a K/V projector maps)."""
-    text = language_model(encoder)
-    attn = text.layers[0].self_attn
-    kv_heads = attn.k_proj.out_features // attn.head_dim
-    return ModelSignature(num_layers=len(text.layers), num_heads=kv_heads, head_dim=attn.head_dim,
-                          name=name or getattr(encoder.config, "model_type", type(encoder).__name__))
+    the width a K/V projector maps), with the architecture tag."""
+    arch = encoder_arch(encoder)
+    return text_encoder_signature(arch, name=arch.family)
 
 
-def _model_family(encoder) -> str:
-    return encoder.config.model_type
+def kv_hooks(text_model, layers, on_kv) -> list:
+    """Forward hooks handing each of ``layers``' pre-RoPE K and V, (B, N, H_kv, D) each, to ``on_kv(layer, k, v)``.
+
+    ``on_kv`` returns None (read only) or (k', v'): the layer then attends with them. K is read where
+    transformers makes it (``k_norm``'s output, else ``k_proj``'s), V at ``v_proj``, which runs after it;
+    V is replaced through the hook's return value, K by copying into its tensor, still unused at that
+    point (RoPE comes after both). Returns the hook handles (``handle.remove()``)."""
+    handles, seen = [], {}
+    for layer in sorted(set(layers)):
+        attn = text_model.layers[layer].self_attn
+        heads = attn.k_proj.out_features // attn.head_dim
+
+        def keys(module, args, out, layer=layer, heads=heads):
+            seen[layer] = out if out.dim() == 4 else out.unflatten(-1, (heads, -1))
+
+        def values(module, args, out, layer=layer, heads=heads):
+            k = seen.pop(layer)
+            v = out.unflatten(-1, (heads, -1))
+            fused = on_kv(layer, k, v)
+            if fused is None:
+                return None
+            k2, v2 = fused
+            if k2 is not k:
+                k.copy_(k2)
+            return v2.flatten(-2)
+
+        key_module = attn.k_norm if getattr(attn, "k_norm", None) is not None else attn.k_proj
+        handles += [key_module.register_forward_hook(keys), attn.v_proj.register_forward_hook(values)]
+    return handles
 
 
-# -- the caches that hand K/V over ------------------------------------------------------------------------
-
-def _dynamic_cache():
-    from transformers import DynamicCache
-    return DynamicCache
-
-
-class _TapCache:
-    """Factory of DynamicCache subclasses whose ``update`` passes each layer's K/V through ``tap``."""
-
-    _classes: dict = {}
-
-    @classmethod
-    def make(cls, config, tap):
-        base = _dynamic_cache()
-        klass = cls._classes.get(base)
-        if klass is None:
-            class BridgeCache(base):
-                """A DynamicCache whose update hands (layer, k, v) to the bridge; k, v: (B, H_kv, N, D), after RoPE."""
-
-                def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-                    key_states, value_states = self._c2c_tap(layer_idx, key_states, value_states)
-                    return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-            klass = cls._classes[base] = BridgeCache
-        cache = klass(config=config)
-        cache._c2c_tap = tap
-        return cache
-
-
-class _PositionTap:
-    """Reads the (3, B, N) M-RoPE positions a language model's ``rotary_emb`` is called with."""
-
-    def __init__(self, text_model):
-        self.positions: Optional[Tensor] = None
-        self.handle = text_model.rotary_emb.register_forward_hook(self._seen, with_kwargs=True)
-
-    def _seen(self, module, args, kwargs, output):
-        positions = args[1] if len(args) > 1 else kwargs["position_ids"]
-        self.positions = positions.expand(3, -1, -1).detach()
-
-    def remove(self):
-        self.handle.remove()
-
-
-# -- what one encoding call read ----------------------------------------------------------------------
-
-@dataclass
-class EncodedSide:
-    """One encoder's view of one encoding call: per batch row the text, its token ids and character spans, and
-    the M-RoPE positions the model used ((3, B, N), set once the model ran)."""
-
-    texts: list
-    input_ids: Tensor          # (B, N)
-    attention_mask: Tensor     # (B, N)
-    offsets: list              # per row: [(start, end)] character span of each token in texts[row]
-    image_grid_thw: Optional[Tensor]
-    family: str
-    positions: Optional[Tensor] = None
+def _family(encoder) -> str:
+    return FAMILIES[encoder.config.model_type]
 
 
 def _tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
+
+# -- the prompt as each model read it -----------------------------------------------------------------
 
 def _decode_rows(tokenizer, input_ids: Tensor, attention_mask: Tensor) -> list:
     """The text of each row (padding dropped), decoded exactly: refused unless it tokenizes back to the same ids."""
@@ -172,16 +160,32 @@ def _decode_rows(tokenizer, input_ids: Tensor, attention_mask: Tensor) -> list:
     return texts
 
 
-def _offsets(tokenizer, texts: list, input_ids: Tensor, attention_mask: Tensor) -> list:
-    """Character spans of each (unpadded) token of each row, from the tokenizer's offset mapping."""
+def layouts(tokenizer, texts: list, input_ids: Tensor, attention_mask: Tensor, image_token: int,
+            image_grid_thw: Optional[Tensor], merge: int) -> list:
+    """One ``c2c_core.tokens.TokenLayout`` per row: character spans in ``texts[row]`` (one placeholder per image),
+    image blocks on the merged grid, ``None`` for padding. Each row must tokenize to exactly the model's ids."""
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else ())
     out = []
-    for text, row, mask in zip(texts, input_ids, attention_mask):
+    for text, row, mask in zip(texts, input_ids.tolist(), attention_mask.bool().tolist()):
+        where = [i for i, m in enumerate(mask) if m]
+        if where and where != list(range(where[0], where[-1] + 1)):
+            raise BridgeSetupError("a prompt's attention mask has holes; expected padding on one side only.")
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = row[mask.bool()].tolist()
-        if enc["input_ids"] != ids:
-            raise BridgeSetupError(f"the sharer's processor tokenized {text[:60]!r}… differently from its tokenizer; "
-                                   f"expected the processor's own tokenizer.")
-        out.append([tuple(span) for span in enc["offset_mapping"]])
+        ids, spans, vision = [], [], []
+        for token, span in zip(enc["input_ids"], enc["offset_mapping"]):
+            count = 1
+            if token == image_token:
+                t, h, w = next(grids)
+                vision.append(VisionGrid(start=where[0] + len(ids), grid=(t, h // merge, w // merge)))
+                count = t * h * w // merge ** 2
+            ids += [token] * count
+            spans += [tuple(span)] * count
+        if ids != [row[i] for i in where]:
+            raise BridgeSetupError(f"the tokens of {text[:60]!r}… differ from the ones the model read; expected the "
+                                   f"tokenizer of the model's own processor.")
+        full = [None] * len(row)
+        full[where[0]:where[-1] + 1] = spans
+        out.append(TokenLayout(spans=tuple(full), vision=tuple(vision)))
     return out
 
 
@@ -219,6 +223,17 @@ def _check_recovered(images, pixel_values, image_grid_thw, image_processor) -> N
             f"(the sharer must read the same image); expected the pipeline's own Qwen2-VL image processor.")
 
 
+class _Gather:
+    """FusionRun's ``align`` for one encoding call: receiver token j of row b reads sharer token ``index[b, j]``
+    (set once the sharer has run, before the first fused layer)."""
+
+    index: Optional[Tensor] = None
+
+    def __call__(self, sk: Tensor, sv: Tensor):
+        idx = self.index.to(sk.device)[:, :, None, None]
+        return sk.gather(1, idx.expand(-1, -1, *sk.shape[2:])), sv.gather(1, idx.expand(-1, -1, *sv.shape[2:]))
+
+
 # -- the bridge ---------------------------------------------------------------------------------------
 
 class TextEncoderBridge:
@@ -228,7 +243,8 @@ class TextEncoderBridge:
         ``Qwen3VLProcessor``; a tokenizer alone serves text-only pipelines). bundle: a
         ``c2c_core.ProjectorBundle`` made for this sharer -> receiver pair. strength: the global strength
         (0 = the stock encoder, bit for bit); layer_strengths: {receiver layer: factor} overriding the
-        layer map's. Every encoding call while attached fuses; ``last_report`` is the last call's report.
+        layer map's (0 switches a layer off). Every encoding call while attached fuses; ``last_report`` is
+        the last call's ``c2c_core.RunReport``.
     """
 
     def __init__(self, sharer, sharer_processor, bundle, strength: float = 1.0, layer_strengths=None):
@@ -238,33 +254,23 @@ class TextEncoderBridge:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 2.0:
             raise BridgeSetupError(f"TextEncoderBridge strength={strength!r}; expected a number from 0 to 2.0.")
         self.sharer_text = language_model(sharer)
-        self.sharer = sharer
-        self.sharer_processor = sharer_processor
+        self.sharer, self.sharer_processor = sharer, sharer_processor
         self.bundle = bundle
         self.strength = float(strength)
         self.layer_strengths = layer_strengths
         self.banks = BankCache(bundle.bank)
-        self.sharer_signature = encoder_signature(sharer)
-        _check_shape(bundle.sharer, self.sharer_signature, "sharer", sharer)
-        check_architecture(bundle, "sharer", self.sharer_signature)
-        self.pipeline = None
-        self.encoder = None
-        self.tokenizer = None
-        self.image_processor = None
+        _check_side(bundle, "sharer", encoder_signature(sharer), sharer)
+        self.encoder = self.pipeline = self.tokenizer = self.image_processor = None
         self.last_report = None
+        self.last_alignment: Optional[Tensor] = None     # (B, N_receiver): the sharer token each token read
         self._handles: list = []
-        self._taps: list = []
-        self._call = None
+        self._call: Optional[_Call] = None
         self._training = False
-
-    @property
-    def fused_layers(self) -> list:
-        return sorted(self.bundle.layer_map.pairs)
 
     # -- attach / detach ------------------------------------------------------------------------------
     def attach(self, pipe, tokenizer=None) -> "TextEncoderBridge":
-        """Attach to a Qwen-Image pipeline (its ``text_encoder`` and ``tokenizer`` or ``processor``), or to a bare
-        Qwen2.5-VL encoder with its ``tokenizer`` (a processor for image prompts)."""
+        """Attach to a Qwen-Image pipeline (its ``text_encoder`` and ``processor`` or ``tokenizer``), or to a bare
+        Qwen2.5-VL encoder with its ``tokenizer`` (its processor, for image prompts)."""
         if self.encoder is not None:
             raise BridgeSetupError("this TextEncoderBridge is already attached; detach() it first or make another.")
         encoder = getattr(pipe, "text_encoder", pipe)
@@ -276,28 +282,23 @@ class TextEncoderBridge:
         if processor is None:
             raise BridgeSetupError(f"no tokenizer for {type(encoder).__name__}: attach to the pipeline, or pass "
                                    f"attach(text_encoder, tokenizer=…).")
-        found = encoder_signature(encoder)
-        _check_shape(self.bundle.receiver, found, "receiver", encoder)
-        check_architecture(self.bundle, "receiver", found)
         if encoder is self.sharer:
             raise BridgeSetupError("the sharer is the receiver itself; load the sharer as its own model.")
+        _check_side(self.bundle, "receiver", encoder_signature(encoder), encoder)
         self.pipeline = pipe if encoder is not pipe else None
         self.encoder, self.receiver_text = encoder, receiver_text
         self.tokenizer = _tokenizer_of(processor)
         self.image_processor = getattr(processor, "image_processor", None)
         self._handles = [encoder.register_forward_pre_hook(self._before, with_kwargs=True),
-                         encoder.register_forward_hook(self._after, always_call=True)]
-        self._taps = [_PositionTap(receiver_text), _PositionTap(self.sharer_text)]
+                         encoder.register_forward_hook(self._after, always_call=True),
+                         *kv_hooks(receiver_text, self.bundle.layer_map.pairs, self._fuse)]
         return self
 
     def detach(self) -> None:
         """Remove every hook: the encoder is the stock one again."""
         for handle in self._handles:
             handle.remove()
-        for tap in self._taps:
-            tap.remove()
-        self._handles, self._taps = [], []
-        self._call = None
+        self._handles, self._call = [], None
         self.encoder = self.pipeline = None
 
     def __enter__(self) -> "TextEncoderBridge":
@@ -317,60 +318,61 @@ class TextEncoderBridge:
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             raise BridgeSetupError("the text encoder was called with a KV cache; the bridge fuses a fresh prefill "
                                    "only (as the Qwen-Image pipelines encode prompts).")
-        run = FusionRun(self.bundle, FusionSchedule(), self.strength, self.layer_strengths,
-                        sharer_grid=TokenGrid(1, 1, 1), receiver_grid=TokenGrid(1, 1, 1),
+        align = _Gather()
+        run = FusionRun(self.bundle, FusionSchedule(), self.strength, self.layer_strengths, align=align,
                         device=None if self._training else self.encoder.device,
                         dtype=None if self._training else self.encoder.dtype, banks=self.banks,
                         stats=not self._training)
         if not run.begin_call(0.0):
             self.last_report = run.close(SourceReport())
-            return args, kwargs
-        receiver = self._receiver_side(kwargs)
-        sharer, sharer_kv = self._run_sharer(receiver, kwargs)
-        call = _Call(run, receiver, sharer, sharer_kv, self.bundle)
-        run._align = call.align        # TODO(21a): FusionRun(align=…) once c2c_core has it
-        self._call = call
-        kwargs = dict(kwargs, cache=_TapCache.make(self.receiver_text.config, self._fuse), use_cache=True)
-        return args, kwargs
+            return None
+        index, kv = self._prepare(kwargs)
+        align.index = self.last_alignment = index
+        self._call = _Call(run, kv)
+        return None
 
     def _after(self, module, args, output):
         call, self._call = self._call, None
         if call is None:
-            return output
+            return None
         report = call.run.close(SourceReport(sharer_forwards=1, peak_kv_bytes=call.kv_bytes))
         self.last_report = report
         if report.nonfinite_layers:
             raise BridgeSetupError(f"{health.nonfinite_hint(report.nonfinite_layers)} (TextEncoderBridge strength="
                                    f"{self.strength!r}; bridge.last_report has the details).")
-        return output
+        return None
 
     def _fuse(self, layer, k, v):
         call = self._call
         if call is None or call.run.strength(layer) == 0.0:
-            return k, v
-        call.receiver.positions = self._taps[0].positions
+            return None
         sk, sv = call.sharer_kv[call.run.sharer_layer(layer)]
-        k2, v2 = call.run.fuse_tokens(layer, k.transpose(1, 2), v.transpose(1, 2), sk, sv)
-        return k2.transpose(1, 2), v2.transpose(1, 2)
+        return call.run.fuse(layer, k, v, sk, sv)
 
-    def _receiver_side(self, kwargs) -> EncodedSide:
+    def _prepare(self, kwargs) -> tuple[Tensor, dict]:
+        """Run the sharer on the receiver's text (and image): the (B, N) token alignment of this call and the
+        sharer's K/V by layer."""
         input_ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         if input_ids is None:
             raise BridgeSetupError("the text encoder was called without input_ids (inputs_embeds only); the bridge "
                                    "needs the token ids to give the sharer the same text.")
         if mask is None:
             mask = torch.ones_like(input_ids)
-        texts = _decode_rows(self.tokenizer, input_ids, mask)
-        offsets = _offsets(self.tokenizer, texts, input_ids, mask)
-        grid = kwargs.get("image_grid_thw")
-        image_token = getattr(self.encoder.config, "image_token_id", None)
-        if kwargs.get("pixel_values") is None and image_token is not None and bool((input_ids == image_token).any()):
+        image_token = self.encoder.config.image_token_id
+        if kwargs.get("pixel_values") is None and bool((input_ids == image_token).any()):
             raise BridgeSetupError("the prompt holds image placeholders (<|image_pad|>) but the text encoder got no "
                                    "pixel_values; pass the edit image (QwenImageEditPipeline(image=…)).")
-        return EncodedSide(texts, input_ids, mask, offsets, grid, _model_family(self.encoder))
+        texts = [_PLACEHOLDER_RUN.sub(r"\1", t) for t in _decode_rows(self.tokenizer, input_ids, mask)]
+        receiver = layouts(self.tokenizer, texts, input_ids, mask, image_token, kwargs.get("image_grid_thw"),
+                           self.encoder.config.vision_config.spatial_merge_size)
+        inputs = self._sharer_inputs(texts, kwargs)
+        kv = self._run_sharer(inputs)
+        sharer = layouts(_tokenizer_of(self.sharer_processor), texts, inputs["input_ids"].cpu(),
+                         inputs["attention_mask"].cpu(), self.sharer.config.image_token_id,
+                         inputs.get("image_grid_thw"), self.sharer.config.vision_config.spatial_merge_size)
+        return torch.stack([align_tokens(r, s) for r, s in zip(receiver, sharer)]), kv
 
-    def _sharer_inputs(self, receiver: EncodedSide, kwargs) -> dict:
-        texts = [_PLACEHOLDER_RUN.sub(r"\1", t) for t in receiver.texts]
+    def _sharer_inputs(self, texts: list, kwargs) -> dict:
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None:
             tokenizer = _tokenizer_of(self.sharer_processor)
@@ -382,64 +384,53 @@ class TextEncoderBridge:
         if self.image_processor is None:
             raise BridgeSetupError("the receiver encodes an image but no receiver image processor is known; attach to "
                                    "the pipeline (its processor), or pass attach(text_encoder, tokenizer=processor).")
-        images = recover_images(pixel_values, receiver.image_grid_thw, self.image_processor)
-        _check_recovered(images, pixel_values, receiver.image_grid_thw, self.image_processor)
-        return dict(self.sharer_processor(text=texts, images=images, padding=True, return_tensors="pt"))
+        grid = kwargs.get("image_grid_thw")
+        images = recover_images(pixel_values, grid, self.image_processor)
+        _check_recovered(images, pixel_values, grid, self.image_processor)
+        inputs = dict(self.sharer_processor(text=texts, images=images, padding=True, return_tensors="pt"))
+        if kwargs.get("mm_token_type_ids") is None and not NEEDS_TOKEN_TYPES[_family(self.sharer)]:
+            inputs.pop("mm_token_type_ids", None)     # positions as the receiver got them (module docstring)
+        return inputs
 
-    def _run_sharer(self, receiver: EncodedSide, kwargs):
-        inputs = self._sharer_inputs(receiver, kwargs)
+    def _run_sharer(self, inputs: dict) -> dict:
+        """The sharer's pre-RoPE K/V of the layers the projector reads, from one forward over the prompt."""
         device = next(self.sharer.parameters()).device
-        inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-        if kwargs.get("mm_token_type_ids") is None and not _NEEDS_TOKEN_TYPES[_model_family(self.sharer)]:
-            inputs.pop("mm_token_type_ids", None)     # positions as the receiver got them (see module docstring)
         captured: dict = {}
-        wanted = set(self.bundle.layer_map.pairs.values())
 
         def keep(layer, k, v):
-            if layer in wanted:
-                captured[layer] = (k.transpose(1, 2), v.transpose(1, 2))     # (B, N, H_kv, D)
-            return k, v
+            captured[layer] = (k, v)
+            return None
 
-        cache = _TapCache.make(self.sharer_text.config, keep)
-        with torch.no_grad():            # the sharer is never trained through
-            self.sharer(**inputs, cache=cache, use_cache=True)
-        tokenizer = _tokenizer_of(self.sharer_processor)
-        ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()
-        texts = [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=False,
-                                  clean_up_tokenization_spaces=False) for row, m in zip(ids, mask)]
-        side = EncodedSide(texts, ids, mask, _offsets(tokenizer, texts, ids, mask), inputs.get("image_grid_thw"),
-                           _model_family(self.sharer), positions=self._taps[1].positions)
-        return side, captured
+        handles = kv_hooks(self.sharer_text, set(self.bundle.layer_map.pairs.values()), keep)
+        try:
+            with torch.no_grad():            # the sharer is never trained through
+                self.sharer(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()})
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
 
 
-def _check_shape(made_for: ModelSignature, found: ModelSignature, role: str, model) -> None:
+@dataclass
+class _Call:
+    """One fusing encoding call: its FusionRun and the sharer's K/V by sharer layer."""
+
+    run: FusionRun
+    sharer_kv: dict
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.sharer_kv.values() for t in pair)
+
+
+def _check_side(bundle, role: str, found: ModelSignature, model) -> None:
+    made_for = getattr(bundle, role)
     if not found.same_shape(made_for):
         raise BridgeSetupError(
             f"{role} {type(model).__name__} has {found.num_layers} layers × {found.num_heads} K/V heads × "
             f"{found.head_dim}; the projector bundle was made for {made_for.num_layers} × {made_for.num_heads} × "
             f"{made_for.head_dim}. Use the bundle made for this {role}.")
-
-
-class _Call:
-    """One fusing encoding call: its FusionRun, both sides and the sharer's K/V by sharer layer."""
-
-    def __init__(self, run: FusionRun, receiver: EncodedSide, sharer: EncodedSide, sharer_kv: dict, bundle):
-        self.run, self.receiver, self.sharer, self.sharer_kv = run, receiver, sharer, sharer_kv
-        self.kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in sharer_kv.values())
-        self._align = None
-
-    def align(self, sk: Tensor, sv: Tensor):
-        if self._align is None:
-            self._align = _provisional_alignment(self.receiver, self.sharer)
-        return self._align(sk, sv)
-
-
-def _provisional_alignment(receiver: EncodedSide, sharer: EncodedSide):
-    """Identity alignment for two identical tokenizations at identical positions (TODO(21a): c2c_core.tokens/mrope)."""
-    if not (torch.equal(receiver.input_ids.cpu(), sharer.input_ids.cpu())
-            and torch.equal(receiver.positions.cpu(), sharer.positions.cpu())):
-        raise BridgeSetupError("token alignment between different tokenizations needs c2c_core.tokens (issue 21).")
-    return lambda sk, sv: (sk, sv)
+    check_architecture(bundle, role, found)
 
 
 # -- diffusers' shape: a config dataclass, apply_…(pipe, config) / remove_…(pipe) ---------------------------

@@ -237,3 +237,20 @@ def test_bad_input_is_refused(pipe, edit_pipe, sharer, sharer_processor, tok, im
             edit_pipe.text_encoder(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
         assert bridge.encoder is edit_pipe.text_encoder
     assert not edit_pipe.text_encoder._forward_pre_hooks
+
+
+def test_qwen3vl_sharer_reads_the_edit_image_on_its_own_grid(edit_pipe, sharer, sharer_processor):
+    """Qwen2.5-VL merges 28-pixel cells, Qwen3-VL 32-pixel ones: a 56 × 140 edit image is 2 × 5 receiver tokens and,
+    resized by the sharer's processor to 64 × 128, 2 × 4 sharer tokens. Each receiver image token reads the sharer
+    cell whose centre is nearest, each text token the same text token of the sharer (one tokenizer)."""
+    wide = Image.fromarray((np.random.RandomState(1).rand(56, 140, 3) * 255).astype("uint8"))
+    stock = encode(edit_pipe, image=wide)
+    bridge = TextEncoderBridge(sharer, sharer_processor, bundle_for(sharer, edit_pipe.text_encoder, "c2c"))
+    with bridge.attach(edit_pipe):
+        fused = encode(edit_pipe, image=wide)
+    assert torch.isfinite(fused).all() and not torch.allclose(fused, stock, atol=1e-4)
+    (index,) = bridge.last_alignment.tolist()
+    start = len(edit_pipe.tokenizer(edit_pipe.prompt_template_encode.split("<|image_pad|>")[0])["input_ids"])
+    assert index[:start] == list(range(start))
+    assert index[start:start + 10] == [start + row * 4 + col for row in (0, 1) for col in (0, 1, 2, 2, 3)]
+    assert index[start + 10:] == list(range(start + 8, len(index) - 2))
