@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from c2c_core import LayerMap, ModelSignature, ProjectorBank, load_bundle, save_bundle
+from c2c_core import LayerMap, ModelSignature, ProjectorBank, load_bundle, save_bundle, wan_rope_axes
+from c2c_core.arch import ArchTag, TextEncoderArch
 from c2c_core.bundle import ProjectorBundle
-from c2c_diffusers import BridgeSetupError, TextEncoderBridge, TextEncoderBridgeConfig
+from c2c_diffusers import Bridge, BridgeSetupError, LiveSharer, SharerInputs, TextEncoderBridge, TextEncoderBridgeConfig
 from c2c_diffusers import apply_text_encoder_bridge, remove_text_encoder_bridge
 from c2c_diffusers.text_encoder import encoder_signature, recover_images
 from host import require_comfyui
@@ -215,6 +216,22 @@ def test_bad_input_is_refused(pipe, edit_pipe, sharer, sharer_processor, tok, im
     with pytest.raises(BridgeSetupError, match=r"sharer .* 2 layers × 2 K/V heads × 16; the projector bundle was made "
                                                r"for 2 × 2 × 128"):
         TextEncoderBridge(sharer, sharer_processor, wan_bundle)
+    # same shapes, another kind of model: the architecture tags decide, both ways
+    wan_tag = ArchTag.from_config(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_channels=16, out_channels=16,
+                                  text_dim=64, image_embedding=False, patch_size=(1, 2, 2), rope_axes=wan_rope_axes(16))
+    wan_side = ModelSignature(2, 2, 16, "wan", arch=wan_tag)
+    wan_shaped = ProjectorBundle(ProjectorBank.build("identity", wan_side, wan_side, [0, 1]),
+                                 LayerMap.build("terminal", 2, 2), wan_side, wan_side)
+    with pytest.raises(BridgeSetupError, match="differs in kind: a Wan DiT vs a text encoder"):
+        TextEncoderBridge(sharer, sharer_processor, wan_shaped)
+    qwen_tag = TextEncoderArch.from_config("qwen2.5-vl", "custom", hidden_size=256, intermediate_size=512, num_layers=2,
+                                           num_heads=2, num_kv_heads=2, head_dim=128, vocab_size=151936,
+                                           rope_theta=1000000, vision_patch=14, mrope_sections=(16, 24, 24))
+    qwen_side = ModelSignature(2, 2, 128, "qwen", arch=qwen_tag)
+    qwen_shaped = ProjectorBundle(ProjectorBank.build("identity", qwen_side, qwen_side, [0, 1]),
+                                  LayerMap.build("terminal", 2, 2), qwen_side, qwen_side)
+    with pytest.raises(BridgeSetupError, match="differs in kind: a text encoder vs a Wan DiT"):
+        Bridge(LiveSharer(tiny.wan(seed=2), SharerInputs(tiny.embeds(1))), qwen_shaped).attach(tiny.wan())
     with pytest.raises(BridgeSetupError, match="expected a transformers Qwen2.5-VL or Qwen3-VL model.*got WanTransformer3DModel"):
         TextEncoderBridge(tiny.wan(), sharer_processor, wan_bundle)
     bundle = bundle_for(sharer, pipe.text_encoder, "c2c")
