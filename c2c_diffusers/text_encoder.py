@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import re
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -53,7 +54,8 @@ from .bridge import check_architecture
 from .errors import BridgeSetupError
 
 __all__ = ["TextEncoderBridge", "TextEncoderBridgeConfig", "apply_text_encoder_bridge", "remove_text_encoder_bridge",
-           "encoder_arch", "encoder_signature", "language_model", "kv_hooks", "recover_images"]
+           "PromptBatch", "bridged_prompt_velocity", "encoder_arch", "encoder_signature", "language_model", "kv_hooks",
+           "layouts", "recover_images"]
 
 #: transformers ``model_type`` -> c2c_core text-encoder family (c2c_core.arch.TEXT_ENCODER_FAMILIES)
 FAMILIES = {"qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
@@ -122,12 +124,12 @@ def kv_hooks(text_model, layers, on_kv) -> list:
         def values(module, args, out, layer=layer, heads=heads):
             k = seen.pop(layer)
             v = out.unflatten(-1, (heads, -1))
-            fused = on_kv(layer, k, v)
+            # under autograd the fusion gets its own K: a projector may keep it for backward, and K is overwritten
+            fused = on_kv(layer, k.clone() if torch.is_grad_enabled() else k, v)
             if fused is None:
                 return None
             k2, v2 = fused
-            if k2 is not k:
-                k.copy_(k2)
+            k.copy_(k2)
             return v2.flatten(-2)
 
         key_module = attn.k_norm if getattr(attn, "k_norm", None) is not None else attn.k_proj
@@ -309,6 +311,17 @@ class TextEncoderBridge:
     def __exit__(self, *exc) -> None:
         self.detach()
 
+    @contextmanager
+    def training(self):
+        """Encoding calls inside fuse through the bundle's own bank as it is (no copy placed on the encoder's
+        dtype, which autograd would not reach; no report statistics), as projector training needs; with a
+        bank in the encoder's dtype that is bit for bit what inference fuses."""
+        self._training = True
+        try:
+            yield self
+        finally:
+            self._training = False
+
     # -- one encoding call --------------------------------------------------------------------------------
     def _before(self, module, args, kwargs):
         self._call = None
@@ -431,6 +444,46 @@ def _check_side(bundle, role: str, found: ModelSignature, model) -> None:
             f"{found.head_dim}; the projector bundle was made for {made_for.num_layers} × {made_for.num_heads} × "
             f"{made_for.head_dim}. Use the bundle made for this {role}.")
     check_architecture(bundle, role, found)
+
+
+# -- projector training: the frozen Qwen-Image DiT's flow-matching loss through the bridged encoder ---------------
+
+@dataclass
+class PromptBatch:
+    """One training batch for a text-encoder projector: packed clean latents x0 and noise (B, tokens, channels, as
+    ``pipe.transformer`` takes them), sigma in (0, 1], ``img_shapes`` as the pipeline builds them, the prompt
+    (one string per row) and, for an Edit pipeline, the edit image."""
+
+    x0: Tensor
+    noise: Tensor
+    sigma: float
+    img_shapes: list
+    prompt: list
+    image: object = None
+
+
+def bridged_prompt_velocity(bridge: TextEncoderBridge, pipe):
+    """``predict(bank, batch) -> (DiT velocity, noise − x0)`` for ``c2c_core.train.velocity_loss``: the pipeline's
+    own ``encode_prompt`` runs with the bridge fusing (in training mode, so gradients reach the bank), and the
+    frozen DiT predicts the velocity at x_t = (1 − σ)·x0 + σ·noise from those embeddings."""
+    if bridge.encoder is None or bridge.encoder is not getattr(pipe, "text_encoder", None):
+        raise BridgeSetupError("the bridge is not attached to this pipeline's text encoder; call bridge.attach(pipe).")
+
+    def predict(bank, batch: PromptBatch):
+        if bank is not bridge.bundle.bank:
+            raise BridgeSetupError("train the bank of the bridge's own bundle (bridge.bundle.bank).")
+        extra = {} if batch.image is None else {"image": batch.image}
+        with bridge.training():
+            embeds, mask = pipe.encode_prompt(batch.prompt, device=batch.x0.device, **extra)
+        x_t = (1.0 - batch.sigma) * batch.x0 + batch.sigma * batch.noise
+        dit = pipe.transformer
+        velocity = dit(hidden_states=x_t.to(dit.dtype), timestep=torch.full((x_t.shape[0],), batch.sigma,
+                                                                              device=x_t.device),
+                       encoder_hidden_states=embeds.to(dit.dtype), encoder_hidden_states_mask=mask,
+                       img_shapes=batch.img_shapes, return_dict=False)[0]
+        return velocity, batch.noise - batch.x0
+
+    return predict
 
 
 # -- diffusers' shape: a config dataclass, apply_…(pipe, config) / remove_…(pipe) ---------------------------

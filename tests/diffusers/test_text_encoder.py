@@ -13,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from c2c_core import LayerMap, ModelSignature, ProjectorBank, load_bundle, save_bundle, wan_rope_axes
+from c2c_core import (LayerMap, ModelSignature, ProjectorBank, TrainConfig, load_bundle, save_bundle, train_bank,
+                      velocity_loss, wan_rope_axes)
 from c2c_core.arch import ArchTag, TextEncoderArch
 from c2c_core.bundle import ProjectorBundle
 from c2c_diffusers import Bridge, BridgeSetupError, LiveSharer, SharerInputs, TextEncoderBridge, TextEncoderBridgeConfig
 from c2c_diffusers import apply_text_encoder_bridge, remove_text_encoder_bridge
-from c2c_diffusers.text_encoder import encoder_signature, recover_images
+from c2c_diffusers.text_encoder import PromptBatch, bridged_prompt_velocity, encoder_signature, recover_images
 from host import require_comfyui
 
 transformers = pytest.importorskip("transformers")
@@ -271,3 +272,35 @@ def test_qwen3vl_sharer_reads_the_edit_image_on_its_own_grid(edit_pipe, sharer, 
     assert index[:start] == list(range(start))
     assert index[start:start + 10] == [start + row * 4 + col for row in (0, 1) for col in (0, 1, 2, 2, 3)]
     assert index[start + 10:] == list(range(start + 8, len(index) - 2))
+
+
+def prompt_batch(seed, prompt=PROMPTS[1]):
+    g = torch.Generator().manual_seed(seed)
+    return PromptBatch(x0=torch.randn(1, 16, 16, generator=g), noise=torch.randn(1, 16, 16, generator=g),
+                       sigma=0.3 + 0.4 * (seed % 2), img_shapes=[[(1, 4, 4)]], prompt=[prompt])
+
+
+def test_training_fuses_as_inference_and_only_the_bank_learns(tmp_path, pipe, sharer, sharer_processor):
+    """One fusion path: the prompt embeddings a training step computes (with grad, the bank in place) are the
+    inference ones bit for bit; the velocity loss trains the bank alone, and the saved bundle fuses as trained."""
+    for model in (pipe.text_encoder, pipe.transformer, sharer):
+        model.requires_grad_(False)
+    bundle = bundle_for(sharer, pipe.text_encoder, "c2c")
+    bridge = TextEncoderBridge(sharer, sharer_processor, bundle, strength=0.7).attach(pipe)
+    try:
+        with bridge.training():
+            trained_path = pipe.encode_prompt(PROMPTS, device="cpu")[0]
+        assert trained_path.requires_grad
+        assert torch.equal(trained_path.detach(), encode(pipe, PROMPTS))
+        result = train_bank(bundle.bank, bundle.layer_map, lambda step: prompt_batch(step % 2),
+                            velocity_loss(bridged_prompt_velocity(bridge, pipe)), TrainConfig(steps=12, lr=3e-3, seed=0))
+        assert result.losses[-1] < 0.9 * result.losses[0], result.losses
+        assert all(p.grad is not None for p in bundle.bank.parameters())
+        assert not any(p.requires_grad for m in (pipe.text_encoder, pipe.transformer, sharer) for p in m.parameters())
+        trained = encode(pipe)
+    finally:
+        bridge.detach()
+    save_bundle(tmp_path / "trained.safetensors", bundle.bank, bundle.layer_map)
+    with TextEncoderBridge(sharer, sharer_processor, load_bundle(tmp_path / "trained.safetensors"),
+                           strength=0.7).attach(pipe):
+        assert torch.equal(encode(pipe), trained)
