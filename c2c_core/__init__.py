@@ -63,6 +63,12 @@ from .schedule import RAMPS, FusionSchedule
 from .runtime import BankCache, FusionRun, RunReport, percent_of, step_index
 from .tensorfile import read_meta, save_tensors_with_meta
 from .train import DECAYS, LOSS_KINDS, TrainConfig, TrainResult, distill_loss, kv_loss, train_bank, velocity_loss
+# text-encoder pairs (issue 21): token alignment, M-RoPE, architecture tags
+from .arch import TEXT_ENCODER_FAMILIES, TextEncoderArch
+from .errors import TokenAlignmentError
+from .mrope import QWEN3_VL_MROPE, QWEN25_VL_MROPE, MRopeRerotation, MRopeSpec, VisionGrid, mrope_positions, mrope_rotate
+from .signature import text_encoder_signature
+from .tokens import ALIGN_RULES, TextAlignment, TokenLayout, align_tokens, build_text_alignment, spans_from_pieces
 
 __all__ = [
     "RESAMPLE_MODES",
@@ -135,4 +141,22 @@ __all__ = [
     "kv_loss",
     "train_bank",
     "velocity_loss",
+    # text-encoder pairs (issue 21)
+    "TEXT_ENCODER_FAMILIES",
+    "TextEncoderArch",
+    "TokenAlignmentError",
+    "QWEN3_VL_MROPE",
+    "QWEN25_VL_MROPE",
+    "MRopeRerotation",
+    "MRopeSpec",
+    "VisionGrid",
+    "mrope_positions",
+    "mrope_rotate",
+    "text_encoder_signature",
+    "ALIGN_RULES",
+    "TextAlignment",
+    "TokenLayout",
+    "align_tokens",
+    "build_text_alignment",
+    "spans_from_pieces",
 ]

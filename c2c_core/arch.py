@@ -21,8 +21,10 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from .errors import KVShapeError, SignatureError, quote
+from .mrope import MRopeSpec
 
-__all__ = ["ArchTag", "LATENT_FAMILIES", "arch_from_weights", "wan_rope_axes"]
+__all__ = ["ArchTag", "TextEncoderArch", "TEXT_ENCODER_FAMILIES", "LATENT_FAMILIES", "arch_from_dict", "arch_from_weights",
+           "wan_rope_axes"]
 
 #: latent channels -> family name; the A14B Wan2.2 experts and ChronoEdit are Wan2.1-architecture networks
 LATENT_FAMILIES = {16: "wan2.1", 48: "wan2.2-ti2v"}
@@ -103,14 +105,145 @@ class ArchTag:
         return (f"{self.family} {self.variant} (dim {self.dim}, {self.num_layers} layers, {self.num_heads} heads, "
                 f"ffn {self.ffn_dim}, in {self.in_channels}{image})")
 
-    def differences(self, other: "ArchTag") -> list[str]:
+    kind = "wan"
+
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, K/V heads, K/V width) the signature of this side must have."""
+        return (self.num_layers, self.num_heads, self.dim)
+
+    def differences(self, other) -> list[str]:
         """'field: self vs other' for each field that differs (empty when the architectures agree)."""
+        if type(other) is not type(self):
+            return [_kind_difference(self, other)]
         out = []
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
             if mine != theirs:
                 out.append(f"{f.name} {_show(mine)} vs {_show(theirs)}")
         return out
+
+
+#: text-encoder families this version knows: the family's M-RoPE sections (t, h, w) and whether they interleave
+TEXT_ENCODER_FAMILIES = {"qwen2.5-vl": ((16, 24, 24), False), "qwen3-vl": ((24, 20, 20), True)}
+KIND_LABELS = {"wan": "a Wan DiT", "text-encoder": "a text encoder"}
+
+
+@dataclass(frozen=True)
+class TextEncoderArch:
+    """What one side of a text-encoder bridge is (a causal decoder with M-RoPE, e.g. Qwen2.5-VL-7B, Qwen3-VL-8B).
+
+    Stored in a bundle with ``"kind": "text-encoder"`` so a Wan bundle is never taken for a text-encoder
+    pair, or the reverse. Grouped-query attention: ``num_heads`` query heads, ``num_kv_heads`` K/V heads;
+    the K/V a projector sees (and the ModelSignature) have ``num_kv_heads`` heads of ``head_dim``.
+    """
+
+    family: str             # "qwen2.5-vl" | "qwen3-vl" (TEXT_ENCODER_FAMILIES)
+    variant: str            # the size, e.g. "7b", "8b", "4b" (for people; the numbers below decide)
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int          # query heads
+    num_kv_heads: int       # key/value heads (grouped-query attention)
+    head_dim: int
+    vocab_size: int
+    rope_theta: int         # 1000000 (Qwen2.5-VL), 5000000 (Qwen3-VL)
+    mrope_sections: tuple   # rotary pairs per axis (t, h, w)
+    mrope_interleaved: bool
+    vision_patch: int       # vision tower patch in pixels (14 Qwen2.5-VL, 16 Qwen3-VL), merged 2x2
+
+    kind = "text-encoder"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("family", "variant"):
+                ok, expected = isinstance(value, str) and _NAME.fullmatch(value) is not None, _NAME_RULE
+            elif f.name == "mrope_interleaved":
+                ok, expected = isinstance(value, bool), "true or false"
+            elif f.name == "mrope_sections":
+                ok = isinstance(value, tuple) and len(value) == 3 and all(type(v) is int and 0 <= v <= _INT_LIMIT for v in value)
+                expected = "three integers (t, h, w)"
+            elif f.name == "rope_theta":
+                ok, expected = type(value) is int and 1 < value <= 1 << 40, "an integer above 1"
+            else:
+                ok, expected = _count(value), f"an integer from 1 to {_INT_LIMIT}"
+            if not ok:
+                raise SignatureError(f"text-encoder architecture tag {f.name} is {quote(value, 60)}; expected {expected}.")
+        if sum(self.mrope_sections) * 2 != self.head_dim or self.num_heads % self.num_kv_heads:
+            raise SignatureError(
+                f"text-encoder architecture tag: M-RoPE sections {list(self.mrope_sections)} for head_dim "
+                f"{self.head_dim}, {self.num_heads} query heads over {self.num_kv_heads} K/V heads; expected sections "
+                f"summing to head_dim / 2 and query heads a multiple of K/V heads.")
+
+    @classmethod
+    def from_config(cls, family: str, variant: str, *, hidden_size: int, intermediate_size: int, num_layers: int,
+                    num_heads: int, num_kv_heads: int, head_dim: int, vocab_size: int, rope_theta,
+                    vision_patch: int, mrope_sections=None) -> "TextEncoderArch":
+        """The tag from a model's configuration numbers (both hosts call this). The M-RoPE layout is the
+        family's unless the config gives its own sections (ComfyUI's ``rope_dims``)."""
+        if family not in TEXT_ENCODER_FAMILIES:
+            raise SignatureError(f"text-encoder family {quote(family, 40)} is unknown; expected one of "
+                                 f"{sorted(TEXT_ENCODER_FAMILIES)}.")
+        sections, interleaved = TEXT_ENCODER_FAMILIES[family]
+        if mrope_sections is not None:
+            sections = tuple(int(n) for n in mrope_sections)
+        return cls(family=family, variant=variant, hidden_size=int(hidden_size), intermediate_size=int(intermediate_size),
+                   num_layers=int(num_layers), num_heads=int(num_heads), num_kv_heads=int(num_kv_heads),
+                   head_dim=int(head_dim), vocab_size=int(vocab_size), rope_theta=int(rope_theta),
+                   mrope_sections=sections, mrope_interleaved=interleaved, vision_patch=int(vision_patch))
+
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, K/V heads, K/V width) the signature of this side must have: GQA counts K/V heads."""
+        return (self.num_layers, self.num_kv_heads, self.num_kv_heads * self.head_dim)
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind, **{f.name: getattr(self, f.name) for f in fields(self)}}
+        out["mrope_sections"] = list(self.mrope_sections)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "TextEncoderArch":
+        """Strict: the dict comes from a file a stranger may have written."""
+        if not isinstance(d, Mapping) or d.get("kind") != cls.kind:
+            raise SignatureError(f"text-encoder architecture tag is {quote(d, 80)}; expected an object with kind "
+                                 f"{cls.kind!r}.")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in d]
+        if missing:
+            raise SignatureError(f"text-encoder architecture tag lacks {missing}; expected keys {names}.")
+        return cls(**{n: tuple(d[n]) if n == "mrope_sections" and isinstance(d[n], list) else d[n] for n in names})
+
+    def describe(self) -> str:
+        """One line for messages, e.g. 'qwen3-vl 8b text encoder (hidden 4096, 36 layers, 32 heads / 8 K/V heads)'."""
+        return (f"{self.family} {self.variant} text encoder (hidden {self.hidden_size}, {self.num_layers} layers, "
+                f"{self.num_heads} heads / {self.num_kv_heads} K/V heads)")
+
+    def differences(self, other) -> list[str]:
+        if type(other) is not type(self):
+            return [_kind_difference(self, other)]
+        return [f"{f.name} {_show(getattr(self, f.name))} vs {_show(getattr(other, f.name))}"
+                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+    def mrope(self):
+        """The c2c_core.mrope.MRopeSpec of this model's keys."""
+        return MRopeSpec(head_dim=self.head_dim, theta=float(self.rope_theta), sections=self.mrope_sections,
+                         interleaved=self.mrope_interleaved)
+
+
+def arch_from_dict(d: Any):
+    """The tag a bundle or recording stores: a text-encoder tag by its ``kind``, a Wan tag otherwise (Wan tags
+    were written before kinds existed and carry none)."""
+    if isinstance(d, Mapping) and "kind" in d:
+        if d["kind"] == TextEncoderArch.kind:
+            return TextEncoderArch.from_dict(d)
+        raise SignatureError(f"architecture tag kind {quote(d['kind'], 40)} is unknown to this version (known: "
+                             f"{TextEncoderArch.kind!r}, or none for Wan); update DiT Cache Bridge.")
+    return ArchTag.from_dict(d)
+
+
+def _kind_difference(mine, theirs) -> str:
+    return (f"kind: {KIND_LABELS.get(mine.kind, mine.kind)} vs {KIND_LABELS.get(theirs.kind, theirs.kind)}"
+            f" (a projector for one kind of model cannot fuse another)")
 
 
 def wan_rope_axes(head_dim: int) -> tuple[int, int, int]:

@@ -114,10 +114,11 @@ def _signature(path: Path, meta: Mapping, role: str) -> ModelSignature:
         raise InvalidMetadataError(f"{short_path(path)}: {role} name is {quote(d.get('name'))}; expected a string.")
     sig = ModelSignature.from_dict(d)
     arch = sig.arch
-    if arch is not None and (arch.num_layers, arch.num_heads, arch.dim) != (sig.num_layers, sig.num_heads, sig.width):
+    if arch is not None and arch.kv_shape() != (sig.num_layers, sig.num_heads, sig.width):
+        layers, heads, width = arch.kv_shape()
         raise InvalidMetadataError(
-            f"{short_path(path)}: the {role}'s architecture tag ({arch.num_layers} layers, {arch.num_heads} heads, dim "
-            f"{arch.dim}) contradicts its signature ({sig.num_layers} layers, {sig.num_heads} heads × {sig.head_dim}); "
+            f"{short_path(path)}: the {role}'s architecture tag ({layers} layers, {heads} K/V heads, K/V width "
+            f"{width}) contradicts its signature ({sig.num_layers} layers, {sig.num_heads} heads × {sig.head_dim}); "
             f"the file is damaged. Re-export it.")
     return sig
 

@@ -45,6 +45,10 @@ class FusionError(C2CError, ValueError):
     """Fusion was asked for with an inconsistent bank, map, strength or mode."""
 
 
+class TokenAlignmentError(C2CError, ValueError):
+    """Two tokenizations of one prompt cannot be aligned (spans out of order, image counts that differ)."""
+
+
 class TrainError(C2CError, ValueError):
     """A training configuration is invalid."""
 

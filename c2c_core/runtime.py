@@ -134,6 +134,9 @@ class FusionRun:
     strength: the user's global strength; ``layer_strengths`` overrides the layer map's per-layer
         factors ({receiver layer: factor}); the effective strength of a layer in a call is
         ``schedule.strength_at(percent, strength * factor)``.
+    align: for pairs other than Wan (text encoders), the host's alignment ``(sk, sv) -> (sk, sv)`` onto the
+        receiver's tokens (c2c_core.tokens.build_text_alignment: gather + M-RoPE re-rotation); then the
+        grid and RoPE keywords below are not given.
     sharer_rope / receiver_rope, sharer_grid / receiver_grid: where the two models' tokens sit. With
         ``rope_alignment="auto"`` sharer keys are re-rotated to the receiver's positions; ``"off"``
         treats the sharer's keys as if made at the receiver's positions. Different grids are
@@ -150,9 +153,10 @@ class FusionRun:
     def __init__(self, bundle, schedule: FusionSchedule, strength: float,
                  layer_strengths: Optional[Mapping[int, float]] = None, *,
                  sharer_rope: RopeSpec = RopeSpec(), receiver_rope: RopeSpec = RopeSpec(),
-                 sharer_grid: TokenGrid, receiver_grid: TokenGrid, rope_alignment: str = "auto",
-                 grid_mode: str = "nearest", device=None, dtype=None, banks: Optional[BankCache] = None,
-                 stats: bool = True):
+                 sharer_grid: Optional[TokenGrid] = None, receiver_grid: Optional[TokenGrid] = None,
+                 rope_alignment: str = "auto", grid_mode: str = "nearest", device=None, dtype=None,
+                 banks: Optional[BankCache] = None, stats: bool = True,
+                 align: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None):
         self.bundle = bundle
         self.schedule = schedule
         self.layer_map = bundle.layer_map
@@ -165,6 +169,13 @@ class FusionRun:
         self.sharer_grid, self.receiver_grid = sharer_grid, receiver_grid
         self.rope_alignment = rope_alignment
         self.grid_mode = grid_mode
+        grids = (sharer_grid is not None) + (receiver_grid is not None)
+        if (align is None and grids != 2) or (align is not None and grids):
+            raise FusionError("FusionRun: pass either sharer_grid and receiver_grid (a Wan pair: the alignment is built "
+                              "from grids and RoPE specs) or align= (a text-encoder pair: c2c_core.tokens."
+                              "build_text_alignment), not both; got " + ("align= and a grid." if align is not None
+                                                                         else f"{grids} grid(s) and no align=."))
+        self._host_align = align
         self._banks = banks if banks is not None else BankCache(bundle.bank)
         self._device, self._dtype, self._bank = device, dtype, None
         self._align = None
@@ -260,7 +271,10 @@ class FusionRun:
         return self._align(sk.to(device=like.device, dtype=like.dtype), sv.to(device=like.device, dtype=like.dtype))
 
     def _build_alignment(self):
-        """The run's alignment, with its RoPE tables built once (nothing is rebuilt per layer or call)."""
+        """The run's alignment, with its RoPE tables built once (nothing is rebuilt per layer or call); a host's
+        ``align=`` (text-encoder pairs) is used as it is."""
+        if self._host_align is not None:
+            return self._host_align
         src_rope = self.sharer_rope if self.rope_alignment == "auto" else self.receiver_rope
         dst_rope = self.receiver_rope
         if src_rope.theta != dst_rope.theta:

@@ -14,12 +14,13 @@ from typing import Any, Mapping, Optional
 
 from torch import Tensor
 
-from .arch import ArchTag
+from .arch import ArchTag, TextEncoderArch, arch_from_dict
 from .errors import KVShapeError, MissingLayerError, SignatureError
 
 __all__ = [
     "ModelSignature",
     "TokenGrid",
+    "text_encoder_signature",
     "to_heads",
     "from_heads",
     "KVShapeError",
@@ -63,15 +64,16 @@ class ModelSignature:
     num_heads: int
     head_dim: int
     name: str = ""
-    arch: Optional[ArchTag] = field(default=None, compare=False)
+    arch: Optional[ArchTag | TextEncoderArch] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for field in ("num_layers", "num_heads", "head_dim"):
             _positive_int("ModelSignature", field, getattr(self, field))
         if not isinstance(self.name, str):
             raise SignatureError(f"ModelSignature.name is {self.name!r}; expected a string.")
-        if self.arch is not None and not isinstance(self.arch, ArchTag):
-            raise SignatureError(f"ModelSignature.arch is {type(self.arch).__name__}; expected an ArchTag or None.")
+        if self.arch is not None and not isinstance(self.arch, (ArchTag, TextEncoderArch)):
+            raise SignatureError(f"ModelSignature.arch is {type(self.arch).__name__}; expected an ArchTag, a "
+                                 f"TextEncoderArch or None.")
 
     @property
     def width(self) -> int:
@@ -98,8 +100,14 @@ class ModelSignature:
     @classmethod
     def from_dict(cls, d: Mapping) -> "ModelSignature":
         values = _from_dict("ModelSignature", d, ("num_layers", "num_heads", "head_dim"))
-        arch = ArchTag.from_dict(d["arch"]) if d.get("arch") is not None else None
+        arch = arch_from_dict(d["arch"]) if d.get("arch") is not None else None
         return cls(**values, name=d.get("name", ""), arch=arch)
+
+
+def text_encoder_signature(arch: TextEncoderArch, name: str = "") -> ModelSignature:
+    """The signature of a text encoder: its K/V heads (grouped-query attention: fewer than its query heads),
+    since the K/V a projector reads and writes have that many heads (Qwen2.5-VL-7B: 28 layers × 4 × 128)."""
+    return ModelSignature(arch.num_layers, arch.num_kv_heads, arch.head_dim, name=name, arch=arch)
 
 
 @dataclass(frozen=True)

@@ -492,7 +492,7 @@ def test_a_signature_carries_its_tag_without_changing_equality():
     from c2c_core.errors import SignatureError
     assert T_SHARER == SHARER and hash(T_SHARER) == hash(SHARER)        # the tag is compared where it matters
     assert "arch" not in SHARER.to_dict() and ModelSignature.from_dict(T_SHARER.to_dict()).arch == tag(SHARER)
-    with pytest.raises(SignatureError, match="ModelSignature.arch is dict; expected an ArchTag or None"):
+    with pytest.raises(SignatureError, match="ModelSignature.arch is dict; expected an ArchTag, a TextEncoderArch or None"):
         ModelSignature(3, 2, 4, arch=tag(SHARER).to_dict())
 
 
