@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from c2c_core import FusionSchedule, ModelSignature, health
+from c2c_core import FusionSchedule, LayerMapError, ModelSignature, health, parse_layer_spec
 from c2c_core.arch import TextEncoderArch
 from c2c_core.bundle import ProjectorBundle
 from c2c_core.contract import SourceReport
@@ -244,12 +244,14 @@ class TextEncoderBridge:
     sharer: a transformers Qwen3-VL (or Qwen2.5-VL) model; sharer_processor: its processor (a
         ``Qwen3VLProcessor``; a tokenizer alone serves text-only pipelines). bundle: a
         ``c2c_core.ProjectorBundle`` made for this sharer -> receiver pair. strength: the global strength
-        (0 = the stock encoder, bit for bit); layer_strengths: {receiver layer: factor} overriding the
-        layer map's (0 switches a layer off). Every encoding call while attached fuses; ``last_report`` is
-        the last call's ``c2c_core.RunReport``.
+        (0 = the stock encoder, bit for bit); layers: the window over the receiver's layers that fuse ("all",
+        "0-13", "last8": ``c2c_core.parse_layer_spec``, as the ComfyUI node's ``layers``); layer_strengths:
+        {receiver layer: factor} over the layer map's (0 switches a layer off). Every encoding call while
+        attached fuses; ``last_report`` is the last call's ``c2c_core.RunReport``.
     """
 
-    def __init__(self, sharer, sharer_processor, bundle, strength: float = 1.0, layer_strengths=None):
+    def __init__(self, sharer, sharer_processor, bundle, strength: float = 1.0, layer_strengths=None,
+                 layers: str = "all"):
         if not isinstance(bundle, ProjectorBundle):
             raise BridgeSetupError(f"TextEncoderBridge(sharer, sharer_processor, bundle, …): bundle is a "
                                    f"{type(bundle).__name__}; expected a c2c_core.ProjectorBundle (load_bundle(path)).")
@@ -259,7 +261,7 @@ class TextEncoderBridge:
         self.sharer, self.sharer_processor = sharer, sharer_processor
         self.bundle = bundle
         self.strength = float(strength)
-        self.layer_strengths = layer_strengths
+        self.layer_strengths = _layer_factors(bundle, layers, layer_strengths)
         self.banks = BankCache(bundle.bank)
         _check_side(bundle, "sharer", encoder_signature(sharer), sharer)
         self.encoder = self.pipeline = self.tokenizer = self.image_processor = None
@@ -424,6 +426,19 @@ class TextEncoderBridge:
         return captured
 
 
+def _layer_factors(bundle, layers: str, layer_strengths) -> dict:
+    """Per receiver layer factors: 0 outside the ``layers`` window, then ``layer_strengths``."""
+    try:
+        window = set(parse_layer_spec(layers, bundle.receiver.num_layers))
+    except (LayerMapError, TypeError) as exc:
+        raise BridgeSetupError(f"TextEncoderBridge layers={layers!r}: {exc}") from None
+    fused = set(bundle.layer_map.pairs)
+    if not window & fused:
+        raise BridgeSetupError(f"TextEncoderBridge layers={layers!r} selects layers {sorted(window)}, none of the "
+                               f"projector's layers {sorted(fused)}; widen the window, or use 'all'.")
+    return {**{layer: 0.0 for layer in fused - window}, **dict(layer_strengths or {})}
+
+
 @dataclass
 class _Call:
     """One fusing encoding call: its FusionRun and the sharer's K/V by sharer layer."""
@@ -491,10 +506,11 @@ def bridged_prompt_velocity(bridge: TextEncoderBridge, pipe):
 @dataclass
 class TextEncoderBridgeConfig:
     """What ``apply_text_encoder_bridge`` fuses: projector (a bundle file or ProjectorBundle), strength (0..2),
-    layer_strengths ({receiver layer: factor} or None)."""
+    layers (the window over receiver layers: "all", "0-13", "last8"), layer_strengths ({receiver layer: factor})."""
 
     projector: object
     strength: float = 1.0
+    layers: str = "all"
     layer_strengths: Optional[dict] = None
 
 
@@ -511,7 +527,8 @@ def apply_text_encoder_bridge(pipe, config: TextEncoderBridgeConfig, sharer, sha
     bundle = config.projector
     if isinstance(bundle, (str, os.PathLike)):
         bundle = load_bundle(bundle)
-    bridge = TextEncoderBridge(sharer, sharer_processor, bundle, config.strength, config.layer_strengths).attach(pipe)
+    bridge = TextEncoderBridge(sharer, sharer_processor, bundle, config.strength, config.layer_strengths,
+                               config.layers).attach(pipe)
     _applied.setdefault(pipe, []).append(bridge)
     return bridge
 

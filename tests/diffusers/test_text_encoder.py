@@ -171,6 +171,11 @@ def test_qwen3vl_sharer_changes_the_embeddings_and_detach_restores(pipe, sharer,
     with TextEncoderBridge(sharer, sharer_processor, bundle_for(sharer, pipe.text_encoder, "c2c"),
                            layer_strengths={0: 0.0, 1: 0.0}).attach(pipe):
         assert torch.equal(encode(pipe), stock)
+    # a window over the receiver's layers: layer 0 alone fuses, so its keys move and layer 1's stay
+    window = TextEncoderBridge(sharer, sharer_processor, bundle_for(sharer, pipe.text_encoder, "c2c"), layers="first1")
+    with window.attach(pipe):
+        assert not torch.allclose(encode(pipe), stock, atol=1e-4)
+    assert window.last_report.k_change[0] > 0 and window.last_report.k_change[1] == 0.0
 
 
 def test_a_pipeline_call_runs_fused(pipe, sharer, sharer_processor):
@@ -240,6 +245,8 @@ def test_bad_input_is_refused(pipe, edit_pipe, sharer, sharer_processor, tok, im
         TextEncoderBridge(sharer, sharer_processor, "projector.safetensors")
     with pytest.raises(BridgeSetupError, match="strength=3.0; expected a number from 0 to 2.0"):
         TextEncoderBridge(sharer, sharer_processor, bundle, strength=3.0)
+    with pytest.raises(BridgeSetupError, match="layers='5-6'.*goes past the last layer 1"):
+        TextEncoderBridge(sharer, sharer_processor, bundle, layers="5-6")
     with pytest.raises(BridgeSetupError, match="WanPipeline has no text_encoder"):
         TextEncoderBridge(sharer, sharer_processor, bundle).attach(tiny.wan_pipe(transformer=tiny.wan()))
     qwen2_lm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TEXT))
