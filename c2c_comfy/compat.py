@@ -564,3 +564,166 @@ def diffusion_model_output(patcher, x: torch.Tensor, sigma: torch.Tensor, conds:
                    uuids=[None] * len(cond_or_uncond))
     patcher.model.apply_model(x, sigma, **conds, transformer_options=options)
     return raw["out"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Qwen text encoders (issue 21: c2c_comfy/text_encoder.py). Section owned by the text-encoder bridge.
+#
+# Hook point: ComfyUI's llama.py attention takes no transformer_options and no attention override, so the
+# K/V are read where the host computes them, with torch forward hooks on submodules of ComfyUI's own
+# classes: ``self_attn.k_proj`` (Qwen2.5-VL; Qwen3-VL's keys are read after its ``k_norm``) and
+# ``self_attn.v_proj``. These are the keys BEFORE RoPE: the receiver rotates fused keys at its own M-RoPE
+# positions (docs/text_encoders_comfyui.md says why). The hooks live only for one encode (a context manager,
+# removed in ``finally``), so no other branch of the graph, and no later prompt, ever runs through them.
+# ------------------------------------------------------------------------------------------------
+IMAGE_PAD_TOKEN = 151655     # <|image_pad|> in both Qwen tokenizers: where ComfyUI puts an image's embedding
+
+# ComfyUI's encoder classes by the name SD1ClipModel gives them (its ``clip`` attribute): our kind names
+_QWEN_ENCODERS = {"qwen25_7b": "qwen2.5-vl", "qwen3vl_8b": "qwen3-vl", "qwen3vl_4b": "qwen3-vl"}
+
+
+class NotAQwenEncoder(TypeError):
+    """Raised when a CLIP input is not one of ComfyUI's Qwen-VL text encoders; the message says what it is."""
+
+
+def qwen3vl_available() -> bool:
+    """Whether this ComfyUI has Qwen3-VL text encoders (comfy/text_encoders/qwen3vl.py, from 0.2x/0.33)."""
+    import importlib.util
+
+    return importlib.util.find_spec("comfy.text_encoders.qwen3vl") is not None
+
+
+class QwenEncoder:
+    """One of ComfyUI's Qwen-VL encoders inside a CLIP: its kind, its attention modules, its shape."""
+
+    def __init__(self, clip, name: str, clip_model):
+        self.clip, self.name, self.kind = clip, name, _QWEN_ENCODERS[name]
+        self.transformer = clip_model.transformer                      # Qwen25_7BVLI / Qwen3VL
+        self.attentions = [layer.self_attn for layer in self.transformer.model.layers]
+        config = self.transformer.model.config
+        self.num_layers = len(self.attentions)
+        self.num_kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(config.head_dim)
+        self.hidden_size = int(config.hidden_size)
+        self.mrope_sections = tuple(int(d) for d in (config.rope_dims or ()))
+        self.interleaved_mrope = bool(getattr(config, "interleaved_mrope", False))
+        self.rope_theta = float(config.rope_theta)
+
+
+def qwen_encoder(clip) -> QwenEncoder:
+    """The Qwen-VL encoder of a CLIP, or NotAQwenEncoder naming what the CLIP holds instead."""
+    model = getattr(clip, "cond_stage_model", None)
+    if model is None or not hasattr(clip, "tokenize"):
+        raise NotAQwenEncoder(f"a {type(clip).__name__}, not a CLIP")
+    name = getattr(model, "clip", None)
+    clip_model = getattr(model, name, None) if isinstance(name, str) else None
+    if name not in _QWEN_ENCODERS or clip_model is None or not hasattr(getattr(clip_model, "transformer", None), "model"):
+        found = name if isinstance(name, str) else type(model).__name__
+        raise NotAQwenEncoder(f"a '{found}' text encoder")
+    return QwenEncoder(clip, name, clip_model)
+
+
+def is_clip(value) -> bool:
+    """Whether a node input is a CLIP (ComfyUI's comfy.sd.CLIP), not a MODEL."""
+    import comfy.sd
+
+    return isinstance(value, comfy.sd.CLIP)
+
+
+def clone_clip(clip):
+    """A CLIP of its own for one encode (ComfyUI's CLIP.clone: the patcher is cloned, the weights shared)."""
+    return clip.clone()
+
+
+def tokenizer_text(clip, tokens: dict) -> str:
+    """The exact text (template, special tokens, <|image_pad|> per image) a Qwen CLIP's tokens spell."""
+    name = next(iter(tokens))
+    ids = [IMAGE_PAD_TOKEN if isinstance(t[0], dict) else int(t[0]) for row in tokens[name] for t in row]
+    tokenizer = getattr(clip.tokenizer, clip.tokenizer.clip).tokenizer      # the HF tokenizer SDTokenizer wraps
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def token_ids(tokens: dict) -> list:
+    """A Qwen CLIP's tokens as ids, ``None`` where an image embedding stands."""
+    name = next(iter(tokens))
+    return [None if isinstance(t[0], dict) else int(t[0]) for row in tokens[name] for t in row]
+
+
+def encode_tokens(clip, tokens: dict):
+    """The CLIP's forward on its tokens (output discarded by the caller: the sharer's K/V are what it wants)."""
+    return clip.encode_from_tokens(tokens)
+
+
+def vision_spans(embeds_info) -> list:
+    """(start, length, (t, h, w) merged grid) of each image the encoder placed, from its ``embeds_info``.
+
+    Qwen2.5-VL keeps the patch grid as the entry's ``extra``, Qwen3-VL under ``extra["grid"]``; both merge
+    2×2 patches into one token."""
+    spans = []
+    for e in sorted((e for e in embeds_info or () if e.get("type") == "image"), key=lambda e: e["index"]):
+        extra = e.get("extra")
+        grid = extra["grid"] if isinstance(extra, dict) else extra
+        t, h, w = (int(v) for v in grid.reshape(-1, 3)[0].tolist())
+        spans.append((int(e["index"]), int(e["size"]), (t, h // 2, w // 2)))
+    return spans
+
+
+@contextlib.contextmanager
+def text_attention_hooks(encoder: QwenEncoder, layers, on_start, on_kv):
+    """Call ``on_start(embeds_info, tokens)`` when the encoder's forward starts and ``on_kv(layer, k, v)`` in each
+    of ``layers`` with its pre-RoPE K and V, each (B, N, H_kv, D) views of the host's own tensors.
+
+    ``on_kv`` returns None (read only) or ``(k', v')``: then the layer attends with them (copied into the host's
+    tensors, which are still unused at that point: both hooks fire before RoPE and attention)."""
+    handles = []
+
+    def start(module, args, kwargs):
+        embeds = kwargs.get("embeds")
+        on_start(kwargs.get("embeds_info") or [], None if embeds is None else int(embeds.shape[1]))
+
+    def per_layer(layer: int, attention):
+        seen = {}
+
+        def done():
+            k, v = seen.pop("k"), seen.pop("v")
+            fused = on_kv(layer, k, v)
+            if fused is not None:
+                for mine, new in zip((k, v), fused):
+                    if new is not mine:
+                        mine.copy_(new)
+
+        def keys(module, args, out):
+            # k_proj: (B, N, H*D); Qwen3's k_norm: (B, H, N, D) after the host's transpose
+            seen["k"] = out.transpose(1, 2) if out.dim() == 4 else out.unflatten(-1, (encoder.num_kv_heads, -1))
+            if "v" in seen:
+                done()
+
+        def values(module, args, out):
+            seen["v"] = out.unflatten(-1, (encoder.num_kv_heads, -1))
+            if "k" in seen:
+                done()
+
+        key_module = attention.k_norm if attention.k_norm is not None else attention.k_proj
+        return [key_module.register_forward_hook(keys), attention.v_proj.register_forward_hook(values)]
+
+    try:
+        handles.append(encoder.transformer.register_forward_pre_hook(start, with_kwargs=True))
+        for layer in sorted(set(layers)):
+            handles += per_layer(layer, encoder.attentions[layer])
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def stock_qwen_encode_node(name: str):
+    """ComfyUI's own TextEncodeQwenImageEdit / TextEncodeQwenImageEditPlus node class (their templates and image
+    sizes are the reference the bridge reproduces by running them with a bridged CLIP)."""
+    import comfy_extras.nodes_qwen
+
+    return getattr(comfy_extras.nodes_qwen, name)
+
+
+def run_stock_node(cls, **inputs):
+    """A stock V3 node's outputs as a tuple."""
+    return tuple(cls.execute(**inputs).args)

@@ -8,11 +8,13 @@ from .kv_cache import LoadKVCache, SaveKVCache
 from .projector import CreateC2CProjector, LoadC2CProjector
 from .record import RecordKVCache
 from .sampler import BridgedKSampler
+from .text_encode import BridgedQwenTextEncode
 from .train import SaveC2CTrainingSample, TrainC2CProjector
 
 NODES = [LoadC2CProjector, CreateC2CProjector, CaptureKVCache, FuseCaches, BridgedKSampler, RecordKVCache, SaveKVCache,
          LoadKVCache]
 NODES += [SaveC2CTrainingSample, TrainC2CProjector]
+NODES += [BridgedQwenTextEncode]
 
 
 class DiTCacheBridge(ComfyExtension):

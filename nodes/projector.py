@@ -14,6 +14,7 @@ from c2c_core.bundle import arch_mismatches
 from c2c_core.errors import cut, quote
 from ..c2c_comfy import compat, paths
 from ..c2c_comfy.errors import BridgeInputError, check
+from ..c2c_comfy.text_encoder import RECEIVER_KINDS, SHARER_KINDS, encoder_of, encoder_signature
 from .types import CATEGORY, Projector
 
 log = logging.getLogger("dit_cache_bridge")
@@ -83,8 +84,11 @@ class CreateC2CProjector(io.ComfyNode):
             description="Training-free projectors (identity, weighted) for same-architecture pairs, or a freshly "
                         "initialised learnable one to train.",
             inputs=[
-                io.Model.Input("sharer", tooltip="The model whose K/V are shared (e.g. ChronoEdit)."),
-                io.Model.Input("receiver", tooltip="The model that receives the K/V (e.g. Wan2.1)."),
+                io.MultiType.Input(io.Model.Input("sharer", tooltip="The model whose K/V are shared (e.g. ChronoEdit), "
+                                                  "or a text encoder (CLIP: Qwen3-VL)."), types=[io.Model, io.Clip]),
+                io.MultiType.Input(io.Model.Input("receiver", tooltip="The model that receives the K/V (e.g. Wan2.1), "
+                                                  "or a text encoder (CLIP: Qwen-Image's Qwen2.5-VL)."),
+                                   types=[io.Model, io.Clip]),
                 io.Combo.Input("kind", options=PROJECTOR_KINDS, default="identity",
                                tooltip="identity: sharer K/V replace the receiver's (same architecture only). "
                                        "weighted: alpha·sharer + (1−alpha)·receiver. gating/full/c2c: learnable, "
@@ -111,8 +115,7 @@ class CreateC2CProjector(io.ComfyNode):
     @classmethod
     def execute(cls, sharer, receiver, kind, mapping, layers, alpha, hidden_dim, seed) -> io.NodeOutput:
         _check_create_inputs(cls.NODE, kind, mapping, layers, alpha, hidden_dim, seed)
-        sharer_sig = model_signature(cls.NODE, "sharer", sharer)
-        receiver_sig = model_signature(cls.NODE, "receiver", receiver)
+        sharer_sig, receiver_sig = pair_signatures(cls.NODE, sharer, receiver)
         try:
             fused = parse_layer_spec(layers, receiver_sig.num_layers)
         except (LayerMapError, ValueError) as e:
@@ -163,6 +166,18 @@ def untrained_warning(bundle) -> str | None:
     return (f"untrained '{bundle.bank.kind}' projector: its random weights change the output but carry none of "
             f"the sharer's knowledge. Train it (Train C2C Projector) and load it with Load C2C Projector, or set "
             f"{CreateC2CProjector.NODE}'s kind to 'identity' or 'weighted' (training-free).")
+
+
+def pair_signatures(node: str, sharer, receiver):
+    """The two sides of a new projector: two diffusion models (MODEL) or two Qwen-VL text encoders (CLIP)."""
+    if compat.is_clip(sharer) or compat.is_clip(receiver):
+        for name, value in (("sharer", sharer), ("receiver", receiver)):
+            check(compat.is_clip(value), node, name, f"a {type(value).__name__} beside a CLIP",
+                  "two text encoders (CLIP) or two diffusion models (MODEL)",
+                  "connect the Qwen3-VL and the Qwen2.5-VL text encoders (Load CLIP), or two diffusion models")
+        return (encoder_signature(encoder_of(node, "sharer", sharer, SHARER_KINDS)),
+                encoder_signature(encoder_of(node, "receiver", receiver, RECEIVER_KINDS)))
+    return model_signature(node, "sharer", sharer), model_signature(node, "receiver", receiver)
 
 
 def model_signature(node: str, input_name: str, model):

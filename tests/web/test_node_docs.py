@@ -10,7 +10,8 @@ import host
 
 PACK_NODES = tuple("DiTCacheBridge_" + name for name in (
     "LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler",
-    "RecordKVCache", "SaveKVCache", "LoadKVCache", "SaveC2CTrainingSample", "TrainC2CProjector"))
+    "RecordKVCache", "SaveKVCache", "LoadKVCache", "SaveC2CTrainingSample", "TrainC2CProjector",
+    "BridgedQwenTextEncode"))
 DOCS = host.REPO_ROOT / "web" / "docs"
 
 

@@ -24,7 +24,7 @@ export const PREFIX = "DiTCacheBridge_";
 const ROLES = {
   projector: ["LoadC2CProjector", "CreateC2CProjector", "TrainC2CProjector", "SaveC2CTrainingSample"],
   source: ["CaptureKVCache", "RecordKVCache", "SaveKVCache", "LoadKVCache"],
-  fusion: ["FuseCaches", "BridgedKSampler"],
+  fusion: ["FuseCaches", "BridgedKSampler", "BridgedQwenTextEncode"],
 };
 // One hue family (teal) so the pack reads as one; shades tell the roles apart.
 // LiteGraph: `color` is the title bar, `bgcolor` the body.
