@@ -29,6 +29,8 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
                           Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
 
+pytestmark = pytest.mark.slow
+
 TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
             vocab_size=151936)
 VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
@@ -311,3 +313,86 @@ def test_training_fuses_as_inference_and_only_the_bank_learns(tmp_path, pipe, sh
     with TextEncoderBridge(sharer, sharer_processor, load_bundle(tmp_path / "trained.safetensors"),
                            strength=0.7).attach(pipe):
         assert torch.equal(encode(pipe), trained)
+
+
+# -- ComfyUI and diffusers agree on the same tiny weights ---------------------------------------------------------
+
+def comfy_encoder(tiny, spec, seed, path):
+    """A tiny encoder built with ComfyUI's own classes (tools/make_tiny_qwen.py), saved in the layout the host loads
+    (Qwen3-VL: transformers' keys), loaded back as CLIPLoader would; returns (clip, the saved state dict)."""
+    import comfy.ops
+    import comfy.sd
+    from safetensors.torch import save_file
+    options = tiny.clip_model_options(spec)
+    clip_class = next(v for k, v in options.items() if k.endswith("_class"))
+    model_options = {k: v for k, v in options.items() if k.endswith("_model_config")}
+    model_options.update(model_name=tiny.QWEN25_NAME if spec["kind"] == "qwen25_vl" else tiny.QWEN3VL_NAME,
+                         custom_operations=comfy.ops.disable_weight_init)
+    model = clip_class(device="cpu", dtype=torch.float32, model_options=model_options).transformer
+    tiny.initialise(model, seed)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if spec["kind"] == "qwen3_vl":
+        state = {("model.language_model." + k[len("model."):]) if k.startswith("model.") else "model." + k: v
+                 for k, v in state.items()}
+    save_file(state, str(path))
+    clip = comfy.sd.load_clip(ckpt_paths=[str(path)], embedding_directory=None,
+                              clip_type=comfy.sd.CLIPType.QWEN_IMAGE, model_options=options)
+    return clip, state
+
+
+def test_comfyui_and_diffusers_agree_on_the_same_weights(comfy, tmp_path, tok):
+    """The same tiny Qwen2.5-VL receiver and Qwen3-VL sharer, built with ComfyUI's classes and loaded into
+    transformers, and one bundle: ComfyUI's stock text encode equals diffusers' encode_prompt, and the Bridged Qwen
+    Text Encode node's conditioning equals the TextEncoderBridge's, to float32 rounding (1e-4 on values of order 1: the hosts use different attention kernels). ComfyUI detects Qwen-Image's
+    encoder by its 4 K/V heads × 128, so the receiver is 512 wide (head_dim 128 needs hidden = heads × 128 in
+    transformers); the sharer is tools/make_tiny_qwen.py's."""
+    import host
+    tiny = host._load_tool("make_tiny_qwen")
+    if not tiny.has_qwen3vl():
+        pytest.skip("this ComfyUI has no Qwen3-VL text encoder (comfy/text_encoders/qwen3vl.py)")
+    from comfy_extras.nodes_qwen import TextEncodeQwenImageEdit
+
+    from bridge_helpers import pack_nodes
+    pack_nodes()
+    from dit_cache_bridge.nodes.text_encode import BridgedQwenTextEncode
+
+    config = dict(vocab_size=152064, hidden_size=512, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4)
+    receiver_clip, receiver_state = comfy_encoder(tiny, {"kind": "qwen25_vl", "vision": tiny.VISION, "config": config},
+                                                  7, tmp_path / "receiver.safetensors")
+    sharer_spec = tiny.SPECS[tiny.SHARER]
+    sharer_clip, sharer_state = comfy_encoder(tiny, sharer_spec, 8, tmp_path / "sharer.safetensors")
+
+    receiver = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(config, rope_parameters=dict(rope_type="default", mrope_section=[16, 24, 24], rope_theta=1e6)),
+        vision_config=dict(VISION, out_hidden_size=512, fullatt_block_indexes=[0]), tie_word_embeddings=True)).eval()
+    missing, unexpected = receiver.load_state_dict({"model.language_model." + k[len("model."):]: v
+                                                     for k, v in receiver_state.items() if k.startswith("model.")},
+                                                    strict=False)
+    assert not unexpected and not [k for k in missing if ".visual." not in k and k != "lm_head.weight"]
+    s = sharer_spec["config"]
+    vision = sharer_spec["vision"]
+    sharer_model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+        text_config=dict(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+                         num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
+                         num_key_value_heads=s["num_key_value_heads"], head_dim=128, rope_parameters=dict(
+                             rope_type="default", mrope_section=[24, 20, 20], mrope_interleaved=True, rope_theta=5e6)),
+        vision_config=dict(depth=vision["depth"], hidden_size=vision["hidden_size"], num_heads=vision["num_heads"],
+                           intermediate_size=vision["intermediate_size"], out_hidden_size=s["hidden_size"],
+                           deepstack_visual_indexes=vision["deepstack"]))).eval()
+    missing, unexpected = sharer_model.load_state_dict(sharer_state, strict=False)
+    assert not unexpected and missing == ["lm_head.weight"]
+    pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=receiver, tokenizer=tok, transformer=None)
+
+    prompt = "a red cube with 'C2C' written on it"
+    stock_comfy = TextEncodeQwenImageEdit.execute(clip=receiver_clip, prompt=prompt, image=None).args[0][0][0]
+    stock = encode(pipe, prompt)
+    assert (stock - stock_comfy).abs().max() < 1e-4, (stock - stock_comfy).abs().max()   # two attention kernels
+
+    bundle = bundle_for(sharer_model, receiver, "c2c")
+    fused_comfy = BridgedQwenTextEncode.execute(receiver_clip, sharer_clip, bundle, prompt, "text", 1.0, "all",
+                                                "").args[0][0][0]
+    with TextEncoderBridge(sharer_model, tok, bundle).attach(pipe):
+        fused = encode(pipe, prompt)
+    assert (fused_comfy - stock_comfy).abs().max() > 0.1, "the fusion moved the conditioning"
+    assert (fused - fused_comfy).abs().max() < 1e-4, (fused - fused_comfy).abs().max()
