@@ -59,9 +59,6 @@ __all__ = ["TextEncoderBridge", "TextEncoderBridgeConfig", "apply_text_encoder_b
 
 #: transformers ``model_type`` -> c2c_core text-encoder family (c2c_core.arch.TEXT_ENCODER_FAMILIES)
 FAMILIES = {"qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
-#: the published sizes, by (family, hidden size): the tag's human-readable variant
-VARIANTS = {("qwen2.5-vl", 2048): "3b", ("qwen2.5-vl", 3584): "7b", ("qwen2.5-vl", 8192): "72b",
-            ("qwen3-vl", 2048): "2b", ("qwen3-vl", 2560): "4b", ("qwen3-vl", 4096): "8b", ("qwen3-vl", 5120): "32b"}
 #: families whose forward refuses image inputs without ``mm_token_type_ids`` (so the sharer always gets them)
 NEEDS_TOKEN_TYPES = {"qwen2.5-vl": False, "qwen3-vl": True}
 _PLACEHOLDER_RUN = re.compile(r"(<\|(?:image|video)_pad\|>)\1+")
@@ -85,6 +82,16 @@ def language_model(encoder):
     return text
 
 
+def variant(family: str, text_config) -> str:
+    """The tag's size label, named as ComfyUI's loader names the same checkpoint, so both hosts tag one model alike:
+    ComfyUI tells Qwen2.5-VL sizes by the K/V width (256: 3B, 512: 7B) and Qwen3-VL ones by the hidden size
+    (2560: 4B, any other: 8B)."""
+    if family == "qwen2.5-vl":
+        width = text_config.num_key_value_heads * (text_config.hidden_size // text_config.num_attention_heads)
+        return {256: "3b", 512: "7b"}.get(width, "custom")
+    return "4b" if text_config.hidden_size == 2560 else "8b"
+
+
 def encoder_arch(encoder) -> TextEncoderArch:
     """The host-neutral architecture tag of a Qwen-VL model, from its configuration (c2c_core.arch)."""
     language_model(encoder)
@@ -93,7 +100,7 @@ def encoder_arch(encoder) -> TextEncoderArch:
     attn = language_model(encoder).layers[0].self_attn
     rope = text.rope_parameters
     return TextEncoderArch.from_config(
-        family, VARIANTS.get((family, text.hidden_size), "custom"), hidden_size=text.hidden_size,
+        family, variant(family, text), hidden_size=text.hidden_size,
         intermediate_size=text.intermediate_size, num_layers=text.num_hidden_layers, num_heads=text.num_attention_heads,
         num_kv_heads=text.num_key_value_heads, head_dim=attn.head_dim, vocab_size=text.vocab_size,
         rope_theta=int(rope["rope_theta"]), vision_patch=vision.patch_size, mrope_sections=rope.get("mrope_section"))
@@ -166,7 +173,7 @@ def layouts(tokenizer, texts: list, input_ids: Tensor, attention_mask: Tensor, i
             image_grid_thw: Optional[Tensor], merge: int) -> list:
     """One ``c2c_core.tokens.TokenLayout`` per row: character spans in ``texts[row]`` (one placeholder per image),
     image blocks on the merged grid, ``None`` for padding. Each row must tokenize to exactly the model's ids."""
-    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else ())
+    grids = iter(image_grid_thw if image_grid_thw is not None else ())
     out = []
     for text, row, mask in zip(texts, input_ids.tolist(), attention_mask.bool().tolist()):
         where = [i for i, m in enumerate(mask) if m]
@@ -177,9 +184,9 @@ def layouts(tokenizer, texts: list, input_ids: Tensor, attention_mask: Tensor, i
         for token, span in zip(enc["input_ids"], enc["offset_mapping"]):
             count = 1
             if token == image_token:
-                t, h, w = next(grids)
-                vision.append(VisionGrid(start=where[0] + len(ids), grid=(t, h // merge, w // merge)))
-                count = t * h * w // merge ** 2
+                block = VisionGrid.from_patch_grid(where[0] + len(ids), next(grids), merge)
+                vision.append(block)
+                count = block.size
             ids += [token] * count
             spans += [tuple(span)] * count
         if ids != [row[i] for i in where]:

@@ -390,6 +390,10 @@ def test_comfyui_and_diffusers_agree_on_the_same_weights(comfyui_root, request, 
     stock = encode(pipe, prompt)
     assert (stock - stock_comfy).abs().max() < 1e-4, (stock - stock_comfy).abs().max()   # two attention kernels
 
+    # one network, one tag: a bundle made in either host is accepted by the other
+    from dit_cache_bridge.c2c_comfy import compat
+    for clip, model in ((receiver_clip, receiver), (sharer_clip, sharer_model)):
+        assert compat.qwen_encoder(clip).arch == encoder_signature(model).arch
     bundle = bundle_for(sharer_model, receiver, "c2c")
     fused_comfy = BridgedQwenTextEncode.execute(receiver_clip, sharer_clip, bundle, prompt, "text", 1.0, "all",
                                                 "").args[0][0][0]
