@@ -233,10 +233,10 @@ def _check_recovered(images, pixel_values, image_grid_thw, image_processor) -> N
 
 
 class _Gather:
-    """FusionRun's ``align`` for one encoding call: receiver token j of row b reads sharer token ``index[b, j]``
-    (set once the sharer has run, before the first fused layer)."""
+    """FusionRun's ``align`` for one encoding call: receiver token j of row b reads sharer token ``index[b, j]``."""
 
-    index: Optional[Tensor] = None
+    def __init__(self, index: Tensor):
+        self.index = index
 
     def __call__(self, sk: Tensor, sv: Tensor):
         idx = self.index.to(sk.device)[:, :, None, None]
@@ -340,22 +340,25 @@ class TextEncoderBridge:
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             raise BridgeSetupError("the text encoder was called with a KV cache; the bridge fuses a fresh prefill "
                                    "only (as the Qwen-Image pipelines encode prompts).")
-        align = _Gather()
-        run = FusionRun(self.bundle, FusionSchedule(), self.strength, self.layer_strengths, align=align,
-                        device=None if self._training else self.encoder.device,
-                        dtype=None if self._training else self.encoder.dtype, banks=self.banks,
-                        stats=not self._training)
-        if not run.begin_call(0.0):
-            self.last_report = run.close(SourceReport())
+        probe = self._run(None, None)
+        if not probe.begin_call(0.0):
+            self.last_report = probe.close(SourceReport())
             return None
         index, kv = self._prepare(kwargs)
-        align.index = self.last_alignment = index
-        self._call = _Call(run, kv)
+        self.last_alignment = index
+        self._call = _Call(index, kv)
         return None
+
+    def _run(self, device, dtype, align=None) -> FusionRun:
+        """A FusionRun for one encoding call; its bank is placed on ``device``/``dtype`` (none in training mode)."""
+        return FusionRun(self.bundle, FusionSchedule(), self.strength, self.layer_strengths,
+                         align=align or _Gather(torch.zeros(0, 0, dtype=torch.long)),
+                         device=None if self._training else device, dtype=None if self._training else dtype,
+                         banks=self.banks, stats=not self._training)
 
     def _after(self, module, args, output):
         call, self._call = self._call, None
-        if call is None:
+        if call is None or call.run is None:
             return None
         report = call.run.close(SourceReport(sharer_forwards=1, peak_kv_bytes=call.kv_bytes))
         self.last_report = report
@@ -366,7 +369,12 @@ class TextEncoderBridge:
 
     def _fuse(self, layer, k, v):
         call = self._call
-        if call is None or call.run.strength(layer) == 0.0:
+        if call is None:
+            return None
+        if call.run is None:        # at the first fused layer: the K/V's device and dtype are known (CPU offload
+            call.run = self._run(k.device, k.dtype, _Gather(call.index))     # moves the encoder only now)
+            call.run.begin_call(0.0)
+        if call.run.strength(layer) == 0.0:
             return None
         sk, sv = call.sharer_kv[call.run.sharer_layer(layer)]
         return call.run.fuse(layer, k, v, sk, sv)
@@ -448,10 +456,12 @@ def _layer_factors(bundle, layers: str, layer_strengths) -> dict:
 
 @dataclass
 class _Call:
-    """One fusing encoding call: its FusionRun and the sharer's K/V by sharer layer."""
+    """One fusing encoding call: the token alignment, the sharer's K/V by sharer layer, and the FusionRun (made at
+    the first fused layer)."""
 
-    run: FusionRun
+    index: Tensor
     sharer_kv: dict
+    run: Optional[FusionRun] = None
 
     @property
     def kv_bytes(self) -> int:
