@@ -16,8 +16,8 @@ bundle means the same in both hosts: forward hooks on each fused layer's ``self_
 Qwen3-VL's keys are read after its ``k_norm``) and ``self_attn.v_proj``, transformers' own modules (no
 forward is copied). The receiver then rotates the fused keys at its own M-RoPE positions, so the sharer's
 other M-RoPE layout (Qwen3-VL interleaves its sections, with another theta) and its other image grid need
-no re-rotation: only token alignment (``c2c_core.tokens``: text tokens by their characters, image tokens
-on their 2-D grids). A forward pre-hook on ``pipe.text_encoder`` sees each encoding call (the pipeline's
+no re-rotation: only token alignment (``c2c_core.tokens``: text tokens by the UTF-8 bytes they cover, image
+tokens on their 2-D grids). A forward pre-hook on ``pipe.text_encoder`` sees each encoding call (the pipeline's
 template applied, the image preprocessed) and runs the sharer on the same text and image first.
 
 The sharer reads the receiver's text decoded from its token ids (Qwen's byte-level tokenizer decodes
@@ -48,14 +48,14 @@ from c2c_core.contract import SourceReport
 from c2c_core.mrope import VisionGrid
 from c2c_core.runtime import BankCache, FusionRun
 from c2c_core.signature import text_encoder_signature
-from c2c_core.tokens import TokenLayout, align_tokens
+from c2c_core.tokens import TokenLayout, align_tokens, spans_from_pieces
 
 from .bridge import check_architecture
 from .errors import BridgeSetupError
 
 __all__ = ["TextEncoderBridge", "TextEncoderBridgeConfig", "apply_text_encoder_bridge", "remove_text_encoder_bridge",
            "PromptBatch", "bridged_prompt_velocity", "encoder_arch", "encoder_signature", "language_model", "kv_hooks",
-           "layouts", "recover_images"]
+           "layouts", "recover_images", "token_pieces"]
 
 #: transformers ``model_type`` -> c2c_core text-encoder family (c2c_core.arch.TEXT_ENCODER_FAMILIES)
 FAMILIES = {"qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
@@ -94,10 +94,9 @@ def variant(family: str, text_config) -> str:
 
 def encoder_arch(encoder) -> TextEncoderArch:
     """The host-neutral architecture tag of a Qwen-VL model, from its configuration (c2c_core.arch)."""
-    language_model(encoder)
+    attn = language_model(encoder).layers[0].self_attn
     family = FAMILIES[encoder.config.model_type]
     text, vision = encoder.config.text_config, encoder.config.vision_config
-    attn = language_model(encoder).layers[0].self_attn
     rope = text.rope_parameters
     return TextEncoderArch.from_config(
         family, variant(family, text), hidden_size=text.hidden_size,
@@ -169,31 +168,41 @@ def _decode_rows(tokenizer, input_ids: Tensor, attention_mask: Tensor) -> list:
     return texts
 
 
-def layouts(tokenizer, texts: list, input_ids: Tensor, attention_mask: Tensor, image_token: int,
-            image_grid_thw: Optional[Tensor], merge: int) -> list:
-    """One ``c2c_core.tokens.TokenLayout`` per row: character spans in ``texts[row]`` (one placeholder per image),
-    image blocks on the merged grid, ``None`` for padding. Each row must tokenize to exactly the model's ids."""
+def token_pieces(tokenizer, ids) -> list:
+    """Each token's UTF-8 bytes (Qwen's tokenizers are byte-level BPE, so a token split inside a character still has
+    its exact bytes): the unit c2c_core.tokens aligns by, as the ComfyUI host spans them (compat.token_pieces)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
+    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+    return [added[i].encode("utf-8") if i in added else bytes(to_byte[ch] for ch in tokenizer.convert_ids_to_tokens(i))
+            for i in ids]
+
+
+def layouts(tokenizer, input_ids: Tensor, attention_mask: Tensor, image_token: int, image_grid_thw: Optional[Tensor],
+            merge: int) -> list:
+    """One ``c2c_core.tokens.TokenLayout`` per row: byte spans of the row's text with one placeholder per image (so
+    that two models' texts agree around images of different token counts), each run of image tokens a block on its
+    merged grid, ``None`` for padding."""
     grids = iter(image_grid_thw if image_grid_thw is not None else ())
     out = []
-    for text, row, mask in zip(texts, input_ids.tolist(), attention_mask.bool().tolist()):
+    for row, mask in zip(input_ids.tolist(), attention_mask.bool().tolist()):
         where = [i for i, m in enumerate(mask) if m]
         if where and where != list(range(where[0], where[-1] + 1)):
             raise BridgeSetupError("a prompt's attention mask has holes; expected padding on one side only.")
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, spans, vision = [], [], []
-        for token, span in zip(enc["input_ids"], enc["offset_mapping"]):
-            count = 1
-            if token == image_token:
-                block = VisionGrid.from_patch_grid(where[0] + len(ids), next(grids), merge)
-                vision.append(block)
-                count = block.size
-            ids += [token] * count
-            spans += [tuple(span)] * count
-        if ids != [row[i] for i in where]:
-            raise BridgeSetupError(f"the tokens of {text[:60]!r}… differ from the ones the model read; expected the "
-                                   f"tokenizer of the model's own processor.")
-        full = [None] * len(row)
-        full[where[0]:where[-1] + 1] = spans
+        ids = [row[i] for i in where]
+        starts = [j for j, t in enumerate(ids) if t != image_token or j == 0 or ids[j - 1] != image_token]
+        spans = spans_from_pieces(token_pieces(tokenizer, [ids[j] for j in starts]))
+        full, vision = [None] * len(row), []
+        for n, (j, span) in enumerate(zip(starts, spans)):
+            if ids[j] != image_token:
+                full[where[0] + j] = span
+                continue
+            block = VisionGrid.from_patch_grid(where[0] + j, next(grids), merge)
+            size = (starts[n + 1] if n + 1 < len(starts) else len(ids)) - j
+            if size != block.size:
+                raise BridgeSetupError(f"an image block of {size} tokens where its grid has {block.size}; expected "
+                                       f"the image_grid_thw the model's processor returned with these tokens.")
+            vision.append(block)
         out.append(TokenLayout(spans=tuple(full), vision=tuple(vision)))
     return out
 
@@ -393,11 +402,11 @@ class TextEncoderBridge:
             raise BridgeSetupError("the prompt holds image placeholders (<|image_pad|>) but the text encoder got no "
                                    "pixel_values; pass the edit image (QwenImageEditPipeline(image=…)).")
         texts = [_PLACEHOLDER_RUN.sub(r"\1", t) for t in _decode_rows(self.tokenizer, input_ids, mask)]
-        receiver = layouts(self.tokenizer, texts, input_ids, mask, image_token, kwargs.get("image_grid_thw"),
+        receiver = layouts(self.tokenizer, input_ids, mask, image_token, kwargs.get("image_grid_thw"),
                            self.encoder.config.vision_config.spatial_merge_size)
         inputs = self._sharer_inputs(texts, kwargs)
         kv = self._run_sharer(inputs)
-        sharer = layouts(_tokenizer_of(self.sharer_processor), texts, inputs["input_ids"].cpu(),
+        sharer = layouts(_tokenizer_of(self.sharer_processor), inputs["input_ids"].cpu(),
                          inputs["attention_mask"].cpu(), self.sharer.config.image_token_id,
                          inputs.get("image_grid_thw"), self.sharer.config.vision_config.spatial_merge_size)
         return torch.stack([align_tokens(r, s) for r, s in zip(receiver, sharer)]), kv

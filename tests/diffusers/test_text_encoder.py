@@ -19,7 +19,8 @@ from c2c_core.arch import ArchTag, TextEncoderArch
 from c2c_core.bundle import ProjectorBundle
 from c2c_diffusers import Bridge, BridgeSetupError, LiveSharer, SharerInputs, TextEncoderBridge, TextEncoderBridgeConfig
 from c2c_diffusers import apply_text_encoder_bridge, remove_text_encoder_bridge
-from c2c_diffusers.text_encoder import PromptBatch, bridged_prompt_velocity, encoder_signature, recover_images
+from c2c_diffusers.text_encoder import (PromptBatch, bridged_prompt_velocity, encoder_signature, recover_images,
+                                        token_pieces)
 from host import require_comfyui
 
 transformers = pytest.importorskip("transformers")
@@ -401,3 +402,13 @@ def test_comfyui_and_diffusers_agree_on_the_same_weights(comfyui_root, request, 
         fused = encode(pipe, prompt)
     assert (fused_comfy - stock_comfy).abs().max() > 0.1, "the fusion moved the conditioning"
     assert (fused - fused_comfy).abs().max() < 1e-4, (fused - fused_comfy).abs().max()
+
+
+def test_token_pieces_spell_the_text_in_bytes(tok):
+    """Alignment spans are UTF-8 bytes (as in the ComfyUI host): a token split inside a character keeps its bytes."""
+    text = "<|im_start|>user\nnaïve 東京 🐈 sign: 'OPEN'<|im_end|>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = token_pieces(tok, ids)
+    assert b"".join(pieces) == text.encode("utf-8")
+    assert any(len(p.decode("utf-8", errors="replace")) != len(p.decode("utf-8", errors="ignore")) for p in pieces), \
+        "some token ends inside a character"
