@@ -19,8 +19,8 @@ from c2c_core.arch import ArchTag, TextEncoderArch
 from c2c_core.bundle import ProjectorBundle
 from c2c_diffusers import Bridge, BridgeSetupError, LiveSharer, SharerInputs, TextEncoderBridge, TextEncoderBridgeConfig
 from c2c_diffusers import apply_text_encoder_bridge, remove_text_encoder_bridge
-from c2c_diffusers.text_encoder import (PromptBatch, bridged_prompt_velocity, encoder_signature, recover_images,
-                                        token_pieces)
+from c2c_diffusers.text_encoder import (PromptBatch, bridged_prompt_velocity, encoder_signature, open_prompt_set,
+                                        prompt_batches, recover_images, save_prompt_sample, token_pieces)
 from host import require_comfyui
 
 transformers = pytest.importorskip("transformers")
@@ -412,3 +412,46 @@ def test_token_pieces_spell_the_text_in_bytes(tok):
     assert b"".join(pieces) == text.encode("utf-8")
     assert any(len(p.decode("utf-8", errors="replace")) != len(p.decode("utf-8", errors="ignore")) for p in pieces), \
         "some token ends inside a character"
+
+
+def test_prompt_samples_round_trip_and_feed_the_trainer(tmp_path, edit_pipe, sharer, sharer_processor, image):
+    """A text-encoder projector's samples (c2c_core.samples): a clean latent and what the encoders read. The
+    draws are a pure function of seed and step; an edit sample carries its image for the encoders and its latents
+    for the DiT, and a training step on it predicts the velocity of the target tokens only."""
+    g = torch.Generator().manual_seed(3)
+    x0, image_latents = torch.randn(1, 4, 1, 8, 8, generator=g), torch.randn(1, 4, 1, 8, 8, generator=g)
+    save_prompt_sample(tmp_path, x0, PROMPTS[0])
+    path = save_prompt_sample(tmp_path, x0 * 0.5, "make the sign say OPEN", image=image, image_latents=image_latents)
+    assert path.name == "sample_00002.safetensors"
+    batches = prompt_batches(open_prompt_set(tmp_path), seed=1)
+    drawn = {step: batches(step) for step in range(6)}
+    again = prompt_batches(open_prompt_set(tmp_path), seed=1)(4)
+    assert torch.equal(again.noise, drawn[4].noise) and again.sigma == drawn[4].sigma
+    edit = next(b for b in drawn.values() if b.image is not None)
+    text = next(b for b in drawn.values() if b.image is None)
+    assert text.prompt == [PROMPTS[0]] and torch.equal(text.x0, QwenImagePipeline._pack_latents(x0, 1, 4, 8, 8))
+    assert text.img_shapes == [[(1, 4, 4)]] and edit.img_shapes == [[(1, 4, 4), (1, 4, 4)]]
+    assert np.array_equal(np.asarray(edit.image), np.asarray(image))
+    assert torch.equal(edit.image_latents, QwenImagePipeline._pack_latents(image_latents, 1, 4, 8, 8))
+    with TextEncoderBridge(sharer, sharer_processor, bundle_for(sharer, edit_pipe.text_encoder, "c2c")).attach(
+            edit_pipe) as bridge:
+        velocity, target = bridged_prompt_velocity(bridge, edit_pipe)(bridge.bundle.bank, edit)
+    assert velocity.shape == target.shape == (1, 16, 16) and torch.isfinite(velocity).all()
+
+
+def test_bad_prompt_samples_are_refused(tmp_path):
+    from c2c_core.samples import TrainingDataError
+    from c2c_diffusers.training import save_training_sample
+    with pytest.raises(BridgeSetupError, match=r"x0 has shape \(1, 4, 8, 8\); expected one image latent"):
+        save_prompt_sample(tmp_path, torch.zeros(1, 4, 8, 8), "a cat")
+    with pytest.raises(BridgeSetupError, match="needs both the image and its image_latents"):
+        save_prompt_sample(tmp_path, torch.zeros(1, 4, 1, 8, 8), "a cat", image=np.zeros((8, 8, 3), np.uint8))
+    bad = tmp_path / "nonfinite"
+    save_prompt_sample(bad, torch.full((1, 4, 1, 8, 8), float("nan")), "a cat")
+    with pytest.raises(TrainingDataError, match=r"index 0 \(sample_00001.safetensors\).*NaN or Inf.*Fix: delete"):
+        open_prompt_set(bad)
+    wan = tmp_path / "wan"        # the Wan pair's samples are not a text-encoder pair's
+    save_training_sample(wan, torch.zeros(1, 16, 2, 4, 4), torch.zeros(1, 8, 64), SharerInputs(torch.zeros(1, 8, 64)))
+    with pytest.raises(TrainingDataError, match=r"sample_00001.safetensors was written by the diffusers host; this is "
+                                                r"the diffusers-qwen-image host.*save_prompt_sample"):
+        open_prompt_set(wan)
