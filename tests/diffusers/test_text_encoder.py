@@ -25,7 +25,7 @@ from host import require_comfyui
 
 transformers = pytest.importorskip("transformers")
 from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline,  # noqa: E402
-                       QwenImagePipeline, QwenImageTransformer2DModel)
+                       QwenImageEditPlusPipeline, QwenImagePipeline, QwenImageTransformer2DModel)
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer,  # noqa: E402
                           Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
@@ -142,7 +142,8 @@ def test_strength_zero_is_the_stock_encoder_bit_for_bit(pipe, edit_pipe, sharer,
 
 def test_identity_twin_is_the_stock_encoder_bit_for_bit(pipe, edit_pipe, receiver_processor, image):
     """The receiver's own copy as sharer through an identity projector at strength 1: each fused layer's K/V are
-    replaced by themselves (same text, same image, same positions), so the embeddings are the stock ones."""
+    replaced by themselves (same text, same images, same positions), so the embeddings are the stock ones: one
+    prompt, a padded batch, an edit image (Qwen-Image-Edit), two edit images (Qwen-Image-Edit-Plus)."""
     stock, stock_batch, stock_edit = encode(pipe), encode(pipe, PROMPTS), encode(edit_pipe, image=image)
     twin = copy.deepcopy(pipe.text_encoder)
     bridge = TextEncoderBridge(twin, receiver_processor, bundle_for(twin, pipe.text_encoder), strength=1.0)
@@ -154,6 +155,13 @@ def test_identity_twin_is_the_stock_encoder_bit_for_bit(pipe, edit_pipe, receive
     assert report.strength == {0: 1.0, 1: 1.0}
     with bridge.attach(edit_pipe):
         assert torch.equal(encode(edit_pipe, image=image), stock_edit)
+    # Qwen-Image-Edit-Plus: two images ("Picture 1: …, Picture 2: …"), each recovered and aligned as its own block
+    plus = QwenImageEditPlusPipeline(scheduler=None, vae=None, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                     processor=receiver_processor, transformer=None)
+    wide = Image.fromarray((np.random.RandomState(1).rand(56, 140, 3) * 255).astype("uint8"))
+    stock_plus = encode(plus, image=[image, wide])
+    with bridge.attach(plus):
+        assert torch.equal(encode(plus, image=[image, wide]), stock_plus)
     # not a test that cannot fail: a twin with other weights changes the embeddings
     other = qwen25(seed=5)
     with TextEncoderBridge(other, receiver_processor, bundle_for(other, pipe.text_encoder)).attach(pipe):
