@@ -662,8 +662,9 @@ def token_ids(tokens: dict) -> list:
 
 
 def token_pieces(clip, tokens: dict) -> list:
-    """Each token's UTF-8 bytes in the text (an image: ``<|image_pad|>``), for character-span alignment: the
-    tokenizer is byte-level BPE, so a token split inside a character still has its exact bytes."""
+    """Each token's UTF-8 bytes in the text, ``None`` where an image embedding stands (its ``<|image_pad|>``), for
+    character-span alignment: the tokenizer is byte-level BPE, so a token split inside a character still has its
+    exact bytes."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     hf = _hf_tokenizer(clip)
@@ -671,8 +672,9 @@ def token_pieces(clip, tokens: dict) -> list:
     added = {i: t.content for i, t in hf.added_tokens_decoder.items()}
     pieces = []
     for i in token_ids(tokens):
-        i = IMAGE_PAD_TOKEN if i is None else i
-        if i in added:
+        if i is None:
+            pieces.append(None)
+        elif i in added:
             pieces.append(added[i].encode("utf-8"))
         else:
             pieces.append(bytes(to_byte[ch] for ch in hf.convert_ids_to_tokens(i)))

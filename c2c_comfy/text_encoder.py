@@ -87,12 +87,15 @@ class SharerKV:
 
 def token_layout(pieces, spans_of_images, length) -> TokenLayout:
     """One encoder's sequence as c2c_core.tokens sees it: a byte span per text token of the shared text, and the
-    image blocks the encoder expanded each ``<|image_pad|>`` into (``spans_of_images``: start, size, merged grid)."""
-    spans = spans_from_pieces(pieces)
+    image blocks the encoder expanded each image's ``<|image_pad|>`` into (``pieces``: None there;
+    ``spans_of_images``: start, size, merged grid, from the encoder's own ``embeds_info``)."""
+    spans = spans_from_pieces([IMAGE_PIECE if p is None else p for p in pieces])
     images = iter(spans_of_images)
+    if sum(p is None for p in pieces) != len(spans_of_images):
+        raise ValueError(f"{sum(p is None for p in pieces)} images in the tokens, {len(spans_of_images)} placed")
     out, vision = [], []
     for piece, span in zip(pieces, spans):
-        if piece == IMAGE_PIECE:
+        if piece is None:
             start, size, grid = next(images)
             vision.append(VisionGrid(start, grid))
             out += [None] * size
