@@ -349,7 +349,8 @@ class TextEncoderBridge:
         self._call = None
         if args:
             raise BridgeSetupError("the text encoder was called with positional arguments; the bridge reads keyword "
-                                   "arguments (input_ids=…, attention_mask=…) as diffusers' Qwen-Image pipelines pass them.")
+                                   "arguments (input_ids=…, attention_mask=…) as diffusers' Qwen-Image pipelines "
+                                   "pass them.")
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             raise BridgeSetupError("the text encoder was called with a KV cache; the bridge fuses a fresh prefill "
                                    "only (as the Qwen-Image pipelines encode prompts).")
@@ -559,8 +560,8 @@ def save_prompt_sample(folder, x0: Tensor, prompt: str, image=None, image_latent
     if image is not None:
         pixels = torch.from_numpy(np.array(image.convert("RGB") if hasattr(image, "convert") else image))
         if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[-1] != 3:
-            raise BridgeSetupError(f"save_prompt_sample: image of shape {tuple(pixels.shape)} and dtype {pixels.dtype}; "
-                                   f"expected a PIL image or (H, W, 3) uint8 pixels.")
+            raise BridgeSetupError(f"save_prompt_sample: image of shape {tuple(pixels.shape)} and dtype "
+                                   f"{pixels.dtype}; expected a PIL image or (H, W, 3) uint8 pixels.")
         tensors = {"image": pixels.float() / 255.0, "image_latents": image_latents}
     return save_sample(folder, PROMPT_SAMPLES, x0, {"receiver_positive": Conditioning(tensors, {"prompt": prompt})})
 
@@ -593,7 +594,8 @@ def prompt_batches(dataset: TrainingSet, seed: int = 0, device="cpu", sigma_rang
         if "image" in role.tensors:
             pixels = (role.tensors["image"] * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
             image, latents = Image.fromarray(pixels), _packed(role.tensors["image_latents"]).to(device)
-            shapes.append((1, role.tensors["image_latents"].shape[-2] // 2, role.tensors["image_latents"].shape[-1] // 2))
+            h, w = role.tensors["image_latents"].shape[-2:]
+            shapes.append((1, h // 2, w // 2))
         return PromptBatch(x0=_packed(sample.latent).to(device), noise=_packed(draw.noise).to(device),
                            sigma=lo + (hi - lo) * draw.t, img_shapes=[shapes], prompt=[role.values["prompt"]],
                            image=image, image_latents=latents)
