@@ -63,6 +63,8 @@ __all__ = ["TextEncoderBridge", "TextEncoderBridgeConfig", "apply_text_encoder_b
 
 #: transformers ``model_type`` -> c2c_core text-encoder family (c2c_core.arch.TEXT_ENCODER_FAMILIES)
 FAMILIES = {"qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
+#: what may receive: Qwen-Image's encoder, whose hidden states its DiT was trained on (as the ComfyUI node)
+RECEIVER_FAMILIES = ("qwen2.5-vl",)
 #: families whose forward refuses image inputs without ``mm_token_type_ids`` (so the sharer always gets them)
 NEEDS_TOKEN_TYPES = {"qwen2.5-vl": False, "qwen3-vl": True}
 _PLACEHOLDER_RUN = re.compile(r"(<\|(?:image|video)_pad\|>)\1+")
@@ -302,7 +304,12 @@ class TextEncoderBridge:
             raise BridgeSetupError(f"{type(pipe).__name__} has no text_encoder (it was loaded with text_encoder=None); "
                                    f"load the pipeline with its Qwen2.5-VL text encoder.")
         receiver_text = language_model(encoder)
-        processor = tokenizer or getattr(pipe, "processor", None) or getattr(pipe, "tokenizer", None)
+        if _family(encoder) not in RECEIVER_FAMILIES:
+            raise BridgeSetupError(f"the receiver is a {_family(encoder)} model; expected Qwen-Image's text encoder "
+                                   f"(one of {RECEIVER_FAMILIES}), whose hidden states its DiT was trained on. Pass "
+                                   f"the Qwen3-VL model as the sharer.")
+        processor = next((p for p in (tokenizer, getattr(pipe, "processor", None), getattr(pipe, "tokenizer", None))
+                          if p is not None), None)
         if processor is None:
             raise BridgeSetupError(f"no tokenizer for {type(encoder).__name__}: attach to the pipeline, or pass "
                                    f"attach(text_encoder, tokenizer=…).")

@@ -260,6 +260,8 @@ def test_bad_input_is_refused(pipe, edit_pipe, sharer, sharer_processor, tok, im
         TextEncoderBridge(sharer, sharer_processor, bundle, layers="5-6")
     with pytest.raises(BridgeSetupError, match="WanPipeline has no text_encoder"):
         TextEncoderBridge(sharer, sharer_processor, bundle).attach(tiny.wan_pipe(transformer=tiny.wan()))
+    with pytest.raises(BridgeSetupError, match="the receiver is a qwen3-vl model; expected Qwen-Image's text encoder"):
+        TextEncoderBridge(sharer, sharer_processor, bundle_for(sharer, sharer, "c2c")).attach(qwen3(seed=4), tok)
     qwen2_lm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TEXT))
     with pytest.raises(BridgeSetupError, match=r"got Qwen2ForCausalLM \(model_type 'qwen2'\)"):
         TextEncoderBridge(sharer, sharer_processor, bundle).attach(qwen2_lm, tokenizer=tok)
