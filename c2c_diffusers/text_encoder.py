@@ -4,8 +4,8 @@ Qwen-Image and Qwen-Image-Edit condition their DiT on the last hidden states of 
 (``pipe.text_encoder``). A :class:`TextEncoderBridge` lets that encoder's self-attention read a second
 vision-language model's (Qwen3-VL's) projected K/V while it encodes the prompt (and the edit image):
 the sharer prefills the same text, and each fused receiver layer blends its K/V toward the sharer's,
-aligned to the receiver's tokens and M-RoPE positions, through the same ``c2c_core.FusionRun`` as the
-Wan bridge and the ComfyUI node (c2c_comfy/text_encoder.py). The DiT gets the conditioning it was
+aligned to the receiver's tokens, through the same ``c2c_core.FusionRun`` as the Wan bridge and the
+ComfyUI node (c2c_comfy/text_encoder.py), with the same bundle files. The DiT gets the conditioning it was
 trained on, enriched by the stronger model. ``pipe(...)`` is called as usual::
 
     with TextEncoderBridge(qwen3vl, qwen3vl_processor, load_bundle("qwen3vl-to-qwen25vl.safetensors")).attach(pipe):
