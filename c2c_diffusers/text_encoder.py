@@ -527,6 +527,10 @@ def bridged_prompt_velocity(bridge: TextEncoderBridge, pipe):
     def predict(bank, batch: PromptBatch):
         if bank is not bridge.bundle.bank:
             raise BridgeSetupError("train the bank of the bridge's own bundle (bridge.bundle.bank).")
+        first = next(iter(bank.parameters()), None)
+        if first is not None and first.device != batch.x0.device:
+            raise BridgeSetupError(f"the projector bank is on {first.device} and the latents on {batch.x0.device}; "
+                                   f"expected one device. Move the bank there first (bundle.bank.to(device)).")
         if (batch.image is None) != (batch.image_latents is None):
             raise BridgeSetupError("PromptBatch: an edit sample needs both the image (for the encoders) and its "
                                    "image_latents (for the DiT); give both, or neither for text-to-image.")
