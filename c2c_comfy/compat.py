@@ -687,16 +687,13 @@ def encode_tokens(clip, tokens: dict):
 
 
 def vision_spans(embeds_info) -> list:
-    """(start, length, (t, h, w) merged grid) of each image the encoder placed, from its ``embeds_info``.
-
-    Qwen2.5-VL keeps the patch grid as the entry's ``extra``, Qwen3-VL under ``extra["grid"]``; both merge
-    2×2 patches into one token."""
+    """(start, length, (t, h, w) patch grid before the 2×2 merge) of each image the encoder placed, from its
+    ``embeds_info``: Qwen2.5-VL keeps the patch grid as the entry's ``extra``, Qwen3-VL under ``extra["grid"]``."""
     spans = []
     for e in sorted((e for e in embeds_info or () if e.get("type") == "image"), key=lambda e: e["index"]):
         extra = e.get("extra")
         grid = extra["grid"] if isinstance(extra, dict) else extra
-        t, h, w = (int(v) for v in grid.reshape(-1, 3)[0].tolist())
-        spans.append((int(e["index"]), int(e["size"]), (t, h // 2, w // 2)))
+        spans.append((int(e["index"]), int(e["size"]), tuple(int(v) for v in grid.reshape(-1).tolist())))
     return spans
 
 

@@ -88,7 +88,7 @@ class SharerKV:
 def token_layout(pieces, spans_of_images, length) -> TokenLayout:
     """One encoder's sequence as c2c_core.tokens sees it: a byte span per text token of the shared text, and the
     image blocks the encoder expanded each image's ``<|image_pad|>`` into (``pieces``: None there;
-    ``spans_of_images``: start, size, merged grid, from the encoder's own ``embeds_info``)."""
+    ``spans_of_images``: start, size, patch grid, from the encoder's own ``embeds_info``)."""
     spans = spans_from_pieces([IMAGE_PIECE if p is None else p for p in pieces])
     images = iter(spans_of_images)
     if sum(p is None for p in pieces) != len(spans_of_images):
@@ -96,8 +96,11 @@ def token_layout(pieces, spans_of_images, length) -> TokenLayout:
     out, vision = [], []
     for piece, span in zip(pieces, spans):
         if piece is None:
-            start, size, grid = next(images)
-            vision.append(VisionGrid(start, grid))
+            start, size, patches = next(images)
+            block = VisionGrid.from_patch_grid(start, patches)
+            if block.size != size:
+                raise ValueError(f"an image of {size} tokens on a {patches} patch grid")
+            vision.append(block)
             out += [None] * size
         else:
             out.append(span)

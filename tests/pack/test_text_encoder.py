@@ -15,6 +15,8 @@ import torch
 
 from bridge_helpers import load_model, pack_nodes
 
+pytestmark = pytest.mark.slow
+
 PROMPT = "turn the red cube blue and write 'C2C' on it"
 
 
@@ -105,6 +107,7 @@ def test_identity_twin_gives_the_stock_conditioning_bit_for_bit(qwen, image, ref
 def test_qwen3vl_sharer_changes_the_conditioning_and_reports(qwen, image, reference):
     r, s = qwen["receiver"], sharer(qwen)
     proj = projector(s, r, kind="c2c", mapping="terminal")
+    before = [(repr(c.patcher.model_options), c.patcher.patches_uuid, c.patcher.model) for c in (r, s)]
     from dit_cache_bridge.c2c_comfy.text_encoder import BridgedClip
     clip = BridgedClip("test", r, s, proj, 1.0)
     from comfy_extras.nodes_qwen import TextEncodeQwenImageEditPlus
@@ -116,6 +119,7 @@ def test_qwen3vl_sharer_changes_the_conditioning_and_reports(qwen, image, refere
     assert report.layers == sorted(proj.layer_map.pairs) and report.sharer_forwards == 1
     assert all(report.k_change[layer] > 0 for layer in report.layers) and report.peak_kv_bytes > 0
     assert hooks_left(r) == [] and hooks_left(s) == []
+    assert [(repr(c.patcher.model_options), c.patcher.patches_uuid, c.patcher.model) for c in (r, s)] == before
     assert same_conditioning(stock(r, "edit_plus", image1=image), ref)     # nothing left behind on the encoder
 
 
