@@ -15,6 +15,10 @@ from .bridge import Bridge, C2CBridgeConfig, apply_c2c_bridge, remove_c2c_bridge
 from .errors import BridgeSetupError
 from .live import LiveSharer, SharerInputs
 from .recorded import KVRecorder, RecordedSharer
+# text-encoder pairs (issue 22): Qwen3-VL -> Qwen2.5-VL in QwenImagePipeline / QwenImageEditPipeline
+from .text_encoder import (TextEncoderBridge, TextEncoderBridgeConfig, apply_text_encoder_bridge,
+                           remove_text_encoder_bridge)
 
 __all__ = ["Bridge", "BridgeConfig", "BridgeSetupError", "C2CBridgeConfig", "KVRecorder", "LiveSharer", "RecordedSharer",
-           "SharerInputs", "WanChronoEditBridge", "WanChronoEditConfig", "apply_c2c_bridge", "remove_c2c_bridge"]
+           "SharerInputs", "WanChronoEditBridge", "WanChronoEditConfig", "apply_c2c_bridge", "remove_c2c_bridge",
+           "TextEncoderBridge", "TextEncoderBridgeConfig", "apply_text_encoder_bridge", "remove_text_encoder_bridge"]
