@@ -93,7 +93,7 @@ class BridgeConfig(RunSettings):
         ``backward_strength``. Live mode, the sharer in every call (refresh "every", refresh_every 1), needs greenlet.
     mode: "live" or "recorded" (``storage_dtype`` fp32/fp16/bf16/fp8_e4m3fn, ``record_folder`` None = RAM).
     strength, start, end, ramp: c2c_core.FusionSchedule; windows are in percent of the noise schedule, as in
-        ComfyUI. refresh, refresh_every, threshold, budget, max_reuse: when the live sharer runs, as the ComfyUI
+        ComfyUI. refresh, refresh_every, threshold, budget, max_reuse: when the sharer's K/V are renewed, as the ComfyUI
         nodes' inputs of the same names (c2c_core.refresh.RefreshPolicy): "every" refresh_every steps, "adaptive"
         when the receiver's input changed by ``threshold`` (relative, 0.1 = 10 %) since the sharer last ran, or
         "budget": at most ``budget`` sharer runs per run where the input changes most; adaptive and budget reuse
@@ -124,11 +124,6 @@ class BridgeConfig(RunSettings):
                                        f"(0 leaves the receiver as it is, 1 takes the projected K/V; as the ComfyUI "
                                        f"node). Pass a value in that range.")
         policy = self.refresh_policy()
-        if self.mode == "recorded" and not policy.always:
-            raise BridgeSetupError(f"BridgeConfig.refresh={self.refresh!r} (refresh_every={self.refresh_every}) with "
-                                   f"mode='recorded'; a recording replays the sharer's K/V of every step, so it has "
-                                   f"nothing to reuse. Use mode='live' to run the sharer less often, or the default "
-                                   f"refresh ('every', refresh_every 1).")
         if self.direction == "bidirectional":
             if self.mode != "live":
                 raise BridgeSetupError("BridgeConfig.direction='bidirectional' with mode='recorded'; expected mode "

@@ -331,9 +331,9 @@ class Bridge:
 
     # -- per model call (CallHook listener) ----------------------------------------------------------
     def begin_call(self, module, args, kwargs, context):
-        self._call = self._pending = None
-        if self.in_sharer:
+        if self.in_sharer:              # the sharer's own forward (it may be the receiver): not a receiver call
             return args, kwargs
+        self._call = self._pending = None
         latent, timestep, value = call_inputs(args, kwargs, context)
         if self.run is not None and not self._session and self._clock.restarted(value, context):
             self.close_run()            # sampling started over: a new run
@@ -348,17 +348,18 @@ class Bridge:
         return args, kwargs
 
     def end_call(self):
-        self._call = self._pending = None
+        if not self.in_sharer:
+            self._call = self._pending = None
 
     def _decide(self) -> Call:
         """At the call's first fused block: the tracker decides whether the sharer runs (a call a receiver-side cache
         cut short is never decided nor counted), and the K/V source makes the call's K/V."""
         x, latent, timestep, branch, step, sigma = self._pending
         refresh = self.tracker.decide(sigma, self.meter.signal(x))
-        self._call = Call(latent, timestep, (branch,), step, sigma, refresh.window, step)
+        call = self._call = Call(latent, timestep, (branch,), step, sigma, refresh.window, step)
         self._pending = None
-        self.source_run.ensure(self._call)
-        return self._call
+        self.source_run.ensure(call)
+        return call
 
     def _train_steps(self) -> float:
         config = getattr(self.scheduler, "config", None)

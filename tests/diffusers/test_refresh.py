@@ -70,9 +70,6 @@ def test_config_fields_make_the_policy_both_spellings_share():
     with pytest.raises(BridgeSetupError, match=r"direction='bidirectional' with refresh='adaptive'; expected "
                                                r"refresh='every' with refresh_every=1"):
         BridgeConfig(direction="bidirectional", refresh="adaptive")
-    with pytest.raises(BridgeSetupError, match=r"^BridgeConfig\.refresh='budget' \(refresh_every=1\) with "
-                                               r"mode='recorded'; a recording replays .* Use mode='live'"):
-        BridgeConfig(mode="recorded", refresh="budget")
     with pytest.raises(BridgeSetupError, match=r"^Bridge\(refresh=…\) is a int; expected a c2c_core\.refresh\."):
         Bridge(sharer(), tiny.bundle(), refresh=2)
 
@@ -143,6 +140,25 @@ def test_reused_kv_change_the_output_and_their_projections_are_kept_once(monkeyp
     monkeypatch.setattr(Bridge, "_sharer_part", recomputed)
     again, _ = run_policy(RefreshPolicy(every=2))
     assert torch.equal(again, second), "a kept projection is the recomputed one, bit for bit"
+
+
+def test_a_recording_replays_the_step_that_last_refreshed_in_between():
+    """Recorded K/V follow the policy as ComfyUI's recorded refresh_every does: a reusing step replays the K/V of the
+    step that refreshed last (projected once), nothing is read for it."""
+    from c2c_diffusers import KVRecorder, RecordedSharer
+    source = tiny.wan_pipe(tiny.wan(2))
+    with KVRecorder(source.transformer, layers=[0, 1], storage_dtype="fp32") as recorder:
+        tiny.run_pipe(source, steps=4)
+    outs = {}
+    for every in (1, 2):
+        pipe = tiny.wan_pipe(tiny.wan(1))
+        bridge = Bridge(RecordedSharer(recorder.recording), tiny.bundle("weighted"),
+                        refresh=RefreshPolicy(every=every)).attach(pipe)
+        outs[every] = tiny.run_pipe(pipe, steps=4)
+        bridge.detach()
+        assert bridge.last_report.refresh["sharer_steps"] == list(range(0, 4, every))
+        assert bridge.last_report.sharer_forwards == 0
+    assert (outs[2] - outs[1]).abs().max() > 1e-4
 
 
 def test_a_schedule_sampled_in_two_parts_keeps_the_cycle_of_one_run():
