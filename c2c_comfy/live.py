@@ -178,6 +178,7 @@ class LiveSharerRun:
                  device):
         self.source = source
         self.patcher = sharer_patcher
+        self.device = device
         self.capture_layers = sorted(capture_layers)
         self.last_layer = self.capture_layers[-1] if self.capture_layers else -1
         self.captured = CapturedKV()
@@ -276,14 +277,15 @@ class LiveSharerRun:
 
     def handover(self):
         """The captured K/V, for a run that continues this one (a KSamplerAdvanced split): its first steps may reuse
-        them, as one KSampler would. This run keeps none."""
+        them, as one KSampler would. They wait on the sharer's offload device (nothing stays on the GPU between
+        two sampler nodes); this run keeps none."""
         captured, self.captured = self.captured, CapturedKV()
-        return captured
+        return _moved(captured, self.patcher.offload_device)
 
     def resume(self, captured) -> None:
-        """Continue from the K/V a previous run handed over."""
+        """Continue from the K/V a previous run handed over, back on this run's device."""
         if captured is not None:
-            self.captured = captured
+            self.captured = _moved(captured, self.device)
 
     def close(self) -> SourceReport:
         """Release captured K/V and end the sharer's run (ON_CLEANUP callbacks, hooks)."""
@@ -292,6 +294,15 @@ class LiveSharerRun:
         if self._started:
             compat.end_patcher_run(self.patcher)
         return report
+
+
+def _moved(captured: CapturedKV, device) -> CapturedKV:
+    """``captured`` with its K/V on ``device`` (same windows; values unchanged, so reuse stays bit-exact)."""
+    moved = CapturedKV()
+    moved.window = dict(captured.window)
+    moved.batches = {layer: [(k.to(device), v.to(device), branches) for k, v, branches in entries]
+                     for layer, entries in captured.batches.items()}
+    return moved
 
 
 def _sharer_latent_shape(source: LiveSharer, latent_image) -> tuple:

@@ -106,7 +106,8 @@ def test_a_new_latent_starts_a_new_cycle(models, conds):
     first = advanced(patched, conds, 0, 3, leftover="enable")
     assert report(patched).refresh["sharer_steps"] == [0]
     advanced(patched, conds, 3, 10000, add_noise="disable", latent_image={"samples": first["samples"] + 1.0})
-    assert not report(patched).refresh["continued"] and report(patched).refresh["sharer_steps"] == [3]
+    r = report(patched)       # continued, step 3 would reuse step 0's K/V (refresh_every 4); a new run counts from 0
+    assert not r.refresh["continued"] and r.refresh["sharer_steps"] == [0] and r.sharer_forwards == 1
 
 
 def test_easycache_on_the_receiver_runs_no_sharer_on_skipped_steps(models, conds):
