@@ -176,6 +176,15 @@ def test_a_schedule_sampled_in_two_parts_keeps_the_cycle_of_one_run():
     assert r_whole.refresh["sharer_steps"] != list(range(STEPS)), "the adaptive case must reuse for this to mean much"
 
 
+def test_apply_c2c_bridge_takes_the_policy_and_the_pipelines_schedule():
+    pipe = tiny.wan_pipe(tiny.wan(1))
+    bridge = apply_c2c_bridge(pipe.transformer, C2CBridgeConfig(projector=tiny.bundle("weighted"), refresh="budget",
+                                                                budget=2), sharer=sharer(), scheduler=pipe.scheduler)
+    tiny.run_pipe(pipe, steps=STEPS)
+    remove_c2c_bridge(pipe.transformer)
+    assert len(bridge.last_report.refresh["sharer_steps"]) == 2 and bridge.last_report.sharer_forwards == 4
+
+
 # -- FirstBlockCache on the receiver --------------------------------------------------------------------------------
 
 class Recorder:
