@@ -29,13 +29,14 @@ from typing import Optional
 
 import torch
 
-from c2c_core import FusionSchedule, LayerMap, ProjectorBank, RefreshPolicy, load_bundle, save_bundle
+from c2c_core import FusionSchedule, LayerMap, ProjectorBank, load_bundle, save_bundle
 from c2c_core.bundle import ProjectorBundle
 from c2c_core.contract import DIRECTIONS
 from c2c_core.recording import DiskStore, RamStore, STORAGE_DTYPES
+from c2c_core.refresh import RefreshPolicy
 
 from . import lockstep, models
-from .bridge import Bridge
+from .bridge import Bridge, refresh_policy
 from .errors import BridgeSetupError
 from .live import GRID_ALIGNMENTS, LiveSharer, SharerInputs
 from .recorded import KVRecorder, RecordedSharer
@@ -64,7 +65,11 @@ class RunSettings:
     start: float = 0.0
     end: float = 1.0
     ramp: str = "constant"
-    refresh_every: int = 1
+    refresh: str = RefreshPolicy.mode
+    refresh_every: int = RefreshPolicy.every
+    threshold: float = RefreshPolicy.threshold
+    budget: int = RefreshPolicy.budget
+    max_reuse: int = RefreshPolicy.max_reuse
     rope_alignment: str = "auto"
     grid_alignment: str = "refuse"
     storage_dtype: str = "bf16"
@@ -84,10 +89,15 @@ class BridgeConfig(RunSettings):
     direction: "sharer_to_receiver", or "bidirectional": the sharer steps block by block with the receiver
         and its self-attention also reads the receiver's K/V of the paired block through
         ``backward_projector`` (receiver -> sharer; None takes the backward bank of a two-bank ``projector``
-        bundle, else builds an untrained one of ``projector_kind`` and ``mapping`` with the models swapped) at ``backward_strength``. Live mode, refresh_every 1, needs greenlet.
+        bundle, else builds an untrained one of ``projector_kind`` and ``mapping`` with the models swapped) at
+        ``backward_strength``. Live mode, the sharer in every call (refresh "every", refresh_every 1), needs greenlet.
     mode: "live" or "recorded" (``storage_dtype`` fp32/fp16/bf16/fp8_e4m3fn, ``record_folder`` None = RAM).
-    strength, start, end, ramp: c2c_core.FusionSchedule; refresh_every: c2c_core.RefreshPolicy(every=k); windows are in percent of the
-        noise schedule, as in ComfyUI. rope_alignment: "auto" re-rotates sharer keys to the receiver's
+    strength, start, end, ramp: c2c_core.FusionSchedule; windows are in percent of the noise schedule, as in
+        ComfyUI. refresh, refresh_every, threshold, budget, max_reuse: when the sharer's K/V are renewed, as the ComfyUI
+        nodes' inputs of the same names (c2c_core.refresh.RefreshPolicy): "every" refresh_every steps, "adaptive"
+        when the receiver's input changed by ``threshold`` (relative, 0.1 = 10 %) since the sharer last ran, or
+        "budget": at most ``budget`` sharer runs per run where the input changes most; adaptive and budget reuse
+        at most ``max_reuse`` steps in a row. rope_alignment: "auto" re-rotates sharer keys to the receiver's
         RoPE positions (read from each model), "off" does not. grid_alignment: "refuse" a sharer latent of
         another size, or resample it ("nearest", "trilinear").
     """
@@ -113,13 +123,16 @@ class BridgeConfig(RunSettings):
                 raise BridgeSetupError(f"BridgeConfig.{name}={value!r}; expected a number from 0 to {STRENGTH_MAX} "
                                        f"(0 leaves the receiver as it is, 1 takes the projected K/V; as the ComfyUI "
                                        f"node). Pass a value in that range.")
+        policy = self.refresh_policy()
         if self.direction == "bidirectional":
             if self.mode != "live":
                 raise BridgeSetupError("BridgeConfig.direction='bidirectional' with mode='recorded'; expected mode "
                                        "'live' (a recorded sharer cannot receive). Use mode='live' or fuse one way.")
-            if self.refresh_every != 1:
-                raise BridgeSetupError(f"BridgeConfig.direction='bidirectional' with refresh_every={self.refresh_every}; "
-                                       f"expected 1 (both models run block by block in every call).")
+            if not policy.always:
+                found, expected = ((f"refresh_every={self.refresh_every}", "1") if self.refresh == "every"
+                                   else (f"refresh={self.refresh!r}", "refresh='every' with refresh_every=1"))
+                raise BridgeSetupError(f"BridgeConfig.direction='bidirectional' with {found}; expected {expected} "
+                                       f"(both models run block by block in every call).")
             if not lockstep.available():
                 raise BridgeSetupError("BridgeConfig.direction='bidirectional' needs the Python package greenlet; "
                                        "run `pip install greenlet` or fuse one way.")
@@ -128,8 +141,9 @@ class BridgeConfig(RunSettings):
     def schedule(self) -> FusionSchedule:
         return FusionSchedule(start=self.start, end=self.end, ramp=self.ramp)
 
-    def refresh(self) -> RefreshPolicy:
-        return RefreshPolicy(every=self.refresh_every)
+    def refresh_policy(self) -> RefreshPolicy:
+        """When the sharer runs; a bad refresh field is refused naming it (``BridgeConfig.budget=0; …``)."""
+        return refresh_policy(self)
 
 
 def _check_finite(bundle: ProjectorBundle, name: str) -> None:
@@ -396,8 +410,8 @@ class WanChronoEditBridge:
                                 backward=self.backward, backward_strength=cfg.backward_strength)
         else:
             source = RecordedSharer(self._record(image, common, inputs, generator), grid_alignment=cfg.grid_alignment)
-        bridge = Bridge(source, self.bundle, strength=cfg.strength, schedule=cfg.schedule(), refresh=cfg.refresh(),
-                        rope_alignment=cfg.rope_alignment).attach(self.receiver)
+        bridge = Bridge(source, self.bundle, strength=cfg.strength, schedule=cfg.schedule(),
+                        rope_alignment=cfg.rope_alignment, refresh=cfg.refresh_policy()).attach(self.receiver)
         kwargs = dict(common, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                       generator=generator, **receiver_kwargs)
         kwargs.update(self._image_kwargs(self.receiver, image, image_embeds))

@@ -2,11 +2,16 @@
 
 The diffusers side of the host contract (c2c_core.contract; c2c_comfy/bridge.py is the ComfyUI side).
 Lifecycle, per sampling run (one pipeline call):
-  ``CallHook`` (pre_forward)   -> per model call: the CFG branch, step and noise percent are resolved,
-                                  ``FusionRun.begin_call`` sets per-layer strengths and, when a layer
-                                  fuses, the K/V source makes sure the sharer's K/V of this ``Call`` exist
-                                  (live: the sharer runs now on the same latent and timestep);
-  ``SelfAttentionTap``         -> per fused block: ``FusionRun.fuse_tokens`` aligns, projects and blends.
+  ``CallHook`` (pre_forward)   -> per model call: the CFG branch, step and noise percent are resolved and
+                                  ``FusionRun.begin_call`` sets per-layer strengths; nothing runs yet;
+  ``SelfAttentionTap``         -> per fused block. At the call's first one the bridge's ``RefreshTracker``
+                                  decides whether the call gets fresh sharer K/V or reuses the last ones
+                                  (``Call.window``) and the K/V source makes them (live: the sharer runs now,
+                                  on the same latent and timestep, when the window is new); then the sharer's
+                                  K/V are aligned and projected (kept per window and branch) and blended.
+The sharer is asked for at the first fused block, not when the call starts (as in the ComfyUI host): a call
+that a receiver-side cache (diffusers' FirstBlockCache) cuts short before its fused blocks runs no sharer and
+is not counted by the tracker.
 A run opens at the first call (or with :meth:`Bridge.session`) and closes when the session ends, when
 sampling starts over (the timestep goes up), or at :meth:`Bridge.detach`; its report is ``last_report``.
 
@@ -33,7 +38,8 @@ from typing import Optional
 from c2c_core import FusionSchedule, health
 from c2c_core.bundle import ProjectorBundle, arch_mismatches
 from c2c_core.contract import NEGATIVE, POSITIVE, Call
-from c2c_core.refresh import RefreshPolicy
+from c2c_core.errors import ScheduleError
+from c2c_core.refresh import RefreshPolicy, RefreshTracker, SignalMeter
 from c2c_core.runtime import BankCache, FusionRun, percent_of
 
 from . import models
@@ -54,6 +60,35 @@ def flow_sigma(percent: float, shift: float) -> float:
         return 0.0
     x = 1.0 - percent
     return shift * x / (1.0 + (shift - 1.0) * x)
+
+
+def scheduler_sigmas(scheduler) -> Optional[list]:
+    """The run's noise schedule (n + 1 sigmas, the last 0) a scheduler holds after ``set_timesteps``, or None."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None or len(sigmas) < 2:
+        return None
+    return [float(s) for s in sigmas]
+
+
+# A config's refresh fields -> RefreshPolicy's (BridgeConfig, WanChronoEditConfig and C2CBridgeConfig share the names).
+REFRESH_FIELDS = {"refresh": "mode", "refresh_every": "every", "threshold": "threshold", "budget": "budget",
+                  "max_reuse": "max_reuse"}
+
+
+def refresh_policy(config) -> RefreshPolicy:
+    """The ``c2c_core.refresh.RefreshPolicy`` a config's refresh fields describe; a bad value is refused naming the
+    config's own field (``BridgeConfig.refresh_every=0; expected …``)."""
+    owner = type(config).__name__
+    try:
+        return RefreshPolicy(**{policy: getattr(config, name) for name, policy in REFRESH_FIELDS.items()})
+    except ScheduleError as e:
+        message = str(e)
+        for name, policy in REFRESH_FIELDS.items():
+            message = message.replace(f"RefreshPolicy.{policy}=", f"{owner}.{name}=")
+        if message.startswith(f"{owner}.refresh="):
+            message += (f" Use 'every' (with refresh_every), 'adaptive' (threshold, max_reuse) or 'budget' (budget, "
+                        f"max_reuse).")
+        raise BridgeSetupError(message) from None
 
 
 def scheduler_shift(scheduler) -> float:
@@ -147,8 +182,11 @@ class Bridge:
     source: a ``LiveSharer`` or ``RecordedSharer``. bundle: a ``c2c_core.ProjectorBundle``
         (``load_bundle(path)``) whose receiver signature matches the receiver transformer. strength, schedule,
         layer_strengths, rope_alignment: as in ``c2c_core.runtime.FusionRun``. scheduler: the receiver pipeline's
-        scheduler (its shift places windows; without one, shift 1). The argument order is the ComfyUI
-        bridge's: ``Bridge(source, bundle, strength, schedule, …)``.
+        scheduler (its shift places windows, its sigmas are the run's schedule; without one, shift 1).
+        refresh: when the sharer runs, a ``c2c_core.refresh.RefreshPolicy`` (default: every model call). The
+        bridge keeps one ``RefreshTracker`` for it across runs (``bridge.tracker``): a run that starts where the
+        previous one ended (a schedule sampled in two parts) continues its step count. The argument order is
+        the ComfyUI bridge's: ``Bridge(source, bundle, strength, schedule, …)``.
     """
 
     def __init__(self, source, bundle, strength: float = 1.0, schedule: FusionSchedule = FusionSchedule(),
@@ -161,11 +199,16 @@ class Bridge:
                                    f"RecordedSharer(...), bundle, …).")
         if rope_alignment not in ("auto", "off"):
             raise BridgeSetupError(f"rope_alignment={rope_alignment!r}; expected 'auto' or 'off'.")
+        if not isinstance(refresh, RefreshPolicy):
+            raise BridgeSetupError(f"Bridge(refresh=…) is a {type(refresh).__name__}; expected a "
+                                   f"c2c_core.refresh.RefreshPolicy, e.g. RefreshPolicy(mode='budget', budget=2).")
         self.bundle = bundle
+        self.refresh = refresh
+        self.tracker = RefreshTracker(refresh)      # outlives runs: a split schedule continues its count
+        self.meter = SignalMeter(refresh)
         self.source = source
         self.strength = float(strength)
         self.schedule = schedule
-        self.refresh = refresh
         self.layer_strengths = layer_strengths
         self.rope_alignment = rope_alignment
         self.scheduler = scheduler
@@ -178,10 +221,16 @@ class Bridge:
         self.last_report = None
         self.last_backward_report = None   # bidirectional: the receiver -> sharer fusion's report
         self.in_sharer = False          # set by a live source while the sharer runs (it may be the receiver)
-        self._call = None
+        self._call = None                # the call now running, once its first fused block decided it
+        self._pending = None             # a call that fuses, not yet decided
+        self._parts: dict = {}           # (layer, branches) -> (refresh window, projected sharer K/V)
+        self._part_bytes = 0             # most projected sharer K/V kept at once in the run
         self._clock = CallClock()
         self._session = False
         self._training = False
+        self._sigmas = None              # the run's schedule given to session(), else the scheduler's
+        self.continued = False           # the open run continues the previous run's schedule (tracker.begin_run)
+        self.continuable = False         # the open run ends above sigma 0: a later run may continue it
 
     @property
     def fused_layers(self) -> list:
@@ -246,20 +295,24 @@ class Bridge:
         self.source.detach(self)
 
     @contextmanager
-    def session(self, training: bool = False):
+    def session(self, training: bool = False, sigmas=None):
         """One sampling run: opened at the first call inside, closed (``last_report`` set) at exit.
 
         ``training``: the run fuses through the bundle's own bank as it is (no copy placed on the
         latents' dtype, which autograd would not reach; no report statistics), as projector training
         needs; with a bank in the receiver's dtype that is bit for bit what inference fuses.
+        ``sigmas``: the run's noise schedule (n + 1 sigmas) for a sampling loop of your own; a pipeline's
+        scheduler gives it by itself. A refresh policy other than every-call needs one of the two.
         """
         self.close_run()
         self._session, self._training = True, bool(training)
+        self._sigmas = None if sigmas is None else [float(s) for s in sigmas]
         try:
             yield self
         finally:
             self._session = self._training = False
             report = self.close_run()
+            self._sigmas = None
         if report is not None and report.nonfinite_layers:   # as ComfyUI: never a silent black video
             raise BridgeSetupError(f"{health.nonfinite_hint(report.nonfinite_layers)} (Bridge strength="
                                    f"{self.strength!r}; bridge.last_report has the details).")
@@ -267,41 +320,62 @@ class Bridge:
     def close_run(self):
         run, source_run = self.run, self.source_run
         self.run = self.source_run = None
-        self._call = None
+        self._call = self._pending = None
         self._clock.reset()
         if run is None:
             return self.last_report
-        self.last_report = run.close(source_run.close())
+        self.last_report = run.close(source_run.close(), self.tracker.report().to_json())
+        self.last_report.cached_kv_bytes = self._part_bytes
+        self._parts, self._part_bytes = {}, 0
         return self.last_report
 
     # -- per model call (CallHook listener) ----------------------------------------------------------
     def begin_call(self, module, args, kwargs, context):
-        self._call = None
-        if self.in_sharer:
+        if self.in_sharer:              # the sharer's own forward (it may be the receiver): not a receiver call
             return args, kwargs
+        self._call = self._pending = None
         latent, timestep, value = call_inputs(args, kwargs, context)
         if self.run is not None and not self._session and self._clock.restarted(value, context):
             self.close_run()            # sampling started over: a new run
-        if self.run is None:
-            self._open_run(module, latent)
-        branch, step = self._clock.tick(value, context)
         sigma = context.sigma if context is not None and context.sigma is not None else value / self._train_steps()
+        if self.run is None:
+            self._open_run(module, latent, float(sigma))
+        branch, step = self._clock.tick(value, context)
         shift = scheduler_shift(self.scheduler)
         percent = percent_of(sigma, lambda p: flow_sigma(p, shift), snap=(self.schedule.start, self.schedule.end))
         if self.run.begin_call(percent):
-            self._call = Call(latent, timestep, (branch,), step, float(sigma),
-                              _window(step, self.refresh.every, self.run.calls), step)
-            self.source_run.ensure(self._call)
+            self._pending = (latent[:, : module.config.out_channels], latent, timestep, branch, step, float(sigma))
         return args, kwargs
 
     def end_call(self):
-        self._call = None
+        if not self.in_sharer:
+            self._call = self._pending = None
+
+    def _decide(self) -> Call:
+        """At the call's first fused block: the tracker decides whether the sharer runs (a call a receiver-side cache
+        cut short is never decided nor counted), and the K/V source makes the call's K/V."""
+        x, latent, timestep, branch, step, sigma = self._pending
+        refresh = self.tracker.decide(sigma, self.meter.signal(x))
+        call = self._call = Call(latent, timestep, (branch,), step, sigma, refresh.window, step)
+        self._pending = None
+        self.source_run.ensure(call)
+        return call
 
     def _train_steps(self) -> float:
         config = getattr(self.scheduler, "config", None)
         return float(config.get("num_train_timesteps", 1000)) if config is not None else 1000.0
 
-    def _open_run(self, receiver, latent):
+    def _open_run(self, receiver, latent, sigma: float):
+        sigmas = self._sigmas or scheduler_sigmas(self.scheduler)
+        if sigmas is None:
+            if not self.refresh.always:
+                raise BridgeSetupError(
+                    f"refresh {self.refresh.describe()} needs the run's noise schedule, and this bridge has no "
+                    f"scheduler; attach it to the pipeline, pass Bridge(scheduler=pipe.scheduler), or run your own "
+                    f"loop inside bridge.session(sigmas=…).")
+            sigmas = [sigma, 0.0]       # every call runs the sharer: the schedule only numbers the report's steps
+        self.continued = self.tracker.begin_run(sigmas)
+        self.continuable = sigmas[-1] != 0.0
         shape = tuple(latent.shape)
         self.source_run = self.source.open_run(self, shape)
         self.run = FusionRun(
@@ -315,17 +389,35 @@ class Bridge:
     # -- per fused layer (SelfAttentionTap hook) -----------------------------------------------------
     def _fuse(self, layer, k, v):
         call, run = self._call, self.run
-        if call is None or self.in_sharer or run.strength(layer) == 0.0:
+        if (call is None and self._pending is None) or self.in_sharer or run.strength(layer) == 0.0:
             return k, v
+        if call is None:
+            call = self._decide()
         self.source_run.offer(layer, k, v)        # bidirectional: the sharer's next blocks read them
+        pk, pv = self._sharer_part(layer, k, call)
+        return run.blend(layer, k, v, pk, pv)
+
+    def _sharer_part(self, layer, k, call):
+        """The sharer's K/V for receiver ``layer``, aligned and through the projector's sharer side
+        (``FusionRun.sharer_part``), kept while the refresh window holds: a call that reuses the sharer's K/V
+        recomputes nothing that depends only on them. diffusers calls the transformer once per CFG branch, so
+        they are kept per layer *and branch* (FusionRun's own cache keeps one key per layer, which alternating
+        branches would evict every call)."""
+        run = self.run
+        if self._training or self.refresh.always:       # fresh K/V in every call: nothing to keep
+            sk, sv = self.source_run.kv(run.sharer_layer(layer), call)
+            return run.sharer_part(layer, sk, sv, None, like=k)
+        slot = (layer, call.branches)
+        kept = self._parts.get(slot)
+        if kept is not None and kept[0] == call.window:
+            return kept[1]
         sk, sv = self.source_run.kv(run.sharer_layer(layer), call)
-        return run.fuse_tokens(layer, k, v, sk, sv)
+        part = run.sharer_part(layer, sk, sv, None, like=k)
+        self._parts[slot] = (call.window, part)
+        self._part_bytes = max(self._part_bytes, sum(t.numel() * t.element_size()
+                                                     for _, kept in self._parts.values() for t in kept))
+        return part
 
-
-
-def _window(step: int, every: int, call_number: int):
-    """The K/V generation a call uses: every ``every`` steps share one; with 1, each call its own."""
-    return step // every if every > 1 else ("call", call_number)
 
 
 # -- diffusers' own shape: a config dataclass, apply_…(module, config) / remove_…(module) -------------------------
@@ -334,17 +426,22 @@ def _window(step: int, every: int, call_number: int):
 class C2CBridgeConfig:
     """What ``apply_c2c_bridge`` fuses, as diffusers' ``FirstBlockCacheConfig`` says what ``apply_first_block_cache``
     caches. projector: a bundle file or ``ProjectorBundle``; strength (0..2), start/end (percent of the noise
-    schedule), ramp: ``c2c_core.FusionSchedule``; refresh_every: ``c2c_core.RefreshPolicy(every=k)``; layer_strengths: per receiver layer, or None;
-    rope_alignment: "auto" or "off"."""
+    schedule), ramp: ``c2c_core.FusionSchedule``; layer_strengths: per receiver layer, or None; rope_alignment:
+    "auto" or "off". refresh ("every", "adaptive", "budget"), refresh_every, threshold, budget, max_reuse: when
+    the sharer runs, ``c2c_core.refresh.RefreshPolicy`` (BridgeConfig's fields of the same names)."""
 
     projector: object
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
     ramp: str = "constant"
-    refresh_every: int = 1
+    refresh_every: int = RefreshPolicy.every
     layer_strengths: Optional[dict] = None
     rope_alignment: str = "auto"
+    refresh: str = RefreshPolicy.mode
+    threshold: float = RefreshPolicy.threshold
+    budget: int = RefreshPolicy.budget
+    max_reuse: int = RefreshPolicy.max_reuse
 
 
 _applied: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()     # module -> bridges apply_c2c_bridge attached
@@ -364,11 +461,11 @@ def apply_c2c_bridge(module, config: C2CBridgeConfig, sharer, scheduler=None) ->
     bundle = config.projector
     if isinstance(bundle, (str, os.PathLike)):
         bundle = load_bundle(bundle)
+    policy = refresh_policy(config)
     schedule = FusionSchedule(start=config.start, end=config.end, ramp=config.ramp)
     bridge = Bridge(sharer, bundle, strength=config.strength, schedule=schedule,
-                    refresh=RefreshPolicy(every=config.refresh_every),
                     layer_strengths=config.layer_strengths, rope_alignment=config.rope_alignment,
-                    scheduler=scheduler).attach(module)
+                    scheduler=scheduler, refresh=policy).attach(module)
     _applied.setdefault(module, []).append(bridge)
     return bridge
 

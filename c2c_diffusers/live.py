@@ -2,9 +2,9 @@
 
 The sharer sees the receiver's noisy latent and timestep (Wan is a flow model: the same timestep is
 the same noise level for both), plus its own conditioning (:class:`SharerInputs`) for the call's CFG
-branch. Its forward stops right after the last layer the projector reads. With a schedule's
-``refresh_every = k`` the sharer's K/V of a branch are reused for k−1 steps. With a ``backward`` bundle
-the sharer also receives the receiver's K/V, block by block (``lockstep.py``: bidirectional fusion).
+branch. Its forward stops right after the last layer the projector reads. It runs when the bridge's
+refresh tracker opens a new window (``Call.window``); calls of the same window reuse its K/V. With a
+``backward`` bundle the sharer also receives the receiver's K/V, block by block (``lockstep.py``: bidirectional fusion).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class LiveSharer:
     backward: a projector bundle from the receiver (its sharer side) to this sharer (its receiver side),
         e.g. one built with the two models swapped, for bidirectional fusion: the sharer then steps block
         by block with the receiver and receives the receiver's K/V (``lockstep.py``; needs greenlet and
-        ``refresh_every`` 1). backward_strength: its global strength (0 = one way, bit for bit).
+        a refresh policy that runs it in every call). backward_strength: its global strength (0 = one way, bit for bit).
     """
 
     def __init__(self, transformer, inputs: SharerInputs, grid_alignment: str = "refuse", backward=None,
@@ -102,6 +102,7 @@ class LiveSharer:
                 f"SharerInputs.image_embeds is None; pass the image encoder's features (pipe.encode_image(image), "
                 f"or WanChronoEditBridge, which encodes the image itself).")
         self._key = None
+        self._kept = None       # (receiver shape, CapturedKV) of a run a later run may continue (a split schedule)
 
     def attach(self, bridge) -> None:
         if not self.signature.same_shape(bridge.bundle.sharer):
@@ -121,15 +122,18 @@ class LiveSharer:
                     f"{s.head_dim}; the receiver has {r.num_layers} × {r.num_heads} × {r.head_dim}. Build it with "
                     f"the two models swapped (sharer = the receiver).")
             check_architecture(self.backward, "receiver", self.signature)
-            if bridge.refresh.every != 1:
+            refresh = bridge.refresh
+            if not refresh.always:
+                found = f"refresh_every {refresh.every}" if refresh.mode == "every" else f"refresh {refresh.describe()}"
                 raise BridgeSetupError(
-                    f"bidirectional fusion with refresh_every {bridge.refresh.every}; expected 1 (both "
-                    f"models run block by block in every call). Set RefreshPolicy(every=1) or fuse one way.")
+                    f"bidirectional fusion with {found}; expected 1 (the sharer in every call: both models run block "
+                    f"by block in every call). Pass Bridge(refresh=RefreshPolicy()) or fuse one way.")
         self._key = bridge.key + ".sharer"
         self._run = None
         add_taps(self.transformer, bridge.sharer_layers, self._key, self._capture)
 
     def detach(self, bridge) -> None:
+        self._kept = None
         if self._key is not None:
             remove_taps(self.transformer, self._key)
             self._key = None
@@ -159,7 +163,7 @@ class LiveSharerRun:
         self.source, self.bridge = source, bridge
         self.transformer = source.transformer
         self.layers = bridge.sharer_layers
-        self.refresh = bridge.refresh.every
+        self.always = bridge.refresh.always      # every call runs the sharer: keep only this call's K/V
         shape = tuple(receiver_shape[-3:])
         if source.inputs.condition is not None:
             shape = tuple(source.inputs.condition.shape[-3:])
@@ -172,7 +176,12 @@ class LiveSharerRun:
         self.grid_mode = "nearest" if source.grid_alignment == "refuse" else source.grid_alignment
         self.grid = models.token_grid(self.transformer, shape)
         self.rope = models.rope_spec(self.transformer, shape)
-        self.captured = CapturedKV()
+        self.receiver_shape = tuple(receiver_shape)
+        kept, source._kept = source._kept, None
+        if bridge.continued and kept is not None and kept[0] == self.receiver_shape:
+            self.captured = kept[1]          # the schedule goes on: so do the K/V of its current window
+        else:
+            self.captured = CapturedKV()
         self.capturing = False
         self.forwards = 0
         self._branch = None
@@ -181,7 +190,7 @@ class LiveSharerRun:
         (branch,) = call.branches
         if self.captured.window.get(branch) == call.window:
             return
-        if self.refresh == 1:
+        if self.always:
             self.captured.clear()        # lockstep: only this call's K/V are ever needed
         else:
             self.captured.drop((branch,))
@@ -249,6 +258,8 @@ class LiveSharerRun:
 
     def close(self) -> SourceReport:
         report = SourceReport(self.forwards, self.captured.peak_bytes, self.captured.copied_bytes)
+        if self.bridge.continuable and not self.always:      # a second KSamplerAdvanced-like part may reuse them
+            self.source._kept = (self.receiver_shape, self.captured)
         self.captured = CapturedKV()
         self.source._run = None
         return report

@@ -37,6 +37,15 @@ def test_wan_receiver_with_chronoedit_sharer_runs_live_and_strength_zero_is_plai
     assert torch.equal(plain(wan), reference), "the pipelines must be left as they were"
 
 
+def test_the_refresh_fields_reach_the_bridge(pipes):
+    wan, chrono = pipes
+    bridge = WanChronoEditBridge(BridgeConfig(projector_kind="weighted", refresh="budget", budget=1), wan, chrono)
+    bridge.generate_with_fusion(tiny.image(), **call_args())
+    report = bridge.last_report
+    assert report.refresh["sharer_steps"] == [0] and report.refresh["forwards_saved"] == STEPS - 1
+    assert report.sharer_forwards == 2                  # once, for cond and uncond
+
+
 def test_chronoedit_receiver_with_wan_sharer_uses_the_cfg_fallback(pipes):
     wan, chrono = pipes
     reference = plain(chrono, image=tiny.image())

@@ -205,7 +205,7 @@ def test_bidirectional_fusion_in_diffusers_gives_the_comfy_bidirectional_latents
 
 def euler_cfg(wan, x, sigmas, conds, cfg, bridge):
     """ComfyUI's euler + CFG on a diffusers transformer, with the cache context WanPipeline would give."""
-    with torch.no_grad(), bridge.session():
+    with torch.no_grad(), bridge.session(sigmas=sigmas):
         for i in range(len(sigmas) - 1):
             t = torch.tensor([sigmas[i] * 1000.0])
             velocity = {}
@@ -253,4 +253,53 @@ def test_a_comfy_recording_replayed_in_diffusers_gives_the_comfy_recorded_latent
     assert bridge.last_report.model_calls == 2 * steps and bridge.last_report.sharer_forwards == 0
     err = (ours - theirs).abs().max() / theirs.abs().max()
     print(f"recorded: latents relative difference {err:.2e}")
+    assert err <= 1e-5, f"relative difference {err:.2e}"
+
+
+@pytest.mark.parametrize("refresh", [dict(refresh="every", refresh_every=3),
+                                     dict(refresh="adaptive", threshold=0.15, max_reuse=3),
+                                     dict(refresh="budget", budget=3, max_reuse=5)], ids=["every3", "adaptive", "budget3"])
+def test_both_hosts_run_the_sharer_at_the_same_steps(tiny_models, tmp_path, refresh):
+    """Capture KV Cache's refresh inputs in ComfyUI and the same policy in diffusers, on the same weights, bundle,
+    conditioning, noise and sigmas: one tracker code, one signal, so the same steps run the sharer (issue 19), and
+    the K/V reused in between give the same latents."""
+    import comfy.sample
+    import comfy.samplers
+    from bridge_helpers import empty_latent, ksample, load_model, pack_nodes
+    from comfy_test_nodes import wan_conditioning
+    from c2c_core.refresh import RefreshPolicy
+    from c2c_diffusers.bridge import REFRESH_FIELDS
+
+    path = tmp_path / "full.safetensors"
+    seeded_bundle(tiny_models, path)
+    conds = {name: wan_conditioning(seed, length) for name, seed, length in
+             (("pos", 1, 8), ("neg", 2, 5), ("sharer_pos", 3, 8), ("sharer_neg", 4, 5))}
+    steps, cfg, seed, strength = 8, 4.0, 7, 0.7
+    receiver = load_model(tiny_models.path("tiny_wan_t2v_a"))
+    sharer = load_model(tiny_models.path("tiny_wan_t2v_b"))
+    nodes = pack_nodes()
+    source = nodes.CaptureKVCache.execute(sharer, conds["sharer_pos"], conds["sharer_neg"], layers="auto",
+                                          rope_alignment="auto", **refresh).args[0]
+    fused = nodes.FuseCaches.execute(receiver, source, importlib.import_module("c2c_core").load_bundle(path), strength,
+                                     0.0, 1.0, "constant", "").args[0]
+    theirs = ksample(fused, conds["pos"], conds["neg"], cfg=cfg, seed=seed, steps=steps)
+    wrappers = fused.wrappers["outer_sample"]
+    comfy_report = wrappers[next(k for k in wrappers if k.startswith("dit_cache_bridge"))][0].__self__.last_report
+
+    sigmas = [float(s) for s in comfy.samplers.calculate_sigmas(receiver.get_model_object("model_sampling"), "simple", steps)]
+    x = comfy.sample.prepare_noise(empty_latent()["samples"], seed) * sigmas[0]
+    wan = convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_a")))
+    inputs = SharerInputs(conds["sharer_pos"][0][0], conds["sharer_neg"][0][0])
+    policy = RefreshPolicy(**{REFRESH_FIELDS[name]: value for name, value in refresh.items()})
+    bridge = Bridge(LiveSharer(convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_b"))), inputs),
+                    load_bundle(path), strength=strength, refresh=policy).attach(wan)
+    ours = receiver.model.process_latent_out(euler_cfg(wan, x, sigmas, conds, cfg, bridge))
+    bridge.detach()
+    report = bridge.last_report
+    print(f"{refresh}: ComfyUI ran the sharer at {comfy_report.refresh['sharer_steps']}, diffusers at "
+          f"{report.refresh['sharer_steps']}")
+    assert report.refresh["sharer_steps"] == comfy_report.refresh["sharer_steps"]
+    assert 1 < len(report.refresh["sharer_steps"]) < steps, "the policy must both run and reuse for this to mean much"
+    assert report.sharer_forwards == comfy_report.sharer_forwards == 2 * len(report.refresh["sharer_steps"])
+    err = (ours - theirs).abs().max() / theirs.abs().max()
     assert err <= 1e-5, f"relative difference {err:.2e}"

@@ -167,7 +167,8 @@ def test_the_training_workflow_collects_as_loaded_and_trains_as_its_note_says(ui
     assert bridged and all(ui_server.output_files(entry, i) for i in bridged), "group 5 sampled nothing"
 
 
-@pytest.mark.parametrize("name", ["wan21_t2v_with_chronoedit_sharer.json", "chronoedit_with_wan21_i2v_sharer.json"])
+@pytest.mark.parametrize("name", ["wan21_t2v_with_chronoedit_sharer.json", "chronoedit_with_wan21_i2v_sharer.json",
+                                  "wan22_experts_switch_with_fusion.json"])
 def test_a_live_workflow_runs_as_loaded_from_the_editor(ui_server, tmp_path, name):
     shipped = shipped_workflows()[name]
     assert "mute" not in note_texts(shipped).lower(), f"{name}: a note about muting needs a case here"
