@@ -1,16 +1,20 @@
-"""docs/core_api.md's example runs as written."""
+"""The Python examples of docs/core_api.md and docs/text_encoders.md run as written."""
 
 import re
 import runpy
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "core_api.md"
+import pytest
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
-def test_core_api_example_runs(tmp_path):
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert blocks, "docs/core_api.md lost its python example"
+@pytest.mark.parametrize("name", ["core_api.md", "text_encoders.md"])
+def test_doc_example_runs(name, tmp_path):
+    doc = DOCS / name
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert blocks, f"docs/{name} lost its python example"
     # Run from a file, as a user would run the pasted example (no exec: `comfy node validate` flags it).
-    script = tmp_path / "core_api_example.py"
+    script = tmp_path / f"{doc.stem}_example.py"
     script.write_text("\n".join(blocks), encoding="utf-8")
-    runpy.run_path(str(script), run_name="core_api_example")
+    runpy.run_path(str(script), run_name=f"{doc.stem}_example")

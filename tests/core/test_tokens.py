@@ -264,12 +264,3 @@ def test_rerotation_of_equal_positions_is_a_no_op():
     k = keys(2, 1)
     assert MRopeRerotation(pos, pos.clone(), SPEC).apply(k) is k
 
-
-def test_docs_text_encoders_example_runs():
-    """docs/text_encoders.md's example runs as written."""
-    import re
-    from pathlib import Path
-    doc = Path(__file__).resolve().parents[2] / "docs" / "text_encoders.md"
-    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
-    assert blocks, "docs/text_encoders.md lost its python example"
-    exec(compile("\n".join(blocks), str(doc), "exec"), {"__name__": "text_encoders_example"})
