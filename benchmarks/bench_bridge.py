@@ -81,25 +81,24 @@ class Bench:
         return self.nodes.CreateC2CProjector.execute(self.sharer, self.receiver, kind, "identity", layers, alpha=0.5,
                                                      hidden_dim=hidden, seed=0).args[0]
 
-    def live(self, proj, streaming=True, refresh=1):
+    def live(self, proj, streaming=True, refresh=1, policy=None):
+        """A Fuse Caches clone over a live sharer; ``policy`` (a RefreshPolicy) or ``refresh`` k says when it runs."""
+        from c2c_core.refresh import RefreshPolicy
         from dit_cache_bridge.c2c_comfy import compat
         from dit_cache_bridge.c2c_comfy.live import LiveSharer
         src = LiveSharer(model=self.sharer, positive=self.sharer_pos, negative=self.sharer_neg,
-                         signature=compat.wan_signature(self.sharer), refresh_every=refresh, streaming=streaming)
+                         signature=compat.wan_signature(self.sharer), refresh=policy or RefreshPolicy(every=refresh),
+                         streaming=streaming)
         return self.fuse(src, proj)
 
     def policy_models(self, projectors) -> dict:
-        """Bridged clones for ``--policies`` (sharer refresh policies, weighted projector): {row name: model}."""
+        """Bridged clones for ``--policies``, with the weighted and the c2c projector: {row name: model}. The sharer's
+        projected K/V are cached while reused (``FusionRun.sharer_part``), so a reused step costs the blend only."""
         wanted = [p for p in self.args.policies.split(",") if p and p != "none"]
         if not wanted:
             return {}
-        try:
-            from c2c_core.refresh import RefreshPolicy      # noqa: F401  (issue 19's policy; absent before it)
-        except ImportError:
-            print("  (no c2c_core.refresh in this tree: no refresh-policy rows)", flush=True)
-            return {}
-        return {f"refresh {name}, weighted": self.live(projectors["weighted"], policy=parse_policy(name))
-                for name in wanted}
+        return {f"refresh {policy_label(name)}, {kind}": self.live(projectors[kind], policy=parse_policy(name))
+                for kind in ("weighted", "c2c") for name in wanted}
 
     def fuse(self, src, proj):
         return self.nodes.FuseCaches.execute(self.receiver, src, proj, 1.0, 0.0, 1.0, "constant", "").args[0]
@@ -140,6 +139,15 @@ def parse_policy(name: str):
     if name.startswith("budget"):
         return RefreshPolicy(mode="budget", budget=int(name[6:]))
     raise SystemExit(f"--policies: {name!r} is not everyK, adaptive[@THRESHOLD] or budgetN")
+
+
+def policy_label(name: str) -> str:
+    """``every4`` -> ``every 4``, ``budget3`` -> ``budget 3``, ``adaptive@0.2`` -> ``adaptive 0.2``."""
+    for mode in ("every", "budget", "adaptive"):
+        if name.startswith(mode):
+            rest = name[len(mode):].lstrip("@")
+            return f"{mode} {rest}" if rest else mode
+    return name
 
 
 def report_of(patched):
@@ -195,7 +203,6 @@ def ratios(b: Bench, cfg: float, steps: int, repeats: int, warmup: int = 1) -> d
         "lockstep, gating": b.live(projectors["gating"]),
         "lockstep, c2c": b.live(projectors["c2c"]),
         "buffered live, weighted": b.live(projectors["weighted"], streaming=False),
-        "refresh every 4, weighted": b.live(projectors["weighted"], refresh=4),
     }
     if b.args.c2c_hidden:
         models[f"lockstep, c2c hidden {b.args.c2c_hidden}"] = b.live(b.projector("c2c", hidden=b.args.c2c_hidden))
