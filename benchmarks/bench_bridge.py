@@ -108,7 +108,7 @@ class Bench:
         sig = compat.wan_signature(self.sharer)
         rec = recorded.record("Record KV Cache", self.sharer, self.sharer_pos, self.sharer_neg, tuple(layers),
                               self.latent, 7, steps, cfg, "euler", "simple", 1.0, "bf16", "ram", sig)
-        return recorded.RecordedSharer(rec, sig, tuple(layers), 1, "auto", "refuse", "Record KV Cache")
+        return recorded.RecordedSharer(rec, sig, tuple(layers), node="Record KV Cache")
 
     def sample(self, model, cfg, steps):
         from bridge_helpers import ksample

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow      # ~15 s of CPU on the 2-core machine (ComfyUI boot included)
+
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 if str(EXPERIMENTS) not in sys.path:
     sys.path.append(str(EXPERIMENTS))       # run_refresh imports its sibling modules by file name, as a script does
