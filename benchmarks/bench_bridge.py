@@ -213,6 +213,10 @@ def ratios(b: Bench, cfg: float, steps: int, repeats: int, warmup: int = 1) -> d
         runs[name] = lambda model=model: b.sample(model, cfg, steps)
     runs[f"recording ({recorded} layers, bf16, RAM)"] = lambda: b.record(cfg, list(range(recorded)), steps)
     runs["replay, weighted"] = lambda: b.sample(replay, cfg, steps)
+    skip = [word for word in b.args.skip.split(",") if word]
+    runs = {name: fn for name, fn in runs.items() if name in ("receiver alone", "sharer alone")
+            or not any(word in name for word in skip)}
+    models = {name: model for name, model in models.items() if name in runs}
     times = interleaved(b, runs, repeats, warmup, f"cfg {cfg:g} ")
     forwards = {name: report_of(model).sharer_forwards for name, model in models.items()}
     return {"clock": b.clock, "rounds": repeats, "warmup_rounds": warmup, "times": times, "sharer_forwards": forwards,
@@ -440,6 +444,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--policies", default="every2,every4,adaptive,budget3",
                     help="refresh-policy rows (cached projections), comma-separated: everyK, adaptive[@THRESHOLD], "
                          "budgetN; 'none' for none")
+    ap.add_argument("--skip", default="", help="leave out the runs whose name contains one of these comma-separated "
+                                              "words (e.g. gating,buffered on a loaded machine)")
     ap.add_argument("--sweep-steps", type=int, default=2,
                     help="steps of each run in the fused-layers sweep (refresh every 4 runs at least 4)")
     ap.add_argument("--sweep-repeats", type=int, default=3, help="runs per point of the sweep (median)")
