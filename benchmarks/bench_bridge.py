@@ -4,21 +4,29 @@ One command, ratios side by side in one process (results and caveats: BENCHMARKS
 
     .venv/bin/python benchmarks/bench_bridge.py                      # CPU, issue-10 config
     python benchmarks/bench_bridge.py --shape wan1.3b --device cuda  # the same runs at Wan2.1-1.3B shape
+    .venv/bin/python benchmarks/bench_bridge.py --shape smoke        # seconds: the script runs (tests/benchmarks)
 
 Both models are random-weight Wan2.1 models at the chosen shape, written once as safetensors and
 loaded with ComfyUI's own loader; every run is the stock KSampler code path on a Fuse Caches clone
-(the real runtime: c2c_comfy). Runs of different kinds alternate within each repeat, so machine
-load drifts over all of them alike; the median of the repeats is reported.
+(the real runtime: c2c_comfy). Timing (:func:`interleaved`): one untimed warm-up round of every run kind
+(``--warmup``), then ``--repeats`` rounds with every kind once per round, the order rotated by one each
+round. Each ratio is taken per round against the runs of the same round (:func:`paired`) and reported
+as the median with its min–max over rounds: load drift moves a whole round alike, and the spread is
+the noise left.
 
 On CPU the script times with one torch thread and the process's CPU time by default (``--threads``,
 ``--clock``): on a machine whose cores other processes share, OpenMP's threads wait for each other
 at every op (a small linear went from 0.9 ms to 18 ms with 2 threads on 2 busy cores) and wall time
 tracks the neighbours' load; one thread's CPU time tracks the work. Wall time is recorded too.
 
-Ratios (issue 10): lockstep live ÷ (receiver alone + sharer alone) per projector type; refresh every
-4 steps, replay of a recording ÷ receiver alone; recording ÷ sharer alone. Then peak captured K/V and
-time per step against the number of fused layers per mode (a PNG), the projector cost per type as a
-fraction of one transformer block, and whether Wan2.1-14B fits an 80 GB card, by arithmetic.
+Ratios (issue 10): lockstep live ÷ (receiver alone + sharer alone) per projector type; replay of a
+recording ÷ receiver alone; recording ÷ sharer alone. Refresh policies (issue 19, ``--policies``):
+every k, adaptive and budget rows with the weighted and the c2c projector, the sharer's projected K/V
+cached while reused, with the sharer forwards each row ran. Then peak captured K/V and time per step
+against the number of fused layers per mode (a PNG; every mode's K/V measured in its run, refresh
+every 4 over a whole 4-step cycle), the projector cost per type as a fraction of one transformer
+block, where the c2c projector stands against lockstep ≤ 1.15 × (R + S) at each shape
+(:func:`c2c_standing`), and whether Wan2.1-14B fits an 80 GB card, by arithmetic.
 """
 from __future__ import annotations
 
@@ -409,23 +417,31 @@ C2C_SHAPES = {"dim 512, 32 tokens (the earlier CPU runs)": dict(dim=512, ffn=204
               "Wan2.1-14B, 480p 81 frames": dict(dim=5120, ffn=13824, tokens=32760, text=512)}
 
 
-def c2c_standing(hidden: int = 512, trunk: int = 2) -> dict:
-    """Multiply-adds per token of one layer's c2c K+V projection as a fraction of one Wan block, by shape.
+def c2c_split(shape: dict, hidden: int = 512, trunk: int = 2) -> tuple[float, float]:
+    """(sharer side, per-call rest) of one layer's c2c K+V projection, each as a fraction of one Wan block, in
+    multiply-adds per token. The sharer side (its in-projection, 2·d·h for K and V) is what a reused step
+    takes from the cache; the rest (the receiver's in-projection, the trunk, the out-projection and the head
+    weights) runs in every fused call. A Wan block: q, k, v, o (4·d²), cross-attention q, o (2·d²), FFN
+    (2·d·ffn), attention over the image tokens (2·L·d) and the text (2·T·d). Matrix products only: the
+    block's norms, modulation and RoPE are left out, so at small shapes this overstates the fractions."""
+    d, ffn, tokens, text = shape["dim"], shape["ffn"], shape["tokens"], shape["text"]
+    block = 6 * d * d + 2 * d * ffn + 2 * tokens * d + 2 * text * d
+    sharer = 2 * d * hidden
+    rest = 2 * (d * hidden + trunk * 2 * hidden * hidden + hidden * d + hidden * (d // 128))
+    return sharer / block, rest / block
 
-    c2c per K or V: in-projections of sharer and receiver (2·d·h), a trunk of ``trunk`` residual FFNs (2·h²
-    each), the out-projection (h·d); a Wan block: q, k, v, o (4·d²), cross-attention q, o (2·d²), FFN
-    (2·d·ffn), attention over the image tokens (2·L·d) and the text (2·T·d). With c of a block per fused
-    layer, lockstep over every layer costs about (1 + c / 2) × (receiver + sharer): a sharer block and a
-    receiver block per fused layer, plus c. Matrix products only: the block's norms, modulation and RoPE
-    are left out, so at small shapes this overstates c (dim 512: 0.99 here, 0.73 measured); the measured
-    fraction at the benchmark's own shape is printed beside it (``projector_cost``).
+
+def c2c_standing(hidden: int = 512, trunk: int = 2) -> dict:
+    """Where lockstep with a c2c projector stands against ≤ 1.15 × (receiver + sharer), by shape (arithmetic).
+
+    With c of a block per fused layer (:func:`c2c_split`, both parts), lockstep over every layer costs about
+    (1 + c / 2) × (receiver + sharer): a sharer block and a receiver block per fused layer, plus c. At dim
+    512 the arithmetic gives 0.99 where 0.73 was measured; the measured fraction at the benchmark's own
+    shape is printed beside it (``projector_cost``).
     """
     out = {}
     for name, sh in C2C_SHAPES.items():
-        d, ffn, tokens, text_tokens = sh["dim"], sh["ffn"], sh["tokens"], sh["text"]
-        c2c = 2 * (2 * d * hidden + trunk * 2 * hidden * hidden + hidden * d + hidden * (d // 128))
-        block = 6 * d * d + 2 * d * ffn + 2 * tokens * d + 2 * text_tokens * d
-        c = c2c / block
+        c = sum(c2c_split(sh, hidden, trunk))
         out[name] = {"fraction_of_block": c, "lockstep_per_both": 1 + c / 2, "meets_1_15": 1 + c / 2 <= 1.15}
     return out
 

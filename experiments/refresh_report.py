@@ -66,10 +66,15 @@ def compare(runs: dict) -> dict:
     return out
 
 
+def fuses(schedule: dict) -> bool:
+    """A bridged run: the receiver fuses the sharer's K/V (not a model alone, not the switch without fusion)."""
+    return schedule["model"] == "bridged" and (not schedule["switch"] or schedule["fused"])
+
+
 def cheapest_at_goal(runs: dict, key: str):
     """The run with the lowest ``key`` ratio among bridged runs keeping ≥ GOAL_GAIN of the gain."""
     ok = [(run[key], name) for name, run in runs.items()
-          if run.get(key) is not None and run["gain_kept"] >= GOAL_GAIN and run["schedule"]["model"] == "bridged"]
+          if run.get(key) is not None and run["gain_kept"] >= GOAL_GAIN and fuses(run["schedule"])]
     return min(ok) if ok else None
 
 
@@ -118,16 +123,27 @@ def modelled_ratio(line: dict | None, schedule, forwards: float, sharer_ratio: f
     return 1.0 + inside * (line["intercept"] - 1.0) + line["slope"] * forwards / total
 
 
+def wan14b_line() -> dict:
+    """The same line for a Wan2.1-14B pair at 480p 81 frames by arithmetic (bench_bridge.c2c_split): a reused
+    step adds the c2c projector's per-call part in every layer, a step that runs the sharer adds a sharer
+    forward (the same size as the receiver) and the projector's sharer side."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_bridge
+    side, rest = bench_bridge.c2c_split(bench_bridge.C2C_SHAPES["Wan2.1-14B, 480p 81 frames"])
+    return {"intercept": 1.0 + rest, "slope": 1.0 + side, "points": [], "shape": "Wan2.1-14B, arithmetic"}
+
+
 def with_costs(data: dict, bench: dict | None) -> dict:
-    """Each run's ``bench_ratio`` (None without a benchmark) and each pair's ``cost_line``, from ``bench``."""
-    line = cost_line(bench)
+    """Each run's ``bench_ratio`` (None without a benchmark) and ``wan14b_ratio``; each pair's cost lines."""
+    line, big = cost_line(bench), wan14b_line()
     sharer = bench_ratios(bench)["per_receiver"]["sharer alone"]["median"] if bench else 1.0
     for pair in data["pairs"]:
-        pair["cost_line"] = line
+        pair["cost_line"], pair["wan14b_line"] = line, big
         for run in pair["runs"].values():
             sch = run["schedule"]
             schedule = SimpleNamespace(**{**sch, "window": tuple(sch["window"])})
             run["bench_ratio"] = modelled_ratio(line, schedule, run["mean_forwards"], sharer, data["steps"])
+            run["wan14b_ratio"] = modelled_ratio(big, schedule, run["mean_forwards"], 1.0, data["steps"])
     return data
 
 
@@ -148,7 +164,8 @@ def report(data: dict, bench: dict | None = None) -> str:
               "receiver) / (refresh 1 − receiver) per video, mean ± standard error; *CPU ratio*: the run's CPU time ÷ "
               "the receiver alone's, on this miniature (dim 256, 48 tokens: the projector weighs more than a block "
               "here); *bench ratio*: the same schedule's time ratio at the CPU benchmark's shape, from the line "
-              "through its measured c2c refresh rows (BENCHMARKS.md)." , ""]
+              "through its measured c2c refresh rows (BENCHMARKS.md); *14B ratio*: the same at Wan2.1-14B shape "
+              "(480p 81 frames) by arithmetic (`bench_bridge.c2c_split`).", ""]
     for pair in data["pairs"]:
         runs = pair["runs"]
         line = pair["cost_line"]
@@ -156,14 +173,17 @@ def report(data: dict, bench: dict | None = None) -> str:
         if line:
             lines += [f"Bench line ({line['shape']}): ratio = {line['intercept']:.3f} + {line['slope']:.3f} × (share "
                       f"of steps that run the sharer), through {len(line['points'])} measured rows.", ""]
+        big = pair["wan14b_line"]
+        lines += [f"Wan2.1-14B line (arithmetic): ratio = {big['intercept']:.3f} + {big['slope']:.3f} × (share of "
+                  "steps that run the sharer).", ""]
         lines += ["| schedule | sharer forwards | sharer steps (first run) | quality (dB) | gain kept | CPU ratio | "
-                  "bench ratio |", "|---|---|---|---|---|---|---|"]
+                  "bench ratio | 14B ratio |", "|---|---|---|---|---|---|---|---|"]
         for name, run in runs.items():
             steps = run["sharer_steps"][0] if run["sharer_steps"] and run["sharer_steps"][0] else []
             gain = "—" if name in ("receiver alone", "refresh 1") else \
                 f"{_pct(run['gain_kept'])} ± {100 * run['gain_se']:.1f}"
             lines.append(f"| {name} | {run['mean_forwards']:.1f} | {steps} | {run['mean_quality']:.2f} | {gain} | "
-                         f"{run['cpu_ratio']:.2f} | {_ratio(run['bench_ratio'])} |")
+                         f"{run['cpu_ratio']:.2f} | {_ratio(run['bench_ratio'])} | {_ratio(run['wan14b_ratio'])} |")
         lines += ["", "Best fixed placement per N (searched on validation): " + "; ".join(
             f"N={n}: steps {p['steps']} ({_pct(p['val_gain_kept'])} on val)" for n, p in pair["placements"].items()),
             ""]
@@ -187,7 +207,8 @@ def report(data: dict, bench: dict | None = None) -> str:
             gaps.append(f"{s}: {gap} ({within} {MATCH_POINTS:g} pt at every N)")
         lines += ["", "Per signal, adaptive's mean gap to the best fixed schedule over the N it reached: "
                   + "; ".join(gaps) + ".", ""]
-        for key, label in (("bench_ratio", "at the benchmark's shape"), ("cpu_ratio", "on this miniature (CPU)")):
+        for key, label in (("bench_ratio", "at the CPU benchmark's shape (measured line)"),
+                           ("wan14b_ratio", "at Wan2.1-14B shape (arithmetic)"), ("cpu_ratio", "on this miniature (CPU)")):
             best = cheapest_at_goal(runs, key)
             lines.append(f"- Cheapest bridged run keeping ≥ {100 * GOAL_GAIN:.0f} % of the gain, {label}: " +
                          ("none" if best is None else f"**{best[1]}** at {best[0]:.2f}× the receiver "
@@ -204,13 +225,15 @@ def plot(data: dict, bench: dict | None, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     pairs = data["pairs"]
-    fig, axes = plt.subplots(2, len(pairs), figsize=(6.5 * len(pairs), 9), squeeze=False)
+    rows = (("mean_forwards", "sharer forwards per run (of 12 steps)"),
+            ("bench_ratio", "time ratio to the receiver, CPU benchmark shape (measured line)"),
+            ("wan14b_ratio", "time ratio to the receiver, Wan2.1-14B (arithmetic)"))
+    fig, axes = plt.subplots(len(rows), len(pairs), figsize=(6.5 * len(pairs), 4.3 * len(rows)), squeeze=False)
     styles = {"every": ("o", "#444444"), "placement": ("*", "#000000"), "window": ("v", "#8c564b"),
               "switch": ("x", "#d62728"), "adaptive": ("s", None), "budget": ("^", None)}
     signal_colours = {"input": "#1f77b4", "magnitude": "#2ca02c", "sigma": "#ff7f0e"}
     for col, pair in enumerate(pairs):
-        for row, (key, label) in enumerate((("mean_forwards", "sharer forwards per run (of 12 steps)"),
-                                            ("bench_ratio", "time ratio to the receiver at the benchmark shape"))):
+        for row, (key, label) in enumerate(rows):
             ax = axes[row][col]
             seen = set()
             for name, run in pair["runs"].items():
@@ -226,12 +249,13 @@ def plot(data: dict, bench: dict | None, path: Path) -> None:
                            label=None if legend in seen else legend, alpha=0.85)
                 seen.add(legend)
             ax.axhline(100 * GOAL_GAIN, color="grey", lw=0.8, ls="--")
-            if key == "bench_ratio":
+            if key != "mean_forwards":
                 ax.axvline(GOAL_RATIO, color="grey", lw=0.8, ls="--")
             ax.set_xlabel(label)
             ax.set_ylabel("gain kept (% of refresh 1's)")
             ax.set_title(f"{pair['pair']} miniature", fontsize=10)
-            ax.set_ylim(bottom=max(-20, ax.get_ylim()[0]))
+            low, high = ax.get_ylim()
+            ax.set_ylim(max(-20, low), min(130, high))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()

@@ -251,7 +251,7 @@ def search_placements(m: Miniature, log) -> dict:
 def run_pair(name: str, args, log) -> dict:
     import torch
     torch.set_num_threads(1)
-    paths = None if args.dry_run else rm.prepare(name, args.out, mini.Settings.demo(), log=log)
+    paths = None if args.dry_run else rm.prepare(name, args.out, rm.settings_for(name), log=log)
     m = Miniature(name, paths, args)
     started = time.monotonic()
     placements = search_placements(m, log)
