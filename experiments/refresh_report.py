@@ -160,7 +160,7 @@ def report(data: dict, bench: dict | None = None) -> str:
               f"searched on {data['val_videos']} validation videos. Euler, 12 steps, cfg 1, the pair's trained c2c "
               "projector fused into both layers at strength 1.", "",
               "Columns: *sharer forwards* per sampling run (the bridge's refresh report; switch rows add the sharer's "
-              "own steps); *quality*: still = first-frame PSNR, motion = motion PSNR (dB); *gain kept* = (schedule − "
+              "own steps); *quality*: still = first-frame PSNR, denoise = whole-video PSNR of the restored video (dB); *gain kept* = (schedule − "
               "receiver) / (refresh 1 − receiver) per video, mean ± standard error; *CPU ratio*: the run's CPU time ÷ "
               "the receiver alone's, on this miniature (dim 256, 48 tokens: the projector weighs more than a block "
               "here); *bench ratio*: the same schedule's time ratio at the CPU benchmark's shape, from the line "

@@ -5,12 +5,12 @@
     python experiments/run_refresh.py --dry-run       # seconds-long check that the script runs (tests)
 
 Two miniatures (experiments/refresh_miniatures.py): *still*, the evidence experiment's pair, whose sharer
-knowledge (the first frame) is fixed before sampling starts, and *motion*, whose sharer knows where the
-squares go next, which only means something once the sample has put them somewhere. Both pairs are trained
-once into experiments/out/refresh/ (about 10 minutes on one core each) and reused.
+knowledge (the first frame) is fixed before sampling starts, and *denoise*, a weak receiver and a sharer that
+knows the data, restoring videos from partial noise: what the sharer adds is about the current sample, so
+fresh K/V matter. Both pairs are trained once into experiments/out/refresh/ and reused.
 
 Every schedule samples the same held-out videos with the same noise through the real bridge (a live sharer,
-Fuse Caches, the stock KSampler, euler, 12 steps, cfg 1), and is scored by the miniature's quality (dB) and
+Fuse Caches, the stock KSampler, euler, 12 steps, cfg 1; denoise 0.6 for the denoise pair), and is scored by the miniature's quality (dB) and
 by the share of refresh-1's gain it keeps: (schedule − receiver) / (refresh 1 − receiver). Cost: sharer
 forwards (from the bridge's own refresh report), the CPU-time ratio to the plain receiver measured here, and
 the time ratio the same schedule would have at the CPU benchmark's shape (benchmarks/bench_bridge.py: a
@@ -155,26 +155,33 @@ class Miniature:
             conds = self.conds(split, sl)
             rp, rn, sp, sn = (conds[k] for k in ("receiver_positive", "receiver_negative", "sharer_positive",
                                                   "sharer_negative"))
-            latent = {"samples": torch.zeros(videos[sl].shape[0], mini.CHANNELS, mini.FRAMES, mini.SIZE, mini.SIZE)}
+            denoise = rm.DENOISE[self.name]
+            if denoise < 1.0:           # restore the true video from partial noise (the sampler adds the noise)
+                latent = {"samples": self.receiver.model.process_latent_out(videos[sl]).clone()}
+            else:
+                latent = {"samples": torch.zeros(videos[sl].shape[0], mini.CHANNELS, mini.FRAMES, mini.SIZE, mini.SIZE)}
+            ks = dict(denoise=denoise)
             seed = 5000 + start + (0 if split == "test" else 100_000)
             clock = time.process_time()
             with torch.inference_mode():
                 if schedule.model != "bridged":
                     model = self.receiver if schedule.model == "receiver" else self.sharer
                     pos, neg = (rp, rn) if schedule.model == "receiver" else (sp, sn)
-                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, "euler", "simple", pos, neg, latent)
+                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, "euler", "simple", pos, neg, latent,
+                                                         **ks)
                     bridge = None
                 elif schedule.switch:
                     (mid,) = comfy_nodes.common_ksampler(self.sharer, seed, total, 1.0, "euler", "simple", sp, sn,
                                                          latent, start_step=0, last_step=schedule.switch,
-                                                         force_full_denoise=False)
+                                                         force_full_denoise=False, **ks)
                     model, bridge = self.bridged(schedule, conds) if schedule.fused else (self.receiver, None)
                     (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, "euler", "simple", rp, rn, mid,
                                                          disable_noise=True, start_step=schedule.switch,
-                                                         last_step=total, force_full_denoise=True)
+                                                         last_step=total, force_full_denoise=True, **ks)
                 else:
                     model, bridge = self.bridged(schedule, conds)
-                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, "euler", "simple", rp, rn, latent)
+                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, "euler", "simple", rp, rn, latent,
+                                                         **ks)
             seconds += time.process_time() - clock
             sampled = self.receiver.model.process_latent_in(out["samples"])
             quality += rm.quality(self.name, sampled, videos[sl], classes[sl], self.peak).tolist()

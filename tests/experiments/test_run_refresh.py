@@ -41,7 +41,7 @@ def runs_of(data, pair):
 def test_dry_run_samples_every_planned_schedule_on_both_miniatures(dry_run):
     data, report = dry_run
     assert data["dry_run"] and data["steps"] == 4
-    assert [p["pair"] for p in data["pairs"]] == ["still", "motion"]
+    assert [p["pair"] for p in data["pairs"]] == ["still", "denoise"]
     planned = [s.name for s in run_refresh.plan(signals=("input",), thresholds={"input": (0.2,)}, budgets=(2,),
                                                 every=(2,), windows=((0.5, 1.0),), switch=(2,), steps=4)]
     for pair in data["pairs"]:
@@ -56,7 +56,7 @@ def test_dry_run_samples_every_planned_schedule_on_both_miniatures(dry_run):
 
 def test_schedules_run_the_sharer_where_they_say(dry_run):
     data, _ = dry_run
-    for pair in ("still", "motion"):
+    for pair in ("still", "denoise"):
         runs = runs_of(data, pair)
         steps = {name: run["sharer_steps"][0] for name, run in runs.items()}
         assert steps["refresh 1"] == [0, 1, 2, 3] and steps["every 2"] == [0, 2]
@@ -72,7 +72,7 @@ def test_schedules_run_the_sharer_where_they_say(dry_run):
 
 def test_gain_kept_is_measured_against_refresh_1(dry_run):
     data, _ = dry_run
-    for pair in ("still", "motion"):
+    for pair in ("still", "denoise"):
         runs = runs_of(data, pair)
         assert runs["refresh 1"]["gain_kept"] == pytest.approx(1.0)
         assert runs["receiver alone"]["gain_kept"] == pytest.approx(0.0)
