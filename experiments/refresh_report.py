@@ -1,4 +1,4 @@
-"""REFRESH.md and refresh.png from run_refresh.py's results (kept apart so a report can be redone from the JSON:
+"""REFRESH.md and REFRESH.png from run_refresh.py's results (kept apart so a report can be redone from the JSON:
 ``python experiments/refresh_report.py experiments/out/refresh/refresh.json``)."""
 from __future__ import annotations
 
@@ -170,6 +170,8 @@ def report(data: dict, bench: dict | None = None) -> str:
         runs = pair["runs"]
         line = pair["cost_line"]
         lines += [f"## {pair['pair']}", ""]
+        if pair.get("command", data["command"]) != data["command"]:
+            lines += [f"Run by `{pair['command']}`.", ""]
         if line:
             lines += [f"Bench line ({line['shape']}): ratio = {line['intercept']:.3f} + {line['slope']:.3f} × (share "
                       f"of steps that run the sharer), through {len(line['points'])} measured rows.", ""]
@@ -214,7 +216,7 @@ def report(data: dict, bench: dict | None = None) -> str:
                          ("none" if best is None else f"**{best[1]}** at {best[0]:.2f}× the receiver "
                           f"({'meets' if best[0] <= GOAL_RATIO else 'misses'} ≤ {GOAL_RATIO}×)"))
         lines += ["", f"Wall time of this miniature: {pair['seconds'] / 60:.1f} min.", ""]
-    lines += ["![frontier](refresh.png)", ""]
+    lines += ["![frontier](REFRESH.png)", ""]
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The refresh frontier (issue 19): how much of the bridge's gain each way of running the sharer keeps, at what cost.
 
-    python experiments/run_refresh.py                 # REFRESH.md and refresh.png (both miniatures)
+    python experiments/run_refresh.py                 # REFRESH.md and REFRESH.png (both miniatures)
     python experiments/run_refresh.py --dry-run       # seconds-long check that the script runs (tests)
 
 Two miniatures (experiments/refresh_miniatures.py): *still*, the evidence experiment's pair, whose sharer
@@ -294,6 +294,8 @@ def main(argv=None) -> dict:
                    help="bench_bridge.py's JSON for the time ratio at its shape (column empty when absent; "
                         "refresh_report.py redoes the report with it later)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="one process per miniature")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the pairs not run now from <out>/refresh.json (each pair's report names its command)")
     p.add_argument("--dry-run", action="store_true",
                    help="untrained tiny pairs, 2 videos, a handful of schedules: checks that the script runs "
                         "(seconds); numbers meaningless")
@@ -317,11 +319,20 @@ def main(argv=None) -> dict:
     else:
         results = [run_pair(name, args, log) for name in pairs]
     wall = time.monotonic() - started
+    for result in results:
+        result["command"] = args.command
+    saved = args.out / ("dry_run.json" if args.dry_run else "refresh.json")
+    if args.merge and saved.is_file():
+        kept = json.loads(saved.read_text())
+        ran = {r["pair"] for r in results}
+        results = [r for r in kept["pairs"] if r["pair"] not in ran] + results
+        results.sort(key=lambda r: rm.PAIRS.index(r["pair"]) if r["pair"] in rm.PAIRS else len(rm.PAIRS))
+        wall += kept["wall_seconds"]
     data = {"command": args.command, "wall_seconds": wall, "dry_run": args.dry_run, "pairs": results,
             "test_videos": args.test_videos, "val_videos": args.val_videos,
             "batch": args.batch, "steps": args.steps}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / ("dry_run.json" if args.dry_run else "refresh.json")).write_text(json.dumps(data, indent=1))
+    saved.write_text(json.dumps(data, indent=1))
     import refresh_report
     bench = json.loads(args.bench.read_text()) if args.bench.is_file() else None
     args.results.write_text(refresh_report.report(data, bench), encoding="utf-8")
