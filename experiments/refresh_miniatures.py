@@ -10,9 +10,8 @@
   another seed checkpoint: the sharer knows what the videos look like, the receiver hardly. What the
   sharer adds is *about the current sample*, which changes at every step, so fresh K/V matter. Task:
   restore held-out videos from partial noise (img2img, denoise 0.6, as a refine pass samples); quality:
-  PSNR of the whole restored video against the truth. Its c2c projector gets 300 training steps
-  (the still pair's 900 did not fit the session's CPU; 300 closed 44 % of the still pair's gap in the
-  evidence experiment's pilot).
+  PSNR of the whole restored video against the truth. Its c2c projector: the still pair's recipe
+  (900 steps).
 
 Pairs are trained once into ``<out>/<name>/`` (stamped, reused by later runs).
 
@@ -48,9 +47,9 @@ DENOISE = {"still": 1.0, "denoise": 0.6}        # the sampler's denoise: generat
 
 
 def settings_for(name: str) -> mini.Settings:
-    """The still pair: the demo's recipe. The denoise pair: a weak receiver (100 steps), a 300-step projector."""
+    """The still pair: the demo's recipe. The denoise pair: a weak receiver (100 steps), the same projector recipe."""
     if name == "denoise":
-        return mini.Settings(kinds=("c2c",), base_steps=100, projector_steps=300)
+        return mini.Settings(kinds=("c2c",), base_steps=100)
     return mini.Settings.demo()
 
 
