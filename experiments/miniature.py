@@ -166,8 +166,11 @@ def sigma_of(model_sampling, t: torch.Tensor) -> torch.Tensor:
     return torch.tensor([float(model_sampling.percent_to_sigma(1.0 - float(v))) for v in t], dtype=torch.float32)
 
 
-def train_base(training, patcher, videos, classes, texts, role: str, settings: Settings, seed: int, log) -> list:
-    """Flow-matching training of a whole tiny Wan model (``role`` 'receiver' or 'sharer' picks its inputs)."""
+def train_base(training, patcher, videos, classes, texts, role: str, settings: Settings, seed: int, log,
+               conditioner=None) -> list:
+    """Flow-matching training of a whole tiny Wan model (``role`` 'receiver' or 'sharer' picks its inputs from
+    ``conditioner``, by default :func:`conditionings`)."""
+    conditioner = conditioner or conditionings
     model = patcher.model
     ms = patcher.get_model_object("model_sampling")
     params = [p for p in model.diffusion_model.parameters()]
@@ -199,7 +202,7 @@ def train_base(training, patcher, videos, classes, texts, role: str, settings: S
             noise = torch.randn(x0.shape, generator=g)
             sigma = sigma_of(ms, torch.rand(settings.base_batch, generator=g))
             x_t = ms.noise_scaling(sigma, noise, x0)
-            cond = conditionings(latents[idx], classes[idx], texts)[f"{role}_positive"]
+            cond = conditioner(latents[idx], classes[idx], texts)[f"{role}_positive"]
             kwargs = model_kwargs(training, patcher, cond, x0)
             model.apply_model(x_t, sigma, transformer_options=options, **kwargs)
             loss = torch.nn.functional.mse_loss(raw["v"].float(), noise - x0)
@@ -300,8 +303,9 @@ def train_pair(training, videos, classes, texts, settings: Settings, seed: int, 
     return receiver, sharer, final_loss
 
 
-def save_samples(training, receiver, videos, classes, texts, folder: Path):
+def save_samples(training, receiver, videos, classes, texts, folder: Path, conditioner=None):
     """The projector's training data as the pack's sample files (emptied first); returns the TrainingSet."""
+    conditioner = conditioner or conditionings
     folder = Path(folder)
     if folder.exists():
         for p in folder.iterdir():
@@ -309,7 +313,7 @@ def save_samples(training, receiver, videos, classes, texts, folder: Path):
     latents = receiver.model.process_latent_out(videos)
     for start in range(0, videos.shape[0], 64):
         sl = slice(start, start + 64)
-        training.save_training_samples(folder, latents[sl], conditionings(latents[sl], classes[sl], texts))
+        training.save_training_samples(folder, latents[sl], conditioner(latents[sl], classes[sl], texts))
     return training.open_training_set(folder)
 
 

@@ -1,0 +1,78 @@
+"""experiments/run_refresh.py still runs: its dry run (untrained tiny pairs, 2 videos, 4 steps) in process, once,
+and the schedules it samples run the sharer where they say (read from the bridge's own refresh report)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow      # ~15 s of CPU on the 2-core machine (ComfyUI boot included)
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+if str(EXPERIMENTS) not in sys.path:
+    sys.path.append(str(EXPERIMENTS))       # run_refresh imports its sibling modules by file name, as a script does
+
+import run_refresh  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dry_run(comfy, tmp_path_factory):
+    import torch
+    from bridge_helpers import pack_nodes
+    pack_nodes()                            # the pack as the suite loads it; the script uses this host
+    out = tmp_path_factory.mktemp("refresh")
+    threads, printed = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            data = run_refresh.main(["--dry-run", "--out", str(out), "--results", str(out / "REFRESH.md"),
+                                     "--bench", str(out / "no_bench.json")])
+    finally:
+        torch.set_num_threads(threads)
+    return data, (out / "REFRESH.md").read_text(encoding="utf-8")
+
+
+def runs_of(data, pair):
+    return next(p for p in data["pairs"] if p["pair"] == pair)["runs"]
+
+
+def test_dry_run_samples_every_planned_schedule_on_both_miniatures(dry_run):
+    data, report = dry_run
+    assert data["dry_run"] and data["steps"] == 4
+    assert [p["pair"] for p in data["pairs"]] == ["still", "denoise"]
+    planned = [s.name for s in run_refresh.plan(signals=("input",), thresholds={"input": (0.2,)}, budgets=(2,),
+                                                every=(2,), windows=((0.5, 1.0),), switch=(2,), steps=4)]
+    for pair in data["pairs"]:
+        names = list(pair["runs"])
+        assert names[:len(planned)] == planned
+        assert names[len(planned):] == [f"best placement of {n}" for n in (1, 2, 3)]
+        assert f"## {pair['pair']}" in report
+        for name, run in pair["runs"].items():
+            assert len(run["quality"]) == 2 and run["cpu_seconds"] > 0, name
+    assert "Dry run" in report
+
+
+def test_schedules_run_the_sharer_where_they_say(dry_run):
+    data, _ = dry_run
+    for pair in ("still", "denoise"):
+        runs = runs_of(data, pair)
+        steps = {name: run["sharer_steps"][0] for name, run in runs.items()}
+        assert steps["refresh 1"] == [0, 1, 2, 3] and steps["every 2"] == [0, 2]
+        assert steps["receiver alone"] == [] and runs["receiver alone"]["mean_forwards"] == 0
+        assert runs["switch at 2"]["mean_forwards"] == 2                   # the sharer's own two steps, no fusion
+        assert steps["switch at 2 + fusion"] == [0] and runs["switch at 2 + fusion"]["mean_forwards"] == 3
+        assert len(steps["budget 2 input"]) <= 2
+        placements = next(p for p in data["pairs"] if p["pair"] == pair)["placements"]
+        for n, placement in placements.items():
+            assert len(placement["steps"]) == int(n) and placement["steps"][0] == 0
+            assert steps[f"best placement of {n}"] == placement["steps"]       # the fixed tracker runs exactly there
+
+
+def test_gain_kept_is_measured_against_refresh_1(dry_run):
+    data, _ = dry_run
+    for pair in ("still", "denoise"):
+        runs = runs_of(data, pair)
+        assert runs["refresh 1"]["gain_kept"] == pytest.approx(1.0)
+        assert runs["receiver alone"]["gain_kept"] == pytest.approx(0.0)
