@@ -23,6 +23,7 @@ import itertools
 import logging
 
 import comfy.patcher_extension
+import torch
 
 from c2c_core import FusionSchedule, ModelSignature, health
 from c2c_core.contract import Call, refresh_window
@@ -120,8 +121,11 @@ class Bridge(Shared):
                 run.end_call()
 
     # -- hooks ------------------------------------------------------------------------------
+    @torch.compiler.disable
     def capture(self, layer, q, k, v, heads, transformer_options):
-        """The sharer's self-attention hook: its K/V go to the run's source."""
+        """The sharer's self-attention hook: its K/V go to the run's source. A compiled sharer's one graph break per
+        captured layer: the source keeps the tensors, ends the forward (SharerDone) or switches coroutines
+        (lockstep), none of which torch.compile can trace (docs/compile.md)."""
         run = self.run
         if run is None:
             return k, v

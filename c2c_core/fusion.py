@@ -2,7 +2,9 @@
 
 This is the per-layer, per-step path, so it stays cheap: strengths are Python floats, a
 zero strength returns the receiver's tensor object untouched without running the projector, and
-nothing here reads a GPU tensor to make a decision.
+nothing here reads a GPU tensor to make a decision. A compiled receiver traces it (docs/compile.md): the
+only decision that looks at memory, whether the blend may overwrite the projector's output, is an eager-mode
+optimisation and is skipped while torch.compile traces (the compiler plans its own buffers).
 
 ``fuse`` is what every host's runtime (c2c_core.runtime.FusionRun) blends with; ``check_fusion`` is the
 check FusionRun makes before a run. Bidirectional fusion is two one-way runs, each with its own bank
@@ -60,7 +62,13 @@ def fuse(projected: Tensor, receiver: Tensor, strength: float, *, inplace: bool 
 
 
 def _owned(t: Tensor, others: Sequence[Tensor]) -> bool:
-    """True when ``t`` may be overwritten: no storage shared with ``others``, no autograd recording."""
+    """True when ``t`` may be overwritten: no storage shared with ``others``, no autograd recording.
+
+    Never while torch.compile traces: storage pointers cannot be traced (a graph break per layer), and a
+    compiled graph reuses buffers on its own, so writing into ``t`` would only add a mutation to the graph.
+    """
+    if torch.compiler.is_compiling():
+        return False
     if torch.is_grad_enabled() and (t.requires_grad or any(o.requires_grad for o in others)):
         return False
     ptr = t.untyped_storage().data_ptr()
