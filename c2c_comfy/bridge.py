@@ -7,10 +7,17 @@ Lifecycle, per sampling run of the bridged clone (K/V sources: c2c_comfy/live.py
   CALC_COND_BATCH       -> per model evaluation (a sampler may evaluate several times per step):
                            its index, for per-evaluation replay; the latent's shape is checked;
   APPLY_MODEL wrapper   -> per model call: branches of its CFG chunks, sigma percent and strengths are
-                           resolved, and the K/V source makes sure the sharer's K/V of that ``Call`` exist
-                           (live: the sharer runs now on the same x and sigma; recorded: replayed);
-  self-attention hook   -> per fused block: sharer K/V are aligned and fused into the receiver's
-                           (c2c_core.runtime.FusionRun.fuse_tokens).
+                           resolved; nothing runs yet;
+  self-attention hook   -> per fused block: ``BridgeRun._sharer_kv`` hands the sharer's K/V over, made ready by
+                           ``FusionRun.sharer_part``; at the call's first fused block it asks the bridge's
+                           ``RefreshTracker`` whether the sharer runs (``c2c_core.refresh``) and has the K/V
+                           source make that ``Call``'s K/V (live: the sharer runs now on the same x and sigma;
+                           recorded: replayed). ``FusionRun.blend`` then fuses them into the receiver's.
+The sharer is asked for at the first fused block, not when the call starts, so a receiver step that a
+receiver-side cache (ComfyUI's EasyCache) skips runs no sharer and is not counted by the tracker.
+The tracker lives on the Bridge, across sampling runs: a run that starts where the previous one ended (at its
+last sigma, on its output latent: a KSamplerAdvanced split) continues its step count and refresh cycle, and a
+live source hands the K/V it holds over to it.
 Fusion windows are sigma percent, as ComfyUI's ControlNet, hooks and EasyCache count them
 (``model_sampling.percent_to_sigma``), so split samplers and partial denoise line up with core nodes.
 Nothing is written onto the models given to us: the receiver and sharer are cloned, and all state
@@ -26,7 +33,8 @@ import comfy.patcher_extension
 import torch
 
 from c2c_core import FusionSchedule, ModelSignature, health
-from c2c_core.contract import Call, refresh_window
+from c2c_core.contract import Call
+from c2c_core.refresh import RefreshTracker, SignalMeter
 from c2c_core.runtime import BankCache, FusionRun, RunReport, percent_of, step_index
 from . import compat, memory
 from .branches import branch_map, call_branches
@@ -60,6 +68,10 @@ class Bridge(Shared):
         self.run: BridgeRun | None = None
         self.last_report: Report | None = None
         self.banks = BankCache(bundle.bank)     # the projector bank placed on the run's device, kept across runs
+        self.tracker = RefreshTracker(source.refresh)   # when the sharer runs; kept across runs (split samplers)
+        self.meter = SignalMeter(source.refresh)        # the tracker's signal, measured on the receiver's input
+        self._last_out = None           # the previous run's output latent and the K/V its source handed over
+        self._kept = None
 
     @property
     def fused_layers(self):
@@ -86,12 +98,17 @@ class Bridge(Shared):
                       disable_pbar=False, seed=None, *args, **kwargs):
         guider = executor.class_obj
         previous = self.run
-        self.run = BridgeRun(self, guider, noise, latent_image, denoise_mask, seed, sigmas)
+        continues = self._last_out is not None and _same_latent(latent_image, self._last_out)
+        kept, self._kept, self._last_out = self._kept, None, None
+        self.run = BridgeRun(self, guider, noise, latent_image, denoise_mask, seed, sigmas, continues, kept)
         try:
             out = executor(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed,
                            *args, **kwargs)
+            self._last_out = out
         finally:
             run, self.run = self.run, previous
+            if self._last_out is not None and run.sigmas[-1] != 0.0 and not self.source.refresh.always:
+                self._kept = run.source_run.handover()     # a split sampler's next half may reuse them
             self.last_report = run.close()
             if self.on_report is not None:
                 try:
@@ -133,9 +150,15 @@ class Bridge(Shared):
 
     def _fuse(self, layer, q, k, v, heads, transformer_options):
         run = self.run
-        if run is None or run.call is None:
+        if run is None or not run.fusing:
             return k, v
         return run.fuse(layer, k, v)
+
+
+def _same_latent(latent, previous) -> bool:
+    """True when ``latent`` is the previous run's output (one read per run): the run continues that one."""
+    return (tuple(latent.shape) == tuple(previous.shape)
+            and bool(torch.equal(latent.to(previous.device, previous.dtype), previous)))
 
 
 class BridgeRun:
@@ -145,7 +168,8 @@ class BridgeRun:
     this class adds what only ComfyUI knows: the run's sigmas, the K/V source and the CFG chunks.
     """
 
-    def __init__(self, bridge: Bridge, guider, noise, latent_image, denoise_mask, seed, sigmas):
+    def __init__(self, bridge: Bridge, guider, noise, latent_image, denoise_mask, seed, sigmas, continues=False,
+                 kept=None):
         self.bridge = bridge
         receiver = guider.model_patcher
         self.device = receiver.load_device
@@ -160,8 +184,14 @@ class BridgeRun:
         self._percent_to_sigma = compat.percent_to_sigma(receiver)
         self._percents: dict = {}
         self.evaluation = -1            # index of the current model evaluation (several per step for heun …)
-        self.call: Call | None = None   # the model call now running, while a layer of it fuses
+        self.fusing = False             # the model call now running fuses in some layer
+        self.call: Call | None = None   # that call, once its first fused layer asked the tracker
+        self._pending = None            # (x, t, branches, step, sigma) of a fusing call not yet decided
+        self._part_key = None           # FusionRun.sharer_part's cache key for the call (None: no cache)
+        self.continued = bridge.tracker.begin_run(self.sigmas, continues=continues)
         self.source_run = bridge.source.open_run(self, guider, noise, latent_image, denoise_mask, seed)
+        if self.continued:
+            self.source_run.resume(kept)
         self.sharer_rope = self.source_run.rope
         self.fusion = FusionRun(bridge.bundle, bridge.schedule, bridge.strength, sharer_rope=self.sharer_rope,
                                 receiver_rope=self.receiver_rope, sharer_grid=self.source_run.grid,
@@ -201,15 +231,13 @@ class BridgeRun:
                 "remove area or mask conditioning (ConditioningSetArea/Mask) from the receiver's prompts: the bridge "
                 "fuses K/V of the whole latent")
         sigma = float(t.flatten()[0])
-        step = step_index(self.sigmas, sigma)
         if not self.fusion.begin_call(self.percent(sigma)):
             return
-        self.call = Call(x, t, branches, step, sigma, refresh_window(step, bridge.source.refresh_every,
-                                                                     self.fusion.calls), self.evaluation)
-        self.source_run.ensure(self.call)
+        self.fusing = True
+        self._pending = (x, t, branches, step_index(self.sigmas, sigma), sigma)
 
     def end_call(self):
-        self.call = None
+        self.fusing, self.call, self._pending = False, None, None
 
     # -- per fused layer ------------------------------------------------------------------------
     def fuse(self, layer, k, v):
@@ -223,9 +251,28 @@ class BridgeRun:
                 f"the {self.grid.numel} tokens of the sampled latent ({self.grid.frames}×{self.grid.height}×"
                 f"{self.grid.width})", "remove conditioning that adds tokens to the receiver's attention (reference "
                 "latents, extra frames) or fuse a model without it")
+        pk, pv = self._sharer_kv(layer, k, v)
+        return self.fusion.blend(layer, k, v, pk, pv)
+
+    def _sharer_kv(self, layer, k, v):
+        """The hand-off, per fused layer: the sharer's K/V for receiver ``layer``, aligned and through the projector's
+        sharer side (cached while the sharer's K/V are reused). Everything that decides lives here (the tracker, the
+        source's ensure/kv, the cache lookup), so a compiled receiver breaks its graph only at this call."""
+        call = self.call if self.call is not None else self._decide()
         self.source_run.offer(layer, k, v)         # bidirectional lockstep: the sharer's next blocks read them
-        sk, sv = self.source_run.kv(self.fusion.sharer_layer(layer), self.call)
-        return self.fusion.fuse_tokens(layer, k, v, sk, sv)
+        sk, sv = self.source_run.kv(self.fusion.sharer_layer(layer), call)
+        return self.fusion.sharer_part(layer, sk, sv, self._part_key, like=k)
+
+    def _decide(self) -> Call:
+        """At the call's first fused layer: ask the tracker whether the sharer runs, and have the source make the K/V."""
+        bridge = self.bridge
+        x, t, branches, step, sigma = self._pending
+        signal = bridge.meter.signal(x[:self.noise_shape[0]])      # the latent once, whatever the CFG chunks
+        refresh = bridge.tracker.decide(sigma, signal, evaluation=self.evaluation)
+        self.call = Call(x, t, branches, step, sigma, refresh.window, self.evaluation)
+        self._part_key = None if bridge.source.refresh.always else (refresh.window, branches)
+        self.source_run.ensure(self.call)
+        return self.call
 
     def close(self) -> RunReport:
-        return self.fusion.close(self.source_run.close())
+        return self.fusion.close(self.source_run.close(), self.bridge.tracker.report().to_json())

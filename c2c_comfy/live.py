@@ -23,7 +23,7 @@ import torch
 
 import comfy.patcher_extension
 
-from c2c_core import ModelSignature
+from c2c_core import ModelSignature, RefreshPolicy
 from c2c_core.capture import CapturedKV
 from c2c_core.contract import BRANCH_NAMES, DIRECTIONS, Call, SharerDone, SourceReport
 from c2c_core.runtime import BankCache
@@ -54,7 +54,7 @@ class LiveSharer(Shared):
     negative: list
     signature: ModelSignature
     layers: tuple | None = None          # sharer layers the user allows; None = what the map needs
-    refresh_every: int = 1
+    refresh: RefreshPolicy = RefreshPolicy()   # when the sharer runs (the bridge's RefreshTracker decides)
     rope_alignment: str = "auto"         # "auto": re-rotate keys when the two models' RoPE positions differ
     grid_alignment: str = "refuse"       # or "nearest"/"trilinear": run the sharer on its own latent grid
     node: str = "Capture KV Cache"
@@ -100,14 +100,16 @@ class LiveSharer(Shared):
             self.backward_banks[bridge.key] = BankCache(bank)
 
     def open_run(self, run, guider, noise, latent_image, denoise_mask, seed):
-        """Lockstep where it can stream (greenlet, refresh_every 1) or must (bidirectional), else buffered."""
-        if self.backward is not None and self.refresh_every != 1:
-            raise BridgeInputError(self.node, "refresh_every", f"{self.refresh_every} with bidirectional fusion",
-                                   "1", "bidirectional fusion runs the two models block by block in every call; "
-                                   "set refresh_every to 1 or fuse one way")
+        """Lockstep where it can stream (greenlet, the sharer runs in every call) or must (bidirectional), else
+        buffered."""
+        if self.backward is not None and not self.refresh.always:
+            raise BridgeInputError(self.node, "refresh", f"{self.refresh.describe()} with bidirectional fusion",
+                                   "every step (refresh 'every', refresh_every 1)", "bidirectional fusion runs the two "
+                                   "models block by block in every call; set refresh to 'every' with refresh_every 1, "
+                                   "or fuse one way")
         live = LiveSharerRun(self, run.bridge.sharer_patcher, run.bridge.sharer_layers, noise.to(run.device),
                              latent_image.to(run.device), denoise_mask, seed, run.device)
-        if self.backward is not None or (self.streaming and self.refresh_every == 1 and lockstep.available()):
+        if self.backward is not None or (self.streaming and self.refresh.always and lockstep.available()):
             return lockstep.LockstepRun(live, run)
         return live
 
@@ -161,10 +163,11 @@ def with_direction(node: str, source, direction: str, backward, backward_strengt
         raise BridgeInputError(node, "backward_projector", f"a projector from {backward.sharer} to {backward.receiver}",
                                f"one from the receiver ({receiver_signature}) to the sharer ({source.signature})",
                                "create it with the two models swapped (sharer = the receiver model)")
-    if source.refresh_every != 1:
-        raise BridgeInputError(node, "direction", f"bidirectional with refresh_every {source.refresh_every}",
-                               "refresh_every 1", "bidirectional fusion runs both models block by block in every "
-                               "model call: set refresh_every to 1 in Capture KV Cache, or fuse one way")
+    if not source.refresh.always:
+        raise BridgeInputError(node, "direction", f"bidirectional with the sharer run {source.refresh.describe()}",
+                               "the sharer run every step", "bidirectional fusion runs both models block by block in "
+                               "every model call: set refresh to 'every' and refresh_every to 1 in Capture KV Cache, "
+                               "or fuse one way")
     return dataclasses.replace(source, backward=backward, backward_strength=float(backward_strength))
 
 
@@ -175,6 +178,7 @@ class LiveSharerRun:
                  device):
         self.source = source
         self.patcher = sharer_patcher
+        self.device = device
         self.capture_layers = sorted(capture_layers)
         self.last_layer = self.capture_layers[-1] if self.capture_layers else -1
         self.captured = CapturedKV()
@@ -214,7 +218,7 @@ class LiveSharerRun:
         missing = [branch for branch in dict.fromkeys(branches) if self.captured.window.get(branch) != call.window]
         if not missing:
             return
-        if self.source.refresh_every == 1:
+        if self.source.refresh.always:
             self.captured.clear()           # lockstep: only this call's K/V are ever needed
         order = list(branches) if len(missing) == len(set(branches)) else missing
         rows = call.latent.shape[0] // len(branches)
@@ -271,6 +275,18 @@ class LiveSharerRun:
     def kv(self, layer, call: Call):
         return self.captured.get(layer, call.branches)
 
+    def handover(self):
+        """The captured K/V, for a run that continues this one (a KSamplerAdvanced split): its first steps may reuse
+        them, as one KSampler would. They wait on the sharer's offload device (nothing stays on the GPU between
+        two sampler nodes); this run keeps none."""
+        captured, self.captured = self.captured, CapturedKV()
+        return _moved(captured, self.patcher.offload_device)
+
+    def resume(self, captured) -> None:
+        """Continue from the K/V a previous run handed over, back on this run's device."""
+        if captured is not None:
+            self.captured = _moved(captured, self.device)
+
     def close(self) -> SourceReport:
         """Release captured K/V and end the sharer's run (ON_CLEANUP callbacks, hooks)."""
         report = SourceReport(self.forwards, self.captured.peak_bytes, self.captured.copied_bytes)
@@ -278,6 +294,15 @@ class LiveSharerRun:
         if self._started:
             compat.end_patcher_run(self.patcher)
         return report
+
+
+def _moved(captured: CapturedKV, device) -> CapturedKV:
+    """``captured`` with its K/V on ``device`` (same windows; values unchanged, so reuse stays bit-exact)."""
+    moved = CapturedKV()
+    moved.window = dict(captured.window)
+    moved.batches = {layer: [(k.to(device), v.to(device), branches) for k, v, branches in entries]
+                     for layer, entries in captured.batches.items()}
+    return moved
 
 
 def _sharer_latent_shape(source: LiveSharer, latent_image) -> tuple:

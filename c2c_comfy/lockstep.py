@@ -112,6 +112,13 @@ class LockstepRun:
         """Inside the sharer's coroutine: hand the layer over, wait, and take in the receiver's K/V (bidirectional)."""
         return self.steps.capture(layer, k, v)
 
+    def handover(self):
+        """Lockstep runs the sharer in every call: nothing is reused by a run that continues this one."""
+        return None
+
+    def resume(self, captured) -> None:
+        """Nothing to continue from (see handover)."""
+
     def close(self) -> SourceReport:
         self.steps.stop()
         if self.backward is not None:

@@ -189,7 +189,7 @@ def live_reservation(bridge, source):
     """The estimate function ``reserve`` calls for a live source attached to ``bridge``."""
     def estimate(receiver, noise_shape, conds):
         sig, chunks = bridge.bundle.sharer, chunks_of(conds)
-        streaming = source.streaming and source.refresh_every == 1
+        streaming = source.streaming and source.refresh.always
         return live_estimate(tokens=compat.token_grid(noise_shape).numel, chunks=chunks, sharer_heads=sig.num_heads,
                              sharer_head_dim=sig.head_dim, sharer_layers=len(bridge.sharer_layers),
                              itemsize=_compute_itemsize(bridge.sharer_patcher),

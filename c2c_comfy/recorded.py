@@ -19,6 +19,7 @@ import comfy.patcher_extension
 
 import torch
 
+from c2c_core import RefreshPolicy
 from c2c_core.contract import BRANCH_NAMES, NEGATIVE, Call, SourceReport, same_sigma
 from c2c_core.recording import DiskStore, KVRecording, RamStore, RecordingWriteError, ReplayReader
 from . import compat, files, memory
@@ -137,7 +138,7 @@ class RecordedSharer:
     recording: KVRecording
     signature: object
     layers: tuple
-    refresh_every: int = 1
+    refresh: RefreshPolicy = RefreshPolicy()   # when a new evaluation is replayed (the bridge's tracker decides)
     rope_alignment: str = "auto"
     grid_alignment: str = "refuse"
     node: str = "Record KV Cache"
@@ -160,9 +161,9 @@ class RecordedRun:
     current model evaluation.
 
     Evaluations are counted by the bridge (one per ``calc_cond_batch``); the receiver's e-th evaluation
-    replays the recording's e-th, after checking both are at the same sigma (at the first call that fuses). With ``refresh_every`` k,
-    the evaluation at which a k-step window began is replayed for the whole window, as live mode runs
-    the sharer there.
+    replays the recording's e-th, after checking both are at the same sigma (at the first call that fuses). When the
+    bridge's refresh tracker reuses K/V, the evaluation at which the current refresh window began is replayed for
+    the whole window, as live mode runs the sharer there.
     """
 
     def __init__(self, source: RecordedSharer, run, guider):
@@ -221,11 +222,9 @@ class RecordedRun:
 
     def ensure(self, call: Call) -> None:
         self._check_evaluation(call.evaluation, call.sigma)
-        evaluation = call.evaluation
-        if self.source.refresh_every > 1:
-            if self._window != call.window:
-                self._window, self._replayed = call.window, evaluation
-            evaluation = self._replayed
+        if self._window != call.window:
+            self._window, self._replayed = call.window, call.evaluation
+        evaluation = self._replayed
         if self._loaded != evaluation:
             self._loaded = evaluation
             self.forwards += 1
@@ -251,6 +250,13 @@ class RecordedRun:
         if len(parts) == 1:
             return parts[0]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def handover(self):
+        """A recording replays one run's evaluations: a run that continues this one starts afresh."""
+        return None
+
+    def resume(self, captured) -> None:
+        """Nothing to continue from (see handover)."""
 
     def close(self) -> SourceReport:
         if self._reader is not None:

@@ -61,6 +61,7 @@ from .projectors import (
 )
 from .schedule import RAMPS, FusionSchedule
 from .runtime import BankCache, FusionRun, RunReport, percent_of, step_index
+from .refresh import REFRESH_MODES, SIGNALS, Refresh, RefreshPolicy, RefreshReport, RefreshTracker
 from .tensorfile import read_meta, save_tensors_with_meta
 from .train import DECAYS, LOSS_KINDS, TrainConfig, TrainResult, distill_loss, kv_loss, train_bank, velocity_loss
 
@@ -127,6 +128,12 @@ __all__ = [
     "RunReport",
     "percent_of",
     "step_index",
+    "REFRESH_MODES",
+    "SIGNALS",
+    "Refresh",
+    "RefreshPolicy",
+    "RefreshReport",
+    "RefreshTracker",
     "DECAYS",
     "LOSS_KINDS",
     "TrainConfig",

@@ -26,7 +26,7 @@ from .align import RopeSpec
 from .signature import TokenGrid
 
 __all__ = ["POSITIVE", "NEGATIVE", "MIDDLE", "BRANCHES", "BRANCH_NAMES", "DIRECTIONS", "SIGMA_RTOL", "same_sigma",
-           "refresh_window", "Call", "SourceReport", "KVSourceRun", "SharerDone"]
+           "Call", "SourceReport", "KVSourceRun", "SharerDone"]
 
 POSITIVE, NEGATIVE, MIDDLE = 0, 1, 2
 BRANCHES = (POSITIVE, NEGATIVE, MIDDLE)
@@ -41,11 +41,6 @@ def same_sigma(a: float, b: float) -> bool:
     return abs(a - b) <= SIGMA_RTOL * max(1.0, abs(a))
 
 
-def refresh_window(step: int, refresh_every: int, call_number: int) -> Hashable:
-    """The key of the sharer K/V a call may reuse: every ``refresh_every`` steps share one; with 1, each call its own."""
-    return step // refresh_every if refresh_every > 1 else ("call", call_number)
-
-
 @dataclass(frozen=True, eq=False)
 class Call:
     """One receiver model call that fuses, as the K/V source sees it (host-neutral).
@@ -53,7 +48,8 @@ class Call:
     latent, timestep: the call's input batch (all its CFG chunks) as the host's model takes them.
     branches: the branch of each chunk, in the batch's order. step: the sampling step; evaluation: the
     model evaluation (a sampler may evaluate more than once per step); sigma: its noise level.
-    window: the refresh key (:func:`refresh_window`): sharer K/V made for one key serve every call with it.
+    window: the K/V generation (``c2c_core.refresh.Refresh.window``, decided by the host's ``RefreshTracker``):
+    sharer K/V made for one window serve every call with it; it changes exactly when the sharer must run.
     """
 
     latent: Tensor

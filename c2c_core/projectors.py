@@ -140,6 +140,39 @@ class Projector(nn.Module):
     def _forward(self, sharer: Tensor, receiver: Tensor) -> Tensor:
         raise NotImplementedError
 
+    # The sharer side, split off so a reused sharer K/V is projected once (FusionRun.sharer_part caches it):
+    # ``forward(s, r) == merge(sharer_part(s), r)`` bit for bit. A kind whose sharer side does not separate keeps
+    # these defaults: the sharer comes back unchanged and ``merge`` runs the whole forward.
+    def sharer_part(self, sharer: Tensor):
+        """What depends only on the sharer (B, N, Hs, Ds); this default: the sharer itself."""
+        return sharer
+
+    def merge(self, part, receiver: Tensor) -> Tensor:
+        """The output of ``forward`` from :meth:`sharer_part`'s ``part`` and the receiver (B, N, Ht, Dt)."""
+        return self(part, receiver)
+
+    def _check_sharer(self, sharer: Tensor) -> None:
+        s = self.sharer_signature
+        if sharer.dim() != 4 or tuple(sharer.shape[2:]) != (s.num_heads, s.head_dim):
+            raise KVShapeError(
+                f"{self.kind} projector: sharer has shape {tuple(sharer.shape)}; expected (B, N, {s.num_heads}, "
+                f"{s.head_dim}) from the sharer signature."
+            )
+
+    def _check_part(self, part: Tensor, receiver: Tensor, width: int) -> None:
+        r = self.receiver_signature
+        if receiver.dim() != 4 or tuple(receiver.shape[2:]) != (r.num_heads, r.head_dim):
+            raise KVShapeError(
+                f"{self.kind} projector: receiver has shape {tuple(receiver.shape)}; expected (B, N, {r.num_heads}, "
+                f"{r.head_dim}) from the receiver signature."
+            )
+        if tuple(part.shape[:2]) != tuple(receiver.shape[:2]) or part.shape[-1] != width:
+            raise KVShapeError(
+                f"{self.kind} projector: sharer part {tuple(part.shape)} does not fit receiver {tuple(receiver.shape)}; "
+                f"expected (B, N) equal and a last dimension of {width}. Resample the sharer's tokens "
+                f"(align.resample_tokens) or match the CFG chunk."
+            )
+
     def reset_state(self) -> None:
         """Re-initialise non-persistent buffers (after ``to_empty``); no-op for most kinds."""
 
@@ -187,6 +220,14 @@ class IdentityProjector(Projector):
     def _forward(self, sharer: Tensor, receiver: Tensor) -> Tensor:
         return sharer.to(receiver.dtype)
 
+    def sharer_part(self, sharer: Tensor) -> Tensor:
+        self._check_sharer(sharer)
+        return sharer
+
+    def merge(self, part: Tensor, receiver: Tensor) -> Tensor:
+        self._check(part, receiver)
+        return part.to(receiver.dtype)
+
 
 @register_projector("weighted")
 class WeightedProjector(Projector):
@@ -210,6 +251,15 @@ class WeightedProjector(Projector):
         dtype = self.alpha_logit.dtype
         weight = torch.sigmoid(self.alpha_logit)
         return torch.lerp(receiver.to(dtype), sharer.to(dtype), weight).to(receiver.dtype)
+
+    def sharer_part(self, sharer: Tensor) -> Tensor:
+        """Nothing to precompute but the alignment: the blend needs the receiver."""
+        self._check_sharer(sharer)
+        return sharer
+
+    def merge(self, part: Tensor, receiver: Tensor) -> Tensor:
+        self._check(part, receiver)
+        return self._forward(part, receiver)
 
 
 @register_projector("gating")
@@ -298,11 +348,26 @@ class FullProjector(Projector):
         self.gate_logit = nn.Parameter(torch.full((receiver.num_heads,), _logit(gate_init)))
 
     def _forward(self, sharer: Tensor, receiver: Tensor) -> Tensor:
+        return self._merge(self._sharer_side(sharer), receiver)
+
+    def _sharer_side(self, sharer: Tensor) -> Tensor:
+        return self.mlp(_flat(sharer).to(self._compute_dtype(sharer)))
+
+    def _merge(self, part: Tensor, receiver: Tensor) -> Tensor:
         dtype = self._compute_dtype(receiver)
         b, n, heads, dim = receiver.shape
-        proj = self.mlp(_flat(sharer).to(dtype)).view(b, n, heads, dim)
+        proj = part.view(b, n, heads, dim)
         gate = torch.sigmoid(self.gate_logit).view(1, 1, heads, 1)
         return (receiver.to(dtype) + gate * proj).to(receiver.dtype)
+
+    def sharer_part(self, sharer: Tensor) -> Tensor:
+        """The MLP of the sharer's flattened heads (B, N, Ht*Dt), in the projector's dtype."""
+        self._check_sharer(sharer)
+        return self._sharer_side(sharer)
+
+    def merge(self, part: Tensor, receiver: Tensor) -> Tensor:
+        self._check_part(part, receiver, self.receiver_signature.width)
+        return self._merge(part, receiver)
 
 
 class _ResidualFFN(nn.Module):
@@ -435,10 +500,27 @@ class C2CProjector(Projector):
     def _forward(self, sharer: Tensor, receiver: Tensor) -> Tensor:
         if not self.training and not self.gate_open:
             return receiver
+        return self._merge(self.in_sharer(_flat(sharer).to(self._compute_dtype(receiver))), receiver)
+
+    def sharer_part(self, sharer: Tensor):
+        """The ``in_sharer`` branch (B, N, hidden_dim) in the projector's dtype; a closed gate computes nothing and
+        returns the sharer."""
+        self._check_sharer(sharer)
+        if not self.training and not self.gate_open:
+            return sharer
+        return self.in_sharer(_flat(sharer).to(self._compute_dtype(sharer)))
+
+    def merge(self, part: Tensor, receiver: Tensor) -> Tensor:
+        if not self.training and not self.gate_open:
+            return receiver
+        self._check_part(part, receiver, self.hparams["hidden_dim"])
+        return self._merge(part, receiver)
+
+    def _merge(self, part: Tensor, receiver: Tensor) -> Tensor:
         dtype = self._compute_dtype(receiver)
         b, n, heads, dim = receiver.shape
         r = receiver.to(dtype)
-        h = self.in_sharer(_flat(sharer).to(dtype)) + self.in_receiver(_flat(r))
+        h = part + self.in_receiver(_flat(r))
         for block in self.trunk:
             h = block(h)
         h = self.out_norm(h)

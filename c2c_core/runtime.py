@@ -8,8 +8,10 @@ a call's CFG branches apart (c2c_core.contract). One run is created per sampling
                     sharer_grid=..., receiver_grid=..., device=..., dtype=...)
     for each model call:
         if run.begin_call(percent):             # percent through the noise schedule, a Python float
-            for each fused layer: k, v = run.fuse_tokens(layer, k, v, sk, sv)   # as the host's attention has them
-    report = run.close(source_report)            # c2c_core.contract.SourceReport of the K/V source
+            for each fused layer:               # as the host's attention has them
+                pk, pv = run.sharer_part(layer, sk, sv, key)   # aligned + projected sharer side, cached per key
+                k, v = run.blend(layer, k, v, pk, pv)          # = run.fuse_tokens(layer, k, v, sk, sv, key)
+    report = run.close(source_report, tracker_report)   # contract.SourceReport, refresh.RefreshReport.to_json()
 
 The per-layer path stays sync-free, because it runs for every fused layer of every model call:
 strengths are Python floats decided before any tensor is touched, RoPE
@@ -22,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Hashable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -37,6 +39,10 @@ from .projectors import ProjectorBank, static_gate
 from .schedule import FusionSchedule
 
 __all__ = ["FusionRun", "RunReport", "BankCache", "step_index", "percent_of"]
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def step_index(schedule: Sequence[float], value: float) -> int:
@@ -116,6 +122,8 @@ class RunReport:
     model_calls: int = 0
     peak_kv_bytes: int = 0                            # most sharer K/V held at once (live sources)
     copied_kv_bytes: int = 0                          # sharer K/V copied to match the receiver's chunks
+    cached_kv_bytes: int = 0                          # most projected sharer K/V kept for reuse (sharer_part)
+    refresh: dict = field(default_factory=dict)       # the refresh tracker's report: steps that ran the sharer, saved
     nonfinite_layers: list = field(default_factory=list)   # layers whose fused K/V held inf/nan
 
     def to_json(self) -> dict:
@@ -123,7 +131,8 @@ class RunReport:
         return strict_json({"layers": self.layers, "strength": self.strength, "k_change": self.k_change,
                 "v_change": self.v_change, "gate": self.gate, "sharer_forwards": self.sharer_forwards,
                 "model_calls": self.model_calls, "peak_kv_bytes": self.peak_kv_bytes,
-                "copied_kv_bytes": self.copied_kv_bytes,
+                "copied_kv_bytes": self.copied_kv_bytes, "cached_kv_bytes": self.cached_kv_bytes,
+                "refresh": self.refresh,
                 "nonfinite_layers": self.nonfinite_layers})
 
 
@@ -179,6 +188,9 @@ class FusionRun:
         self._row = {layer: i for i, layer in enumerate(self.layers)}
         self._change: Optional[Tensor] = None  # (layers, 2) sums of K and V change, on the device, read in close()
         self._measured = {layer: 0 for layer in self.layers}
+        self._parts: dict = {}                 # receiver layer -> (key, pk, pv): sharer_part's cache
+        self._cached_bytes = 0
+        self._peak_cached_bytes = 0
 
     @property
     def bank(self) -> ProjectorBank:
@@ -218,6 +230,52 @@ class FusionRun:
         return self.layer_map.pairs[layer]
 
     # -- per fused layer --------------------------------------------------------------------------
+    # The fuse tail is split in two so a reused sharer K/V costs only the blend: ``sharer_part`` (alignment and the
+    # projector's sharer side, cached per layer while the host's key is unchanged) and ``blend`` (the projector's
+    # receiver side and the blend at this call's strength). ``blend`` is what a compiled receiver traces.
+    def sharer_part(self, layer: int, sk: Tensor, sv: Tensor, key: Hashable = None, *,
+                    like: Optional[Tensor] = None) -> tuple:
+        """Sharer K/V of receiver ``layer`` made ready for :meth:`blend`: cast to ``like``'s device and dtype (default:
+        the run's), aligned to the receiver's grid and RoPE positions, and put through each projector's
+        ``sharer_part``. Layout as the host hands them, (B, N, H*D) or (B, N, H, D). With a ``key`` (the call's
+        refresh window and branches) the result is kept per layer and returned again while the key is the same:
+        the sharer's K/V were reused, so nothing that depends only on them is recomputed. ``key=None``: no cache."""
+        self._fused(layer, "sharer_part")
+        if key is not None:
+            cached = self._parts.get(layer)
+            if cached is not None and cached[0] == key:
+                return cached[1], cached[2]
+        src = self.bundle.sharer
+        sk = sk.reshape(*sk.shape[:2], src.num_heads, src.head_dim)
+        sv = sv.reshape(*sv.shape[:2], src.num_heads, src.head_dim)
+        pk, pv = self._sharer_part(layer, sk, sv, *self._target(like))
+        if key is not None:
+            old = self._parts.get(layer)
+            self._cached_bytes += _nbytes(pk, pv) - (_nbytes(old[1], old[2]) if old is not None else 0)
+            self._peak_cached_bytes = max(self._peak_cached_bytes, self._cached_bytes)
+            self._parts[layer] = (key, pk, pv)
+        return pk, pv
+
+    def blend(self, layer: int, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor) -> tuple[Tensor, Tensor]:
+        """Receiver ``k, v`` ((B, N, H*D) or (B, N, H, D)) fused with :meth:`sharer_part`'s ``pk, pv`` at this call's
+        strength; returned in the receiver's own layout. Strength 0 returns ``k, v`` themselves."""
+        s = self._fused(layer, "blend")
+        if s == 0.0:
+            return k, v
+        dst = self.bundle.receiver
+        k2, v2 = self._blend(layer, k.reshape(*k.shape[:2], dst.num_heads, dst.head_dim),
+                             v.reshape(*v.shape[:2], dst.num_heads, dst.head_dim), pk, pv, s)
+        return k2.reshape(k.shape), v2.reshape(v.shape)
+
+    def fuse_tokens(self, layer: int, k: Tensor, v: Tensor, sk: Tensor, sv: Tensor,
+                    key: Hashable = None) -> tuple[Tensor, Tensor]:
+        """``blend(sharer_part(...))`` for K/V as a host's attention hands them over, (B, N, H*D) or (B, N, H, D)
+        each; returned in the receiver's own layout. Strength 0 returns ``k, v`` without touching the sharer's."""
+        if self._fused(layer, "fuse_tokens") == 0.0:
+            return k, v
+        pk, pv = self.sharer_part(layer, sk, sv, key, like=k)
+        return self.blend(layer, k, v, pk, pv)
+
     def fuse(self, layer: int, k: Tensor, v: Tensor, sk: Tensor, sv: Tensor) -> tuple[Tensor, Tensor]:
         """Fuse sharer ``sk, sv`` (B, N_s, Hs, Ds) into receiver ``k, v`` (B, N, Ht, Dt); returns (k', v').
 
@@ -225,32 +283,41 @@ class FusionRun:
         positions, projected and blended at this call's strength. Strength 0 returns ``k, v``
         themselves without touching the sharer's.
         """
-        s = self._strengths.get(layer)
-        if s is None:
-            raise FusionError(f"FusionRun.fuse: receiver layer {layer} is not fused; fused layers are {self.layers}.")
+        s = self._fused(layer, "fuse")
         if s == 0.0:
             return k, v
-        sk = sk.to(device=k.device, dtype=k.dtype)
-        sv = sv.to(device=v.device, dtype=v.dtype)
+        pk, pv = self._sharer_part(layer, sk, sv, k.device, k.dtype)
+        return self._blend(layer, k, v, pk, pv, s)
+
+    def _fused(self, layer: int, what: str) -> float:
+        s = self._strengths.get(layer)
+        if s is None:
+            raise FusionError(f"FusionRun.{what}: receiver layer {layer} is not fused; fused layers are {self.layers}.")
+        return s
+
+    def _target(self, like: Optional[Tensor]):
+        if like is not None:
+            return like.device, like.dtype
+        return self._device, self._dtype
+
+    def _sharer_part(self, layer, sk, sv, device, dtype):
+        """(B, N_s, Hs, Ds) sharer K/V -> cast, aligned, and through the projectors' sharer side."""
+        sk = sk.to(device=device, dtype=dtype)
+        sv = sv.to(device=device, dtype=dtype)
         if self._align is None:
             self._align = self._build_alignment()
         sk, sv = self._align(sk, sv)
-        k2 = fuse(self.bank.project(layer, "k", sk, k), k, s, inplace=True, protect=(sk,))   # into the projector's
-        v2 = fuse(self.bank.project(layer, "v", sv, v), v, s, inplace=True, protect=(sv,))   # output, not a new K/V
+        bank = self.bank
+        return bank.projector(layer, "k").sharer_part(sk), bank.projector(layer, "v").sharer_part(sv)
+
+    def _blend(self, layer, k, v, pk, pv, s):
+        bank = self.bank
+        k2 = fuse(bank.projector(layer, "k").merge(pk, k), k, s, inplace=True, protect=(pk,))   # into the projector's
+        v2 = fuse(bank.projector(layer, "v").merge(pv, v), v, s, inplace=True, protect=(pv,))   # output, not a new K/V
         if self.stats:
             self._measure(layer, k, k2, v, v2)
         self._finite.observe(layer, k2, v2)
         return k2, v2
-
-    def fuse_tokens(self, layer: int, k: Tensor, v: Tensor, sk: Tensor, sv: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`fuse` for K/V as a host's attention hands them over, (B, N, H*D) or (B, N, H, D) each: brought
-        to heads by the bundle's signatures, fused, and returned in the receiver's own layout."""
-        src, dst = self.bundle.sharer, self.bundle.receiver
-        k2, v2 = self.fuse(layer, k.reshape(*k.shape[:2], dst.num_heads, dst.head_dim),
-                           v.reshape(*v.shape[:2], dst.num_heads, dst.head_dim),
-                           sk.reshape(*sk.shape[:2], src.num_heads, src.head_dim),
-                           sv.reshape(*sv.shape[:2], src.num_heads, src.head_dim))
-        return k2.reshape(k.shape), v2.reshape(v.shape)
 
     def align(self, sk: Tensor, sv: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """Sharer ``sk, sv`` as :meth:`fuse` projects them: on ``like``'s device/dtype, the receiver's grid
@@ -303,10 +370,14 @@ class FusionRun:
         self._measured[layer] += 1
 
     # -- end of run -------------------------------------------------------------------------------
-    def close(self, source: SourceReport = SourceReport()) -> RunReport:
-        """The run's report, with what the K/V source did; the only place device tensors are read back."""
+    def close(self, source: SourceReport = SourceReport(), refresh: Optional[Mapping] = None) -> RunReport:
+        """The run's report, with what the K/V source did and what the host's refresh tracker decided
+        (``RefreshReport.to_json()``); the only place device tensors are read back. Drops sharer_part's cache."""
         r = RunReport(layers=list(self.layers), model_calls=self._calls, sharer_forwards=int(source.sharer_forwards),
-                      peak_kv_bytes=int(source.peak_kv_bytes), copied_kv_bytes=int(source.copied_kv_bytes))
+                      peak_kv_bytes=int(source.peak_kv_bytes), copied_kv_bytes=int(source.copied_kv_bytes),
+                      cached_kv_bytes=self._peak_cached_bytes, refresh=dict(refresh or {}))
+        self._parts.clear()
+        self._cached_bytes = 0
         sums = self._change.tolist() if self._change is not None else [[0.0, 0.0]] * len(self.layers)
         for layer, (k_sum, v_sum) in zip(self.layers, sums):
             if self.stats:

@@ -1,4 +1,4 @@
-"""When in the denoising run fusion is on, how strong, and how often the sharer is re-run.
+"""When in the denoising run fusion is on, and how strong (when the sharer runs: ``refresh.RefreshPolicy``).
 
 Progress runs from 0.0 to 1.0 through the denoising run. The runtime (``runtime.FusionRun``) passes
 the host's own convention: ComfyUI's sigma percent (``runtime.percent_of`` over
@@ -29,7 +29,7 @@ def _unit(name: str, value: Any) -> float:
 
 @dataclass(frozen=True)
 class FusionSchedule:
-    """Fusion window [start, end] (inclusive), strength ramp inside it, sharer refresh interval.
+    """Fusion window [start, end] (inclusive) and the strength ramp inside it.
 
     Ramps over the window's local time u in [0, 1]: constant = 1, linear_up = u,
     linear_down = 1 - u, cosine_down = (1 + cos(pi u)) / 2; a zero-width window uses u = 0.
@@ -38,7 +38,6 @@ class FusionSchedule:
     start: float = 0.0
     end: float = 1.0
     ramp: str = "constant"
-    refresh_every: int = 1
 
     def __post_init__(self) -> None:
         start, end = _unit("start", self.start), _unit("end", self.end)
@@ -48,11 +47,6 @@ class FusionSchedule:
             )
         if self.ramp not in RAMPS:
             raise ScheduleError(f"FusionSchedule.ramp={self.ramp!r}; expected one of {RAMPS}.")
-        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
-            raise ScheduleError(
-                f"FusionSchedule.refresh_every={self.refresh_every!r}; expected an integer >= 1 "
-                f"(1 = run the sharer every step, k = reuse its K/V for k-1 steps)."
-            )
 
     def active(self, progress: float) -> bool:
         return self.start <= _progress(progress) <= self.end
@@ -73,20 +67,15 @@ class FusionSchedule:
             factor = 0.5 * (1.0 + math.cos(math.pi * u))
         return float(base) * factor
 
-    def refreshes_at(self, step_index: int) -> bool:
-        """True on steps 0, k, 2k, ... where the sharer's K/V must be computed afresh."""
-        if isinstance(step_index, bool) or not isinstance(step_index, int) or step_index < 0:
-            raise ScheduleError(f"step_index={step_index!r}; expected an integer >= 0.")
-        return step_index % self.refresh_every == 0
-
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "FusionSchedule":
-        unknown = sorted(set(d) - {"start", "end", "ramp", "refresh_every"})
+        unknown = sorted(set(d) - {"start", "end", "ramp"})
         if unknown:
-            raise ScheduleError(f"FusionSchedule.from_dict: unknown keys {unknown}.")
+            hint = " (refresh_every moved to c2c_core.refresh.RefreshPolicy(every=k))" if "refresh_every" in unknown else ""
+            raise ScheduleError(f"FusionSchedule.from_dict: unknown keys {unknown}{hint}.")
         return cls(**d)
 
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from c2c_core import FusionSchedule, LayerMap, ProjectorBank, load_bundle, save_bundle
+from c2c_core import FusionSchedule, LayerMap, ProjectorBank, RefreshPolicy, load_bundle, save_bundle
 from c2c_core.bundle import ProjectorBundle
 from c2c_core.contract import DIRECTIONS
 from c2c_core.recording import DiskStore, RamStore, STORAGE_DTYPES
@@ -86,7 +86,7 @@ class BridgeConfig(RunSettings):
         ``backward_projector`` (receiver -> sharer; None takes the backward bank of a two-bank ``projector``
         bundle, else builds an untrained one of ``projector_kind`` and ``mapping`` with the models swapped) at ``backward_strength``. Live mode, refresh_every 1, needs greenlet.
     mode: "live" or "recorded" (``storage_dtype`` fp32/fp16/bf16/fp8_e4m3fn, ``record_folder`` None = RAM).
-    strength, start, end, ramp, refresh_every: c2c_core.FusionSchedule; windows are in percent of the
+    strength, start, end, ramp: c2c_core.FusionSchedule; refresh_every: c2c_core.RefreshPolicy(every=k); windows are in percent of the
         noise schedule, as in ComfyUI. rope_alignment: "auto" re-rotates sharer keys to the receiver's
         RoPE positions (read from each model), "off" does not. grid_alignment: "refuse" a sharer latent of
         another size, or resample it ("nearest", "trilinear").
@@ -126,7 +126,10 @@ class BridgeConfig(RunSettings):
         self.schedule()
 
     def schedule(self) -> FusionSchedule:
-        return FusionSchedule(start=self.start, end=self.end, ramp=self.ramp, refresh_every=self.refresh_every)
+        return FusionSchedule(start=self.start, end=self.end, ramp=self.ramp)
+
+    def refresh(self) -> RefreshPolicy:
+        return RefreshPolicy(every=self.refresh_every)
 
 
 def _check_finite(bundle: ProjectorBundle, name: str) -> None:
@@ -393,7 +396,7 @@ class WanChronoEditBridge:
                                 backward=self.backward, backward_strength=cfg.backward_strength)
         else:
             source = RecordedSharer(self._record(image, common, inputs, generator), grid_alignment=cfg.grid_alignment)
-        bridge = Bridge(source, self.bundle, strength=cfg.strength, schedule=cfg.schedule(),
+        bridge = Bridge(source, self.bundle, strength=cfg.strength, schedule=cfg.schedule(), refresh=cfg.refresh(),
                         rope_alignment=cfg.rope_alignment).attach(self.receiver)
         kwargs = dict(common, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                       generator=generator, **receiver_kwargs)

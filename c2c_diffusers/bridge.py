@@ -32,7 +32,8 @@ from typing import Optional
 
 from c2c_core import FusionSchedule, health
 from c2c_core.bundle import ProjectorBundle, arch_mismatches
-from c2c_core.contract import NEGATIVE, POSITIVE, Call, refresh_window
+from c2c_core.contract import NEGATIVE, POSITIVE, Call
+from c2c_core.refresh import RefreshPolicy
 from c2c_core.runtime import BankCache, FusionRun, percent_of
 
 from . import models
@@ -151,7 +152,8 @@ class Bridge:
     """
 
     def __init__(self, source, bundle, strength: float = 1.0, schedule: FusionSchedule = FusionSchedule(),
-                 layer_strengths=None, rope_alignment: str = "auto", scheduler=None):
+                 layer_strengths=None, rope_alignment: str = "auto", scheduler=None,
+                 refresh: RefreshPolicy = RefreshPolicy()):
         if not isinstance(bundle, ProjectorBundle):
             swapped = " (the arguments are swapped: the source comes first)" if isinstance(source, ProjectorBundle) else ""
             raise BridgeSetupError(f"Bridge(source, bundle, …): bundle is a {type(bundle).__name__}{swapped}; expected a "
@@ -163,6 +165,7 @@ class Bridge:
         self.source = source
         self.strength = float(strength)
         self.schedule = schedule
+        self.refresh = refresh
         self.layer_strengths = layer_strengths
         self.rope_alignment = rope_alignment
         self.scheduler = scheduler
@@ -287,7 +290,7 @@ class Bridge:
         percent = percent_of(sigma, lambda p: flow_sigma(p, shift), snap=(self.schedule.start, self.schedule.end))
         if self.run.begin_call(percent):
             self._call = Call(latent, timestep, (branch,), step, float(sigma),
-                              refresh_window(step, self.schedule.refresh_every, self.run.calls), step)
+                              _window(step, self.refresh.every, self.run.calls), step)
             self.source_run.ensure(self._call)
         return args, kwargs
 
@@ -320,13 +323,18 @@ class Bridge:
 
 
 
+def _window(step: int, every: int, call_number: int):
+    """The K/V generation a call uses: every ``every`` steps share one; with 1, each call its own."""
+    return step // every if every > 1 else ("call", call_number)
+
+
 # -- diffusers' own shape: a config dataclass, apply_…(module, config) / remove_…(module) -------------------------
 
 @dataclass
 class C2CBridgeConfig:
     """What ``apply_c2c_bridge`` fuses, as diffusers' ``FirstBlockCacheConfig`` says what ``apply_first_block_cache``
     caches. projector: a bundle file or ``ProjectorBundle``; strength (0..2), start/end (percent of the noise
-    schedule), ramp, refresh_every: ``c2c_core.FusionSchedule``; layer_strengths: per receiver layer, or None;
+    schedule), ramp: ``c2c_core.FusionSchedule``; refresh_every: ``c2c_core.RefreshPolicy(every=k)``; layer_strengths: per receiver layer, or None;
     rope_alignment: "auto" or "off"."""
 
     projector: object
@@ -356,8 +364,9 @@ def apply_c2c_bridge(module, config: C2CBridgeConfig, sharer, scheduler=None) ->
     bundle = config.projector
     if isinstance(bundle, (str, os.PathLike)):
         bundle = load_bundle(bundle)
-    schedule = FusionSchedule(start=config.start, end=config.end, ramp=config.ramp, refresh_every=config.refresh_every)
+    schedule = FusionSchedule(start=config.start, end=config.end, ramp=config.ramp)
     bridge = Bridge(sharer, bundle, strength=config.strength, schedule=schedule,
+                    refresh=RefreshPolicy(every=config.refresh_every),
                     layer_strengths=config.layer_strengths, rope_alignment=config.rope_alignment,
                     scheduler=scheduler).attach(module)
     _applied.setdefault(module, []).append(bridge)

@@ -121,10 +121,10 @@ class LiveSharer:
                     f"{s.head_dim}; the receiver has {r.num_layers} × {r.num_heads} × {r.head_dim}. Build it with "
                     f"the two models swapped (sharer = the receiver).")
             check_architecture(self.backward, "receiver", self.signature)
-            if bridge.schedule.refresh_every != 1:
+            if bridge.refresh.every != 1:
                 raise BridgeSetupError(
-                    f"bidirectional fusion with refresh_every {bridge.schedule.refresh_every}; expected 1 (both "
-                    f"models run block by block in every call). Set FusionSchedule(refresh_every=1) or fuse one way.")
+                    f"bidirectional fusion with refresh_every {bridge.refresh.every}; expected 1 (both "
+                    f"models run block by block in every call). Set RefreshPolicy(every=1) or fuse one way.")
         self._key = bridge.key + ".sharer"
         self._run = None
         add_taps(self.transformer, bridge.sharer_layers, self._key, self._capture)
@@ -159,7 +159,7 @@ class LiveSharerRun:
         self.source, self.bridge = source, bridge
         self.transformer = source.transformer
         self.layers = bridge.sharer_layers
-        self.refresh = bridge.schedule.refresh_every
+        self.refresh = bridge.refresh.every
         shape = tuple(receiver_shape[-3:])
         if source.inputs.condition is not None:
             shape = tuple(source.inputs.condition.shape[-3:])

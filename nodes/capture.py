@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from c2c_core import LayerMapError, align, parse_layer_spec
+from c2c_core import REFRESH_MODES, LayerMapError, RefreshPolicy, ScheduleError, align, parse_layer_spec
 from ..c2c_comfy.live import LiveSharer, missing_image_warnings
 from ..c2c_comfy.errors import BridgeInputError
 from ..c2c_comfy.validate import check_inputs
@@ -27,9 +27,7 @@ class CaptureKVCache(io.ComfyNode):
                 io.String.Input("layers", default="auto",
                                 tooltip="Sharer layers to capture: 'auto' captures exactly what the projector in "
                                         "Fuse Caches reads; or 'all', '0-3,7', 'last4'."),
-                io.Int.Input("refresh_every", default=1, min=1, max=1000,
-                             tooltip="Use fresh sharer K/V every k-th step and reuse them in between "
-                                     "(1 = every model call, exact lockstep)."),
+                io.Int.Input("refresh_every", default=1, min=1, max=1000, tooltip=REFRESH_EVERY_TOOLTIP),
                 io.Combo.Input("rope_alignment", options=["auto", "off"], default="auto",
                                tooltip="auto: re-rotate the sharer's keys to the receiver's RoPE positions when "
                                        "they differ (e.g. ChronoEdit under ScaleROPE scale_t 7). off: fuse as is."),
@@ -42,17 +40,53 @@ class CaptureKVCache(io.ComfyNode):
                 io.Conditioning.Input("middle", optional=True,
                                       tooltip="Optional, for a receiver sampled with DualCFGGuider: the sharer's own "
                                               "middle conditioning (cond2). Not connected: its negative feeds the middle."),
-            ],
+            ] + refresh_inputs(),
             outputs=[KVSource.Output(tooltip="A live K/V source for Fuse Caches.")],
         )
 
     @classmethod
     def execute(cls, sharer, positive, negative, layers="auto", refresh_every=1, rope_alignment="auto",
-                grid_alignment="refuse", projector=None, middle=None) -> io.NodeOutput:
+                grid_alignment="refuse", projector=None, middle=None, refresh="every", threshold=0.1, budget=4,
+                max_reuse=4) -> io.NodeOutput:
         check_inputs(cls, locals())
+        policy = refresh_policy(cls.NODE, refresh, refresh_every, threshold, budget, max_reuse)
         check_same_image_grid(cls.NODE, {"positive": positive, "negative": negative, "middle": middle or []})
-        return io.NodeOutput(make_live_source(cls.NODE, sharer, positive, negative, layers, refresh_every,
+        return io.NodeOutput(make_live_source(cls.NODE, sharer, positive, negative, layers, policy,
                                               rope_alignment, grid_alignment, projector, middle=middle))
+
+
+REFRESH_EVERY_TOOLTIP = ("refresh 'every': use fresh sharer K/V every k-th step and reuse them in between "
+                         "(1 = every model call, exact lockstep).")
+
+
+def refresh_inputs(every: bool = False):
+    """When the sharer runs (c2c_core.refresh.RefreshPolicy); added after a node's older inputs, so saved workflows
+    keep their widget values. ``every``: include refresh_every (nodes that had none before)."""
+    return ([io.Int.Input("refresh_every", default=1, min=1, max=1000, tooltip=REFRESH_EVERY_TOOLTIP)]
+            if every else []) + [
+        io.Combo.Input("refresh", options=list(REFRESH_MODES), default="every",
+                       tooltip="When the sharer runs: 'every' refresh_every steps; 'adaptive' when the receiver's "
+                               "input changed by 'threshold' since it last ran; 'budget' at most 'budget' times per "
+                               "run, where the input changes most. Reused steps cost only the blend."),
+        io.Float.Input("threshold", default=0.1, min=0.0, max=10.0, step=0.01, round=0.001,
+                       tooltip="refresh 'adaptive': relative change of the receiver's input latent since the sharer "
+                               "last ran that runs it again (0.1 = 10 %; 0 = every step, as refresh_every 1)."),
+        io.Int.Input("budget", default=4, min=1, max=10000,
+                     tooltip="refresh 'budget': sharer runs per sampling run (the first step always runs)."),
+        io.Int.Input("max_reuse", default=4, min=0, max=10000,
+                     tooltip="refresh 'adaptive'/'budget': most steps in a row that reuse the sharer's K/V."),
+    ]
+
+
+def refresh_policy(node: str, refresh="every", refresh_every=1, threshold=0.1, budget=4, max_reuse=4) -> RefreshPolicy:
+    """The node's refresh inputs as a RefreshPolicy; a value the policy refuses names the node's input and the fix."""
+    try:
+        return RefreshPolicy(mode=refresh, every=refresh_every, threshold=threshold, budget=budget, max_reuse=max_reuse)
+    except ScheduleError as e:
+        field = str(e).split("=", 1)[0].rsplit(".", 1)[-1]
+        name = {"mode": "refresh", "every": "refresh_every"}.get(field, field)
+        raise BridgeInputError(node, name, repr(locals().get(name, "?")), "a valid refresh setting",
+                               str(e)) from e
 
 
 def sharer_inputs(prefix: str = ""):
@@ -94,13 +128,13 @@ def check_same_image_grid(node: str, conditionings: dict) -> None:
                                "WanImageToVideo/ChronoEdit node")
 
 
-def make_live_source(node, sharer, positive, negative, layers="auto", refresh_every=1, rope_alignment="auto",
+def make_live_source(node, sharer, positive, negative, layers="auto", refresh=RefreshPolicy(), rope_alignment="auto",
                      grid_alignment="refuse", projector=None, cond_inputs=("positive", "negative", "middle"),
                      middle=None):
     signature = model_signature(node, "sharer", sharer)
     chosen = capture_layers(node, signature, layers, projector)
     warnings = missing_image_warnings(node, sharer, dict(zip(cond_inputs, (positive, negative, middle))))
     return LiveSharer(model=sharer, positive=positive, negative=negative, signature=signature, layers=chosen,
-                      refresh_every=int(refresh_every), rope_alignment=rope_alignment,
+                      refresh=refresh, rope_alignment=rope_alignment,
                       grid_alignment=grid_alignment, node=node, cond_inputs=cond_inputs, middle=middle,
                       warnings=warnings)

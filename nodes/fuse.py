@@ -118,8 +118,7 @@ def bridge_model(node, model, source, bundle, strength, start_percent, end_perce
               f"all sharer layers the projector reads ({needed})",
               f"add layers {missing} in {getattr(source, 'node', 'Capture KV Cache')}, or set its layers to 'auto'")
     try:
-        schedule = FusionSchedule(start=start_percent, end=end_percent, ramp=ramp,
-                                  refresh_every=getattr(source, "refresh_every", 1))
+        schedule = FusionSchedule(start=start_percent, end=end_percent, ramp=ramp)
     except ScheduleError as e:
         raise BridgeInputError(node, "start_percent", f"window {start_percent}–{end_percent}",
                                "start_percent ≤ end_percent", str(e)) from e

@@ -17,6 +17,8 @@ from c2c_core.recording import load_recording, save_recording
 from ..c2c_comfy import files
 from ..c2c_comfy.errors import BridgeInputError, check
 from ..c2c_comfy.recorded import RecordedSharer
+from ..c2c_comfy.validate import check_inputs
+from .capture import refresh_inputs, refresh_policy
 from .types import CATEGORY, KVSource
 
 SUBFOLDER = "kv_cache"
@@ -73,7 +75,8 @@ class LoadKVCache(io.ComfyNode):
                     io.Int.Input("refresh_every", default=1, min=1, max=1000,
                                  tooltip="Reuse each replayed step's K/V for k steps."),
                     io.Combo.Input("grid_alignment", options=GRID_ALIGNMENTS, default="refuse",
-                                   tooltip="What to do when the receiver's latent grid differs from the recording's.")],
+                                   tooltip="What to do when the receiver's latent grid differs from the recording's.")]
+                   + refresh_inputs(),
             outputs=[KVSource.Output(tooltip="A K/V source for Fuse Caches.")],
         )
 
@@ -84,11 +87,14 @@ class LoadKVCache(io.ComfyNode):
         return files.fingerprint(path) if path else "invalid"
 
     @classmethod
-    def execute(cls, kv_cache, refresh_every=1, grid_alignment="refuse") -> io.NodeOutput:
+    def execute(cls, kv_cache, refresh_every=1, grid_alignment="refuse", refresh="every", threshold=0.1, budget=4,
+                max_reuse=4) -> io.NodeOutput:
         check(grid_alignment in GRID_ALIGNMENTS, cls.NODE, "grid_alignment", quote(grid_alignment, 60),
               f"one of {GRID_ALIGNMENTS}", "pick a value from the list")
         check(type(refresh_every) is int and 1 <= refresh_every <= 1000, cls.NODE, "refresh_every",
               quote(refresh_every, 60), "an integer from 1 to 1000", "1 replays every step; k reuses a step k times")
+        check_inputs(cls, {"refresh": refresh, "threshold": threshold, "budget": budget, "max_reuse": max_reuse})
+        policy = refresh_policy(cls.NODE, refresh, refresh_every, threshold, budget, max_reuse)
         path = files.inside(recordings_folder(), kv_cache)
         check(path is not None, cls.NODE, "kv_cache", f"the name {quote(kv_cache, 80)}",
               "a recording inside output/kv_cache/", "pick a file from the list")
@@ -97,5 +103,5 @@ class LoadKVCache(io.ComfyNode):
         except (BundleError, FileNotFoundError) as e:
             raise BridgeInputError(cls.NODE, "kv_cache", cut(str(e)), "a recording saved by Save KV Cache",
                                    "pick another file, or record again") from e
-        return io.NodeOutput(RecordedSharer(recording, recording.signature, recording.layers, int(refresh_every),
+        return io.NodeOutput(RecordedSharer(recording, recording.signature, recording.layers, policy,
                                             "auto", grid_alignment, cls.NODE))

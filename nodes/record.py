@@ -8,7 +8,7 @@ from ..c2c_comfy import compat, recorded
 from ..c2c_comfy.live import missing_image_warnings
 from ..c2c_comfy.errors import check
 from ..c2c_comfy.validate import check_inputs
-from .capture import GRID_ALIGNMENTS, capture_layers, sharer_inputs
+from .capture import GRID_ALIGNMENTS, capture_layers, refresh_inputs, refresh_policy, sharer_inputs
 from .projector import model_signature
 from .types import CATEGORY, KVSource, Projector
 
@@ -58,15 +58,17 @@ class RecordKVCache(io.ComfyNode):
                                        "refuse (error) or resample the K/V (nearest/trilinear)."),
                 Projector.Input("projector", optional=True,
                                 tooltip="Optional: lets 'auto' layers record exactly what this projector reads."),
-            ],
+            ] + refresh_inputs(),
             outputs=[KVSource.Output(tooltip="The recording: a K/V source for Fuse Caches or Save KV Cache.")],
         )
 
     @classmethod
     def execute(cls, sharer, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise=1.0, layers="auto", storage_dtype="bf16", storage="ram", refresh_every=1,
-                rope_alignment="auto", grid_alignment="refuse", projector=None) -> io.NodeOutput:
+                rope_alignment="auto", grid_alignment="refuse", projector=None, refresh="every", threshold=0.1,
+                budget=4, max_reuse=4) -> io.NodeOutput:
         check_inputs(cls, locals())
+        policy = refresh_policy(cls.NODE, refresh, refresh_every, threshold, budget, max_reuse)
         signature = model_signature(cls.NODE, "sharer", sharer)
         chosen = capture_layers(cls.NODE, signature, layers, projector)
         if chosen is None:
@@ -76,7 +78,7 @@ class RecordKVCache(io.ComfyNode):
         warnings = missing_image_warnings(cls.NODE, sharer, {"positive": positive, "negative": negative})
         recording = recorded.record(cls.NODE, sharer, positive, negative, chosen, latent_image, seed, steps, cfg,
                                     sampler_name, scheduler, denoise, storage_dtype, storage, signature)
-        return io.NodeOutput(recorded.RecordedSharer(recording, signature, chosen, int(refresh_every),
+        return io.NodeOutput(recorded.RecordedSharer(recording, signature, chosen, policy,
                                                      rope_alignment, grid_alignment, cls.NODE, warnings))
 
 

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..c2c_comfy import compat
 from ..c2c_comfy.validate import check_inputs
-from .capture import make_live_source, sharer_inputs
+from .capture import make_live_source, refresh_inputs, refresh_policy, sharer_inputs
 from .fuse import bridge_model, fusion_inputs
 from .record import check_image_latents
 from .types import CATEGORY, Projector
@@ -38,7 +38,7 @@ class BridgedKSampler(io.ComfyNode):
                                tooltip="Amount of denoising applied."),
             ] + sharer_inputs(prefix="sharer_") + [
                 Projector.Input("projector", tooltip="From Load C2C Projector or Create C2C Projector."),
-            ] + fusion_inputs(),
+            ] + fusion_inputs() + refresh_inputs(every=True),
             outputs=[io.Latent.Output(tooltip="The denoised latent.")],
             hidden=[io.Hidden.unique_id],
         )
@@ -47,14 +47,16 @@ class BridgedKSampler(io.ComfyNode):
     def execute(cls, receiver, positive, negative, sharer, sharer_positive, sharer_negative, projector, strength,
                 start_percent, end_percent, seed, steps, cfg, sampler_name, scheduler, latent_image, denoise=1.0,
                 ramp="constant", layer_strengths="", direction="sharer_to_receiver", backward_projector=None,
-                backward_strength=1.0) -> io.NodeOutput:
+                backward_strength=1.0, refresh_every=1, refresh="every", threshold=0.1, budget=4,
+                max_reuse=4) -> io.NodeOutput:
         check_inputs(cls, locals())
+        policy = refresh_policy(cls.NODE, refresh, refresh_every, threshold, budget, max_reuse)
         check_image_latents(cls.NODE, {"sharer_positive": sharer_positive, "sharer_negative": sharer_negative},
                             latent_image, fix="give the sharer's WanImageToVideo/ChronoEdit node the receiver latent's "
                             "width, height and length, or use Capture KV Cache with grid_alignment 'nearest' or "
                             "'trilinear' + Fuse Caches to resample")
         source = make_live_source(cls.NODE, sharer, sharer_positive, sharer_negative,
-                                  cond_inputs=("sharer_positive", "sharer_negative"))
+                                  refresh=policy, cond_inputs=("sharer_positive", "sharer_negative"))
         node_id = cls.hidden.unique_id if cls.hidden else None
         patched = bridge_model(cls.NODE, receiver, source, projector, strength, start_percent, end_percent, ramp,
                                layer_strengths, report_to=node_id, model_input="receiver", direction=direction,

@@ -48,18 +48,15 @@ def test_zero_width_window_is_active_only_at_its_point():
     assert s.strength_at(0.5, 1.0) == 1.0 and s.strength_at(0.49, 1.0) == 0.0
 
 
-def test_refresh_every_k_refreshes_on_multiples_of_k():
-    s = FusionSchedule(refresh_every=3)
-    assert [i for i in range(10) if s.refreshes_at(i)] == [0, 3, 6, 9]
-
-
-def test_refresh_every_one_refreshes_every_step():
-    assert all(FusionSchedule().refreshes_at(i) for i in range(5))
-
-
 def test_dict_roundtrip():
-    s = FusionSchedule(0.1, 0.9, "cosine_down", 2)
+    s = FusionSchedule(0.1, 0.9, "cosine_down")
     assert FusionSchedule.from_dict(s.to_dict()) == s
+
+
+def test_refresh_every_is_no_schedule_field_any_more():
+    with pytest.raises(ScheduleError, match=r"unknown keys \['refresh_every'\] \(refresh_every moved to "
+                                            r"c2c_core.refresh.RefreshPolicy\(every=k\)\)"):
+        FusionSchedule.from_dict({"refresh_every": 2})
 
 
 @pytest.mark.parametrize(
@@ -69,7 +66,6 @@ def test_dict_roundtrip():
         ({"start": -0.1}, r"start=-0.1; expected a number in \[0, 1\]"),
         ({"end": 1.5}, r"end=1.5; expected a number in \[0, 1\]"),
         ({"ramp": "exp"}, "ramp='exp'; expected one of"),
-        ({"refresh_every": 0}, "refresh_every=0; expected an integer >= 1"),
     ],
 )
 def test_bad_schedules_are_rejected(kwargs, message):
@@ -80,8 +76,3 @@ def test_bad_schedules_are_rejected(kwargs, message):
 def test_progress_outside_the_run_is_rejected():
     with pytest.raises(ScheduleError, match=r"progress=1.2; expected a number in \[0, 1\]"):
         FusionSchedule().strength_at(1.2, 1.0)
-
-
-def test_negative_step_index_is_rejected():
-    with pytest.raises(ScheduleError, match="step_index=-1"):
-        FusionSchedule().refreshes_at(-1)

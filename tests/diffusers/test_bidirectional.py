@@ -77,7 +77,7 @@ def test_the_receivers_grad_mode_survives_the_switches():
 
 
 def test_what_cannot_be_fused_both_ways_is_refused():
-    from c2c_core import FusionSchedule
+    from c2c_core import RefreshPolicy
     wide = ProjectorBundle(bank=ProjectorBank.build("weighted", ModelSignature(2, 2, 128), ModelSignature(3, 2, 128),
                                                     [0, 1, 2]),
                            layer_map=LayerMap.build("terminal", 2, 3), sharer=ModelSignature(2, 2, 128),
@@ -88,7 +88,7 @@ def test_what_cannot_be_fused_both_ways_is_refused():
         LiveSharer(tiny.wan(2), inputs(), backward=tiny.bundle("weighted"), backward_strength=-1)
     with pytest.raises(BridgeSetupError, match=r"bidirectional fusion with refresh_every 2; expected 1"):
         Bridge(LiveSharer(tiny.wan(2), inputs(), backward=tiny.bundle("weighted")), tiny.bundle("weighted"),
-               schedule=FusionSchedule(refresh_every=2)).attach(tiny.wan(1))
+               refresh=RefreshPolicy(every=2)).attach(tiny.wan(1))
     receiver = tiny.wan(1)
     bridge = Bridge(LiveSharer(receiver, inputs(), backward=tiny.bundle("weighted")), tiny.bundle("weighted"))
     bridge.attach(receiver)

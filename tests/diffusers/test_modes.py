@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import tiny
-from c2c_core import FusionSchedule
+from c2c_core import FusionSchedule, RefreshPolicy
 from c2c_core.recording import DiskStore, load_recording, save_recording
 from c2c_diffusers import Bridge, BridgeSetupError, KVRecorder, LiveSharer, RecordedSharer, SharerInputs
 
@@ -16,7 +16,7 @@ def twin_inputs():
 def test_refresh_every_k_steps_reuses_the_sharers_kv(refresh, forwards):
     pipe = tiny.wan_pipe(tiny.wan(1))
     bridge = Bridge(LiveSharer(tiny.wan(2), twin_inputs()), tiny.bundle("weighted"),
-                    schedule=FusionSchedule(refresh_every=refresh)).attach(pipe)
+                    refresh=RefreshPolicy(every=refresh)).attach(pipe)
     out = tiny.run_pipe(pipe, steps=4)
     bridge.detach()
     assert bridge.last_report.sharer_forwards == forwards     # cond and uncond per refreshed step

@@ -34,8 +34,9 @@ def live_source(sharer, pos, neg, streaming, refresh_every=1):
     pack_nodes()
     from dit_cache_bridge.c2c_comfy import compat
     from dit_cache_bridge.c2c_comfy.live import LiveSharer
+    from c2c_core import RefreshPolicy
     return LiveSharer(model=sharer, positive=pos, negative=neg, signature=compat.wan_signature(sharer),
-                      refresh_every=refresh_every, streaming=streaming)
+                      refresh=RefreshPolicy(every=refresh_every), streaming=streaming)
 
 
 def projector(sharer, receiver, kind="weighted", mapping="identity", layers="all"):
@@ -160,8 +161,9 @@ def bidirectional_source(sharer, receiver, pos, neg, kind="weighted", backward_s
     pack_nodes()
     from dit_cache_bridge.c2c_comfy import compat
     from dit_cache_bridge.c2c_comfy.live import LiveSharer
+    from c2c_core import RefreshPolicy
     return LiveSharer(model=sharer, positive=pos, negative=neg, signature=compat.wan_signature(sharer),
-                      refresh_every=refresh_every, backward=projector(receiver, sharer, kind),
+                      refresh=RefreshPolicy(every=refresh_every), backward=projector(receiver, sharer, kind),
                       backward_strength=backward_strength)
 
 

@@ -20,7 +20,7 @@ def order(info: dict) -> list:
 def test_capture_kv_cache_shows_only_what_live_capture_uses(comfy_server):
     names = set(inputs(comfy_server.object_info(P + "CaptureKVCache")))
     assert names == {"sharer", "positive", "negative", "middle", "layers", "refresh_every", "rope_alignment",
-                     "grid_alignment", "projector"}
+                     "grid_alignment", "projector", "refresh", "threshold", "budget", "max_reuse"}
     assert not names & RECORDING_SETTINGS
 
 

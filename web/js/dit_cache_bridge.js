@@ -47,6 +47,7 @@ export function roleOf(nodeId) {
 // Report: validated once on arrival, so drawing never meets a malformed value.
 // ---------------------------------------------------------------------------------------------
 const MAX_LAYERS = 512;
+const MAX_STEPS = 10000;   // schedule steps the inspector's step strip draws
 
 function finite(value) {
   const x = Number(value);
@@ -72,7 +73,24 @@ export function normaliseReport(report) {
     v: layers.map((l) => Math.max(0, perLayer(report.v_change, l))),
     sharerForwards: Math.max(0, Math.round(finite(report.sharer_forwards))),
     modelCalls: Math.max(0, Math.round(finite(report.model_calls))),
+    ...refreshOf(report.refresh),
     warnings: (Array.isArray(report.warnings) ? report.warnings : []).filter((w) => typeof w === "string").slice(0, 4),
+  };
+}
+
+/** Steps (schedule indices) as a sorted list of small non-negative integers. */
+function stepList(steps) {
+  if (!Array.isArray(steps)) return [];
+  return [...new Set(steps.map(Number).filter((x) => Number.isInteger(x) && x >= 0 && x < MAX_STEPS))].sort((a, b) => a - b);
+}
+
+/** What the refresh tracker decided (c2c_core.refresh.RefreshReport): which steps ran the sharer, what was saved. */
+function refreshOf(refresh) {
+  const r = refresh && typeof refresh === "object" ? refresh : {};
+  return {
+    sharerSteps: stepList(r.sharer_steps),
+    reusedSteps: stepList(r.reused_steps),
+    forwardsSaved: Math.max(0, Math.round(finite(r.forwards_saved))),
   };
 }
 
@@ -129,10 +147,10 @@ function wrap(ctx, text, width, maxLines) {
 // ---------------------------------------------------------------------------------------------
 // Inspector drawing
 // ---------------------------------------------------------------------------------------------
-const CHART = { height: 112, minWidth: 300, pad: 8, text: 11 };
+const CHART = { height: 112, minWidth: 300, pad: 8, text: 11, strip: 6 };
 export const INSPECTOR_WIDGET = "fusion_inspector";
 const WARNING_LINES = 3;   // the rest of a longer warning is in its toast and the server log
-const BAR = { strength: "#e0b84c", k: "#5aa9e6", v: "#e5735c", warning: "#ff9f43" };
+const BAR = { strength: "#e0b84c", k: "#5aa9e6", v: "#e5735c", warning: "#ff9f43", ran: "#7bd88f", reused: "rgba(255, 255, 255, 0.2)" };
 
 function fmt(x) {
   return x >= 10 ? x.toFixed(0) : x >= 1 ? x.toFixed(2) : x.toPrecision(2);
@@ -155,7 +173,8 @@ export function drawInspector(ctx, report, x, y, w, h) {
   ctx.textAlign = "left";
   const warning = report.warnings?.[0];
   const lines = warning ? wrap(ctx, `⚠ ${warning}`, w - 2 * pad, WARNING_LINES) :
-    [`fused ${n} layer${n === 1 ? "" : "s"} · sharer ${report.sharerForwards} fwd / ${report.modelCalls} model calls`];
+    [`fused ${n} layer${n === 1 ? "" : "s"} · sharer ${report.sharerForwards} fwd / ${report.modelCalls} model calls` +
+      (report.forwardsSaved ? ` · ${report.forwardsSaved} saved` : "")];
   if (warning) {
     ctx.fillStyle = "rgba(255, 159, 67, 0.16)";
     ctx.fillRect(x, y, w, 4 + lines.length * (text + 2));
@@ -163,11 +182,24 @@ export function drawInspector(ctx, report, x, y, w, h) {
   ctx.fillStyle = warning ? BAR.warning : "#ddd";
   lines.forEach((line, i) => ctx.fillText(line, x + pad, y + 3 + i * (text + 2), w - 2 * pad));
 
+  // Then which schedule steps ran the sharer (green) and which reused its K/V (grey), one cell per step.
+  let stripY = y + 6 + lines.length * (text + 2);
+  const ran = report.sharerSteps ?? [], reused = report.reusedSteps ?? [];
+  if (ran.length + reused.length) {
+    const steps = Math.max(...ran, ...reused) + 1;
+    const cell = (w - 2 * pad) / steps;
+    for (const [list, colour] of [[reused, BAR.reused], [ran, BAR.ran]]) {
+      ctx.fillStyle = colour;
+      for (const step of list) ctx.fillRect(x + pad + step * cell, stripY, Math.max(1, cell - (cell > 3 ? 1 : 0)), CHART.strip);
+    }
+    stripY += CHART.strip + 3;
+  }
+
   // Then the legend with each series' full scale.
   const sMax = Math.max(1, ...report.strength);
   const cMax = Math.max(...report.k, ...report.v) || 1;
   let lx = x + pad;
-  const ly = y + 6 + lines.length * (text + 2);
+  const ly = stripY;
   for (const [label, colour] of [[`strength 0–${fmt(sMax)}`, BAR.strength], ["K", BAR.k], [`V change 0–${fmt(cMax)}`, BAR.v]]) {
     ctx.fillStyle = colour;
     ctx.fillRect(lx, ly + 2, 8, 8);

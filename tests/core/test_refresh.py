@@ -1,0 +1,287 @@
+"""c2c_core.refresh (when the sharer runs) and the FusionRun split that makes a reused step cost only the blend."""
+
+import json
+
+import pytest
+import torch
+
+from c2c_core import FusionSchedule, LayerMap, ModelSignature, ProjectorBank, RefreshPolicy, RefreshTracker, TokenGrid
+from c2c_core.bundle import ProjectorBundle
+from c2c_core.errors import KVShapeError, ScheduleError
+from c2c_core.refresh import SignalMeter, input_change, kv_change, magnitude_change
+from c2c_core.runtime import FusionRun
+from core_helpers import kv, signature
+
+LINEAR = [1.0 - i / 12 for i in range(13)]          # 12 steps, sigma 1 -> 0
+
+
+def ran(policy, signals=None, sigmas=LINEAR):
+    """Schedule steps at which the sharer runs, one evaluation per step, with ``signals[i]`` at step i."""
+    tracker = RefreshTracker(policy)
+    tracker.begin_run(sigmas)
+    steps = []
+    for i, sigma in enumerate(sigmas[:-1]):
+        r = tracker.decide(sigma, None if signals is None else signals[i], evaluation=i)
+        if r.run_sharer:
+            steps.append(r.step)
+    assert tracker.report().sharer_steps == steps
+    assert tracker.report().forwards_saved == len(sigmas) - 1 - len(steps)
+    return steps
+
+
+# --- the policy ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mode": "sometimes"}, r"mode='sometimes'; expected one of \('every', 'adaptive', 'budget'\)"),
+    ({"every": 0}, r"every=0; expected an integer >= 1"),
+    ({"every": True}, r"every=True; expected an integer >= 1"),
+    ({"threshold": -0.1}, r"threshold=-0.1; expected a number >= 0 \(relative change"),
+    ({"threshold": float("nan")}, r"threshold=nan; expected a number >= 0"),
+    ({"max_reuse": -1}, r"max_reuse=-1; expected an integer >= 0"),
+    ({"budget": 0}, r"budget=0; expected an integer >= 1"),
+    ({"signal": "vibes"}, r"signal='vibes'; expected one of \('input', 'sigma', 'magnitude'\)"),
+])
+def test_bad_policies_are_refused_with_the_field_and_the_accepted_values(kwargs, message):
+    with pytest.raises(ScheduleError, match=r"RefreshPolicy\." + message):
+        RefreshPolicy(**kwargs)
+
+
+def test_policy_round_trips_through_json():
+    p = RefreshPolicy(mode="budget", budget=3, max_reuse=5, signal="sigma", threshold=0.25)
+    assert RefreshPolicy.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    with pytest.raises(ScheduleError, match=r"unknown keys \['refresh_every'\]"):
+        RefreshPolicy.from_dict({"refresh_every": 2})
+
+
+def test_only_every_one_and_threshold_zero_always_run_the_sharer():
+    assert RefreshPolicy().always and RefreshPolicy(mode="adaptive", threshold=0).always
+    assert not RefreshPolicy(every=2).always and not RefreshPolicy(mode="adaptive").always
+    assert not RefreshPolicy(mode="budget", budget=100).always
+
+
+# --- every k ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("every, steps", [(1, list(range(12))), (3, [0, 3, 6, 9]), (5, [0, 5, 10]), (20, [0])])
+def test_every_k_runs_on_multiples_of_k(every, steps):
+    assert ran(RefreshPolicy(every=every)) == steps
+
+
+def test_calls_of_one_evaluation_share_one_decision_and_window():
+    tracker = RefreshTracker(RefreshPolicy(every=2))
+    tracker.begin_run(LINEAR)
+    first = tracker.decide(1.0, evaluation=0)
+    assert tracker.decide(1.0, evaluation=0) is first               # the uncond call of the same evaluation
+    second = tracker.decide(LINEAR[1], evaluation=1)
+    assert not second.run_sharer and second.window == first.window  # reused: the same K/V generation
+    third = tracker.decide(LINEAR[2], evaluation=2)
+    assert third.run_sharer and third.window != first.window and third.step == 2
+
+
+def test_every_one_runs_in_each_evaluation_of_a_two_evaluation_sampler():
+    """heun evaluates at sigma_i and sigma_(i+1); the next step again at sigma_(i+1): three runs, three windows."""
+    tracker = RefreshTracker(RefreshPolicy())
+    tracker.begin_run(LINEAR)
+    decisions = [tracker.decide(s, evaluation=e) for e, s in enumerate((LINEAR[0], LINEAR[1], LINEAR[1]))]
+    assert all(d.run_sharer for d in decisions) and len({d.window for d in decisions}) == 3
+
+
+def test_decide_before_begin_run_says_what_to_call():
+    with pytest.raises(ScheduleError, match=r"decide before begin_run; call begin_run\(sigmas\)"):
+        RefreshTracker(RefreshPolicy()).decide(1.0)
+
+
+# --- adaptive -----------------------------------------------------------------------------------------
+def test_adaptive_runs_when_the_accumulated_signal_reaches_the_threshold():
+    signals = [None, 0.05, 0.04, 0.02, 0.3, 0.0, 0.0, 0.09, 0.02, 0.2, 0.05, 0.05]
+    assert ran(RefreshPolicy(mode="adaptive", threshold=0.1), signals) == [0, 3, 4, 8, 9, 11]
+
+
+def test_adaptive_threshold_zero_decides_exactly_as_every_one():
+    signals = [None] + [float(x) for x in torch.rand(11, generator=torch.Generator().manual_seed(0))]
+    assert ran(RefreshPolicy(mode="adaptive", threshold=0.0), signals) == ran(RefreshPolicy(every=1)) == list(range(12))
+
+
+def test_adaptive_caps_consecutive_reuses_and_runs_on_an_unknown_signal():
+    assert ran(RefreshPolicy(mode="adaptive", threshold=1.0, max_reuse=2), [0.0] * 12) == [0, 3, 6, 9]
+    assert ran(RefreshPolicy(mode="adaptive", threshold=1.0, max_reuse=99), [0.0] * 5 + [None] + [0.0] * 6) == [0, 5]
+
+
+def test_a_lazy_signal_is_read_only_for_new_decisions():
+    reads = []
+    tracker = RefreshTracker(RefreshPolicy(mode="adaptive", threshold=0.5))
+    tracker.begin_run(LINEAR)
+    for e, sigma in enumerate(LINEAR[:4]):
+        for _ in range(2):                                   # cond and uncond called separately
+            tracker.decide(sigma, lambda: reads.append(sigma) or 0.1, evaluation=e)
+    assert reads == LINEAR[:4]
+
+
+def test_the_sigma_signal_is_the_fraction_of_the_schedule_travelled():
+    # 1/12 per step: a threshold of 0.25 runs every third step, with no tensor read at all
+    assert ran(RefreshPolicy(mode="adaptive", signal="sigma", threshold=0.25 - 1e-9)) == [0, 3, 6, 9]
+
+
+# --- budget -------------------------------------------------------------------------------------------
+def test_budget_with_the_sigma_prior_spreads_its_runs_evenly():
+    assert ran(RefreshPolicy(mode="budget", budget=3, signal="sigma", max_reuse=99)) == [0, 4, 8]
+
+
+def test_budget_follows_where_the_measured_signal_changes_most():
+    late = [None] + [0.01] * 7 + [0.5] * 4                  # the input barely moves until step 8
+    steps = ran(RefreshPolicy(mode="budget", budget=3, max_reuse=99), late)
+    assert len(steps) == 3 and steps[0] == 0 and steps[-1] >= 8     # the last run lands in the late change
+    even = ran(RefreshPolicy(mode="budget", budget=3, max_reuse=99), [None] + [0.1] * 11)
+    assert even == [0, 4, 8]
+
+
+def test_budget_is_a_hard_cap_even_against_max_reuse():
+    steps = ran(RefreshPolicy(mode="budget", budget=2, max_reuse=1), [None] + [0.0] * 11)
+    assert steps == [0, 2]
+
+
+# --- split samplers -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", [RefreshPolicy(every=2), RefreshPolicy(every=5),
+                                    RefreshPolicy(mode="adaptive", threshold=0.12),
+                                    RefreshPolicy(mode="adaptive", signal="sigma", threshold=0.2)])
+def test_a_run_that_continues_the_previous_one_keeps_its_cycle(policy):
+    signals = [None] + [0.05 + 0.01 * (i % 3) for i in range(11)]
+    whole = ran(policy, signals)
+    tracker = RefreshTracker(policy)
+    halves = []
+    for sigmas, offset in ((LINEAR[:6], 0), (LINEAR[5:], 5)):
+        continued = tracker.begin_run(sigmas)
+        assert continued == (offset > 0)
+        for i, sigma in enumerate(sigmas[:-1]):
+            r = tracker.decide(sigma, signals[offset + i], evaluation=i)
+            halves += [r.step] if r.run_sharer else []
+    assert halves == whole
+    assert tracker.report().continued
+
+
+def test_a_new_schedule_or_a_host_that_knows_better_restarts_the_cycle():
+    tracker = RefreshTracker(RefreshPolicy(every=4))
+    tracker.begin_run(LINEAR[:6])
+    tracker.decide(1.0, evaluation=0)
+    assert not tracker.begin_run(LINEAR[5:], continues=False)     # another latent: a fresh run
+    assert tracker.decide(LINEAR[5], evaluation=0).run_sharer
+    assert not tracker.begin_run(LINEAR) and tracker.decide(1.0, evaluation=0).step == 0
+
+
+# --- signals ------------------------------------------------------------------------------------------
+def test_signals_measure_relative_change():
+    x = torch.ones(2, 4, 3)
+    assert input_change(x * 1.1, x) == pytest.approx(0.1)
+    assert kv_change(x * 0.5, x) == pytest.approx(0.5)
+    assert magnitude_change(9.0, 10.0) == pytest.approx(0.1)
+
+
+def test_the_meter_compares_each_decision_with_the_previous_one():
+    meter = SignalMeter(RefreshPolicy(mode="adaptive"))
+    x = torch.ones(1, 4, 2, 2, 2)
+    assert meter.signal(x)() is None                         # nothing to compare with yet
+    assert meter.signal(x * 1.5)() == pytest.approx(0.5)
+    assert SignalMeter(RefreshPolicy(every=3)).signal(x) is None    # every k reads no tensor
+    assert SignalMeter(RefreshPolicy(mode="adaptive", signal="sigma")).signal(x) is None
+
+
+# --- the FusionRun split: a reused step projects nothing --------------------------------------------
+SHARER = signature(layers=3, heads=2, head_dim=12)
+WIDE = signature(layers=3, heads=3, head_dim=12)
+GRID = TokenGrid(2, 2, 3)
+SEPARABLE = [("identity", {}), ("weighted", {"alpha": 0.3}), ("weighted", {"alpha": 0.3, "learnable": True}),
+             ("full", {"hidden_dim": 16}), ("c2c", {"hidden_dim": 16, "num_layers": 1})]
+
+
+def pair(kind):
+    return SHARER, (WIDE if kind in ("full", "c2c") else SHARER)
+
+
+@pytest.mark.parametrize("kind, hparams", SEPARABLE + [("gating", {"hidden_dim": 8})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_of_the_sharer_part_is_forward_bit_for_bit(kind, hparams, dtype):
+    torch.manual_seed(0)
+    s_sig, r_sig = pair(kind)
+    bank = ProjectorBank.build(kind, s_sig, r_sig, [0], **hparams).eval()
+    for p in bank.parameters():
+        p.data.normal_()                                      # trained-looking weights (zero-init would hide terms)
+    if kind == "c2c":
+        bank.projector(0, "k").set_gate_logit(1.0)
+    s, r = kv(2, 12, s_sig, dtype, 1), kv(2, 12, r_sig, dtype, 2)
+    proj = bank.projector(0, "k")
+    with torch.no_grad():
+        assert torch.equal(proj.merge(proj.sharer_part(s), r), proj(s, r))
+    if kind in ("full", "c2c"):
+        assert proj.sharer_part(s).dim() == 3             # the sharer's projection really is split off
+    else:
+        assert proj.sharer_part(s) is s                    # nothing to precompute (weighted, identity) or not separable
+
+
+def test_a_closed_c2c_gate_computes_no_sharer_part():
+    proj = ProjectorBank.build("c2c", SHARER, WIDE, [0], hidden_dim=8).eval().projector(0, "k")
+    proj.set_gate_logit(-1.0)
+    s, r = kv(1, 4, SHARER, seed=1), kv(1, 4, WIDE, seed=2)
+    assert proj.sharer_part(s) is s and proj.merge(s, r) is r
+
+
+def test_a_part_of_the_wrong_shape_is_refused():
+    proj = ProjectorBank.build("full", SHARER, WIDE, [0], hidden_dim=8).eval().projector(0, "k")
+    s, r = kv(1, 4, SHARER, seed=1), kv(1, 5, WIDE, seed=2)
+    with pytest.raises(KVShapeError, match=r"full projector: sharer part \(1, 4, 36\) does not fit receiver"):
+        proj.merge(proj.sharer_part(s), r)
+    with pytest.raises(KVShapeError, match=r"full projector: sharer has shape \(1, 4, 3, 12\); expected \(B, N, 2, 12\)"):
+        proj.sharer_part(kv(1, 4, WIDE))
+
+
+def fusion_run(kind, hparams, strength=0.5):
+    torch.manual_seed(0)
+    s_sig, r_sig = pair(kind)
+    layer_map = LayerMap.build("terminal", s_sig.num_layers, r_sig.num_layers, layers=[1, 2])
+    bank = ProjectorBank.build(kind, s_sig, r_sig, layer_map.layers, **hparams).eval()
+    for p in bank.parameters():
+        p.data.normal_()
+    return FusionRun(ProjectorBundle(bank=bank, layer_map=layer_map, sharer=s_sig, receiver=r_sig), FusionSchedule(),
+                     strength, sharer_grid=GRID, receiver_grid=GRID)
+
+
+@pytest.mark.parametrize("kind, hparams", SEPARABLE)
+def test_a_cached_projection_fuses_exactly_as_a_recomputed_one(kind, hparams):
+    """Call 1 runs the sharer; calls 2 and 3 reuse its K/V with new receiver K/V: the cached part is used
+    (the sharer K/V handed in are never read again), and every result equals a run that recomputes."""
+    cached, fresh = fusion_run(kind, hparams), fusion_run(kind, hparams)
+    s_sig, r_sig = pair(kind)
+    sk, sv = kv(2, GRID.numel, s_sig, seed=10).flatten(2), kv(2, GRID.numel, s_sig, seed=11).flatten(2)
+    junk = torch.full_like(sk, float("nan"))
+    for call in range(3):
+        k, v = kv(2, GRID.numel, r_sig, seed=20 + call).flatten(2), kv(2, GRID.numel, r_sig, seed=30 + call).flatten(2)
+        cached.begin_call(0.5), fresh.begin_call(0.5)
+        for layer in (1, 2):
+            handed = (sk, sv) if call == 0 else (junk, junk)
+            got = cached.fuse_tokens(layer, k.clone(), v.clone(), *handed, key=("window", 0))
+            want = fresh.fuse_tokens(layer, k.clone(), v.clone(), sk, sv)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    report = cached.close()
+    assert report.cached_kv_bytes > 0 and fresh.close().cached_kv_bytes == 0
+    assert not report.nonfinite_layers
+
+
+def test_a_new_key_recomputes_the_sharer_part():
+    run = fusion_run("full", {"hidden_dim": 16})
+    s_sig, r_sig = pair("full")
+    k = kv(1, GRID.numel, r_sig, seed=1)
+    run.begin_call(0.5)
+    a = run.sharer_part(1, kv(1, GRID.numel, s_sig, seed=2), kv(1, GRID.numel, s_sig, seed=3), ("w", 0), like=k)
+    again = run.sharer_part(1, torch.zeros(1, GRID.numel, s_sig.width), torch.zeros(1, GRID.numel, s_sig.width),
+                            ("w", 0), like=k)
+    assert again[0] is a[0]
+    other = run.sharer_part(1, kv(1, GRID.numel, s_sig, seed=4), kv(1, GRID.numel, s_sig, seed=5), ("w", 1), like=k)
+    assert not torch.equal(other[0], a[0])
+    nothing = run.sharer_part(1, kv(1, GRID.numel, s_sig, seed=4), kv(1, GRID.numel, s_sig, seed=5), None, like=k)
+    assert nothing[0] is not other[0] and torch.equal(nothing[0], other[0])
+
+
+def test_the_split_is_refused_for_a_layer_that_is_not_fused():
+    run = fusion_run("identity", {})
+    run.begin_call(0.5)
+    x = kv(1, GRID.numel, SHARER)
+    with pytest.raises(Exception, match=r"FusionRun.sharer_part: receiver layer 0 is not fused; fused layers are \[1, 2\]"):
+        run.sharer_part(0, x, x)
+    with pytest.raises(Exception, match=r"FusionRun.blend: receiver layer 0 is not fused"):
+        run.blend(0, x, x, x, x)
