@@ -23,7 +23,7 @@ from .errors import FusionError, LayerMapError
 from .mapping import LayerMap
 from .projectors import ProjectorBank
 
-__all__ = ["fuse", "check_fusion", "FusionError"]
+__all__ = ["fuse", "lerp", "check_fusion", "FusionError"]
 
 
 def _strength(value: Any, what: str = "strength") -> float:
@@ -55,10 +55,17 @@ def fuse(projected: Tensor, receiver: Tensor, strength: float, *, inplace: bool 
             f"fuse: projected {tuple(projected.shape)} vs receiver {tuple(receiver.shape)}; expected "
             f"equal shapes (project the sharer into the receiver's space first)."
         )
+    return lerp(projected, receiver, s, inplace=inplace, protect=protect)
+
+
+def lerp(projected: Tensor, receiver: Tensor, weight, *, inplace: bool = False, protect: Sequence[Tensor] = ()) -> Tensor:
+    """:func:`fuse`'s blend without its checks and shortcuts: ``torch.lerp(receiver, projected, weight)`` in the
+    receiver's dtype, written into ``projected`` under the same conditions. ``weight`` is a checked Python float,
+    or, where torch.compile traces, a 0-d tensor holding it (a graph input: a new strength is no recompile)."""
     projected = projected.to(receiver.dtype)
     if inplace and projected.is_contiguous() and _owned(projected, (receiver, *protect)):
-        return torch.lerp(receiver, projected, s, out=projected)
-    return torch.lerp(receiver, projected, s)
+        return torch.lerp(receiver, projected, weight, out=projected)
+    return torch.lerp(receiver, projected, weight)
 
 
 def _owned(t: Tensor, others: Sequence[Tensor]) -> bool:
