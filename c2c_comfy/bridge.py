@@ -109,7 +109,9 @@ class Bridge(Shared):
             self._last_out = out
         finally:
             run, self.run = self.run, previous
-            if self._last_out is not None and run.sigmas[-1] != 0.0 and not self.source.refresh.always:
+            if run.sigmas[-1] == 0.0 or self.source.refresh.always:
+                self._last_out = None                       # nothing a next run could continue or reuse
+            if self._last_out is not None:
                 self._kept = run.source_run.handover()     # a split sampler's next half may reuse them
             self.last_report = run.close()
             if self.on_report is not None:

@@ -60,20 +60,21 @@ REFRESH_EVERY_TOOLTIP = ("refresh 'every': use fresh sharer K/V every k-th step 
 
 
 def refresh_inputs(every: bool = False):
-    """When the sharer runs (c2c_core.refresh.RefreshPolicy); added after a node's older inputs, so saved workflows
-    keep their widget values. ``every``: include refresh_every (nodes that had none before)."""
-    return ([io.Int.Input("refresh_every", default=1, min=1, max=1000, tooltip=REFRESH_EVERY_TOOLTIP)]
+    """When the sharer runs (c2c_core.refresh.RefreshPolicy); optional and added after a node's older inputs (the
+    frontend orders required widgets before optional ones), so saved workflows keep their widget values.
+    ``every``: include refresh_every (nodes that had none before)."""
+    return ([io.Int.Input("refresh_every", default=1, min=1, max=1000, optional=True, tooltip=REFRESH_EVERY_TOOLTIP)]
             if every else []) + [
-        io.Combo.Input("refresh", options=list(REFRESH_MODES), default="every",
+        io.Combo.Input("refresh", options=list(REFRESH_MODES), default="every", optional=True,
                        tooltip="When the sharer runs: 'every' refresh_every steps; 'adaptive' when the receiver's "
                                "input changed by 'threshold' since it last ran; 'budget' at most 'budget' times per "
                                "run, where the input changes most. Reused steps cost only the blend."),
-        io.Float.Input("threshold", default=0.1, min=0.0, max=10.0, step=0.01, round=0.001,
+        io.Float.Input("threshold", default=0.1, min=0.0, max=10.0, step=0.01, round=0.001, optional=True,
                        tooltip="refresh 'adaptive': relative change of the receiver's input latent since the sharer "
                                "last ran that runs it again (0.1 = 10 %; 0 = every step, as refresh_every 1)."),
-        io.Int.Input("budget", default=4, min=1, max=10000,
+        io.Int.Input("budget", default=4, min=1, max=10000, optional=True,
                      tooltip="refresh 'budget': sharer runs per sampling run (the first step always runs)."),
-        io.Int.Input("max_reuse", default=4, min=0, max=10000,
+        io.Int.Input("max_reuse", default=4, min=0, max=10000, optional=True,
                      tooltip="refresh 'adaptive'/'budget': most steps in a row that reuse the sharer's K/V."),
     ]
 

@@ -163,3 +163,22 @@ def test_a_bad_refresh_input_names_the_node_and_the_input(node, inputs, message)
                                     scheduler="simple", latent_image=empty_latent())}[node]
     with pytest.raises(BridgeInputError, match=message):
         cls.execute(**args, **inputs)
+
+
+@pytest.mark.parametrize("policy, steps", [({"refresh_every": 2}, [0, 2, 4]),
+                                           ({"refresh": "budget", "budget": 2, "max_reuse": 99}, None)],
+                         ids=["every_2", "budget_2"])
+def test_a_replay_moves_to_a_new_recorded_step_only_when_the_policy_refreshes(models, conds, policy, steps):
+    a, b = models["a"], models["b"]
+    src = pack_nodes().RecordKVCache.execute(b, conds["sharer_pos"], conds["sharer_neg"], empty_latent(), 7, STEPS,
+                                             4.0, "euler", "simple", 1.0, layers="all", storage_dtype="fp32",
+                                             **policy).args[0]
+    patched = fused(a, src, projector(b, a))
+    out = sample(patched, conds)
+    r = report(patched)
+    assert r.sharer_forwards == len(r.refresh["sharer_steps"]) == (len(steps) if steps else 2)
+    assert steps is None or r.refresh["sharer_steps"] == steps
+    every = fused(a, pack_nodes().RecordKVCache.execute(b, conds["sharer_pos"], conds["sharer_neg"], empty_latent(),
+                                                       7, STEPS, 4.0, "euler", "simple", 1.0, layers="all",
+                                                       storage_dtype="fp32").args[0], projector(b, a))
+    assert not torch.equal(out, sample(every, conds)) and report(every).sharer_forwards == STEPS

@@ -233,14 +233,14 @@ def test_a_training_step_fuses_exactly_as_inference_and_only_the_bank_gets_gradi
         assert compat.rope_spec(b) != compat.rope_spec(a), "the sharer's keys need re-rotation"
     projector = helpers.make_projector(pack, b, a, "full", hidden_dim=32)
     calls = []
-    real_fuse = FusionRun.fuse
+    real_fuse = FusionRun.fuse_tokens        # the host path: blend(sharer_part(...)), in the host's K/V layout
 
-    def spy(run, layer, k, v, sk, sv):
-        k2, v2 = real_fuse(run, layer, k, v, sk, sv)
+    def spy(run, layer, k, v, sk, sv, key=None):
+        k2, v2 = real_fuse(run, layer, k, v, sk, sv, key)
         calls.append((layer, *(t.detach().clone() for t in (k, v, sk, sv, k2, v2)), k2.requires_grad))
         return k2, v2
 
-    monkeypatch.setattr(FusionRun, "fuse", spy)
+    monkeypatch.setattr(FusionRun, "fuse_tokens", spy)
     strength = 0.7
     with torch.inference_mode(False), torch.enable_grad():
         bank = train.trainable_copy(projector).train()
