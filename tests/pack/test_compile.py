@@ -9,8 +9,8 @@ The contracts: a compiled receiver breaks its graph only at the hand-off between
 ``torch.compiler.disable``d call per fused layer: every break reason a bridged run adds to a stock compiled
 run's is that call); nothing recompiles after the first model call, also when the strength changes in every
 call (a ramp), and the per-layer code is not specialised per layer (a real model fuses 30-40 layers, dynamo keeps
-8 variants of a function); a compiled sharer runs compiled in lockstep, buffered live and recorded modes and
-gives the eager chain's output.
+8 variants of a function); a compiled sharer runs compiled in lockstep (also with a compiled receiver), buffered
+live and recorded modes and gives the eager chain's output.
 """
 from __future__ import annotations
 
@@ -134,16 +134,23 @@ def test_the_traced_code_is_the_same_for_every_fused_layer(models, conds):
     assert all(len(reasons) <= 1 for reasons in per_layer.values()), per_layer
 
 
-@pytest.mark.parametrize("streaming", [True, False], ids=["lockstep", "buffered"])
+@pytest.mark.parametrize("streaming", [True, False], ids=["lockstep, both compiled", "buffered"])
 def test_compiled_sharer_runs_compiled_live(models, conds, streaming):
+    """Lockstep with the receiver compiled too: the two compiled models take turns block by block (each switch
+    inside a disabled hook), both compile once, and a second run compiles nothing."""
     a, b = models["a"], models["b"]
     proj = projector(b, a)
     eager = sample(fuse(a, live(b, conds, streaming), proj), conds)
-    backend = fresh()
-    out, reasons = breaks_of(lambda: sample(fuse(a, live(compiled(b, backend), conds, streaming), proj), conds))
-    assert backend.graphs > 0
+    sharer_backend, receiver_backend = fresh(), CountingBackend()
+    receiver = compiled(a, receiver_backend) if streaming else a
+    bridged = fuse(receiver, live(compiled(b, sharer_backend), conds, streaming), proj)
+    out, reasons = breaks_of(lambda: sample(bridged, conds))
+    assert sharer_backend.graphs > 0 and (receiver_backend.graphs > 0) == streaming
     assert any(SHARER_HOOK in reason for reason in reasons)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    graphs = (sharer_backend.graphs, receiver_backend.graphs)
+    _, later = breaks_of(lambda: sample(bridged, conds))
+    assert (sharer_backend.graphs, receiver_backend.graphs) == graphs and not later
 
 
 def test_compiled_sharer_runs_compiled_when_recorded(models, conds):
