@@ -91,12 +91,13 @@ def breaks_of(fn):
 
 
 def fresh():
+    """A new counting backend, with dynamo's caches, counters and recompile records cleared."""
     torch._dynamo.reset()
     return CountingBackend()
 
 
 def test_compiled_receiver_breaks_only_at_the_hand_off_and_compiles_only_in_the_first_call(models, conds):
-    """Four calls whose strength falls (a ramp): every graph is compiled in the first call, a second run compiles
+    """Three calls whose strength falls (a ramp): every graph is compiled in the first call, a second run compiles
     nothing; the breaks a bridged run adds to a stock compiled run's are all at the hand-off."""
     import comfy.patcher_extension
     a, b = models["a"], models["b"]
