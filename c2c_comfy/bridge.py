@@ -8,11 +8,13 @@ Lifecycle, per sampling run of the bridged clone (K/V sources: c2c_comfy/live.py
                            its index, for per-evaluation replay; the latent's shape is checked;
   APPLY_MODEL wrapper   -> per model call: branches of its CFG chunks, sigma percent and strengths are
                            resolved; nothing runs yet;
-  self-attention hook   -> per fused block: ``BridgeRun._sharer_kv`` hands the sharer's K/V over, made ready by
-                           ``FusionRun.sharer_part``; at the call's first fused block it asks the bridge's
+  self-attention hook   -> per fused block: ``Bridge._hand_off`` (the one torch.compiler.disable'd call: a
+                           compiled receiver breaks its graph only there) hands the sharer's K/V over, made
+                           ready by ``FusionRun.sharer_part``; at the call's first fused block it asks the bridge's
                            ``RefreshTracker`` whether the sharer runs (``c2c_core.refresh``) and has the K/V
                            source make that ``Call``'s K/V (live: the sharer runs now on the same x and sigma;
-                           recorded: replayed). ``FusionRun.blend`` then fuses them into the receiver's.
+                           recorded: replayed). The ``LayerBlend`` it returns (``FusionRun.layer_blend``) then
+                           fuses them into the receiver's: the traced part.
 The sharer is asked for at the first fused block, not when the call starts, so a receiver step that a
 receiver-side cache (ComfyUI's EasyCache) skips runs no sharer and is not counted by the tracker.
 The tracker lives on the Bridge, across sampling runs: a run that starts where the previous one ended (at its
@@ -140,18 +142,34 @@ class Bridge(Shared):
                 run.end_call()
 
     # -- hooks ------------------------------------------------------------------------------
+    @torch.compiler.disable
     def capture(self, layer, q, k, v, heads, transformer_options):
-        """The sharer's self-attention hook: its K/V go to the run's source."""
+        """The sharer's self-attention hook: its K/V go to the run's source. A compiled sharer's one graph break per
+        captured layer: the source keeps the tensors, ends the forward (SharerDone) or switches coroutines
+        (lockstep), none of which torch.compile can trace (docs/compile.md)."""
         run = self.run
         if run is None:
             return k, v
         return run.source_run.capture(layer, k, v)
 
     def _fuse(self, layer, q, k, v, heads, transformer_options):
+        """The receiver's self-attention hook: the hand-off, then the blend (what a compiled receiver traces)."""
+        handed = self._hand_off(layer, k, v)
+        if handed is None:
+            return k, v
+        blend, pk, pv = handed
+        return blend(k, v, pk, pv)
+
+    @torch.compiler.disable
+    def _hand_off(self, layer, k, v):
+        """THE boundary between the two models, once per fused layer: everything that decides or reaches the sharer
+        (the run, the tracker, the source's ensure/kv, the sharer part and its cache) runs here, never traced, so a
+        compiled receiver breaks its graph only at this call and traces the blend it returns as the same code for
+        every layer (docs/compile.md). Returns (LayerBlend, pk, pv), or None when the layer does not fuse now."""
         run = self.run
         if run is None or not run.fusing:
-            return k, v
-        return run.fuse(layer, k, v)
+            return None
+        return run.hand_off(layer, k, v)
 
 
 def _same_latent(latent, previous) -> bool:
@@ -239,10 +257,12 @@ class BridgeRun:
         self.fusing, self.call, self._pending = False, None, None
 
     # -- per fused layer ------------------------------------------------------------------------
-    def fuse(self, layer, k, v):
-        """k, v (B, N, H*D) as the attention override hands them over -> fused (same layout)."""
-        if self.fusion.strength(layer) == 0.0:
-            return k, v                     # switched off for this step: no sharer K/V, no alignment
+    def hand_off(self, layer, k, v):
+        """k, v (B, N, H*D) as the attention override hands them over -> (LayerBlend, pk, pv) that fuse them (same
+        layout), or None when the layer is switched off in this call (no sharer K/V, no alignment)."""
+        blend = self.fusion.layer_blend(layer, k.device)
+        if blend is None:
+            return None
         if k.shape[1] != self.grid.numel:
             bridge = self.bridge
             raise BridgeInputError(
@@ -251,12 +271,12 @@ class BridgeRun:
                 f"{self.grid.width})", "remove conditioning that adds tokens to the receiver's attention (reference "
                 "latents, extra frames) or fuse a model without it")
         pk, pv = self._sharer_kv(layer, k, v)
-        return self.fusion.blend(layer, k, v, pk, pv)
+        return blend, pk, pv
 
     def _sharer_kv(self, layer, k, v):
         """The hand-off, per fused layer: the sharer's K/V for receiver ``layer``, aligned and through the projector's
         sharer side (cached while the sharer's K/V are reused). Everything that decides lives here (the tracker, the
-        source's ensure/kv, the cache lookup), so a compiled receiver breaks its graph only at this call."""
+        source's ensure/kv, the cache lookup), inside the boundary ``Bridge._hand_off``."""
         call = self.call if self.call is not None else self._decide()
         self.source_run.offer(layer, k, v)         # bidirectional lockstep: the sharer's next blocks read them
         sk, sv = self.source_run.kv(self.fusion.sharer_layer(layer), call)

@@ -392,6 +392,18 @@ def run_cond_batch(patcher, parts, timestep, model_options) -> None:
         model.apply_model(input_x, timesteps, **c)
 
 
+def wrap_sharer_calls(model_options: dict, key: str, wrapper) -> None:
+    """Make ``wrapper`` the OUTERMOST APPLY_MODEL wrapper of a sharer run's options (``model_options`` of
+    :func:`run_cond_batch`), so every wrapper of the sharer's own (TorchCompileModel's compile, which swaps in the
+    compiled diffusion model for the call, other packs' APPLY_MODEL and DIFFUSION_MODEL wrappers) runs inside it,
+    whenever it calls on: lockstep defers the call into a coroutine, and the sharer's wrappers must run there,
+    around the forward that actually computes, not around the deferral."""
+    wrappers = model_options["transformer_options"].setdefault("wrappers", {})
+    kind = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    rest = {name: fns for name, fns in wrappers.get(kind, {}).items() if name != key}
+    wrappers[kind] = {key: [wrapper], **rest}
+
+
 def encode_model_conds(patcher, conditioning, x0: torch.Tensor, prompt_type: str, device) -> list:
     """CONDITIONING -> the model's encoded conds for latent x0, as sampling encodes them (empty start latent)."""
     return comfy.samplers.encode_model_conds(patcher.model.extra_conds, convert_cond(conditioning), x0, device,

@@ -3,11 +3,12 @@
 Buffered live mode (``LiveSharerRun``) runs the whole sharer forward first and keeps the K/V of every
 layer the projector reads until the receiver has used them: at real scale that is tens of GB. Here
 each sharer model call of the step is recorded as a coroutine instead of run (an APPLY_MODEL wrapper,
-the innermost, on the sharer's run options) and ``c2c_core.lockstep.Lockstep`` resumes it block by
+the outermost, on the sharer's run options) and ``c2c_core.lockstep.Lockstep`` resumes it block by
 block as the receiver's fused layers ask for sharer layers, so at most ~1–2 sharer layers are alive.
 
 Both forwards stay ComfyUI's own (no copied ``forward_orig``): the receiver's runs as usual, and the
-sharer's runs through ``calc_cond_batch``'s batching and its APPLY_MODEL wrappers; only the *time* at
+sharer's runs through ``calc_cond_batch``'s batching and all its wrappers (the deferral is the outermost
+APPLY_MODEL wrapper, so a compiled sharer runs compiled inside the coroutine); only the *time* at
 which each sharer model call executes changes, so the sharer sees the same inputs and produces the
 same K/V as in buffered mode, and the bridged output is bit-identical. While the sharer runs, its
 model runs under the sharer's patcher. Bidirectional fusion (``c2c_core.lockstep.BackwardFusion``)
@@ -20,8 +21,6 @@ import dataclasses
 import logging
 
 import torch
-
-import comfy.patcher_extension
 
 from c2c_core import FusionSchedule
 from c2c_core.contract import Call, SourceReport
@@ -62,8 +61,7 @@ class LockstepRun:
         self.steps = Lockstep(live.captured, live.capture_layers, is_monotone(dict(bridge_run.bridge.bundle.layer_map.pairs)),
                               self._resuming, self.backward)
         self._branches = ()
-        wrappers = live.model_options["transformer_options"].setdefault("wrappers", {})
-        wrappers.setdefault(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {})[_DEFER_KEY] = [self._defer]
+        compat.wrap_sharer_calls(live.model_options, _DEFER_KEY, self._defer)
 
     # -- per receiver model call ------------------------------------------------------------------
     def ensure(self, call: Call) -> None:
@@ -75,9 +73,10 @@ class LockstepRun:
         self.live.ensure(call)
 
     def _defer(self, executor, x, t, *args, **kwargs):
-        """Sharer APPLY_MODEL wrapper (innermost): queue the call as a coroutine, return a dummy output.
+        """Sharer APPLY_MODEL wrapper (outermost): queue the call as a coroutine, return a dummy output.
 
-        The sharer's prediction is never used (only its K/V), so ``calc_cond_batch`` may go on with zeros.
+        The sharer's prediction is never used (only its K/V), so ``calc_cond_batch`` may go on with zeros. Being
+        outermost, the queued call runs the sharer's own wrappers too (a TorchCompileModel sharer runs compiled).
         """
         transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
         branches = tuple(self.live._call_branches[i] for i in transformer_options["cond_or_uncond"])

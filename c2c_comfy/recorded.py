@@ -69,7 +69,10 @@ class _Recorder:
         finally:
             self.call_branches = None
 
+    @torch.compiler.disable
     def capture(self, layer, q, k, v, heads, transformer_options):
+        """The sharer's attention hook: copy the layer into the recording (a compiled sharer breaks its graph here,
+        once per recorded layer: the store's copies and writes are not traceable)."""
         if self.call_branches is None:
             return k, v
         rows = k.shape[0] // len(self.call_branches)

@@ -2,7 +2,9 @@
 
 This is the per-layer, per-step path, so it stays cheap: strengths are Python floats, a
 zero strength returns the receiver's tensor object untouched without running the projector, and
-nothing here reads a GPU tensor to make a decision.
+nothing here reads a GPU tensor to make a decision. A compiled receiver traces it (docs/compile.md): the
+only decision that looks at memory, whether the blend may overwrite the projector's output, is an eager-mode
+optimisation and is skipped while torch.compile traces (the compiler plans its own buffers).
 
 ``fuse`` is what every host's runtime (c2c_core.runtime.FusionRun) blends with; ``check_fusion`` is the
 check FusionRun makes before a run. Bidirectional fusion is two one-way runs, each with its own bank
@@ -21,7 +23,7 @@ from .errors import FusionError, LayerMapError
 from .mapping import LayerMap
 from .projectors import ProjectorBank
 
-__all__ = ["fuse", "check_fusion", "FusionError"]
+__all__ = ["fuse", "lerp", "check_fusion", "FusionError"]
 
 
 def _strength(value: Any, what: str = "strength") -> float:
@@ -53,14 +55,27 @@ def fuse(projected: Tensor, receiver: Tensor, strength: float, *, inplace: bool 
             f"fuse: projected {tuple(projected.shape)} vs receiver {tuple(receiver.shape)}; expected "
             f"equal shapes (project the sharer into the receiver's space first)."
         )
+    return lerp(projected, receiver, s, inplace=inplace, protect=protect)
+
+
+def lerp(projected: Tensor, receiver: Tensor, weight, *, inplace: bool = False, protect: Sequence[Tensor] = ()) -> Tensor:
+    """:func:`fuse`'s blend without its checks and shortcuts: ``torch.lerp(receiver, projected, weight)`` in the
+    receiver's dtype, written into ``projected`` under the same conditions. ``weight`` is a checked Python float,
+    or, where torch.compile traces, a 0-d tensor holding it (a graph input: a new strength is no recompile)."""
     projected = projected.to(receiver.dtype)
     if inplace and projected.is_contiguous() and _owned(projected, (receiver, *protect)):
-        return torch.lerp(receiver, projected, s, out=projected)
-    return torch.lerp(receiver, projected, s)
+        return torch.lerp(receiver, projected, weight, out=projected)
+    return torch.lerp(receiver, projected, weight)
 
 
 def _owned(t: Tensor, others: Sequence[Tensor]) -> bool:
-    """True when ``t`` may be overwritten: no storage shared with ``others``, no autograd recording."""
+    """True when ``t`` may be overwritten: no storage shared with ``others``, no autograd recording.
+
+    Never while torch.compile traces: storage pointers cannot be traced (a graph break per layer), and a
+    compiled graph reuses buffers on its own, so writing into ``t`` would only add a mutation to the graph.
+    """
+    if torch.compiler.is_compiling():
+        return False
     if torch.is_grad_enabled() and (t.requires_grad or any(o.requires_grad for o in others)):
         return False
     ptr = t.untyped_storage().data_ptr()

@@ -13,24 +13,29 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["FiniteWatch", "strict_json", "nonfinite_hint"]
+__all__ = ["FiniteWatch", "note_finite", "strict_json", "nonfinite_hint"]
 
 
 class FiniteWatch:
-    """Per-layer "every value so far was finite" flags, kept as device tensors until :meth:`bad_layers`."""
+    """Per-layer "every value so far was finite" flags, kept as device tensors until :meth:`bad_layers`.
+
+    A layer's flag is one tensor for the whole run, updated in place (:func:`note_finite`), so a compiled
+    receiver's graph takes it as an input instead of storing a new tensor per layer into Python state.
+    """
 
     def __init__(self):
         self._flags: dict[int, Tensor] = {}
 
+    def flag(self, layer: int, device) -> Tensor:
+        """The layer's flag (a 0-d bool tensor on ``device``, True until a non-finite value is noted into it)."""
+        flag = self._flags.get(layer)
+        if flag is None:
+            flag = self._flags[layer] = torch.ones((), dtype=torch.bool, device=device)
+        return flag
+
     def observe(self, layer: int, *tensors: Tensor) -> None:
-        with torch.no_grad():
-            for t in tensors:
-                if t.numel() == 0 or not t.is_floating_point():
-                    continue
-                lo, hi = torch.aminmax(t)
-                ok = torch.isfinite(lo) & torch.isfinite(hi)
-                prev = self._flags.get(layer)
-                self._flags[layer] = ok if prev is None else prev & ok
+        if tensors:
+            note_finite(self.flag(layer, tensors[0].device), *tensors)
 
     def bad_layers(self) -> list[int]:
         """Layers that saw NaN or Inf; the one host read of the run."""
@@ -42,6 +47,16 @@ class FiniteWatch:
 
     def reset(self) -> None:
         self._flags = {}
+
+
+def note_finite(flag: Tensor, *tensors: Tensor) -> None:
+    """AND into ``flag`` whether every value of ``tensors`` is finite: a min/max reduction on the device, no read."""
+    with torch.no_grad():
+        for t in tensors:
+            if t.numel() == 0 or not t.is_floating_point():
+                continue
+            lo, hi = torch.aminmax(t)
+            flag.logical_and_(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def nonfinite_hint(layers: list[int]) -> str:

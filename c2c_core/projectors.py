@@ -450,8 +450,10 @@ class C2CProjector(Projector):
 
     @property
     def gate_open(self) -> bool:
-        """Inference gate (logit > 0), from the cache unless the logit changed since."""
-        if self._gate_key != self._current_gate_key():
+        """Inference gate (logit > 0), from the cache unless the logit changed since. While torch.compile traces,
+        the cache alone (the version check reads a storage pointer, which would break the graph; a compiled
+        graph is guarded on the cached bool, and inference does not move the logit)."""
+        if not torch.compiler.is_compiling() and self._gate_key != self._current_gate_key():
             self._refresh_gate()
         return self._gate_is_open
 
@@ -572,7 +574,8 @@ class ProjectorBank(nn.Module):
     """One projector per fused receiver layer, separately for K and V.
 
     State-dict names read ``k.<layer>.<param>`` and ``v.<layer>.<param>``, e.g.
-    ``k.12.mlp.0.weight``; a bundle stores exactly these.
+    ``k.12.mlp.0.weight``; a bundle stores exactly these. Lookups go through plain tables keyed by the int
+    layer (the same modules): a compiled receiver traces them without turning the layer into a string.
     """
 
     def __init__(
@@ -600,6 +603,7 @@ class ProjectorBank(nn.Module):
         self.k = nn.ModuleDict({str(i): build_projector(concrete, sharer, receiver, **hparams) for i in layer_list})
         self.v = nn.ModuleDict({str(i): build_projector(concrete, sharer, receiver, **hparams) for i in layer_list})
         self.hparams = dict(self.k[str(layer_list[0])].hparams)
+        self._by_layer = {"k": {i: self.k[str(i)] for i in layer_list}, "v": {i: self.v[str(i)] for i in layer_list}}
 
     @classmethod
     def build(
@@ -613,11 +617,11 @@ class ProjectorBank(nn.Module):
         return cls(kind, sharer, receiver, layers, **hparams)
 
     def projector(self, layer: int, which: str) -> Projector:
-        if which not in ("k", "v"):
+        table = self._by_layer.get(which)
+        if table is None:
             raise ProjectorConfigError(f"which={which!r}; expected 'k' or 'v'.")
-        table = self.k if which == "k" else self.v
         try:
-            return table[str(layer)]
+            return table[layer]
         except KeyError:
             raise MissingLayerError(
                 f"projector bank has no projector for receiver layer {layer}; it covers {self.layers}. "

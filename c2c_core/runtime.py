@@ -32,13 +32,13 @@ from torch import Tensor
 from .align import RopeRerotation, RopeSpec, resample_tokens
 from .contract import SourceReport
 from .errors import FusionError, KVShapeError
-from .fusion import check_fusion, fuse
-from .health import FiniteWatch, strict_json
+from .fusion import check_fusion, fuse, lerp
+from .health import FiniteWatch, note_finite, strict_json
 from .signature import TokenGrid
 from .projectors import ProjectorBank, static_gate
 from .schedule import FusionSchedule
 
-__all__ = ["FusionRun", "RunReport", "BankCache", "step_index", "percent_of"]
+__all__ = ["FusionRun", "LayerBlend", "RunReport", "BankCache", "step_index", "percent_of"]
 
 
 def _nbytes(*tensors) -> int:
@@ -136,6 +136,64 @@ class RunReport:
                 "nonfinite_layers": self.nonfinite_layers})
 
 
+class LayerBlend:
+    """One fused receiver layer's blend in this call: the projectors' receiver side (``merge``) and the blend at the
+    call's strength, with the layer's statistics and finite flag. :meth:`FusionRun.layer_blend` hands it out.
+
+    It holds everything the blend reads (the layer's two projectors, its strength, its statistics row and flag), so
+    the blend looks nothing up by layer: a compiled receiver traces this one function once for every fused layer
+    (dynamo keeps 8 variants of a function; a real model fuses 30-40 layers). The strength is also kept as a 0-d
+    CPU tensor, ``weight``: where torch.compile traces, the blend reads that, a graph input, so a strength that
+    changes every call (a ramp) is no recompile; eager code blends with the Python float, exactly as before.
+    """
+
+    def __init__(self, k_projector, v_projector, heads: int, head_dim: int, finite: Tensor,
+                 change: Optional[Tensor], stride: int):
+        self.k_projector, self.v_projector = k_projector, v_projector
+        self.heads, self.head_dim = heads, head_dim
+        self.strength = 0.0
+        self.weight = torch.zeros((), dtype=torch.float64)
+        self.finite = finite            # 0-d bool on the device (health.FiniteWatch)
+        self.change = change            # (2,) K and V change sums on the device, or None without statistics
+        self.stride = stride
+
+    def set_strength(self, strength: float) -> None:
+        self.strength = strength
+        self.weight.fill_(strength)
+
+    def __call__(self, k: Tensor, v: Tensor, pk, pv) -> tuple[Tensor, Tensor]:
+        """Receiver ``k, v`` ((B, N, H*D) or (B, N, H, D)) fused with ``sharer_part``'s ``pk, pv``; the receiver's layout."""
+        k4 = k.reshape(*k.shape[:2], self.heads, self.head_dim)
+        v4 = v.reshape(*v.shape[:2], self.heads, self.head_dim)
+        mk, mv = self.k_projector.merge(pk, k4), self.v_projector.merge(pv, v4)
+        if torch.compiler.is_compiling():
+            k2, v2 = lerp(mk, k4, self.weight), lerp(mv, v4, self.weight)
+        else:       # into the projector's output, not a new K/V (fusion.fuse decides when it may)
+            k2 = fuse(mk, k4, self.strength, inplace=True, protect=(pk,))
+            v2 = fuse(mv, v4, self.strength, inplace=True, protect=(pv,))
+        if self.change is not None:
+            self._measure(k4, k2, v4, v2)
+        note_finite(self.finite, k2, v2)
+        return k2.reshape(k.shape), v2.reshape(v.shape)
+
+    def _measure(self, k, k2, v, v2):
+        """Add this call's relative K and V change (every ``stride``-th token) to the layer's row: K and V measured
+        together (one stack, one difference, two norms), nothing read back until :meth:`FusionRun.close`."""
+        s = self.stride
+        with torch.no_grad():
+            if k.shape == v.shape:
+                before = torch.stack((k[:, ::s], v[:, ::s])).float()
+                after = torch.stack((k2[:, ::s], v2[:, ::s])).float()
+                dims = tuple(range(1, before.dim()))
+                ratio = (torch.linalg.vector_norm(after.sub_(before), dim=dims)
+                         / torch.linalg.vector_norm(before, dim=dims).clamp_min(1e-12))
+            else:
+                ratio = torch.stack([torch.linalg.vector_norm(a[:, ::s].float() - b[:, ::s].float())
+                                     / torch.linalg.vector_norm(b[:, ::s].float()).clamp_min(1e-12)
+                                     for b, a in ((k, k2), (v, v2))])
+            self.change.add_(ratio.to(self.change.device))
+
+
 class FusionRun:
     """One sampling run's fusion state: per-call strengths, alignment, projection, statistics.
 
@@ -200,6 +258,7 @@ class FusionRun:
         self._change: Optional[Tensor] = None  # (layers, 2) sums of K and V change, on the device, read in close()
         self._measured = {layer: 0 for layer in self.layers}
         self._parts: dict = {}                 # receiver layer -> (key, pk, pv): sharer_part's cache
+        self._blends: dict = {}                # receiver layer -> LayerBlend, made at the layer's first blend
         self._cached_bytes = 0
         self._peak_cached_bytes = 0
 
@@ -270,13 +329,33 @@ class FusionRun:
     def blend(self, layer: int, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor) -> tuple[Tensor, Tensor]:
         """Receiver ``k, v`` ((B, N, H*D) or (B, N, H, D)) fused with :meth:`sharer_part`'s ``pk, pv`` at this call's
         strength; returned in the receiver's own layout. Strength 0 returns ``k, v`` themselves."""
+        blend = self.layer_blend(layer, k.device)
+        if blend is None:
+            return k, v
+        return blend(k, v, pk, pv)
+
+    def layer_blend(self, layer: int, device) -> Optional[LayerBlend]:
+        """This call's :class:`LayerBlend` of receiver ``layer`` (what :meth:`blend` runs), or None when the layer does
+        not fuse in this call (strength 0). A compiled host calls this where it decides, outside the traced code, and
+        runs the blend in it (docs/compile.md)."""
         s = self._fused(layer, "blend")
         if s == 0.0:
-            return k, v
-        dst = self.bundle.receiver
-        k2, v2 = self._blend(layer, k.reshape(*k.shape[:2], dst.num_heads, dst.head_dim),
-                             v.reshape(*v.shape[:2], dst.num_heads, dst.head_dim), pk, pv, s)
-        return k2.reshape(k.shape), v2.reshape(v.shape)
+            return None
+        blend = self._blends.get(layer)
+        if blend is None:
+            change = None
+            if self.stats:
+                if self._change is None:
+                    self._change = torch.zeros(len(self.layers), 2, device=device, dtype=torch.float32)
+                change = self._change[self._row[layer]]
+            dst, bank = self.bundle.receiver, self.bank
+            blend = self._blends[layer] = LayerBlend(bank.projector(layer, "k"), bank.projector(layer, "v"),
+                                                     dst.num_heads, dst.head_dim, self._finite.flag(layer, device),
+                                                     change, self.STATS_TOKEN_STRIDE)
+        blend.set_strength(s)
+        if self.stats:
+            self._measured[layer] += 1
+        return blend
 
     def fuse_tokens(self, layer: int, k: Tensor, v: Tensor, sk: Tensor, sv: Tensor,
                     key: Hashable = None) -> tuple[Tensor, Tensor]:
@@ -294,11 +373,11 @@ class FusionRun:
         positions, projected and blended at this call's strength. Strength 0 returns ``k, v``
         themselves without touching the sharer's.
         """
-        s = self._fused(layer, "fuse")
-        if s == 0.0:
+        blend = self.layer_blend(layer, k.device)
+        if blend is None:
             return k, v
         pk, pv = self._sharer_part(layer, sk, sv, k.device, k.dtype)
-        return self._blend(layer, k, v, pk, pv, s)
+        return blend(k, v, pk, pv)
 
     def _fused(self, layer: int, what: str) -> float:
         s = self._strengths.get(layer)
@@ -320,15 +399,6 @@ class FusionRun:
         sk, sv = self._align(sk, sv)
         bank = self.bank
         return bank.projector(layer, "k").sharer_part(sk), bank.projector(layer, "v").sharer_part(sv)
-
-    def _blend(self, layer, k, v, pk, pv, s):
-        bank = self.bank
-        k2 = fuse(bank.projector(layer, "k").merge(pk, k), k, s, inplace=True, protect=(pk,))   # into the projector's
-        v2 = fuse(bank.projector(layer, "v").merge(pv, v), v, s, inplace=True, protect=(pv,))   # output, not a new K/V
-        if self.stats:
-            self._measure(layer, k, k2, v, v2)
-        self._finite.observe(layer, k2, v2)
-        return k2, v2
 
     def align(self, sk: Tensor, sv: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """Sharer ``sk, sv`` as :meth:`fuse` projects them: on ``like``'s device/dtype, the receiver's grid
@@ -361,27 +431,6 @@ class FusionRun:
             plain = resample_tokens(unrotate.apply(sk), src, dst, mode)
             return rotate.apply(plain), resample_tokens(sv, src, dst, mode)
         return align
-
-    def _measure(self, layer, k, k2, v, v2):
-        """Add this call's relative K and V change (every ``STATS_TOKEN_STRIDE``-th token) to the layer's
-        row of one device tensor: K and V measured together (one stack, one difference, two norms),
-        nothing read back until :meth:`close`."""
-        s = self.STATS_TOKEN_STRIDE
-        with torch.no_grad():
-            if self._change is None:
-                self._change = torch.zeros(len(self.layers), 2, device=k.device, dtype=torch.float32)
-            if k.shape == v.shape:
-                before = torch.stack((k[:, ::s], v[:, ::s])).float()
-                after = torch.stack((k2[:, ::s], v2[:, ::s])).float()
-                dims = tuple(range(1, before.dim()))
-                ratio = (torch.linalg.vector_norm(after.sub_(before), dim=dims)
-                         / torch.linalg.vector_norm(before, dim=dims).clamp_min(1e-12))
-            else:
-                ratio = torch.stack([torch.linalg.vector_norm(a[:, ::s].float() - b[:, ::s].float())
-                                     / torch.linalg.vector_norm(b[:, ::s].float()).clamp_min(1e-12)
-                                     for b, a in ((k, k2), (v, v2))])
-            self._change[self._row[layer]].add_(ratio.to(self._change.device))
-        self._measured[layer] += 1
 
     # -- end of run -------------------------------------------------------------------------------
     def close(self, source: SourceReport = SourceReport(), refresh: Optional[Mapping] = None) -> RunReport:
