@@ -12,9 +12,11 @@ enough for two CPU cores, built on the diffusers/transformers host (c2c_diffuser
   states cannot tell "red" from "blue"; the shape words are untouched.
 - seeing receiver: the same encoder with its colour rows intact (the upper bound: what the receiver
   would say if it knew the colours).
-- DiT: a tiny diffusers QwenImageTransformer2DModel trained here with flow matching on the seeing
-  receiver's prompt embeddings (through QwenImagePipeline.encode_prompt, template and all), so it
-  knows how to paint colours *when the conditioning carries them*.
+- DiT: a tiny diffusers QwenImageTransformer2DModel trained here with flow matching on prompt embeddings
+  made by QwenImagePipeline.encode_prompt (template and all), half of the rows from the seeing receiver
+  and half from the blind one: it paints the colours when the conditioning names them and its best
+  guess when it does not (a DiT trained on only the seeing embeddings meets the blind ones out of its
+  distribution, and the receiver-alone baseline is then broken rather than ignorant).
 - sharer: a tiny random transformers Qwen3-VL of another seed (its own M-RoPE layout, k_norm): it sees
   every word, colours included.
 
@@ -55,12 +57,13 @@ VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hi
 @dataclass
 class Settings:
     """Sizes of one run; the defaults take a few minutes per seed on one CPU thread."""
-    dit_steps: int = 1500
+    dit_steps: int = 2500
     dit_batch: int = 32
     dit_lr: float = 1e-3
-    projector_steps: int = 400
+    blind_share: float = 0.5            # share of DiT training rows conditioned on the blind receiver
+    projector_steps: int = 600
     projector_batch: int = 16
-    projector_lr: float = 2e-3
+    projector_lr: float = 3e-3
     projector_hidden: int = 128
     kinds: tuple = ("full", "c2c")
     alphas: tuple = (0.1, 0.25, 0.5, 1.0)
@@ -224,8 +227,11 @@ def encode(pipe, prompts: list, chunk: int = 32):
     return torch.cat(out)          # no padding, so no mask (the pipeline passes none either)
 
 
-def train_dit(transformer, embeds, x0, settings: Settings, seed: int, log) -> list:
-    """Flow matching of the whole DiT on (prompt embeddings, packed latent image) pairs."""
+def train_dit(transformer, seeing, blind, x0, settings: Settings, seed: int, log) -> list:
+    """Flow matching of the whole DiT on (prompt embeddings, packed latent image) pairs; each row is conditioned on
+    the seeing receiver's embeddings, or with probability ``settings.blind_share`` on the blind one's, so the DiT
+    knows both: it paints the colours when the conditioning names them and its best guess when it does not (as a
+    real DiT has seen its encoder's embeddings of what that encoder could and could not read)."""
     params = list(transformer.parameters())
     transformer.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(params, lr=settings.dit_lr, weight_decay=0.0)
@@ -239,7 +245,9 @@ def train_dit(transformer, embeds, x0, settings: Settings, seed: int, log) -> li
         noise = torch.randn(x0[idx].shape, generator=g)
         sigma = torch.rand(settings.dit_batch, generator=g)
         x_t = (1 - sigma[:, None, None]) * x0[idx] + sigma[:, None, None] * noise
-        loss = torch.nn.functional.mse_loss(velocity(transformer, x_t, sigma, embeds[idx]), noise - x0[idx])
+        use_blind = (torch.rand(settings.dit_batch, generator=g) < settings.blind_share)[:, None, None]
+        embeds = torch.where(use_blind, blind[idx], seeing[idx])
+        loss = torch.nn.functional.mse_loss(velocity(transformer, x_t, sigma, embeds), noise - x0[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -397,9 +405,9 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
     x0 = {k: pack(torch.stack([image(i, colours) for i in v])) for k, v in data.items()}
     prompts = {k: [i.prompt for i in v] for k, v in data.items()}
 
-    # 1. the DiT learns to paint from the seeing receiver's embeddings (train prompts only)
-    embeds = encode(seeing_pipe, prompts["train"])
-    dit_losses = train_dit(transformer, embeds, x0["train"], settings, seed, log)
+    # 1. the DiT learns to paint from the receiver's embeddings, seeing or blind (train prompts only)
+    dit_losses = train_dit(transformer, encode(seeing_pipe, prompts["train"]), encode(blind_pipe, prompts["train"]),
+                           x0["train"], settings, seed, log)
     result.losses["DiT"] = sum(dit_losses[-50:]) / len(dit_losses[-50:])
     result.seconds["DiT"] = time.monotonic() - clock
 
@@ -450,3 +458,19 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
     (out_dir / "result.json").write_text(json.dumps({k: v for k, v in result.__dict__.items() if k != "examples"},
                                                     indent=1, default=str))
     return result
+
+
+def colour_locality(seed: int = 0) -> dict:
+    """Where the seeing receiver keeps the colours: per prompt token, the distance between its last hidden states
+    for two prompts that differ only in their two colours, next to the hidden states' norm. The K/V bridge can
+    reach a token's hidden state only through attention; this says how much of the colour sits in the colour
+    tokens' own residual stream (printed by ``run_qwen_miniature.py --diagnose``)."""
+    tok = tokenizer()
+    seeing = qwen25(100 + seed)
+    pipe = pipeline(seeing, tok, dit(300 + seed))
+    prompts = ["a red square on a blue background", "a green square on a yellow background"]
+    embeds = encode(pipe, prompts)
+    words = [tok.decode([i]) for i in tok(prompts[0], add_special_tokens=False)["input_ids"]]
+    diff = (embeds[0] - embeds[1]).norm(dim=-1)
+    return {"prompts": prompts, "tokens": words + ["<|im_end|>", "\\n", "<|im_start|>", "assistant", "\\n"],
+            "difference": [round(float(d), 4) for d in diff], "norm": [round(float(n), 4) for n in embeds[0].norm(dim=-1)]}

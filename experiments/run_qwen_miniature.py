@@ -180,7 +180,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "out", help="per-seed artefacts (not committed)")
     p.add_argument("--results", type=Path, default=HERE / "QWEN_RESULTS.md")
     p.add_argument("--kinds", help="trained projector kinds, comma-separated (default: full,c2c)")
+    p.add_argument("--diagnose", action="store_true", help="print where the seeing receiver keeps the colours, per "
+                                                          "token (qwen_miniature.colour_locality), and stop")
     args = p.parse_args(argv)
+    if args.diagnose:
+        print(json.dumps(qm.colour_locality(0), indent=1))
+        return 0
     args.command = " ".join(["python experiments/run_qwen_miniature.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.monotonic()
     seeds = list(range(args.seeds))
