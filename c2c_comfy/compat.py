@@ -580,6 +580,7 @@ IMAGE_PAD_TOKEN = 151655     # <|image_pad|> in both Qwen tokenizers: where Comf
 
 # ComfyUI's encoder classes by the name SD1ClipModel gives them (its ``clip`` attribute): our kind names
 _QWEN_ENCODERS = {"qwen25_7b": "qwen2.5-vl", "qwen3vl_8b": "qwen3-vl", "qwen3vl_4b": "qwen3-vl"}
+_VISION_PATCH = {"qwen2.5-vl": 14, "qwen3-vl": 16}     # the vision towers' patch in pixels (merged 2×2 into a token)
 
 
 class NotAQwenEncoder(TypeError):
@@ -608,6 +609,14 @@ class QwenEncoder:
         self.mrope_sections = tuple(int(d) for d in (config.rope_dims or ()))
         self.interleaved_mrope = bool(getattr(config, "interleaved_mrope", False))
         self.rope_theta = float(config.rope_theta)
+        from c2c_core.arch import TextEncoderArch
+
+        self.arch = TextEncoderArch.from_config(
+            self.kind, name.rsplit("_", 1)[-1], hidden_size=self.hidden_size,
+            intermediate_size=int(config.intermediate_size), num_layers=self.num_layers,
+            num_heads=int(config.num_attention_heads), num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            vocab_size=int(config.vocab_size), rope_theta=int(config.rope_theta),
+            vision_patch=_VISION_PATCH[self.kind], mrope_sections=self.mrope_sections or None)
 
 
 def qwen_encoder(clip) -> QwenEncoder:
@@ -635,12 +644,15 @@ def clone_clip(clip):
     return clip.clone()
 
 
+def _hf_tokenizer(clip):
+    """The Hugging Face tokenizer ComfyUI's SDTokenizer wraps (qwen25_tokenizer for both Qwen-VL encoders)."""
+    return getattr(clip.tokenizer, clip.tokenizer.clip).tokenizer
+
+
 def tokenizer_text(clip, tokens: dict) -> str:
     """The exact text (template, special tokens, <|image_pad|> per image) a Qwen CLIP's tokens spell."""
-    name = next(iter(tokens))
-    ids = [IMAGE_PAD_TOKEN if isinstance(t[0], dict) else int(t[0]) for row in tokens[name] for t in row]
-    tokenizer = getattr(clip.tokenizer, clip.tokenizer.clip).tokenizer      # the HF tokenizer SDTokenizer wraps
-    return tokenizer.decode(ids, skip_special_tokens=False)
+    return _hf_tokenizer(clip).decode([IMAGE_PAD_TOKEN if t is None else t for t in token_ids(tokens)],
+                                      skip_special_tokens=False)
 
 
 def token_ids(tokens: dict) -> list:
@@ -649,22 +661,39 @@ def token_ids(tokens: dict) -> list:
     return [None if isinstance(t[0], dict) else int(t[0]) for row in tokens[name] for t in row]
 
 
+def token_pieces(clip, tokens: dict) -> list:
+    """Each token's UTF-8 bytes in the text, ``None`` where an image embedding stands (its ``<|image_pad|>``), for
+    character-span alignment: the tokenizer is byte-level BPE, so a token split inside a character still has its
+    exact bytes."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    hf = _hf_tokenizer(clip)
+    to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
+    added = {i: t.content for i, t in hf.added_tokens_decoder.items()}
+    pieces = []
+    for i in token_ids(tokens):
+        if i is None:
+            pieces.append(None)
+        elif i in added:
+            pieces.append(added[i].encode("utf-8"))
+        else:
+            pieces.append(bytes(to_byte[ch] for ch in hf.convert_ids_to_tokens(i)))
+    return pieces
+
+
 def encode_tokens(clip, tokens: dict):
     """The CLIP's forward on its tokens (output discarded by the caller: the sharer's K/V are what it wants)."""
     return clip.encode_from_tokens(tokens)
 
 
 def vision_spans(embeds_info) -> list:
-    """(start, length, (t, h, w) merged grid) of each image the encoder placed, from its ``embeds_info``.
-
-    Qwen2.5-VL keeps the patch grid as the entry's ``extra``, Qwen3-VL under ``extra["grid"]``; both merge
-    2×2 patches into one token."""
+    """(start, length, (t, h, w) patch grid before the 2×2 merge) of each image the encoder placed, from its
+    ``embeds_info``: Qwen2.5-VL keeps the patch grid as the entry's ``extra``, Qwen3-VL under ``extra["grid"]``."""
     spans = []
     for e in sorted((e for e in embeds_info or () if e.get("type") == "image"), key=lambda e: e["index"]):
         extra = e.get("extra")
         grid = extra["grid"] if isinstance(extra, dict) else extra
-        t, h, w = (int(v) for v in grid.reshape(-1, 3)[0].tolist())
-        spans.append((int(e["index"]), int(e["size"]), (t, h // 2, w // 2)))
+        spans.append((int(e["index"]), int(e["size"]), tuple(int(v) for v in grid.reshape(-1).tolist())))
     return spans
 
 

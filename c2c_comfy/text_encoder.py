@@ -13,7 +13,10 @@ and offloads each CLIP as usual). Lockstep (c2c_core.lockstep) would only matter
 Where: pre-RoPE keys and values, read and replaced with forward hooks on ComfyUI's own attention submodules
 (compat.text_attention_hooks). The receiver rotates the fused keys at its own M-RoPE positions, so the sharer's
 other M-RoPE layout (Qwen3-VL interleaves the sections) and its other image grid (16 px patches instead of 14) need
-no re-rotation: only token alignment (text tokens to text tokens, image tokens resampled on their 2-D grids).
+no re-rotation: only token alignment (c2c_core.tokens.align_tokens: text tokens by the bytes they cover in the one
+templated text both encoders read, image tokens cell by cell on their 2-D grids). c2c_core's
+``build_text_alignment`` (gather, then M-RoPE re-rotation) is for hosts that fuse rotated keys; here the gather
+alone is the ``align`` FusionRun takes.
 
 The stock encode nodes (TextEncodeQwenImageEdit / ...Plus) run unchanged with a :class:`BridgedClip` in place of
 the receiver CLIP: their templates, image sizes and reference latents are the host's own, and strength 0 or an
@@ -25,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from c2c_core import FusionRun, FusionSchedule, ModelSignature, TokenGrid, resample_tokens
+from c2c_core import (FusionRun, FusionSchedule, ModelSignature, TokenLayout, VisionGrid, align_tokens,
+                      spans_from_pieces, text_encoder_signature)
 from c2c_core.contract import SourceReport
 from . import compat
 from .errors import BridgeInputError
@@ -33,6 +37,7 @@ from .errors import BridgeInputError
 #: the modes of the bridged node: which stock ComfyUI node's template and image handling it reproduces
 STOCK_NODES = {"text": "TextEncodeQwenImageEdit", "edit": "TextEncodeQwenImageEdit",
                "edit_plus": "TextEncodeQwenImageEditPlus"}
+IMAGE_PIECE = b"<|image_pad|>"
 RECEIVER_KINDS = ("qwen2.5-vl",)            # Qwen-Image's encoder: what its DiT was trained on
 SHARER_KINDS = ("qwen2.5-vl", "qwen3-vl")   # qwen2.5-vl as a sharer: an identity twin, or another fine-tune
 
@@ -57,8 +62,7 @@ def encoder_of(node: str, input_name: str, clip, kinds) -> compat.QwenEncoder:
 def encoder_signature(encoder: compat.QwenEncoder) -> ModelSignature:
     """What a projector sees of one encoder: its layers, its K/V heads (grouped-query: fewer than its query heads)
     and head width."""
-    return ModelSignature(num_layers=encoder.num_layers, num_heads=encoder.num_kv_heads, head_dim=encoder.head_dim,
-                          name=encoder.kind)
+    return text_encoder_signature(encoder.arch, name=encoder.kind)
 
 
 class SharerKV:
@@ -81,44 +85,28 @@ class SharerKV:
         return sum(t.numel() * t.element_size() for pair in self.kv.values() for t in pair)
 
 
-def token_index(receiver_ids, receiver_spans, receiver_length, sharer_ids, sharer_spans, sharer_length) -> torch.Tensor:
-    """For each receiver position, the sharer position it reads: (N_r,) int64.
-
-    Both token lists are ids with None where an image stands; the encoders expand each image into a span of
-    merged patches (``*_spans``: start, length, (t, h, w)). Text tokens pair one to one (the two tokenizations
-    agree: see :func:`check_same_tokens`); an image's tokens are resampled from the sharer's grid onto the
-    receiver's (nearest, c2c_core.resample_tokens), so each receiver patch reads the sharer patch over the same
-    part of the picture."""
-    if len(receiver_spans) != len(sharer_spans):
-        raise ValueError(f"{len(receiver_spans)} images in the receiver's prompt, {len(sharer_spans)} in the sharer's")
-    index = torch.empty(receiver_length, dtype=torch.int64)
-    r_pos = s_pos = 0
-    r_images, s_images = iter(receiver_spans), iter(sharer_spans)
-    for r_id, s_id in zip(receiver_ids, sharer_ids):
-        if r_id is None:
-            (r_start, r_len, r_grid), (s_start, s_len, s_grid) = next(r_images), next(s_images)
-            cells = torch.arange(s_start, s_start + s_len, dtype=torch.int64).view(1, s_len, 1, 1)
-            index[r_start:r_start + r_len] = resample_tokens(cells, TokenGrid(*s_grid), TokenGrid(*r_grid)).reshape(-1)
-            r_pos, s_pos = r_start + r_len, s_start + s_len
+def token_layout(pieces, spans_of_images, length) -> TokenLayout:
+    """One encoder's sequence as c2c_core.tokens sees it: a byte span per text token of the shared text, and the
+    image blocks the encoder expanded each image's ``<|image_pad|>`` into (``pieces``: None there;
+    ``spans_of_images``: start, size, patch grid, from the encoder's own ``embeds_info``)."""
+    spans = spans_from_pieces([IMAGE_PIECE if p is None else p for p in pieces])
+    images = iter(spans_of_images)
+    if sum(p is None for p in pieces) != len(spans_of_images):
+        raise ValueError(f"{sum(p is None for p in pieces)} images in the tokens, {len(spans_of_images)} placed")
+    out, vision = [], []
+    for piece, span in zip(pieces, spans):
+        if piece is None:
+            start, size, patches = next(images)
+            block = VisionGrid.from_patch_grid(start, patches)
+            if block.size != size:
+                raise ValueError(f"an image of {size} tokens on a {patches} patch grid")
+            vision.append(block)
+            out += [None] * size
         else:
-            index[r_pos] = s_pos
-            r_pos, s_pos = r_pos + 1, s_pos + 1
-    if r_pos != receiver_length or s_pos != sharer_length:
-        raise ValueError(f"token walk ended at {r_pos}/{receiver_length} (receiver), {s_pos}/{sharer_length} (sharer)")
-    return index
-
-
-def check_same_tokens(node: str, receiver_ids, sharer_ids) -> None:
-    """The text tokens must pair one to one. ComfyUI's Qwen2.5-VL and Qwen3-VL share one tokenizer
-    (qwen25_tokenizer), so the sharer's tokenization of the receiver's exact text agrees; a host that ever
-    shipped another one is refused here, by what differs, instead of fusing shifted tokens."""
-    if receiver_ids != sharer_ids:
-        first = next((i for i, (a, b) in enumerate(zip(receiver_ids, sharer_ids)) if a != b),
-                     min(len(receiver_ids), len(sharer_ids)))
-        raise BridgeInputError(node, "sharer_clip", f"a tokenizer that splits the prompt differently from the "
-                               f"receiver's ({len(sharer_ids)} vs {len(receiver_ids)} tokens, first difference at "
-                               f"token {first})", "a sharer with the receiver's tokenizer (Qwen2.5-VL, Qwen3-VL)",
-                               "use a Qwen3-VL or Qwen2.5-VL text encoder as the sharer")
+            out.append(span)
+    if len(out) != length:
+        raise ValueError(f"the encoder's sequence has {length} tokens, its tokens and images {len(out)}")
+    return TokenLayout(tuple(out), tuple(vision))
 
 
 class BridgedClip:
@@ -149,12 +137,11 @@ class BridgedClip:
         if kept is None or kept[0] is not tokens:
             raise RuntimeError(f"{self.node}: tokens that did not come from this node's tokenize()")
         sharer_tokens = kept[1]
-        receiver_ids, sharer_ids = compat.token_ids(tokens), compat.token_ids(sharer_tokens)
-        check_same_tokens(self.node, receiver_ids, sharer_ids)
         sharer = SharerKV(self.bundle.layer_map.pairs.values())
         with compat.text_attention_hooks(self.sharer_encoder, sharer.layers, sharer.start, sharer.keep):
             compat.encode_tokens(self.sharer, sharer_tokens)
-        fusion = _ReceiverFusion(self, sharer, receiver_ids, sharer_ids)
+        sharer_layout = token_layout(compat.token_pieces(self.sharer, sharer_tokens), sharer.spans, sharer.length)
+        fusion = _ReceiverFusion(self, sharer, compat.token_pieces(self.receiver, tokens), sharer_layout)
         with compat.text_attention_hooks(self.receiver_encoder, sorted(self.bundle.layer_map.pairs), fusion.start,
                                          fusion.fuse):
             conditioning = self.receiver.encode_from_tokens_scheduled(tokens, **kwargs)
@@ -166,16 +153,16 @@ class _ReceiverFusion:
     """One receiver forward: the token alignment is built when the forward starts (the host has placed the images
     then), the FusionRun at the first fused layer (the K/V's device and dtype are known then)."""
 
-    def __init__(self, clip: BridgedClip, sharer: SharerKV, receiver_ids, sharer_ids):
+    def __init__(self, clip: BridgedClip, sharer: SharerKV, receiver_pieces, sharer_layout: TokenLayout):
         self.clip, self.sharer = clip, sharer
-        self.receiver_ids, self.sharer_ids = receiver_ids, sharer_ids
+        self.receiver_pieces, self.sharer_layout = receiver_pieces, sharer_layout
         self.index = None
         self.run: Optional[FusionRun] = None
         self.runs = 0
 
     def start(self, embeds_info, length):
-        self.index = token_index(self.receiver_ids, compat.vision_spans(embeds_info), length,
-                                 self.sharer_ids, self.sharer.spans, self.sharer.length)
+        receiver_layout = token_layout(self.receiver_pieces, compat.vision_spans(embeds_info), length)
+        self.index = align_tokens(receiver_layout, self.sharer_layout)
         self.runs += 1
 
     def fuse(self, layer, k, v):

@@ -101,6 +101,16 @@ class VisionGrid:
                                f"not video.")
         object.__setattr__(self, "grid", g)
 
+    @classmethod
+    def from_patch_grid(cls, start: int, grid_thw, merge: int = 2) -> "VisionGrid":
+        """From a vision tower's patch grid (t, h, w) before the merge, as both hosts hand it over (ComfyUI's
+        ``embeds_info[i]["extra"]``, transformers' ``image_grid_thw`` row): images are one temporal patch."""
+        thw = [int(n) for n in torch.as_tensor(grid_thw).reshape(-1).tolist()]
+        if len(thw) != 3 or thw[1] % merge or thw[2] % merge:
+            raise KVShapeError(f"VisionGrid.from_patch_grid: patch grid {thw} is not (t, h, w) with h and w "
+                               f"multiples of the {merge}x{merge} merge; expected the grid the vision tower reports.")
+        return cls(int(start), (thw[0], thw[1] // merge, thw[2] // merge))
+
     @property
     def size(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]

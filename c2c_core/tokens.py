@@ -63,6 +63,9 @@ class TokenLayout:
 
     def __post_init__(self) -> None:
         spans = tuple(None if s is None else (int(s[0]), int(s[1])) for s in self.spans)
+        for b in self.vision:
+            if not isinstance(b, VisionGrid):
+                raise TokenAlignmentError(f"TokenLayout: image block {b!r}; expected a c2c_core.mrope.VisionGrid.")
         vision = tuple(sorted(self.vision, key=lambda b: b.start))
         object.__setattr__(self, "spans", spans)
         object.__setattr__(self, "vision", vision)
@@ -70,7 +73,7 @@ class TokenLayout:
             raise TokenAlignmentError("TokenLayout: no tokens; expected the tokens of a prompt (at least one).")
         end = 0
         for b in vision:
-            if not isinstance(b, VisionGrid) or b.start < end or b.end > len(spans):
+            if b.start < end or b.end > len(spans):
                 raise TokenAlignmentError(f"TokenLayout: image block {b!r} overlaps another or lies outside the "
                                           f"{len(spans)} tokens; expected VisionGrid blocks inside the sequence.")
             end = b.end
@@ -178,8 +181,8 @@ class TextAlignment:
             raise TokenAlignmentError(f"TextAlignment: index outside the sharer's {self.num_sharer} tokens.")
         self.index = index
         self.gathers = not (self.num_sharer == self.num_receiver and torch.equal(index, torch.arange(self.num_sharer)))
-        self.rerotation = MRopeRerotation(sharer_positions.detach().cpu().long()[:, index],
-                                          receiver_positions.detach().cpu().long(), sharer_rope)
+        self.rerotation = MRopeRerotation(sharer_positions.detach().cpu()[:, index], receiver_positions.detach().cpu(),
+                                          sharer_rope)
         self._on_device: dict = {}
 
     @property

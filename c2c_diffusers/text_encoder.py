@@ -4,8 +4,8 @@ Qwen-Image and Qwen-Image-Edit condition their DiT on the last hidden states of 
 (``pipe.text_encoder``). A :class:`TextEncoderBridge` lets that encoder's self-attention read a second
 vision-language model's (Qwen3-VL's) projected K/V while it encodes the prompt (and the edit image):
 the sharer prefills the same text, and each fused receiver layer blends its K/V toward the sharer's,
-aligned to the receiver's tokens and M-RoPE positions, through the same ``c2c_core.FusionRun`` as the
-Wan bridge and the ComfyUI node (c2c_comfy/text_encoder.py). The DiT gets the conditioning it was
+aligned to the receiver's tokens, through the same ``c2c_core.FusionRun`` as the Wan bridge and the
+ComfyUI node (c2c_comfy/text_encoder.py), with the same bundle files. The DiT gets the conditioning it was
 trained on, enriched by the stronger model. ``pipe(...)`` is called as usual::
 
     with TextEncoderBridge(qwen3vl, qwen3vl_processor, load_bundle("qwen3vl-to-qwen25vl.safetensors")).attach(pipe):
@@ -16,8 +16,8 @@ bundle means the same in both hosts: forward hooks on each fused layer's ``self_
 Qwen3-VL's keys are read after its ``k_norm``) and ``self_attn.v_proj``, transformers' own modules (no
 forward is copied). The receiver then rotates the fused keys at its own M-RoPE positions, so the sharer's
 other M-RoPE layout (Qwen3-VL interleaves its sections, with another theta) and its other image grid need
-no re-rotation: only token alignment (``c2c_core.tokens``: text tokens by their characters, image tokens
-on their 2-D grids). A forward pre-hook on ``pipe.text_encoder`` sees each encoding call (the pipeline's
+no re-rotation: only token alignment (``c2c_core.tokens``: text tokens by the UTF-8 bytes they cover, image
+tokens on their 2-D grids). A forward pre-hook on ``pipe.text_encoder`` sees each encoding call (the pipeline's
 template applied, the image preprocessed) and runs the sharer on the same text and image first.
 
 The sharer reads the receiver's text decoded from its token ids (Qwen's byte-level tokenizer decodes
@@ -36,8 +36,10 @@ import re
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,21 +49,22 @@ from c2c_core.bundle import ProjectorBundle
 from c2c_core.contract import SourceReport
 from c2c_core.mrope import VisionGrid
 from c2c_core.runtime import BankCache, FusionRun
+from c2c_core.samples import SIGMA_RANGE, Conditioning, SampleDraws, SampleHost, TrainingSet, save_sample
 from c2c_core.signature import text_encoder_signature
-from c2c_core.tokens import TokenLayout, align_tokens
+from c2c_core.tokens import TokenLayout, align_tokens, spans_from_pieces
 
 from .bridge import check_architecture
 from .errors import BridgeSetupError
 
 __all__ = ["TextEncoderBridge", "TextEncoderBridgeConfig", "apply_text_encoder_bridge", "remove_text_encoder_bridge",
-           "PromptBatch", "bridged_prompt_velocity", "encoder_arch", "encoder_signature", "language_model", "kv_hooks",
-           "layouts", "recover_images"]
+           "PromptBatch", "bridged_prompt_velocity", "save_prompt_sample", "open_prompt_set", "prompt_batches",
+           "encoder_arch", "encoder_signature", "language_model", "kv_hooks",
+           "layouts", "recover_images", "token_pieces"]
 
 #: transformers ``model_type`` -> c2c_core text-encoder family (c2c_core.arch.TEXT_ENCODER_FAMILIES)
 FAMILIES = {"qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
-#: the published sizes, by (family, hidden size): the tag's human-readable variant
-VARIANTS = {("qwen2.5-vl", 2048): "3b", ("qwen2.5-vl", 3584): "7b", ("qwen2.5-vl", 8192): "72b",
-            ("qwen3-vl", 2048): "2b", ("qwen3-vl", 2560): "4b", ("qwen3-vl", 4096): "8b", ("qwen3-vl", 5120): "32b"}
+#: what may receive: Qwen-Image's encoder, whose hidden states its DiT was trained on (as the ComfyUI node)
+RECEIVER_FAMILIES = ("qwen2.5-vl",)
 #: families whose forward refuses image inputs without ``mm_token_type_ids`` (so the sharer always gets them)
 NEEDS_TOKEN_TYPES = {"qwen2.5-vl": False, "qwen3-vl": True}
 _PLACEHOLDER_RUN = re.compile(r"(<\|(?:image|video)_pad\|>)\1+")
@@ -85,15 +88,24 @@ def language_model(encoder):
     return text
 
 
+def variant(family: str, text_config) -> str:
+    """The tag's size label, named as ComfyUI's loader names the same checkpoint, so both hosts tag one model alike:
+    ComfyUI tells Qwen2.5-VL sizes by the K/V width (256: 3B, 512: 7B) and Qwen3-VL ones by the hidden size
+    (2560: 4B, any other: 8B)."""
+    if family == "qwen2.5-vl":
+        width = text_config.num_key_value_heads * (text_config.hidden_size // text_config.num_attention_heads)
+        return {256: "3b", 512: "7b"}.get(width, "custom")
+    return "4b" if text_config.hidden_size == 2560 else "8b"
+
+
 def encoder_arch(encoder) -> TextEncoderArch:
     """The host-neutral architecture tag of a Qwen-VL model, from its configuration (c2c_core.arch)."""
-    language_model(encoder)
+    attn = language_model(encoder).layers[0].self_attn
     family = FAMILIES[encoder.config.model_type]
     text, vision = encoder.config.text_config, encoder.config.vision_config
-    attn = language_model(encoder).layers[0].self_attn
     rope = text.rope_parameters
     return TextEncoderArch.from_config(
-        family, VARIANTS.get((family, text.hidden_size), "custom"), hidden_size=text.hidden_size,
+        family, variant(family, text), hidden_size=text.hidden_size,
         intermediate_size=text.intermediate_size, num_layers=text.num_hidden_layers, num_heads=text.num_attention_heads,
         num_kv_heads=text.num_key_value_heads, head_dim=attn.head_dim, vocab_size=text.vocab_size,
         rope_theta=int(rope["rope_theta"]), vision_patch=vision.patch_size, mrope_sections=rope.get("mrope_section"))
@@ -162,31 +174,41 @@ def _decode_rows(tokenizer, input_ids: Tensor, attention_mask: Tensor) -> list:
     return texts
 
 
-def layouts(tokenizer, texts: list, input_ids: Tensor, attention_mask: Tensor, image_token: int,
-            image_grid_thw: Optional[Tensor], merge: int) -> list:
-    """One ``c2c_core.tokens.TokenLayout`` per row: character spans in ``texts[row]`` (one placeholder per image),
-    image blocks on the merged grid, ``None`` for padding. Each row must tokenize to exactly the model's ids."""
-    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else ())
+def token_pieces(tokenizer, ids) -> list:
+    """Each token's UTF-8 bytes (Qwen's tokenizers are byte-level BPE, so a token split inside a character still has
+    its exact bytes): the unit c2c_core.tokens aligns by, as the ComfyUI host spans them (compat.token_pieces)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
+    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+    return [added[i].encode("utf-8") if i in added else bytes(to_byte[ch] for ch in tokenizer.convert_ids_to_tokens(i))
+            for i in ids]
+
+
+def layouts(tokenizer, input_ids: Tensor, attention_mask: Tensor, image_token: int, image_grid_thw: Optional[Tensor],
+            merge: int) -> list:
+    """One ``c2c_core.tokens.TokenLayout`` per row: byte spans of the row's text with one placeholder per image (so
+    that two models' texts agree around images of different token counts), each run of image tokens a block on its
+    merged grid, ``None`` for padding."""
+    grids = iter(image_grid_thw if image_grid_thw is not None else ())
     out = []
-    for text, row, mask in zip(texts, input_ids.tolist(), attention_mask.bool().tolist()):
+    for row, mask in zip(input_ids.tolist(), attention_mask.bool().tolist()):
         where = [i for i, m in enumerate(mask) if m]
         if where and where != list(range(where[0], where[-1] + 1)):
             raise BridgeSetupError("a prompt's attention mask has holes; expected padding on one side only.")
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, spans, vision = [], [], []
-        for token, span in zip(enc["input_ids"], enc["offset_mapping"]):
-            count = 1
-            if token == image_token:
-                t, h, w = next(grids)
-                vision.append(VisionGrid(start=where[0] + len(ids), grid=(t, h // merge, w // merge)))
-                count = t * h * w // merge ** 2
-            ids += [token] * count
-            spans += [tuple(span)] * count
-        if ids != [row[i] for i in where]:
-            raise BridgeSetupError(f"the tokens of {text[:60]!r}… differ from the ones the model read; expected the "
-                                   f"tokenizer of the model's own processor.")
-        full = [None] * len(row)
-        full[where[0]:where[-1] + 1] = spans
+        ids = [row[i] for i in where]
+        starts = [j for j, t in enumerate(ids) if t != image_token or j == 0 or ids[j - 1] != image_token]
+        spans = spans_from_pieces(token_pieces(tokenizer, [ids[j] for j in starts]))
+        full, vision = [None] * len(row), []
+        for n, (j, span) in enumerate(zip(starts, spans)):
+            if ids[j] != image_token:
+                full[where[0] + j] = span
+                continue
+            block = VisionGrid.from_patch_grid(where[0] + j, next(grids), merge)
+            size = (starts[n + 1] if n + 1 < len(starts) else len(ids)) - j
+            if size != block.size:
+                raise BridgeSetupError(f"an image block of {size} tokens where its grid has {block.size}; expected "
+                                       f"the image_grid_thw the model's processor returned with these tokens.")
+            vision.append(block)
         out.append(TokenLayout(spans=tuple(full), vision=tuple(vision)))
     return out
 
@@ -226,10 +248,10 @@ def _check_recovered(images, pixel_values, image_grid_thw, image_processor) -> N
 
 
 class _Gather:
-    """FusionRun's ``align`` for one encoding call: receiver token j of row b reads sharer token ``index[b, j]``
-    (set once the sharer has run, before the first fused layer)."""
+    """FusionRun's ``align`` for one encoding call: receiver token j of row b reads sharer token ``index[b, j]``."""
 
-    index: Optional[Tensor] = None
+    def __init__(self, index: Tensor):
+        self.index = index
 
     def __call__(self, sk: Tensor, sv: Tensor):
         idx = self.index.to(sk.device)[:, :, None, None]
@@ -282,7 +304,12 @@ class TextEncoderBridge:
             raise BridgeSetupError(f"{type(pipe).__name__} has no text_encoder (it was loaded with text_encoder=None); "
                                    f"load the pipeline with its Qwen2.5-VL text encoder.")
         receiver_text = language_model(encoder)
-        processor = tokenizer or getattr(pipe, "processor", None) or getattr(pipe, "tokenizer", None)
+        if _family(encoder) not in RECEIVER_FAMILIES:
+            raise BridgeSetupError(f"the receiver is a {_family(encoder)} model; expected Qwen-Image's text encoder "
+                                   f"(one of {RECEIVER_FAMILIES}), whose hidden states its DiT was trained on. Pass "
+                                   f"the Qwen3-VL model as the sharer.")
+        processor = next((p for p in (tokenizer, getattr(pipe, "processor", None), getattr(pipe, "tokenizer", None))
+                          if p is not None), None)
         if processor is None:
             raise BridgeSetupError(f"no tokenizer for {type(encoder).__name__}: attach to the pipeline, or pass "
                                    f"attach(text_encoder, tokenizer=…).")
@@ -329,26 +356,30 @@ class TextEncoderBridge:
         self._call = None
         if args:
             raise BridgeSetupError("the text encoder was called with positional arguments; the bridge reads keyword "
-                                   "arguments (input_ids=…, attention_mask=…) as diffusers' Qwen-Image pipelines pass them.")
+                                   "arguments (input_ids=…, attention_mask=…) as diffusers' Qwen-Image pipelines "
+                                   "pass them.")
         if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
             raise BridgeSetupError("the text encoder was called with a KV cache; the bridge fuses a fresh prefill "
                                    "only (as the Qwen-Image pipelines encode prompts).")
-        align = _Gather()
-        run = FusionRun(self.bundle, FusionSchedule(), self.strength, self.layer_strengths, align=align,
-                        device=None if self._training else self.encoder.device,
-                        dtype=None if self._training else self.encoder.dtype, banks=self.banks,
-                        stats=not self._training)
-        if not run.begin_call(0.0):
-            self.last_report = run.close(SourceReport())
+        probe = self._run(None, None)
+        if not probe.begin_call(0.0):
+            self.last_report = probe.close(SourceReport())
             return None
         index, kv = self._prepare(kwargs)
-        align.index = self.last_alignment = index
-        self._call = _Call(run, kv)
+        self.last_alignment = index
+        self._call = _Call(index, kv)
         return None
+
+    def _run(self, device, dtype, align=None) -> FusionRun:
+        """A FusionRun for one encoding call; its bank is placed on ``device``/``dtype`` (none in training mode)."""
+        return FusionRun(self.bundle, FusionSchedule(), self.strength, self.layer_strengths,
+                         align=align or _Gather(torch.zeros(0, 0, dtype=torch.long)),
+                         device=None if self._training else device, dtype=None if self._training else dtype,
+                         banks=self.banks, stats=not self._training)
 
     def _after(self, module, args, output):
         call, self._call = self._call, None
-        if call is None:
+        if call is None or call.run is None:
             return None
         report = call.run.close(SourceReport(sharer_forwards=1, peak_kv_bytes=call.kv_bytes))
         self.last_report = report
@@ -359,7 +390,12 @@ class TextEncoderBridge:
 
     def _fuse(self, layer, k, v):
         call = self._call
-        if call is None or call.run.strength(layer) == 0.0:
+        if call is None:
+            return None
+        if call.run is None:        # at the first fused layer: the K/V's device and dtype are known (CPU offload
+            call.run = self._run(k.device, k.dtype, _Gather(call.index))     # moves the encoder only now)
+            call.run.begin_call(0.0)
+        if call.run.strength(layer) == 0.0:
             return None
         sk, sv = call.sharer_kv[call.run.sharer_layer(layer)]
         return call.run.fuse(layer, k, v, sk, sv)
@@ -378,11 +414,11 @@ class TextEncoderBridge:
             raise BridgeSetupError("the prompt holds image placeholders (<|image_pad|>) but the text encoder got no "
                                    "pixel_values; pass the edit image (QwenImageEditPipeline(image=…)).")
         texts = [_PLACEHOLDER_RUN.sub(r"\1", t) for t in _decode_rows(self.tokenizer, input_ids, mask)]
-        receiver = layouts(self.tokenizer, texts, input_ids, mask, image_token, kwargs.get("image_grid_thw"),
+        receiver = layouts(self.tokenizer, input_ids, mask, image_token, kwargs.get("image_grid_thw"),
                            self.encoder.config.vision_config.spatial_merge_size)
         inputs = self._sharer_inputs(texts, kwargs)
         kv = self._run_sharer(inputs)
-        sharer = layouts(_tokenizer_of(self.sharer_processor), texts, inputs["input_ids"].cpu(),
+        sharer = layouts(_tokenizer_of(self.sharer_processor), inputs["input_ids"].cpu(),
                          inputs["attention_mask"].cpu(), self.sharer.config.image_token_id,
                          inputs.get("image_grid_thw"), self.sharer.config.vision_config.spatial_merge_size)
         return torch.stack([align_tokens(r, s) for r, s in zip(receiver, sharer)]), kv
@@ -441,10 +477,12 @@ def _layer_factors(bundle, layers: str, layer_strengths) -> dict:
 
 @dataclass
 class _Call:
-    """One fusing encoding call: its FusionRun and the sharer's K/V by sharer layer."""
+    """One fusing encoding call: the token alignment, the sharer's K/V by sharer layer, and the FusionRun (made at
+    the first fused layer)."""
 
-    run: FusionRun
+    index: Tensor
     sharer_kv: dict
+    run: Optional[FusionRun] = None
 
     @property
     def kv_bytes(self) -> int:
@@ -467,7 +505,8 @@ def _check_side(bundle, role: str, found: ModelSignature, model) -> None:
 class PromptBatch:
     """One training batch for a text-encoder projector: packed clean latents x0 and noise (B, tokens, channels, as
     ``pipe.transformer`` takes them), sigma in (0, 1], ``img_shapes`` as the pipeline builds them, the prompt
-    (one string per row) and, for an Edit pipeline, the edit image."""
+    (one string per row) and, for an Edit pipeline, the edit image the encoders read and its packed VAE latents
+    (``image_latents``, appended to the DiT's tokens as the Edit pipelines do; ``img_shapes`` then lists both)."""
 
     x0: Tensor
     noise: Tensor
@@ -475,6 +514,7 @@ class PromptBatch:
     img_shapes: list
     prompt: list
     image: object = None
+    image_latents: Optional[Tensor] = None
 
 
 def bridged_prompt_velocity(bridge: TextEncoderBridge, pipe):
@@ -487,18 +527,90 @@ def bridged_prompt_velocity(bridge: TextEncoderBridge, pipe):
     def predict(bank, batch: PromptBatch):
         if bank is not bridge.bundle.bank:
             raise BridgeSetupError("train the bank of the bridge's own bundle (bridge.bundle.bank).")
+        first = next(iter(bank.parameters()), None)
+        if first is not None and first.device != batch.x0.device:
+            raise BridgeSetupError(f"the projector bank is on {first.device} and the latents on {batch.x0.device}; "
+                                   f"expected one device. Move the bank there first (bundle.bank.to(device)).")
+        if (batch.image is None) != (batch.image_latents is None):
+            raise BridgeSetupError("PromptBatch: an edit sample needs both the image (for the encoders) and its "
+                                   "image_latents (for the DiT); give both, or neither for text-to-image.")
         extra = {} if batch.image is None else {"image": batch.image}
         with bridge.training():
             embeds, mask = pipe.encode_prompt(batch.prompt, device=batch.x0.device, **extra)
         x_t = (1.0 - batch.sigma) * batch.x0 + batch.sigma * batch.noise
+        tokens = x_t if batch.image_latents is None else torch.cat([x_t, batch.image_latents.to(x_t)], dim=1)
         dit = pipe.transformer
-        velocity = dit(hidden_states=x_t.to(dit.dtype), timestep=torch.full((x_t.shape[0],), batch.sigma,
-                                                                              device=x_t.device),
+        velocity = dit(hidden_states=tokens.to(dit.dtype), timestep=torch.full((x_t.shape[0],), batch.sigma,
+                                                                                 device=x_t.device),
                        encoder_hidden_states=embeds.to(dit.dtype), encoder_hidden_states_mask=mask,
                        img_shapes=batch.img_shapes, return_dict=False)[0]
-        return velocity, batch.noise - batch.x0
+        return velocity[:, : x_t.shape[1]], batch.noise - batch.x0
 
     return predict
+
+
+#: the samples a text-encoder projector trains on: a clean latent and what both encoders read (the prompt, the edit
+#: image); the encoders run at training time, so nothing of theirs is stored
+PROMPT_SAMPLES = SampleHost("diffusers-qwen-image", ("receiver_positive",),
+                            "c2c_diffusers.text_encoder.save_prompt_sample")
+
+
+def save_prompt_sample(folder, x0: Tensor, prompt: str, image=None, image_latents: Optional[Tensor] = None) -> Path:
+    """Write one training sample as the next ``sample_NNNNN.safetensors`` in ``folder`` (c2c_core.samples): x0
+    (1, C, 1, H, W), the VAE latents normalised as the Qwen-Image pipelines normalise them; the prompt; for an
+    edit sample the edit image as the encoders read it (PIL or (H, W, 3) uint8) and its latents (1, C, 1, h, w)."""
+    if not isinstance(prompt, str) or not prompt:
+        raise BridgeSetupError(f"save_prompt_sample: prompt is {type(prompt).__name__}; expected the caption text.")
+    for name, t in (("x0", x0), ("image_latents", image_latents)):
+        if t is not None and (t.dim() != 5 or t.shape[0] != 1 or t.shape[2] != 1):
+            raise BridgeSetupError(f"save_prompt_sample: {name} has shape {tuple(t.shape)}; expected one image latent "
+                                   f"(1, C, 1, H, W) as the Qwen-Image VAE makes it.")
+    if (image is None) != (image_latents is None):
+        raise BridgeSetupError("save_prompt_sample: an edit sample needs both the image and its image_latents.")
+    tensors = {}
+    if image is not None:
+        pixels = torch.from_numpy(np.array(image.convert("RGB") if hasattr(image, "convert") else image))
+        if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[-1] != 3:
+            raise BridgeSetupError(f"save_prompt_sample: image of shape {tuple(pixels.shape)} and dtype "
+                                   f"{pixels.dtype}; expected a PIL image or (H, W, 3) uint8 pixels.")
+        tensors = {"image": pixels.float() / 255.0, "image_latents": image_latents}
+    return save_sample(folder, PROMPT_SAMPLES, x0, {"receiver_positive": Conditioning(tensors, {"prompt": prompt})})
+
+
+def open_prompt_set(folder) -> TrainingSet:
+    """The samples ``save_prompt_sample`` wrote into ``folder``, checked from their headers."""
+    return TrainingSet.open(folder, PROMPT_SAMPLES)
+
+
+def _packed(latent: Tensor) -> Tensor:
+    """(1, C, 1, H, W) -> (1, H/2 · W/2, 4C): the 2 × 2 patches the Qwen-Image pipelines pack latents into."""
+    from diffusers import QwenImagePipeline
+    _, c, _, h, w = latent.shape
+    return QwenImagePipeline._pack_latents(latent, 1, c, h, w)
+
+
+def prompt_batches(dataset: TrainingSet, seed: int = 0, device="cpu", sigma_range=SIGMA_RANGE):
+    """``batches(step) -> PromptBatch``: one sample per step, drawn by ``c2c_core.samples.SampleDraws`` (a pure
+    function of seed and step: a resumed run sees the same batches); sigma uniform in ``sigma_range``."""
+    from PIL import Image
+    lo, hi = sigma_range
+    draws = SampleDraws(dataset, seed)
+
+    def batches(step: int) -> PromptBatch:
+        (draw,) = draws(step)
+        sample = dataset[draw.index]
+        role = sample.roles["receiver_positive"]
+        shapes = [(1, sample.latent.shape[-2] // 2, sample.latent.shape[-1] // 2)]
+        image = latents = None
+        if "image" in role.tensors:
+            pixels = (role.tensors["image"] * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+            image, latents = Image.fromarray(pixels), _packed(role.tensors["image_latents"]).to(device)
+            h, w = role.tensors["image_latents"].shape[-2:]
+            shapes.append((1, h // 2, w // 2))
+        return PromptBatch(x0=_packed(sample.latent).to(device), noise=_packed(draw.noise).to(device),
+                           sigma=lo + (hi - lo) * draw.t, img_shapes=[shapes], prompt=[role.values["prompt"]],
+                           image=image, image_latents=latents)
+    return batches
 
 
 # -- diffusers' shape: a config dataclass, apply_…(pipe, config) / remove_…(pipe) ---------------------------

@@ -179,3 +179,59 @@ class DCBDemoMovingSquares:
 
 NODE_CLASS_MAPPINGS["DCBDemoMovingSquares"] = DCBDemoMovingSquares
 NODE_DISPLAY_NAME_MAPPINGS["DCBDemoMovingSquares"] = "Test: demo moving squares (miniature test videos)"
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny Qwen models (tools/make_tiny_qwen.py): the stock CLIPLoader/UNETLoader build Qwen's full widths, so
+# graphs on the tiny files load them through these (ComfyUI's own loaders with the files' sizes)
+# --------------------------------------------------------------------------------------------------
+
+def _make_tiny_qwen():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "_dcb_make_tiny_qwen"
+    if name not in sys.modules:
+        tools = Path(__file__).resolve().parents[1] / "tools"
+        sys.path.insert(0, str(tools))        # make_tiny_qwen imports its sibling make_tiny_models
+        spec = importlib.util.spec_from_file_location(name, tools / "make_tiny_qwen.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+class DCBTestTinyQwenCLIP:
+    """A tiny Qwen-VL text encoder file as Load CLIP (type qwen_image) would give it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"path": ("STRING", {"default": "", "tooltip": "Absolute path of a tiny encoder file."})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/dit_cache_bridge"
+
+    def load(self, path):
+        return (_make_tiny_qwen().load_tiny_clip(path),)
+
+
+class DCBTestTinyQwenImage:
+    """The tiny Qwen-Image DiT file as Load Diffusion Model would give it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"path": ("STRING", {"default": "", "tooltip": "Absolute path of the tiny DiT file."})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing/dit_cache_bridge"
+
+    def load(self, path):
+        return (_make_tiny_qwen().load_tiny_qwen_image(path),)
+
+
+NODE_CLASS_MAPPINGS.update(DCBTestTinyQwenCLIP=DCBTestTinyQwenCLIP, DCBTestTinyQwenImage=DCBTestTinyQwenImage)
+NODE_DISPLAY_NAME_MAPPINGS.update(DCBTestTinyQwenCLIP="Test: tiny Qwen-VL text encoder",
+                                  DCBTestTinyQwenImage="Test: tiny Qwen-Image DiT")

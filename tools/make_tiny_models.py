@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.monotonic()
     make_models(args.out.resolve(), args.only, args.force)
+    __import__("make_tiny_qwen").make_models(args.out.resolve(), args.force)   # tiny Qwen encoders and DiT (issue 21)
     log(f"done in {time.monotonic() - started:.1f} s")
     return 0
 

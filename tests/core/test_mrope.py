@@ -48,6 +48,16 @@ def test_image_positions_take_row_and_column_and_text_resumes_after_the_longer_s
                             [0, 1, 2, 3, 4, 2, 3, 4, 5]]
 
 
+def test_a_vision_grid_from_the_towers_patch_grid_is_merged_two_by_two():
+    """ComfyUI hands the grid as a (1, 3) tensor of patches before the merge (a 448x336 image at 14 px: 32x24)."""
+    assert VisionGrid.from_patch_grid(5, torch.tensor([[1, 32, 24]])) == VisionGrid(5, (1, 16, 12))
+    assert VisionGrid.from_patch_grid(0, (1, 4, 6)).size == 6
+    with pytest.raises(KVShapeError, match=r"patch grid \[1, 5, 6\] is not \(t, h, w\)"):
+        VisionGrid.from_patch_grid(0, (1, 5, 6))
+    with pytest.raises(KVShapeError, match="take images"):
+        VisionGrid.from_patch_grid(0, (2, 4, 4))
+
+
 def reference_rotation(x, positions, spec):
     """The definition, in float64: pair (i, i + D/2) rotated by positions[axis(i)] * inv_freq(i)."""
     axes, inv = spec.pair_axes(), spec.inv_freq().double()

@@ -167,6 +167,25 @@ def test_alignment_gathers_values_and_moves_keys_to_the_receivers_positions():
     assert not align.is_identity
 
 
+def test_image_keys_move_from_the_sharers_grid_positions_to_the_receivers():
+    """Vision tokens: gathered on the grid, keys re-rotated from the sharer's (t, h, w) to the receiver's; with
+    positions the host passes (padding inside a prompt) those are the ones used."""
+    receiver = layout("A:", "<vs>", *[None] * 16, "<ve>", " cat", vision=[VisionGrid(2, (1, 4, 4))])
+    sharer = layout("A:", "<vs>", *[None] * 9, "<ve>", " cat", vision=[VisionGrid(2, (1, 3, 3))])
+    raw_k, sv = keys(13, 21), keys(13, 22)
+    sk = mrope_rotate(raw_k, sharer.positions(), SPEC)
+    align = build_text_alignment(receiver, sharer, SPEC)
+    idx = align.index
+    assert idx[2:18].tolist() == [2 + r * 3 + c for r in (0, 1, 1, 2) for c in (0, 1, 1, 2)]
+    k2, v2 = align(sk, sv)
+    torch.testing.assert_close(k2, mrope_rotate(raw_k[:, idx], receiver.positions(), SPEC), atol=1e-5, rtol=0)
+    assert torch.equal(v2, sv[:, idx])
+    padded = receiver.positions() + torch.tensor([0] * 18 + [3, 3])        # the host skipped 3 pad positions
+    k3, _ = build_text_alignment(receiver, sharer, SPEC, receiver_positions=padded)(sk, sv)
+    torch.testing.assert_close(k3, mrope_rotate(raw_k[:, idx], padded, SPEC), atol=1e-5, rtol=0)
+    assert torch.equal(k3[:, :18], k2[:, :18]) and not torch.equal(k3[:, 18:], k2[:, 18:])
+
+
 def test_identical_layouts_give_the_sharers_tensors_back():
     a = layout("<s>", " a", " b")
     align = build_text_alignment(a, a, SPEC)

@@ -15,6 +15,8 @@ import torch
 
 from bridge_helpers import load_model, pack_nodes
 
+pytestmark = pytest.mark.slow
+
 PROMPT = "turn the red cube blue and write 'C2C' on it"
 
 
@@ -28,6 +30,7 @@ def qwen(tiny_models, comfy):
     tiny.ensure_models(root)     # idempotent; writes the Qwen3-VL file on a host that has it
     paths = {name: root / spec["folder"] / name for name, spec in tiny.SPECS.items()}
     out = {"tiny": tiny, "receiver": tiny.load_tiny_clip(paths[tiny.RECEIVER]),
+           "paths": {"receiver": paths[tiny.RECEIVER], "sharer": paths[tiny.SHARER], "dit": paths[tiny.DIT]},
            "dit": tiny.load_tiny_qwen_image(paths[tiny.DIT]), "sharer": None,
            "has_qwen3vl": tiny.has_qwen3vl(), "wan": load_model(tiny_models.path(host.T2V_A))}
     if out["has_qwen3vl"]:
@@ -104,6 +107,7 @@ def test_identity_twin_gives_the_stock_conditioning_bit_for_bit(qwen, image, ref
 def test_qwen3vl_sharer_changes_the_conditioning_and_reports(qwen, image, reference):
     r, s = qwen["receiver"], sharer(qwen)
     proj = projector(s, r, kind="c2c", mapping="terminal")
+    before = [(repr(c.patcher.model_options), c.patcher.patches_uuid, c.patcher.model) for c in (r, s)]
     from dit_cache_bridge.c2c_comfy.text_encoder import BridgedClip
     clip = BridgedClip("test", r, s, proj, 1.0)
     from comfy_extras.nodes_qwen import TextEncodeQwenImageEditPlus
@@ -115,6 +119,7 @@ def test_qwen3vl_sharer_changes_the_conditioning_and_reports(qwen, image, refere
     assert report.layers == sorted(proj.layer_map.pairs) and report.sharer_forwards == 1
     assert all(report.k_change[layer] > 0 for layer in report.layers) and report.peak_kv_bytes > 0
     assert hooks_left(r) == [] and hooks_left(s) == []
+    assert [(repr(c.patcher.model_options), c.patcher.patches_uuid, c.patcher.model) for c in (r, s)] == before
     assert same_conditioning(stock(r, "edit_plus", image1=image), ref)     # nothing left behind on the encoder
 
 
@@ -130,12 +135,12 @@ def test_layer_window_and_per_layer_strengths_switch_layers_off(qwen, reference)
 
 
 def test_bridged_conditioning_drives_stock_qwen_image_sampling(qwen, image, reference):
-    """The CONDITIONING goes to the stock sampler on the tiny Qwen-Image DiT: a finite latent, moved by the sharer."""
+    """The CONDITIONING goes to the stock sampler on the tiny Qwen-Image DiT: a finite latent, moved by a Qwen3-VL
+    sharer; on a host without Qwen3-VL the identity twin ('weighted', alpha 0.5 of two equal K/V) samples the
+    stock latent bit for bit."""
     import nodes
-    r = qwen["receiver"]
-    s = qwen["sharer"] or r
-    proj = projector(s, r, kind="c2c" if qwen["sharer"] is not None else "weighted",
-                     mapping="terminal" if qwen["sharer"] is not None else "identity")
+    r, s = qwen["receiver"], qwen["sharer"]
+    proj = projector(s, r, kind="c2c", mapping="terminal") if s is not None else projector(r, r, kind="weighted")
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
 
     def sample(positive):
@@ -143,9 +148,9 @@ def test_bridged_conditioning_drives_stock_qwen_image_sampling(qwen, image, refe
         return nodes.common_ksampler(qwen["dit"], 5, 2, 2.5, "euler", "simple", positive, negative, latent)[0]["samples"]
 
     plain = sample(reference["edit_plus"])
-    fused = sample(bridged(r, s, proj, "edit_plus", image1=image))
+    fused = sample(bridged(r, s or r, proj, "edit_plus", image1=image))
     assert fused.shape == plain.shape and torch.isfinite(fused).all()
-    assert not torch.equal(fused, plain)
+    assert torch.equal(fused, plain) == (s is None)
 
 
 # --- refusals ---------------------------------------------------------------------------------------
@@ -208,3 +213,53 @@ def test_a_bad_layer_window_is_refused(qwen):
     r = qwen["receiver"]
     refused(r"layers: 'first2' \(layers \[0, 1\]\); expected at least one of the projector's layers \[2\]", r, r,
             projector(r, r, layers="2"), layers="first2")
+
+
+# --- the shipped workflow ---------------------------------------------------------------------------
+WORKFLOW = "qwen_image_edit_c2c.json"
+
+
+def tiny_workflow_prompt(object_info, paths) -> dict:
+    """workflows/qwen_image_edit_c2c.json as an API prompt on the tiny Qwen models: the loaders swapped for the
+    test loaders (the stock ones build Qwen's full widths), no VAE (the latent is saved instead of decoded, the
+    edit's reference latent left out), a 64×64 latent and 2 steps."""
+    import host
+    workflow_api = host._load_tool("workflow_api")
+    api = workflow_api.to_api(workflow_api.load_workflow(host.REPO_ROOT / "workflows" / WORKFLOW), object_info)
+    for node_id, node in list(api.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            api[node_id] = {"class_type": "DCBTestTinyQwenImage", "inputs": {"path": str(paths["dit"])}}
+        elif kind == "CLIPLoader":
+            role = "sharer" if inputs["clip_name"].startswith("qwen3vl") else "receiver"
+            api[node_id] = {"class_type": "DCBTestTinyQwenCLIP", "inputs": {"path": str(paths[role])}}
+        elif kind == "VAELoader":
+            del api[node_id]
+        elif kind == "VAEDecode":
+            api[node_id] = {"class_type": "SaveLatent", "inputs": {"samples": inputs["samples"],
+                                                                   "filename_prefix": "qwen_workflow/out"}}
+        elif kind == "EmptySD3LatentImage":
+            inputs.update(width=64, height=64)
+        elif kind == "KSampler":
+            inputs["steps"] = 2
+    for node in api.values():
+        node["inputs"].pop("vae", None)
+    return {k: v for k, v in api.items() if v["class_type"] != "SaveImage"}
+
+
+def test_shipped_workflow_runs_on_the_tiny_qwen_models(qwen, comfy_server, image):
+    """The shipped Qwen-Image-Edit workflow, converted to an API prompt, samples on a real server."""
+    if not qwen["has_qwen3vl"]:
+        pytest.skip("the workflow's sharer is Qwen3-VL; this host refuses it (test_a_host_without_qwen3vl_…)")
+    import numpy as np
+    from PIL import Image
+    Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(comfy_server.input_dir / "example.png")
+    api = tiny_workflow_prompt(comfy_server.object_info(), qwen["paths"])
+    assert {n["class_type"] for n in api.values()} >= {"DiTCacheBridge_BridgedQwenTextEncode",
+                                                        "DiTCacheBridge_CreateC2CProjector", "KSampler", "SaveLatent"}
+    entry = comfy_server.run(api, timeout=300)
+    (save,) = [k for k, n in api.items() if n["class_type"] == "SaveLatent"]
+    import safetensors.torch
+    (path,) = comfy_server.output_files(entry, save)
+    latent = safetensors.torch.load_file(str(path))["latent_tensor"]
+    assert latent.shape == (1, 16, 1, 8, 8) and torch.isfinite(latent).all()     # Qwen-Image: one frame
