@@ -386,6 +386,8 @@ class SeedResult:
 
 RECEIVER, UPPER, WEIGHTED, SHUFFLED = ("receiver alone (colour-blind)", "seeing receiver (upper bound)",
                                        "weighted fusion", "shuffled sharer (c2c)")
+#: the most any K/V bridge can give here: the blind receiver reading the seeing receiver's own K/V (identity)
+ORACLE = "K/V oracle (seeing twin's own K/V)"
 
 
 def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedResult:
@@ -438,6 +440,7 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
     result.chosen["weighted alpha"] = alpha
     b = bundle("weighted", sharer, blind, seed, alpha=alpha) if alpha < 1 else bundle("identity", sharer, blind, seed)
     score(WEIGHTED, bridged_encode(blind_pipe, sharer, tok, b, prompts["test"]))
+    score(ORACLE, bridged_encode(blind_pipe, seeing, tok, bundle("identity", seeing, blind, seed), prompts["test"]))
     result.seconds["baselines"] = time.monotonic() - clock
 
     # 3. trained projectors (the blind receiver reads the sharer), and the shuffled-sharer control

@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 
 import qwen_miniature as qm  # noqa: E402
 
-BASELINES = (qm.RECEIVER, qm.UPPER, qm.WEIGHTED)
+BASELINES = (qm.RECEIVER, qm.UPPER, qm.WEIGHTED, qm.ORACLE)
 
 
 def worker(seed: int, quick: bool, out: str, overrides: dict) -> dict:
@@ -65,7 +65,7 @@ def plot(runs: list, path: Path) -> None:
     shown = [m for m in dict.fromkeys(shown) if m in runs[0]["examples"]]
     fig = plt.figure(figsize=(15, 7.5))
     grid = fig.add_gridspec(2, 3, height_ratios=(1.0, 1.1))
-    colours = ["#888888", "#2a7f3f", "#c49a2c", "#3f78c4", "#1f4e99", "#b03a2e"]
+    colours = ["#888888", "#2a7f3f", "#c49a2c", "#7a4fa0", "#3f78c4", "#1f4e99", "#b03a2e"]
     for col, (metric, label) in enumerate((("mse", "velocity MSE, held-out prompts (lower is better)"),
                                            ("colour", "colours right in sampled images (higher is better)"))):
         ax = fig.add_subplot(grid[0, col])

@@ -55,7 +55,7 @@ def test_dry_run_writes_the_report_and_the_plot(qm, tmp_path):
     assert run.main(["--quick", "--seeds", "1", "--workers", "1", "--out", str(tmp_path / "out"),
                      "--results", str(results)]) == 0
     text = results.read_text()
-    for method in (qm.RECEIVER, qm.UPPER, qm.WEIGHTED, "c2c projector (trained)", qm.SHUFFLED):
+    for method in (qm.RECEIVER, qm.UPPER, qm.WEIGHTED, qm.ORACLE, "c2c projector (trained)", qm.SHUFFLED):
         assert f"| {method} |" in text
     assert "## Verdict" in text and "Quick mode" in text
     assert (tmp_path / "qwen_results.png").stat().st_size > 10_000
