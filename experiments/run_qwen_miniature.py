@@ -182,25 +182,31 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", help="trained projector kinds, comma-separated (default: full,c2c)")
     p.add_argument("--diagnose", action="store_true", help="print where the seeing receiver keeps the colours, per "
                                                           "token (qwen_miniature.colour_locality), and stop")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report and the plot from <out>/qwen_runs.json without training anything")
     args = p.parse_args(argv)
     if args.diagnose:
         print(json.dumps(qm.colour_locality(0), indent=1))
         return 0
     args.command = " ".join(["python experiments/run_qwen_miniature.py", *(sys.argv[1:] if argv is None else argv)])
-    started = time.monotonic()
-    seeds = list(range(args.seeds))
-    overrides = {"kinds": tuple(args.kinds.split(","))} if args.kinds else {}
-    if args.workers > 1 and len(seeds) > 1:
-        import multiprocessing
-        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs = list(pool.map(worker, seeds, [args.quick] * len(seeds), [str(args.out)] * len(seeds),
-                                 [overrides] * len(seeds)))
+    if args.report_only:
+        saved = json.loads((args.out / "qwen_runs.json").read_text())
+        runs, wall, args.quick, args.command = saved["runs"], saved["wall_seconds"], saved["quick"], saved["command"]
     else:
-        runs = [worker(s, args.quick, str(args.out), overrides) for s in seeds]
-    wall = time.monotonic() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "qwen_runs.json").write_text(json.dumps({"wall_seconds": wall, "quick": args.quick, "runs": runs,
-                                                         "command": args.command}))
+        started = time.monotonic()
+        seeds = list(range(args.seeds))
+        overrides = {"kinds": tuple(args.kinds.split(","))} if args.kinds else {}
+        if args.workers > 1 and len(seeds) > 1:
+            import multiprocessing
+            with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                runs = list(pool.map(worker, seeds, [args.quick] * len(seeds), [str(args.out)] * len(seeds),
+                                     [overrides] * len(seeds)))
+        else:
+            runs = [worker(s, args.quick, str(args.out), overrides) for s in seeds]
+        wall = time.monotonic() - started
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "qwen_runs.json").write_text(json.dumps({"wall_seconds": wall, "quick": args.quick, "runs": runs,
+                                                             "command": args.command}))
     plot(runs, args.results.with_name("qwen_results.png") if args.results.name == "QWEN_RESULTS.md"
          else args.results.with_suffix(".png"))
     args.results.write_text(report(runs, args, wall), encoding="utf-8")
