@@ -279,6 +279,9 @@ class BridgeRun:
         source's ensure/kv, the cache lookup), inside the boundary ``Bridge._hand_off``."""
         call = self.call if self.call is not None else self._decide()
         self.source_run.offer(layer, k, v)         # bidirectional lockstep: the sharer's next blocks read them
+        cached = self.fusion.cached_part(layer, self._part_key)
+        if cached is not None:
+            return cached
         sk, sv = self.source_run.kv(self.fusion.sharer_layer(layer), call)
         return self.fusion.sharer_part(layer, sk, sv, self._part_key, like=k)
 

@@ -257,7 +257,7 @@ class FusionRun:
         self._row = {layer: i for i, layer in enumerate(self.layers)}
         self._change: Optional[Tensor] = None  # (layers, 2) sums of K and V change, on the device, read in close()
         self._measured = {layer: 0 for layer in self.layers}
-        self._parts: dict = {}                 # receiver layer -> (key, pk, pv): sharer_part's cache
+        self._parts: dict = {}                 # (receiver layer, branches) -> (window, pk, pv): sharer_part's cache
         self._blends: dict = {}                # receiver layer -> LayerBlend, made at the layer's first blend
         self._cached_bytes = 0
         self._peak_cached_bytes = 0
@@ -301,30 +301,40 @@ class FusionRun:
 
     # -- per fused layer --------------------------------------------------------------------------
     # The fuse tail is split in two so a reused sharer K/V costs only the blend: ``sharer_part`` (alignment and the
-    # projector's sharer side, cached per layer while the host's key is unchanged) and ``blend`` (the projector's
+    # projector's sharer side, cached per layer and branches while the refresh window holds) and ``blend`` (the projector's
     # receiver side and the blend at this call's strength). ``blend`` is what a compiled receiver traces.
     def sharer_part(self, layer: int, sk: Tensor, sv: Tensor, key: Hashable = None, *,
                     like: Optional[Tensor] = None) -> tuple:
         """Sharer K/V of receiver ``layer`` made ready for :meth:`blend`: cast to ``like``'s device and dtype (default:
         the run's), aligned to the receiver's grid and RoPE positions, and put through each projector's
         ``sharer_part``. Layout as the host hands them, (B, N, H*D) or (B, N, H, D). With a ``key`` (the call's
-        refresh window and branches) the result is kept per layer and returned again while the key is the same:
-        the sharer's K/V were reused, so nothing that depends only on them is recomputed. ``key=None``: no cache."""
+        refresh window and branches) the result is kept per layer and branches and returned again while the
+        window is the same (:meth:`cached_part`): the sharer's K/V were reused, so nothing that depends only on them is recomputed. ``key=None``: no cache."""
         self._fused(layer, "sharer_part")
-        if key is not None:
-            cached = self._parts.get(layer)
-            if cached is not None and cached[0] == key:
-                return cached[1], cached[2]
+        cached = self.cached_part(layer, key)
+        if cached is not None:
+            return cached
         src = self.bundle.sharer
         sk = sk.reshape(*sk.shape[:2], src.num_heads, src.head_dim)
         sv = sv.reshape(*sv.shape[:2], src.num_heads, src.head_dim)
         pk, pv = self._sharer_part(layer, sk, sv, *self._target(like))
         if key is not None:
-            old = self._parts.get(layer)
+            window, branches = key
+            old = self._parts.get((layer, branches))
             self._cached_bytes += _nbytes(pk, pv) - (_nbytes(old[1], old[2]) if old is not None else 0)
             self._peak_cached_bytes = max(self._peak_cached_bytes, self._cached_bytes)
-            self._parts[layer] = (key, pk, pv)
+            self._parts[(layer, branches)] = (window, pk, pv)
         return pk, pv
+
+    def cached_part(self, layer: int, key: Hashable = None) -> Optional[tuple]:
+        """What :meth:`sharer_part` kept for ``layer`` under ``key`` (the call's refresh window and branches), or None.
+        Kept per layer and branches, so hosts that call the model once per CFG branch (diffusers) keep each branch's;
+        a host asks first, so a call that reuses the sharer's K/V does not even fetch them from its source."""
+        if key is None:
+            return None
+        window, branches = key
+        cached = self._parts.get((layer, branches))
+        return (cached[1], cached[2]) if cached is not None and cached[0] == window else None
 
     def blend(self, layer: int, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor) -> tuple[Tensor, Tensor]:
         """Receiver ``k, v`` ((B, N, H*D) or (B, N, H, D)) fused with :meth:`sharer_part`'s ``pk, pv`` at this call's

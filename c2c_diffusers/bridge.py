@@ -223,8 +223,6 @@ class Bridge:
         self.in_sharer = False          # set by a live source while the sharer runs (it may be the receiver)
         self._call = None                # the call now running, once its first fused block decided it
         self._pending = None             # a call that fuses, not yet decided
-        self._parts: dict = {}           # (layer, branches) -> (refresh window, projected sharer K/V)
-        self._part_bytes = 0             # most projected sharer K/V kept at once in the run
         self._clock = CallClock()
         self._session = False
         self._training = False
@@ -325,8 +323,6 @@ class Bridge:
         if run is None:
             return self.last_report
         self.last_report = run.close(source_run.close(), self.tracker.report().to_json())
-        self.last_report.cached_kv_bytes = self._part_bytes
-        self._parts, self._part_bytes = {}, 0
         return self.last_report
 
     # -- per model call (CallHook listener) ----------------------------------------------------------
@@ -399,24 +395,15 @@ class Bridge:
 
     def _sharer_part(self, layer, k, call):
         """The sharer's K/V for receiver ``layer``, aligned and through the projector's sharer side
-        (``FusionRun.sharer_part``), kept while the refresh window holds: a call that reuses the sharer's K/V
-        recomputes nothing that depends only on them. diffusers calls the transformer once per CFG branch, so
-        they are kept per layer *and branch* (FusionRun's own cache keeps one key per layer, which alternating
-        branches would evict every call)."""
+        (``FusionRun.sharer_part``), kept per layer and CFG branch while the refresh window holds: a call that reuses
+        the sharer's K/V recomputes nothing that depends only on them, and does not fetch them."""
         run = self.run
-        if self._training or self.refresh.always:       # fresh K/V in every call: nothing to keep
-            sk, sv = self.source_run.kv(run.sharer_layer(layer), call)
-            return run.sharer_part(layer, sk, sv, None, like=k)
-        slot = (layer, call.branches)
-        kept = self._parts.get(slot)
-        if kept is not None and kept[0] == call.window:
-            return kept[1]
+        key = None if self._training or self.refresh.always else (call.window, call.branches)
+        cached = run.cached_part(layer, key)
+        if cached is not None:
+            return cached
         sk, sv = self.source_run.kv(run.sharer_layer(layer), call)
-        part = run.sharer_part(layer, sk, sv, None, like=k)
-        self._parts[slot] = (call.window, part)
-        self._part_bytes = max(self._part_bytes, sum(t.numel() * t.element_size()
-                                                     for _, kept in self._parts.values() for t in kept))
-        return part
+        return run.sharer_part(layer, sk, sv, key, like=k)
 
 
 
