@@ -256,8 +256,11 @@ class TrainingSet:
         if not paths:
             raise TrainingDataError(f"training-sample folder {folder} holds no .safetensors samples")
         layouts, shapes, widths = [], [], []
-        for path in paths:
-            layout = _read_layout(path, host)
+        for index, path in enumerate(paths):
+            try:
+                layout = _read_layout(path, host)
+            except TrainingDataError as e:      # which sample of the folder, for the message
+                raise TrainingDataError(f"sample index {index}: {e.found}", e.expected, e.fix) from None
             try:
                 _, entries = read_header(path)
             except C2CError as e:

@@ -108,11 +108,13 @@ def open_training_set(folder) -> TrainingSet:
     return TrainingSet.open(folder, SAMPLES)
 
 
-def sample_batches(dataset: TrainingSet, seed: int = 0, device="cpu", sigma_range=SIGMA_RANGE):
+def sample_batches(dataset: TrainingSet, seed: int = 0, device="cpu", sigma_range=SIGMA_RANGE, rank: int = 0,
+                   world: int = 1):
     """``batches(step) -> TrainingBatch``: one sample per step, drawn by ``c2c_core.samples.SampleDraws`` (a pure
-    function of seed and step: a resumed run sees the same batches); sigma uniform in ``sigma_range``."""
+    function of seed and step: a resumed run sees the same batches); sigma uniform in ``sigma_range``. Under
+    torchrun each of the ``world`` processes passes its ``rank`` and draws its own share of every step."""
     lo, hi = sigma_range
-    draws = SampleDraws(dataset, seed)
+    draws = SampleDraws(dataset, seed, rank=rank, world=world)
 
     def batches(step: int) -> TrainingBatch:
         (draw,) = draws(step)

@@ -297,7 +297,7 @@ def train_projector(pipe, sharer, tok, fresh, train_items, colours, settings: Se
     ``bridged_prompt_velocity``); returns the per-step losses."""
     from c2c_core import TrainConfig, train_bank, velocity_loss
     from c2c_diffusers import TextEncoderBridge
-    from c2c_diffusers.text_encoder import PromptBatch, bridged_prompt_velocity
+    from c2c_diffusers.text_training import PromptBatch, bridged_prompt_velocity
 
     x0_all = pack(torch.stack([image(i, colours) for i in train_items]))
     g = torch.Generator().manual_seed(31 * seed + 5)

@@ -1,91 +1,55 @@
 """The text-encoder bridge for diffusers' Qwen-Image pipelines (c2c_diffusers/text_encoder.py).
 
-Tiny random transformers Qwen2.5-VL (receiver) and Qwen3-VL (sharer) built here from configs (hidden 64,
+Tiny random transformers Qwen2.5-VL (receiver) and Qwen3-VL (sharer) built from configs (tiny_qwen.py: hidden 64,
 2 layers, 4 query heads over 2 K/V heads of 16), with the Qwen tokenizer files ComfyUI ships; a tiny
 Qwen-Image DiT and VAE complete the pipelines. Prompt embeddings are compared bit for bit where the
 math promises it: strength 0 and an identity twin (the receiver's own copy as sharer) are the stock
 encoder exactly, text-only, batched with padding and with an edit image.
 """
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from c2c_core import (LayerMap, ModelSignature, ProjectorBank, TrainConfig, load_bundle, save_bundle, train_bank,
-                      velocity_loss, wan_rope_axes)
+from c2c_core import LayerMap, ModelSignature, ProjectorBank, load_bundle, save_bundle, wan_rope_axes
 from c2c_core.arch import ArchTag, TextEncoderArch
 from c2c_core.bundle import ProjectorBundle
 from c2c_diffusers import Bridge, BridgeSetupError, LiveSharer, SharerInputs, TextEncoderBridge, TextEncoderBridgeConfig
 from c2c_diffusers import apply_text_encoder_bridge, remove_text_encoder_bridge
-from c2c_diffusers.text_encoder import (PromptBatch, bridged_prompt_velocity, encoder_signature, open_prompt_set,
-                                        prompt_batches, recover_images, save_prompt_sample, token_pieces)
-from host import require_comfyui
+from c2c_diffusers.text_encoder import encoder_signature, recover_images, token_pieces
 
 transformers = pytest.importorskip("transformers")
-from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline,  # noqa: E402
-                       QwenImageEditPlusPipeline, QwenImagePipeline, QwenImageTransformer2DModel)
-from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer,  # noqa: E402
-                          Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLConfig,
-                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
+from diffusers import (FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline,  # noqa: E402
+                       QwenImagePipeline)
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig,  # noqa: E402
+                          Qwen3VLForConditionalGeneration)
+import tiny_qwen  # noqa: E402
+from tiny_qwen import PROMPTS, VISION, bundle_for, encode, qwen3, qwen25  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-            vocab_size=151936)
-VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-PROMPTS = ["a red cat on a blue chair", "the sign reads OPEN"]
-
-
-def seeded(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
-    return model.eval()
-
-
-def qwen25(seed=0):
-    config = Qwen2_5_VLConfig(text_config=dict(TEXT, rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3],
-                                                                           rope_theta=1e6)),
-                              vision_config=dict(VISION, fullatt_block_indexes=[0]))
-    return seeded(Qwen2_5_VLForConditionalGeneration(config), seed)
-
-
-def qwen3(seed=1):
-    config = Qwen3VLConfig(text_config=dict(TEXT, head_dim=16, rope_parameters=dict(
-                               rope_type="default", mrope_section=[2, 3, 3], mrope_interleaved=True, rope_theta=5e6)),
-                           vision_config=dict(VISION, deepstack_visual_indexes=[0], num_position_embeddings=64))
-    return seeded(Qwen3VLForConditionalGeneration(config), seed)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return Qwen2Tokenizer.from_pretrained(require_comfyui() / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    return tiny_qwen.tokenizer()
 
 
 @pytest.fixture(scope="module")
 def receiver_processor(tok):
-    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
-                            video_processor=Qwen2VLVideoProcessor())
+    return tiny_qwen.receiver_processor(tok)
 
 
 @pytest.fixture(scope="module")
 def sharer_processor(tok):
-    image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=Qwen3VLVideoProcessor())
+    return tiny_qwen.sharer_processor(tok)
 
 
 @pytest.fixture(scope="module")
 def dit_vae():
-    torch.manual_seed(0)
-    dit = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-                                      num_attention_heads=2, joint_attention_dim=64, guidance_embeds=False,
-                                      axes_dims_rope=(8, 4, 4)).eval()
-    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
-    return dit, vae
+    return tiny_qwen.dit(), tiny_qwen.vae()
 
 
 @pytest.fixture(scope="module")
@@ -113,19 +77,6 @@ def edit_pipe(receiver, tok, receiver_processor, dit_vae):
 @pytest.fixture(scope="module")
 def image():
     return Image.fromarray((np.random.RandomState(0).rand(56, 84, 3) * 255).astype("uint8"))
-
-
-def bundle_for(sharer_model, receiver_model, kind="identity", **hparams) -> ProjectorBundle:
-    s, r = encoder_signature(sharer_model), encoder_signature(receiver_model)
-    layer_map = LayerMap.build("terminal", s.num_layers, r.num_layers)
-    torch.manual_seed(0)
-    bank = ProjectorBank.build(kind, s, r, layer_map.layers, **hparams).eval()
-    return ProjectorBundle(bank=bank, layer_map=layer_map, sharer=s, receiver=r)
-
-
-def encode(pipe, prompt=PROMPTS[0], **kwargs):
-    with torch.no_grad():
-        return pipe.encode_prompt(prompt, device="cpu", **kwargs)[0]
 
 
 def test_strength_zero_is_the_stock_encoder_bit_for_bit(pipe, edit_pipe, sharer, sharer_processor, image):
@@ -294,38 +245,6 @@ def test_qwen3vl_sharer_reads_the_edit_image_on_its_own_grid(edit_pipe, sharer, 
     assert index[start + 10:] == list(range(start + 8, len(index) - 2))
 
 
-def prompt_batch(seed, prompt=PROMPTS[1]):
-    g = torch.Generator().manual_seed(seed)
-    return PromptBatch(x0=torch.randn(1, 16, 16, generator=g), noise=torch.randn(1, 16, 16, generator=g),
-                       sigma=0.3 + 0.4 * (seed % 2), img_shapes=[[(1, 4, 4)]], prompt=[prompt])
-
-
-def test_training_fuses_as_inference_and_only_the_bank_learns(tmp_path, pipe, sharer, sharer_processor):
-    """One fusion path: the prompt embeddings a training step computes (with grad, the bank in place) are the
-    inference ones bit for bit; the velocity loss trains the bank alone, and the saved bundle fuses as trained."""
-    for model in (pipe.text_encoder, pipe.transformer, sharer):
-        model.requires_grad_(False)
-    bundle = bundle_for(sharer, pipe.text_encoder, "c2c")
-    bridge = TextEncoderBridge(sharer, sharer_processor, bundle, strength=0.7).attach(pipe)
-    try:
-        with bridge.training():
-            trained_path = pipe.encode_prompt(PROMPTS, device="cpu")[0]
-        assert trained_path.requires_grad
-        assert torch.equal(trained_path.detach(), encode(pipe, PROMPTS))
-        result = train_bank(bundle.bank, bundle.layer_map, lambda step: prompt_batch(step % 2),
-                            velocity_loss(bridged_prompt_velocity(bridge, pipe)), TrainConfig(steps=8, lr=3e-3, seed=0))
-        assert result.losses[-1] < 0.9 * result.losses[0], result.losses
-        assert all(p.grad is not None for p in bundle.bank.parameters())
-        assert not any(p.requires_grad for m in (pipe.text_encoder, pipe.transformer, sharer) for p in m.parameters())
-        trained = encode(pipe)
-    finally:
-        bridge.detach()
-    save_bundle(tmp_path / "trained.safetensors", bundle.bank, bundle.layer_map)
-    with TextEncoderBridge(sharer, sharer_processor, load_bundle(tmp_path / "trained.safetensors"),
-                           strength=0.7).attach(pipe):
-        assert torch.equal(encode(pipe), trained)
-
-
 # -- ComfyUI and diffusers agree on the same tiny weights ---------------------------------------------------------
 
 def comfy_encoder(tiny, spec, seed, path):
@@ -351,22 +270,18 @@ def comfy_encoder(tiny, spec, seed, path):
     return clip, state
 
 
-def test_comfyui_and_diffusers_agree_on_the_same_weights(comfyui_root, request, tmp_path, tok):
+@pytest.fixture(scope="module")
+def crosscheck(comfyui_root, request, tmp_path_factory, tok):
     """The same tiny Qwen2.5-VL receiver and Qwen3-VL sharer, built with ComfyUI's classes and loaded into
-    transformers, and one bundle: ComfyUI's stock text encode equals diffusers' encode_prompt, and the Bridged Qwen
-    Text Encode node's conditioning equals the TextEncoderBridge's, to float32 rounding (1e-4 on values of order 1: the hosts use different attention kernels). ComfyUI detects Qwen-Image's
-    encoder by its 4 K/V heads × 128, so the receiver is 512 wide (head_dim 128 needs hidden = heads × 128 in
-    transformers); the sharer is tools/make_tiny_qwen.py's."""
+    transformers: (receiver CLIP, sharer CLIP, receiver model, sharer model, a QwenImagePipeline on the receiver).
+    ComfyUI detects Qwen-Image's encoder by its 4 K/V heads × 128, so the receiver is 512 wide (head_dim 128 needs
+    hidden = heads × 128 in transformers); the sharer is tools/make_tiny_qwen.py's."""
     if not (comfyui_root / "comfy" / "text_encoders" / "qwen3vl.py").is_file():
         pytest.skip("this ComfyUI has no Qwen3-VL text encoder (comfy/text_encoders/qwen3vl.py)")
     request.getfixturevalue("comfy")          # booted only on a host that has the classes
     import host
     tiny = host._load_tool("make_tiny_qwen")
-    from comfy_extras.nodes_qwen import TextEncodeQwenImageEdit
-
-    from bridge_helpers import pack_nodes
-    pack_nodes()
-    from dit_cache_bridge.nodes.text_encode import BridgedQwenTextEncode
+    tmp_path = tmp_path_factory.mktemp("crosscheck")
 
     config = dict(vocab_size=152064, hidden_size=512, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4)
@@ -395,23 +310,80 @@ def test_comfyui_and_diffusers_agree_on_the_same_weights(comfyui_root, request, 
     missing, unexpected = sharer_model.load_state_dict(sharer_state, strict=False)
     assert not unexpected and missing == ["lm_head.weight"]
     pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=receiver, tokenizer=tok, transformer=None)
+    return receiver_clip, sharer_clip, receiver, sharer_model, pipe
 
-    prompt = "a red cube with 'C2C' written on it"
-    stock_comfy = TextEncodeQwenImageEdit.execute(clip=receiver_clip, prompt=prompt, image=None).args[0][0][0]
-    stock = encode(pipe, prompt)
+
+CROSSCHECK_PROMPT = "a red cube with 'C2C' written on it"
+
+
+def comfy_encodes(receiver_clip, sharer_clip, bundle, prompt=CROSSCHECK_PROMPT):
+    """(ComfyUI's stock text encode, the Bridged Qwen Text Encode node's with ``bundle``), first conditioning tensor."""
+    from comfy_extras.nodes_qwen import TextEncodeQwenImageEdit
+
+    from bridge_helpers import pack_nodes
+    pack_nodes()
+    from dit_cache_bridge.nodes.text_encode import BridgedQwenTextEncode
+    stock = TextEncodeQwenImageEdit.execute(clip=receiver_clip, prompt=prompt, image=None).args[0][0][0]
+    fused = BridgedQwenTextEncode.execute(receiver_clip, sharer_clip, bundle, prompt, "text", 1.0, "all",
+                                          "").args[0][0][0]
+    return stock, fused
+
+
+def test_comfyui_and_diffusers_agree_on_the_same_weights(crosscheck, tok):
+    """One bundle on the crosscheck's weights: ComfyUI's stock text encode equals diffusers' encode_prompt, and the
+    Bridged Qwen Text Encode node's conditioning equals the TextEncoderBridge's, to float32 rounding (1e-4 on values
+    of order 1: the hosts use different attention kernels)."""
+    receiver_clip, sharer_clip, receiver, sharer_model, pipe = crosscheck
+    bundle = bundle_for(sharer_model, receiver, "c2c")
+    stock_comfy, fused_comfy = comfy_encodes(receiver_clip, sharer_clip, bundle)
+    stock = encode(pipe, CROSSCHECK_PROMPT)
     assert (stock - stock_comfy).abs().max() < 1e-4, (stock - stock_comfy).abs().max()   # two attention kernels
 
     # one network, one tag: a bundle made in either host is accepted by the other
     from dit_cache_bridge.c2c_comfy import compat
     for clip, model in ((receiver_clip, receiver), (sharer_clip, sharer_model)):
         assert compat.qwen_encoder(clip).arch == encoder_signature(model).arch
-    bundle = bundle_for(sharer_model, receiver, "c2c")
-    fused_comfy = BridgedQwenTextEncode.execute(receiver_clip, sharer_clip, bundle, prompt, "text", 1.0, "all",
-                                                "").args[0][0][0]
     with TextEncoderBridge(sharer_model, tok, bundle).attach(pipe):
-        fused = encode(pipe, prompt)
+        fused = encode(pipe, CROSSCHECK_PROMPT)
     assert (fused_comfy - stock_comfy).abs().max() > 0.1, "the fusion moved the conditioning"
     assert (fused - fused_comfy).abs().max() < 1e-4, (fused - fused_comfy).abs().max()
+
+
+def test_a_projector_trained_in_python_fuses_the_same_numbers_in_comfyui(crosscheck, tok):
+    """A few training steps in Python (c2c_diffusers.text_training through c2c_core.train.run_training, on a tiny
+    Qwen-Image DiT reading the crosscheck receiver's 512-wide embeddings), the bundle saved to models/c2c_projectors
+    and loaded by Load C2C Projector: Bridged Qwen Text Encode fuses what the TextEncoderBridge fuses with that
+    file, within the crosscheck's tolerance, and the trained fusion is neither the stock encoding nor the
+    untrained projector's. (Trained in ComfyUI, loaded in Python: tests/training/test_text_training.py.)"""
+    import folder_paths
+
+    from bridge_helpers import pack_nodes
+    from c2c_core import TrainConfig, velocity_loss
+    from c2c_core.train import run_training
+    from c2c_diffusers.text_training import bridged_prompt_velocity
+    receiver_clip, sharer_clip, receiver, sharer_model, pipe = crosscheck
+    for model in (receiver, sharer_model):
+        model.requires_grad_(False)
+    trainer = QwenImagePipeline(scheduler=None, vae=None, text_encoder=receiver, tokenizer=tok,
+                                transformer=tiny_qwen.dit(text_width=512).requires_grad_(False))
+    bundle = bundle_for(sharer_model, receiver, "c2c")
+    initial = {k: v.clone() for k, v in bundle.bank.state_dict().items()}
+    with TextEncoderBridge(sharer_model, tok, bundle).attach(trainer) as bridge:
+        untrained = encode(trainer, CROSSCHECK_PROMPT)
+        run_training(bundle.bank, bundle.layer_map, lambda step: tiny_qwen.prompt_batch(step, CROSSCHECK_PROMPT),
+                     velocity_loss(bridged_prompt_velocity(bridge, trainer)), TrainConfig(steps=3, lr=1e-2))
+    assert any(not torch.equal(initial[k], v) for k, v in bundle.bank.state_dict().items()), "the bank trained"
+    nodes = pack_nodes()
+    folder = Path(folder_paths.get_folder_paths("c2c_projectors")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    save_bundle(folder / "trained_in_python_qwen.safetensors", bundle.bank, bundle.layer_map)
+    loaded = nodes.LoadC2CProjector.execute("trained_in_python_qwen.safetensors").args[0]
+    stock_comfy, fused_comfy = comfy_encodes(receiver_clip, sharer_clip, loaded)
+    with TextEncoderBridge(sharer_model, tok, load_bundle(folder / "trained_in_python_qwen.safetensors")).attach(pipe):
+        fused = encode(pipe, CROSSCHECK_PROMPT)
+    assert (fused - fused_comfy).abs().max() < 1e-4, (fused - fused_comfy).abs().max()
+    assert (fused_comfy - stock_comfy).abs().max() > 0.1, "the trained fusion moved the conditioning"
+    assert (fused - untrained).abs().max() > 1e-3, "the trained projector fuses other numbers than its initialisation"
 
 
 def test_token_pieces_spell_the_text_in_bytes(tok):
@@ -422,46 +394,3 @@ def test_token_pieces_spell_the_text_in_bytes(tok):
     assert b"".join(pieces) == text.encode("utf-8")
     assert any(len(p.decode("utf-8", errors="replace")) != len(p.decode("utf-8", errors="ignore")) for p in pieces), \
         "some token ends inside a character"
-
-
-def test_prompt_samples_round_trip_and_feed_the_trainer(tmp_path, edit_pipe, sharer, sharer_processor, image):
-    """A text-encoder projector's samples (c2c_core.samples): a clean latent and what the encoders read. The
-    draws are a pure function of seed and step; an edit sample carries its image for the encoders and its latents
-    for the DiT, and a training step on it predicts the velocity of the target tokens only."""
-    g = torch.Generator().manual_seed(3)
-    x0, image_latents = torch.randn(1, 4, 1, 8, 8, generator=g), torch.randn(1, 4, 1, 8, 8, generator=g)
-    save_prompt_sample(tmp_path, x0, PROMPTS[0])
-    path = save_prompt_sample(tmp_path, x0 * 0.5, "make the sign say OPEN", image=image, image_latents=image_latents)
-    assert path.name == "sample_00002.safetensors"
-    batches = prompt_batches(open_prompt_set(tmp_path), seed=1)
-    drawn = {step: batches(step) for step in range(6)}
-    again = prompt_batches(open_prompt_set(tmp_path), seed=1)(4)
-    assert torch.equal(again.noise, drawn[4].noise) and again.sigma == drawn[4].sigma
-    edit = next(b for b in drawn.values() if b.image is not None)
-    text = next(b for b in drawn.values() if b.image is None)
-    assert text.prompt == [PROMPTS[0]] and torch.equal(text.x0, QwenImagePipeline._pack_latents(x0, 1, 4, 8, 8))
-    assert text.img_shapes == [[(1, 4, 4)]] and edit.img_shapes == [[(1, 4, 4), (1, 4, 4)]]
-    assert np.array_equal(np.asarray(edit.image), np.asarray(image))
-    assert torch.equal(edit.image_latents, QwenImagePipeline._pack_latents(image_latents, 1, 4, 8, 8))
-    with TextEncoderBridge(sharer, sharer_processor, bundle_for(sharer, edit_pipe.text_encoder, "c2c")).attach(
-            edit_pipe) as bridge:
-        velocity, target = bridged_prompt_velocity(bridge, edit_pipe)(bridge.bundle.bank, edit)
-    assert velocity.shape == target.shape == (1, 16, 16) and torch.isfinite(velocity).all()
-
-
-def test_bad_prompt_samples_are_refused(tmp_path):
-    from c2c_core.samples import TrainingDataError
-    from c2c_diffusers.training import save_training_sample
-    with pytest.raises(BridgeSetupError, match=r"x0 has shape \(1, 4, 8, 8\); expected one image latent"):
-        save_prompt_sample(tmp_path, torch.zeros(1, 4, 8, 8), "a cat")
-    with pytest.raises(BridgeSetupError, match="needs both the image and its image_latents"):
-        save_prompt_sample(tmp_path, torch.zeros(1, 4, 1, 8, 8), "a cat", image=np.zeros((8, 8, 3), np.uint8))
-    bad = tmp_path / "nonfinite"
-    save_prompt_sample(bad, torch.full((1, 4, 1, 8, 8), float("nan")), "a cat")
-    with pytest.raises(TrainingDataError, match=r"index 0 \(sample_00001.safetensors\).*NaN or Inf.*Fix: delete"):
-        open_prompt_set(bad)
-    wan = tmp_path / "wan"        # the Wan pair's samples are not a text-encoder pair's
-    save_training_sample(wan, torch.zeros(1, 16, 2, 4, 4), torch.zeros(1, 8, 64), SharerInputs(torch.zeros(1, 8, 64)))
-    with pytest.raises(TrainingDataError, match=r"sample_00001.safetensors was written by the diffusers host; this is "
-                                                r"the diffusers-qwen-image host.*save_prompt_sample"):
-        open_prompt_set(wan)
