@@ -181,6 +181,7 @@ def write_loss_plot(losses: list, path: Path, title: str) -> None:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6.4, 3.6), dpi=100)
     FigureCanvasAgg(fig)
@@ -192,8 +193,9 @@ def write_loss_plot(losses: list, path: Path, title: str) -> None:
     if window > 1:
         ax.plot(steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid"), color="#1f4e99",
                 linewidth=1.6, label=f"mean of {window}")
-    if len(values) and (values > 0).all():
+    if len(values) and (values > 0).all() and values.max() > 10 * values.min():
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="step", ylabel="loss")
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper right", fontsize=8)

@@ -27,7 +27,7 @@ from diffusers import (FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, Q
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig,  # noqa: E402
                           Qwen3VLForConditionalGeneration)
 import tiny_qwen  # noqa: E402
-from tiny_qwen import PROMPTS, VISION, bundle_for, encode, qwen3, qwen25  # noqa: E402
+from tiny_qwen import PROMPTS, TEXT, VISION, bundle_for, encode, qwen3, qwen25  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -231,7 +231,8 @@ def test_cli_trains_a_text_projector_end_to_end(tmp_path, saved_models, samples,
     import host
     cli = host._load_tool("train_projector_diffusers")
     out = tmp_path / "qwen3vl_to_qwen25vl.safetensors"
-    argv = ["--pair", "text", "--receiver", str(saved_models / "qwen_image"), "--sharer", str(saved_models / "qwen3_vl"),
+    argv = ["--pair", "text", "--receiver", str(saved_models / "qwen_image"),
+            "--sharer", str(saved_models / "qwen3_vl"),
             "--dataset", str(samples), "--kind", "c2c", "--steps", "3", "--lr", "1e-2", "--checkpoint-every", "2",
             "--device", "cpu", "--out", str(out)]
     assert cli.main(argv) == 0

@@ -60,14 +60,15 @@ def sharer_processor(tok):
 def dit(text_width=64, seed=0):
     """A tiny Qwen-Image DiT: 4-channel latents packed 2 × 2 (16 in), reading ``text_width``-wide embeddings."""
     torch.manual_seed(seed)
-    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-                                       num_attention_heads=2, joint_attention_dim=text_width, guidance_embeds=False,
-                                       axes_dims_rope=(8, 4, 4)).eval()
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=text_width,
+                                       guidance_embeds=False, axes_dims_rope=(8, 4, 4)).eval()
 
 
 def vae():
     return AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+                                  temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                  latents_std=[1.0] * 4).eval()
 
 
 def bundle_for(sharer_model, receiver_model, kind="identity", **hparams) -> ProjectorBundle:
