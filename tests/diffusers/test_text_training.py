@@ -24,6 +24,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, Qw
 import tiny_qwen  # noqa: E402
 from tiny_qwen import PROMPTS, bundle_for, encode, prompt_batch  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tok():
