@@ -272,8 +272,9 @@ class RefreshTracker:
             return False
         if self._sigmas[-1] == 0.0:                  # the run's end is known: steps from this one to it
             steps_left = self._offset + len(self._sigmas) - 1 - step
-            if steps_left <= left or (reused >= p.max_reuse and left >= -(-steps_left // (p.max_reuse + 1))):
+            if steps_left <= left or (reused >= p.max_reuse and left >= math.ceil(steps_left / (p.max_reuse + 1))):
                 return True
+        # an exact share of the travel counts (sums of sigma decrements round either way)
         return self._accumulated > 0 and self._accumulated >= self.budget_threshold() * (1 - 1e-9)
 
     def budget_threshold(self) -> float:
