@@ -25,8 +25,10 @@ every k, adaptive and budget rows with the weighted and the c2c projector, the s
 cached while reused, with the sharer forwards each row ran. Then peak captured K/V and time per step
 against the number of fused layers per mode (a PNG; every mode's K/V measured in its run, refresh
 every 4 over a whole 4-step cycle), the projector cost per type as a fraction of one transformer
-block, where the c2c projector stands against lockstep ≤ 1.15 × (R + S) at each shape
-(:func:`c2c_standing`), and whether Wan2.1-14B fits an 80 GB card, by arithmetic.
+block, where the c2c projector stands against lockstep ≤ 1.15 × (R + S) and a reused step's ≤ 5 % of R at each
+shape, at its default hidden width (c2c_core's ``c2c_default_hidden``) and at the fixed 512 it had before
+(:func:`c2c_standing`), and whether Wan2.1-14B fits an 80 GB card, by arithmetic. ``--c2c-hidden W`` adds lockstep
+and policy rows with a c2c projector of width W (e.g. 512, the earlier default) beside the default's.
 """
 from __future__ import annotations
 
