@@ -390,10 +390,11 @@ class _ResidualFFN(nn.Module):
 #: fused call, per token and for K and V 2·(2·W·h + 4·h² + h·heads) multiply-adds (the receiver's in-projection, a
 #: two-block trunk, the out-projection and head weights). A transformer block costs at least 6·W² (q, k, v, o, the
 #: cross-attention's q and o) plus its FFN (2·W·ffn, ffn >= 2.7·W in Wan) and attention, so at h = W/8 the per-call part
-#: is about 0.63·W² against >= 11·W² (<= 6 % of a block at any width, 4.3 % at dim 1024 and 256 tokens, 1.0 % at
-#: Wan2.1-1.3B, 480p); at h = 512 fixed it was 28 % at dim 1024. The floor keeps a small model's trunk able to learn; the
-#: ceiling keeps a 14B-class bank (W = 5,120) at the size the earlier fixed 512 gave it, where the whole fuser (both parts)
-#: is 2.8 % of a block. An explicit ``hidden_dim`` (a bundle's hparams, Create C2C Projector's widget) always wins.
+#: is about 0.63·W² against >= 11·W²: <= 6 % of a block for W >= 512 (4.3 % at dim 1024 and 256 tokens, 1.0 % at
+#: Wan2.1-1.3B 480p; below 512 the floor makes it more), where a fixed 512 was 28 % at dim 1024. The floor keeps a small
+#: model's trunk able to learn; the ceiling keeps a 14B-class bank (W = 5,120) at the size the earlier fixed 512 gave it,
+#: where the whole fuser (both parts) is 2.8 % of a block. An explicit ``hidden_dim`` (a bundle's hparams, Create C2C
+#: Projector's widget) always wins. Numbers by shape: BENCHMARKS.md (benchmarks/bench_bridge.py ``c2c_standing``).
 C2C_HIDDEN_FRACTION, C2C_HIDDEN_MIN, C2C_HIDDEN_MAX = 8, 64, 512
 
 
