@@ -41,6 +41,7 @@ __all__ = [
     "GatingProjector",
     "FullProjector",
     "C2CProjector",
+    "c2c_default_hidden",
     "ProjectorConfigError",
     "UnknownProjectorError",
 ]
@@ -384,6 +385,24 @@ class _ResidualFFN(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.norm(x))))
 
 
+#: The c2c fuser's default hidden width h, from the receiver's K/V width W (heads x head_dim): W / 8, at least 64, at most
+#: 512. Why it scales: a reused sharer K/V costs the cached in-projection nothing, but the rest of the fuser runs in every
+#: fused call, per token and for K and V 2·(2·W·h + 4·h² + h·heads) multiply-adds (the receiver's in-projection, a
+#: two-block trunk, the out-projection and head weights). A transformer block costs at least 6·W² (q, k, v, o, the
+#: cross-attention's q and o) plus its FFN (2·W·ffn, ffn >= 2.7·W in Wan) and attention, so at h = W/8 the per-call part
+#: is about 0.63·W² against >= 11·W²: <= 6 % of a block for W >= 512 (4.3 % at dim 1024 and 256 tokens, 1.0 % at
+#: Wan2.1-1.3B 480p; below 512 the floor makes it more), where a fixed 512 was 28 % at dim 1024. The floor keeps a small
+#: model's trunk able to learn; the ceiling keeps a 14B-class bank (W = 5,120) at the size the earlier fixed 512 gave it,
+#: where the whole fuser (both parts) is 2.8 % of a block. An explicit ``hidden_dim`` (a bundle's hparams, Create C2C
+#: Projector's widget) always wins. Numbers by shape: BENCHMARKS.md (benchmarks/bench_bridge.py ``c2c_standing``).
+C2C_HIDDEN_FRACTION, C2C_HIDDEN_MIN, C2C_HIDDEN_MAX = 8, 64, 512
+
+
+def c2c_default_hidden(receiver: ModelSignature) -> int:
+    """The c2c fuser's hidden width when none is given: an eighth of ``receiver``'s K/V width, clamped to [64, 512]."""
+    return min(C2C_HIDDEN_MAX, max(C2C_HIDDEN_MIN, receiver.width // C2C_HIDDEN_FRACTION))
+
+
 @register_projector("c2c")
 class C2CProjector(Projector):
     """The Cache-to-Cache fuser (Fu et al., C2C): ``receiver + gate * weight * proj``.
@@ -393,6 +412,8 @@ class C2CProjector(Projector):
     per-head dynamic ``weight`` = sigmoid(...) of shape (B, N, Ht, 1). ``gate`` comes from one
     scalar logit: while training a Gumbel-sigmoid sample at temperature ``self.temperature`` (the
     trainer anneals it via :meth:`set_temperature`), at inference the hard gate ``logit > 0``.
+    ``hidden_dim`` None (the default) is :func:`c2c_default_hidden` of the receiver; ``hparams`` keeps the
+    width it resolved to, so a bundle rebuilds exactly this fuser whatever the default becomes.
 
     A closed gate returns the ``receiver`` object itself, untouched, without computing anything.
     The open/closed decision must not read the GPU per call (a host sync every layer), so it is a cached Python
@@ -407,12 +428,12 @@ class C2CProjector(Projector):
         sharer: ModelSignature,
         receiver: ModelSignature,
         *,
-        hidden_dim: int = 512,
+        hidden_dim: int | None = None,
         num_layers: int = 2,
         gate_init: float = 1.0,
         eps: float = 1e-6,
     ):
-        hidden_dim = _int_hparam("c2c", "hidden_dim", hidden_dim, 1)
+        hidden_dim = c2c_default_hidden(receiver) if hidden_dim is None else _int_hparam("c2c", "hidden_dim", hidden_dim, 1)
         num_layers = _int_hparam("c2c", "num_layers", num_layers, 0)
         gate_init = _float_hparam("c2c", "gate_init", gate_init, -1e4, 1e4)
         eps = _float_hparam("c2c", "eps", eps, 0.0, 1.0, open_ends=True)

@@ -104,7 +104,8 @@ class CreateC2CProjector(io.ComfyNode):
                 io.Float.Input("alpha", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Share of the sharer for the 'weighted' projector."),
                 io.Int.Input("hidden_dim", default=0, min=0, max=65536,
-                             tooltip="Hidden width of learnable projectors; 0 picks the receiver's width."),
+                             tooltip="Hidden width of learnable projectors; 0 picks the kind's default (c2c: the receiver's "
+                                     "K/V width ÷ 8, from 64 to 512; full 512; gating 64)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Initialisation seed of learnable projectors (not a noise seed: fixed, "
                                      "so the projector is not re-created on every run)."),
@@ -154,7 +155,7 @@ def _check_create_inputs(node, kind, mapping, layers, alpha, hidden_dim, seed) -
     check(type(alpha) in (int, float) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0, node, "alpha", quote(alpha, 40),
           "a number from 0 to 1", "0.5 mixes sharer and receiver equally")
     check(type(hidden_dim) is int and 0 <= hidden_dim <= 65536, node, "hidden_dim", quote(hidden_dim, 40),
-          "an integer from 0 to 65536", "0 picks the receiver's width")
+          "an integer from 0 to 65536", "0 picks the kind's default width")
     check(type(seed) is int and 0 <= seed < 2**64, node, "seed", quote(seed, 40), "an integer from 0 to 2^64-1",
           "any fixed number, e.g. 0")
 

@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--kind", default="c2c", help="fresh projector kind: a learnable one of Create C2C Projector's")
     g.add_argument("--mapping", default="terminal", help="layer map of a fresh projector (Create C2C Projector's)")
     g.add_argument("--layers", default="all", help="receiver layers to fuse, e.g. 'all', 'last8', '0-3,7'")
-    g.add_argument("--hidden-dim", type=int, default=0, help="hidden width (0: the receiver's width)")
+    g.add_argument("--hidden-dim", type=int, default=0, help="hidden width (0: the kind's default; c2c: the receiver's K/V width / 8, 64-512)")
     g.add_argument("--init-seed", type=int, default=0, help="initialisation seed of a fresh projector")
     g = p.add_argument_group("training")
     g.add_argument("--loss", default="distill", help="c2c_core's LOSS_KINDS: velocity, distill or kv")

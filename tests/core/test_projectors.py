@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from c2c_core import KVShapeError, LayerMap, MissingLayerError, ProjectorBank, ProjectorConfigError, UnknownProjectorError, build_projector
-from c2c_core.projectors import PROJECTORS, C2CProjector, register_projector
+from c2c_core import ModelSignature, load_bundle, read_meta, save_bundle
+from c2c_core.projectors import PROJECTORS, C2CProjector, c2c_default_hidden, register_projector
 from core_helpers import PROPERTY, dtypes, kv, signature
 
 SAME_SHAPE_KINDS = ("identity", "weighted", "gating", "full", "c2c", "auto")
@@ -161,6 +162,52 @@ def test_c2c_training_gate_is_a_gumbel_sample_that_hardens_as_temperature_falls(
     assert not torch.equal(soft_a, soft_b)  # a fresh Gumbel sample per call
     p.set_temperature(1e-3)
     torch.testing.assert_close(p(s, r), hard)
+
+
+@pytest.mark.parametrize("heads, head_dim, hidden", [
+    (2, 8, 64),       # tiny models: the floor
+    (4, 128, 64),     # K/V width 512 (dim 512; Qwen2.5-VL-7B's 4 K/V heads): 512 / 8
+    (8, 128, 128),    # dim 1024, the CPU benchmark
+    (12, 128, 192),   # Wan2.1-1.3B
+    (24, 128, 384),   # Wan2.2-5B (dim 3072)
+    (40, 128, 512),   # Wan2.1-14B: the ceiling (5120 / 8 = 640)
+])
+def test_c2c_default_hidden_width_is_an_eighth_of_the_receivers_kv_width_clamped(heads, head_dim, hidden):
+    receiver = ModelSignature(num_layers=2, num_heads=heads, head_dim=head_dim)
+    sharer = signature(heads=2, head_dim=8)            # the sharer's width does not enter the rule
+    assert c2c_default_hidden(receiver) == hidden
+    with torch.device("meta"):
+        p = build_projector("c2c", sharer, receiver)
+    assert p.hparams["hidden_dim"] == hidden            # the resolved width is what a bundle saves
+    assert (p.in_sharer.out_features, p.in_receiver.out_features, p.proj.in_features) == (hidden, hidden, hidden)
+
+
+def test_an_explicit_c2c_hidden_width_wins_over_the_default():
+    receiver = ModelSignature(num_layers=2, num_heads=12, head_dim=128)
+    with torch.device("meta"):
+        assert build_projector("c2c", receiver, receiver, hidden_dim=512).hparams["hidden_dim"] == 512
+        assert build_projector("c2c", receiver, receiver, hidden_dim=16).in_sharer.out_features == 16
+    with pytest.raises(ProjectorConfigError, match="hidden_dim=0; expected an integer >= 1"):
+        build_projector("c2c", receiver, receiver, hidden_dim=0)
+
+
+def test_a_bundle_saved_with_the_earlier_fixed_width_loads_unchanged(tmp_path):
+    """Bundles written before the default scaled carry hidden_dim 512 in their hparams (defaults were always
+    saved): they rebuild at 512 where today's default would be 64, and project bit for bit as before."""
+    sharer, receiver = signature(heads=2, head_dim=8), signature(heads=3, head_dim=8)
+    layer_map = LayerMap.build("terminal", sharer.num_layers, receiver.num_layers, layers=[3])
+    torch.manual_seed(0)
+    old = ProjectorBank.build("c2c", sharer, receiver, layer_map.layers, hidden_dim=512).eval()
+    assert c2c_default_hidden(receiver) == 64
+    save_bundle(tmp_path / "old.safetensors", old, layer_map)
+    assert read_meta(tmp_path / "old.safetensors", "c2c_bundle")["projector"]["hparams"] == {
+        "hidden_dim": 512, "num_layers": 2, "gate_init": 1.0, "eps": 1e-6}
+    loaded = load_bundle(tmp_path / "old.safetensors").bank
+    assert loaded.hparams == old.hparams and loaded.projector(3, "k").in_sharer.out_features == 512
+    s, r = kv(1, 5, sharer, seed=1), kv(1, 5, receiver, seed=2)
+    with torch.no_grad():
+        for which in ("k", "v"):
+            assert torch.equal(loaded.project(3, which, s, r), old.project(3, which, s, r))
 
 
 def test_c2c_weight_branch_is_per_head():

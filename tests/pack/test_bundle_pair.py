@@ -93,6 +93,25 @@ def test_a_saved_and_loaded_bundle_keeps_the_tags(models):
     assert loaded.tagged and loaded.sharer.arch == forward.sharer.arch and loaded.receiver.arch == forward.receiver.arch
 
 
+def test_create_c2c_projectors_hidden_width_is_the_scaled_default_or_the_widget_and_a_bundle_keeps_its_own(models):
+    """hidden_dim 0: the c2c default for the receiver (tiny models: K/V width 256 -> the floor, 64); a widget value
+    wins; a bundle saved at the earlier fixed 512 (every older c2c bundle) loads through Load C2C Projector at 512."""
+    from c2c_core import save_bundle
+    b, a = models["b"], models["a"]
+
+    def c2c(hidden):
+        return pack_nodes().CreateC2CProjector.execute(b, a, "c2c", "identity", "all", alpha=0.5, hidden_dim=hidden,
+                                                       seed=0).args[0]
+    assert c2c(0).bank.hparams["hidden_dim"] == 64 and c2c(0).receiver.width == 256
+    assert c2c(24).bank.projector(0, "k").in_sharer.out_features == 24
+    old = c2c(512)
+    save_bundle(projector_folder() / "c2c_hidden_512.safetensors", old.bank, old.layer_map)
+    loaded = load("c2c_hidden_512.safetensors")
+    assert loaded.bank.hparams == old.bank.hparams and loaded.bank.hparams["hidden_dim"] == 512
+    state, want = loaded.bank.state_dict(), old.bank.state_dict()
+    assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
+
+
 MISMATCH = ("a projector made for a sharer wan2.1 t2v (dim 256, 2 layers, 2 heads, ffn 512, in 16), but the sharer "
             "model is wan2.1 i2v (dim 256, 2 layers, 2 heads, ffn 512, in 36, CLIP image input), which differs in "
             "variant t2v vs i2v, in_channels 16 vs 36, image_embedding no vs yes; expected a projector made for this "
