@@ -5,6 +5,11 @@
   sharer's knowledge (the first frame's colours, sizes and positions) is fixed before sampling starts:
   its K/V from step 0 already carry it. Task: generate (denoise 1); quality: first-frame PSNR against
   the true first frame.
+- **blind**: the denoise task with a receiver that cannot read half of its own latent: its patch embedding
+  never sees channels 8-15 (their weights are zero and stay zero in training; 500 steps, the demo's recipe
+  otherwise). The sharer is the still pair's trained T2V receiver, which reads every channel. What the
+  sharer adds is the *current* state of the channels the receiver cannot see, which changes at every step:
+  K/V from an earlier step describe a latent that is no longer there. Task and quality as denoise.
 - **denoise**: both models see the same text (the direction) and nothing else; the sharer is the still
   pair's trained T2V model (500 steps), the receiver the same architecture trained only 100 steps from
   another seed checkpoint: the sharer knows what the videos look like, the receiver hardly. What the
@@ -28,7 +33,7 @@ import torch
 
 import miniature as mini
 
-PAIRS = ("still", "denoise")
+PAIRS = ("still", "denoise", "blind")
 FILES = {"receiver": "receiver.safetensors", "sharer": "sharer.safetensors", "projector": "projector_c2c.safetensors"}
 STAMP_VERSION = 1
 
@@ -41,13 +46,28 @@ def text_only_conditionings(videos_latent: torch.Tensor, classes: torch.Tensor, 
             "sharer_positive": [[text.clone(), {}]], "sharer_negative": [[negative.clone(), {}]]}
 
 
-CONDITIONER = {"still": mini.conditionings, "denoise": text_only_conditionings}
-STARTS = {"still": ("tiny_wan_t2v_a", "tiny_wan_i2v"), "denoise": ("tiny_wan_t2v_b", "tiny_wan_t2v_a")}
-DENOISE = {"still": 1.0, "denoise": 0.6}        # the sampler's denoise: generate, or restore from partial noise
+CONDITIONER = {"still": mini.conditionings, "denoise": text_only_conditionings, "blind": text_only_conditionings}
+STARTS = {"still": ("tiny_wan_t2v_a", "tiny_wan_i2v"), "denoise": ("tiny_wan_t2v_b", "tiny_wan_t2v_a"),
+          "blind": ("tiny_wan_t2v_b", "tiny_wan_t2v_a")}
+DENOISE = {"still": 1.0, "denoise": 0.6, "blind": 0.6}    # the sampler's denoise: generate, or restore from partial noise
+BORROWED_SHARER = ("denoise", "blind")          # their sharer is the still pair's trained receiver (not trained again)
+BLIND_CHANNELS = slice(8, mini.CHANNELS)        # latent channels the blind receiver's patch embedding never reads
+
+
+def make_blind(patcher) -> torch.Tensor:
+    """Zero the patch embedding's weights of BLIND_CHANNELS: the model cannot read those channels of its input
+    latent. Returns the weight's mask (0 on those channels) for a gradient hook that keeps them zero in training."""
+    weight = patcher.model.diffusion_model.patch_embedding.weight
+    with torch.no_grad():
+        weight[:, BLIND_CHANNELS] = 0.0
+    mask = torch.ones_like(weight)
+    mask[:, BLIND_CHANNELS] = 0.0
+    return mask
 
 
 def settings_for(name: str) -> mini.Settings:
-    """The still pair: the demo's recipe. The denoise pair: a weak receiver (100 steps), the same projector recipe."""
+    """The still and blind pairs: the demo's recipe. The denoise pair: a weak receiver (100 steps), the same projector
+    recipe."""
     if name == "denoise":
         return mini.Settings(kinds=("c2c",), base_steps=100)
     return mini.Settings.demo()
@@ -80,13 +100,19 @@ def prepare(name: str, out: Path, settings: mini.Settings, seed: int = 0, log=pr
     sharer = mini.with_shift(comfy.sd.load_diffusion_model(str(mini.tiny_model_path(sharer_start))))
     torch.manual_seed(seed)
     loss = {}
-    roles = (("receiver", receiver),) if name == "denoise" else (("receiver", receiver), ("sharer", sharer))
+    roles = (("receiver", receiver),) if name in BORROWED_SHARER else (("receiver", receiver), ("sharer", sharer))
+    if name == "blind":         # AdamW without weight decay leaves a weight whose gradient is 0 where it is
+        mask = make_blind(receiver)
+        receiver.model.diffusion_model.patch_embedding.weight.requires_grad_(True)
+        receiver.model.diffusion_model.patch_embedding.weight.register_hook(lambda grad: grad * mask)
     for role, patcher in roles:
         losses = mini.train_base(training, patcher, videos, classes, texts, role, settings, seed,
                                  lambda m: log(f"[{name}] {m}"), conditioner=conditioner)
         loss[role] = sum(losses[-50:]) / len(losses[-50:])
         mini.save_model(patcher, paths[role])
-    if name == "denoise":       # the sharer is the still pair's trained receiver: a T2V model that knows the data
+    if name == "blind":
+        assert not patcher.model.diffusion_model.patch_embedding.weight[:, BLIND_CHANNELS].any(), "blindness leaked"
+    if name in BORROWED_SHARER:     # the sharer is the still pair's trained receiver: a T2V model that knows the data
         import shutil
         shutil.copyfile(prepare("still", out, settings_for("still"), seed, log)["receiver"], paths["sharer"])
     receiver, sharer = (mini.with_shift(comfy.sd.load_diffusion_model(str(paths[r]))) for r in ("receiver", "sharer"))
@@ -115,7 +141,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float) -> torch.Tensor:
 
 
 def quality(name: str, sampled: torch.Tensor, videos: torch.Tensor, classes: torch.Tensor, peak: float) -> torch.Tensor:
-    """Per-video quality (dB) of sampled model-space videos: still = first-frame PSNR, denoise = whole-video PSNR."""
+    """Per-video quality (dB) of sampled model-space videos: still = first-frame PSNR, denoise and blind =
+    whole-video PSNR."""
     if name == "still":
         return psnr(sampled[:, :, 0], videos[:, :, 0], peak)
     return psnr(sampled, videos, peak)

@@ -176,6 +176,8 @@ def report(data: dict, bench: dict | None = None) -> str:
         lines += [f"## {pair['pair']}", ""]
         if pair.get("command", data["command"]) != data["command"]:
             lines += [f"Run by `{pair['command']}`.", ""]
+        for rerun in pair.get("reruns", []):
+            lines += [f"Rows sampled again by `{rerun['command']}`: {', '.join(rerun['rows'])}.", ""]
         if line:
             lines += [f"Bench line ({line['shape']}): ratio = {line['intercept']:.3f} + {line['slope']:.3f} × (share "
                       f"of steps that run the sharer), through {len(line['points'])} measured rows.", ""]

@@ -115,6 +115,8 @@ class Miniature:
             receiver, sharer = paths["receiver"], paths["sharer"]
         self.receiver = mini.with_shift(comfy.sd.load_diffusion_model(str(receiver)))
         self.sharer = mini.with_shift(comfy.sd.load_diffusion_model(str(sharer)))
+        if paths is None and name == "blind":       # the trained receiver's file is blind already
+            rm.make_blind(self.receiver)
         if paths is None:
             with torch.inference_mode(False):
                 self.bundle = self.nodes.CreateC2CProjector.execute(self.sharer, self.receiver, "c2c", "identity",
@@ -261,11 +263,15 @@ def run_pair(name: str, args, log) -> dict:
     paths = None if args.dry_run else rm.prepare(name, args.out, rm.settings_for(name), log=log)
     m = Miniature(name, paths, args)
     started = time.monotonic()
-    placements = search_placements(m, log)
     schedules = plan(**args.plan, steps=args.steps)
-    schedules += [Schedule(f"best placement of {n}", "placement", steps=tuple(p["steps"]))
-                  for n, p in placements.items()]
-    runs = {}
+    if args.only:       # rerun some rows of an earlier run of this pair; keep the rest (and its placements)
+        kept = earlier_pair(args, name)
+        placements, runs = kept["placements"], dict(kept["runs"])
+        schedules = [REFERENCES[0], *(s for s in schedules if any(word in s.name for word in args.only))]
+    else:
+        placements, runs = search_placements(m, log), {}
+        schedules += [Schedule(f"best placement of {n}", "placement", steps=tuple(p["steps"]))
+                      for n, p in placements.items()]
     for schedule in schedules:
         runs[schedule.name] = {"schedule": asdict(schedule), **m.run(schedule, "test")}
         log(f"[{name}] {schedule.name}: quality {mean(runs[schedule.name]['quality']):.2f} dB, sharer forwards "
@@ -273,13 +279,32 @@ def run_pair(name: str, args, log) -> dict:
     again = m.run(REFERENCES[0], "test")         # the receiver once more: CPU time drifts with the machine's load
     receiver_cpu = statistics.median([runs["receiver alone"]["cpu_seconds"], again["cpu_seconds"]])
     receiver, full = runs["receiver alone"], runs["refresh 1"]
+    for schedule in schedules:                   # rows kept from an earlier run keep their CPU ratio
+        runs[schedule.name]["cpu_ratio"] = runs[schedule.name]["cpu_seconds"] / receiver_cpu
     for run in runs.values():
         run["mean_quality"] = mean(run["quality"])
         run["gain_kept"], run["gain_se"] = gain_kept(run, receiver, full)
         run["mean_forwards"] = mean(run["forwards"])
-        run["cpu_ratio"] = run["cpu_seconds"] / receiver_cpu
-    return {"pair": name, "placements": placements, "runs": runs, "receiver_cpu": receiver_cpu,
-            "seconds": time.monotonic() - started}
+    seconds = time.monotonic() - started
+    if args.only:
+        return {**kept, "runs": runs, "seconds": kept["seconds"] + seconds,
+                "reruns": [*kept.get("reruns", []), {"command": args.command, "rows": [s.name for s in schedules]}]}
+    return {"pair": name, "placements": placements, "runs": runs, "receiver_cpu": receiver_cpu, "seconds": seconds}
+
+
+def earlier_pair(args, name: str) -> dict:
+    """``name``'s results in the saved run (<out>/refresh.json), which ``--only`` updates."""
+    saved = results_file(args)
+    pairs = json.loads(saved.read_text())["pairs"] if saved.is_file() else []
+    found = [p for p in pairs if p["pair"] == name]
+    if not found:
+        raise SystemExit(f"--only reruns rows of an earlier run, but {saved} has no results for '{name}': "
+                         f"run `python experiments/run_refresh.py --pairs {name} --merge` first")
+    return found[0]
+
+
+def results_file(args) -> Path:
+    return args.out / ("dry_run.json" if args.dry_run else "refresh.json")
 
 
 def main(argv=None) -> dict:
@@ -296,12 +321,17 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="one process per miniature")
     p.add_argument("--merge", action="store_true",
                    help="keep the pairs not run now from <out>/refresh.json (each pair's report names its command)")
+    p.add_argument("--only", default="",
+                   help="comma-separated words: rerun only the schedules whose name holds one (e.g. budget,default) "
+                        "and keep the pair's other rows from <out>/refresh.json (implies --merge)")
     p.add_argument("--dry-run", action="store_true",
                    help="untrained tiny pairs, 2 videos, a handful of schedules: checks that the script runs "
                         "(seconds); numbers meaningless")
     args = p.parse_args(argv)
     args.command = " ".join(["python experiments/run_refresh.py", *(sys.argv[1:] if argv is None else argv)])
     args.steps, args.exhaustive, args.greedy, args.plan = STEPS, SEARCH_EXHAUSTIVE, SEARCH_GREEDY, {}
+    args.only = [word for word in args.only.split(",") if word]
+    args.merge = args.merge or bool(args.only)
     if args.dry_run:
         args.test_videos = args.val_videos = args.batch = 2
         args.steps, args.exhaustive, args.greedy = 4, 2, (3,)
@@ -310,6 +340,8 @@ def main(argv=None) -> dict:
         args.workers = 1
     started = time.monotonic()
     pairs = args.pairs.split(",")
+    for name in pairs if args.only else ():
+        earlier_pair(args, name)                # before any work: each pair has rows to keep
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     if args.workers > 1 and len(pairs) > 1:
         import multiprocessing
@@ -320,8 +352,8 @@ def main(argv=None) -> dict:
         results = [run_pair(name, args, log) for name in pairs]
     wall = time.monotonic() - started
     for result in results:
-        result["command"] = args.command
-    saved = args.out / ("dry_run.json" if args.dry_run else "refresh.json")
+        result.setdefault("command", args.command)      # a pair with rows rerun (--only) keeps its own command
+    saved = results_file(args)
     if args.merge and saved.is_file():
         kept = json.loads(saved.read_text())
         ran = {r["pair"] for r in results}
