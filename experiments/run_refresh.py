@@ -4,13 +4,15 @@
     python experiments/run_refresh.py                 # REFRESH.md and REFRESH.png (both miniatures)
     python experiments/run_refresh.py --dry-run       # seconds-long check that the script runs (tests)
 
-Two miniatures (experiments/refresh_miniatures.py): *still*, the evidence experiment's pair, whose sharer
-knowledge (the first frame) is fixed before sampling starts, and *denoise*, a weak receiver and a sharer that
-knows the data, restoring videos from partial noise: what the sharer adds is about the current sample, so
-fresh K/V matter. Both pairs are trained once into experiments/out/refresh/ and reused.
+Three miniatures (experiments/refresh_miniatures.py): *still*, the evidence experiment's pair, whose sharer
+knowledge (the first frame) is fixed before sampling starts; *denoise*, a weak receiver and a sharer that
+knows the data, restoring videos from partial noise; and *rule*, a sharer that knows a rule tying channels 8-15
+of the sample to channels 0-7, generating freely: what it adds depends on what the sample has become, so fresh
+K/V matter. The pairs are trained once into experiments/out/refresh/ and reused.
 
 Every schedule samples the same held-out videos with the same noise through the real bridge (a live sharer,
-Fuse Caches, the stock KSampler, euler, 12 steps, cfg 1; denoise 0.6 for the denoise pair), and is scored by the miniature's quality (dB) and
+Fuse Caches, the stock KSampler, euler, 12 steps, cfg 1; denoise 0.6 for the denoise pair), and is scored by
+the miniature's quality (dB) and
 by the share of refresh-1's gain it keeps: (schedule − receiver) / (refresh 1 − receiver). Cost: sharer
 forwards (from the bridge's own refresh report), the CPU-time ratio to the plain receiver measured here, and
 the time ratio the same schedule would have at the CPU benchmark's shape (benchmarks/bench_bridge.py: a
@@ -115,8 +117,6 @@ class Miniature:
             receiver, sharer = paths["receiver"], paths["sharer"]
         self.receiver = mini.with_shift(comfy.sd.load_diffusion_model(str(receiver)))
         self.sharer = mini.with_shift(comfy.sd.load_diffusion_model(str(sharer)))
-        if paths is None and name == "blind":       # the trained receiver's file is blind already
-            rm.make_blind(self.receiver)
         if paths is None:
             with torch.inference_mode(False):
                 self.bundle = self.nodes.CreateC2CProjector.execute(self.sharer, self.receiver, "c2c", "identity",
@@ -124,7 +124,8 @@ class Miniature:
         else:
             self.bundle = load_bundle(paths["projector"])
         self.texts = mini.text_embeddings(0)
-        self.splits = {"val": mini.make_videos(args.val_videos, 2), "test": mini.make_videos(args.test_videos, 3)}
+        self.splits = {split: (rm.data(name, videos), classes) for split, (videos, classes) in
+                       (("val", mini.make_videos(args.val_videos, 2)), ("test", mini.make_videos(args.test_videos, 3)))}
         self.peak = float(self.splits["test"][0].max() - self.splits["test"][0].min())
 
     def conds(self, split: str, sl: slice) -> dict:
