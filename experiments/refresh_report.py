@@ -164,8 +164,10 @@ def report(data: dict, bench: dict | None = None) -> str:
               f"searched on {data['val_videos']} validation videos. Euler, 12 steps, cfg 1, the pair's trained c2c "
               "projector fused into both layers at strength 1.", "",
               "Columns: *sharer forwards* per sampling run (the bridge's refresh report; switch rows add the sharer's "
-              "own steps); *quality*: still = first-frame PSNR, denoise = whole-video PSNR of the restored video (dB); *gain kept* = (schedule − "
-              "receiver) / (refresh 1 − receiver) per video, mean ± standard error; *CPU ratio*: the run's CPU time ÷ "
+              "own steps); *quality* (dB): still = first-frame PSNR, denoise = whole-video PSNR of the restored "
+              "video, rule = the sample's rule SNR (channels 8-15 against the rule applied to channels 0-7); "
+              "*gain kept* = (schedule − receiver) / (refresh 1 − receiver) per video, mean ± standard error; "
+              "*CPU ratio*: the run's CPU time ÷ "
               "the receiver alone's, on this miniature (dim 256, 48 tokens: the projector weighs more than a block "
               "here); *bench ratio*: the same schedule's time ratio at the CPU benchmark's shape, from the line "
               "through its measured c2c refresh rows (BENCHMARKS.md); *14B ratio*: the same at Wan2.1-14B shape "
