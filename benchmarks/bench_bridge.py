@@ -353,9 +353,11 @@ def fits_14b(card_gb: float = 80.0) -> dict:
     with torch.device("meta"):
         c2c = ProjectorBank.build("c2c", sig, sig, list(range(40)))
     bank = memory.bank_bytes(c2c, 2)
-    rows = {
+    kept = memory.projected_bytes(c2c, range(40), tokens=tokens, chunks=2, itemsize=2)
+    rows = {      # buffered: the sharer's forward runs nested in the receiver's first fused block (docs/memory.md)
         "receiver alone": weights + activations,
-        "buffered live, 40 layers": 2 * weights + activations + 40 * layer + bank,
+        "buffered live, 40 layers": 2 * weights + 2 * activations + 40 * layer + bank,
+        "buffered live, 40 layers, K/V reused": 2 * weights + 2 * activations + 40 * layer + bank + kept,
         "lockstep live, 40 layers": 2 * weights + 2 * activations + layer + bank,
         "recorded: recording (sharer alone)": weights + activations,
         "recorded: replay (receiver alone)": weights + activations + layer + bank,

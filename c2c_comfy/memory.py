@@ -2,8 +2,9 @@
 
 ComfyUI decides how much of a model to load (fully, or partially with ``--lowvram`` style weight
 streaming) from its own estimate of the sampling run's activations. A bridged run adds to that:
-the sharer's activations while its forward is alive next to the receiver's, the sharer K/V held
-for fusion, and the projector bank on the device. ``reserve`` adds a PREPARE_SAMPLING wrapper to the
+the sharer's activations while its forward is alive next to the receiver's (in both live modes the
+sharer runs inside a receiver call), the sharer K/V held for fusion, their projections kept while
+they are reused, and the projector bank on the device. ``reserve`` adds a PREPARE_SAMPLING wrapper to the
 bridged clone that reserves those bytes while ComfyUI loads the models for the run, so it offloads
 enough instead of running out of memory mid-step. ``check_recording_fits`` refuses a recording that
 cannot fit in the free RAM or disk before the sharer runs.
@@ -31,14 +32,16 @@ GB = 1024 ** 3
 @dataclass(frozen=True)
 class BridgeMemory:
     """Extra device bytes of one bridged run, by cause."""
-    sharer_activations: int = 0     # the sharer's forward alive beside the receiver's (lockstep), or its excess
+    sharer_activations: int = 0     # the sharer's forward alive inside a receiver call (both live modes)
     captured_kv: int = 0            # sharer K/V held at peak
+    projected_kv: int = 0           # the projector's sharer side of every fused layer, kept while K/V are reused
     projector_bank: int = 0         # the bank's parameters on the device
     recording_buffers: int = 0      # replayed K/V of one layer moved to the device
 
     @property
     def total(self) -> int:
-        return self.sharer_activations + self.captured_kv + self.projector_bank + self.recording_buffers
+        return (self.sharer_activations + self.captured_kv + self.projected_kv + self.projector_bank
+                + self.recording_buffers)
 
     def describe(self) -> str:
         parts = ", ".join(f"{name.replace('_', ' ')} {gb(value)}" for name, value in vars(self).items() if value)
@@ -63,18 +66,40 @@ def bank_bytes(bank, itemsize: int) -> int:
     return sum(p.numel() for p in bank.parameters()) * itemsize
 
 
+def projected_bytes(bank, fused_layers, *, tokens: int, chunks: int, itemsize: int) -> int:
+    """What ``FusionRun.sharer_part`` keeps while the sharer's K/V are reused: K and V of every fused receiver layer
+    through its projector's sharer side (the MLP output of ``full``, the ``in_sharer`` branch of ``c2c``, the
+    aligned sharer K/V otherwise), in the receiver's compute dtype. Widths are read off each projector with a
+    one-token probe, so every kind counts what it really keeps."""
+    import torch
+    sig = bank.sharer
+    device = next(bank.parameters(), torch.zeros(0)).device        # a bank built on "meta" is probed there
+    probe = torch.zeros(1, 1, sig.num_heads, sig.head_dim, device=device)
+    with torch.no_grad():
+        per_token = sum(bank.projector(layer, which).sharer_part(probe).numel()
+                        for layer in fused_layers for which in ("k", "v"))
+    return per_token * chunks * tokens * itemsize
+
+
 def live_estimate(*, tokens: int, chunks: int, sharer_heads: int, sharer_head_dim: int, sharer_layers: int,
                   itemsize: int, bank: int, streaming: bool, sharer_activations: int,
-                  receiver_activations: int) -> BridgeMemory:
-    """Live mode. Lockstep: the sharer's forward is suspended inside its block while the receiver runs, so
-    its activations add to the receiver's, and one sharer layer of K/V is held. Buffered: the sharer runs
-    first (only the excess of its activations over the receiver's counts) and every captured layer is held.
+                  projected: int = 0) -> BridgeMemory:
+    """Live mode. The sharer runs inside a receiver call in both modes, so its whole forward's activations add to
+    the receiver's (which ComfyUI reserves itself: its own estimate is the peak of one block, and the receiver's
+    tensors alive at the hand-off are no more than that).
+
+    Lockstep: the sharer's forward is suspended inside its block while the receiver runs; one sharer layer of
+    K/V is held. Buffered (the sharer's K/V are reused across steps, or no lockstep): the sharer's forward runs
+    to its last captured layer nested in the receiver's first fused block (the refresh decision is made there),
+    so at that moment the receiver's block, the sharer's whole forward and every captured layer are alive
+    together, and, when the K/V are reused, the previous window's ``projected`` sharer sides of every fused
+    layer too (they are replaced layer by layer only after the sharer has run).
     """
     layer = kv_layer_bytes(tokens, sharer_heads, sharer_head_dim, chunks, itemsize)
     if streaming:
         return BridgeMemory(sharer_activations=sharer_activations, captured_kv=layer, projector_bank=bank)
-    return BridgeMemory(sharer_activations=max(0, sharer_activations - receiver_activations),
-                        captured_kv=sharer_layers * layer, projector_bank=bank)
+    return BridgeMemory(sharer_activations=sharer_activations, captured_kv=sharer_layers * layer,
+                        projected_kv=projected, projector_bank=bank)
 
 
 def replay_estimate(*, tokens: int, chunks: int, sharer_heads: int, sharer_head_dim: int, itemsize: int,
@@ -189,13 +214,15 @@ def live_reservation(bridge, source):
     """The estimate function ``reserve`` calls for a live source attached to ``bridge``."""
     def estimate(receiver, noise_shape, conds):
         sig, chunks = bridge.bundle.sharer, chunks_of(conds)
+        tokens = compat.token_grid(noise_shape).numel
         streaming = source.streaming and source.refresh.always
-        return live_estimate(tokens=compat.token_grid(noise_shape).numel, chunks=chunks, sharer_heads=sig.num_heads,
-                             sharer_head_dim=sig.head_dim, sharer_layers=len(bridge.sharer_layers),
-                             itemsize=_compute_itemsize(bridge.sharer_patcher),
+        projected = 0 if source.refresh.always else projected_bytes(   # reused K/V: sharer_part's cache
+            bridge.bundle.bank, bridge.fused_layers, tokens=tokens, chunks=chunks, itemsize=_compute_itemsize(receiver))
+        return live_estimate(tokens=tokens, chunks=chunks, sharer_heads=sig.num_heads, sharer_head_dim=sig.head_dim,
+                             sharer_layers=len(bridge.sharer_layers), itemsize=_compute_itemsize(bridge.sharer_patcher),
                              bank=0, streaming=streaming,     # the bank is a model ComfyUI loads and counts
                              sharer_activations=activation_bytes(bridge.sharer_patcher, noise_shape, chunks),
-                             receiver_activations=activation_bytes(receiver, noise_shape, chunks))
+                             projected=projected)
     return estimate
 
 

@@ -22,19 +22,22 @@ Signals (what ``threshold`` is measured in, one unit a user can read: a fraction
   magnitude relative change of the input's L2 norm (MagCache style magnitude ratio, ``|1 - |x|/|x_prev||``),
             via :func:`magnitude_change`; cheaper to keep than ``input`` (no copy of the latent is held).
 
-Guards: the first step of a run always runs the sharer; in adaptive and budget modes at most ``max_reuse``
-schedule steps in a row reuse; ``threshold=0`` decides exactly as ``every=1``. Steps are sigma indices, so
+Guards: the first step of a run always runs the sharer; in adaptive mode at most ``max_reuse`` schedule steps
+in a row reuse (budget: below); ``threshold=0`` decides exactly as ``every=1``. Steps are sigma indices, so
 a run whose first sigma is the previous run's last (a KSamplerAdvanced split) continues the count and the
 cycle of the one before, as one KSampler would.
 
-Budget placement without knowing the future: the schedule is known at ``begin_run``, so each step gets a
-prior share of the run's change (its sigma decrement). The tracker spends a forward when the change
-accumulated since the last run reaches an equal share of what is left: ``accumulated >= (accumulated +
-expected rest) / (forwards left + 1)``, where the expected rest is the prior of the remaining steps scaled
-by what the signal measured against the prior so far (calibration on the fly). With the ``sigma`` signal
-this places the forwards at equal sigma distances; with a measured signal it moves them to where the
-measured change runs ahead of the prior. The budget is a hard cap: once spent, ``max_reuse`` no longer forces
-runs.
+Budget: spend like adaptive, with the threshold the budget implies. The run's whole noise travel (first sigma
+-> 0) is known up front, also to the first part of a split sampler: 1 in ``sigma`` units. A forward is spent when
+the change since the sharer last ran reaches ``expected change of the whole run / budget``, so each forward serves
+an equal share of the run. The expected change is the travel times a calibration (the signal's change per unit of
+sigma travelled), taken from the previous run of this tracker when it had as many steps, else from the decisions
+of this run so far. Because the signals grow toward the low-noise end, this places forwards late, where they count
+most (experiments/REFRESH.md). Guards: never more than ``budget`` forwards; when as many steps are left as forwards
+(a run that ends at sigma 0), the rest run; ``max_reuse`` forces a run only where the forwards left can pay for it
+to the end (``forwards left >= ceil(steps left / (max_reuse + 1))``): until then a budget too small for the cap
+is placed by the signal alone. A run that ends above sigma 0 (a split's first part) cannot see its end: neither
+rule applies in it.
 """
 from __future__ import annotations
 
@@ -68,15 +71,15 @@ class RefreshPolicy:
     """When the sharer runs (see the module docstring for the modes, signals and guards).
 
     every: k for mode "every" (1 = every model evaluation). threshold: adaptive, the signal's change since
-    the sharer last ran that triggers the next run (0 = every evaluation, as every=1). max_reuse: adaptive
-    and budget, most schedule steps in a row that reuse. budget: sharer runs per sampling run.
-    signal: what adaptive and budget measure, one of :data:`SIGNALS`.
+    the sharer last ran that triggers the next run (0 = every evaluation, as every=1). max_reuse: most schedule
+    steps in a row that reuse (adaptive; budget: where the forwards left can pay for it). budget: sharer runs
+    per sampling run. signal: what adaptive and budget measure, one of :data:`SIGNALS`.
     """
 
     mode: str = "every"
     every: int = 1
-    threshold: float = 0.1
-    max_reuse: int = 4
+    threshold: float = 0.25     # defaults from the refresh frontier: docs/refresh.md, "Defaults"
+    max_reuse: int = 8
     budget: int = 4
     signal: str = "input"
 
@@ -162,12 +165,14 @@ class RefreshTracker:
         self._sigmas: list = []
         self._offset = 0               # schedule steps of the runs this one continues
         self._scale = 1.0              # the cycle's first sigma ("sigma" signal unit)
-        self._prior: list = []         # per global step: prior change since the previous step
         self._windows = 0              # sharer runs in this cycle: the window counter
         self._last_run_step: Optional[int] = None
-        self._accumulated = 0.0
-        self._measured = 0.0           # signal measured so far in the cycle, and the prior of the same steps
-        self._prior_seen = 0.0
+        self._accumulated = 0.0        # signal since the sharer last ran
+        self._measured = 0.0           # signal measured in the cycle, and the sigma travelled at the same decisions
+        self._travelled = 0.0
+        self._cycle_steps = 0          # steps of the run that started the cycle (the calibration's key)
+        self._previous: Optional[tuple] = None     # (steps, calibration) of the previous cycle
+        self._calibration: Optional[float] = None  # from the previous cycle, when it had as many steps
         self._spent = 0
         self._previous_sigma: Optional[float] = None
         self._last_key: Any = None
@@ -186,13 +191,16 @@ class RefreshTracker:
                      and same_sigma(sigmas[0], self._sigmas[-1]))
         if continued:
             self._offset += len(self._sigmas) - 1
-            self._prior = self._prior[:self._offset] + self._step_prior(sigmas, self._scale)
         else:
+            if self._travelled > 0:
+                self._previous = (self._cycle_steps, self._measured / self._travelled)
+            self._cycle_steps = len(sigmas) - 1
+            same = self._previous is not None and self._previous[0] == self._cycle_steps
+            self._calibration = self._previous[1] if same else None
             self._offset = 0
             self._scale = max(abs(sigmas[0]), 1e-12)
-            self._prior = self._step_prior(sigmas, self._scale)
             self._last_run_step = None
-            self._accumulated = self._measured = self._prior_seen = 0.0
+            self._accumulated = self._measured = self._travelled = 0.0
             self._spent = 0
             self._previous_sigma = None
         self._sigmas = sigmas
@@ -200,19 +208,15 @@ class RefreshTracker:
         self._report = RefreshReport(policy=self.policy.to_dict(), continued=continued)
         return continued
 
-    @staticmethod
-    def _step_prior(sigmas: list, scale: float) -> list:
-        """Prior change of each step of ``sigmas`` since the step before: its sigma decrement (step 0: 0)."""
-        return [0.0] + [abs(a - b) / scale for a, b in zip(sigmas[:-2], sigmas[1:-1])]
-
     # -- per model call -----------------------------------------------------------------------------
     def decide(self, sigma: float, signal: Signal = None, *, evaluation: Hashable = None) -> Refresh:
         """The decision for a model call at ``sigma``.
 
         signal: the policy's measured change since the previous decision, a Python float, or a callable
         returning one (called only when a new decision needs it, so a host pays its device read only then),
-        or None (unknown: adaptive runs the sharer). evaluation: the host's model-evaluation index; calls of
-        one evaluation (separate CFG chunks) get one decision. Without it, calls at one sigma share one.
+        or None (unknown: adaptive runs the sharer, budget runs it while forwards are left). evaluation: the
+        host's model-evaluation index; calls of one evaluation (separate CFG chunks) get one decision. Without
+        it, calls at one sigma share one.
         """
         if not self._sigmas:
             raise ScheduleError("RefreshTracker.decide before begin_run; call begin_run(sigmas) at the run's start.")
@@ -246,32 +250,51 @@ class RefreshTracker:
             return True
         if p.mode == "every":
             return self._last_run_step is None or step // p.every != self._last_run_step // p.every
-        change = self._change(sigma, signal)          # measured on every new decision: the next one compares to it
-        if self._last_run_step is None:
+        travelled = self._travel(sigma)
+        change = travelled if p.signal == "sigma" else self._read(signal)   # read at every new decision: the
+        if self._last_run_step is None:                                      # next one compares with it
             return True
-        prior = self._prior[step] if step < len(self._prior) else 0.0
         if change is None or not math.isfinite(change):
             return p.mode == "adaptive" or self._spent < p.budget
         self._accumulated += change
         self._measured += change
-        self._prior_seen += prior
-        capped = step - self._last_run_step > p.max_reuse
+        self._travelled += travelled
+        reused = step - self._last_run_step - 1          # steps in a row that reused before this one
         if p.mode == "adaptive":
-            return capped or self._accumulated >= p.threshold
+            return reused >= p.max_reuse or self._accumulated >= p.threshold
+        return self._budget_runs(step, reused)
+
+    def _budget_runs(self, step: int, reused: int) -> bool:
+        """Budget mode, with a known change: the threshold the budget implies, and its guards (module docstring)."""
+        p = self.policy
         left = p.budget - self._spent
         if left <= 0:
             return False
-        if capped:
-            return True
-        rest = sum(self._prior[step + 1:])
-        calibration = self._measured / self._prior_seen if self._prior_seen > 0 else 1.0
-        expected = self._accumulated + calibration * rest
-        return self._accumulated > 0 and self._accumulated >= expected / (left + 1)
+        if self._sigmas[-1] == 0.0:                  # the run's end is known: steps from this one to it
+            steps_left = self._offset + len(self._sigmas) - 1 - step
+            if steps_left <= left or (reused >= p.max_reuse and left >= math.ceil(steps_left / (p.max_reuse + 1))):
+                return True
+        # an exact share of the travel counts (sums of sigma decrements round either way)
+        return self._accumulated > 0 and self._accumulated >= self.budget_threshold() * (1 - 1e-9)
 
-    def _change(self, sigma: float, signal: Signal) -> Optional[float]:
+    def budget_threshold(self) -> float:
+        """Budget mode: the change since the sharer last ran that spends the next forward, the expected change of the
+        whole run (its noise travel, 1 in sigma units, times the calibration) / budget."""
         if self.policy.signal == "sigma":
-            previous = self._previous_sigma
-            return 0.0 if previous is None else abs(previous - sigma) / self._scale
+            calibration = 1.0
+        elif self._calibration is not None:
+            calibration = self._calibration
+        else:
+            calibration = self._measured / self._travelled if self._travelled > 0 else 1.0
+        return calibration / self.policy.budget
+
+    def _travel(self, sigma: float) -> float:
+        """Noise level travelled since the previous decision, as a fraction of the cycle's first sigma."""
+        previous = self._previous_sigma
+        return 0.0 if previous is None else abs(previous - sigma) / self._scale
+
+    @staticmethod
+    def _read(signal: Signal) -> Optional[float]:
         if callable(signal):
             signal = signal()
         return None if signal is None else float(signal)

@@ -10,6 +10,8 @@ from ..c2c_comfy.validate import check_inputs
 from .projector import check_projector_fits, model_signature
 from .types import CATEGORY, KVSource, Projector
 
+DEFAULT_REFRESH = RefreshPolicy()      # the refresh inputs' defaults (docs/refresh.md, "Defaults")
+
 GRID_ALIGNMENTS = list(align.GRID_ALIGNMENTS)
 
 
@@ -46,8 +48,9 @@ class CaptureKVCache(io.ComfyNode):
 
     @classmethod
     def execute(cls, sharer, positive, negative, layers="auto", refresh_every=1, rope_alignment="auto",
-                grid_alignment="refuse", projector=None, middle=None, refresh="every", threshold=0.1, budget=4,
-                max_reuse=4) -> io.NodeOutput:
+                grid_alignment="refuse", projector=None, middle=None, refresh="every",
+                threshold=DEFAULT_REFRESH.threshold, budget=DEFAULT_REFRESH.budget,
+                max_reuse=DEFAULT_REFRESH.max_reuse) -> io.NodeOutput:
         check_inputs(cls, locals())
         policy = refresh_policy(cls.NODE, refresh, refresh_every, threshold, budget, max_reuse)
         check_same_image_grid(cls.NODE, {"positive": positive, "negative": negative, "middle": middle or []})
@@ -69,17 +72,22 @@ def refresh_inputs(every: bool = False):
                        tooltip="When the sharer runs: 'every' refresh_every steps; 'adaptive' when the receiver's "
                                "input changed by 'threshold' since it last ran; 'budget' at most 'budget' times per "
                                "run, where the input changes most. Reused steps cost only the blend."),
-        io.Float.Input("threshold", default=0.1, min=0.0, max=10.0, step=0.01, round=0.001, optional=True,
+        io.Float.Input("threshold", default=DEFAULT_REFRESH.threshold, min=0.0, max=10.0, step=0.01, round=0.001,
+                       optional=True,
                        tooltip="refresh 'adaptive': relative change of the receiver's input latent since the sharer "
-                               "last ran that runs it again (0.1 = 10 %; 0 = every step, as refresh_every 1)."),
-        io.Int.Input("budget", default=4, min=1, max=10000, optional=True,
-                     tooltip="refresh 'budget': sharer runs per sampling run (the first step always runs)."),
-        io.Int.Input("max_reuse", default=4, min=0, max=10000, optional=True,
-                     tooltip="refresh 'adaptive'/'budget': most steps in a row that reuse the sharer's K/V."),
+                               "last ran that runs it again (0.25 = 25 %: about 4 sharer runs per sampling run; "
+                               "0 = every step, as refresh_every 1)."),
+        io.Int.Input("budget", default=DEFAULT_REFRESH.budget, min=1, max=10000, optional=True,
+                     tooltip="refresh 'budget': sharer runs per sampling run (the first step always runs; the rest "
+                             "where the input changes most, which is late in the schedule)."),
+        io.Int.Input("max_reuse", default=DEFAULT_REFRESH.max_reuse, min=0, max=10000, optional=True,
+                     tooltip="refresh 'adaptive'/'budget': most steps in a row that reuse the sharer's K/V (budget: "
+                             "where the runs left can keep every later stretch within it)."),
     ]
 
 
-def refresh_policy(node: str, refresh="every", refresh_every=1, threshold=0.1, budget=4, max_reuse=4) -> RefreshPolicy:
+def refresh_policy(node: str, refresh="every", refresh_every=1, threshold=DEFAULT_REFRESH.threshold,
+                   budget=DEFAULT_REFRESH.budget, max_reuse=DEFAULT_REFRESH.max_reuse) -> RefreshPolicy:
     """The node's refresh inputs as a RefreshPolicy; a value the policy refuses names the node's input and the fix."""
     try:
         return RefreshPolicy(mode=refresh, every=refresh_every, threshold=threshold, budget=budget, max_reuse=max_reuse)

@@ -18,7 +18,7 @@ from ..c2c_comfy import files
 from ..c2c_comfy.errors import BridgeInputError, check
 from ..c2c_comfy.recorded import RecordedSharer
 from ..c2c_comfy.validate import check_inputs
-from .capture import refresh_inputs, refresh_policy
+from .capture import DEFAULT_REFRESH, refresh_inputs, refresh_policy
 from .types import CATEGORY, KVSource
 
 SUBFOLDER = "kv_cache"
@@ -87,8 +87,9 @@ class LoadKVCache(io.ComfyNode):
         return files.fingerprint(path) if path else "invalid"
 
     @classmethod
-    def execute(cls, kv_cache, refresh_every=1, grid_alignment="refuse", refresh="every", threshold=0.1, budget=4,
-                max_reuse=4) -> io.NodeOutput:
+    def execute(cls, kv_cache, refresh_every=1, grid_alignment="refuse", refresh="every",
+                threshold=DEFAULT_REFRESH.threshold, budget=DEFAULT_REFRESH.budget,
+                max_reuse=DEFAULT_REFRESH.max_reuse) -> io.NodeOutput:
         check(grid_alignment in GRID_ALIGNMENTS, cls.NODE, "grid_alignment", quote(grid_alignment, 60),
               f"one of {GRID_ALIGNMENTS}", "pick a value from the list")
         check(type(refresh_every) is int and 1 <= refresh_every <= 1000, cls.NODE, "refresh_every",

@@ -8,7 +8,7 @@ from ..c2c_comfy import compat, recorded
 from ..c2c_comfy.live import missing_image_warnings
 from ..c2c_comfy.errors import check
 from ..c2c_comfy.validate import check_inputs
-from .capture import GRID_ALIGNMENTS, capture_layers, refresh_inputs, refresh_policy, sharer_inputs
+from .capture import DEFAULT_REFRESH, GRID_ALIGNMENTS, capture_layers, refresh_inputs, refresh_policy, sharer_inputs
 from .projector import model_signature
 from .types import CATEGORY, KVSource, Projector
 
@@ -65,8 +65,9 @@ class RecordKVCache(io.ComfyNode):
     @classmethod
     def execute(cls, sharer, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
                 denoise=1.0, layers="auto", storage_dtype="bf16", storage="ram", refresh_every=1,
-                rope_alignment="auto", grid_alignment="refuse", projector=None, refresh="every", threshold=0.1,
-                budget=4, max_reuse=4) -> io.NodeOutput:
+                rope_alignment="auto", grid_alignment="refuse", projector=None, refresh="every",
+                threshold=DEFAULT_REFRESH.threshold, budget=DEFAULT_REFRESH.budget,
+                max_reuse=DEFAULT_REFRESH.max_reuse) -> io.NodeOutput:
         check_inputs(cls, locals())
         policy = refresh_policy(cls.NODE, refresh, refresh_every, threshold, budget, max_reuse)
         signature = model_signature(cls.NODE, "sharer", sharer)

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..c2c_comfy import compat
 from ..c2c_comfy.validate import check_inputs
-from .capture import make_live_source, refresh_inputs, refresh_policy, sharer_inputs
+from .capture import DEFAULT_REFRESH, make_live_source, refresh_inputs, refresh_policy, sharer_inputs
 from .fuse import bridge_model, fusion_inputs
 from .record import check_image_latents
 from .types import CATEGORY, Projector
@@ -47,8 +47,8 @@ class BridgedKSampler(io.ComfyNode):
     def execute(cls, receiver, positive, negative, sharer, sharer_positive, sharer_negative, projector, strength,
                 start_percent, end_percent, seed, steps, cfg, sampler_name, scheduler, latent_image, denoise=1.0,
                 ramp="constant", layer_strengths="", direction="sharer_to_receiver", backward_projector=None,
-                backward_strength=1.0, refresh_every=1, refresh="every", threshold=0.1, budget=4,
-                max_reuse=4) -> io.NodeOutput:
+                backward_strength=1.0, refresh_every=1, refresh="every", threshold=DEFAULT_REFRESH.threshold,
+                budget=DEFAULT_REFRESH.budget, max_reuse=DEFAULT_REFRESH.max_reuse) -> io.NodeOutput:
         check_inputs(cls, locals())
         policy = refresh_policy(cls.NODE, refresh, refresh_every, threshold, budget, max_reuse)
         check_image_latents(cls.NODE, {"sharer_positive": sharer_positive, "sharer_negative": sharer_negative},

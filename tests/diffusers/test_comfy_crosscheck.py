@@ -300,6 +300,9 @@ def test_both_hosts_run_the_sharer_at_the_same_steps(tiny_models, tmp_path, refr
           f"{report.refresh['sharer_steps']}")
     assert report.refresh["sharer_steps"] == comfy_report.refresh["sharer_steps"]
     assert 1 < len(report.refresh["sharer_steps"]) < steps, "the policy must both run and reuse for this to mean much"
+    if refresh["refresh"] == "budget":
+        assert len(report.refresh["sharer_steps"]) == refresh["budget"]    # a run to sigma 0 spends its budget
+        assert report.refresh["sharer_steps"][1] >= steps // 2               # where the input changes most: late
     assert report.sharer_forwards == comfy_report.sharer_forwards == 2 * len(report.refresh["sharer_steps"])
     err = (ours - theirs).abs().max() / theirs.abs().max()
     assert err <= 1e-5, f"relative difference {err:.2e}"

@@ -25,13 +25,49 @@ def test_one_layer_of_14b_kv_at_480p_81_frames_with_batched_cfg_is_1_25_gb():
 
 
 def test_lockstep_holds_one_layer_where_buffered_holds_every_fused_layer():
+    """Both live modes run the sharer inside a receiver call (lockstep: suspended in its block; buffered: nested in
+    the receiver's first fused block, where the refresh decision is made), so the sharer's whole activations count
+    in both, not only their excess over the receiver's."""
     m = memory()
     common = dict(tokens=TOKENS_480P_81F, chunks=2, sharer_heads=40, sharer_head_dim=128, sharer_layers=40,
-                  itemsize=2, bank=0, sharer_activations=10 * GB, receiver_activations=10 * GB)
+                  itemsize=2, bank=0, sharer_activations=10 * GB)
     lockstep, buffered = m.live_estimate(streaming=True, **common), m.live_estimate(streaming=False, **common)
     assert lockstep.captured_kv == 1_341_849_600 and lockstep.sharer_activations == 10 * GB
-    assert buffered.captured_kv == 40 * 1_341_849_600 and buffered.sharer_activations == 0
-    assert round(buffered.captured_kv / GB, 1) == 50.0
+    assert buffered.captured_kv == 40 * 1_341_849_600 and buffered.sharer_activations == 10 * GB
+    assert round(buffered.captured_kv / GB, 1) == 50.0 and buffered.projected_kv == 0
+    reused = m.live_estimate(streaming=False, projected=5 * GB, **common)
+    assert reused.total == 10 * GB + 40 * 1_341_849_600 + 5 * GB
+    assert "projected kv 5.00 GB" in reused.describe()
+
+
+def test_kept_projections_of_a_14b_c2c_bank_at_480p_are_5_gb():
+    """Reused K/V keep each fused layer's projected sharer side: K and V x 2 chunks x 32,760 tokens x the c2c
+    projector's hidden width (512 here) x bf16, over 40 layers. Probed on a bank built on "meta" (no memory)."""
+    import torch
+    from c2c_core import ModelSignature, ProjectorBank
+    sig = ModelSignature(num_layers=40, num_heads=40, head_dim=128, name="wan14b")
+    with torch.device("meta"):
+        bank = ProjectorBank.build("c2c", sig, sig, list(range(40)), hidden_dim=512)
+    kept = memory().projected_bytes(bank, range(40), tokens=TOKENS_480P_81F, chunks=2, itemsize=2)
+    assert kept == 40 * 2 * 2 * TOKENS_480P_81F * 512 * 2 == 5_367_398_400
+    assert round(kept / GB, 2) == 5.0
+
+
+@pytest.mark.parametrize("kind, hparams, width", [("identity", {}, 24), ("weighted", {"alpha": 0.5}, 24),
+                                                  ("full", {"hidden_dim": 8}, 36), ("c2c", {"hidden_dim": 16}, 16),
+                                                  ("gating", {"hidden_dim": 8}, 24)])
+def test_kept_projections_are_as_wide_as_each_projectors_sharer_side(kind, hparams, width):
+    """Per token and K or V: the aligned sharer (2 x 12) unless the projector computes a sharer side: full's MLP
+    output in the receiver's width (3 x 12), c2c's in_sharer branch (its hidden width)."""
+    from c2c_core import ModelSignature, ProjectorBank
+    sharer = ModelSignature(num_layers=3, num_heads=2, head_dim=12)
+    receiver = ModelSignature(num_layers=3, num_heads=3 if kind in ("full", "c2c") else 2, head_dim=12)
+    bank = ProjectorBank.build(kind, sharer, receiver, [1, 2], **hparams).eval()
+    if kind == "c2c":
+        for layer in (1, 2):
+            for which in ("k", "v"):
+                bank.projector(layer, which).set_gate_logit(1.0)       # an open gate computes its sharer side
+    assert memory().projected_bytes(bank, [1, 2], tokens=10, chunks=2, itemsize=4) == 2 * 2 * width * 2 * 10 * 4
 
 
 def test_recording_every_14b_layer_over_20_steps_is_a_terabyte_and_is_refused():
@@ -67,22 +103,25 @@ def conds():
     return {"pos": wan_conditioning(1), "neg": wan_conditioning(2, length=5)}
 
 
-def bridged(models, conds, streaming):
+def bridged(models, conds, streaming, refresh=None):
     nodes = pack_nodes()
     a, b = models["a"], models["b"]
     proj = nodes.CreateC2CProjector.execute(b, a, "weighted", "identity", "all", alpha=0.5, hidden_dim=0,
                                             seed=0).args[0]
     from dit_cache_bridge.c2c_comfy import compat
     from dit_cache_bridge.c2c_comfy.live import LiveSharer
+    from c2c_core import RefreshPolicy
     src = LiveSharer(model=b, positive=conds["pos"], negative=conds["neg"], signature=compat.wan_signature(b),
-                     streaming=streaming)
+                     streaming=streaming, refresh=refresh or RefreshPolicy())
     return nodes.FuseCaches.execute(a, src, proj, 1.0, 0.0, 1.0, "constant", "").args[0], proj
 
 
-@pytest.mark.parametrize("streaming", [True, False])
-def test_models_are_loaded_with_the_bridged_runs_extra_memory_reserved(models, conds, monkeypatch, streaming):
+@pytest.mark.parametrize("streaming, every", [(True, 1), (False, 1), (False, 2)],
+                         ids=["lockstep", "buffered", "buffered_reusing"])
+def test_models_are_loaded_with_the_bridged_runs_extra_memory_reserved(models, conds, monkeypatch, streaming, every):
     import comfy.model_management as mm
-    patched, proj = bridged(models, conds, streaming)
+    from c2c_core import RefreshPolicy
+    patched, proj = bridged(models, conds, streaming, RefreshPolicy(every=every))
     seen = []
     real = mm.load_models_gpu
 
@@ -96,8 +135,17 @@ def test_models_are_loaded_with_the_bridged_runs_extra_memory_reserved(models, c
 
     layer = 2 * 2 * 48 * 256 * 4                                    # K + V, 2 chunks, 48 tokens, 2 x 128, fp32
     activations = int(models["b"].model.memory_required([2, 16, 3, 8, 8]))
-    expected = activations + layer if streaming else 2 * layer      # the twins' activations are equal
+    # the sharer's whole forward runs inside a receiver call in both modes (buffered: nested in the first fused block)
+    expected = activations + (layer if streaming else 2 * layer)
+    if every > 1:
+        expected += 2 * layer               # the weighted projector keeps the aligned K/V of both fused layers
     assert seen == [before + expected]                              # the bank is a model ComfyUI counts itself
+    wrappers = patched.wrappers["outer_sample"]
+    report = wrappers[next(k for k in wrappers if k.startswith("dit_cache_bridge"))][0].__self__.last_report
+    # what the run really held stays within the reservation (here below it: prompts of different lengths make
+    # ComfyUI call the two CFG chunks separately, and the estimate counts them batched)
+    assert 0 < report.peak_kv_bytes <= (layer if streaming else 2 * layer)
+    assert (0 < report.cached_kv_bytes <= 2 * layer) if every > 1 else report.cached_kv_bytes == 0
 
 
 def test_the_projector_bank_is_a_model_comfyui_loads_with_the_run(models, conds, monkeypatch):
