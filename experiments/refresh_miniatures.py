@@ -41,7 +41,6 @@ import torch
 import miniature as mini
 
 PAIRS = ("still", "denoise", "rule")
-FILES = {"receiver": "receiver.safetensors", "sharer": "sharer.safetensors", "projector": "projector_c2c.safetensors"}
 STAMP_VERSION = 1
 
 
@@ -57,6 +56,7 @@ CONDITIONER = {"still": mini.conditionings, "denoise": text_only_conditionings, 
 STARTS = {"still": ("tiny_wan_t2v_a", "tiny_wan_i2v"), "denoise": ("tiny_wan_t2v_b", "tiny_wan_t2v_a"),
           "rule": ("tiny_wan_t2v_a", "tiny_wan_t2v_b")}
 DENOISE = {"still": 1.0, "denoise": 0.6, "rule": 1.0}      # the sampler's denoise: generate, or restore from noise
+SAMPLER = {"still": "euler", "denoise": "euler", "rule": "euler_ancestral"}  # rule: fresh noise at every step
 BORROWED = {"denoise": {"sharer": "receiver"}, "rule": {"receiver": "receiver"}}   # role: the still pair's model
 RULE = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(19)))[0]    # orthogonal
 
@@ -74,7 +74,7 @@ def settings_for(name: str) -> mini.Settings:
     if name == "denoise":
         return mini.Settings(kinds=("c2c",), base_steps=100)
     if name == "rule":          # half the projector steps: trained on two crowded cores in the session that added it
-        return mini.Settings(kinds=("c2c",), projector_steps=450)
+        return mini.Settings(kinds=("full",), projector_steps=450)
     return mini.Settings.demo()
 
 
@@ -86,7 +86,9 @@ def _stamp(name: str, settings: mini.Settings, seed: int) -> dict:
 def prepare(name: str, out: Path, settings: mini.Settings, seed: int = 0, log=print) -> dict:
     """Train ``name``'s pair and c2c projector into ``out/name`` unless a matching stamp says they are there."""
     folder = Path(out) / name
-    paths = {role: folder / file for role, file in FILES.items()}
+    kind = settings.kinds[0]            # the projector's kind
+    paths = {"receiver": folder / "receiver.safetensors", "sharer": folder / "sharer.safetensors",
+             "projector": folder / f"projector_{kind}.safetensors"}
     stamp_path = folder / "stamp.json"
     wanted = json.loads(json.dumps(_stamp(name, settings, seed)))      # as the stamp file reads back (lists)
     if stamp_path.is_file():
@@ -121,9 +123,9 @@ def prepare(name: str, out: Path, settings: mini.Settings, seed: int = 0, log=pr
     dataset = mini.save_samples(training, receiver, videos, classes, texts, folder / "samples", conditioner)
     with torch.inference_mode(False):
         torch.manual_seed(seed)
-        fresh = nodes.CreateC2CProjector.execute(sharer, receiver, "c2c", "identity", "all", 0.5,
+        fresh = nodes.CreateC2CProjector.execute(sharer, receiver, kind, "identity", "all", 0.5,
                                                  settings.projector_hidden, seed).args[0]
-    log(f"[{name}] c2c projector: {settings.projector_steps} steps ...")
+    log(f"[{name}] {kind} projector: {settings.projector_steps} steps ...")
     mini.train_and_save_projector(training, sharer, receiver, fresh, dataset, settings, seed, paths["projector"])
     import shutil
     shutil.rmtree(folder / "samples")

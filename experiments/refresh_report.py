@@ -161,8 +161,8 @@ def report(data: dict, bench: dict | None = None) -> str:
         lines += ["**Dry run: untrained tiny models, 2 videos; the numbers say nothing.**", ""]
     lines += [f"{data['test_videos']} held-out test videos per miniature (one noise seed each), sampled in runs of "
               f"{data['batch']} (one refresh decision per run, from the signal measured over the batch); placements "
-              f"searched on {data['val_videos']} validation videos. Euler, 12 steps, cfg 1, the pair's trained c2c "
-              "projector fused into both layers at strength 1.", "",
+              f"searched on {data['val_videos']} validation videos. 12 steps, cfg 1, euler (rule: euler_ancestral), "
+              "the pair's trained projector (c2c; rule: full) fused into both layers at strength 1.", "",
               "Columns: *sharer forwards* per sampling run (the bridge's refresh report; switch rows add the sharer's "
               "own steps); *quality* (dB): still = first-frame PSNR, denoise = whole-video PSNR of the restored "
               "video, rule = the sample's rule SNR (channels 8-15 against the rule applied to channels 0-7); "

@@ -119,7 +119,8 @@ class Miniature:
         self.sharer = mini.with_shift(comfy.sd.load_diffusion_model(str(sharer)))
         if paths is None:
             with torch.inference_mode(False):
-                self.bundle = self.nodes.CreateC2CProjector.execute(self.sharer, self.receiver, "c2c", "identity",
+                kind = rm.settings_for(name).kinds[0]       # the pair's projector kind, untrained
+                self.bundle = self.nodes.CreateC2CProjector.execute(self.sharer, self.receiver, kind, "identity",
                                                                     "all", 0.5, 32, 0).args[0]
         else:
             self.bundle = load_bundle(paths["projector"])
@@ -163,27 +164,27 @@ class Miniature:
                 latent = {"samples": self.receiver.model.process_latent_out(videos[sl]).clone()}
             else:
                 latent = {"samples": torch.zeros(videos[sl].shape[0], mini.CHANNELS, mini.FRAMES, mini.SIZE, mini.SIZE)}
-            ks = dict(denoise=denoise)
+            ks, sampler = dict(denoise=denoise), rm.SAMPLER[self.name]
             seed = 5000 + start + (0 if split == "test" else 100_000)
             clock = time.process_time()
             with torch.inference_mode():
                 if schedule.model != "bridged":
                     model = self.receiver if schedule.model == "receiver" else self.sharer
                     pos, neg = (rp, rn) if schedule.model == "receiver" else (sp, sn)
-                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, "euler", "simple", pos, neg, latent,
+                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, sampler, "simple", pos, neg, latent,
                                                          **ks)
                     bridge = None
                 elif schedule.switch:
-                    (mid,) = comfy_nodes.common_ksampler(self.sharer, seed, total, 1.0, "euler", "simple", sp, sn,
+                    (mid,) = comfy_nodes.common_ksampler(self.sharer, seed, total, 1.0, sampler, "simple", sp, sn,
                                                          latent, start_step=0, last_step=schedule.switch,
                                                          force_full_denoise=False, **ks)
                     model, bridge = self.bridged(schedule, conds) if schedule.fused else (self.receiver, None)
-                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, "euler", "simple", rp, rn, mid,
+                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, sampler, "simple", rp, rn, mid,
                                                          disable_noise=True, start_step=schedule.switch,
                                                          last_step=total, force_full_denoise=True, **ks)
                 else:
                     model, bridge = self.bridged(schedule, conds)
-                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, "euler", "simple", rp, rn, latent,
+                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, sampler, "simple", rp, rn, latent,
                                                          **ks)
             seconds += time.process_time() - clock
             sampled = self.receiver.model.process_latent_in(out["samples"])
