@@ -8,27 +8,27 @@
 - **denoise**: both models see the same text (the direction) and nothing else; the sharer is the still
   pair's trained T2V model (500 steps), the receiver the same architecture trained only 100 steps from
   another seed checkpoint: the sharer knows what the videos look like, the receiver hardly. What the
-  sharer adds is *about the current sample*, which changes at every step, so fresh K/V matter. Task:
-  restore held-out videos from partial noise (img2img, denoise 0.6, as a refine pass samples); quality:
-  PSNR of the whole restored video against the truth. Its c2c projector: the still pair's recipe
-  (900 steps).
-
+  sharer adds is about the current sample, so fresh K/V were expected to matter (they did not: on a
+  deterministic sampler the step-0 latent already determines the answer). Task: restore held-out videos
+  from partial noise (img2img, denoise 0.6, as a refine pass samples); quality: PSNR of the whole
+  restored video against the truth. Its c2c projector: the still pair's recipe (900 steps).
 - **rule**: the sharer knows a rule that ties one part of the sample to another, so what it adds depends on
   what the sample has become. Its data are the same videos with channels 8-15 of every pixel replaced by a
   fixed orthogonal map of channels 0-7 (``RULE``); it is a T2V model trained on them (500 steps, from the
   other seed checkpoint). The receiver is the still pair's trained T2V receiver, whose data had all 16
   channels independent: it paints channels 8-15 with colours of their own. Both see only the direction's
-  text, and they generate (denoise 1): the colours are not known before sampling, they are decided along the
-  way, and at step 0 (pure noise) the sharer cannot know which channels 8-15 the final channels 0-7 will
-  need. Quality: the sample's rule SNR (``rule_snr``). Its c2c projector: the still pair's recipe with 450
+  text, and they generate (denoise 1) with euler_ancestral: fresh noise at every step decides the colours
+  along the way, so no step's K/V know what a later step will need. Quality: the sample's rule SNR
+  (``rule_snr``). Its projector: ``full`` (what it adds is a function of the sharer's K/V alone; c2c's trunk
+  also reads the receiver's K/V and learns part of the rule itself), the still pair's recipe with 450
   steps instead of 900, trained on the rule's videos.
 
 Pairs are trained once into ``<out>/<name>/`` (stamped, reused by later runs). A pair may borrow a trained model
 of another pair (``BORROWED``) instead of training its own.
 
-(Earlier candidates were dropped after one check each, see experiments/README.md: *motion* (an empty-text
-receiver, a sharer that knows the direction: neither tiny model learns motion in 500 steps) and *blind* (the
-denoise task with a receiver that cannot read channels 8-15: every 12 kept 104 % of the gain).)
+(Candidates dropped after one check each, see experiments/README.md: *motion* (an empty-text receiver, a
+sharer that knows the direction: neither tiny model learns motion in 500 steps) and *blind* (the denoise task
+with a receiver that cannot read channels 8-15: every 12 kept 104 % of the gain).)
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ CONDITIONER = {"still": mini.conditionings, "denoise": text_only_conditionings, 
 STARTS = {"still": ("tiny_wan_t2v_a", "tiny_wan_i2v"), "denoise": ("tiny_wan_t2v_b", "tiny_wan_t2v_a"),
           "rule": ("tiny_wan_t2v_a", "tiny_wan_t2v_b")}
 DENOISE = {"still": 1.0, "denoise": 0.6, "rule": 1.0}      # the sampler's denoise: generate, or restore from noise
-SAMPLER = {"still": "euler", "denoise": "euler", "rule": "euler_ancestral"}  # rule: fresh noise at every step
+SAMPLER = {"still": "euler", "denoise": "euler", "rule": "euler_ancestral"}    # rule: fresh noise each step
 BORROWED = {"denoise": {"sharer": "receiver"}, "rule": {"receiver": "receiver"}}   # role: the still pair's model
 RULE = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(19)))[0]    # orthogonal
 
@@ -70,7 +70,7 @@ def data(name: str, videos: torch.Tensor) -> torch.Tensor:
 
 def settings_for(name: str) -> mini.Settings:
     """The still pair: the demo's recipe. The denoise pair: a weak receiver (100 steps), the same projector recipe.
-    The rule pair: the demo's recipe with a 450-step projector."""
+    The rule pair: the demo's recipe with a 450-step full projector."""
     if name == "denoise":
         return mini.Settings(kinds=("c2c",), base_steps=100)
     if name == "rule":          # half the projector steps: trained on two crowded cores in the session that added it

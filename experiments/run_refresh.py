@@ -1,18 +1,20 @@
 #!/usr/bin/env python
 """The refresh frontier (issue 19): how much of the bridge's gain each way of running the sharer keeps, at what cost.
 
-    python experiments/run_refresh.py                 # REFRESH.md and REFRESH.png (both miniatures)
+    python experiments/run_refresh.py                 # REFRESH.md and REFRESH.png (all three miniatures)
+    python experiments/run_refresh.py --pairs rule --merge            # one pair again, keeping the others
+    python experiments/run_refresh.py --only budget,default --merge   # only the rows whose name holds a word
     python experiments/run_refresh.py --dry-run       # seconds-long check that the script runs (tests)
 
 Three miniatures (experiments/refresh_miniatures.py): *still*, the evidence experiment's pair, whose sharer
 knowledge (the first frame) is fixed before sampling starts; *denoise*, a weak receiver and a sharer that
 knows the data, restoring videos from partial noise; and *rule*, a sharer that knows a rule tying channels 8-15
-of the sample to channels 0-7, generating freely: what it adds depends on what the sample has become, so fresh
-K/V matter. The pairs are trained once into experiments/out/refresh/ and reused.
+of the sample to channels 0-7, generating freely with euler_ancestral: what it adds depends on what the sample
+has become, so fresh K/V matter. The pairs are trained once into experiments/out/refresh/ and reused.
 
 Every schedule samples the same held-out videos with the same noise through the real bridge (a live sharer,
-Fuse Caches, the stock KSampler, euler, 12 steps, cfg 1; denoise 0.6 for the denoise pair), and is scored by
-the miniature's quality (dB) and
+Fuse Caches, the stock KSampler, 12 steps, cfg 1, euler (rule: euler_ancestral); denoise 0.6 for the denoise
+pair), and is scored by the miniature's quality (dB) and
 by the share of refresh-1's gain it keeps: (schedule − receiver) / (refresh 1 − receiver). Cost: sharer
 forwards (from the bridge's own refresh report), the CPU-time ratio to the plain receiver measured here, and
 the time ratio the same schedule would have at the CPU benchmark's shape (benchmarks/bench_bridge.py: a
