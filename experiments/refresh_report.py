@@ -161,11 +161,13 @@ def report(data: dict, bench: dict | None = None) -> str:
         lines += ["**Dry run: untrained tiny models, 2 videos; the numbers say nothing.**", ""]
     lines += [f"{data['test_videos']} held-out test videos per miniature (one noise seed each), sampled in runs of "
               f"{data['batch']} (one refresh decision per run, from the signal measured over the batch); placements "
-              f"searched on {data['val_videos']} validation videos. Euler, 12 steps, cfg 1, the pair's trained c2c "
-              "projector fused into both layers at strength 1.", "",
+              f"searched on {data['val_videos']} validation videos. 12 steps, cfg 1, euler (rule: euler_ancestral), "
+              "the pair's trained projector (c2c; rule: full) fused into both layers at strength 1.", "",
               "Columns: *sharer forwards* per sampling run (the bridge's refresh report; switch rows add the sharer's "
-              "own steps); *quality*: still = first-frame PSNR, denoise = whole-video PSNR of the restored video (dB); *gain kept* = (schedule − "
-              "receiver) / (refresh 1 − receiver) per video, mean ± standard error; *CPU ratio*: the run's CPU time ÷ "
+              "own steps); *quality* (dB): still = first-frame PSNR, denoise = whole-video PSNR of the restored "
+              "video, rule = the sample's rule SNR (channels 8-15 against the rule applied to channels 0-7); "
+              "*gain kept* = (schedule − receiver) / (refresh 1 − receiver) per video, mean ± standard error; "
+              "*CPU ratio*: the run's CPU time ÷ "
               "the receiver alone's, on this miniature (dim 256, 48 tokens: the projector weighs more than a block "
               "here); *bench ratio*: the same schedule's time ratio at the CPU benchmark's shape, from the line "
               "through its measured c2c refresh rows (BENCHMARKS.md); *14B ratio*: the same at Wan2.1-14B shape "
@@ -176,6 +178,8 @@ def report(data: dict, bench: dict | None = None) -> str:
         lines += [f"## {pair['pair']}", ""]
         if pair.get("command", data["command"]) != data["command"]:
             lines += [f"Run by `{pair['command']}`.", ""]
+        for rerun in pair.get("reruns", []):
+            lines += [f"Rows sampled again by `{rerun['command']}`: {', '.join(rerun['rows'])}.", ""]
         if line:
             lines += [f"Bench line ({line['shape']}): ratio = {line['intercept']:.3f} + {line['slope']:.3f} × (share "
                       f"of steps that run the sharer), through {len(line['points'])} measured rows.", ""]

@@ -1,16 +1,20 @@
 #!/usr/bin/env python
 """The refresh frontier (issue 19): how much of the bridge's gain each way of running the sharer keeps, at what cost.
 
-    python experiments/run_refresh.py                 # REFRESH.md and REFRESH.png (both miniatures)
+    python experiments/run_refresh.py                 # REFRESH.md and REFRESH.png (all three miniatures)
+    python experiments/run_refresh.py --pairs rule --merge            # one pair again, keeping the others
+    python experiments/run_refresh.py --only budget,default --merge   # only the rows whose name holds a word
     python experiments/run_refresh.py --dry-run       # seconds-long check that the script runs (tests)
 
-Two miniatures (experiments/refresh_miniatures.py): *still*, the evidence experiment's pair, whose sharer
-knowledge (the first frame) is fixed before sampling starts, and *denoise*, a weak receiver and a sharer that
-knows the data, restoring videos from partial noise: what the sharer adds is about the current sample, so
-fresh K/V matter. Both pairs are trained once into experiments/out/refresh/ and reused.
+Three miniatures (experiments/refresh_miniatures.py): *still*, the evidence experiment's pair, whose sharer
+knowledge (the first frame) is fixed before sampling starts; *denoise*, a weak receiver and a sharer that
+knows the data, restoring videos from partial noise; and *rule*, a sharer that knows a rule tying channels 8-15
+of the sample to channels 0-7, generating freely with euler_ancestral: what it adds depends on what the sample
+has become, so fresh K/V matter. The pairs are trained once into experiments/out/refresh/ and reused.
 
 Every schedule samples the same held-out videos with the same noise through the real bridge (a live sharer,
-Fuse Caches, the stock KSampler, euler, 12 steps, cfg 1; denoise 0.6 for the denoise pair), and is scored by the miniature's quality (dB) and
+Fuse Caches, the stock KSampler, 12 steps, cfg 1, euler (rule: euler_ancestral); denoise 0.6 for the denoise
+pair), and is scored by the miniature's quality (dB) and
 by the share of refresh-1's gain it keeps: (schedule − receiver) / (refresh 1 − receiver). Cost: sharer
 forwards (from the bridge's own refresh report), the CPU-time ratio to the plain receiver measured here, and
 the time ratio the same schedule would have at the CPU benchmark's shape (benchmarks/bench_bridge.py: a
@@ -117,12 +121,14 @@ class Miniature:
         self.sharer = mini.with_shift(comfy.sd.load_diffusion_model(str(sharer)))
         if paths is None:
             with torch.inference_mode(False):
-                self.bundle = self.nodes.CreateC2CProjector.execute(self.sharer, self.receiver, "c2c", "identity",
+                kind = rm.settings_for(name).kinds[0]       # the pair's projector kind, untrained
+                self.bundle = self.nodes.CreateC2CProjector.execute(self.sharer, self.receiver, kind, "identity",
                                                                     "all", 0.5, 32, 0).args[0]
         else:
             self.bundle = load_bundle(paths["projector"])
         self.texts = mini.text_embeddings(0)
-        self.splits = {"val": mini.make_videos(args.val_videos, 2), "test": mini.make_videos(args.test_videos, 3)}
+        self.splits = {split: (rm.data(name, videos), classes) for split, (videos, classes) in
+                       (("val", mini.make_videos(args.val_videos, 2)), ("test", mini.make_videos(args.test_videos, 3)))}
         self.peak = float(self.splits["test"][0].max() - self.splits["test"][0].min())
 
     def conds(self, split: str, sl: slice) -> dict:
@@ -160,27 +166,27 @@ class Miniature:
                 latent = {"samples": self.receiver.model.process_latent_out(videos[sl]).clone()}
             else:
                 latent = {"samples": torch.zeros(videos[sl].shape[0], mini.CHANNELS, mini.FRAMES, mini.SIZE, mini.SIZE)}
-            ks = dict(denoise=denoise)
+            ks, sampler = dict(denoise=denoise), rm.SAMPLER[self.name]
             seed = 5000 + start + (0 if split == "test" else 100_000)
             clock = time.process_time()
             with torch.inference_mode():
                 if schedule.model != "bridged":
                     model = self.receiver if schedule.model == "receiver" else self.sharer
                     pos, neg = (rp, rn) if schedule.model == "receiver" else (sp, sn)
-                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, "euler", "simple", pos, neg, latent,
+                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, sampler, "simple", pos, neg, latent,
                                                          **ks)
                     bridge = None
                 elif schedule.switch:
-                    (mid,) = comfy_nodes.common_ksampler(self.sharer, seed, total, 1.0, "euler", "simple", sp, sn,
+                    (mid,) = comfy_nodes.common_ksampler(self.sharer, seed, total, 1.0, sampler, "simple", sp, sn,
                                                          latent, start_step=0, last_step=schedule.switch,
                                                          force_full_denoise=False, **ks)
                     model, bridge = self.bridged(schedule, conds) if schedule.fused else (self.receiver, None)
-                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, "euler", "simple", rp, rn, mid,
+                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, sampler, "simple", rp, rn, mid,
                                                          disable_noise=True, start_step=schedule.switch,
                                                          last_step=total, force_full_denoise=True, **ks)
                 else:
                     model, bridge = self.bridged(schedule, conds)
-                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, "euler", "simple", rp, rn, latent,
+                    (out,) = comfy_nodes.common_ksampler(model, seed, total, 1.0, sampler, "simple", rp, rn, latent,
                                                          **ks)
             seconds += time.process_time() - clock
             sampled = self.receiver.model.process_latent_in(out["samples"])
@@ -261,11 +267,15 @@ def run_pair(name: str, args, log) -> dict:
     paths = None if args.dry_run else rm.prepare(name, args.out, rm.settings_for(name), log=log)
     m = Miniature(name, paths, args)
     started = time.monotonic()
-    placements = search_placements(m, log)
     schedules = plan(**args.plan, steps=args.steps)
-    schedules += [Schedule(f"best placement of {n}", "placement", steps=tuple(p["steps"]))
-                  for n, p in placements.items()]
-    runs = {}
+    if args.only:       # rerun some rows of an earlier run of this pair; keep the rest (and its placements)
+        kept = earlier_pair(args, name)
+        placements, runs = kept["placements"], dict(kept["runs"])
+        schedules = [REFERENCES[0], *(s for s in schedules if any(word in s.name for word in args.only))]
+    else:
+        placements, runs = search_placements(m, log), {}
+        schedules += [Schedule(f"best placement of {n}", "placement", steps=tuple(p["steps"]))
+                      for n, p in placements.items()]
     for schedule in schedules:
         runs[schedule.name] = {"schedule": asdict(schedule), **m.run(schedule, "test")}
         log(f"[{name}] {schedule.name}: quality {mean(runs[schedule.name]['quality']):.2f} dB, sharer forwards "
@@ -273,13 +283,32 @@ def run_pair(name: str, args, log) -> dict:
     again = m.run(REFERENCES[0], "test")         # the receiver once more: CPU time drifts with the machine's load
     receiver_cpu = statistics.median([runs["receiver alone"]["cpu_seconds"], again["cpu_seconds"]])
     receiver, full = runs["receiver alone"], runs["refresh 1"]
+    for schedule in schedules:                   # rows kept from an earlier run keep their CPU ratio
+        runs[schedule.name]["cpu_ratio"] = runs[schedule.name]["cpu_seconds"] / receiver_cpu
     for run in runs.values():
         run["mean_quality"] = mean(run["quality"])
         run["gain_kept"], run["gain_se"] = gain_kept(run, receiver, full)
         run["mean_forwards"] = mean(run["forwards"])
-        run["cpu_ratio"] = run["cpu_seconds"] / receiver_cpu
-    return {"pair": name, "placements": placements, "runs": runs, "receiver_cpu": receiver_cpu,
-            "seconds": time.monotonic() - started}
+    seconds = time.monotonic() - started
+    if args.only:
+        return {**kept, "runs": runs, "seconds": kept["seconds"] + seconds,
+                "reruns": [*kept.get("reruns", []), {"command": args.command, "rows": [s.name for s in schedules]}]}
+    return {"pair": name, "placements": placements, "runs": runs, "receiver_cpu": receiver_cpu, "seconds": seconds}
+
+
+def earlier_pair(args, name: str) -> dict:
+    """``name``'s results in the saved run (<out>/refresh.json), which ``--only`` updates."""
+    saved = results_file(args)
+    pairs = json.loads(saved.read_text())["pairs"] if saved.is_file() else []
+    found = [p for p in pairs if p["pair"] == name]
+    if not found:
+        raise SystemExit(f"--only reruns rows of an earlier run, but {saved} has no results for '{name}': "
+                         f"run `python experiments/run_refresh.py --pairs {name} --merge` first")
+    return found[0]
+
+
+def results_file(args) -> Path:
+    return args.out / ("dry_run.json" if args.dry_run else "refresh.json")
 
 
 def main(argv=None) -> dict:
@@ -296,12 +325,17 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="one process per miniature")
     p.add_argument("--merge", action="store_true",
                    help="keep the pairs not run now from <out>/refresh.json (each pair's report names its command)")
+    p.add_argument("--only", default="",
+                   help="comma-separated words: rerun only the schedules whose name holds one (e.g. budget,default) "
+                        "and keep the pair's other rows from <out>/refresh.json (implies --merge)")
     p.add_argument("--dry-run", action="store_true",
                    help="untrained tiny pairs, 2 videos, a handful of schedules: checks that the script runs "
                         "(seconds); numbers meaningless")
     args = p.parse_args(argv)
     args.command = " ".join(["python experiments/run_refresh.py", *(sys.argv[1:] if argv is None else argv)])
     args.steps, args.exhaustive, args.greedy, args.plan = STEPS, SEARCH_EXHAUSTIVE, SEARCH_GREEDY, {}
+    args.only = [word for word in args.only.split(",") if word]
+    args.merge = args.merge or bool(args.only)
     if args.dry_run:
         args.test_videos = args.val_videos = args.batch = 2
         args.steps, args.exhaustive, args.greedy = 4, 2, (3,)
@@ -310,6 +344,8 @@ def main(argv=None) -> dict:
         args.workers = 1
     started = time.monotonic()
     pairs = args.pairs.split(",")
+    for name in pairs if args.only else ():
+        earlier_pair(args, name)                # before any work: each pair has rows to keep
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     if args.workers > 1 and len(pairs) > 1:
         import multiprocessing
@@ -320,8 +356,8 @@ def main(argv=None) -> dict:
         results = [run_pair(name, args, log) for name in pairs]
     wall = time.monotonic() - started
     for result in results:
-        result["command"] = args.command
-    saved = args.out / ("dry_run.json" if args.dry_run else "refresh.json")
+        result.setdefault("command", args.command)      # a pair with rows rerun (--only) keeps its own command
+    saved = results_file(args)
     if args.merge and saved.is_file():
         kept = json.loads(saved.read_text())
         ran = {r["pair"] for r in results}

@@ -1,9 +1,11 @@
 """experiments/run_refresh.py still runs: its dry run (untrained tiny pairs, 2 videos, 4 steps) in process, once,
-and the schedules it samples run the sharer where they say (read from the bridge's own refresh report)."""
+the schedules it samples run the sharer where they say (read from the bridge's own refresh report), and --only
+samples the rows it names again and keeps the others."""
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -18,20 +20,25 @@ if str(EXPERIMENTS) not in sys.path:
 import run_refresh  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def dry_run(comfy, tmp_path_factory):
+def dry(out: Path, report: str, *argv) -> dict:
+    """run_refresh's dry run in this process, quietly, into ``out`` (it sets torch to one thread: restored)."""
     import torch
-    from bridge_helpers import pack_nodes
-    pack_nodes()                            # the pack as the suite loads it; the script uses this host
-    out = tmp_path_factory.mktemp("refresh")
-    threads, printed = torch.get_num_threads(), io.StringIO()
+    threads = torch.get_num_threads()
     try:
-        with contextlib.redirect_stdout(printed):
-            data = run_refresh.main(["--dry-run", "--out", str(out), "--results", str(out / "REFRESH.md"),
+        with contextlib.redirect_stdout(io.StringIO()):
+            return run_refresh.main(["--dry-run", *argv, "--out", str(out), "--results", str(out / report),
                                      "--bench", str(out / "no_bench.json")])
     finally:
         torch.set_num_threads(threads)
-    return data, (out / "REFRESH.md").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def dry_run(comfy, tmp_path_factory):
+    from bridge_helpers import pack_nodes
+    pack_nodes()                            # the pack as the suite loads it; the script uses this host
+    out = tmp_path_factory.mktemp("refresh")
+    data = dry(out, "REFRESH.md", "--pairs", "still,rule")
+    return data, (out / "REFRESH.md").read_text(encoding="utf-8"), out
 
 
 def runs_of(data, pair):
@@ -39,9 +46,9 @@ def runs_of(data, pair):
 
 
 def test_dry_run_samples_every_planned_schedule_on_both_miniatures(dry_run):
-    data, report = dry_run
+    data, report, _ = dry_run
     assert data["dry_run"] and data["steps"] == 4
-    assert [p["pair"] for p in data["pairs"]] == ["still", "denoise"]
+    assert [p["pair"] for p in data["pairs"]] == ["still", "rule"]      # denoise samples as rule does
     planned = [s.name for s in run_refresh.plan(signals=("input",), thresholds={"input": (0.2,)}, budgets=(2,),
                                                 every=(2,), windows=((0.5, 1.0),), switch=(2,), steps=4)]
     for pair in data["pairs"]:
@@ -55,8 +62,8 @@ def test_dry_run_samples_every_planned_schedule_on_both_miniatures(dry_run):
 
 
 def test_schedules_run_the_sharer_where_they_say(dry_run):
-    data, _ = dry_run
-    for pair in ("still", "denoise"):
+    data, _, _ = dry_run
+    for pair in ("still", "rule"):
         runs = runs_of(data, pair)
         steps = {name: run["sharer_steps"][0] for name, run in runs.items()}
         assert steps["refresh 1"] == [0, 1, 2, 3] and steps["every 2"] == [0, 2]
@@ -71,8 +78,31 @@ def test_schedules_run_the_sharer_where_they_say(dry_run):
 
 
 def test_gain_kept_is_measured_against_refresh_1(dry_run):
-    data, _ = dry_run
-    for pair in ("still", "denoise"):
+    data, _, _ = dry_run
+    for pair in ("still", "rule"):
         runs = runs_of(data, pair)
         assert runs["refresh 1"]["gain_kept"] == pytest.approx(1.0)
         assert runs["receiver alone"]["gain_kept"] == pytest.approx(0.0)
+
+
+def test_only_samples_the_named_rows_again_and_keeps_the_rest(dry_run):
+    data, _, out = dry_run
+    again = dry(out, "AGAIN.md", "--pairs", "rule", "--only", "budget")
+    assert [p["pair"] for p in again["pairs"]] == ["still", "rule"]      # the other pair is kept
+    before, after = runs_of(data, "rule"), runs_of(again, "rule")
+    assert next(p for p in again["pairs"] if p["pair"] == "rule")["reruns"][-1]["rows"] == \
+        ["receiver alone", "budget 2 input"]
+    assert list(after) == list(before)                                          # same rows, same order
+    for name in before:
+        if name not in ("receiver alone", "budget 2 input"):
+            assert after[name] == json.loads(json.dumps(before[name])), name      # kept as they were
+    assert after["budget 2 input"]["quality"] == before["budget 2 input"]["quality"]   # sampled again: same seeds
+    assert after["budget 2 input"]["cpu_seconds"] != before["budget 2 input"]["cpu_seconds"]
+    assert "Rows sampled again by `python experiments/run_refresh.py --dry-run --pairs rule --only budget" in \
+        (out / "AGAIN.md").read_text(encoding="utf-8")
+
+
+def test_only_without_an_earlier_run_says_what_to_run_first(tmp_path):
+    with pytest.raises(SystemExit, match="has no results for 'rule': run `python experiments/run_refresh.py "
+                                         "--pairs rule --merge` first"):
+        dry(tmp_path, "R.md", "--pairs", "rule", "--only", "budget")
