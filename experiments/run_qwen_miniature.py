@@ -52,7 +52,7 @@ def gap_closed(run: dict, method: str) -> float:
 
 
 def methods_of(runs: list) -> list:
-    return list(BASELINES) + [m for m in runs[0]["mse"] if m not in BASELINES]
+    return [m for m in BASELINES if m in runs[0]["mse"]] + [m for m in runs[0]["mse"] if m not in BASELINES]
 
 
 def plot(runs: list, path: Path) -> None:
@@ -155,11 +155,11 @@ def report(runs: list, args, wall: float) -> str:
                   f"velocity MSE. Best trained projector: **{best}**, closing {100 * mean_closed:.0f} % on average "
                   f"(per seed: {', '.join(f'{100 * c:.0f} %' for c in closed)}). {verdict}", ""]
     alphas = list(runs[0]["alpha_gap"])
-    lines += ["## Training-free fusion on the validation split", "",
+    lines += [] if not alphas else ["## Training-free fusion on the validation split", "",
               "Gap closed by alpha (alpha 1 is the identity projector, the sharer's K/V in place of the receiver's); "
               "the best alpha is the one reported above.", "",
               "| seed | " + " | ".join(f"alpha {a}" for a in alphas) + " | chosen |", "|---" * (len(alphas) + 2) + "|"]
-    for r in runs:
+    for r in runs if alphas else ():
         lines.append(f"| {r['seed']} | " + " | ".join(f"{100 * r['alpha_gap'][a]:.1f} %" for a in alphas)
                      + f" | {r['chosen']['weighted alpha']} |")
     lines += ["", "## Wall time per seed (one CPU thread each, on a shared machine)", "",
@@ -180,6 +180,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "out", help="per-seed artefacts (not committed)")
     p.add_argument("--results", type=Path, default=HERE / "QWEN_RESULTS.md")
     p.add_argument("--kinds", help="trained projector kinds, comma-separated (default: full,c2c)")
+    p.add_argument("--oracle-only", action="store_true",
+                   help="the ceiling check alone: receiver, seeing receiver and K/V oracle, no projector trained")
+    p.add_argument("--set", help='Settings overrides as JSON, for pilot runs, e.g. \'{"embed_scale": 0.1}\'')
     p.add_argument("--diagnose", action="store_true", help="print where the seeing receiver keeps the colours, per "
                                                           "token (qwen_miniature.colour_locality), and stop")
     p.add_argument("--report-only", action="store_true",
@@ -196,6 +199,9 @@ def main(argv=None) -> int:
         started = time.monotonic()
         seeds = list(range(args.seeds))
         overrides = {"kinds": tuple(args.kinds.split(","))} if args.kinds else {}
+        if args.oracle_only:
+            overrides.update(kinds=(), alphas=())
+        overrides.update(json.loads(args.set or "{}"))
         if args.workers > 1 and len(seeds) > 1:
             import multiprocessing
             with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
