@@ -65,6 +65,7 @@ class Settings:
     attn_gain: float = 1.0              # the receiver's attention outputs (o_proj) times this (large: attention-dominant)
     teach_steps: int = 0                # steps teaching the seeing receiver to name the colours in its last tokens
     teach_lr: float = 3e-3
+    teach_batch: int = 16
     teach_rows: int = 5                 # the last rows (the template's suffix after the prompt) the probe reads
     projector_steps: int = 600
     projector_batch: int = 16
@@ -275,7 +276,8 @@ def teach_receiver(pipe, items: list, settings: Settings, seed: int, log) -> lis
     language model's later tokens summarise the earlier ones. Only attention can carry a colour word there, so the
     receiver learns to read its context: the stand-in for a pretrained encoder. Returns the per-step losses."""
     encoder = pipe.text_encoder
-    params = [p for p in encoder.model.language_model.parameters()]
+    text = encoder.model.language_model   # its layers and final norm learn; the 151936-row embedding stays as drawn
+    params = [p for name, p in text.named_parameters() if not name.startswith("embed_tokens")]
     encoder.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -283,16 +285,19 @@ def teach_receiver(pipe, items: list, settings: Settings, seed: int, log) -> lis
     width = encoder.config.text_config.hidden_size
     probes = torch.nn.ModuleList(torch.nn.Linear(width, len(COLOURS)) for _ in range(2))
     optimizer = torch.optim.AdamW(params + list(probes.parameters()), lr=settings.teach_lr, weight_decay=0.0)
+    # the pipeline's own template and tokenizer, tokenized once (every prompt has the same token count, no padding)
+    ids = pipe.tokenizer([pipe.prompt_template_encode.format(i.prompt) for i in items], return_tensors="pt")["input_ids"]
+    labels = {side: torch.tensor([getattr(i, side) for i in items]) for side in ("fg", "bg")}
     losses = []
     for step in range(settings.teach_steps):
         for group in optimizer.param_groups:
             group["lr"] = settings.teach_lr * 0.5 * (1 + math.cos(math.pi * step / settings.teach_steps))
-        idx = torch.randint(0, len(items), (settings.dit_batch,), generator=g).tolist()
-        embeds, _ = pipe._get_qwen_prompt_embeds([items[i].prompt for i in idx], device="cpu")
-        rows = embeds[:, -settings.teach_rows:]
-        loss = sum(torch.nn.functional.cross_entropy(
-            probe(rows).flatten(0, 1), torch.tensor([getattr(items[i], side) for i in idx]).repeat_interleave(
-                settings.teach_rows)) for probe, side in zip(probes, ("fg", "bg"))) / 2
+        idx = torch.randint(0, len(items), (settings.teach_batch,), generator=g)
+        # the hidden states encode_prompt hands the DiT: the last layer's, after the final norm
+        rows = encoder(input_ids=ids[idx], output_hidden_states=True).hidden_states[-1][:, -settings.teach_rows:]
+        loss = sum(torch.nn.functional.cross_entropy(probe(rows).flatten(0, 1),
+                                                     labels[side][idx].repeat_interleave(settings.teach_rows))
+                   for probe, side in zip(probes, ("fg", "bg"))) / 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
