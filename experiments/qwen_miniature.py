@@ -57,17 +57,18 @@ VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hi
 @dataclass
 class Settings:
     """Sizes of one run; the defaults take a few minutes per seed on one CPU thread."""
-    dit_steps: int = 2500
+    dit_steps: int = 1500
     dit_batch: int = 32
     dit_lr: float = 1e-3
     blind_share: float = 0.5            # share of DiT training rows conditioned on the blind receiver
     embed_scale: float = 1.0            # the receiver's token embeddings times this (small: attention-dominant)
     attn_gain: float = 1.0              # the receiver's attention outputs (o_proj) times this (large: attention-dominant)
-    teach_steps: int = 0                # steps teaching the seeing receiver to name the colours in its last tokens
+    unit_norms: bool = True             # both encoders' RMSNorm weights 1 (K/V of a real model's scale)
+    teach_steps: int = 300              # steps teaching the seeing receiver to name the colours in its last tokens
     teach_lr: float = 3e-3
     teach_batch: int = 16
     teach_rows: int = 5                 # the last rows (the template's suffix after the prompt) the probe reads
-    projector_steps: int = 600
+    projector_steps: int = 400
     projector_batch: int = 16
     projector_lr: float = 3e-3
     projector_hidden: int = 128
@@ -79,8 +80,8 @@ class Settings:
     @classmethod
     def quick(cls) -> "Settings":
         """A dry-run size (seconds): the pipeline runs end to end, the numbers mean nothing."""
-        return cls(dit_steps=4, dit_batch=4, projector_steps=2, projector_batch=2, projector_hidden=16, kinds=("c2c",),
-                   alphas=(0.5,), sample_steps=2)
+        return cls(dit_steps=4, dit_batch=4, teach_steps=2, teach_batch=2, projector_steps=2, projector_batch=2,
+                   projector_hidden=16, kinds=("c2c",), alphas=(0.5,), sample_steps=2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,23 +157,29 @@ def tokenizer():
     return Qwen2Tokenizer.from_pretrained(root / "comfy" / "text_encoders" / "qwen25_tokenizer")
 
 
-def _seeded(model, seed: int):
+def _seeded(model, seed: int, unit_norms: bool = False):
     """Seeded random weights; the language-model head made 1 wide: the pipeline and the bridge read hidden states
-    only, and the 151936-wide head would be most of the miniature's time (every forward computes logits)."""
+    only, and the 151936-wide head would be most of the miniature's time (every forward computes logits).
+    ``unit_norms``: the decoder's RMSNorm weights 1, as a real checkpoint's are O(1) and positive, so its K/V are
+    O(1) as a real model's (random N(0, 0.1) weights make them about 0.1)."""
     model.lm_head = torch.nn.Linear(model.lm_head.in_features, 1, bias=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
+        if unit_norms:
+            for name, p in model.model.language_model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
     return model.eval().requires_grad_(False)
 
 
-def qwen25(seed: int, embed_scale: float = 1.0, attn_gain: float = 1.0):
+def qwen25(seed: int, embed_scale: float = 1.0, attn_gain: float = 1.0, unit_norms: bool = False):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     config = Qwen2_5_VLConfig(text_config=dict(TEXT, rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3],
                                                                            rope_theta=1e6)),
                               vision_config=dict(VISION, fullatt_block_indexes=[0]))
-    model = _seeded(Qwen2_5_VLForConditionalGeneration(config), seed)
+    model = _seeded(Qwen2_5_VLForConditionalGeneration(config), seed, unit_norms)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(embed_scale)
         for layer in model.model.language_model.layers:
@@ -180,12 +187,12 @@ def qwen25(seed: int, embed_scale: float = 1.0, attn_gain: float = 1.0):
     return model
 
 
-def qwen3(seed: int):
+def qwen3(seed: int, unit_norms: bool = False):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     config = Qwen3VLConfig(text_config=dict(TEXT, head_dim=16, rope_parameters=dict(
                                rope_type="default", mrope_section=[2, 3, 3], mrope_interleaved=True, rope_theta=5e6)),
                            vision_config=dict(VISION, deepstack_visual_indexes=[0], num_position_embeddings=64))
-    return _seeded(Qwen3VLForConditionalGeneration(config), seed)
+    return _seeded(Qwen3VLForConditionalGeneration(config), seed, unit_norms)
 
 
 def colour_blind(encoder, tok):
@@ -450,13 +457,15 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
     colours = palette(seed)
     data = splits(seed, settings)
     result.counts = {k: len(v) for k, v in data.items()}
-    seeing = qwen25(100 + seed, settings.embed_scale, settings.attn_gain)
-    sharer = qwen3(200 + seed)
+    seeing = qwen25(100 + seed, settings.embed_scale, settings.attn_gain, settings.unit_norms)
+    sharer = qwen3(200 + seed, settings.unit_norms)
     transformer = dit(300 + seed)
     seeing_pipe = pipeline(seeing, tok, transformer)
     if settings.teach_steps:
         teach = teach_receiver(seeing_pipe, data["train"], settings, seed, log)
         result.losses["receiver probe"] = sum(teach[-20:]) / len(teach[-20:])
+    result.seconds["teach receiver"] = time.monotonic() - clock
+    clock = time.monotonic()
     blind = colour_blind(seeing, tok)
     blind_pipe = pipeline(blind, tok, transformer)
     x0 = {k: pack(torch.stack([image(i, colours) for i in v])) for k, v in data.items()}
@@ -519,17 +528,28 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
     return result
 
 
-def colour_locality(seed: int = 0) -> dict:
-    """Where the seeing receiver keeps the colours: per prompt token, the distance between its last hidden states
-    for two prompts that differ only in their two colours, next to the hidden states' norm. The K/V bridge can
-    reach a token's hidden state only through attention; this says how much of the colour sits in the colour
-    tokens' own residual stream (printed by ``run_qwen_miniature.py --diagnose``)."""
+def colour_locality(seed: int = 0, settings: Settings = Settings()) -> dict:
+    """Where the receiver keeps the colours, and what a K/V bridge can reach: per row of the conditioning
+    encode_prompt hands the DiT, for a random receiver (the previous construction) and for the taught one, the
+    distance between the seeing receiver's rows for two prompts that differ only in their colours, between the seeing
+    and the blind receiver's rows, and between the seeing receiver's rows and the K/V oracle's (the blind receiver
+    reading the seeing one's own K/V). Printed by ``run_qwen_miniature.py --diagnose``."""
     tok = tokenizer()
-    seeing = qwen25(100 + seed)
-    pipe = pipeline(seeing, tok, dit(300 + seed))
     prompts = ["a red square on a blue background", "a green square on a yellow background"]
-    embeds = encode(pipe, prompts)
     words = [tok.decode([i]) for i in tok(prompts[0], add_special_tokens=False)["input_ids"]]
-    diff = (embeds[0] - embeds[1]).norm(dim=-1)
-    return {"prompts": prompts, "tokens": words + ["<|im_end|>", "\\n", "<|im_start|>", "assistant", "\\n"],
-            "difference": [round(float(d), 4) for d in diff], "norm": [round(float(n), 4) for n in embeds[0].norm(dim=-1)]}
+    out = {"prompts": prompts, "tokens": words + ["<|im_end|>", "\\n", "<|im_start|>", "assistant", "\\n"]}
+    for name, steps in (("random receiver", 0), ("taught receiver", settings.teach_steps)):
+        seeing = qwen25(100 + seed, settings.embed_scale, settings.attn_gain, settings.unit_norms)
+        pipe = pipeline(seeing, tok, dit(300 + seed))
+        if steps:
+            teach_receiver(pipe, splits(seed, settings)["train"], settings, seed, log=lambda m: None)
+        blind = colour_blind(seeing, tok)
+        blind_pipe = pipeline(blind, tok, pipe.transformer)
+        e, b = encode(pipe, prompts), encode(blind_pipe, prompts)
+        o = bridged_encode(blind_pipe, seeing, tok, bundle("identity", seeing, blind, seed), prompts)
+
+        def rows(t):
+            return [round(float(d), 3) for d in t.norm(dim=-1)]
+        out[name] = {"norm": rows(e[0]), "colours change": rows(e[0] - e[1]), "seeing - blind": rows(e[0] - b[0]),
+                     "seeing - K/V oracle": rows(e[0] - o[0])}
+    return out

@@ -79,6 +79,22 @@ def test_the_receiver_is_colour_blind_and_the_sharer_is_not(qm, models):
     assert not torch.allclose(other[0], blind_embeds[0], atol=1e-3)
 
 
+def test_the_kv_oracle_gives_the_seeing_rows_everywhere_but_the_colour_words(qm, models):
+    """The ceiling the miniature is built on: handing the blind receiver the seeing receiver's own K/V restores every
+    row the DiT reads exactly, except the two colour words' own rows (their residual stream keeps the blind
+    embedding). So a receiver whose later rows carry the colours, as the taught one does, can get them back."""
+    tok, seeing, blind, sharer, transformer = models
+    pipe = qm.pipeline(blind, tok, transformer)
+    oracle = qm.bridged_encode(pipe, seeing, tok, qm.bundle("identity", seeing, blind, 0), PAIR)
+    truth = qm.encode(qm.pipeline(seeing, tok, transformer), PAIR)
+    alone = qm.encode(pipe, PAIR)
+    colour_rows = [1, 5]                                        # "a red square on a blue background ..."
+    others = [i for i in range(truth.shape[1]) if i not in colour_rows]
+    torch.testing.assert_close(oracle[:, others], truth[:, others], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(alone[:, others], truth[:, others], atol=1e-3)
+    assert not torch.allclose(oracle[:, colour_rows], truth[:, colour_rows], atol=1e-3)
+
+
 def test_the_shuffled_control_reads_another_prompts_sharer(qm, models):
     tok, seeing, blind, sharer, transformer = models
     pipe = qm.pipeline(blind, tok, transformer)
