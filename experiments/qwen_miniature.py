@@ -7,25 +7,27 @@ enough for two CPU cores, built on the diffusers/transformers host (c2c_diffuser
   latent images (4 channels): the shape's mask painted with the foreground colour's latent vector over
   the background's. The image is a function of the prompt; prompts are split into train / validation /
   test by combination, so every test prompt is a combination no model was trained on.
-- receiver: a tiny transformers Qwen2.5-VL (hidden 64, 2 layers, 2 K/V heads), random and seeded, made
-  **colour-blind**: the embedding rows of the 8 colour words are replaced by their mean, so its hidden
-  states cannot tell "red" from "blue"; the shape words are untouched.
-- seeing receiver: the same encoder with its colour rows intact (the upper bound: what the receiver
-  would say if it knew the colours).
+- seeing receiver: a tiny transformers Qwen2.5-VL (hidden 64, 2 layers, 2 K/V heads), seeded, RMSNorm weights 1,
+  then **taught** briefly (``teach_receiver``): linear probes read the foreground and background colours from its
+  last rows (the template's suffix after the prompt), so it learns to carry the colour words there through
+  attention, as a pretrained encoder's later tokens summarise the earlier ones (a stand-in for one).
+- receiver: the taught encoder made **colour-blind**: the embedding rows of the 8 colour words are replaced by their
+  mean, so it attends as the seeing one does but cannot tell "red" from "blue"; the shape words are untouched.
+  Handing it the seeing receiver's own K/V (the K/V oracle) restores every row but the colour words' own.
 - DiT: a tiny diffusers QwenImageTransformer2DModel trained here with flow matching on prompt embeddings
   made by QwenImagePipeline.encode_prompt (template and all), half of the rows from the seeing receiver
   and half from the blind one: it paints the colours when the conditioning names them and its best
   guess when it does not (a DiT trained on only the seeing embeddings meets the blind ones out of its
   distribution, and the receiver-alone baseline is then broken rather than ignorant).
-- sharer: a tiny random transformers Qwen3-VL of another seed (its own M-RoPE layout, k_norm): it sees
-  every word, colours included.
+- sharer: a tiny random transformers Qwen3-VL of another seed (its own M-RoPE layout, k_norm, RMSNorm weights 1),
+  never taught: it sees every word, colours included, in its colour words' own K/V.
 
 Then, with the encoders and the DiT frozen, the blind receiver's self-attention reads the sharer's
 projected K/V through ``c2c_diffusers.TextEncoderBridge`` (the same FusionRun as inference), and
 projectors are trained with helper 22's path: ``train_bank`` + ``velocity_loss(bridged_prompt_velocity)``,
 the frozen DiT's flow-matching loss. Compared on held-out prompts: receiver alone, seeing receiver
-(upper bound), training-free weighted fusion (alpha chosen on validation), the trained projectors and a
-shuffled-sharer control (the trained c2c projector reading another prompt's sharer K/V).
+(upper bound), training-free weighted fusion (alpha chosen on validation), the trained projectors, a
+shuffled-sharer control (the trained c2c projector reading another prompt's sharer K/V) and the K/V oracle.
 
 Run through ``experiments/run_qwen_miniature.py``; this module is the per-seed pipeline.
 """

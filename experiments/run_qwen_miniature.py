@@ -183,13 +183,21 @@ def main(argv=None) -> int:
     p.add_argument("--oracle-only", action="store_true",
                    help="the ceiling check alone: receiver, seeing receiver and K/V oracle, no projector trained")
     p.add_argument("--set", help='Settings overrides as JSON, for pilot runs, e.g. \'{"embed_scale": 0.1}\'')
-    p.add_argument("--diagnose", action="store_true", help="print where the seeing receiver keeps the colours, per "
-                                                          "token (qwen_miniature.colour_locality), and stop")
+    p.add_argument("--diagnose", action="store_true",
+                   help="print, per row of the conditioning, where the colours are and what the K/V oracle restores, "
+                        "for the random and the taught receiver (qwen_miniature.colour_locality), and stop")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report and the plot from <out>/qwen_runs.json without training anything")
     args = p.parse_args(argv)
     if args.diagnose:
-        print(json.dumps(qm.colour_locality(0), indent=1))
+        found = qm.colour_locality(0)
+        print(" / ".join(found["prompts"]))
+        for name in ("random receiver", "taught receiver"):
+            columns = found[name]
+            print(f"\n{name}: per row of the conditioning, distances of the last hidden states\n{'token':>14} "
+                  + " ".join(f"{c:>20}" for c in columns))
+            for i, token in enumerate(found["tokens"]):
+                print(f"{token!r:>14} " + " ".join(f"{columns[c][i]:>20}" for c in columns))
         return 0
     args.command = " ".join(["python experiments/run_qwen_miniature.py", *(sys.argv[1:] if argv is None else argv)])
     if args.report_only:
