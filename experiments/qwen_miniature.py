@@ -539,7 +539,7 @@ def colour_locality(seed: int = 0, settings: Settings = Settings()) -> dict:
     tok = tokenizer()
     prompts = ["a red square on a blue background", "a green square on a yellow background"]
     words = [tok.decode([i]) for i in tok(prompts[0], add_special_tokens=False)["input_ids"]]
-    out = {"prompts": prompts, "tokens": words + ["<|im_end|>", "\\n", "<|im_start|>", "assistant", "\\n"]}
+    out = {"prompts": prompts, "tokens": words + ["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"]}
     for name, steps in (("random receiver", 0), ("taught receiver", settings.teach_steps)):
         seeing = qwen25(100 + seed, settings.embed_scale, settings.attn_gain, settings.unit_norms)
         pipe = pipeline(seeing, tok, dit(300 + seed))
