@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Regenerate experiments/QWEN_RESULTS.md and experiments/qwen_results.png (the text-encoder miniature).
 
-    nice python experiments/run_qwen_miniature.py            # 3 seeds, 2 worker processes, a few minutes
+    nice python experiments/run_qwen_miniature.py            # 3 seeds, 2 worker processes, 10-20 min on 2 cores
     python experiments/run_qwen_miniature.py --quick         # dry run in seconds, numbers meaningless
+    python experiments/run_qwen_miniature.py --oracle-only   # the ceiling check: no projector trained
 
 Each seed runs in its own process (one torch thread each) and writes experiments/out/qwen_seed<N>/
 (trained projector bundles, result.json; not committed). See experiments/qwen_miniature.py for what is
