@@ -7,25 +7,27 @@ enough for two CPU cores, built on the diffusers/transformers host (c2c_diffuser
   latent images (4 channels): the shape's mask painted with the foreground colour's latent vector over
   the background's. The image is a function of the prompt; prompts are split into train / validation /
   test by combination, so every test prompt is a combination no model was trained on.
-- receiver: a tiny transformers Qwen2.5-VL (hidden 64, 2 layers, 2 K/V heads), random and seeded, made
-  **colour-blind**: the embedding rows of the 8 colour words are replaced by their mean, so its hidden
-  states cannot tell "red" from "blue"; the shape words are untouched.
-- seeing receiver: the same encoder with its colour rows intact (the upper bound: what the receiver
-  would say if it knew the colours).
+- seeing receiver: a tiny transformers Qwen2.5-VL (hidden 64, 2 layers, 2 K/V heads), seeded, RMSNorm weights 1,
+  then **taught** briefly (``teach_receiver``): linear probes read the foreground and background colours from its
+  last rows (the template's suffix after the prompt), so it learns to carry the colour words there through
+  attention, as a pretrained encoder's later tokens summarise the earlier ones (a stand-in for one).
+- receiver: the taught encoder made **colour-blind**: the embedding rows of the 8 colour words are replaced by their
+  mean, so it attends as the seeing one does but cannot tell "red" from "blue"; the shape words are untouched.
+  Handing it the seeing receiver's own K/V (the K/V oracle) restores every row but the colour words' own.
 - DiT: a tiny diffusers QwenImageTransformer2DModel trained here with flow matching on prompt embeddings
   made by QwenImagePipeline.encode_prompt (template and all), half of the rows from the seeing receiver
   and half from the blind one: it paints the colours when the conditioning names them and its best
   guess when it does not (a DiT trained on only the seeing embeddings meets the blind ones out of its
   distribution, and the receiver-alone baseline is then broken rather than ignorant).
-- sharer: a tiny random transformers Qwen3-VL of another seed (its own M-RoPE layout, k_norm): it sees
-  every word, colours included.
+- sharer: a tiny random transformers Qwen3-VL of another seed (its own M-RoPE layout, k_norm, RMSNorm weights 1),
+  never taught: it sees every word, colours included, in its colour words' own K/V.
 
 Then, with the encoders and the DiT frozen, the blind receiver's self-attention reads the sharer's
 projected K/V through ``c2c_diffusers.TextEncoderBridge`` (the same FusionRun as inference), and
 projectors are trained with helper 22's path: ``train_bank`` + ``velocity_loss(bridged_prompt_velocity)``,
 the frozen DiT's flow-matching loss. Compared on held-out prompts: receiver alone, seeing receiver
-(upper bound), training-free weighted fusion (alpha chosen on validation), the trained projectors and a
-shuffled-sharer control (the trained c2c projector reading another prompt's sharer K/V).
+(upper bound), training-free weighted fusion (alpha chosen on validation), the trained projectors, a
+shuffled-sharer control (the trained c2c projector reading another prompt's sharer K/V) and the K/V oracle.
 
 Run through ``experiments/run_qwen_miniature.py``; this module is the per-seed pipeline.
 """
@@ -57,11 +59,18 @@ VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hi
 @dataclass
 class Settings:
     """Sizes of one run; the defaults take a few minutes per seed on one CPU thread."""
-    dit_steps: int = 2500
+    dit_steps: int = 1500
     dit_batch: int = 32
     dit_lr: float = 1e-3
     blind_share: float = 0.5            # share of DiT training rows conditioned on the blind receiver
-    projector_steps: int = 600
+    embed_scale: float = 1.0            # the receiver's token embeddings times this (small: attention-dominant)
+    attn_gain: float = 1.0              # the receiver's attention outputs (o_proj) times this (large: attention-dominant)
+    unit_norms: bool = True             # both encoders' RMSNorm weights 1 (K/V of a real model's scale)
+    teach_steps: int = 300              # steps teaching the seeing receiver to name the colours in its last tokens
+    teach_lr: float = 3e-3
+    teach_batch: int = 16
+    teach_rows: int = 5                 # the last rows (the template's suffix after the prompt) the probe reads
+    projector_steps: int = 400
     projector_batch: int = 16
     projector_lr: float = 3e-3
     projector_hidden: int = 128
@@ -73,8 +82,8 @@ class Settings:
     @classmethod
     def quick(cls) -> "Settings":
         """A dry-run size (seconds): the pipeline runs end to end, the numbers mean nothing."""
-        return cls(dit_steps=4, dit_batch=4, projector_steps=2, projector_batch=2, projector_hidden=16, kinds=("c2c",),
-                   alphas=(0.5,), sample_steps=2)
+        return cls(dit_steps=4, dit_batch=4, teach_steps=2, teach_batch=2, projector_steps=2, projector_batch=2,
+                   projector_hidden=16, kinds=("c2c",), alphas=(0.5,), sample_steps=2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,31 +159,42 @@ def tokenizer():
     return Qwen2Tokenizer.from_pretrained(root / "comfy" / "text_encoders" / "qwen25_tokenizer")
 
 
-def _seeded(model, seed: int):
+def _seeded(model, seed: int, unit_norms: bool = False):
     """Seeded random weights; the language-model head made 1 wide: the pipeline and the bridge read hidden states
-    only, and the 151936-wide head would be most of the miniature's time (every forward computes logits)."""
+    only, and the 151936-wide head would be most of the miniature's time (every forward computes logits).
+    ``unit_norms``: the decoder's RMSNorm weights 1, as a real checkpoint's are O(1) and positive, so its K/V are
+    O(1) as a real model's (random N(0, 0.1) weights make them about 0.1)."""
     model.lm_head = torch.nn.Linear(model.lm_head.in_features, 1, bias=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
+        if unit_norms:
+            for name, p in model.model.language_model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
     return model.eval().requires_grad_(False)
 
 
-def qwen25(seed: int):
+def qwen25(seed: int, embed_scale: float = 1.0, attn_gain: float = 1.0, unit_norms: bool = False):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     config = Qwen2_5_VLConfig(text_config=dict(TEXT, rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3],
                                                                            rope_theta=1e6)),
                               vision_config=dict(VISION, fullatt_block_indexes=[0]))
-    return _seeded(Qwen2_5_VLForConditionalGeneration(config), seed)
+    model = _seeded(Qwen2_5_VLForConditionalGeneration(config), seed, unit_norms)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(embed_scale)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.o_proj.weight.mul_(attn_gain)
+    return model
 
 
-def qwen3(seed: int):
+def qwen3(seed: int, unit_norms: bool = False):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     config = Qwen3VLConfig(text_config=dict(TEXT, head_dim=16, rope_parameters=dict(
                                rope_type="default", mrope_section=[2, 3, 3], mrope_interleaved=True, rope_theta=5e6)),
                            vision_config=dict(VISION, deepstack_visual_indexes=[0], num_position_embeddings=64))
-    return _seeded(Qwen3VLForConditionalGeneration(config), seed)
+    return _seeded(Qwen3VLForConditionalGeneration(config), seed, unit_norms)
 
 
 def colour_blind(encoder, tok):
@@ -256,6 +276,46 @@ def train_dit(transformer, seeing, blind, x0, settings: Settings, seed: int, log
         if (step + 1) % max(1, settings.dit_steps // 5) == 0:
             log(f"  DiT step {step + 1}/{settings.dit_steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
     transformer.eval().requires_grad_(False)
+    return losses
+
+
+def teach_receiver(pipe, items: list, settings: Settings, seed: int, log) -> list:
+    """Train the receiver briefly so that its last ``settings.teach_rows`` hidden states (the template's suffix after
+    the prompt) name the foreground and background colours (two linear probes, cross-entropy), as a trained
+    language model's later tokens summarise the earlier ones. Only attention can carry a colour word there, so the
+    receiver learns to read its context: the stand-in for a pretrained encoder. Returns the per-step losses."""
+    encoder = pipe.text_encoder
+    text = encoder.model.language_model   # its layers and final norm learn; the 151936-row embedding stays as drawn
+    params = [p for name, p in text.named_parameters() if not name.startswith("embed_tokens")]
+    encoder.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(104_729 * seed + 3)
+    width = encoder.config.text_config.hidden_size
+    probes = torch.nn.ModuleList(torch.nn.Linear(width, len(COLOURS)) for _ in range(2))
+    optimizer = torch.optim.AdamW(params + list(probes.parameters()), lr=settings.teach_lr, weight_decay=0.0)
+    # the pipeline's own template and tokenizer, tokenized once (every prompt has the same token count, no padding)
+    ids = pipe.tokenizer([pipe.prompt_template_encode.format(i.prompt) for i in items], return_tensors="pt")["input_ids"]
+    labels = {side: torch.tensor([getattr(i, side) for i in items]) for side in ("fg", "bg")}
+    losses = []
+    for step in range(settings.teach_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = settings.teach_lr * 0.5 * (1 + math.cos(math.pi * step / settings.teach_steps))
+        idx = torch.randint(0, len(items), (settings.teach_batch,), generator=g)
+        # the hidden states encode_prompt hands the DiT: the last layer's, after the final norm
+        rows = encoder(input_ids=ids[idx], output_hidden_states=True).hidden_states[-1][:, -settings.teach_rows:]
+        loss = sum(torch.nn.functional.cross_entropy(probe(rows).flatten(0, 1),
+                                                     labels[side][idx].repeat_interleave(settings.teach_rows))
+                   for probe, side in zip(probes, ("fg", "bg"))) / 2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % max(1, settings.teach_steps // 5) == 0:
+            log(f"  receiver step {step + 1}/{settings.teach_steps} colour-probe loss "
+                f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    encoder.eval().requires_grad_(False)
     return losses
 
 
@@ -399,11 +459,17 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
     colours = palette(seed)
     data = splits(seed, settings)
     result.counts = {k: len(v) for k, v in data.items()}
-    seeing = qwen25(100 + seed)
-    blind = colour_blind(seeing, tok)
-    sharer = qwen3(200 + seed)
+    seeing = qwen25(100 + seed, settings.embed_scale, settings.attn_gain, settings.unit_norms)
+    sharer = qwen3(200 + seed, settings.unit_norms)
     transformer = dit(300 + seed)
-    seeing_pipe, blind_pipe = pipeline(seeing, tok, transformer), pipeline(blind, tok, transformer)
+    seeing_pipe = pipeline(seeing, tok, transformer)
+    if settings.teach_steps:
+        teach = teach_receiver(seeing_pipe, data["train"], settings, seed, log)
+        result.losses["receiver probe"] = sum(teach[-20:]) / len(teach[-20:])
+    result.seconds["teach receiver"] = time.monotonic() - clock
+    clock = time.monotonic()
+    blind = colour_blind(seeing, tok)
+    blind_pipe = pipeline(blind, tok, transformer)
     x0 = {k: pack(torch.stack([image(i, colours) for i in v])) for k, v in data.items()}
     prompts = {k: [i.prompt for i in v] for k, v in data.items()}
 
@@ -436,10 +502,11 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
         b = bundle("weighted", sharer, blind, seed, alpha=alpha) if alpha < 1 else bundle("identity", sharer, blind, seed)
         val[alpha] = score(WEIGHTED, bridged_encode(blind_pipe, sharer, tok, b, prompts["val"]), "val")
         result.alpha_gap[alpha] = (val_receiver - val[alpha]) / (val_receiver - val_upper)
-    alpha = min(val, key=val.get)
-    result.chosen["weighted alpha"] = alpha
-    b = bundle("weighted", sharer, blind, seed, alpha=alpha) if alpha < 1 else bundle("identity", sharer, blind, seed)
-    score(WEIGHTED, bridged_encode(blind_pipe, sharer, tok, b, prompts["test"]))
+    if val:
+        alpha = min(val, key=val.get)
+        result.chosen["weighted alpha"] = alpha
+        b = bundle("weighted", sharer, blind, seed, alpha=alpha) if alpha < 1 else bundle("identity", sharer, blind, seed)
+        score(WEIGHTED, bridged_encode(blind_pipe, sharer, tok, b, prompts["test"]))
     score(ORACLE, bridged_encode(blind_pipe, seeing, tok, bundle("identity", seeing, blind, seed), prompts["test"]))
     result.seconds["baselines"] = time.monotonic() - clock
 
@@ -463,17 +530,28 @@ def run_seed(seed: int, settings: Settings, out_dir: Path, log=print) -> SeedRes
     return result
 
 
-def colour_locality(seed: int = 0) -> dict:
-    """Where the seeing receiver keeps the colours: per prompt token, the distance between its last hidden states
-    for two prompts that differ only in their two colours, next to the hidden states' norm. The K/V bridge can
-    reach a token's hidden state only through attention; this says how much of the colour sits in the colour
-    tokens' own residual stream (printed by ``run_qwen_miniature.py --diagnose``)."""
+def colour_locality(seed: int = 0, settings: Settings = Settings()) -> dict:
+    """Where the receiver keeps the colours, and what a K/V bridge can reach: per row of the conditioning
+    encode_prompt hands the DiT, for a random receiver (the previous construction) and for the taught one, the
+    distance between the seeing receiver's rows for two prompts that differ only in their colours, between the seeing
+    and the blind receiver's rows, and between the seeing receiver's rows and the K/V oracle's (the blind receiver
+    reading the seeing one's own K/V). Printed by ``run_qwen_miniature.py --diagnose``."""
     tok = tokenizer()
-    seeing = qwen25(100 + seed)
-    pipe = pipeline(seeing, tok, dit(300 + seed))
     prompts = ["a red square on a blue background", "a green square on a yellow background"]
-    embeds = encode(pipe, prompts)
     words = [tok.decode([i]) for i in tok(prompts[0], add_special_tokens=False)["input_ids"]]
-    diff = (embeds[0] - embeds[1]).norm(dim=-1)
-    return {"prompts": prompts, "tokens": words + ["<|im_end|>", "\\n", "<|im_start|>", "assistant", "\\n"],
-            "difference": [round(float(d), 4) for d in diff], "norm": [round(float(n), 4) for n in embeds[0].norm(dim=-1)]}
+    out = {"prompts": prompts, "tokens": words + ["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"]}
+    for name, steps in (("random receiver", 0), ("taught receiver", settings.teach_steps)):
+        seeing = qwen25(100 + seed, settings.embed_scale, settings.attn_gain, settings.unit_norms)
+        pipe = pipeline(seeing, tok, dit(300 + seed))
+        if steps:
+            teach_receiver(pipe, splits(seed, settings)["train"], settings, seed, log=lambda m: None)
+        blind = colour_blind(seeing, tok)
+        blind_pipe = pipeline(blind, tok, pipe.transformer)
+        e, b = encode(pipe, prompts), encode(blind_pipe, prompts)
+        o = bridged_encode(blind_pipe, seeing, tok, bundle("identity", seeing, blind, seed), prompts)
+
+        def rows(t):
+            return [round(float(d), 3) for d in t.norm(dim=-1)]
+        out[name] = {"norm": rows(e[0]), "colours change": rows(e[0] - e[1]), "seeing - blind": rows(e[0] - b[0]),
+                     "seeing - K/V oracle": rows(e[0] - o[0])}
+    return out

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Regenerate experiments/QWEN_RESULTS.md and experiments/qwen_results.png (the text-encoder miniature).
 
-    nice python experiments/run_qwen_miniature.py            # 3 seeds, 2 worker processes, a few minutes
+    nice python experiments/run_qwen_miniature.py            # 3 seeds, 2 worker processes, 10-20 min on 2 cores
     python experiments/run_qwen_miniature.py --quick         # dry run in seconds, numbers meaningless
+    python experiments/run_qwen_miniature.py --oracle-only   # the ceiling check: no projector trained
 
 Each seed runs in its own process (one torch thread each) and writes experiments/out/qwen_seed<N>/
 (trained projector bundles, result.json; not committed). See experiments/qwen_miniature.py for what is
@@ -52,7 +53,7 @@ def gap_closed(run: dict, method: str) -> float:
 
 
 def methods_of(runs: list) -> list:
-    return list(BASELINES) + [m for m in runs[0]["mse"] if m not in BASELINES]
+    return [m for m in BASELINES if m in runs[0]["mse"]] + [m for m in runs[0]["mse"] if m not in BASELINES]
 
 
 def plot(runs: list, path: Path) -> None:
@@ -155,11 +156,11 @@ def report(runs: list, args, wall: float) -> str:
                   f"velocity MSE. Best trained projector: **{best}**, closing {100 * mean_closed:.0f} % on average "
                   f"(per seed: {', '.join(f'{100 * c:.0f} %' for c in closed)}). {verdict}", ""]
     alphas = list(runs[0]["alpha_gap"])
-    lines += ["## Training-free fusion on the validation split", "",
+    lines += [] if not alphas else ["## Training-free fusion on the validation split", "",
               "Gap closed by alpha (alpha 1 is the identity projector, the sharer's K/V in place of the receiver's); "
               "the best alpha is the one reported above.", "",
               "| seed | " + " | ".join(f"alpha {a}" for a in alphas) + " | chosen |", "|---" * (len(alphas) + 2) + "|"]
-    for r in runs:
+    for r in runs if alphas else ():
         lines.append(f"| {r['seed']} | " + " | ".join(f"{100 * r['alpha_gap'][a]:.1f} %" for a in alphas)
                      + f" | {r['chosen']['weighted alpha']} |")
     lines += ["", "## Wall time per seed (one CPU thread each, on a shared machine)", "",
@@ -180,13 +181,24 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "out", help="per-seed artefacts (not committed)")
     p.add_argument("--results", type=Path, default=HERE / "QWEN_RESULTS.md")
     p.add_argument("--kinds", help="trained projector kinds, comma-separated (default: full,c2c)")
-    p.add_argument("--diagnose", action="store_true", help="print where the seeing receiver keeps the colours, per "
-                                                          "token (qwen_miniature.colour_locality), and stop")
+    p.add_argument("--oracle-only", action="store_true",
+                   help="the ceiling check alone: receiver, seeing receiver and K/V oracle, no projector trained")
+    p.add_argument("--set", help='Settings overrides as JSON, for pilot runs, e.g. \'{"embed_scale": 0.1}\'')
+    p.add_argument("--diagnose", action="store_true",
+                   help="print, per row of the conditioning, where the colours are and what the K/V oracle restores, "
+                        "for the random and the taught receiver (qwen_miniature.colour_locality), and stop")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report and the plot from <out>/qwen_runs.json without training anything")
     args = p.parse_args(argv)
     if args.diagnose:
-        print(json.dumps(qm.colour_locality(0), indent=1))
+        found = qm.colour_locality(0)
+        print(" / ".join(found["prompts"]))
+        for name in ("random receiver", "taught receiver"):
+            columns = found[name]
+            print(f"\n{name}: per row of the conditioning, distances of the last hidden states\n{'token':>14} "
+                  + " ".join(f"{c:>20}" for c in columns))
+            for i, token in enumerate(found["tokens"]):
+                print(f"{token!r:>14} " + " ".join(f"{columns[c][i]:>20}" for c in columns))
         return 0
     args.command = " ".join(["python experiments/run_qwen_miniature.py", *(sys.argv[1:] if argv is None else argv)])
     if args.report_only:
@@ -196,6 +208,9 @@ def main(argv=None) -> int:
         started = time.monotonic()
         seeds = list(range(args.seeds))
         overrides = {"kinds": tuple(args.kinds.split(","))} if args.kinds else {}
+        if args.oracle_only:
+            overrides.update(kinds=(), alphas=())
+        overrides.update(json.loads(args.set or "{}"))
         if args.workers > 1 and len(seeds) > 1:
             import multiprocessing
             with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:

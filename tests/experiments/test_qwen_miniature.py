@@ -1,7 +1,7 @@
 """The text-encoder miniature (experiments/qwen_miniature.py, run_qwen_miniature.py) stays runnable and measures
 what it says: a dry run writes the report and the plot, the receiver it builds is colour-blind while the
-seeing receiver and the sharer are not, and the shuffled-sharer control really hands each prompt another
-prompt's sharer K/V."""
+seeing receiver and the sharer are not, the K/V oracle hands the blind receiver every row a bridge can reach,
+and the shuffled-sharer control really hands each prompt another prompt's sharer K/V."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -42,8 +42,8 @@ def monkeypatch_module():
 @pytest.fixture(scope="module")
 def models(qm):
     tok = qm.tokenizer()
-    seeing = qm.qwen25(100)
-    return tok, seeing, qm.colour_blind(seeing, tok), qm.qwen3(200), qm.dit(300)
+    seeing = qm.qwen25(100, unit_norms=True)                    # the run's encoders, untaught (teaching takes a minute)
+    return tok, seeing, qm.colour_blind(seeing, tok), qm.qwen3(200, unit_norms=True), qm.dit(300)
 
 
 PAIR = ["a red square on a blue background", "a green square on a yellow background"]
@@ -58,6 +58,7 @@ def test_dry_run_writes_the_report_and_the_plot(qm, tmp_path):
     for method in (qm.RECEIVER, qm.UPPER, qm.WEIGHTED, qm.ORACLE, "c2c projector (trained)", qm.SHUFFLED):
         assert f"| {method} |" in text
     assert "## Verdict" in text and "Quick mode" in text
+    assert "receiver probe" in text                             # the seeing receiver was taught before the DiT
     assert (tmp_path / "qwen_results.png").stat().st_size > 10_000
     from c2c_core import load_bundle
     bundle = load_bundle(tmp_path / "out" / "qwen_seed0" / "projector_c2c.safetensors")
@@ -77,6 +78,22 @@ def test_the_receiver_is_colour_blind_and_the_sharer_is_not(qm, models):
     # only the colour words went blind: a shape word still changes the blind receiver's conditioning
     other = qm.encode(qm.pipeline(blind, tok, transformer), ["a red ring on a blue background"])
     assert not torch.allclose(other[0], blind_embeds[0], atol=1e-3)
+
+
+def test_the_kv_oracle_gives_the_seeing_rows_everywhere_but_the_colour_words(qm, models):
+    """The ceiling the miniature is built on: handing the blind receiver the seeing receiver's own K/V restores every
+    row the DiT reads exactly, except the two colour words' own rows (their residual stream keeps the blind
+    embedding). So a receiver whose later rows carry the colours, as the taught one does, can get them back."""
+    tok, seeing, blind, sharer, transformer = models
+    pipe = qm.pipeline(blind, tok, transformer)
+    oracle = qm.bridged_encode(pipe, seeing, tok, qm.bundle("identity", seeing, blind, 0), PAIR)
+    truth = qm.encode(qm.pipeline(seeing, tok, transformer), PAIR)
+    alone = qm.encode(pipe, PAIR)
+    colour_rows = [1, 5]                                        # "a red square on a blue background ..."
+    others = [i for i in range(truth.shape[1]) if i not in colour_rows]
+    torch.testing.assert_close(oracle[:, others], truth[:, others], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(alone[:, others], truth[:, others], atol=1e-3)
+    assert not torch.allclose(oracle[:, colour_rows], truth[:, colour_rows], atol=1e-3)
 
 
 def test_the_shuffled_control_reads_another_prompts_sharer(qm, models):
