@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -524,15 +525,56 @@ def fresh_weights_per_forward(patcher) -> bool:
     """On a (cloned) patcher whose model holds inference tensors (loaded inside a prompt, which ComfyUI runs
     under ``torch.inference_mode``), hand every layer a normal copy of its weight per forward through
     ComfyUI's weight wrappers, so a backward pass may go through it (ComfyUI's own LoRA trainer pays the
-    same). Returns whether wrappers were added."""
-    if not any(p.is_inference() for p in patcher.model.diffusion_model.parameters()):
+    same). Tensors outside ComfyUI's cast layers (the text encoders' own RMSNorm weights, buffers) get one normal
+    copy each as object patches, which the patcher puts in place only while it is loaded. Returns whether
+    anything was added."""
+    model = patcher.model
+    if not any(t.is_inference() for t in itertools.chain(model.parameters(), model.buffers())):
         return False
-    for name, module in patcher.model.named_modules():
+    wrapped = set()
+    for name, module in model.named_modules():
         if hasattr(module, "weight_function"):
             for attr in ("weight", "bias"):
                 if getattr(module, attr, None) is not None:
                     patcher.add_weight_wrapper(f"{name}.{attr}", _fresh_weight)
+                    wrapped.add(f"{name}.{attr}")
+    with torch.inference_mode(False):
+        for name, tensor in model.named_parameters():
+            if tensor.is_inference() and name not in wrapped:
+                patcher.add_object_patch(name, torch.nn.Parameter(tensor.clone(), requires_grad=False))
+        for name, tensor in model.named_buffers():
+            if tensor.is_inference() and name not in wrapped:
+                patcher.add_object_patch(name, tensor.clone())
     return True
+
+
+class _OutOfPlaceUnderGrad(torch.overrides.TorchFunctionMode):
+    """ComfyUI 0.33's llama blocks add the residual into the block's input (``torch.add(residual, x, out=input)``),
+    which autograd refuses. Where an input needs grad the result becomes a new tensor instead: the same values,
+    and the block returns it as before (nothing else reads the overwritten input)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("out") is not None and torch.is_grad_enabled() and any(
+                torch.is_tensor(a) and a.requires_grad for a in args):
+            kwargs = {k: v for k, v in kwargs.items() if k != "out"}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def grad_enabled():
+    """THE switch that lets a ComfyUI model's forward carry gradients, text encoders' included: ComfyUI runs every
+    prompt under ``torch.inference_mode`` (execution.py), where no graph is recorded, and its Qwen text encoders
+    (0.33) add residuals in place. Inside the block autograd records and those adds make new tensors; pair it with
+    :func:`fresh_weights_per_forward` on a clone whose weights were loaded inside a prompt (inference tensors,
+    which autograd may not save)."""
+    with torch.inference_mode(False), torch.enable_grad(), _OutOfPlaceUnderGrad():
+        yield
+
+
+def clip_patcher(clip):
+    """The ModelPatcher that loads a CLIP's text encoder (what load_models_gpu and weight wrappers act on)."""
+    return clip.patcher
 
 
 @contextlib.contextmanager
@@ -755,6 +797,23 @@ def text_attention_hooks(encoder: QwenEncoder, layers, on_start, on_kv):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def qwen_image_text_width(patcher) -> Optional[int]:
+    """The width of the text a Qwen-Image DiT reads (its ``txt_in``), or None when the value is no Qwen-Image MODEL."""
+    import comfy.model_base
+
+    if not isinstance(getattr(patcher, "model", None), comfy.model_base.QwenImage):
+        return None
+    return int(patcher.model.diffusion_model.txt_in.in_features)
+
+
+def model_kind(value) -> str:
+    """What a MODEL or CLIP input holds, in a word (for messages): the model class, or 'CLIP'."""
+    if is_clip(value):
+        return "CLIP"
+    model = getattr(value, "model", None)
+    return type(model if model is not None else value).__name__
 
 
 def stock_qwen_encode_node(name: str):
