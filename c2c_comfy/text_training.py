@@ -206,7 +206,7 @@ def bridged_prompt_velocity(bridge: BridgedClip, dit):
         with compat.grad_enabled():
             with bridge.training():
                 conditioning = encode_prompt(bridge, batch)
-            (conds,) = compat.processed_model_conds(dit, conditioning, batch.x0, "positive", device)
+            conds = compat.cond_cat(compat.processed_model_conds(dit, conditioning, batch.x0, "positive", device))
             velocity = compat.diffusion_model_output(dit, batch.x_t, batch.sigma, conds, [0])
         return velocity.float(), (batch.noise - batch.x0).float()
 

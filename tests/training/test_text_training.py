@@ -22,6 +22,16 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["a red cube on a blue floor", "write 'C2C' on the sign", "two cats, one black", "a green door"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_for_module_fixtures():
+    """conftest's one_thread is per test, so module fixtures (the training runs) would set up with OpenMP's
+    threads: slow on the shared machine, and another summation order than the tests that compare with them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def qwen(tiny_models, comfy):
     import host
@@ -88,3 +98,77 @@ def test_training_forward_fuses_exactly_as_inference(tt, qwen, dataset):
         node = BridgedQwenTextEncode.execute(qwen["receiver"], qwen["sharer"], projector, PROMPTS[0], mode, 1.0, "all",
                                              "", **images).args[0]
         assert torch.equal(trained[0][0].detach(), node[0][0])
+
+
+def settings(steps=4, **overrides):
+    from c2c_core.train import TrainSettings
+    return TrainSettings(**{"steps": steps, "lr": 3e-3, "batch_size": 2, "seed": 0, "negative_share": 0.0,
+                            "loss": "velocity", **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tt, qwen, dataset, tmp_path_factory):
+    """One 4-step run with checkpoints every 2 steps (kept for the resume test)."""
+    folder = tmp_path_factory.mktemp("text_checkpoints")
+    projector = make_projector(qwen)
+    outcome = tt.train_text_projector(qwen["dit"], qwen["receiver"], qwen["sharer"], projector, dataset,
+                                      settings(checkpoint_every=2, checkpoint_dir=folder), checkpoint_dir=folder)
+    return {"outcome": outcome, "projector": projector, "checkpoints": folder}
+
+
+def test_only_the_bank_learns_and_the_loss_falls(tt, qwen, dataset):
+    """Six steps on one fixed item: the velocity loss falls, the bank alone gets gradients and the models stay frozen
+    and unchanged."""
+    from c2c_core import train_bank, TrainConfig
+    projector = make_projector(qwen)
+    bridge = trainable(tt, qwen, projector)
+    bank = bridge.bundle.bank
+    model = qwen["dit"].clone()
+    (item,) = tt.prompt_batches(dataset, model, seed=3)(0)
+    dit_before = {k: v.clone() for k, v in qwen["dit"].model.state_dict().items()}
+    loss_fn = tt.prompt_loss(tt.bridged_prompt_velocity(bridge, model))
+
+    def eval_loss():    # the bank in eval mode: no Gumbel noise in the c2c gates
+        bank.eval()
+        return float(loss_fn(bank, [item]))
+
+    with tt.compat.grad_enabled():
+        tt.compat.fresh_weights_per_forward(model)
+        with tt.session(model, bridge):
+            before = eval_loss()
+            train_bank(bank, projector.layer_map, lambda step: [item], loss_fn, TrainConfig(steps=6, lr=1e-2, seed=0))
+            after = eval_loss()
+    assert after < 0.95 * before, (before, after)
+    grads = {name: p.grad for name, p in bank.named_parameters()}
+    assert all(g is not None for g in grads.values())      # the gates are hard by the last step's temperature:
+    assert all(g.abs().sum() > 0 for name, g in grads.items() if not name.endswith("gate_logit"))  # no gradient
+    for clip in (qwen["receiver"], qwen["sharer"]):
+        assert not any(p.requires_grad for p in clip.cond_stage_model.parameters())
+    assert not any(p.requires_grad for p in qwen["dit"].model.parameters())
+    assert all(torch.equal(v, dit_before[k]) for k, v in qwen["dit"].model.state_dict().items())
+
+
+def test_a_run_saves_a_tagged_bundle_with_its_provenance(trained):
+    outcome, projector = trained["outcome"], trained["projector"]
+    assert len(outcome.losses) == 4 and all(torch.isfinite(torch.tensor(outcome.losses)))
+    before, after = projector.bank.state_dict(), outcome.bundle.bank.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert outcome.bundle.receiver.arch.kind == "text-encoder" and outcome.bundle.provenance["steps"] == 4
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tt, qwen, dataset, trained, tmp_path):
+    """The run is stopped after step 2 (its checkpoint), then resumed: same weights as the 4-step run, bit for bit."""
+    from c2c_core.checkpoint import clear_checkpoints
+    folder = tmp_path / "ckpt"
+    shutil.copytree(trained["checkpoints"], folder)
+    for late in sorted(folder.glob("step_000004*")):
+        late.unlink()
+    resumed = tt.train_text_projector(qwen["dit"], qwen["receiver"], qwen["sharer"], trained["projector"], dataset,
+                                      settings(checkpoint_every=2, checkpoint_dir=folder), checkpoint_dir=folder)
+    assert resumed.resumed_at == 2
+    want = trained["outcome"].bundle.bank.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in resumed.bundle.bank.state_dict().items())
+    assert resumed.losses == trained["outcome"].losses
+    clear_checkpoints(folder)
+
+
