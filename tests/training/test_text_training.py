@@ -140,11 +140,9 @@ def test_only_the_bank_learns_and_the_loss_falls(tt, qwen, dataset):
             after = eval_loss()
     assert after < 0.95 * before, (before, after)
     grads = {name: p.grad for name, p in bank.named_parameters()}
-    assert all(g is not None for g in grads.values())      # the gates are hard by the last step's temperature:
-    assert all(g.abs().sum() > 0 for name, g in grads.items() if not name.endswith("gate_logit"))  # no gradient
-    for clip in (qwen["receiver"], qwen["sharer"]):
-        assert not any(p.requires_grad for p in clip.cond_stage_model.parameters())
-    assert not any(p.requires_grad for p in qwen["dit"].model.parameters())
+    assert all(g is not None for g in grads.values()) and sum(float(g.abs().sum()) for g in grads.values()) > 0
+    for module in (qwen["receiver"].cond_stage_model, qwen["sharer"].cond_stage_model, qwen["dit"].model):
+        assert not any(p.requires_grad or p.grad is not None for p in module.parameters())
     assert all(torch.equal(v, dit_before[k]) for k, v in qwen["dit"].model.state_dict().items())
 
 
