@@ -207,7 +207,7 @@ def _layout_v1(path: Path, meta: dict, writer: str) -> _Layout:
     return _Layout("comfyui", names, values)
 
 
-def _read_layout(path: Path, host: SampleHost) -> _Layout:
+def _read_layout(path: Path, host: SampleHost, index: int) -> _Layout:
     try:
         meta = read_meta(path, SAMPLE_KEY)
     except C2CError as e:
@@ -223,8 +223,9 @@ def _read_layout(path: Path, host: SampleHost) -> _Layout:
                                 f"Cache Bridge or re-save the sample.")
     layout = (_layout_v1 if version == 1 else _layout_v2)(path, meta, host.writer)
     if layout.host != host.name:
-        raise TrainingDataError(f"{path} was written by the {layout.host} host; this is the {host.name} host, whose "
-                                f"latent space and image conditioning differ. Save the sample with {host.writer}.")
+        raise TrainingDataError(f"sample index {index}: {path} was written by the {layout.host} host; this is the "
+                                f"{host.name} host, whose latent space and image conditioning differ. Save the "
+                                f"sample with {host.writer}.")
     missing = [r for r in host.roles if r not in layout.names]
     unknown = sorted(set(layout.names) - set(ROLES))
     if missing or unknown:
@@ -256,8 +257,8 @@ class TrainingSet:
         if not paths:
             raise TrainingDataError(f"training-sample folder {folder} holds no .safetensors samples")
         layouts, shapes, widths = [], [], []
-        for path in paths:
-            layout = _read_layout(path, host)
+        for index, path in enumerate(paths):
+            layout = _read_layout(path, host, index)
             try:
                 _, entries = read_header(path)
             except C2CError as e:

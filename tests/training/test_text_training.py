@@ -170,3 +170,108 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tt, qwen, dataset
     clear_checkpoints(folder)
 
 
+
+
+# --- bad samples ------------------------------------------------------------------------------------------------
+def test_bad_samples_are_refused_with_index_file_and_fix(tt, qwen, tmp_path):
+    from c2c_core.samples import TrainingDataError
+    nan = tmp_path / "nan"
+    tt.save_prompt_sample(nan, torch.zeros(1, 16, 8, 8), "a cat")
+    tt.save_prompt_sample(nan, torch.full((1, 16, 8, 8), float("nan")), "a dog")
+    with pytest.raises(TrainingDataError, match=r"the latents of samples index 1 \(sample_00002.safetensors\) in .* "
+                                                r"hold NaN or Inf values; expected finite values.*Fix: delete "
+                                                r"sample_00002.safetensors"):
+        tt.open_prompt_set(nan)
+    wide = tmp_path / "channels"
+    tt.save_prompt_sample(wide, torch.zeros(1, 48, 8, 8), "a cat")
+    with pytest.raises(TrainingDataError, match=r"sample index 0 \(sample_00001.safetensors\) in .*channels: the "
+                                                r"latent has 48 channels; expected the DiT's 16-channel latent "
+                                                r"\(Wan21\)\. Fix: save samples whose latent comes from this DiT's VAE"):
+        tt.check_prompt_set(tt.open_prompt_set(wide), qwen["dit"])
+    video = tmp_path / "video"
+    from c2c_core.samples import Conditioning, save_sample
+    save_sample(video, tt.PROMPT_SAMPLES, torch.zeros(1, 16, 3, 8, 8),
+                {"receiver_positive": Conditioning({}, {"prompt": "a cat", "mode": "text"})})
+    with pytest.raises(TrainingDataError, match=r"sample index 0 \(sample_00001.safetensors\) in .*: the latent has "
+                                                r"3 frames; expected one image latent \(1 frame\)"):
+        tt.check_prompt_set(tt.open_prompt_set(video), qwen["dit"])
+
+
+def test_samples_of_another_host_or_pair_are_refused(tt, tmp_path):
+    from c2c_core.samples import Conditioning, TrainingDataError, save_sample
+    from comfy_test_nodes import wan_conditioning
+    training = importlib.import_module("dit_cache_bridge.c2c_comfy.training")
+    wan = tmp_path / "wan"
+    conds = {role: wan_conditioning(i) for i, role in enumerate(("receiver_positive", "receiver_negative",
+                                                                 "sharer_positive", "sharer_negative"))}
+    training.save_training_samples(wan, torch.zeros(1, 16, 3, 8, 8), conds)
+    with pytest.raises(TrainingDataError, match=r"sample index 0: .*sample_00001.safetensors was written by the "
+                                                r"comfyui host; this is the comfyui-qwen-image host.*Save the sample "
+                                                r"with Save C2C Text Training Sample"):
+        tt.open_prompt_set(wan)
+    text = tmp_path / "text"
+    tt.save_prompt_sample(text, torch.zeros(1, 16, 8, 8), "a cat")
+    with pytest.raises(TrainingDataError, match=r"sample index 0: .* was written by the comfyui-qwen-image host; "
+                                                r"this is the comfyui host.*Save C2C Training Sample"):
+        training.open_training_set(text)
+    python = tmp_path / "diffusers"
+    save_sample(python, tt.PROMPT_SAMPLES.__class__("diffusers-qwen-image", ("receiver_positive",), "x"),
+                torch.zeros(1, 16, 1, 8, 8), {"receiver_positive": Conditioning({}, {"prompt": "a cat"})})
+    with pytest.raises(TrainingDataError, match=r"sample index 0: .* was written by the diffusers-qwen-image host; "
+                                                r"this is the comfyui-qwen-image host, whose latent space and image "
+                                                r"conditioning differ"):
+        tt.open_prompt_set(python)
+
+
+# --- the nodes ----------------------------------------------------------------------------------------------------
+def run_node(node, **inputs):
+    """As ComfyUI's executor runs a node: under inference_mode."""
+    with torch.inference_mode():
+        return node.execute(**inputs)
+
+
+def test_the_nodes_save_samples_and_train_a_projector_bridged_qwen_text_encode_uses(tt, qwen, comfy):
+    from dit_cache_bridge.nodes import text_train, train
+    from dit_cache_bridge.nodes.text_encode import BridgedQwenTextEncode
+    name = "tiny_text_pair"
+    shutil.rmtree(comfy.output_dir / "c2c_training" / name, ignore_errors=True)
+    shutil.rmtree(comfy.output_dir / "c2c_training" / "checkpoints" / name, ignore_errors=True)
+    latent = {"samples": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(5))}
+    (folder,) = run_node(text_train.SaveC2CTextTrainingSample, latent=latent, prompt=PROMPTS[0], mode="text",
+                         folder=name).args
+    run_node(text_train.SaveC2CTextTrainingSample, latent={"samples": latent["samples"][:1]}, prompt=PROMPTS[1],
+             mode="edit_plus", folder=name, image=image(7))
+    assert len(list((comfy.output_dir / "c2c_training" / folder).glob("sample_*.safetensors"))) == 3
+    projector = make_projector(qwen)
+    try:
+        trained, plot = run_node(text_train.TrainC2CTextProjector, dit=qwen["dit"], clip=qwen["receiver"],
+                                 sharer_clip=qwen["sharer"], projector=projector, dataset=folder, steps=2, batch_size=1,
+                                 learning_rate=1e-3, warmup_steps=0, schedule="cosine", checkpoint_every=1, seed=0,
+                                 output_name=name, resume=False).args
+        assert plot.dim() == 4 and plot.shape[-1] == 3 and trained.provenance["steps"] == 2
+        fused = BridgedQwenTextEncode.execute(qwen["receiver"], qwen["sharer"], trained, PROMPTS[0], "text", 1.0,
+                                              "all", "").args[0]
+        untrained = BridgedQwenTextEncode.execute(qwen["receiver"], qwen["sharer"], projector, PROMPTS[0], "text",
+                                                  1.0, "all", "").args[0]
+        assert torch.isfinite(fused[0][0]).all() and not torch.equal(fused[0][0], untrained[0][0])
+    finally:
+        for path in Path(train.projector_folder()).glob(f"{name}*.safetensors"):
+            path.unlink()
+
+
+def test_the_train_node_refuses_what_does_not_fit(tt, qwen):
+    from dit_cache_bridge.c2c_comfy.errors import BridgeInputError
+    from dit_cache_bridge.nodes import text_train
+    inputs = dict(dit=qwen["dit"], clip=qwen["receiver"], sharer_clip=qwen["sharer"], projector=make_projector(qwen),
+                  dataset="no_such_folder", steps=2, batch_size=1, learning_rate=1e-3, warmup_steps=0,
+                  schedule="cosine", checkpoint_every=1, seed=0, output_name="x")
+    with pytest.raises(BridgeInputError, match=r"Train C2C Text Projector › dit: a WAN21 model; expected a Qwen-Image "
+                                               r"diffusion model"):
+        run_node(text_train.TrainC2CTextProjector, **{**inputs, "dit": qwen["wan"]})
+    with pytest.raises(BridgeInputError, match=r"Train C2C Text Projector › dataset: training-sample folder .*"
+                                               r"no_such_folder does not exist"):
+        run_node(text_train.TrainC2CTextProjector, **inputs)
+    with pytest.raises(BridgeInputError, match=r"› warmup_steps: 2; expected fewer than steps \(2\)"):
+        run_node(text_train.TrainC2CTextProjector, **{**inputs, "warmup_steps": 2})
+    with pytest.raises(BridgeInputError, match=r"› sharer_clip: a ModelPatcher, not a CLIP"):
+        run_node(text_train.TrainC2CTextProjector, **{**inputs, "sharer_clip": qwen["dit"]})
