@@ -275,3 +275,24 @@ def test_the_train_node_refuses_what_does_not_fit(tt, qwen):
         run_node(text_train.TrainC2CTextProjector, **{**inputs, "warmup_steps": 2})
     with pytest.raises(BridgeInputError, match=r"› sharer_clip: a ModelPatcher, not a CLIP"):
         run_node(text_train.TrainC2CTextProjector, **{**inputs, "sharer_clip": qwen["dit"]})
+
+
+def test_the_cli_trains_a_text_pair(qwen, dataset, tmp_path):
+    """tools/train_projector.py --pair text: the same training from the command line (torchrun launches it alike)."""
+    import subprocess
+    import sys
+    from c2c_core import load_bundle
+    cli = Path(__file__).resolve().parents[2] / "tools" / "train_projector.py"
+    out = tmp_path / "text_pair.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
+    paths = qwen["paths"]
+    result = subprocess.run([sys.executable, str(cli), "--pair", "text", "--sharer", paths["sharer"], "--receiver",
+                             paths["receiver"], "--dit", paths["dit"], "--dataset", dataset.folder, "--kind", "c2c",
+                             "--hidden-dim", "16", "--steps", "2", "--checkpoint-every", "1", "--out", out,
+                             "--threads", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "loss velocity" in result.stdout and "weights sha256" in result.stdout
+    bundle = load_bundle(out)
+    assert bundle.provenance["steps"] == 2 and bundle.receiver.arch.family == "qwen2.5-vl"
+    assert (tmp_path / "text_pair_loss.png").is_file()
