@@ -127,7 +127,7 @@ class BridgedClip:
         self.sharer_encoder = compat.qwen_encoder(self.sharer)
         self._sharer_tokens: dict = {}
         self.report = None
-        self.in_training = False
+        self.trains = False
         self._fresh_weights = False
 
     @contextmanager
@@ -140,11 +140,11 @@ class BridgedClip:
             if not self._fresh_weights:   # weights loaded inside a prompt are inference tensors: normal copies
                 compat.fresh_weights_per_forward(compat.clip_patcher(self.receiver))
                 self._fresh_weights = True
-            self.in_training = True
+            self.trains = True
             try:
                 yield self
             finally:
-                self.in_training = False
+                self.trains = False
 
     def tokenize(self, text, **kwargs):
         tokens = self.receiver.tokenize(text, **kwargs)
@@ -187,7 +187,7 @@ class _ReceiverFusion:
         self.runs += 1
 
     def fuse(self, layer, k, v):
-        training = self.clip.in_training
+        training = self.clip.trains
         if self.run is None:    # training: the bank itself, not a placed copy, and no statistics
             index = self.index.to(k.device)
             self.run = FusionRun(self.clip.bundle, FusionSchedule(), self.clip.strength, self.clip.layer_strengths,
