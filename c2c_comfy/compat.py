@@ -525,27 +525,36 @@ def fresh_weights_per_forward(patcher) -> bool:
     """On a (cloned) patcher whose model holds inference tensors (loaded inside a prompt, which ComfyUI runs
     under ``torch.inference_mode``), hand every layer a normal copy of its weight per forward through
     ComfyUI's weight wrappers, so a backward pass may go through it (ComfyUI's own LoRA trainer pays the
-    same). Tensors outside ComfyUI's cast layers (the text encoders' own RMSNorm weights, buffers) get one normal
-    copy each as object patches, which the patcher puts in place only while it is loaded. Returns whether
-    anything was added."""
-    model = patcher.model
-    if not any(t.is_inference() for t in itertools.chain(model.parameters(), model.buffers())):
+    same). Returns whether wrappers were added."""
+    if not any(p.is_inference() for p in patcher.model.parameters()):
         return False
-    wrapped = set()
-    for name, module in model.named_modules():
-        if hasattr(module, "weight_function"):
-            for attr in ("weight", "bias"):
-                if getattr(module, attr, None) is not None:
-                    patcher.add_weight_wrapper(f"{name}.{attr}", _fresh_weight)
-                    wrapped.add(f"{name}.{attr}")
-    with torch.inference_mode(False):
-        for name, tensor in model.named_parameters():
-            if tensor.is_inference() and name not in wrapped:
-                patcher.add_object_patch(name, torch.nn.Parameter(tensor.clone(), requires_grad=False))
-        for name, tensor in model.named_buffers():
-            if tensor.is_inference() and name not in wrapped:
-                patcher.add_object_patch(name, tensor.clone())
+    for name in _cast_layer_tensors(patcher.model):
+        patcher.add_weight_wrapper(name, _fresh_weight)
     return True
+
+
+def _cast_layer_tensors(model) -> list:
+    """The weights and biases of ComfyUI's cast layers (those with weight wrappers)."""
+    return [f"{name}.{attr}" for name, module in model.named_modules() if hasattr(module, "weight_function")
+            for attr in ("weight", "bias") if getattr(module, attr, None) is not None]
+
+
+def fresh_tensors_outside_layers(patcher) -> int:
+    """Beside :func:`fresh_weights_per_forward`: one normal copy of each inference tensor outside ComfyUI's cast
+    layers (the text encoders' own RMSNorm weights, buffers), as object patches the patcher puts in place while
+    it is loaded. Text encoders need them; Wan computes through its own plain parameters without saving them.
+    Returns how many."""
+    model = patcher.model
+    wrapped = set(_cast_layer_tensors(model))
+    count = 0
+    with torch.inference_mode(False):
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+            if tensor.is_inference() and name not in wrapped:
+                copy = tensor.clone()
+                patcher.add_object_patch(name, torch.nn.Parameter(copy, requires_grad=False)
+                                         if isinstance(tensor, torch.nn.Parameter) else copy)
+                count += 1
+    return count
 
 
 class _OutOfPlaceUnderGrad(torch.overrides.TorchFunctionMode):

@@ -139,6 +139,7 @@ class BridgedClip:
         with compat.grad_enabled():
             if not self._fresh_weights:   # weights loaded inside a prompt are inference tensors: normal copies
                 compat.fresh_weights_per_forward(compat.clip_patcher(self.receiver))
+                compat.fresh_tensors_outside_layers(compat.clip_patcher(self.receiver))
                 self._fresh_weights = True
             self.trains = True
             try:

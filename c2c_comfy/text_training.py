@@ -259,6 +259,7 @@ def train_text_projector(dit, receiver, sharer, projector: ProjectorBundle, data
         bridge = BridgedClip(NODE, receiver, sharer, bundle, 1.0)
         model = dit.clone()
         compat.fresh_weights_per_forward(model)
+        compat.fresh_tensors_outside_layers(model)
         check_prompt_set(dataset, model)
         batches = prompt_batches(dataset, model, settings.seed, settings.batch_size, parallel.rank, parallel.world)
         with session(model, bridge):

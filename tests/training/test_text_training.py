@@ -136,6 +136,7 @@ def test_only_the_bank_learns_and_the_loss_falls(tt, qwen, dataset):
 
     with tt.compat.grad_enabled():
         tt.compat.fresh_weights_per_forward(model)
+        tt.compat.fresh_tensors_outside_layers(model)
         with tt.session(model, bridge):
             before = eval_loss()
             train_bank(bank, projector.layer_map, lambda step: [item], loss_fn, TrainConfig(steps=6, lr=1e-2, seed=0))
