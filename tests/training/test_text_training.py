@@ -401,3 +401,39 @@ def test_a_bundle_trained_here_fuses_the_same_numbers_in_python(tt, qwen, comfyu
         python_fused = pipe.encode_prompt(prompt, device="cpu")[0]
     assert (comfy_fused - stock).abs().max() > 0.1, "the fusion moved the conditioning"
     assert (python_fused - comfy_fused).abs().max() < 1e-4, (python_fused - comfy_fused).abs().max()
+
+
+class PixelVAE:
+    """Stands in for the Qwen-Image VAE (no tiny one exists): a 16-channel latent of the pixels at 1/8 size, so the
+    reference latent shows which size the stock node resized the image to."""
+
+    def encode(self, pixels):
+        return pixels[..., :1].movedim(-1, 1)[:, :, None, ::8, ::8].repeat(1, 16, 1, 1, 1)
+
+
+def test_an_edit_sample_keeps_the_stock_nodes_reference_latent_and_the_dit_reads_it(tt, qwen, tmp_path):
+    from comfy_extras.nodes_qwen import TextEncodeQwenImageEditPlus
+    picture = image(11)
+    tt.save_prompt_sample(tmp_path, torch.zeros(1, 16, 8, 8), PROMPTS[1], "edit_plus", picture, PixelVAE())
+    stock = TextEncodeQwenImageEditPlus.execute(clip=qwen["receiver"], prompt=PROMPTS[1], vae=PixelVAE(),
+                                                image1=picture).args[0]
+    (want,) = stock[0][1]["reference_latents"]
+    (item,) = tt.prompt_batches(tt.open_prompt_set(tmp_path), qwen["dit"])(0)
+    (stored,) = item.reference_latents
+    assert stored.shape == want.shape and torch.equal(stored, want)       # 1024² area, as the stock node sizes it
+    assert torch.equal(item.image, picture) and item.mode == "edit_plus"
+    bridge = trainable(tt, qwen, make_projector(qwen))
+    with bridge.training():
+        conditioning = tt.encode_prompt(bridge, item)
+    assert torch.equal(conditioning[0][1]["reference_latents"][0], want)
+    model = qwen["dit"].clone()
+    with tt.compat.grad_enabled():
+        tt.compat.fresh_weights_per_forward(model)
+        tt.compat.fresh_tensors_outside_layers(model)
+        with tt.session(model, bridge), torch.no_grad():
+            predict = tt.bridged_prompt_velocity(bridge, model)
+            with_reference, target = predict(bridge.bundle.bank, item)
+            item.reference_latents = []
+            without, _ = predict(bridge.bundle.bank, item)
+    assert with_reference.shape == target.shape == (1, 16, 1, 8, 8) and torch.isfinite(with_reference).all()
+    assert not torch.equal(with_reference, without)
