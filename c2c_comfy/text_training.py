@@ -32,11 +32,12 @@ from c2c_core.samples import Conditioning, SampleDraws, SampleHost, TrainingData
 from c2c_core.train import DataParallel, TrainSettings, provenance, run_training, trainable_copy
 from . import compat, files
 from .errors import BridgeInputError
-from .text_encoder import STOCK_NODES, BridgedClip, encoder_signature  # noqa: F401  (BridgedClip: the bridge)
+from .text_encoder import STOCK_NODES, BridgedClip, encoder_signature
 from .training import TrainOutcome, frozen
 
 __all__ = ["PROMPT_SAMPLES", "save_prompt_sample", "open_prompt_set", "PromptBatch", "prompt_batches",
-           "bridged_prompt_velocity", "check_prompt_set", "reference_latents", "train_text_projector"]
+           "bridged_prompt_velocity", "check_prompt_set", "reference_latents", "encode_prompt", "prompt_loss",
+           "session", "check_dit", "train_text_projector", "BridgedClip"]
 
 NODE = "Train C2C Text Projector"
 #: the samples a text-encoder projector trains on in ComfyUI (the diffusers host's are "diffusers-qwen-image":

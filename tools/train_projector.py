@@ -159,8 +159,8 @@ def load_text_models(args):
     def clip(path):
         if tiny(path):
             return make_tiny_qwen.load_tiny_clip(path)
-        return comfy.sd.load_clip(ckpt_paths=[str(path)], embedding_directory=folder_paths.get_folder_paths("embeddings"),
-                                  clip_type=comfy.sd.CLIPType.QWEN_IMAGE)
+        return comfy.sd.load_clip(ckpt_paths=[str(path)], clip_type=comfy.sd.CLIPType.QWEN_IMAGE,
+                                  embedding_directory=folder_paths.get_folder_paths("embeddings"))
 
     dit = make_tiny_qwen.load_tiny_qwen_image(args.dit) if tiny(args.dit) else \
         comfy.sd.load_diffusion_model(str(args.dit))

@@ -145,7 +145,8 @@ def test_only_the_bank_learns_and_the_loss_falls(tt, qwen, dataset):
     grads = {name: p.grad for name, p in bank.named_parameters()}
     assert all(g is not None for g in grads.values()) and sum(float(g.abs().sum()) for g in grads.values()) > 0
     assert not any(p.grad is not None for m in models for p in m.parameters())
-    assert all(torch.equal(v, before[k]) for m, before in zip(models, weights_before) for k, v in m.state_dict().items())
+    assert all(torch.equal(v, before[k])
+               for m, before in zip(models, weights_before) for k, v in m.state_dict().items())
 
 
 def test_a_run_saves_a_tagged_bundle_with_its_provenance(trained):
@@ -188,7 +189,8 @@ def test_bad_samples_are_refused_with_index_file_and_fix(tt, qwen, tmp_path):
     tt.save_prompt_sample(wide, torch.zeros(1, 48, 8, 8), "a cat")
     with pytest.raises(TrainingDataError, match=r"sample index 0 \(sample_00001.safetensors\) in .*channels: the "
                                                 r"latent has 48 channels; expected the DiT's 16-channel latent "
-                                                r"\(Wan21\)\. Fix: save samples whose latent comes from this DiT's VAE"):
+                                                r"\(Wan21\)\. Fix: save samples whose latent comes from this DiT's "
+                                                r"VAE"):
         tt.check_prompt_set(tt.open_prompt_set(wide), qwen["dit"])
     video = tmp_path / "video"
     from c2c_core.samples import Conditioning, save_sample
@@ -267,8 +269,8 @@ def test_the_train_node_refuses_what_does_not_fit(tt, qwen):
     inputs = dict(dit=qwen["dit"], clip=qwen["receiver"], sharer_clip=qwen["sharer"], projector=make_projector(qwen),
                   dataset="no_such_folder", steps=2, batch_size=1, learning_rate=1e-3, warmup_steps=0,
                   schedule="cosine", checkpoint_every=1, seed=0, output_name="x")
-    with pytest.raises(BridgeInputError, match=r"Train C2C Text Projector › dit: a WAN21 model; expected a Qwen-Image "
-                                               r"diffusion model"):
+    with pytest.raises(BridgeInputError, match=r"Train C2C Text Projector › dit: a WAN21 model; expected a "
+                                               r"Qwen-Image diffusion model"):
         run_node(text_train.TrainC2CTextProjector, **{**inputs, "dit": qwen["wan"]})
     with pytest.raises(BridgeInputError, match=r"Train C2C Text Projector › dataset: training-sample folder .*"
                                                r"no_such_folder does not exist"):
@@ -380,8 +382,8 @@ def test_a_bundle_trained_here_fuses_the_same_numbers_in_python(tt, qwen, comfyu
                               if k.startswith("model.")}, strict=False)
     s, vision = sharer_spec["config"], sharer_spec["vision"]
     sharer = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
-        text_config=dict(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-                         num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
+        text_config=dict(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                         intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
                          num_key_value_heads=s["num_key_value_heads"], head_dim=128, rope_parameters=dict(
                              rope_type="default", mrope_section=[24, 20, 20], mrope_interleaved=True, rope_theta=5e6)),
         vision_config=dict(depth=vision["depth"], hidden_size=vision["hidden_size"], num_heads=vision["num_heads"],
