@@ -6,13 +6,12 @@ Thin, as nodes/train.py: folders, messages and the loss plot here; the samples a
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from comfy_api.latest import io
 
-from c2c_core import DECAYS, C2CError, DivergedError, ResumeError
+from c2c_core import DECAYS
 from c2c_core.errors import quote
 from c2c_core.samples import TrainingDataError
 from c2c_core.train import TrainSettings
@@ -22,8 +21,8 @@ from ..c2c_comfy.text_encoder import RECEIVER_KINDS, SHARER_KINDS, encoder_of, e
 from ..c2c_comfy.validate import check_inputs
 from .projector import check_projector_fits
 from .text_encode import MODES
-from .train import TRAIN_CATEGORY, _CONFIG_INPUTS, _checked_folder, _checked_name, _NAME, loss_plot, \
-    projector_folder, samples_root, write_png
+from .train import TRAIN_CATEGORY, checked_folder, checked_name, dataset_fingerprint, loss_plot, projector_folder, \
+    samples_root, training_refusals, write_png
 from .types import Projector
 
 
@@ -65,7 +64,7 @@ class SaveC2CTextTrainingSample(io.ComfyNode):
     def execute(cls, latent, prompt, mode, folder, image=None, vae=None) -> io.NodeOutput:
         check_inputs(cls, locals())
         node = cls.NODE
-        name = _checked_folder(node, "folder", folder)
+        name = checked_folder(node, "folder", folder)
         samples = latent["samples"]
         check(isinstance(prompt, str) and bool(prompt.strip()), node, "prompt", quote(prompt, 40),
               "the text of the picture", "type the prompt the latent should be generated from")
@@ -143,13 +142,7 @@ class TrainC2CTextProjector(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, dataset=None, **kwargs):
-        """New or changed sample files make the node run again (ComfyUI reuses its result otherwise)."""
-        if not isinstance(dataset, str) or not _NAME.match(dataset.strip()) or ".." in dataset:
-            return dataset
-        folder = samples_root() / dataset.strip()
-        if not folder.is_dir():
-            return dataset
-        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")))
+        return dataset_fingerprint(dataset)
 
     @classmethod
     def execute(cls, dit, clip, sharer_clip, projector, dataset, steps, batch_size, learning_rate, warmup_steps,
@@ -165,8 +158,8 @@ class TrainC2CTextProjector(io.ComfyNode):
               "set Create C2C Projector's kind to c2c, full or gating")
         check(warmup_steps < steps, node, "warmup_steps", str(warmup_steps), f"fewer than steps ({steps})",
               "lower warmup_steps or raise steps")
-        data_name = _checked_folder(node, "dataset", dataset)
-        out_name = _checked_name(node, "output_name", output_name, "file name")
+        data_name = checked_folder(node, "dataset", dataset)
+        out_name = checked_name(node, "output_name", output_name, "file name")
         try:
             data = text_training.open_prompt_set(samples_root() / data_name)
         except TrainingDataError as e:
@@ -181,27 +174,14 @@ class TrainC2CTextProjector(io.ComfyNode):
             bar.update_absolute(done, total)
             compat.throw_if_interrupted()
 
-        try:
+        with training_refusals(node, "samples that fit the DiT",
+                               "re-save the samples with Save C2C Text Training Sample"):
             settings = TrainSettings(loss="velocity", steps=steps, batch_size=batch_size, lr=learning_rate,
                                      warmup_steps=warmup_steps, decay=schedule, checkpoint_every=checkpoint_every,
                                      checkpoint_dir=folder, seed=seed, negative_share=0.0)
             outcome = text_training.train_text_projector(
                 dit, clip, sharer_clip, projector, data, settings, resume=resume,
                 output_path=Path(projector_folder()) / f"{out_name}.safetensors", progress=progress)
-        except TrainingDataError as e:
-            raise BridgeInputError(node, "dataset", e.found, e.expected or "samples that fit the DiT",
-                                   e.fix or "re-save the samples with Save C2C Text Training Sample") from e
-        except ResumeError as e:
-            raise BridgeInputError(node, "resume", str(e).rstrip("."), "a checkpoint of this output_name, intact "
-                                   "and made with these settings", "use the settings of the interrupted run, switch "
-                                   "resume off, or pick a new output_name") from e
-        except DivergedError as e:
-            raise BridgeInputError(node, "learning_rate", str(e), "a run whose loss and weights stay finite",
-                                   "lower learning_rate, or switch resume off to start over") from e
-        except C2CError as e:
-            field = re.search(r"TrainConfig\.(\w+)", str(e))
-            input_name = _CONFIG_INPUTS.get(field.group(1), "steps") if field else "projector"
-            raise BridgeInputError(node, input_name, str(e), "a valid training setting", "change that input") from e
         plot = loss_plot(outcome.losses, f"velocity loss, {outcome.bundle.bank.kind} text-encoder projector")
         write_png(plot, samples_root() / f"{out_name}_loss.png")
         return io.NodeOutput(outcome.bundle, plot)
