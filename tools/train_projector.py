@@ -25,8 +25,7 @@ Qwen-Image DiT whose flow-matching loss trains the projector, data from Save C2C
         --out models/c2c_projectors/qwen3vl_to_qwen25vl_c2c.safetensors
 
 Models load with ComfyUI's ``comfy.sd.load_diffusion_model`` (the UNETLoader code) and text encoders with
-``comfy.sd.load_clip`` (CLIPLoader, type qwen_image); a tiny Qwen model from tools/make_tiny_qwen.py (its
-metadata says so) loads with its own sizes, as the tests load it. ComfyUI is found
+``comfy.sd.load_clip`` (CLIPLoader, type qwen_image). ComfyUI is found
 through COMFYUI_PATH, else the repository's pinned host in .host/ComfyUI. Under torchrun every
 process trains on its own share of each step's batches, the projector's gradients are averaged
 (gloo on CPU, NCCL on GPUs), rank 0 writes checkpoints, the bundle and the loss plot, and at the end
@@ -144,27 +143,19 @@ def load_models(args):
 
 
 def load_text_models(args):
-    """The two text encoders (CLIPLoader's code, type qwen_image) and the DiT; tiny test models with their sizes."""
+    """The two text encoders (CLIPLoader's code, type qwen_image) and the Qwen-Image DiT (UNETLoader's)."""
     import comfy.sd
     import folder_paths
-    import make_tiny_qwen
 
     for name in ("sharer", "receiver", "dit"):
         if not getattr(args, name).is_file():
             raise SystemExit(f"--{name} {getattr(args, name)}: no such file")
 
-    def tiny(path) -> bool:
-        return make_tiny_qwen.METADATA_KEY in (make_tiny_qwen.wan_tiny.read_safetensors_metadata(path) or {})
-
     def clip(path):
-        if tiny(path):
-            return make_tiny_qwen.load_tiny_clip(path)
         return comfy.sd.load_clip(ckpt_paths=[str(path)], clip_type=comfy.sd.CLIPType.QWEN_IMAGE,
                                   embedding_directory=folder_paths.get_folder_paths("embeddings"))
 
-    dit = make_tiny_qwen.load_tiny_qwen_image(args.dit) if tiny(args.dit) else \
-        comfy.sd.load_diffusion_model(str(args.dit))
-    return clip(args.sharer), clip(args.receiver), dit
+    return clip(args.sharer), clip(args.receiver), comfy.sd.load_diffusion_model(str(args.dit))
 
 
 def make_projector(args, nodes, sharer, receiver):
