@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -525,14 +526,64 @@ def fresh_weights_per_forward(patcher) -> bool:
     under ``torch.inference_mode``), hand every layer a normal copy of its weight per forward through
     ComfyUI's weight wrappers, so a backward pass may go through it (ComfyUI's own LoRA trainer pays the
     same). Returns whether wrappers were added."""
-    if not any(p.is_inference() for p in patcher.model.diffusion_model.parameters()):
+    if not any(p.is_inference() for p in patcher.model.parameters()):
         return False
-    for name, module in patcher.model.named_modules():
-        if hasattr(module, "weight_function"):
-            for attr in ("weight", "bias"):
-                if getattr(module, attr, None) is not None:
-                    patcher.add_weight_wrapper(f"{name}.{attr}", _fresh_weight)
+    for name in _cast_layer_tensors(patcher.model):
+        patcher.add_weight_wrapper(name, _fresh_weight)
     return True
+
+
+def _cast_layer_tensors(model) -> list:
+    """The weights and biases of ComfyUI's cast layers (those with weight wrappers)."""
+    return [f"{name}.{attr}" for name, module in model.named_modules() if hasattr(module, "weight_function")
+            for attr in ("weight", "bias") if getattr(module, attr, None) is not None]
+
+
+def fresh_tensors_outside_layers(patcher) -> int:
+    """Beside :func:`fresh_weights_per_forward`: one normal copy of each inference tensor outside ComfyUI's cast
+    layers (the text encoders' own RMSNorm weights, buffers), as object patches the patcher puts in place while
+    it is loaded. Text encoders need them; Wan computes through its own plain parameters without saving them.
+    Returns how many."""
+    model = patcher.model
+    wrapped = set(_cast_layer_tensors(model))
+    count = 0
+    with torch.inference_mode(False):
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+            if tensor.is_inference() and name not in wrapped:
+                copy = tensor.clone()
+                patcher.add_object_patch(name, torch.nn.Parameter(copy, requires_grad=False)
+                                         if isinstance(tensor, torch.nn.Parameter) else copy)
+                count += 1
+    return count
+
+
+class _OutOfPlaceUnderGrad(torch.overrides.TorchFunctionMode):
+    """ComfyUI 0.33's llama blocks add the residual into the block's input (``torch.add(residual, x, out=input)``),
+    which autograd refuses. Where an input needs grad the result becomes a new tensor instead: the same values,
+    and the block returns it as before (nothing else reads the overwritten input)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("out") is not None and torch.is_grad_enabled() and any(
+                torch.is_tensor(a) and a.requires_grad for a in args):
+            kwargs = {k: v for k, v in kwargs.items() if k != "out"}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def grad_enabled():
+    """THE switch that lets a ComfyUI model's forward carry gradients, text encoders' included: ComfyUI runs every
+    prompt under ``torch.inference_mode`` (execution.py), where no graph is recorded, and its Qwen text encoders
+    (0.33) add residuals in place. Inside the block autograd records and those adds make new tensors; pair it with
+    :func:`fresh_weights_per_forward` on a clone whose weights were loaded inside a prompt (inference tensors,
+    which autograd may not save)."""
+    with torch.inference_mode(False), torch.enable_grad(), _OutOfPlaceUnderGrad():
+        yield
+
+
+def clip_patcher(clip):
+    """The ModelPatcher that loads a CLIP's text encoder (what load_models_gpu and weight wrappers act on)."""
+    return clip.patcher
 
 
 @contextlib.contextmanager
@@ -755,6 +806,23 @@ def text_attention_hooks(encoder: QwenEncoder, layers, on_start, on_kv):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def qwen_image_text_width(patcher) -> Optional[int]:
+    """The width of the text a Qwen-Image DiT reads (its ``txt_in``), or None when the value is no Qwen-Image MODEL."""
+    import comfy.model_base
+
+    if not isinstance(getattr(patcher, "model", None), comfy.model_base.QwenImage):
+        return None
+    return int(patcher.model.diffusion_model.txt_in.in_features)
+
+
+def model_kind(value) -> str:
+    """What a MODEL or CLIP input holds, in a word (for messages): the model class, or 'CLIP'."""
+    if is_clip(value):
+        return "CLIP"
+    model = getattr(value, "model", None)
+    return type(model if model is not None else value).__name__
 
 
 def stock_qwen_encode_node(name: str):

@@ -24,6 +24,7 @@ identity twin gives their conditioning bit for bit.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -115,7 +116,8 @@ class BridgedClip:
     receiver encodes with the sharer's K/V fused into the projector's layers.
 
     ``layer_strengths``: {receiver layer: factor} over the bundle's map (0 switches a layer off). The run's report
-    (c2c_core.RunReport) is in ``report`` after the encode."""
+    (c2c_core.RunReport) is in ``report`` after the encode. Inside :meth:`training` the same encode carries
+    gradients to the bundle's bank (c2c_comfy/text_training.py)."""
 
     def __init__(self, node: str, receiver, sharer, bundle, strength: float, layer_strengths=None):
         self.node, self.bundle, self.strength = node, bundle, float(strength)
@@ -125,6 +127,25 @@ class BridgedClip:
         self.sharer_encoder = compat.qwen_encoder(self.sharer)
         self._sharer_tokens: dict = {}
         self.report = None
+        self.trains = False
+        self._fresh_weights = False
+
+    @contextmanager
+    def training(self):
+        """Encodes inside fuse through the bundle's own bank as it is (no copy placed on the encoder's dtype, which
+        autograd would not reach; no report statistics) with autograd on (compat.grad_enabled), so the receiver's
+        conditioning carries gradients to the bank; the sharer still encodes without. With a bank in the encoder's
+        dtype the conditioning is the inference one bit for bit."""
+        with compat.grad_enabled():
+            if not self._fresh_weights:   # weights loaded inside a prompt are inference tensors: normal copies
+                compat.fresh_weights_per_forward(compat.clip_patcher(self.receiver))
+                compat.fresh_tensors_outside_layers(compat.clip_patcher(self.receiver))
+                self._fresh_weights = True
+            self.trains = True
+            try:
+                yield self
+            finally:
+                self.trains = False
 
     def tokenize(self, text, **kwargs):
         tokens = self.receiver.tokenize(text, **kwargs)
@@ -138,7 +159,8 @@ class BridgedClip:
             raise RuntimeError(f"{self.node}: tokens that did not come from this node's tokenize()")
         sharer_tokens = kept[1]
         sharer = SharerKV(self.bundle.layer_map.pairs.values())
-        with compat.text_attention_hooks(self.sharer_encoder, sharer.layers, sharer.start, sharer.keep):
+        with compat.text_attention_hooks(self.sharer_encoder, sharer.layers, sharer.start, sharer.keep), \
+                torch.no_grad():            # the sharer is never trained through
             compat.encode_tokens(self.sharer, sharer_tokens)
         sharer_layout = token_layout(compat.token_pieces(self.sharer, sharer_tokens), sharer.spans, sharer.length)
         fusion = _ReceiverFusion(self, sharer, compat.token_pieces(self.receiver, tokens), sharer_layout)
@@ -166,13 +188,17 @@ class _ReceiverFusion:
         self.runs += 1
 
     def fuse(self, layer, k, v):
-        if self.run is None:
+        training = self.clip.trains
+        if self.run is None:    # training: the bank itself, not a placed copy, and no statistics
             index = self.index.to(k.device)
             self.run = FusionRun(self.clip.bundle, FusionSchedule(), self.clip.strength, self.clip.layer_strengths,
                                  align=lambda sk, sv: (sk.index_select(1, index), sv.index_select(1, index)),
-                                 device=k.device, dtype=k.dtype)
+                                 device=None if training else k.device, dtype=None if training else k.dtype,
+                                 stats=not training)
             self.run.begin_call(0.0)
         sk, sv = self.sharer.kv[self.run.sharer_layer(layer)]
+        if training:            # the fusion gets K/V of its own: the hook overwrites the host's, which autograd keeps
+            return self.run.fuse(layer, k.clone(), v.clone(), sk, sv)
         with torch.no_grad():   # ComfyUI encodes with grad mode on; the bank's parameters must not build a graph
             return self.run.fuse(layer, k, v, sk, sv)
 

@@ -244,7 +244,7 @@ class _StopForward(Exception):
 
 
 @contextlib.contextmanager
-def _frozen(*modules):
+def frozen(*modules):
     """Switch requires_grad off on every parameter of ``modules`` and restore the flags afterwards."""
     flipped = []
     seen = set()
@@ -304,7 +304,7 @@ class TrainingPair:
 
         Forwards run in ComfyUI's training mode where the host has one (differentiable RoPE).
         """
-        with compat.loaded_for_run([self.receiver, self.sharer]) as modules, _frozen(*modules), \
+        with compat.loaded_for_run([self.receiver, self.sharer]) as modules, frozen(*modules), \
                 compat.training_mode():
             yield self
 

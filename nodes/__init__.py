@@ -9,12 +9,14 @@ from .projector import CreateC2CProjector, LoadC2CProjector
 from .record import RecordKVCache
 from .sampler import BridgedKSampler
 from .text_encode import BridgedQwenTextEncode
+from .text_train import SaveC2CTextTrainingSample, TrainC2CTextProjector
 from .train import SaveC2CTrainingSample, TrainC2CProjector
 
 NODES = [LoadC2CProjector, CreateC2CProjector, CaptureKVCache, FuseCaches, BridgedKSampler, RecordKVCache, SaveKVCache,
          LoadKVCache]
 NODES += [SaveC2CTrainingSample, TrainC2CProjector]
 NODES += [BridgedQwenTextEncode]
+NODES += [SaveC2CTextTrainingSample, TrainC2CTextProjector]
 
 
 class DiTCacheBridge(ComfyExtension):

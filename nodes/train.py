@@ -6,6 +6,7 @@ format and the loop in c2c_core (``samples.py``, ``train.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -35,7 +36,7 @@ def samples_root() -> Path:
     return Path(folder_paths.get_output_directory()) / training.SAMPLES_SUBFOLDER
 
 
-def _checked_name(node: str, input_name: str, value: str, what: str) -> str:
+def checked_name(node: str, input_name: str, value: str, what: str) -> str:
     name = value.strip()
     if name.endswith(".safetensors"):
         name = name[: -len(".safetensors")]
@@ -45,13 +46,24 @@ def _checked_name(node: str, input_name: str, value: str, what: str) -> str:
     return name
 
 
-def _checked_folder(node: str, input_name: str, value: str) -> str:
+def checked_folder(node: str, input_name: str, value: str) -> str:
     """A sample folder name; ``checkpoints`` (any case) is where Train C2C Projector keeps its checkpoints."""
-    name = _checked_name(node, input_name, value, "folder name")
+    name = checked_name(node, input_name, value, "folder name")
     check(name.lower() != training.CHECKPOINTS_SUBFOLDER, node, input_name, repr(value),
           f"a sample folder other than output/{training.SAMPLES_SUBFOLDER}/{training.CHECKPOINTS_SUBFOLDER}/, where "
           f"Train C2C Projector keeps its checkpoints", "rename it, e.g. 'wan_chronoedit'")
     return name
+
+
+def dataset_fingerprint(dataset):
+    """A training node's fingerprint: new or changed sample files make it run again (ComfyUI reuses its result
+    otherwise)."""
+    if not isinstance(dataset, str) or not _NAME.match(dataset.strip()) or ".." in dataset:
+        return dataset
+    folder = samples_root() / dataset.strip()
+    if not folder.is_dir():
+        return dataset
+    return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")))
 
 
 class SaveC2CTrainingSample(io.ComfyNode):
@@ -88,7 +100,7 @@ class SaveC2CTrainingSample(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, positive, negative, sharer_positive, sharer_negative, folder) -> io.NodeOutput:
-        name = _checked_folder(cls.NODE, "folder", folder)
+        name = checked_folder(cls.NODE, "folder", folder)
         samples = latent["samples"]
         check(samples.dim() == 5, cls.NODE, "latent", f"a latent of shape {tuple(samples.shape)}",
               "a video latent (batch, 16, frames, height, width)", "encode a video or use an empty Wan video latent")
@@ -188,13 +200,7 @@ class TrainC2CProjector(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, dataset=None, **kwargs):
-        """New or changed sample files make the node run again (ComfyUI reuses its result otherwise)."""
-        if not isinstance(dataset, str) or not _NAME.match(dataset.strip()) or ".." in dataset:
-            return dataset
-        folder = samples_root() / dataset.strip()
-        if not folder.is_dir():
-            return dataset
-        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")))
+        return dataset_fingerprint(dataset)
 
     @classmethod
     def execute(cls, sharer, receiver, projector, dataset, loss, steps, batch_size, learning_rate, warmup_steps,
@@ -213,8 +219,8 @@ class TrainC2CProjector(io.ComfyNode):
               "use 'distill' or 'velocity' for this pair")
         check(warmup_steps < steps, node, "warmup_steps", str(warmup_steps), f"fewer than steps ({steps})",
               "lower warmup_steps or raise steps")
-        data_name = _checked_folder(node, "dataset", dataset)
-        out_name = _checked_name(node, "output_name", output_name, "file name")
+        data_name = checked_folder(node, "dataset", dataset)
+        out_name = checked_name(node, "output_name", output_name, "file name")
         try:
             data = training.open_training_set(samples_root() / data_name)
         except TrainingDataError as e:
@@ -228,31 +234,37 @@ class TrainC2CProjector(io.ComfyNode):
             bar.update_absolute(done, total)
             compat.throw_if_interrupted()
 
-        try:
+        with training_refusals(node, "samples that fit both models",
+                               "re-save the samples with Save C2C Training Sample for this pair"):
             settings = TrainSettings(loss=loss, steps=steps, batch_size=batch_size, lr=learning_rate,
-                                              warmup_steps=warmup_steps, decay=schedule,
-                                              checkpoint_every=checkpoint_every, checkpoint_dir=folder, seed=seed,
-                                              negative_share=negative_share)
+                                     warmup_steps=warmup_steps, decay=schedule, checkpoint_every=checkpoint_every,
+                                     checkpoint_dir=folder, seed=seed, negative_share=negative_share)
             outcome = training.train_projector(
                 sharer, receiver, projector, data, settings, resume=resume,
                 output_path=Path(projector_folder()) / f"{out_name}.safetensors", progress=progress)
-        except TrainingDataError as e:
-            raise BridgeInputError(node, "dataset", e.found, e.expected or "samples that fit both models",
-                                   e.fix or "re-save the samples with Save C2C Training Sample for this pair") from e
-        except ResumeError as e:    # a checkpoint made with other settings, or a damaged one
-            raise BridgeInputError(node, "resume", str(e).rstrip("."), "a checkpoint of this output_name, intact "
-                                   "and made with these settings", "use the settings of the interrupted run, switch "
-                                   "resume off, or pick a new output_name") from e
-        except DivergedError as e:  # NaN/Inf loss or weights: nothing was saved from that step on
-            raise BridgeInputError(node, "learning_rate", str(e), "a run whose loss and weights stay finite",
-                                   "lower learning_rate, or switch resume off to start over") from e
-        except C2CError as e:       # TrainConfig names the field it refused
-            field = re.search(r"TrainConfig\.(\w+)", str(e))
-            input_name = _CONFIG_INPUTS.get(field.group(1), "steps") if field else "projector"
-            raise BridgeInputError(node, input_name, str(e), "a valid training setting", "change that input") from e
         plot = loss_plot(outcome.losses, f"{loss} loss, {outcome.bundle.bank.kind} projector")
         write_png(plot, samples_root() / f"{out_name}_loss.png")
         return io.NodeOutput(outcome.bundle, plot)
+
+
+@contextlib.contextmanager
+def training_refusals(node: str, samples_expected: str, samples_fix: str):
+    """c2c_core's training errors as the node's own, each on the input it concerns with its fix."""
+    try:
+        yield
+    except TrainingDataError as e:
+        raise BridgeInputError(node, "dataset", e.found, e.expected or samples_expected, e.fix or samples_fix) from e
+    except ResumeError as e:    # a checkpoint made with other settings, or a damaged one
+        raise BridgeInputError(node, "resume", str(e).rstrip("."), "a checkpoint of this output_name, intact and "
+                               "made with these settings", "use the settings of the interrupted run, switch resume "
+                               "off, or pick a new output_name") from e
+    except DivergedError as e:  # NaN/Inf loss or weights: nothing was saved from that step on
+        raise BridgeInputError(node, "learning_rate", str(e), "a run whose loss and weights stay finite",
+                               "lower learning_rate, or switch resume off to start over") from e
+    except C2CError as e:       # TrainConfig names the field it refused
+        field = re.search(r"TrainConfig\.(\w+)", str(e))
+        input_name = _CONFIG_INPUTS.get(field.group(1), "steps") if field else "projector"
+        raise BridgeInputError(node, input_name, str(e), "a valid training setting", "change that input") from e
 
 
 def projector_folder() -> str:

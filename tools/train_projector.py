@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Train a C2C projector for a Wan sharer -> receiver pair from the command line.
+"""Train a C2C projector for a Wan sharer -> receiver pair, or between two Qwen text encoders, from the command line.
 
 Same implementation as the Train C2C Projector node (``c2c_comfy/training.py: train_projector``); data
 are folders written by Save C2C Training Sample (or by a script using ``save_training_samples``).
+With ``--pair text``, as Train C2C Text Projector (``c2c_comfy/text_training.py: train_text_projector``):
+--sharer and --receiver are the text encoders (Qwen3-VL, Qwen-Image's Qwen2.5-VL), --dit the frozen
+Qwen-Image DiT whose flow-matching loss trains the projector, data from Save C2C Text Training Sample.
 
     python tools/train_projector.py --sharer chronoedit_14B_fp16.safetensors \\
         --receiver wan2.1_t2v_14B_fp16.safetensors --dataset output/c2c_training/my_samples \\
@@ -15,7 +18,14 @@ are folders written by Save C2C Training Sample (or by a script using ``save_tra
     # after an interruption: same arguments plus --resume
     python tools/train_projector.py ... --resume
 
-Models load with ComfyUI's ``comfy.sd.load_diffusion_model`` (the UNETLoader code); ComfyUI is found
+    # a text-encoder pair (torchrun works the same)
+    python tools/train_projector.py --pair text --sharer qwen3_vl_8b.safetensors \
+        --receiver qwen_2.5_vl_7b.safetensors --dit qwen_image_edit_2509_fp8_e4m3fn.safetensors \
+        --dataset output/c2c_training/c2c_text_samples --kind c2c --steps 2000 \
+        --out models/c2c_projectors/qwen3vl_to_qwen25vl_c2c.safetensors
+
+Models load with ComfyUI's ``comfy.sd.load_diffusion_model`` (the UNETLoader code) and text encoders with
+``comfy.sd.load_clip`` (CLIPLoader, type qwen_image). ComfyUI is found
 through COMFYUI_PATH, else the repository's pinned host in .host/ComfyUI. Under torchrun every
 process trains on its own share of each step's batches, the projector's gradients are averaged
 (gloo on CPU, NCCL on GPUs), rank 0 writes checkpoints, the bundle and the loss plot, and at the end
@@ -43,8 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     g = p.add_argument_group("models and data")
-    g.add_argument("--sharer", required=True, type=Path, help="sharer diffusion model (.safetensors)")
-    g.add_argument("--receiver", required=True, type=Path, help="receiver diffusion model (.safetensors)")
+    g.add_argument("--pair", choices=("wan", "text"), default="wan",
+                   help="wan: two Wan diffusion models; text: two Qwen text encoders and a Qwen-Image --dit")
+    g.add_argument("--sharer", required=True, type=Path, help="sharer diffusion model (--pair text: text encoder)")
+    g.add_argument("--receiver", required=True, type=Path, help="receiver diffusion model (--pair text: Qwen-Image's "
+                                                                 "text encoder)")
+    g.add_argument("--dit", type=Path, default=None, help="--pair text: the Qwen-Image diffusion model (frozen)")
     g.add_argument("--dataset", required=True, type=Path, help="folder of training-sample files")
     g.add_argument("--receiver-shift", type=float, default=None,
                    help="ModelSamplingSD3 shift of the receiver (sets the sigma distribution; default: the model's)")
@@ -58,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--hidden-dim", type=int, default=0, help="hidden width (0: the kind's default; c2c: the receiver's K/V width / 8, 64-512)")
     g.add_argument("--init-seed", type=int, default=0, help="initialisation seed of a fresh projector")
     g = p.add_argument_group("training")
-    g.add_argument("--loss", default="distill", help="c2c_core's LOSS_KINDS: velocity, distill or kv")
+    g.add_argument("--loss", default=None, help="c2c_core's LOSS_KINDS: velocity, distill or kv (default distill; "
+                                                "--pair text trains with velocity only)")
     g.add_argument("--steps", type=int, default=500)
     g.add_argument("--batch-size", type=int, default=1, help="samples per step and process")
     g.add_argument("--lr", type=float, default=1e-4)
@@ -82,6 +97,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.out.suffix != ".safetensors":
         p.error(f"--out {args.out}: expected a .safetensors file name")
+    if args.pair == "text":
+        if args.dit is None:
+            p.error("--pair text needs --dit, the Qwen-Image diffusion model whose loss trains the projector")
+        if args.loss not in (None, "velocity"):
+            p.error(f"--loss {args.loss}: --pair text trains with the DiT's flow-matching loss, 'velocity'")
+        args.loss = "velocity"
+    elif args.dit is not None:
+        p.error("--dit is for --pair text")
+    args.loss = args.loss or "distill"
     stem = args.out.with_suffix("")
     args.checkpoint_dir = args.checkpoint_dir or stem.with_name(stem.name + "_checkpoints")
     args.plot = args.plot or stem.with_name(stem.name + "_loss.png")
@@ -118,17 +142,42 @@ def load_models(args):
     return sharer, receiver
 
 
+def load_text_models(args):
+    """The two text encoders (CLIPLoader's code, type qwen_image) and the Qwen-Image DiT (UNETLoader's)."""
+    import comfy.sd
+    import folder_paths
+
+    for name in ("sharer", "receiver", "dit"):
+        if not getattr(args, name).is_file():
+            raise SystemExit(f"--{name} {getattr(args, name)}: no such file")
+
+    def clip(path):
+        return comfy.sd.load_clip(ckpt_paths=[str(path)], clip_type=comfy.sd.CLIPType.QWEN_IMAGE,
+                                  embedding_directory=folder_paths.get_folder_paths("embeddings"))
+
+    return clip(args.sharer), clip(args.receiver), comfy.sd.load_diffusion_model(str(args.dit))
+
+
 def make_projector(args, nodes, sharer, receiver):
     from c2c_core import load_bundle
 
     if args.projector is not None:
         bundle = load_bundle(args.projector)
         compat = importlib.import_module(f"{PACK_NAME}.c2c_comfy.compat")
-        nodes.projector.check_projector_fits("train_projector.py", bundle, compat.wan_signature(sharer),
-                                             compat.wan_signature(receiver))
+        if args.pair == "text":
+            text = importlib.import_module(f"{PACK_NAME}.c2c_comfy.text_encoder")
+            signatures = [text.encoder_signature(compat.qwen_encoder(m)) for m in (sharer, receiver)]
+        else:
+            signatures = [compat.wan_signature(m) for m in (sharer, receiver)]
+        nodes.projector.check_projector_fits("train_projector.py", bundle, *signatures)
         return bundle
     return nodes.CreateC2CProjector.execute(sharer, receiver, args.kind, args.mapping, args.layers, 0.5,
                                             args.hidden_dim, args.init_seed).args[0]
+
+
+def compat_encoder_width(clip) -> int:
+    """The hidden width of a Qwen text encoder (what the Qwen-Image DiT must read)."""
+    return importlib.import_module(f"{PACK_NAME}.c2c_comfy.compat").qwen_encoder(clip).hidden_size
 
 
 def weights_digest(bank) -> str:
@@ -162,8 +211,9 @@ def main(argv=None) -> int:
         core = importlib.import_module("c2c_core")
         samples, train, checkpoint = (importlib.import_module(f"c2c_core.{m}")
                                       for m in ("samples", "train", "checkpoint"))
+        text = importlib.import_module(f"{PACK_NAME}.c2c_comfy.text_training") if args.pair == "text" else None
         try:
-            dataset = training.open_training_set(args.dataset)
+            dataset = (text.open_prompt_set if text else training.open_training_set)(args.dataset)
         except samples.TrainingDataError as e:
             raise SystemExit(f"--dataset: {e}") from None
         if not args.resume and not args.restart and checkpoint.has_checkpoint(args.checkpoint_dir):
@@ -177,7 +227,11 @@ def main(argv=None) -> int:
                                            checkpoint_dir=args.checkpoint_dir, seed=args.seed,
                                            negative_share=args.negative_share, weight_decay=args.weight_decay,
                                            grad_clip=args.grad_clip)
-            sharer, receiver = load_models(args)
+            if text:
+                sharer, receiver, dit = load_text_models(args)
+                text.check_dit("train_projector.py", "--dit", dit, compat_encoder_width(receiver))
+            else:
+                sharer, receiver = load_models(args)
             projector = make_projector(args, nodes, sharer, receiver)
         except refused as e:
             raise SystemExit(f"train_projector.py: {e}") from None
@@ -196,8 +250,15 @@ def main(argv=None) -> int:
                 rate = (time.monotonic() - started) / (done - first_step[0] + 1)
                 say(f"[train_projector] step {done}/{total} loss {loss:.5f} ({rate:.2f} s/step)", flush=True)
 
-        outcome = training.train_projector(sharer, receiver, projector, dataset, settings, resume=not args.restart,
-                                           output_path=args.out, progress=progress)
+        try:
+            if text:
+                outcome = text.train_text_projector(dit, receiver, sharer, projector, dataset, settings,
+                                                    resume=not args.restart, output_path=args.out, progress=progress)
+            else:
+                outcome = training.train_projector(sharer, receiver, projector, dataset, settings,
+                                                   resume=not args.restart, output_path=args.out, progress=progress)
+        except samples.TrainingDataError as e:
+            raise SystemExit(f"--dataset: {e}") from None
         if rank == 0:
             plot = nodes.train.loss_plot(outcome.losses, f"{args.loss} loss, {outcome.bundle.bank.kind} projector")
             nodes.train.write_png(plot, args.plot)

@@ -8,7 +8,8 @@ from bridge_helpers import bridge_prompt
 
 PACK_NODES = tuple("DiTCacheBridge_" + name for name in (
     "LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler",
-    "RecordKVCache", "SaveKVCache", "LoadKVCache", "SaveC2CTrainingSample", "TrainC2CProjector"))
+    "RecordKVCache", "SaveKVCache", "LoadKVCache", "SaveC2CTrainingSample", "TrainC2CProjector",
+    "SaveC2CTextTrainingSample", "TrainC2CTextProjector"))
 
 
 def saved_latent(server, entry) -> torch.Tensor:

@@ -11,7 +11,7 @@ import host
 PACK_NODES = tuple("DiTCacheBridge_" + name for name in (
     "LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler",
     "RecordKVCache", "SaveKVCache", "LoadKVCache", "SaveC2CTrainingSample", "TrainC2CProjector",
-    "BridgedQwenTextEncode"))
+    "BridgedQwenTextEncode", "SaveC2CTextTrainingSample", "TrainC2CTextProjector"))
 DOCS = host.REPO_ROOT / "web" / "docs"
 
 

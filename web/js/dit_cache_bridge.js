@@ -22,7 +22,8 @@ export const REPORT_EVENT = "dit_cache_bridge.report";
 // checks that PREFIX + ROLES name each registered node once and REPORT_EVENT is the event they send.
 export const PREFIX = "DiTCacheBridge_";
 const ROLES = {
-  projector: ["LoadC2CProjector", "CreateC2CProjector", "TrainC2CProjector", "SaveC2CTrainingSample"],
+  projector: ["LoadC2CProjector", "CreateC2CProjector", "TrainC2CProjector", "SaveC2CTrainingSample",
+              "TrainC2CTextProjector", "SaveC2CTextTrainingSample"],
   source: ["CaptureKVCache", "RecordKVCache", "SaveKVCache", "LoadKVCache"],
   fusion: ["FuseCaches", "BridgedKSampler", "BridgedQwenTextEncode"],
 };
