@@ -101,7 +101,8 @@ def test_adaptive_threshold_zero_decides_exactly_as_every_one():
 
 def test_adaptive_caps_consecutive_reuses_and_runs_on_an_unknown_signal():
     assert ran(RefreshPolicy(mode="adaptive", threshold=1.0, max_reuse=2, signal="input"), [0.0] * 12) == [0, 3, 6, 9]
-    assert ran(RefreshPolicy(mode="adaptive", threshold=1.0, max_reuse=99, signal="input"), [0.0] * 5 + [None] + [0.0] * 6) == [0, 5]
+    assert ran(RefreshPolicy(mode="adaptive", threshold=1.0, max_reuse=99, signal="input"),
+               [0.0] * 5 + [None] + [0.0] * 6) == [0, 5]
 
 
 def test_a_lazy_signal_is_read_only_for_new_decisions():

@@ -166,7 +166,8 @@ def test_a_recording_replays_the_step_that_last_refreshed_in_between():
 def test_a_schedule_sampled_in_two_parts_keeps_the_cycle_of_one_run():
     """The diffusers form of a KSamplerAdvanced split: the second session starts at the first one's last sigma."""
     sigmas = flow_sigmas()
-    for policy in (RefreshPolicy(every=2), RefreshPolicy(every=4), RefreshPolicy(mode="adaptive", threshold=0.2, signal="input")):
+    for policy in (RefreshPolicy(every=2), RefreshPolicy(every=4),
+                   RefreshPolicy(mode="adaptive", threshold=0.2, signal="input")):
         receiver = tiny.wan(1)
         bridge = Bridge(sharer(), tiny.bundle("weighted"), refresh=policy).attach(receiver)
         whole, (r_whole,) = euler(receiver, bridge, [sigmas])
