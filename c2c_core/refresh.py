@@ -14,11 +14,12 @@ Modes:
   budget    at most ``budget`` sharer runs per run, placed where the signal says the K/V change most.
 
 Signals (what ``threshold`` is measured in, one unit a user can read: a fraction, 0.1 = 10 %):
+  sigma     (default) change of the noise level since the previous decision, as a fraction of the schedule's
+            first sigma (free: no tensor read at all). A schedule-position prior, blind to the noise that
+            ancestral/SDE samplers inject, which the two input signals read as change (docs/refresh.md).
   input     relative L1 change of the receiver's input latent since the previous decision
             (TeaCache/EasyCache style: the input moves with the step, and K/V move with the input).
             The host measures it with :func:`input_change` (one device read per decision, none per layer).
-  sigma     change of the noise level since the previous decision, as a fraction of the schedule's first
-            sigma (free: no tensor read at all). A schedule-position prior.
   magnitude relative change of the input's L2 norm (MagCache style magnitude ratio, ``|1 - |x|/|x_prev||``),
             via :func:`magnitude_change`; cheaper to keep than ``input`` (no copy of the latent is held).
 
@@ -78,10 +79,10 @@ class RefreshPolicy:
 
     mode: str = "every"
     every: int = 1
-    threshold: float = 0.25     # defaults from the refresh frontier: docs/refresh.md, "Defaults"
+    threshold: float = 0.11     # defaults from the refresh frontier: docs/refresh.md, "Defaults"
     max_reuse: int = 8
     budget: int = 4
-    signal: str = "input"
+    signal: str = "sigma"
 
     def __post_init__(self) -> None:
         if self.mode not in REFRESH_MODES:

@@ -95,10 +95,10 @@ class BridgeConfig(RunSettings):
     strength, start, end, ramp: c2c_core.FusionSchedule; windows are in percent of the noise schedule, as in
         ComfyUI. refresh, refresh_every, threshold, budget, max_reuse: when the sharer's K/V are renewed, as the ComfyUI
         nodes' inputs of the same names (c2c_core.refresh.RefreshPolicy): "every" refresh_every steps, "adaptive"
-        when the receiver's input changed by ``threshold`` (relative, 0.1 = 10 %) since the sharer last ran, or
-        "budget": at most ``budget`` sharer runs per run where the input changes most; adaptive and budget reuse
-        at most ``max_reuse`` steps in a row. rope_alignment: "auto" re-rotates sharer keys to the receiver's
-        RoPE positions (read from each model), "off" does not. grid_alignment: "refuse" a sharer latent of
+        when the noise level fell by ``threshold`` of the schedule (0.11 = 11 %; the policy's default signal,
+        sigma) since the sharer last ran, or "budget": at most ``budget`` sharer runs per run, late in the
+        schedule; adaptive and budget reuse at most ``max_reuse`` steps in a row. rope_alignment: "auto"
+        re-rotates sharer keys to the receiver's RoPE positions (read from each model), "off" does not. grid_alignment: "refuse" a sharer latent of
         another size, or resample it ("nearest", "trilinear").
     """
 

@@ -69,17 +69,17 @@ def refresh_inputs(every: bool = False):
     return ([io.Int.Input("refresh_every", default=1, min=1, max=1000, optional=True, tooltip=REFRESH_EVERY_TOOLTIP)]
             if every else []) + [
         io.Combo.Input("refresh", options=list(REFRESH_MODES), default="every", optional=True,
-                       tooltip="When the sharer runs: 'every' refresh_every steps; 'adaptive' when the receiver's "
-                               "input changed by 'threshold' since it last ran; 'budget' at most 'budget' times per "
-                               "run, where the input changes most. Reused steps cost only the blend."),
+                       tooltip="When the sharer runs: 'every' refresh_every steps; 'adaptive' when the noise level "
+                               "fell by 'threshold' of the schedule since it last ran; 'budget' at most 'budget' "
+                               "times per run, late in the schedule. Reused steps cost only the blend."),
         io.Float.Input("threshold", default=DEFAULT_REFRESH.threshold, min=0.0, max=10.0, step=0.01, round=0.001,
                        optional=True,
-                       tooltip="refresh 'adaptive': relative change of the receiver's input latent since the sharer "
-                               "last ran that runs it again (0.25 = 25 %: about 4 sharer runs per sampling run; "
-                               "0 = every step, as refresh_every 1)."),
+                       tooltip="refresh 'adaptive': share of the run's noise travel (first sigma to 0) since the "
+                               "sharer last ran that runs it again (0.11 = 11 %: about 6 sharer runs in 12 steps; "
+                               "0 = every step, as refresh_every 1). Blind to ancestral/SDE sampler noise."),
         io.Int.Input("budget", default=DEFAULT_REFRESH.budget, min=1, max=10000, optional=True,
                      tooltip="refresh 'budget': sharer runs per sampling run (the first step always runs; the rest "
-                             "where the input changes most, which is late in the schedule)."),
+                             "at equal shares of the noise travel, which is late in the schedule)."),
         io.Int.Input("max_reuse", default=DEFAULT_REFRESH.max_reuse, min=0, max=10000, optional=True,
                      tooltip="refresh 'adaptive'/'budget': most steps in a row that reuse the sharer's K/V (budget: "
                              "where the runs left can keep every later stretch within it)."),

@@ -91,7 +91,7 @@ def test_decide_before_begin_run_says_what_to_call():
 # --- adaptive -----------------------------------------------------------------------------------------
 def test_adaptive_runs_when_the_accumulated_signal_reaches_the_threshold():
     signals = [None, 0.05, 0.04, 0.02, 0.3, 0.0, 0.0, 0.09, 0.02, 0.2, 0.05, 0.05]
-    assert ran(RefreshPolicy(mode="adaptive", threshold=0.1), signals) == [0, 3, 4, 8, 9, 11]
+    assert ran(RefreshPolicy(mode="adaptive", threshold=0.1, signal="input"), signals) == [0, 3, 4, 8, 9, 11]
 
 
 def test_adaptive_threshold_zero_decides_exactly_as_every_one():
@@ -100,13 +100,14 @@ def test_adaptive_threshold_zero_decides_exactly_as_every_one():
 
 
 def test_adaptive_caps_consecutive_reuses_and_runs_on_an_unknown_signal():
-    assert ran(RefreshPolicy(mode="adaptive", threshold=1.0, max_reuse=2), [0.0] * 12) == [0, 3, 6, 9]
-    assert ran(RefreshPolicy(mode="adaptive", threshold=1.0, max_reuse=99), [0.0] * 5 + [None] + [0.0] * 6) == [0, 5]
+    assert ran(RefreshPolicy(mode="adaptive", threshold=1.0, max_reuse=2, signal="input"), [0.0] * 12) == [0, 3, 6, 9]
+    assert ran(RefreshPolicy(mode="adaptive", threshold=1.0, max_reuse=99, signal="input"),
+               [0.0] * 5 + [None] + [0.0] * 6) == [0, 5]
 
 
 def test_a_lazy_signal_is_read_only_for_new_decisions():
     reads = []
-    tracker = RefreshTracker(RefreshPolicy(mode="adaptive", threshold=0.5))
+    tracker = RefreshTracker(RefreshPolicy(mode="adaptive", threshold=0.5, signal="input"))
     tracker.begin_run(LINEAR)
     for e, sigma in enumerate(LINEAR[:4]):
         for _ in range(2):                                   # cond and uncond called separately
@@ -141,7 +142,7 @@ def test_the_still_curve_reproduces_what_adaptive_placed_on_it():
     measured = {0.08: [0, 3, 5, 7, 8, 9, 10, 11], 0.15: [0, 4, 7, 9, 10, 11], 0.25: [0, 6, 9, 11], 0.4: [0, 8, 11],
                 0.6: [0, 9]}
     for threshold, steps in measured.items():
-        policy = RefreshPolicy(mode="adaptive", threshold=threshold, max_reuse=12)
+        policy = RefreshPolicy(mode="adaptive", threshold=threshold, max_reuse=12, signal="input")
         assert ran(policy, STILL_INPUT, STILL_SIGMAS) == steps, threshold
 
 
@@ -152,7 +153,7 @@ def test_budget_places_late_on_the_still_miniature_as_adaptive_did(budget, first
     (96.8, 99.0, 99.2 % of the gain; the old rule: 90.6, 96.7, 98.7 %); a second run of the same length starts
     with the first run's calibration (the input moves 1.37x the sigma prior over the whole run) and spends later
     still. A run of another length does not take it."""
-    tracker = RefreshTracker(RefreshPolicy(mode="budget", budget=budget))
+    tracker = RefreshTracker(RefreshPolicy(mode="budget", budget=budget, signal="input"))
     assert ran_again(tracker, STILL_INPUT, STILL_SIGMAS) == first
     assert ran_again(tracker, STILL_INPUT, STILL_SIGMAS) == calibrated
     shorter = (STILL_INPUT[:9], STILL_SIGMAS[:9] + [0.0])
@@ -160,7 +161,7 @@ def test_budget_places_late_on_the_still_miniature_as_adaptive_did(budget, first
 
 
 def test_calibrated_budget_two_would_wait_for_step_10_without_the_reuse_cap():
-    tracker = RefreshTracker(RefreshPolicy(mode="budget", budget=2, max_reuse=12))
+    tracker = RefreshTracker(RefreshPolicy(mode="budget", budget=2, max_reuse=12, signal="input"))
     ran_again(tracker, STILL_INPUT, STILL_SIGMAS)
     assert ran_again(tracker, STILL_INPUT, STILL_SIGMAS) == [0, 10]     # the best placement of 2 (97.8 %)
     assert tracker.budget_threshold() == pytest.approx(sum(STILL_INPUT[1:]) / (1 - STILL_SIGMAS[-2]) / 2)
@@ -175,9 +176,9 @@ def test_budget_on_the_sigma_signal_spends_a_forward_per_budget_share_of_the_noi
 
 def test_budget_follows_where_the_measured_signal_changes_most():
     late = [None] + [0.01] * 7 + [0.5] * 4                  # the input barely moves until step 8
-    steps = ran(RefreshPolicy(mode="budget", budget=3, max_reuse=99), late)
+    steps = ran(RefreshPolicy(mode="budget", budget=3, max_reuse=99, signal="input"), late)
     assert len(steps) == 3 and steps[0] == 0 and steps[-1] >= 8     # the last run lands in the late change
-    even = ran(RefreshPolicy(mode="budget", budget=3, max_reuse=99), [None] + [0.1] * 11)
+    even = ran(RefreshPolicy(mode="budget", budget=3, max_reuse=99, signal="input"), [None] + [0.1] * 11)
     assert even == [0, 4, 8]
 
 
@@ -187,7 +188,8 @@ def test_budget_never_spends_more_than_its_budget_and_a_run_to_sigma_0_spends_al
     for budget in (1, 2, 3, 5, 12, 20):
         for max_reuse in (0, 1, 3, 8):
             signals = [None] + [float(x) for x in torch.rand(11, generator=g) ** 3]
-            steps = ran(RefreshPolicy(mode="budget", budget=budget, max_reuse=max_reuse), signals, STILL_SIGMAS)
+            steps = ran(RefreshPolicy(mode="budget", budget=budget, max_reuse=max_reuse, signal="input"), signals,
+                        STILL_SIGMAS)
             assert steps[0] == 0 and len(steps) == min(budget, 12), (budget, max_reuse, steps)
 
 
@@ -197,11 +199,36 @@ def test_max_reuse_forces_a_run_only_where_the_forwards_left_keep_every_later_st
                                                                                                 steps):
     """A still input: no threshold is crossed, so only the guards spend. budget 2, max_reuse 1: one forward cannot
     keep 11 steps within the cap, so it waits until it can keep the last stretch (10, 11); the budget is a hard cap."""
-    assert ran(RefreshPolicy(mode="budget", budget=budget, max_reuse=max_reuse), [None] + [0.0] * 11) == steps
+    assert ran(RefreshPolicy(mode="budget", budget=budget, max_reuse=max_reuse, signal="input"),
+               [None] + [0.0] * 11) == steps
 
 
 def test_budget_runs_on_an_unknown_signal_while_forwards_are_left():
-    assert ran(RefreshPolicy(mode="budget", budget=2, max_reuse=99), [None] * 12) == [0, 1]
+    assert ran(RefreshPolicy(mode="budget", budget=2, max_reuse=99, signal="input"), [None] * 12) == [0, 1]
+
+
+# --- the defaults (docs/refresh.md, "Defaults"): chosen on still and rule, where the input signal fails ---------
+# The rule miniature samples with euler_ancestral: the fresh noise it injects moves the receiver's input 0.63-0.68
+# per step whatever the content does, and adaptive on `input` ran the sharer at 11-12 of 12 steps.
+ANCESTRAL_INPUT = [None] + [0.63 + 0.05 * float(x) for x in torch.rand(11, generator=torch.Generator().manual_seed(1))]
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "budget"])
+def test_the_default_signal_does_not_read_sampler_noise_as_change(mode):
+    """The default policy decides the same under an ancestral sampler's noisy input as under a smooth one (and the
+    `input` signal would not: the control below), so the default keeps working with ancestral/SDE samplers."""
+    policy = RefreshPolicy(mode=mode)
+    assert ran(policy, ANCESTRAL_INPUT, STILL_SIGMAS) == ran(policy, STILL_INPUT, STILL_SIGMAS)
+    if mode == "adaptive":
+        noisy = RefreshPolicy(mode=mode, threshold=policy.threshold, signal="input")
+        assert ran(noisy, ANCESTRAL_INPUT, STILL_SIGMAS) == list(range(12))
+
+
+def test_the_default_threshold_places_where_the_frontier_measured_it():
+    """Adaptive at the default on the frontier's schedule runs where `adaptive sigma 0.11` ran (6 forwards: 99.9 %
+    of the gain on still, 95.2 % on rule, 100.1 % on denoise); max_reuse 8 does not move it."""
+    assert ran(RefreshPolicy(mode="adaptive"), None, STILL_SIGMAS) == [0, 4, 7, 9, 10, 11]
+    assert ran(RefreshPolicy(mode="adaptive", max_reuse=12), None, STILL_SIGMAS) == [0, 4, 7, 9, 10, 11]
 
 
 @pytest.mark.parametrize("budget", [2, 3, 4, 6])
@@ -210,7 +237,7 @@ def test_a_split_budget_run_places_as_one_run(budget, split):
     """The first part of a KSamplerAdvanced split ends above sigma 0 and does not know how many steps follow; the
     threshold (a share of the travel to 0) does not need to, so both parts together run where one run does, and the
     second part spends only what the first left."""
-    policy = RefreshPolicy(mode="budget", budget=budget)
+    policy = RefreshPolicy(mode="budget", budget=budget, signal="input")
     whole = ran(policy, STILL_INPUT, STILL_SIGMAS)
     tracker = RefreshTracker(policy)
     parts = ran_again(tracker, STILL_INPUT[:split], STILL_SIGMAS[:split + 1])
@@ -222,7 +249,7 @@ def test_a_split_budget_run_places_as_one_run(budget, split):
 
 # --- split samplers -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", [RefreshPolicy(every=2), RefreshPolicy(every=5),
-                                    RefreshPolicy(mode="adaptive", threshold=0.12),
+                                    RefreshPolicy(mode="adaptive", threshold=0.12, signal="input"),
                                     RefreshPolicy(mode="adaptive", signal="sigma", threshold=0.2)])
 def test_a_run_that_continues_the_previous_one_keeps_its_cycle(policy):
     signals = [None] + [0.05 + 0.01 * (i % 3) for i in range(11)]
@@ -257,7 +284,7 @@ def test_signals_measure_relative_change():
 
 
 def test_the_meter_compares_each_decision_with_the_previous_one():
-    meter = SignalMeter(RefreshPolicy(mode="adaptive"))
+    meter = SignalMeter(RefreshPolicy(mode="adaptive", signal="input"))
     x = torch.ones(1, 4, 2, 2, 2)
     assert meter.signal(x)() is None                         # nothing to compare with yet
     assert meter.signal(x * 1.5)() == pytest.approx(0.5)

@@ -257,12 +257,14 @@ def test_a_comfy_recording_replayed_in_diffusers_gives_the_comfy_recorded_latent
 
 
 @pytest.mark.parametrize("refresh", [dict(refresh="every", refresh_every=3),
-                                     dict(refresh="adaptive", threshold=0.15, max_reuse=3),
+                                     dict(refresh="adaptive", threshold=0.15, max_reuse=3, signal="input"),
                                      dict(refresh="budget", budget=3, max_reuse=5)], ids=["every3", "adaptive", "budget3"])
 def test_both_hosts_run_the_sharer_at_the_same_steps(tiny_models, tmp_path, refresh):
     """Capture KV Cache's refresh inputs in ComfyUI and the same policy in diffusers, on the same weights, bundle,
     conditioning, noise and sigmas: one tracker code, one signal, so the same steps run the sharer (issue 19), and
-    the K/V reused in between give the same latents."""
+    the K/V reused in between give the same latents. every3 and budget3 take the default signal (sigma) through the
+    node; adaptive the input signal (the nodes have no input for it: Capture KV Cache's own make_live_source), so
+    both hosts' input meters are compared."""
     import comfy.sample
     import comfy.samplers
     from bridge_helpers import empty_latent, ksample, load_model, pack_nodes
@@ -278,8 +280,14 @@ def test_both_hosts_run_the_sharer_at_the_same_steps(tiny_models, tmp_path, refr
     receiver = load_model(tiny_models.path("tiny_wan_t2v_a"))
     sharer = load_model(tiny_models.path("tiny_wan_t2v_b"))
     nodes = pack_nodes()
-    source = nodes.CaptureKVCache.execute(sharer, conds["sharer_pos"], conds["sharer_neg"], layers="auto",
-                                          rope_alignment="auto", **refresh).args[0]
+    policy = RefreshPolicy(**{REFRESH_FIELDS.get(name, name): value for name, value in refresh.items()})
+    if "signal" in refresh:
+        source = nodes.capture.make_live_source(nodes.CaptureKVCache.NODE, sharer, conds["sharer_pos"],
+                                                conds["sharer_neg"], refresh=nodes.capture.RefreshPolicy.from_dict(
+                                                    policy.to_dict()))
+    else:
+        source = nodes.CaptureKVCache.execute(sharer, conds["sharer_pos"], conds["sharer_neg"], layers="auto",
+                                              rope_alignment="auto", **refresh).args[0]
     fused = nodes.FuseCaches.execute(receiver, source, importlib.import_module("c2c_core").load_bundle(path), strength,
                                      0.0, 1.0, "constant", "").args[0]
     theirs = ksample(fused, conds["pos"], conds["neg"], cfg=cfg, seed=seed, steps=steps)
@@ -290,7 +298,6 @@ def test_both_hosts_run_the_sharer_at_the_same_steps(tiny_models, tmp_path, refr
     x = comfy.sample.prepare_noise(empty_latent()["samples"], seed) * sigmas[0]
     wan = convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_a")))
     inputs = SharerInputs(conds["sharer_pos"][0][0], conds["sharer_neg"][0][0])
-    policy = RefreshPolicy(**{REFRESH_FIELDS[name]: value for name, value in refresh.items()})
     bridge = Bridge(LiveSharer(convert.from_comfy(load_file(tiny_models.path("tiny_wan_t2v_b"))), inputs),
                     load_bundle(path), strength=strength, refresh=policy).attach(wan)
     ours = receiver.model.process_latent_out(euler_cfg(wan, x, sigmas, conds, cfg, bridge))
@@ -302,7 +309,7 @@ def test_both_hosts_run_the_sharer_at_the_same_steps(tiny_models, tmp_path, refr
     assert 1 < len(report.refresh["sharer_steps"]) < steps, "the policy must both run and reuse for this to mean much"
     if refresh["refresh"] == "budget":
         assert len(report.refresh["sharer_steps"]) == refresh["budget"]    # a run to sigma 0 spends its budget
-        assert report.refresh["sharer_steps"][1] >= steps // 2               # where the input changes most: late
+        assert report.refresh["sharer_steps"][1] >= steps // 2               # late in the schedule
     assert report.sharer_forwards == comfy_report.sharer_forwards == 2 * len(report.refresh["sharer_steps"])
     err = (ours - theirs).abs().max() / theirs.abs().max()
     assert err <= 1e-5, f"relative difference {err:.2e}"

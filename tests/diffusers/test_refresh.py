@@ -77,7 +77,7 @@ def test_config_fields_make_the_policy_both_spellings_share():
 def test_a_policy_that_needs_the_schedule_is_refused_without_one():
     transformer = tiny.wan(1)
     bridge = Bridge(sharer(), tiny.bundle("weighted"), refresh=RefreshPolicy(mode="budget", budget=2)).attach(transformer)
-    with pytest.raises(BridgeSetupError, match=r"refresh budget \(2 sharer runs, placed by input change\) needs the "
+    with pytest.raises(BridgeSetupError, match=r"refresh budget \(2 sharer runs, placed by sigma change\) needs the "
                                                r"run's noise schedule, and this bridge has no scheduler; attach it to "
                                                r"the pipeline, pass Bridge\(scheduler=pipe\.scheduler\)"):
         with torch.no_grad():
@@ -98,7 +98,7 @@ def run_policy(policy, steps=STEPS):
 
 @pytest.mark.parametrize("budget", [1, 2, 3])
 def test_budget_caps_the_sharer_runs_and_the_first_step_always_runs(budget):
-    out, report = run_policy(RefreshPolicy(mode="budget", budget=budget, max_reuse=STEPS))
+    out, report = run_policy(RefreshPolicy(mode="budget", budget=budget, max_reuse=STEPS, signal="input"))
     steps = report.refresh["sharer_steps"]
     print(f"budget {budget}: the sharer ran at steps {steps}")
     assert steps[0] == 0 and len(steps) == budget == len(set(steps))
@@ -166,7 +166,8 @@ def test_a_recording_replays_the_step_that_last_refreshed_in_between():
 def test_a_schedule_sampled_in_two_parts_keeps_the_cycle_of_one_run():
     """The diffusers form of a KSamplerAdvanced split: the second session starts at the first one's last sigma."""
     sigmas = flow_sigmas()
-    for policy in (RefreshPolicy(every=2), RefreshPolicy(every=4), RefreshPolicy(mode="adaptive", threshold=0.2)):
+    for policy in (RefreshPolicy(every=2), RefreshPolicy(every=4),
+                   RefreshPolicy(mode="adaptive", threshold=0.2, signal="input")):
         receiver = tiny.wan(1)
         bridge = Bridge(sharer(), tiny.bundle("weighted"), refresh=policy).attach(receiver)
         whole, (r_whole,) = euler(receiver, bridge, [sigmas])

@@ -2,6 +2,8 @@
 and Bridged KSampler, kept across a KSamplerAdvanced split, and with ComfyUI's EasyCache on the receiver."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -31,9 +33,15 @@ def projector(sharer, receiver, kind="weighted"):
                                                    hidden_dim=0, seed=0).args[0]
 
 
-def capture(sharer, conds, own=False, **policy):
+def capture(sharer, conds, own=False, signal=None, **policy):
+    """Capture KV Cache's source; ``signal``: another than the default (the nodes have no input for it, the Python API
+    has: the host's input meter is tested through it)."""
     pos, neg = (conds["pos"], conds["neg"]) if own else (conds["sharer_pos"], conds["sharer_neg"])
-    return pack_nodes().CaptureKVCache.execute(sharer, pos, neg, **policy).args[0]
+    nodes = pack_nodes()
+    if signal is None:
+        return nodes.CaptureKVCache.execute(sharer, pos, neg, **policy).args[0]
+    refresh = dataclasses.replace(nodes.capture.refresh_policy(nodes.CaptureKVCache.NODE, **policy), signal=signal)
+    return nodes.capture.make_live_source(nodes.CaptureKVCache.NODE, sharer, pos, neg, refresh=refresh)
 
 
 def fused(receiver, src, proj):
@@ -79,11 +87,12 @@ def test_threshold_zero_fuses_exactly_as_refresh_every_one(models, conds):
 
 
 @pytest.mark.parametrize("policy", [{"refresh_every": 2},
-                                    {"refresh": "adaptive", "threshold": 0.5, "max_reuse": 3}],
-                         ids=["every_2", "adaptive"])
+                                    {"refresh": "adaptive", "threshold": 0.5, "max_reuse": 3, "signal": "input"}],
+                         ids=["every_2", "adaptive_input"])
 def test_a_split_ksampler_advanced_keeps_the_cycle_of_one_ksampler(models, conds, split_tolerance, policy):
     """Steps 0-2 and 3-5 in two KSamplerAdvanced nodes run the sharer at the steps one KSampler runs it: the
-    second half goes on with the first half's cycle (and its K/V) instead of starting over."""
+    second half goes on with the first half's cycle (and its K/V) instead of starting over. Adaptive on the input
+    signal: the host's meter also carries over (the default sigma signal reads the schedule alone, tests/core)."""
     a, b = models["a"], models["b"]
     patched = fused(a, capture(b, conds, **policy), projector(b, a))
     full = advanced(patched, conds, 0, 10000)
@@ -139,7 +148,7 @@ def test_bridged_ksampler_takes_the_policy_and_reports_the_saving(models, conds)
     assert torch.equal(budget, sample(source_budget, conds))
     r = report(source_budget)
     assert len(r.refresh["sharer_steps"]) == r.sharer_forwards == 2
-    assert r.refresh["sharer_steps"][1] >= STEPS // 2, "the input changes most late in the schedule: so do the forwards"
+    assert r.refresh["sharer_steps"][1] >= STEPS // 2, "the default signal places the forwards late in the schedule"
     assert r.refresh["forwards_saved"] == STEPS - 2 and r.refresh["policy"]["mode"] == "budget"
 
 
