@@ -6,23 +6,19 @@ Thin, as nodes/train.py: folders, messages and the loss plot here; the samples a
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from comfy_api.latest import io
 
 from c2c_core import DECAYS
 from c2c_core.errors import quote
-from c2c_core.samples import TrainingDataError
-from c2c_core.train import TrainSettings
-from ..c2c_comfy import compat, text_training, training
-from ..c2c_comfy.errors import BridgeInputError, check
+from ..c2c_comfy import text_training, training
+from ..c2c_comfy.errors import check
 from ..c2c_comfy.text_encoder import RECEIVER_KINDS, SHARER_KINDS, encoder_of, encoder_signature
 from ..c2c_comfy.validate import check_inputs
 from .projector import check_projector_fits
 from .text_encode import MODES
-from .train import TRAIN_CATEGORY, checked_folder, checked_name, dataset_fingerprint, loss_plot, projector_folder, \
-    samples_root, training_refusals, write_png
+from .train import TRAIN_CATEGORY, check_learnable, checked_folder, checked_name, dataset_fingerprint, open_dataset, \
+    run_training_node, samples_root
 from .types import Projector
 
 
@@ -153,35 +149,19 @@ class TrainC2CTextProjector(io.ComfyNode):
         sharer = encoder_of(node, "sharer_clip", sharer_clip, SHARER_KINDS)
         text_training.check_dit(node, "dit", dit, receiver.hidden_size)
         check_projector_fits(node, projector, encoder_signature(sharer), encoder_signature(receiver))
-        check(any(True for _ in projector.bank.parameters()), node, "projector",
-              f"a '{projector.bank.kind}' projector, which has nothing to learn", "a learnable projector",
-              "set Create C2C Projector's kind to c2c, full or gating")
+        check_learnable(node, projector)
         check(warmup_steps < steps, node, "warmup_steps", str(warmup_steps), f"fewer than steps ({steps})",
               "lower warmup_steps or raise steps")
         data_name = checked_folder(node, "dataset", dataset)
         out_name = checked_name(node, "output_name", output_name, "file name")
-        try:
-            data = text_training.open_prompt_set(samples_root() / data_name)
-        except TrainingDataError as e:
-            raise BridgeInputError(node, "dataset", e.found, e.expected or "a folder of samples written by Save C2C "
-                                   "Text Training Sample", e.fix or f"save samples into output/"
-                                   f"{training.SAMPLES_SUBFOLDER}/{data_name}/ first, or pick the folder you saved "
-                                   "them to") from e
-        folder = samples_root() / training.CHECKPOINTS_SUBFOLDER / out_name
-        bar = compat.progress_bar(steps, node_id=cls.hidden.unique_id if cls.hidden else None)
+        data = open_dataset(node, data_name, text_training.open_prompt_set, "Save C2C Text Training Sample")
+        settings = dict(loss="velocity", steps=steps, batch_size=batch_size, lr=learning_rate,
+                        warmup_steps=warmup_steps, decay=schedule, checkpoint_every=checkpoint_every, seed=seed,
+                        negative_share=0.0)
 
-        def progress(done, total, value):
-            bar.update_absolute(done, total)
-            compat.throw_if_interrupted()
+        def train(settings, output_path, progress):
+            return text_training.train_text_projector(dit, clip, sharer_clip, projector, data, settings,
+                                                      resume=resume, output_path=output_path, progress=progress)
 
-        with training_refusals(node, "samples that fit the DiT",
-                               "re-save the samples with Save C2C Text Training Sample"):
-            settings = TrainSettings(loss="velocity", steps=steps, batch_size=batch_size, lr=learning_rate,
-                                     warmup_steps=warmup_steps, decay=schedule, checkpoint_every=checkpoint_every,
-                                     checkpoint_dir=folder, seed=seed, negative_share=0.0)
-            outcome = text_training.train_text_projector(
-                dit, clip, sharer_clip, projector, data, settings, resume=resume,
-                output_path=Path(projector_folder()) / f"{out_name}.safetensors", progress=progress)
-        plot = loss_plot(outcome.losses, f"velocity loss, {outcome.bundle.bank.kind} text-encoder projector")
-        write_png(plot, samples_root() / f"{out_name}_loss.png")
-        return io.NodeOutput(outcome.bundle, plot)
+        return run_training_node(cls, out_name, settings, train, "velocity loss, {kind} text-encoder projector",
+                                 "samples that fit the DiT", "re-save the samples with Save C2C Text Training Sample")

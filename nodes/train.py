@@ -210,9 +210,7 @@ class TrainC2CProjector(io.ComfyNode):
         sharer_sig = model_signature(node, "sharer", sharer)
         receiver_sig = model_signature(node, "receiver", receiver)
         check_projector_fits(node, projector, sharer_sig, receiver_sig)
-        check(any(True for _ in projector.bank.parameters()), node, "projector",
-              f"a '{projector.bank.kind}' projector, which has nothing to learn", "a learnable projector",
-              "set Create C2C Projector's kind to c2c, full or gating")
+        check_learnable(node, projector)
         check(loss != "kv" or (sharer_sig.num_heads, sharer_sig.head_dim) == (receiver_sig.num_heads,
                                                                               receiver_sig.head_dim),
               node, "loss", "'kv' for models of different attention widths", "models with equal heads × head_dim",
@@ -221,30 +219,53 @@ class TrainC2CProjector(io.ComfyNode):
               "lower warmup_steps or raise steps")
         data_name = checked_folder(node, "dataset", dataset)
         out_name = checked_name(node, "output_name", output_name, "file name")
-        try:
-            data = training.open_training_set(samples_root() / data_name)
-        except TrainingDataError as e:
-            raise BridgeInputError(node, "dataset", e.found, e.expected or "a folder of samples written by Save C2C "
-                                   "Training Sample", e.fix or f"save samples into output/{training.SAMPLES_SUBFOLDER}/"
-                                   f"{data_name}/ first, or pick the folder you saved them to") from e
+        data = open_dataset(node, data_name, training.open_training_set, "Save C2C Training Sample")
+        settings = dict(loss=loss, steps=steps, batch_size=batch_size, lr=learning_rate, warmup_steps=warmup_steps,
+                        decay=schedule, checkpoint_every=checkpoint_every, seed=seed, negative_share=negative_share)
+
+        def train(settings, output_path, progress):
+            return training.train_projector(sharer, receiver, projector, data, settings, resume=resume,
+                                            output_path=output_path, progress=progress)
+
+        return run_training_node(cls, out_name, settings, train, f"{loss} loss, {{kind}} projector",
+                                 "samples that fit both models",
+                                 "re-save the samples with Save C2C Training Sample for this pair")
+
+
+def check_learnable(node: str, projector) -> None:
+    check(any(True for _ in projector.bank.parameters()), node, "projector",
+          f"a '{projector.bank.kind}' projector, which has nothing to learn", "a learnable projector",
+          "set Create C2C Projector's kind to c2c, full or gating")
+
+
+def open_dataset(node: str, data_name: str, opener, saver: str):
+    """The sample folder opened by the host's reader, its refusals on the node's 'dataset' input."""
+    try:
+        return opener(samples_root() / data_name)
+    except TrainingDataError as e:
+        raise BridgeInputError(node, "dataset", e.found, e.expected or f"a folder of samples written by {saver}",
+                               e.fix or f"save samples into output/{training.SAMPLES_SUBFOLDER}/{data_name}/ first, "
+                               "or pick the folder you saved them to") from e
+
+
+def run_training_node(cls, out_name: str, settings: dict, train, plot_title: str, samples_expected: str,
+                      samples_fix: str) -> io.NodeOutput:
+    """What both training nodes do around their host's training call: the checkpoint folder, the progress bar (and
+    interrupt), the refusals as the node's own, the loss plot shown and saved next to the samples."""
+    node = cls.NODE
+    bar = compat.progress_bar(settings["steps"], node_id=cls.hidden.unique_id if cls.hidden else None)
+
+    def progress(done, total, value):
+        bar.update_absolute(done, total)
+        compat.throw_if_interrupted()
+
+    with training_refusals(node, samples_expected, samples_fix):
         folder = samples_root() / training.CHECKPOINTS_SUBFOLDER / out_name
-        bar = compat.progress_bar(steps, node_id=cls.hidden.unique_id if cls.hidden else None)
-
-        def progress(done, total, value):
-            bar.update_absolute(done, total)
-            compat.throw_if_interrupted()
-
-        with training_refusals(node, "samples that fit both models",
-                               "re-save the samples with Save C2C Training Sample for this pair"):
-            settings = TrainSettings(loss=loss, steps=steps, batch_size=batch_size, lr=learning_rate,
-                                     warmup_steps=warmup_steps, decay=schedule, checkpoint_every=checkpoint_every,
-                                     checkpoint_dir=folder, seed=seed, negative_share=negative_share)
-            outcome = training.train_projector(
-                sharer, receiver, projector, data, settings, resume=resume,
-                output_path=Path(projector_folder()) / f"{out_name}.safetensors", progress=progress)
-        plot = loss_plot(outcome.losses, f"{loss} loss, {outcome.bundle.bank.kind} projector")
-        write_png(plot, samples_root() / f"{out_name}_loss.png")
-        return io.NodeOutput(outcome.bundle, plot)
+        outcome = train(TrainSettings(checkpoint_dir=folder, **settings),
+                        Path(projector_folder()) / f"{out_name}.safetensors", progress)
+    plot = loss_plot(outcome.losses, plot_title.format(kind=outcome.bundle.bank.kind))
+    write_png(plot, samples_root() / f"{out_name}_loss.png")
+    return io.NodeOutput(outcome.bundle, plot)
 
 
 @contextlib.contextmanager
