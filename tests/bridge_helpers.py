@@ -74,3 +74,26 @@ def bridge_prompt(strength: float = 1.0, use_bridged_sampler: bool = False) -> d
         graph["8"] = {"class_type": "KSampler", "inputs": {
             "model": ["7", 0], "positive": ["3", 0], "negative": ["4", 0], **sampling}}
     return graph
+
+
+def comfy_qwen_encoder(tiny, spec, seed, path):
+    """A tiny encoder built with ComfyUI's own classes (tools/make_tiny_qwen.py), saved in the layout the host loads
+    (Qwen3-VL: transformers' keys), loaded back as CLIPLoader would; returns (clip, the saved state dict)."""
+    import comfy.ops
+    import comfy.sd
+    from safetensors.torch import save_file
+    options = tiny.clip_model_options(spec)
+    clip_class = next(v for k, v in options.items() if k.endswith("_class"))
+    model_options = {k: v for k, v in options.items() if k.endswith("_model_config")}
+    model_options.update(model_name=tiny.QWEN25_NAME if spec["kind"] == "qwen25_vl" else tiny.QWEN3VL_NAME,
+                         custom_operations=comfy.ops.disable_weight_init)
+    model = clip_class(device="cpu", dtype=torch.float32, model_options=model_options).transformer
+    tiny.initialise(model, seed)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if spec["kind"] == "qwen3_vl":
+        state = {("model.language_model." + k[len("model."):]) if k.startswith("model.") else "model." + k: v
+                 for k, v in state.items()}
+    save_file(state, str(path))
+    clip = comfy.sd.load_clip(ckpt_paths=[str(path)], embedding_directory=None,
+                              clip_type=comfy.sd.CLIPType.QWEN_IMAGE, model_options=options)
+    return clip, state

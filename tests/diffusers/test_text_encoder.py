@@ -247,29 +247,6 @@ def test_qwen3vl_sharer_reads_the_edit_image_on_its_own_grid(edit_pipe, sharer, 
 
 # -- ComfyUI and diffusers agree on the same tiny weights ---------------------------------------------------------
 
-def comfy_encoder(tiny, spec, seed, path):
-    """A tiny encoder built with ComfyUI's own classes (tools/make_tiny_qwen.py), saved in the layout the host loads
-    (Qwen3-VL: transformers' keys), loaded back as CLIPLoader would; returns (clip, the saved state dict)."""
-    import comfy.ops
-    import comfy.sd
-    from safetensors.torch import save_file
-    options = tiny.clip_model_options(spec)
-    clip_class = next(v for k, v in options.items() if k.endswith("_class"))
-    model_options = {k: v for k, v in options.items() if k.endswith("_model_config")}
-    model_options.update(model_name=tiny.QWEN25_NAME if spec["kind"] == "qwen25_vl" else tiny.QWEN3VL_NAME,
-                         custom_operations=comfy.ops.disable_weight_init)
-    model = clip_class(device="cpu", dtype=torch.float32, model_options=model_options).transformer
-    tiny.initialise(model, seed)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if spec["kind"] == "qwen3_vl":
-        state = {("model.language_model." + k[len("model."):]) if k.startswith("model.") else "model." + k: v
-                 for k, v in state.items()}
-    save_file(state, str(path))
-    clip = comfy.sd.load_clip(ckpt_paths=[str(path)], embedding_directory=None,
-                              clip_type=comfy.sd.CLIPType.QWEN_IMAGE, model_options=options)
-    return clip, state
-
-
 @pytest.fixture(scope="module")
 def crosscheck(comfyui_root, request, tmp_path_factory, tok):
     """The same tiny Qwen2.5-VL receiver and Qwen3-VL sharer, built with ComfyUI's classes and loaded into
@@ -280,15 +257,16 @@ def crosscheck(comfyui_root, request, tmp_path_factory, tok):
         pytest.skip("this ComfyUI has no Qwen3-VL text encoder (comfy/text_encoders/qwen3vl.py)")
     request.getfixturevalue("comfy")          # booted only on a host that has the classes
     import host
+    from bridge_helpers import comfy_qwen_encoder
     tiny = host._load_tool("make_tiny_qwen")
     tmp_path = tmp_path_factory.mktemp("crosscheck")
 
     config = dict(vocab_size=152064, hidden_size=512, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4)
-    receiver_clip, receiver_state = comfy_encoder(tiny, {"kind": "qwen25_vl", "vision": tiny.VISION, "config": config},
-                                                  7, tmp_path / "receiver.safetensors")
+    receiver_spec = {"kind": "qwen25_vl", "vision": tiny.VISION, "config": config}
+    receiver_clip, receiver_state = comfy_qwen_encoder(tiny, receiver_spec, 7, tmp_path / "receiver.safetensors")
     sharer_spec = tiny.SPECS[tiny.SHARER]
-    sharer_clip, sharer_state = comfy_encoder(tiny, sharer_spec, 8, tmp_path / "sharer.safetensors")
+    sharer_clip, sharer_state = comfy_qwen_encoder(tiny, sharer_spec, 8, tmp_path / "sharer.safetensors")
 
     receiver = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
         text_config=dict(config, rope_parameters=dict(rope_type="default", mrope_section=[16, 24, 24], rope_theta=1e6)),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge_helpers import load_model, pack_nodes
+from bridge_helpers import comfy_qwen_encoder, load_model, pack_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -306,28 +306,6 @@ def test_the_cli_trains_a_text_pair(qwen, dataset, tmp_path):
 
 
 # --- a bundle trained here, used in Python ------------------------------------------------------------------------
-def comfy_clip(tiny, spec, seed, path):
-    """A tiny encoder of ComfyUI's classes, saved in the layout the host loads and loaded back; (clip, state dict)."""
-    import comfy.ops
-    import comfy.sd
-    from safetensors.torch import save_file
-    options = tiny.clip_model_options(spec)
-    clip_class = next(v for k, v in options.items() if k.endswith("_class"))
-    model_options = {k: v for k, v in options.items() if k.endswith("_model_config")}
-    model_options.update(model_name=tiny.QWEN25_NAME if spec["kind"] == "qwen25_vl" else tiny.QWEN3VL_NAME,
-                         custom_operations=comfy.ops.disable_weight_init)
-    model = clip_class(device="cpu", dtype=torch.float32, model_options=model_options).transformer
-    tiny.initialise(model, seed)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if spec["kind"] == "qwen3_vl":
-        state = {("model.language_model." + k[len("model."):]) if k.startswith("model.") else "model." + k: v
-                 for k, v in state.items()}
-    save_file(state, str(path))
-    clip = comfy.sd.load_clip(ckpt_paths=[str(path)], embedding_directory=None,
-                              clip_type=comfy.sd.CLIPType.QWEN_IMAGE, model_options=options)
-    return clip, state
-
-
 def test_a_bundle_trained_here_fuses_the_same_numbers_in_python(tt, qwen, comfyui_root, tmp_path):
     """tests/diffusers/test_text_encoder.py's cross-check, with a bundle trained by this host: the same tiny
     receiver (512 wide, as ComfyUI detects Qwen-Image's encoder) and Qwen3-VL sharer in ComfyUI and in transformers,
@@ -346,10 +324,10 @@ def test_a_bundle_trained_here_fuses_the_same_numbers_in_python(tt, qwen, comfyu
     tiny = qwen["tiny"]
     config = dict(vocab_size=152064, hidden_size=512, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4)
-    receiver_clip, receiver_state = comfy_clip(tiny, {"kind": "qwen25_vl", "vision": tiny.VISION, "config": config}, 7,
-                                               tmp_path / "receiver.safetensors")
+    receiver_spec = {"kind": "qwen25_vl", "vision": tiny.VISION, "config": config}
+    receiver_clip, receiver_state = comfy_qwen_encoder(tiny, receiver_spec, 7, tmp_path / "receiver.safetensors")
     sharer_spec = tiny.SPECS[tiny.SHARER]
-    sharer_clip, sharer_state = comfy_clip(tiny, sharer_spec, 8, tmp_path / "sharer.safetensors")
+    sharer_clip, sharer_state = comfy_qwen_encoder(tiny, sharer_spec, 8, tmp_path / "sharer.safetensors")
     dit_spec = {**tiny.SPECS[tiny.DIT], "config": {**tiny.SPECS[tiny.DIT]["config"], "joint_attention_dim": 512}}
     from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
     import comfy.ops
