@@ -13,8 +13,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "testing.md"
 MODULE = "tests/pack/test_x.py"
 
 
-def selection(pinned=None, one_case=None):
-    return newer_hosts.PinnedHostOnly(pinned or {}, one_case or {})
+def selection(pinned=None, kept=None):
+    return newer_hosts.PinnedHostOnly(pinned or {}, kept or {})
 
 
 def claimed(selection, nodeids):
@@ -29,10 +29,10 @@ def test_a_module_a_test_and_a_case_each_claim_what_they_name():
     assert claimed(selection({f"{MODULE}::test_b": "why"}), nodeids) == [nodeids[2]]
 
 
-def test_one_case_keeps_its_case_on_the_newer_hosts_and_leaves_the_others():
-    chosen = selection(one_case={f"{MODULE}::test_a": "2"})
-    assert claimed(chosen, [f"{MODULE}::test_a[1]", f"{MODULE}::test_a[2]", f"{MODULE}::test_a[3]"]) \
-        == [f"{MODULE}::test_a[1]", f"{MODULE}::test_a[3]"]
+def test_kept_cases_stay_on_the_newer_hosts_and_the_others_leave():
+    chosen = selection(kept={f"{MODULE}::test_a": ("2", "4")})
+    cases = [f"{MODULE}::test_a[{case}]" for case in "1234"]
+    assert claimed(chosen, [*cases, f"{MODULE}::test_b"]) == [cases[0], cases[2]]
     chosen.check()
 
 
@@ -44,16 +44,15 @@ def test_an_entry_that_matches_nothing_is_an_error():
 
 
 def test_a_kept_case_that_does_not_exist_is_an_error():
-    chosen = selection(one_case={f"{MODULE}::test_a": "4"})
-    assert claimed(chosen, [f"{MODULE}::test_a[1]", f"{MODULE}::test_a[2]"]) == [f"{MODULE}::test_a[1]",
-                                                                                 f"{MODULE}::test_a[2]"]
+    chosen = selection(kept={f"{MODULE}::test_a": ("2", "4")})
+    assert claimed(chosen, [f"{MODULE}::test_a[1]", f"{MODULE}::test_a[2]"]) == [f"{MODULE}::test_a[1]"]
     with pytest.raises(ValueError, match=r"'tests/pack/test_x.py::test_a' has no case '4'"):
         chosen.check()
 
 
 def test_every_entry_is_listed_in_docs_testing_md():
     text = DOCS.read_text(encoding="utf-8")
-    entries = [*newer_hosts.PINNED_HOST_ONLY, *newer_hosts.ONE_CASE_ON_NEWER_HOSTS]
+    entries = [*newer_hosts.PINNED_HOST_ONLY, *newer_hosts.CASES_ON_NEWER_HOSTS]
     assert entries
     missing = [key for key in entries if f"`{key}`" not in text]
     assert not missing, f"docs/testing.md does not list {missing} under 'What runs on every host'"
