@@ -22,6 +22,11 @@ PINNED_HOST_ONLY: dict[str, str] = {
     "tests/benchmarks/test_bench_bridge.py": "the benchmark's smoke run; its modes run on every host in tests/pack",
     "tests/experiments/test_run_refresh.py":
         "the refresh experiment's dry run; the refresh schedules run on every host in tests/pack/test_refresh.py",
+    # No ComfyUI at all: diffusers scripts in a subprocess; the tiny_models fixture (which needs a host to make
+    # missing models) only finds the files.
+    "tests/diffusers/test_example.py::test_example_runs_with_tiny_models": "the diffusers example; no ComfyUI runs",
+    "tests/diffusers/test_training.py::test_cli_trains_from_sample_files_and_writes_a_loadable_bundle":
+        "tools/train_projector_diffusers.py; no ComfyUI runs",
     # Training plumbing around forward passes that tests/training/test_training.py trains through on every host
     # (test_kill_and_resume_gives_bit_identical_weights: resuming is bit-identical there).
     "tests/training/test_distributed.py": "torch.distributed ranks agree; the loop runs on every host in test_training",
