@@ -15,6 +15,8 @@ Markers (registered in pyproject.toml; unknown ones are an error):
 - ``host``: the outcome can depend on the ComfyUI host, so ``make test`` runs it on every host (``-m host``
   after the pinned one). Added here to every test that uses a host fixture; a test that starts a host
   another way carries the marker itself.
+- ``pinned_host``: uses a host fixture, but runs on the pinned host only: tests/newer_hosts.py names each such
+  test and why the host cannot change its outcome (it gets this marker instead of ``host``).
 - ``server``: runs a ComfyUI server. Added here to users of ``comfy_server``; a module with its own server
   carries it.
 - ``browser``, ``slow``, ``smoke``: see pyproject.toml; ``make test-quick`` runs ``not host or smoke``.
@@ -32,6 +34,7 @@ import os
 import pytest
 
 import host
+import newer_hosts
 
 # Every host fixture (tiny_models, comfy, comfy_server) builds on this one.
 HOST_FIXTURE = "comfyui_root"
@@ -51,14 +54,21 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """Add the derived markers and put the slow modules first: xdist hands out whole modules in this order
     (``--no-loadscope-reorder``), and with two workers a long module started last would run alone."""
+    pinned = newer_hosts.PinnedHostOnly()
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         if HOST_FIXTURE in fixtures and item.get_closest_marker("host") is None:
-            item.add_marker(pytest.mark.host)
+            item.add_marker(pytest.mark.pinned_host if pinned.claims(item) else pytest.mark.host)
         if SERVER_FIXTURE in fixtures and item.get_closest_marker("server") is None:
             item.add_marker(pytest.mark.server)
-        if item.get_closest_marker("server") is not None and item.get_closest_marker("host") is None:
-            raise pytest.UsageError(f"{item.nodeid}: a server test must also be marked host")
+        if item.get_closest_marker("server") is not None and not item.get_closest_marker("host") \
+                and not item.get_closest_marker("pinned_host"):
+            raise pytest.UsageError(f"{item.nodeid}: a server test must also be marked host (or pinned_host)")
+    if not config.option.file_or_dir:       # the whole suite was collected: every entry must still match
+        try:
+            pinned.check()
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
     order = {id(item): index for index, item in enumerate(items)}
     items.sort(key=lambda item: (item.get_closest_marker("slow") is None, order[id(item)]))
 

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 import host
 
+pytestmark = pytest.mark.slow      # servers, the tiny model maker in a subprocess
+
 TINY_SHAPE = dict(width=64, height=64, length=5)  # latent (1, 16, 2, 8, 8): 32 tokens
 EXPECTED_CLASS = {
     host.T2V_A: "WAN21_T2V",

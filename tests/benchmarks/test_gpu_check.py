@@ -17,6 +17,8 @@ import gpu_check  # noqa: E402
 
 EIGHT_MINUTES = 480.0
 
+pytestmark = pytest.mark.slow      # the dry run measures every mode of every phase
+
 
 @pytest.fixture(scope="module")
 def dry_run(comfy):

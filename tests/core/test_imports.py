@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "c2c_core"
 ALLOWED_THIRD_PARTY = {"torch", "einops", "safetensors", "greenlet"}   # greenlet: optional, lockstep.py
+
+pytestmark = pytest.mark.slow      # fresh interpreters
 
 
 def _sources() -> list[Path]:

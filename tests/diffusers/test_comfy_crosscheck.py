@@ -15,7 +15,7 @@ from c2c_core.recording import load_recording
 from c2c_diffusers import Bridge, LiveSharer, RecordedSharer, SharerInputs, convert
 from c2c_diffusers.hooks import add_taps, remove_taps
 
-pytestmark = pytest.mark.usefixtures("comfy")
+pytestmark = [pytest.mark.usefixtures("comfy"), pytest.mark.slow]
 
 TEXT = 512
 

@@ -3,7 +3,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow      # the example script, twice, in subprocesses
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow      # imports diffusers in a fresh interpreter
 
 
 def test_c2c_diffusers_never_imports_comfy():

@@ -8,6 +8,8 @@ from c2c_core.bundle import ProjectorBundle
 from c2c_diffusers import Bridge, BridgeSetupError, KVRecorder, LiveSharer, RecordedSharer, SharerInputs
 from c2c_diffusers.training import TrainingBatch, bridged_velocity
 
+pytestmark = pytest.mark.slow      # the training CLI in a subprocess
+
 
 def batch(seed):
     g = torch.Generator().manual_seed(seed)

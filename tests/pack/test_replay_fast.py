@@ -14,7 +14,7 @@ import torch
 
 from bridge_helpers import empty_latent, ksample, load_model, pack_nodes
 
-pytestmark = pytest.mark.usefixtures("comfy")
+pytestmark = [pytest.mark.usefixtures("comfy"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

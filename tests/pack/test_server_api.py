@@ -6,6 +6,8 @@ import torch
 
 from bridge_helpers import bridge_prompt
 
+pytestmark = pytest.mark.slow      # prompts on the session server
+
 PACK_NODES = tuple("DiTCacheBridge_" + name for name in (
     "LoadC2CProjector", "CreateC2CProjector", "CaptureKVCache", "FuseCaches", "BridgedKSampler",
     "RecordKVCache", "SaveKVCache", "LoadKVCache", "SaveC2CTrainingSample", "TrainC2CProjector",

@@ -14,6 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow      # 10 000 fuzzed files
+
 FUZZER = Path(__file__).with_name("fuzz_files.py")
 CASES = int(os.environ.get("C2C_FUZZ_CASES", "10000"))
 #: peak RSS growth allowed over the fuzzer's own baseline (torch, hypothesis and the sources loaded)

@@ -1,20 +1,25 @@
-// Browser driver for tests/web/test_browser.py: one scenario per run, in a fresh headless Chromium.
+// Browser driver for tests/web/test_browser.py: scenarios run one after another in one page of a fresh
+// headless Chromium (starting Chromium and loading the app is most of a short scenario's cost).
 //
-//   node driver.mjs <scenario> <job.json>
+//   node driver.mjs <job.json>
 //
-// job.json: {url, chromium, profile, artifacts, workflows: {name: ui_workflow}, ...scenario options}.
-// Prints one JSON line (the scenario's result, or {"error": ...}) as the last line of stdout; the
-// Python test asserts on it. Scenarios only observe and report; assertions live in the test.
+// job.json: {url, chromium, profile, artifacts, steps: [{scenario, workflows: {name: ui_workflow}, ...options}]}.
+// Prints one JSON line, the list of the steps' results (each a result or {"error": ...}, with the page errors
+// raised during its step), as the last line of stdout; the Python tests assert on them. A step that fails
+// does not stop the next. Scenarios only observe and report; assertions live in the tests.
 import fs from "node:fs";
 import path from "node:path";
 import { chromium } from "playwright-core";
 
-const [scenario, jobPath] = process.argv.slice(2);
-const job = JSON.parse(fs.readFileSync(jobPath, "utf8"));
+const [jobPath] = process.argv.slice(2);
+const base = JSON.parse(fs.readFileSync(jobPath, "utf8"));
+let job = base;               // the running step's options over the job's own
 const CHROMIUM_FLAGS = [
   "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
   "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ];
+
+const reports = [];
 
 async function openApp(context) {
   const page = context.pages()[0] ?? await context.newPage();
@@ -24,10 +29,13 @@ async function openApp(context) {
     if (m.type() === "error" && m.text().includes("dit_cache_bridge")) errors.push(m.text());
     if (m.type() === "warning" && m.text().includes("dit_cache_bridge")) errors.push(m.text());
   });
+  // The backend's fusion reports, for the live scenario (registered once: a page exposes a name only once).
+  await page.exposeFunction("__dcbEvent", (e) => reports.push(e));
   await page.goto(job.url);
   await page.waitForFunction(
     () => window.app?.graph && window.app.vueAppReady && window.app.extensions?.some((e) => e.name === "dit_cache_bridge"),
     null, { timeout: 60_000 });
+  await page.evaluate(() => window.comfyAPI.api.api.addEventListener("dit_cache_bridge.report", (e) => window.__dcbEvent(e.detail)));
   // Record the load warnings where the app raises them, not only through the dialogs' markup. Newer
   // frontends (1.49) moved these out of `app`; there the unregistered node types stand in for them.
   await page.evaluate(() => {
@@ -280,9 +288,7 @@ const scenarios = {
 
   /** (c) Queue the workflow from the UI and wait for the backend's report on the inspected nodes. */
   async live(page) {
-    const events = [];
-    await page.exposeFunction("__dcbEvent", (e) => events.push(e));
-    await page.evaluate(() => window.comfyAPI.api.api.addEventListener("dit_cache_bridge.report", (e) => window.__dcbEvent(e.detail)));
+    reports.length = 0;
     const vueNodes = await useRenderer(page, job.renderer);
     const loaded = await loadWorkflow(page, job.workflows.run);
     const savedBefore = await savedNodes(page, job.inspect);
@@ -299,7 +305,8 @@ const scenarios = {
       screenshots.push(await shot(page, `inspector-live-${job.renderer}-${id}`));
     }
     const savedAfter = await savedNodes(page, ids);
-    return { renderer: job.renderer, vueNodes, loaded, reported, events, nodes, screenshots, savedBefore, savedAfter };
+    return { renderer: job.renderer, vueNodes, loaded, reported, events: [...reports], nodes, screenshots, savedBefore,
+             savedAfter };
   },
 
   /** (c') The same inspector fed by a synthetic event, dispatched the way the websocket does. */
@@ -372,21 +379,27 @@ const scenarios = {
   },
 };
 
+const failed = (error) => ({ error: String(error?.stack ?? error) });
 let context;
-let result;
+let results = [];
 try {
-  fs.mkdirSync(job.artifacts, { recursive: true });
+  fs.mkdirSync(base.artifacts, { recursive: true });
   // A fresh profile per run (the test passes an empty folder); playwright adds --headless itself.
-  context = await chromium.launchPersistentContext(job.profile, {
-    executablePath: job.chromium, headless: true, viewport: { width: 1400, height: 1100 },
+  context = await chromium.launchPersistentContext(base.profile, {
+    executablePath: base.chromium, headless: true, viewport: { width: 1400, height: 1100 },
     args: CHROMIUM_FLAGS.filter((f) => f !== "--headless"),
   });
   const { page, errors } = await openApp(context);
-  result = await scenarios[scenario](page);
-  result.pageErrors = errors;
+  for (const step of base.steps) {
+    job = { ...base, ...step };
+    const seen = errors.length;
+    const result = await scenarios[step.scenario](page).catch(failed);
+    result.pageErrors = errors.slice(seen);
+    results.push(result);
+  }
 } catch (error) {
-  result = { error: String(error?.stack ?? error) };
+  results = base.steps.map((_, i) => results[i] ?? failed(error));
 } finally {
   await context?.close().catch(() => {});
 }
-console.log(JSON.stringify(result));
+console.log(JSON.stringify(results));

@@ -67,27 +67,54 @@ def workflow(ui_server) -> dict:
     return pack_workflow(ui_server.object_info())
 
 
-def drive(scenario: str, server, tmp_path: Path, timeout: float = 90, **options) -> dict:
-    """Run one driver scenario; returns its JSON result (fails the test on a driver error)."""
+def run_steps(server, tmp_path: Path, steps: list[dict], timeout: float) -> list[dict]:
+    """Run driver scenarios (``{"scenario": name, **options}``) one after another in one page of one fresh
+    Chromium; their results, each checked only when a test asks for it (``checked``)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    job = {"url": server.url, "chromium": str(CHROMIUM), "profile": str(tmp_path / f"profile-{scenario}"),
-           "artifacts": str(ARTIFACTS), **options}
-    job_path = tmp_path / f"job-{scenario}.json"
+    job = {"url": server.url, "chromium": str(CHROMIUM), "profile": str(tmp_path / "profile"),
+           "artifacts": str(ARTIFACTS), "steps": steps}
+    job_path = tmp_path / "job.json"
     job_path.write_text(json.dumps(job), encoding="utf-8")
-    proc = subprocess.run(["node", str(DRIVER), scenario, str(job_path)], cwd=WEB_TESTS, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(["node", str(DRIVER), str(job_path)], cwd=WEB_TESTS, capture_output=True, text=True,
+                          timeout=timeout)
     lines = proc.stdout.strip().splitlines()
     try:
-        result = json.loads(lines[-1])
+        results = json.loads(lines[-1])
     except (IndexError, json.JSONDecodeError):
-        pytest.fail(f"driver '{scenario}' printed no result (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}",
-                    pytrace=False)
+        results = [{"error": f"the driver printed no result (exit {proc.returncode}):\n{proc.stdout}"}] * len(steps)
+    return [dict(result, stderr=proc.stderr) for result in results]
+
+
+def checked(result: dict, server, scenario: str) -> dict:
+    """A step's result, or fail the test on its driver error or on an error the extension raised in the page."""
     if "error" in result:
-        pytest.fail(f"driver '{scenario}' failed: {result['error']}\n--- stderr ---\n{proc.stderr}\n"
+        pytest.fail(f"driver '{scenario}' failed: {result['error']}\n--- stderr ---\n{result['stderr']}\n"
                     f"--- server log ---\n{server.log_tail(30)}", pytrace=False)
     own_errors = [e for e in result.get("pageErrors", []) if "dit_cache_bridge" in e]
     assert not own_errors, f"the extension raised in the page: {own_errors}"
     return result
+
+
+def drive(scenario: str, server, tmp_path: Path, timeout: float = 90, **options) -> dict:
+    """Run one driver scenario in a fresh Chromium; its checked result."""
+    (result,) = run_steps(server, tmp_path, [{"scenario": scenario, **options}], timeout)
+    return checked(result, server, scenario)
+
+
+class Scenes:
+    """Named driver steps run together in one Chromium, once for a module (``scene(name)`` in its tests)."""
+
+    def __init__(self, server, tmp_path: Path, steps: dict[str, tuple[str, float, dict]]):
+        """``steps``: name -> (scenario, timeout in seconds, options), run in this order."""
+        self.server = server
+        self.scenarios = {name: scenario for name, (scenario, _, _) in steps.items()}
+        results = run_steps(server, tmp_path, [{"scenario": scenario, **options}
+                                               for scenario, _, options in steps.values()],
+                            timeout=sum(seconds for _, seconds, _ in steps.values()))
+        self.results = dict(zip(steps, results))
+
+    def __call__(self, name: str) -> dict:
+        return checked(self.results[name], self.server, self.scenarios[name])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,8 +251,49 @@ def synthetic_report(layers: int) -> dict:
 # Tests
 # --------------------------------------------------------------------------------------------------
 
-def test_fuse_caches_is_found_by_the_node_search_and_gets_the_pack_colours(ui_server, tmp_path):
-    result = drive("search", ui_server, tmp_path, query="Fuse Caches", expect="Fuse Caches")
+RENDERER_NAMES = ("canvas", "vue")
+RENDERERS = pytest.mark.parametrize("renderer", RENDERER_NAMES)
+RENDERER_SEEDS = {"canvas": 0, "vue": 1}
+UNTRAINED = {**synthetic_report(3), "warnings": ["untrained 'c2c' projector (random initial weights)"]}
+SYNTHETIC_EVENTS = [[BRIDGED, {"layers": []}], [FUSE, synthetic_report(40)], [BRIDGED, UNTRAINED]]
+
+
+def with_control(workflow: dict) -> dict:
+    """The workflows the load test opens: the pack workflow, a copy naming a missing node type (proves the
+    check sees one) and every shipped workflow."""
+    control = json.loads(json.dumps(workflow))
+    control["nodes"][0]["type"] = "DCBNoSuchNode"
+    return {"pack_workflow": workflow, "control": control, **shipped_workflows()}
+
+
+def seeded_for(workflow: dict, renderer: str) -> dict:
+    """The pack workflow with a new seed per renderer, or the server would answer the second run from its cache
+    (seed is the first widget of both samplers)."""
+    run = json.loads(json.dumps(workflow))
+    for node in run["nodes"]:
+        if node["id"] in (9, BRIDGED):
+            node["widgets_values"][0] = 7 + RENDERER_SEEDS[renderer]
+    return run
+
+
+@pytest.fixture(scope="module")
+def scene(ui_server, workflow, tmp_path_factory) -> Scenes:
+    """Every test's scenario, in the order of the tests, in one Chromium (one app load instead of eight)."""
+    steps = {"search": ("search", 90, dict(query="Fuse Caches", expect="Fuse Caches")),
+             "load": ("load", 90, dict(workflows=with_control(workflow)))}
+    for renderer in RENDERER_NAMES:
+        steps[f"live {renderer}"] = ("live", 330, dict(timeout_ms=240_000, inspect=[FUSE, BRIDGED], renderer=renderer,
+                                                       workflows={"run": seeded_for(workflow, renderer)}))
+    for renderer in RENDERER_NAMES:
+        steps[f"synthetic {renderer}"] = ("synthetic", 90, dict(events=SYNTHETIC_EVENTS, inspect=[FUSE, BRIDGED],
+                                                                workflows={"run": workflow}, renderer=renderer))
+    for renderer in RENDERER_NAMES:
+        steps[f"layout {renderer}"] = ("layout", 150, dict(workflows=shipped_workflows(), renderer=renderer))
+    return Scenes(ui_server, tmp_path_factory.mktemp("browser"), steps)
+
+
+def test_fuse_caches_is_found_by_the_node_search_and_gets_the_pack_colours(scene):
+    result = scene("search")
     assert any(option.startswith("Fuse Caches") for option in result["options"]), result["options"]
     (added,) = result["added"]
     assert added["type"] == "DiTCacheBridge_FuseCaches"
@@ -234,11 +302,8 @@ def test_fuse_caches_is_found_by_the_node_search_and_gets_the_pack_colours(ui_se
     assert not any(w.startswith("backward_") for w in added["widgets"]), "backward_* shown for one-way fusion"
 
 
-def test_workflows_load_without_missing_node_warning(ui_server, workflow, tmp_path):
-    control = json.loads(json.dumps(workflow))
-    control["nodes"][0]["type"] = "DCBNoSuchNode"   # proves the check sees a missing node
-    workflows = {"pack_workflow": workflow, "control": control, **shipped_workflows()}
-    result = drive("load", ui_server, tmp_path, workflows=workflows)
+def test_workflows_load_without_missing_node_warning(scene, ui_server):
+    result = scene("load")
     assert result["control"]["missing"] == ["DCBNoSuchNode"], result["control"]
     assert any("missing node" in d.lower() for d in result["control"]["dialogs"]), result["control"]["dialogs"]
     pack = result["pack_workflow"]
@@ -260,10 +325,6 @@ def test_workflows_load_without_missing_node_warning(ui_server, workflow, tmp_pa
         assert about and about[0]["onScreen"], f"workflows/{name}: 'About this workflow' is not on the first screen"
 
 
-RENDERERS = pytest.mark.parametrize("renderer", ["canvas", "vue"])
-RENDERER_SEEDS = {"canvas": 0, "vue": 1}
-
-
 def check_inspector_shown(node: dict) -> None:
     assert node["widget"] and node["visible"], f"inspector widget not on screen: {node}"
     assert all(node["barPixels"][c] > 0 for c in INSPECTOR_COLOURS), f"inspector not drawn: {node}"
@@ -271,14 +332,9 @@ def check_inspector_shown(node: dict) -> None:
 
 
 @RENDERERS
-def test_inspector_draws_the_report_of_a_live_run(ui_server, workflow, tmp_path, renderer):
+def test_inspector_draws_the_report_of_a_live_run(scene, ui_server, renderer):
     layers = host.TinyModels.spec(host.T2V_A)["num_layers"]
-    run = json.loads(json.dumps(workflow))
-    for node in run["nodes"]:
-        if node["id"] in (9, BRIDGED):     # seed is the first widget of both: a new seed per renderer, or the
-            node["widgets_values"][0] = 7 + RENDERER_SEEDS[renderer]   # server would answer from its cache
-    result = drive("live", ui_server, tmp_path, timeout=330, timeout_ms=240_000, inspect=[FUSE, BRIDGED],
-                   workflows={"run": run}, renderer=renderer)
+    result = scene(f"live {renderer}")
     assert (result["vueNodes"] > 0) == (renderer == "vue"), result["vueNodes"]
     assert result["loaded"]["missing"] == []
     assert result["reported"], (f"no dit_cache_bridge.report reached the inspected nodes; events seen: "
@@ -295,18 +351,15 @@ def test_inspector_draws_the_report_of_a_live_run(ui_server, workflow, tmp_path,
 
 
 @RENDERERS
-def test_inspector_draws_a_synthetic_report_and_ignores_an_empty_one(ui_server, workflow, tmp_path, renderer):
-    untrained = {**synthetic_report(3), "warnings": ["untrained 'c2c' projector (random initial weights)"]}
-    events = [[BRIDGED, {"layers": []}], [FUSE, synthetic_report(40)], [BRIDGED, untrained]]
-    result = drive("synthetic", ui_server, tmp_path, events=events, inspect=[FUSE, BRIDGED],
-                   workflows={"run": workflow}, renderer=renderer)
+def test_inspector_draws_a_synthetic_report_and_ignores_an_empty_one(scene, renderer):
+    result = scene(f"synthetic {renderer}")
     empty, forty, three = result["nodes"]
     assert empty["report"] is None and empty["barPixels"] == {"strength": 0, "k": 0, "v": 0}
     assert forty["report"]["layers"] == list(range(40)) and forty["report"]["sharerForwards"] == 12
-    assert three["report"]["layers"] == [0, 1, 2] and three["report"]["warnings"] == untrained["warnings"]
+    assert three["report"]["layers"] == [0, 1, 2] and three["report"]["warnings"] == UNTRAINED["warnings"]
     assert three["warningPixels"] > 0 and forty["warningPixels"] == 0, "the warning line is drawn in its colour"
     assert not any("untrained" in t for t in result["toasts"][1]), "a report without warnings raises no toast"
-    assert any(untrained["warnings"][0] in t for t in result["toasts"][2]), f"no toast: {result['toasts'][2]}"
+    assert any(UNTRAINED["warnings"][0] in t for t in result["toasts"][2]), f"no toast: {result['toasts'][2]}"
     for node, before in ((empty, result["before"][1]), (forty, result["before"][0]), (three, result["before"][1])):
         assert node["size"] == before, "a report must never resize the node (it would slide under its neighbours)"
     for node in (forty, three):
@@ -315,8 +368,8 @@ def test_inspector_draws_a_synthetic_report_and_ignores_an_empty_one(ui_server, 
 
 
 @RENDERERS
-def test_shipped_workflows_leave_the_inspector_clear_of_other_nodes(ui_server, tmp_path, renderer):
-    result = drive("layout", ui_server, tmp_path, timeout=150, workflows=shipped_workflows(), renderer=renderer)
+def test_shipped_workflows_leave_the_inspector_clear_of_other_nodes(scene, renderer):
+    result = scene(f"layout {renderer}")
     inspected = 0
     for name, nodes in result["results"].items():
         for node in nodes:

@@ -14,7 +14,10 @@ import json
 import pytest
 
 import host
-from web.test_browser import ARTIFACTS, RENDERERS, browser_tools, drive, shipped_workflows, ui_server  # noqa: F401 (fixtures)
+from web.test_browser import (ARTIFACTS, RENDERER_NAMES, RENDERERS, Scenes, browser_tools,  # noqa: F401 (fixtures)
+                              shipped_workflows, ui_server)
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 workflow_api = host._load_tool("workflow_api")
 
@@ -27,12 +30,30 @@ def overlap(a, b) -> bool:
     return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
+# The notes' instructions the tests follow: (workflow, groups to mute, groups to unmute)
+RECORDED, TRAINING = "wan21_chronoedit_recorded_low_vram.json", "train_projector.json"
+LIVE = ("wan21_t2v_with_chronoedit_sharer.json", "chronoedit_with_wan21_i2v_sharer.json",
+        "wan22_experts_switch_with_fusion.json")
+FOLLOWED = [(RECORDED, (), ()), (RECORDED, (6, 7), (8,)), (TRAINING, (), ()), (TRAINING, (), (4, 5)),
+            *((name, (), ()) for name in LIVE)]
+
+
 @pytest.fixture(scope="module")
-def geometry(ui_server, tmp_path_factory):
-    """The geometry scenario per renderer, run once for all layout tests."""
-    tmp = tmp_path_factory.mktemp("geometry")
-    found = {renderer: drive("geometry", ui_server, tmp, timeout=240, workflows=shipped_workflows(),
-                             renderer=renderer)["results"] for renderer in ("canvas", "vue")}
+def editor(ui_server, tmp_path_factory) -> Scenes:
+    """The module's editor work in one Chromium: the geometry scenario per renderer, then every note followed
+    (``FOLLOWED``) as the editor would queue it."""
+    workflows = shipped_workflows()
+    steps = {renderer: ("geometry", 240, dict(workflows=workflows, renderer=renderer)) for renderer in RENDERER_NAMES}
+    for name, mute, unmute in FOLLOWED:
+        steps[(name, mute, unmute)] = ("follow", 90, dict(workflows={"run": workflows[name]}, mute=list(mute),
+                                                           unmute=list(unmute)))
+    return Scenes(ui_server, tmp_path_factory.mktemp("editor"), steps)
+
+
+@pytest.fixture(scope="module")
+def geometry(editor, ui_server):
+    """The geometry scenario's results per renderer."""
+    found = {renderer: editor(renderer)["results"] for renderer in RENDERER_NAMES}
     (ARTIFACTS / f"geometry-{ui_server.comfyui.name}.json").write_text(json.dumps(found, indent=1), encoding="utf-8")
     return found
 
@@ -97,10 +118,9 @@ def note_texts(workflow: dict) -> str:
     return "\n".join(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] in NOTES)
 
 
-def follow(server, tmp_path, workflow: dict, mute=(), unmute=()) -> dict:
-    """Mute/unmute the numbered groups in the editor; the UI graph it would queue."""
-    result = drive("follow", server, tmp_path, workflows={"run": workflow}, mute=list(mute), unmute=list(unmute))
-    return result["workflow"]
+def follow(editor: Scenes, name: str, mute=(), unmute=()) -> dict:
+    """The UI graph the editor would queue after muting/unmuting the numbered groups (a case of ``FOLLOWED``)."""
+    return editor((name, tuple(mute), tuple(unmute)))["workflow"]
 
 
 def missing_inputs(api: dict, object_info: dict) -> list[str]:
@@ -120,14 +140,14 @@ def queue(server, workflow: dict, object_info: dict, edit=None) -> dict:
     return api, server.run(api, timeout=400)
 
 
-def test_the_recorded_workflow_runs_as_loaded_and_as_its_later_runs_note_says(ui_server, tmp_path):
-    shipped = shipped_workflows()["wan21_chronoedit_recorded_low_vram.json"]
+def test_the_recorded_workflow_runs_as_loaded_and_as_its_later_runs_note_says(ui_server, editor):
+    shipped = shipped_workflows()[RECORDED]
     info = ui_server.object_info()
     assert "Later runs** with the same sharer settings: mute groups 6 and 7 (select, Ctrl+M), unmute group 8" \
         in note_texts(shipped)
     assert "Later runs: mute groups 6 and 7, unmute this group" in note_texts(shipped)
 
-    first, entry = queue(ui_server, follow(ui_server, tmp_path, shipped), info)
+    first, entry = queue(ui_server, follow(editor, RECORDED), info)
     (save_kv,) = workflow_api.nodes_of_type(first, "DiTCacheBridge_SaveKVCache")
     (saved,) = entry["outputs"][save_kv]["kv_cache"]
 
@@ -135,7 +155,7 @@ def test_the_recorded_workflow_runs_as_loaded_and_as_its_later_runs_note_says(ui
         (load_kv,) = workflow_api.nodes_of_type(api, "DiTCacheBridge_LoadKVCache")
         api[load_kv]["inputs"]["kv_cache"] = saved["filename"]
 
-    later, entry = queue(ui_server, follow(ui_server, tmp_path, shipped, mute=(6, 7), unmute=(8,)), info,
+    later, entry = queue(ui_server, follow(editor, RECORDED, mute=(6, 7), unmute=(8,)), info,
                          pick_the_saved_file)
     assert not workflow_api.nodes_of_type(later, "DiTCacheBridge_RecordKVCache"), "later runs sample the sharer"
     assert len(workflow_api.nodes_of_type(later, "KSampler")) == 1, "run 1's receiver sampler still runs"
@@ -143,13 +163,13 @@ def test_the_recorded_workflow_runs_as_loaded_and_as_its_later_runs_note_says(ui
     assert ui_server.output_files(entry, out), "the later run saved nothing"
 
 
-def test_the_training_workflow_collects_as_loaded_and_trains_as_its_note_says(ui_server, tmp_path):
-    shipped = shipped_workflows()["train_projector.json"]
+def test_the_training_workflow_collects_as_loaded_and_trains_as_its_note_says(ui_server, editor):
+    shipped = shipped_workflows()[TRAINING]
     info = ui_server.object_info()
     assert "**Collect** (groups 1–3 on, 4–5 muted)" in note_texts(shipped)
     assert "**Train**: unmute groups 4 and 5" in note_texts(shipped)
 
-    collect, entry = queue(ui_server, follow(ui_server, tmp_path, shipped), info)
+    collect, entry = queue(ui_server, follow(editor, TRAINING), info)
     assert workflow_api.nodes_of_type(collect, "DiTCacheBridge_SaveC2CTrainingSample")
     assert not workflow_api.nodes_of_type(collect, "DiTCacheBridge_TrainC2CProjector")
 
@@ -160,18 +180,17 @@ def test_the_training_workflow_collects_as_loaded_and_trains_as_its_note_says(ui
         for node_id in workflow_api.nodes_of_type(api, "DiTCacheBridge_CreateC2CProjector"):
             api[node_id]["inputs"]["hidden_dim"] = 16
 
-    trained, entry = queue(ui_server, follow(ui_server, tmp_path, shipped, unmute=(4, 5)), info, train_briefly)
+    trained, entry = queue(ui_server, follow(editor, TRAINING, unmute=(4, 5)), info, train_briefly)
     (train,) = workflow_api.nodes_of_type(trained, "DiTCacheBridge_TrainC2CProjector")
     bridged = [i for i in workflow_api.nodes_of_type(trained, "SaveLatent")
                if workflow_api.depends_on(trained, i, train)]
     assert bridged and all(ui_server.output_files(entry, i) for i in bridged), "group 5 sampled nothing"
 
 
-@pytest.mark.parametrize("name", ["wan21_t2v_with_chronoedit_sharer.json", "chronoedit_with_wan21_i2v_sharer.json",
-                                  "wan22_experts_switch_with_fusion.json"])
-def test_a_live_workflow_runs_as_loaded_from_the_editor(ui_server, tmp_path, name):
+@pytest.mark.parametrize("name", LIVE)
+def test_a_live_workflow_runs_as_loaded_from_the_editor(ui_server, editor, name):
     shipped = shipped_workflows()[name]
     assert "mute" not in note_texts(shipped).lower(), f"{name}: a note about muting needs a case here"
-    api, entry = queue(ui_server, follow(ui_server, tmp_path, shipped), ui_server.object_info())
+    api, entry = queue(ui_server, follow(editor, name), ui_server.object_info())
     for out in workflow_api.nodes_of_type(api, "SaveLatent"):
         assert ui_server.output_files(entry, out), f"{name}: SaveLatent {out} wrote nothing"
