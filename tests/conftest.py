@@ -38,6 +38,7 @@ import newer_hosts
 
 # Every host fixture (tiny_models, comfy, comfy_server) builds on this one.
 HOST_FIXTURE = "comfyui_root"
+DEFAULT_SLOW_SECONDS = 10
 SERVER_FIXTURE = "comfy_server"
 
 
@@ -70,7 +71,14 @@ def pytest_collection_modifyitems(config, items):
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
     order = {id(item): index for index, item in enumerate(items)}
-    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, order[id(item)]))
+    items.sort(key=lambda item: (-slow_seconds(item), order[id(item)]))
+
+
+def slow_seconds(item) -> float:
+    """The module's cost for ordering: ``slow(seconds=…)`` where given (the longest modules go first, so that
+    neither worker runs one alone at the end), else DEFAULT_SLOW_SECONDS for ``slow``, else 0."""
+    mark = item.get_closest_marker("slow")
+    return 0.0 if mark is None else float(mark.kwargs.get("seconds", DEFAULT_SLOW_SECONDS))
 
 
 def pytest_report_header(config):

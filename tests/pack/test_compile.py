@@ -24,7 +24,7 @@ import torch
 
 from bridge_helpers import ksample, load_model, pack_nodes
 
-pytestmark = [pytest.mark.usefixtures("comfy"), pytest.mark.slow]
+pytestmark = [pytest.mark.usefixtures("comfy"), pytest.mark.slow(seconds=120)]
 
 HAND_OFF = "_hand_off"          # Bridge._hand_off, the one boundary per fused layer
 SHARER_HOOK = "capture"         # the sharer's attention hook (Bridge.capture, the recorder's capture)

@@ -34,7 +34,7 @@ from c2c_core.tensorfile import PAUSE_ENV, PAUSE_FILE
 COPIES = Path("kv_cache") / "copies"                    # where the kill -9 save test's copy is written
 CHECKPOINTS, KILLED = Path("c2c_training") / "checkpoints", "killed"   # the killed training run's checkpoints
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+pytestmark = [pytest.mark.server, pytest.mark.slow(seconds=40)]
 
 SOAK_RSS_BOUND_MB = 120
 LATENT = {"width": 32, "height": 32, "length": 5, "batch_size": 1}     # 2 latent frames of 4×4: 8 tokens

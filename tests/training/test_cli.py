@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=45)
 
 CLI = Path(__file__).resolve().parents[2] / "tools" / "train_projector.py"
 

@@ -17,7 +17,7 @@ import host
 from web.test_browser import (ARTIFACTS, RENDERER_NAMES, RENDERERS, Scenes, browser_tools,  # noqa: F401 (fixtures)
                               shipped_workflows, ui_server)
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow(seconds=80)]
 
 workflow_api = host._load_tool("workflow_api")
 
