@@ -18,8 +18,9 @@ WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
 SHIPPED = ("wan21_t2v_with_chronoedit_sharer.json", "chronoedit_with_wan21_i2v_sharer.json",
            "wan21_chronoedit_recorded_low_vram.json")
 RECORDED = WORKFLOWS_DIR / "wan21_chronoedit_recorded_low_vram.json"
-# Bridges of two text encoders (no Wan models): tests/pack/test_text_encoder.py runs them on the tiny Qwen models
-TEXT_ENCODER_WORKFLOWS = ("qwen_image_edit_c2c.json",)
+# Bridges of two text encoders (no Wan models): tests/pack/test_text_encoder.py and
+# tests/training/test_text_training.py run them on the tiny Qwen models
+TEXT_ENCODER_WORKFLOWS = ("qwen_image_edit_c2c.json", "qwen_image_train_text_projector.json")
 WAN_WORKFLOWS = [p for p in WORKFLOWS if p.name not in TEXT_ENCODER_WORKFLOWS]
 TINY = workflow_api.TinySettings(width=64, height=64, length=5, steps=2)
 NODE_KEYS = ("id", "type", "pos", "size", "inputs", "outputs", "widgets_values")
