@@ -415,3 +415,75 @@ def test_an_edit_sample_keeps_the_stock_nodes_reference_latent_and_the_dit_reads
             without, _ = predict(bridge.bundle.bank, item)
     assert with_reference.shape == target.shape == (1, 16, 1, 8, 8) and torch.isfinite(with_reference).all()
     assert not torch.equal(with_reference, without)
+
+
+# --- the shipped workflow ---------------------------------------------------------------------------------------
+WORKFLOW = "qwen_image_train_text_projector.json"
+
+
+def following_the_note(workflow: dict, mute: tuple, unmute: tuple) -> dict:
+    """The workflow with its groups muted and unmuted as its note says (membership: the node's corner in the group)."""
+    import copy
+    workflow = copy.deepcopy(workflow)
+    for group in workflow["groups"]:
+        x, y, w, h = group["bounding"]
+        mode = 2 if group["id"] in mute else 0 if group["id"] in unmute else None
+        for node in workflow["nodes"]:
+            if mode is not None and x <= node["pos"][0] < x + w and y <= node["pos"][1] < y + h:
+                node["mode"] = mode
+    return workflow
+
+
+def tiny_workflow_prompt(workflow: dict, object_info: dict, paths: dict, output_name: str) -> dict:
+    """The workflow as an API prompt on the tiny Qwen models: the loaders swapped for the test loaders (the stock
+    ones build Qwen's full widths), VAE Encode for an 8×8 empty latent (no tiny Qwen-Image VAE), a short run."""
+    import host
+    workflow_api = host._load_tool("workflow_api")
+    api = workflow_api.to_api(workflow, object_info)
+    for node_id, node in list(api.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            api[node_id] = {"class_type": "DCBTestTinyQwenImage", "inputs": {"path": str(paths["dit"])}}
+        elif kind == "CLIPLoader":
+            role = "sharer" if inputs["clip_name"].startswith("qwen3vl") else "receiver"
+            api[node_id] = {"class_type": "DCBTestTinyQwenCLIP", "inputs": {"path": str(paths[role])}}
+        elif kind == "VAEEncode":
+            api[node_id] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+        elif kind == "DiTCacheBridge_CreateC2CProjector":
+            inputs["hidden_dim"] = 16
+        elif kind == "DiTCacheBridge_TrainC2CTextProjector":
+            inputs.update(steps=2, warmup_steps=0, checkpoint_every=0, output_name=output_name, resume=False)
+    return workflow_api.keep_needed(api, object_info)
+
+
+def test_the_shipped_workflow_collects_and_trains_as_its_note_says(qwen, comfy_server):
+    """workflows/qwen_image_train_text_projector.json on a real server: queued as loaded it saves a sample (and
+    trains nothing); with group 1 muted and groups 2–3 unmuted, as its note says, it trains on those samples and
+    previews the loss plot. Hosts without Qwen3-VL run it with the receiver's encoder standing in as the sharer."""
+    import host
+    workflow_api = host._load_tool("workflow_api")
+    shipped = workflow_api.load_workflow(host.REPO_ROOT / "workflows" / WORKFLOW)
+    notes = " ".join(n["widgets_values"][0] for n in shipped["nodes"] if n["type"] == "MarkdownNote")
+    assert "**Collect** (group 1 on, groups 2–3 muted)" in notes
+    assert "**Train**: unmute groups 2 and 3 and mute group 1" in notes
+    info, name = comfy_server.object_info(), "workflow_test_text_c2c"
+    from PIL import Image
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(comfy_server.input_dir / "example.png")
+
+    collect = tiny_workflow_prompt(shipped, info, qwen["paths"], name)
+    assert not workflow_api.nodes_of_type(collect, "DiTCacheBridge_TrainC2CTextProjector")
+    (save,) = workflow_api.nodes_of_type(collect, "DiTCacheBridge_SaveC2CTextTrainingSample")
+    folder = comfy_server.output_dir / "c2c_training" / collect[save]["inputs"]["folder"]
+    shutil.rmtree(folder, ignore_errors=True)
+    comfy_server.run(collect, timeout=120)
+    assert len(list(folder.glob("sample_*.safetensors"))) == 1
+
+    train = tiny_workflow_prompt(following_the_note(shipped, mute=(1,), unmute=(2, 3)), info, qwen["paths"], name)
+    assert not workflow_api.nodes_of_type(train, "DiTCacheBridge_SaveC2CTextTrainingSample")
+    (preview,) = workflow_api.nodes_of_type(train, "PreviewImage")
+    try:
+        entry = comfy_server.run(train, timeout=300)
+        assert entry["outputs"][preview]["images"], "no loss plot"
+    finally:
+        for path in (Path(comfy_server.models_root) / "c2c_projectors").glob(f"{name}*.safetensors"):
+            path.unlink()
