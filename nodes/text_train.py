@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from c2c_core import DECAYS
 from c2c_core.errors import quote
 from ..c2c_comfy import text_training, training
 from ..c2c_comfy.errors import check
@@ -18,7 +17,7 @@ from ..c2c_comfy.validate import check_inputs
 from .projector import check_projector_fits
 from .text_encode import MODES
 from .train import TRAIN_CATEGORY, check_learnable, checked_folder, checked_name, dataset_fingerprint, open_dataset, \
-    run_training_node, samples_root
+    run_training_node, samples_root, training_inputs
 from .types import Projector
 
 
@@ -108,26 +107,7 @@ class TrainC2CTextProjector(io.ComfyNode):
                                                      "from). It is copied, not changed."),
                 io.String.Input("dataset", default="c2c_text_samples",
                                 tooltip="Folder under output/c2c_training/ written by Save C2C Text Training Sample."),
-                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimizer steps."),
-                io.Int.Input("batch_size", default=1, min=1, max=256,
-                             tooltip="Samples per step (per process under torchrun)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
-                               tooltip="AdamW peak learning rate (C2C uses 1e-4)."),
-                io.Int.Input("warmup_steps", default=0, min=0, max=1_000_000,
-                             tooltip="Linear learning-rate warm-up steps; must be below steps."),
-                io.Combo.Input("schedule", options=list(DECAYS), default="cosine",
-                               tooltip="Learning-rate decay after warm-up."),
-                io.Int.Input("checkpoint_every", default=100, min=0, max=1_000_000,
-                             tooltip="Write a checkpoint every N steps (0: only at the end)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
-                             tooltip="Seed of sample order, noise and timesteps. Same seed and settings, same "
-                                     "weights."),
-                io.String.Input("output_name", default="c2c_text_projector",
-                                tooltip="Bundle name in models/c2c_projectors/ (.safetensors is added); also names "
-                                        "the checkpoint folder and the loss plot."),
-                io.Boolean.Input("resume", default=True, optional=True,
-                                 tooltip="On: continue from the last checkpoint of output_name (same settings "
-                                         "required). Off: delete that run's checkpoints and start over."),
+                *training_inputs("c2c_text_projector"),
             ],
             outputs=[Projector.Output(display_name="projector", tooltip="The trained projector, ready for Bridged "
                                                                          "Qwen Text Encode."),

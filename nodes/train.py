@@ -142,6 +142,33 @@ def _check_image_latent(node, samples, conditioning, input_name):
                   "give the sharer's WanImageToVideo node the latent's width, height and length")
 
 
+def training_inputs(output_name: str) -> list:
+    """The training settings both training nodes take, in one order (saved workflows' widget values follow it)."""
+    return [
+        io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimizer steps."),
+        io.Int.Input("batch_size", default=1, min=1, max=256,
+                     tooltip="Samples per step (per process under torchrun)."),
+        io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
+                       tooltip="AdamW peak learning rate (C2C uses 1e-4)."),
+        io.Int.Input("warmup_steps", default=0, min=0, max=1_000_000,
+                     tooltip="Linear learning-rate warm-up steps; must be below steps."),
+        io.Combo.Input("schedule", options=list(DECAYS), default="cosine",
+                       tooltip="Learning-rate decay after warm-up."),
+        io.Int.Input("checkpoint_every", default=100, min=0, max=1_000_000,
+                     tooltip="Write a checkpoint every N steps (0: only at the end). An interrupted run "
+                             "loses at most the steps since the last one."),
+        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                     tooltip="Seed of sample order, noise and timesteps. Same seed and settings, same "
+                             "weights (and a re-queue reuses the trained result instead of retraining)."),
+        io.String.Input("output_name", default=output_name,
+                        tooltip="Bundle name in models/c2c_projectors/ (.safetensors is added); also names "
+                                "the checkpoint folder and the loss plot."),
+        io.Boolean.Input("resume", default=True, optional=True,
+                         tooltip="On: continue from the last checkpoint of output_name (same settings "
+                                 "required). Off: delete that run's checkpoints and start over."),
+    ]
+
+
 class TrainC2CProjector(io.ComfyNode):
     NODE = "Train C2C Projector"
 
@@ -166,27 +193,7 @@ class TrainC2CProjector(io.ComfyNode):
                                        "velocity: the flow-matching loss of the bridged receiver against the clean "
                                        "latent (noise − x0). kv: make the projected K/V match the sharer's cache "
                                        "(cheap warm start; equal attention shapes only)."),
-                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimizer steps."),
-                io.Int.Input("batch_size", default=1, min=1, max=256,
-                             tooltip="Samples per step (per process under torchrun)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=1e-7,
-                               tooltip="AdamW peak learning rate (C2C uses 1e-4)."),
-                io.Int.Input("warmup_steps", default=0, min=0, max=1_000_000,
-                             tooltip="Linear learning-rate warm-up steps; must be below steps."),
-                io.Combo.Input("schedule", options=list(DECAYS), default="cosine",
-                               tooltip="Learning-rate decay after warm-up."),
-                io.Int.Input("checkpoint_every", default=100, min=0, max=1_000_000,
-                             tooltip="Write a checkpoint every N steps (0: only at the end). An interrupted run "
-                                     "loses at most the steps since the last one."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
-                             tooltip="Seed of sample order, noise and timesteps. Same seed and settings, same "
-                                     "weights (and a re-queue reuses the trained result instead of retraining)."),
-                io.String.Input("output_name", default="c2c_projector",
-                                tooltip="Bundle name in models/c2c_projectors/ (.safetensors is added); also names "
-                                        "the checkpoint folder and the loss plot."),
-                io.Boolean.Input("resume", default=True, optional=True,
-                                 tooltip="On: continue from the last checkpoint of output_name (same settings "
-                                         "required). Off: delete that run's checkpoints and start over."),
+                *training_inputs("c2c_projector"),
                 io.Float.Input("negative_share", default=0.1, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Fraction of examples trained with the negative conditionings (the bridge "
                                        "also fuses CFG's negative pass)."),

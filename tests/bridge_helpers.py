@@ -97,3 +97,17 @@ def comfy_qwen_encoder(tiny, spec, seed, path):
     clip = comfy.sd.load_clip(ckpt_paths=[str(path)], embedding_directory=None,
                               clip_type=comfy.sd.CLIPType.QWEN_IMAGE, model_options=options)
     return clip, state
+
+
+def tiny_qwen_loader(api: dict, node_id: str, paths: dict) -> bool:
+    """In an API prompt, a stock Qwen-Image loader swapped for the test loader of the tiny model (the stock ones build
+    Qwen's full widths): the DiT, and the receiver or the Qwen3-VL sharer CLIP by its file name. True if swapped."""
+    node = api[node_id]
+    if node["class_type"] == "UNETLoader":
+        api[node_id] = {"class_type": "DCBTestTinyQwenImage", "inputs": {"path": str(paths["dit"])}}
+    elif node["class_type"] == "CLIPLoader":
+        role = "sharer" if node["inputs"]["clip_name"].startswith("qwen3vl") else "receiver"
+        api[node_id] = {"class_type": "DCBTestTinyQwenCLIP", "inputs": {"path": str(paths[role])}}
+    else:
+        return False
+    return True

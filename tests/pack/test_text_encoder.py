@@ -224,16 +224,14 @@ def tiny_workflow_prompt(object_info, paths) -> dict:
     test loaders (the stock ones build Qwen's full widths), no VAE (the latent is saved instead of decoded, the
     edit's reference latent left out), a 64×64 latent and 2 steps."""
     import host
+    from bridge_helpers import tiny_qwen_loader
     workflow_api = host._load_tool("workflow_api")
     api = workflow_api.to_api(workflow_api.load_workflow(host.REPO_ROOT / "workflows" / WORKFLOW), object_info)
     for node_id, node in list(api.items()):
         kind, inputs = node["class_type"], node["inputs"]
-        if kind == "UNETLoader":
-            api[node_id] = {"class_type": "DCBTestTinyQwenImage", "inputs": {"path": str(paths["dit"])}}
-        elif kind == "CLIPLoader":
-            role = "sharer" if inputs["clip_name"].startswith("qwen3vl") else "receiver"
-            api[node_id] = {"class_type": "DCBTestTinyQwenCLIP", "inputs": {"path": str(paths[role])}}
-        elif kind == "VAELoader":
+        if tiny_qwen_loader(api, node_id, paths):
+            continue
+        if kind == "VAELoader":
             del api[node_id]
         elif kind == "VAEDecode":
             api[node_id] = {"class_type": "SaveLatent", "inputs": {"samples": inputs["samples"],

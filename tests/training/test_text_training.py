@@ -438,16 +438,14 @@ def tiny_workflow_prompt(workflow: dict, object_info: dict, paths: dict, output_
     """The workflow as an API prompt on the tiny Qwen models: the loaders swapped for the test loaders (the stock
     ones build Qwen's full widths), VAE Encode for an 8×8 empty latent (no tiny Qwen-Image VAE), a short run."""
     import host
+    from bridge_helpers import tiny_qwen_loader
     workflow_api = host._load_tool("workflow_api")
     api = workflow_api.to_api(workflow, object_info)
     for node_id, node in list(api.items()):
         kind, inputs = node["class_type"], node["inputs"]
-        if kind == "UNETLoader":
-            api[node_id] = {"class_type": "DCBTestTinyQwenImage", "inputs": {"path": str(paths["dit"])}}
-        elif kind == "CLIPLoader":
-            role = "sharer" if inputs["clip_name"].startswith("qwen3vl") else "receiver"
-            api[node_id] = {"class_type": "DCBTestTinyQwenCLIP", "inputs": {"path": str(paths[role])}}
-        elif kind == "VAEEncode":
+        if tiny_qwen_loader(api, node_id, paths):
+            continue
+        if kind == "VAEEncode":
             api[node_id] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
         elif kind == "DiTCacheBridge_CreateC2CProjector":
             inputs["hidden_dim"] = 16
